@@ -1,0 +1,13 @@
+#pragma once
+// Each subcommand adds itself to the app and returns the function that runs it.
+#include <CLI/CLI.hpp>
+
+#include <functional>
+
+namespace twins::cli {
+
+using Command = std::function<int()>;
+
+Command add_list(CLI::App& app);
+
+}  // namespace twins::cli

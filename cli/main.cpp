@@ -1,0 +1,48 @@
+// The `twins` command: parses the command line, runs one subcommand, and is the only place
+// that turns exceptions into messages and exit codes (2: usage or configuration, 1: runtime).
+#include <exception>
+#include <iostream>
+#include <stdexcept>
+#include <vector>
+
+#include "cli/commands.h"
+#include "twins/version.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"twins: non-contrastive self-supervised learning (VICReg, Barlow Twins, BYOL)"};
+  app.require_subcommand(0, 1);
+  bool show_version = false;
+  app.add_flag("--version", show_version, "Print the twins and LibTorch versions and CUDA status");
+
+  std::vector<std::pair<CLI::App*, twins::cli::Command>> commands;
+  auto add = [&](twins::cli::Command (*adder)(CLI::App&)) {
+    const size_t before = app.get_subcommands({}).size();
+    twins::cli::Command run = adder(app);
+    commands.emplace_back(app.get_subcommands({})[before], std::move(run));
+  };
+  add(twins::cli::add_list);
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  try {
+    if (show_version) {
+      std::cout << "twins " << twins::version() << "\n"
+                << "LibTorch " << twins::torch_version() << "\n"
+                << "CUDA " << (twins::cuda_available() ? "available" : "not available") << "\n";
+      return 0;
+    }
+    for (auto& [sub, run] : commands)
+      if (sub->parsed()) return run();
+    std::cout << app.help();
+    return 0;
+  } catch (const std::invalid_argument& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return 1;
+  }
+}

@@ -1,0 +1,74 @@
+#pragma once
+// Strict reading of JSON configuration, shared by every component created by name.
+//
+// A component's `from_json` walks its object with a ConfigReader: each key it reads is marked,
+// and `finish()` rejects whatever is left, naming the full path and the nearest valid key
+// ("loss.sim_coef: unknown key; did you mean sim_coeff?"). Users mistype keys far more often
+// than they mistype values, and a silently ignored key is a silently wrong experiment.
+#include <nlohmann/json.hpp>
+
+#include <set>
+#include <string>
+#include <vector>
+
+namespace twins::config {
+
+/// Reads the keys of one JSON object, tracking which were consumed.
+class ConfigReader {
+ public:
+  /// `path` names the object in messages, e.g. "loss" or "model.projector".
+  ConfigReader(const nlohmann::json& object, std::string path);
+  /// The reader keeps a reference: reading a temporary would dangle.
+  ConfigReader(nlohmann::json&& object, std::string path) = delete;
+
+  /// Reads `key` into `value` if present (keeps the default otherwise).
+  template <class T>
+  void get(const std::string& key, T& value) {
+    known_.insert(key);
+    if (!object_.contains(key)) return;
+    try {
+      value = object_.at(key).get<T>();
+    } catch (const nlohmann::json::exception&) {
+      throw_type_error(key, describe<T>());
+    }
+  }
+
+  /// Marks `key` as valid without reading it (read by someone else, e.g. "type").
+  void allow(const std::string& key) { known_.insert(key); }
+
+  /// The full dotted path of a key, for messages.
+  std::string path_of(const std::string& key) const;
+
+  /// Throws std::invalid_argument on the first key that was neither read nor allowed.
+  void finish() const;
+
+ private:
+  template <class T>
+  static const char* describe() {
+    if constexpr (std::is_same_v<T, bool>) return "a boolean";
+    else if constexpr (std::is_integral_v<T>) return "an integer";
+    else if constexpr (std::is_floating_point_v<T>) return "a number";
+    else if constexpr (std::is_same_v<T, std::string>) return "a string";
+    else return "a value of another type";
+  }
+  [[noreturn]] void throw_type_error(const std::string& key, const char* expected) const;
+
+  const nlohmann::json& object_;
+  std::string path_;
+  std::set<std::string> known_;
+};
+
+/// The "type" of a component object; a plain string is accepted as {"type": string}.
+std::string type_of(const nlohmann::json& spec, const std::string& path);
+
+/// Throws std::invalid_argument("<path>: <message>") unless `ok`.
+void require(bool ok, const std::string& path, const std::string& message);
+
+/// The candidate closest to `word` by edit distance, or "" if none is close.
+std::string nearest(const std::string& word, const std::vector<std::string>& candidates);
+
+/// Applies "a.b.c=value" to `root` (value parsed as JSON, else taken as a string);
+/// intermediate objects are created. Throws std::invalid_argument on a malformed override.
+void apply_override(nlohmann::json& root, const std::string& assignment);
+
+}  // namespace twins::config

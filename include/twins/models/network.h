@@ -1,0 +1,44 @@
+#pragma once
+// The encoder pieces of every method, chosen by name from JSON: backbones (image -> features)
+// and heads (features -> embeddings: projectors and predictors).
+#include <nlohmann/json_fwd.hpp>
+#include <torch/nn/module.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace twins::models {
+
+/// Contract for a backbone or head.
+/// Represents: a torch module mapping a float batch [N, ...] to [N, output_dim()].
+/// Requires: inputs on the module's device and dtype; backbones take [N, C, H, W].
+/// Ensures: parameter and buffer names are stable (torchvision's names for ResNets), so weights
+/// move to and from other tools; copy() is a deep, independent copy (BYOL's target network).
+class Network : public torch::nn::Module {
+ public:
+  virtual at::Tensor forward(const at::Tensor& x) = 0;
+  /// Size of the last dimension of forward()'s output.
+  virtual int64_t output_dim() const = 0;
+  /// A deep copy: same architecture, same parameter and buffer values, nothing shared.
+  virtual std::shared_ptr<Network> copy() const = 0;
+  /// The hyper-parameters, as a JSON object the matching create_* function accepts.
+  virtual nlohmann::json to_json() const = 0;
+};
+
+/// Builds a backbone from {"type": "resnet18"|"resnet34"|"resnet50", ...ResNetOptions keys}.
+std::shared_ptr<Network> create_backbone(const nlohmann::json& spec);
+/// Builds a head taking `in_dim` features, from {"type": "mlp"|"vicreg_projector"|..., ...}.
+std::shared_ptr<Network> create_head(const nlohmann::json& spec, int64_t in_dim);
+
+std::vector<std::string> backbone_names();
+std::vector<std::string> head_names();
+
+/// Total number of elements of the parameters (not buffers).
+int64_t count_parameters(const torch::nn::Module& module);
+
+/// Copies every parameter and buffer of `from` into the same-named one of `to` (shapes must
+/// match; throws std::invalid_argument naming the first mismatch).
+void copy_state(const torch::nn::Module& from, torch::nn::Module& to);
+
+}  // namespace twins::models

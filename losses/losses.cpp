@@ -1,0 +1,235 @@
+// VICReg, Barlow Twins and BYOL losses, and their registry. The formulas are in
+// include/twins/losses.h; comments here give the choices that matter for exactness.
+#include "twins/losses.h"
+
+#include <ATen/ATen.h>
+
+#include <sstream>
+#include <stdexcept>
+
+#include "twins/config.h"
+#include "twins/registry.h"
+
+namespace twins::losses {
+namespace {
+
+std::string shape_of(const at::Tensor& t) {
+  if (!t.defined()) return "(undefined)";
+  std::ostringstream s;
+  s << "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s << (i ? ", " : "") << t.size(i);
+  s << "]";
+  return s.str();
+}
+
+// Two [N, D] floating-point tensors of the same shape with N >= min_batch.
+void check_pair(const char* loss, const char* name_a, const at::Tensor& a, const char* name_b,
+                const at::Tensor& b, int64_t min_batch) {
+  const std::string got = std::string("; got ") + name_a + " " + shape_of(a) + " and " + name_b +
+                          " " + shape_of(b);
+  if (!a.defined() || !b.defined() || a.dim() != 2 || b.dim() != 2)
+    throw std::invalid_argument(std::string(loss) + ": expected 2-D embeddings [N, D]" + got);
+  if (a.sizes() != b.sizes())
+    throw std::invalid_argument(std::string(loss) + ": " + name_a + " and " + name_b +
+                                " must have the same shape" + got);
+  if (!a.is_floating_point() || !b.is_floating_point())
+    throw std::invalid_argument(std::string(loss) + ": expected floating-point embeddings" + got);
+  if (a.size(0) < min_batch)
+    throw std::invalid_argument(std::string(loss) + ": needs a batch of at least " +
+                                std::to_string(min_batch) +
+                                " samples (its statistics are over the batch)" + got);
+  if (a.size(1) < 1)
+    throw std::invalid_argument(std::string(loss) + ": embeddings have no features" + got);
+}
+
+void check_local(const std::shared_ptr<dist::Communicator>& communicator, const char* loss) {
+  // The global-batch versions arrive with the multi-GPU work; until then, refuse rather than
+  // silently compute local statistics.
+  if (communicator)
+    throw std::invalid_argument(std::string(loss) +
+                                ": global-batch statistics (communicator) are not supported yet");
+}
+
+// The off-diagonal entries of a square matrix, flattened, as the official code's off_diagonal:
+// it avoids sum(c^2) - sum(diag^2), which cancels catastrophically in float32 when the
+// off-diagonal entries are small.
+at::Tensor off_diagonal(const at::Tensor& c) {
+  const int64_t n = c.size(0);
+  if (n == 1) return c.new_zeros({0});
+  return c.flatten().slice(0, 0, n * n - 1).view({n - 1, n + 1}).slice(1, 1).flatten();
+}
+
+}  // namespace
+
+const at::Tensor& LossOutput::term(const std::string& name) const {
+  for (const auto& t : terms)
+    if (t.first == name) return t.second;
+  throw std::out_of_range("LossOutput: no term named " + name);
+}
+
+LossOutput vicreg_loss(const at::Tensor& z_a, const at::Tensor& z_b, const VICRegOptions& o) {
+  check_pair("vicreg_loss", "z_a", z_a, "z_b", z_b, 2);
+  check_local(o.communicator, "vicreg_loss");
+  const int64_t n = z_a.size(0), d = z_a.size(1);
+
+  const at::Tensor invariance = at::mse_loss(z_a, z_b);
+
+  const at::Tensor xa = z_a - z_a.mean(0), xb = z_b - z_b.mean(0);
+  auto hinge = [&](const at::Tensor& x) {
+    return at::relu(1.0 - at::sqrt(x.var(0, /*unbiased=*/true) + o.eps)).mean();
+  };
+  at::Tensor variance = hinge(xa) + hinge(xb);
+  if (o.average_variance_branches) variance = variance / 2;
+
+  auto cov_penalty = [&](const at::Tensor& x) {
+    const at::Tensor c = x.t().mm(x) / static_cast<double>(n - 1);
+    return off_diagonal(c).pow(2).sum() / static_cast<double>(d);
+  };
+  const at::Tensor covariance = cov_penalty(xa) + cov_penalty(xb);
+
+  LossOutput out;
+  out.total = o.sim_coeff * invariance + o.std_coeff * variance + o.cov_coeff * covariance;
+  out.terms = {{"invariance", invariance}, {"variance", variance}, {"covariance", covariance}};
+  return out;
+}
+
+LossOutput barlow_twins_loss(const at::Tensor& z_a, const at::Tensor& z_b,
+                             const BarlowTwinsOptions& o) {
+  check_pair("barlow_twins_loss", "z_a", z_a, "z_b", z_b, 2);
+  check_local(o.communicator, "barlow_twins_loss");
+  const int64_t n = z_a.size(0);
+
+  // BatchNorm1d(affine=False) in training mode: biased variance over the batch.
+  auto normalise = [&](const at::Tensor& z) {
+    return (z - z.mean(0)) / at::sqrt(z.var(0, /*unbiased=*/false) + o.eps);
+  };
+  const at::Tensor c = normalise(z_a).t().mm(normalise(z_b)) / static_cast<double>(n);
+  const at::Tensor on_diagonal = (c.diagonal() - 1.0).pow(2).sum();
+  const at::Tensor off = off_diagonal(c).pow(2).sum();
+
+  LossOutput out;
+  out.total = o.scale * (on_diagonal + o.lambda * off);
+  out.terms = {{"on_diagonal", on_diagonal}, {"off_diagonal", off}};
+  return out;
+}
+
+LossOutput byol_loss(const at::Tensor& online_pred_a, const at::Tensor& online_pred_b,
+                     const at::Tensor& target_proj_a, const at::Tensor& target_proj_b) {
+  check_pair("byol_loss", "online_pred_a", online_pred_a, "target_proj_b", target_proj_b, 1);
+  check_pair("byol_loss", "online_pred_b", online_pred_b, "target_proj_a", target_proj_a, 1);
+  check_pair("byol_loss", "online_pred_a", online_pred_a, "online_pred_b", online_pred_b, 1);
+  // F.normalize semantics: x / max(||x||, 1e-12).
+  auto normalise = [](const at::Tensor& x) {
+    return x / x.norm(2, {1}, /*keepdim=*/true).clamp_min(1e-12);
+  };
+  auto regression = [&](const at::Tensor& p, const at::Tensor& t) {
+    return (2.0 - 2.0 * (normalise(p) * normalise(t.detach())).sum(1)).mean();
+  };
+  const at::Tensor a = regression(online_pred_a, target_proj_b);
+  const at::Tensor b = regression(online_pred_b, target_proj_a);
+  LossOutput out;
+  out.total = a + b;
+  out.terms = {{"view_a", a}, {"view_b", b}};
+  return out;
+}
+
+// ---- registry ----------------------------------------------------------------------------
+
+namespace {
+
+class VICRegLoss final : public Loss {
+ public:
+  explicit VICRegLoss(const nlohmann::json& spec) {
+    config::ConfigReader r(spec, "loss");
+    r.allow("type");
+    r.get("sim_coeff", o_.sim_coeff);
+    r.get("std_coeff", o_.std_coeff);
+    r.get("cov_coeff", o_.cov_coeff);
+    r.get("eps", o_.eps);
+    r.get("average_variance_branches", o_.average_variance_branches);
+    r.finish();
+    config::require(o_.sim_coeff >= 0 && o_.std_coeff >= 0 && o_.cov_coeff >= 0, "loss",
+                    "vicreg coefficients must be >= 0");
+    config::require(o_.eps > 0, r.path_of("eps"), "must be > 0");
+  }
+  std::string name() const override { return "vicreg"; }
+  LossOutput compute(const ViewEmbeddings& a, const ViewEmbeddings& b) const override {
+    return vicreg_loss(a.projection, b.projection, o_);
+  }
+  nlohmann::json to_json() const override {
+    return {{"type", name()},         {"sim_coeff", o_.sim_coeff}, {"std_coeff", o_.std_coeff},
+            {"cov_coeff", o_.cov_coeff}, {"eps", o_.eps},
+            {"average_variance_branches", o_.average_variance_branches}};
+  }
+
+ private:
+  VICRegOptions o_;
+};
+
+class BarlowTwinsLoss final : public Loss {
+ public:
+  explicit BarlowTwinsLoss(const nlohmann::json& spec) {
+    config::ConfigReader r(spec, "loss");
+    r.allow("type");
+    r.get("lambda", o_.lambda);
+    r.get("scale", o_.scale);
+    r.get("eps", o_.eps);
+    r.get("reference_compatible", o_.reference_compatible);
+    r.finish();
+    config::require(o_.lambda >= 0, r.path_of("lambda"), "must be >= 0");
+    config::require(o_.scale > 0, r.path_of("scale"), "must be > 0");
+    config::require(o_.eps > 0, r.path_of("eps"), "must be > 0");
+  }
+  std::string name() const override { return "barlow_twins"; }
+  LossOutput compute(const ViewEmbeddings& a, const ViewEmbeddings& b) const override {
+    return barlow_twins_loss(a.projection, b.projection, o_);
+  }
+  nlohmann::json to_json() const override {
+    return {{"type", name()}, {"lambda", o_.lambda}, {"scale", o_.scale}, {"eps", o_.eps},
+            {"reference_compatible", o_.reference_compatible}};
+  }
+
+ private:
+  BarlowTwinsOptions o_;
+};
+
+class BYOLLoss final : public Loss {
+ public:
+  explicit BYOLLoss(const nlohmann::json& spec) {
+    config::ConfigReader r(spec, "loss");
+    r.allow("type");
+    r.finish();
+  }
+  std::string name() const override { return "byol"; }
+  bool needs_predictor_and_target() const override { return true; }
+  LossOutput compute(const ViewEmbeddings& a, const ViewEmbeddings& b) const override {
+    if (!a.prediction.defined() || !a.target_projection.defined() || !b.prediction.defined() ||
+        !b.target_projection.defined())
+      throw std::invalid_argument("byol: needs the predictor outputs and target projections");
+    return byol_loss(a.prediction, b.prediction, a.target_projection, b.target_projection);
+  }
+  nlohmann::json to_json() const override { return {{"type", name()}}; }
+};
+
+const Registry<Loss>& registry() {
+  static const Registry<Loss> r = [] {
+    Registry<Loss> r("loss");
+    r.add("vicreg", [](const nlohmann::json& s) { return std::make_shared<VICRegLoss>(s); });
+    r.add("barlow_twins",
+          [](const nlohmann::json& s) { return std::make_shared<BarlowTwinsLoss>(s); });
+    r.add("byol", [](const nlohmann::json& s) { return std::make_shared<BYOLLoss>(s); });
+    return r;
+  }();
+  return r;
+}
+
+}  // namespace
+
+std::shared_ptr<Loss> create_loss(const nlohmann::json& spec) {
+  if (spec.is_string()) return registry().create(nlohmann::json{{"type", spec}});
+  return registry().create(spec);
+}
+
+std::vector<std::string> loss_names() { return registry().names(); }
+
+}  // namespace twins::losses

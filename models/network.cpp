@@ -1,0 +1,123 @@
+// The backbone and head registries, and helpers on any Network.
+#include "twins/models/network.h"
+
+#include <torch/nn/module.h>
+
+#include <nlohmann/json.hpp>
+#include <stdexcept>
+
+#include "twins/config.h"
+#include "twins/models/mlp.h"
+#include "twins/models/resnet.h"
+#include "twins/registry.h"
+
+namespace twins::models {
+namespace {
+
+std::shared_ptr<Network> make_resnet(const nlohmann::json& spec, const std::string& name) {
+  ResNetOptions o = name == "resnet" ? ResNetOptions{} : resnet_options(name);
+  config::ConfigReader r(spec, "backbone");
+  r.allow("type");
+  if (name == "resnet") {  // the generic form: any stage depths, e.g. a small quickstart net
+    r.get("layers", o.layers);
+    r.get("bottleneck", o.bottleneck);
+  }
+  r.get("in_channels", o.in_channels);
+  r.get("width", o.width);
+  r.get("cifar_stem", o.cifar_stem);
+  r.get("zero_init_residual", o.zero_init_residual);
+  r.get("num_classes", o.num_classes);
+  r.finish();
+  return std::make_shared<ResNet>(o);
+}
+
+const Registry<Network>& backbones() {
+  static const Registry<Network> r = [] {
+    Registry<Network> r("backbone");
+    for (const char* name : {"resnet", "resnet18", "resnet34", "resnet50"}) {
+      const std::string n = name;
+      r.add(n, [n](const nlohmann::json& s) { return make_resnet(s, n); });
+    }
+    return r;
+  }();
+  return r;
+}
+
+// Every head is an MLP; the named ones differ in their defaults (the official recipes').
+MLPOptions head_defaults(const std::string& name) {
+  MLPOptions o;
+  if (name == "vicreg_projector") {
+    o.spec = "8192-8192-8192", o.last_bias = false;
+  } else if (name == "barlow_twins_projector") {
+    o.spec = "8192-8192-8192", o.bias = false, o.last_bias = false;
+  } else if (name == "byol_projector" || name == "byol_predictor") {
+    o.spec = "4096-256";
+  }
+  return o;
+}
+
+const Registry<Network>& heads() {
+  static const Registry<Network> r = [] {
+    Registry<Network> r("head");
+    for (const char* name :
+         {"mlp", "vicreg_projector", "barlow_twins_projector", "byol_projector", "byol_predictor"}) {
+      const std::string n = name;
+      r.add(n, [n](const nlohmann::json& s) {
+        MLPOptions o = head_defaults(n);
+        int64_t in_dim = 0;
+        config::ConfigReader r(s, "head");
+        r.allow("type");
+        r.get("in_dim", in_dim);
+        r.get("spec", o.spec);
+        r.get("bias", o.bias);
+        r.get("last_bias", o.last_bias);
+        r.get("batch_norm", o.batch_norm);
+        r.finish();
+        return std::make_shared<MLP>(in_dim, o);
+      });
+    }
+    return r;
+  }();
+  return r;
+}
+
+}  // namespace
+
+std::shared_ptr<Network> create_backbone(const nlohmann::json& spec) {
+  if (spec.is_string()) return backbones().create(nlohmann::json{{"type", spec}});
+  return backbones().create(spec);
+}
+
+std::shared_ptr<Network> create_head(const nlohmann::json& spec, int64_t in_dim) {
+  nlohmann::json s = spec.is_string() ? nlohmann::json{{"type", spec}} : spec;
+  if (s.is_object()) s["in_dim"] = in_dim;
+  return heads().create(s);
+}
+
+std::vector<std::string> backbone_names() { return backbones().names(); }
+std::vector<std::string> head_names() { return heads().names(); }
+
+int64_t count_parameters(const torch::nn::Module& module) {
+  int64_t n = 0;
+  for (const auto& p : module.parameters()) n += p.numel();
+  return n;
+}
+
+void copy_state(const torch::nn::Module& from, torch::nn::Module& to) {
+  torch::NoGradGuard no_grad;
+  auto copy_dict = [](const auto& src, auto dst, const char* what) {
+    if (src.size() != dst.size())
+      throw std::invalid_argument(std::string("copy_state: different number of ") + what);
+    for (const auto& item : src) {
+      at::Tensor* target = dst.find(item.key());
+      if (!target || !target->sizes().equals(item.value().sizes()))
+        throw std::invalid_argument(std::string("copy_state: ") + what + " " + item.key() +
+                                    " missing or of another shape in the destination");
+      target->copy_(item.value());
+    }
+  };
+  copy_dict(from.named_parameters(), to.named_parameters(), "parameters");
+  copy_dict(from.named_buffers(), to.named_buffers(), "buffers");
+}
+
+}  // namespace twins::models

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Installs twins into a temporary prefix and builds tests/consumer/ against it with
+# find_package(twins), then runs the consumer: proof that the exported package works.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+prefix=$(mktemp -d); work=$(mktemp -d)
+trap 'rm -rf "$prefix" "$work"' EXIT
+cmake --install build --prefix "$prefix" >/dev/null
+cmake -S tests/consumer -B "$work" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$prefix" >/dev/null
+cmake --build "$work"
+"$work/twins_consumer"

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Installs the real PyTorch and torchvision for Python from Debian. They are used only to
+# regenerate reference outputs under tests/reference/ and for side-by-side benchmarks in bench/;
+# twins itself never needs them.
+set -euo pipefail
+sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq python3-torch python3-torchvision python3-numpy

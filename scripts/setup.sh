@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what twins needs on Debian 12 (as root, or with sudo) and builds it into build/.
+# Idempotent: packages already present are not fetched again, and the build is incremental.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(libtorch-dev libgloo-dev libopencv-dev libcli11-dev nlohmann-json3-dev doctest-dev
+          cmake ninja-build g++ dataset-fashion-mnist)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "setup: installing ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+build_type=${TWINS_BUILD_TYPE:-Release}
+extra=()
+command -v ccache >/dev/null && extra+=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
+if [ ! -f build/build.ninja ]; then
+  cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE="$build_type" "${extra[@]}"
+fi
+# LibTorch translation units take ~1 GB each to compile; one job per core keeps memory in check.
+cmake --build build -j "$(nproc)"

@@ -1,0 +1,58 @@
+#include "twins/config.h"
+
+#include "tests/test_util.h"
+
+using namespace twins::config;
+using twins::test::check_throws_with;
+
+TEST_CASE("config: strict reader") {
+  const nlohmann::json j = {{"lr", 0.1}, {"epochs", 10}, {"name", "x"}};
+  double lr = 0;
+  int epochs = 0;
+  std::string name;
+  ConfigReader r(j, "train");
+  r.get("lr", lr);
+  r.get("epochs", epochs);
+  SUBCASE("all keys read") {
+    r.get("name", name);
+    r.finish();
+    CHECK(lr == 0.1);
+    CHECK(epochs == 10);
+    CHECK(name == "x");
+  }
+  SUBCASE("a key left over is an error naming its path") {
+    check_throws_with<std::invalid_argument>([&] { r.finish(); }, "train.name: unknown key");
+  }
+  check_throws_with<std::invalid_argument>(
+      [&] {
+        const nlohmann::json wrong = {{"epochs", "ten"}};
+        ConfigReader bad(wrong, "train");
+        bad.get("epochs", epochs);
+      },
+      "train.epochs: expected an integer, got \"ten\"");
+  const nlohmann::json list = {1, 2};
+  check_throws_with<std::invalid_argument>([&] { ConfigReader(list, "data"); },
+                                           "data: expected a JSON object");
+}
+
+TEST_CASE("config: --set overrides") {
+  nlohmann::json j = {{"train", {{"epochs", 10}}}};
+  apply_override(j, "train.epochs=3");
+  apply_override(j, "data.root=/tmp/some dir");
+  apply_override(j, "loss.coeffs=[1,2]");
+  apply_override(j, "train.flag=true");
+  CHECK(j["train"]["epochs"] == 3);
+  CHECK(j["data"]["root"] == "/tmp/some dir");
+  CHECK(j["loss"]["coeffs"] == nlohmann::json({1, 2}));
+  CHECK(j["train"]["flag"] == true);
+  check_throws_with<std::invalid_argument>([&] { apply_override(j, "novalue"); },
+                                           "expected key.path=value");
+  check_throws_with<std::invalid_argument>([&] { apply_override(j, "train.epochs.x=1"); },
+                                           "train.epochs is not an object");
+  check_throws_with<std::invalid_argument>([&] { apply_override(j, "a..b=1"); }, "empty key");
+}
+
+TEST_CASE("config: nearest name") {
+  CHECK(nearest("sim_coef", {"sim_coeff", "std_coeff", "cov_coeff"}) == "sim_coeff");
+  CHECK(nearest("zzzzzz", {"sim_coeff"}).empty());
+}

@@ -1,0 +1,56 @@
+#pragma once
+// Helpers shared by the test files.
+#include <ATen/ATen.h>
+#include <doctest/doctest.h>
+#include <nlohmann/json.hpp>
+
+#include <fstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace twins::test {
+
+inline std::string reference_path(const std::string& name) {
+  return std::string(TWINS_TEST_REFERENCE_DIR) + "/" + name;
+}
+
+inline nlohmann::json read_json(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw std::runtime_error("cannot open " + path);
+  return nlohmann::json::parse(in);
+}
+
+/// A [rows, cols] double tensor from a JSON list of lists.
+inline at::Tensor tensor_from_json(const nlohmann::json& rows) {
+  std::vector<double> flat;
+  const int64_t n = static_cast<int64_t>(rows.size());
+  int64_t d = 0;
+  for (const auto& row : rows) {
+    d = static_cast<int64_t>(row.size());
+    for (const auto& v : row) flat.push_back(v.get<double>());
+  }
+  return at::tensor(flat, at::kDouble).view({n, d});
+}
+
+/// Largest |a - b| / max(|b|, floor).
+inline double max_rel_error(const at::Tensor& a, const at::Tensor& b, double floor = 1e-12) {
+  const at::Tensor ad = a.to(at::kDouble), bd = b.to(at::kDouble);
+  return ((ad - bd).abs() / bd.abs().clamp_min(floor)).max().item<double>();
+}
+
+/// Runs `f`, and checks it throws `E` with `fragment` in its message.
+template <class E, class F>
+void check_throws_with(F&& f, const std::string& fragment) {
+  try {
+    f();
+  } catch (const E& e) {
+    const std::string what = e.what();
+    INFO("message: ", what);
+    CHECK(what.find(fragment) != std::string::npos);
+    return;
+  }
+  FAIL("expected an exception mentioning: ", fragment);
+}
+
+}  // namespace twins::test
