@@ -1,0 +1,415 @@
+// PIL-exact image operations; see include/twins/augment/functional.h for the semantics and
+// augment/README notes in the header comments below for where each rule comes from.
+#include "twins/augment/functional.h"
+
+#include <ATen/ATen.h>
+#include <opencv2/imgproc.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <vector>
+
+namespace twins::augment::functional {
+namespace {
+
+struct View {
+  const uint8_t* data;
+  int64_t h, w, c;
+};
+
+at::Tensor checked(const at::Tensor& img, const char* op) {
+  if (!img.defined() || img.dim() != 3 || img.scalar_type() != at::kByte || !img.device().is_cpu() ||
+      (img.size(2) != 1 && img.size(2) != 3)) {
+    std::string got = img.defined() ? std::string(c10::toString(img.scalar_type())) + " [" : "[";
+    for (int64_t i = 0; img.defined() && i < img.dim(); ++i)
+      got += (i ? ", " : "") + std::to_string(img.size(i));
+    throw std::invalid_argument(std::string(op) +
+                                ": expected a uint8 CPU image [H, W, 1 or 3], got " + got + "]");
+  }
+  return img.contiguous();
+}
+
+inline uint8_t clip8(float v) { return v <= 0.f ? 0 : v >= 255.f ? 255 : static_cast<uint8_t>(v); }
+
+// PIL's ImagingBlend(im1, im2, alpha): in1 + alpha (in2 - in1) in float, truncated toward zero
+// (and clipped when extrapolating).
+inline uint8_t blend(int in1, int in2, float alpha) {
+  return clip8(static_cast<float>(in1) + alpha * static_cast<float>(in2 - in1));
+}
+
+// PIL's convert("L") from RGB (L24 in Convert.c).
+inline uint8_t luma(int r, int g, int b) {
+  return static_cast<uint8_t>((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16);
+}
+
+void check_factor(double factor, const char* op) {
+  if (!(factor >= 0) || !std::isfinite(factor))
+    throw std::invalid_argument(std::string(op) + ": factor must be >= 0, got " +
+                                std::to_string(factor));
+}
+
+// PIL's rgb2hsv_row (Convert.c, after colorsys), with its float/double mix kept as it is so
+// that the 8-bit results agree bit for bit.
+inline void rgb2hsv(uint8_t r, uint8_t g, uint8_t b, uint8_t& uh, uint8_t& us, uint8_t& uv) {
+  const uint8_t maxc = std::max(r, std::max(g, b));
+  const uint8_t minc = std::min(r, std::min(g, b));
+  uv = maxc;
+  if (minc == maxc) {
+    uh = 0, us = 0;
+    return;
+  }
+  const float cr = static_cast<float>(maxc - minc);
+  const float s = cr / static_cast<float>(maxc);
+  const float rc = static_cast<float>(maxc - r) / cr;
+  const float gc = static_cast<float>(maxc - g) / cr;
+  const float bc = static_cast<float>(maxc - b) / cr;
+  float h;
+  if (r == maxc) h = bc - gc;
+  else if (g == maxc) h = static_cast<float>(2.0 + rc - bc);
+  else h = static_cast<float>(4.0 + gc - rc);
+  h = static_cast<float>(std::fmod(h / 6.0 + 1.0, 1.0));
+  const int ih = static_cast<int>(h * 255.0), is = static_cast<int>(s * 255.0);
+  uh = static_cast<uint8_t>(std::clamp(ih, 0, 255));
+  us = static_cast<uint8_t>(std::clamp(is, 0, 255));
+}
+
+// PIL's hsv2rgb (Convert.c).
+inline void hsv2rgb(uint8_t h, uint8_t s, uint8_t v, uint8_t* out) {
+  if (s == 0) {
+    out[0] = out[1] = out[2] = v;
+    return;
+  }
+  const int i = static_cast<int>(std::floor(static_cast<float>(h) * 6.0 / 255.0));
+  const float f = static_cast<float>(static_cast<float>(h) * 6.0 / 255.0 - static_cast<float>(i));
+  const float fs = static_cast<float>(static_cast<float>(s) / 255.0);
+  auto c8 = [](double x) { return static_cast<uint8_t>(std::clamp(static_cast<int>(std::round(x)), 0, 255)); };
+  const uint8_t p = c8(static_cast<float>(v) * (1.0 - fs));
+  const uint8_t q = c8(static_cast<float>(v) * (1.0 - fs * f));
+  const uint8_t t = c8(static_cast<float>(v) * (1.0 - fs * (1.0 - f)));
+  switch (i % 6) {
+    case 0: out[0] = v, out[1] = t, out[2] = p; break;
+    case 1: out[0] = q, out[1] = v, out[2] = p; break;
+    case 2: out[0] = p, out[1] = v, out[2] = t; break;
+    case 3: out[0] = p, out[1] = q, out[2] = v; break;
+    case 4: out[0] = t, out[1] = p, out[2] = v; break;
+    default: out[0] = v, out[1] = p, out[2] = q; break;
+  }
+}
+
+// ---- PIL's resampling (Resample.c), exactly ----------------------------------------------
+
+constexpr int kPrecisionBits = 32 - 8 - 2;
+
+double bilinear_filter(double x) {
+  if (x < 0.0) x = -x;
+  return x < 1.0 ? 1.0 - x : 0.0;
+}
+
+double bicubic_filter(double x) {
+  constexpr double a = -0.5;
+  if (x < 0.0) x = -x;
+  if (x < 1.0) return ((a + 2.0) * x - (a + 3.0)) * x * x + 1;
+  if (x < 2.0) return (((x - 5) * x + 8) * x - 4) * a;
+  return 0.0;
+}
+
+struct Coeffs {
+  int ksize = 0;
+  std::vector<int> bounds;  // per output: first input index, count
+  std::vector<int> k;       // per output: ksize fixed-point weights
+};
+
+// precompute_coeffs + normalize_coeffs_8bpc for an input range [0, in_size) -> out_size.
+Coeffs precompute(int in_size, int out_size, bool bicubic) {
+  const double support_base = bicubic ? 2.0 : 1.0;
+  double (*filter)(double) = bicubic ? bicubic_filter : bilinear_filter;
+  const double scale = static_cast<double>(in_size) / out_size;
+  const double filterscale = std::max(scale, 1.0);
+  const double support = support_base * filterscale;
+  Coeffs c;
+  c.ksize = static_cast<int>(std::ceil(support)) * 2 + 1;
+  c.bounds.resize(2 * static_cast<size_t>(out_size));
+  c.k.assign(static_cast<size_t>(out_size) * c.ksize, 0);
+  std::vector<double> w(c.ksize);
+  for (int xx = 0; xx < out_size; ++xx) {
+    const double center = (xx + 0.5) * scale;
+    const double ss = 1.0 / filterscale;
+    int xmin = static_cast<int>(center - support + 0.5);
+    if (xmin < 0) xmin = 0;
+    int xmax = static_cast<int>(center + support + 0.5);
+    if (xmax > in_size) xmax = in_size;
+    xmax -= xmin;
+    double ww = 0.0;
+    for (int x = 0; x < xmax; ++x) {
+      w[x] = filter((x + xmin - center + 0.5) * ss);
+      ww += w[x];
+    }
+    for (int x = 0; x < xmax; ++x) {
+      const double v = ww != 0.0 ? w[x] / ww : w[x];
+      c.k[static_cast<size_t>(xx) * c.ksize + x] =
+          static_cast<int>(v < 0 ? -0.5 + v * (1 << kPrecisionBits) : 0.5 + v * (1 << kPrecisionBits));
+    }
+    c.bounds[2 * xx] = xmin;
+    c.bounds[2 * xx + 1] = xmax;
+  }
+  return c;
+}
+
+inline uint8_t clip_fixed(int v) {
+  v >>= kPrecisionBits;
+  return static_cast<uint8_t>(v < 0 ? 0 : v > 255 ? 255 : v);
+}
+
+// Horizontal pass over rows [row0, row0 + rows) of src (stride src_stride bytes per row, first
+// column col0), into dst [rows, out_w, c].
+void resample_horizontal(const uint8_t* src, int64_t src_stride, int col0, int row0, int rows,
+                         int c, const Coeffs& k, int out_w, uint8_t* dst) {
+  for (int y = 0; y < rows; ++y) {
+    const uint8_t* in = src + (row0 + y) * src_stride + static_cast<int64_t>(col0) * c;
+    uint8_t* out = dst + static_cast<int64_t>(y) * out_w * c;
+    for (int xx = 0; xx < out_w; ++xx) {
+      const int xmin = k.bounds[2 * xx], xmax = k.bounds[2 * xx + 1];
+      const int* kk = &k.k[static_cast<size_t>(xx) * k.ksize];
+      const uint8_t* p = in + static_cast<int64_t>(xmin) * c;
+      if (c == 3) {
+        int s0 = 1 << (kPrecisionBits - 1), s1 = s0, s2 = s0;
+        for (int x = 0; x < xmax; ++x, p += 3) s0 += p[0] * kk[x], s1 += p[1] * kk[x], s2 += p[2] * kk[x];
+        out[3 * xx] = clip_fixed(s0), out[3 * xx + 1] = clip_fixed(s1), out[3 * xx + 2] = clip_fixed(s2);
+      } else {
+        int s0 = 1 << (kPrecisionBits - 1);
+        for (int x = 0; x < xmax; ++x) s0 += p[x] * kk[x];
+        out[xx] = clip_fixed(s0);
+      }
+    }
+  }
+}
+
+// Vertical pass: src rows of width w*c (stride src_stride), with row offset row0 and col0.
+void resample_vertical(const uint8_t* src, int64_t src_stride, int col0, int row0, int w, int c,
+                       const Coeffs& k, int out_h, uint8_t* dst) {
+  const int n = w * c;
+  std::vector<int> acc(n);
+  for (int yy = 0; yy < out_h; ++yy) {
+    const int ymin = k.bounds[2 * yy], ymax = k.bounds[2 * yy + 1];
+    const int* kk = &k.k[static_cast<size_t>(yy) * k.ksize];
+    std::fill(acc.begin(), acc.end(), 1 << (kPrecisionBits - 1));
+    for (int y = 0; y < ymax; ++y) {
+      const uint8_t* in = src + (row0 + ymin + y) * src_stride + static_cast<int64_t>(col0) * c;
+      const int weight = kk[y];
+      for (int i = 0; i < n; ++i) acc[i] += in[i] * weight;
+    }
+    uint8_t* out = dst + static_cast<int64_t>(yy) * n;
+    for (int i = 0; i < n; ++i) out[i] = clip_fixed(acc[i]);
+  }
+}
+
+}  // namespace
+
+at::Tensor adjust_brightness(const at::Tensor& image, double factor) {
+  check_factor(factor, "adjust_brightness");
+  const at::Tensor img = checked(image, "adjust_brightness");
+  at::Tensor out = at::empty_like(img);
+  const uint8_t* in = img.data_ptr<uint8_t>();
+  uint8_t* o = out.data_ptr<uint8_t>();
+  const float alpha = static_cast<float>(factor);
+  for (int64_t i = 0, n = img.numel(); i < n; ++i) o[i] = blend(0, in[i], alpha);
+  return out;
+}
+
+at::Tensor to_grayscale(const at::Tensor& image, int out_channels) {
+  if (out_channels != 1 && out_channels != 3)
+    throw std::invalid_argument("to_grayscale: out_channels must be 1 or 3, got " +
+                                std::to_string(out_channels));
+  const at::Tensor img = checked(image, "to_grayscale");
+  const int64_t h = img.size(0), w = img.size(1);
+  at::Tensor out = at::empty({h, w, out_channels}, img.options());
+  const uint8_t* in = img.data_ptr<uint8_t>();
+  uint8_t* o = out.data_ptr<uint8_t>();
+  const bool rgb = img.size(2) == 3;
+  for (int64_t i = 0; i < h * w; ++i) {
+    const uint8_t g = rgb ? luma(in[3 * i], in[3 * i + 1], in[3 * i + 2]) : in[i];
+    for (int c = 0; c < out_channels; ++c) o[i * out_channels + c] = g;
+  }
+  return out;
+}
+
+at::Tensor to_channels(const at::Tensor& image, int channels) {
+  const at::Tensor img = checked(image, "to_channels");
+  if (img.size(2) == channels) return img;
+  if (channels == 3) return img.expand({img.size(0), img.size(1), 3}).contiguous();
+  return to_grayscale(img, channels);
+}
+
+at::Tensor adjust_contrast(const at::Tensor& image, double factor) {
+  check_factor(factor, "adjust_contrast");
+  const at::Tensor img = checked(image, "adjust_contrast");
+  const int64_t pixels = img.size(0) * img.size(1);
+  const uint8_t* in = img.data_ptr<uint8_t>();
+  // ImageEnhance.Contrast: mean of the grey image (ImageStat), rounded with int(mean + 0.5).
+  int64_t sum = 0;
+  if (img.size(2) == 3) {
+    for (int64_t i = 0; i < pixels; ++i) sum += luma(in[3 * i], in[3 * i + 1], in[3 * i + 2]);
+  } else {
+    for (int64_t i = 0; i < pixels; ++i) sum += in[i];
+  }
+  const int mean = static_cast<int>(static_cast<double>(sum) / static_cast<double>(pixels) + 0.5);
+  at::Tensor out = at::empty_like(img);
+  uint8_t* o = out.data_ptr<uint8_t>();
+  const float alpha = static_cast<float>(factor);
+  for (int64_t i = 0, n = img.numel(); i < n; ++i) o[i] = blend(mean, in[i], alpha);
+  return out;
+}
+
+at::Tensor adjust_saturation(const at::Tensor& image, double factor) {
+  check_factor(factor, "adjust_saturation");
+  const at::Tensor img = checked(image, "adjust_saturation");
+  if (img.size(2) == 1) return img.clone();
+  const int64_t pixels = img.size(0) * img.size(1);
+  at::Tensor out = at::empty_like(img);
+  const uint8_t* in = img.data_ptr<uint8_t>();
+  uint8_t* o = out.data_ptr<uint8_t>();
+  const float alpha = static_cast<float>(factor);
+  for (int64_t i = 0; i < pixels; ++i) {
+    const uint8_t* p = in + 3 * i;
+    const int g = luma(p[0], p[1], p[2]);
+    o[3 * i] = blend(g, p[0], alpha);
+    o[3 * i + 1] = blend(g, p[1], alpha);
+    o[3 * i + 2] = blend(g, p[2], alpha);
+  }
+  return out;
+}
+
+at::Tensor adjust_hue(const at::Tensor& image, double hue_factor) {
+  if (!(hue_factor >= -0.5 && hue_factor <= 0.5))
+    throw std::invalid_argument("adjust_hue: hue_factor must be in [-0.5, 0.5], got " +
+                                std::to_string(hue_factor));
+  const at::Tensor img = checked(image, "adjust_hue");
+  if (img.size(2) == 1) return img.clone();
+  // torchvision: np_h += np.uint8(hue_factor * 255), i.e. trunc(hue_factor * 255) mod 256.
+  const uint8_t shift = static_cast<uint8_t>(static_cast<int>(hue_factor * 255) & 0xff);
+  const int64_t pixels = img.size(0) * img.size(1);
+  at::Tensor out = at::empty_like(img);
+  const uint8_t* in = img.data_ptr<uint8_t>();
+  uint8_t* o = out.data_ptr<uint8_t>();
+  for (int64_t i = 0; i < pixels; ++i) {
+    uint8_t h, s, v;
+    rgb2hsv(in[3 * i], in[3 * i + 1], in[3 * i + 2], h, s, v);
+    hsv2rgb(static_cast<uint8_t>(h + shift), s, v, o + 3 * i);
+  }
+  return out;
+}
+
+at::Tensor solarize(const at::Tensor& image, int threshold) {
+  const at::Tensor img = checked(image, "solarize");
+  at::Tensor out = at::empty_like(img);
+  const uint8_t* in = img.data_ptr<uint8_t>();
+  uint8_t* o = out.data_ptr<uint8_t>();
+  for (int64_t i = 0, n = img.numel(); i < n; ++i)
+    o[i] = in[i] >= threshold ? static_cast<uint8_t>(255 - in[i]) : in[i];
+  return out;
+}
+
+at::Tensor hflip(const at::Tensor& image) {
+  return checked(image, "hflip").flip({1}).contiguous();
+}
+
+at::Tensor gaussian_blur(const at::Tensor& image, int kernel_size, double sigma) {
+  if (kernel_size < 1 || kernel_size % 2 == 0)
+    throw std::invalid_argument("gaussian_blur: kernel_size must be odd and positive, got " +
+                                std::to_string(kernel_size));
+  if (!(sigma > 0))
+    throw std::invalid_argument("gaussian_blur: sigma must be > 0, got " + std::to_string(sigma));
+  const at::Tensor img = checked(image, "gaussian_blur");
+  const int h = static_cast<int>(img.size(0)), w = static_cast<int>(img.size(1));
+  const int c = static_cast<int>(img.size(2));
+  // torchvision's kernel: linspace(-(k-1)/2, (k-1)/2, k) in float32, exp(-x^2 / 2 sigma^2),
+  // normalised. torch's "reflect" padding is OpenCV's BORDER_REFLECT_101; torch needs the
+  // padding smaller than the image, and so does reflection here.
+  const int half = kernel_size / 2;
+  if (half >= h || half >= w)
+    throw std::invalid_argument("gaussian_blur: kernel_size " + std::to_string(kernel_size) +
+                                " too large for a " + std::to_string(h) + "x" + std::to_string(w) +
+                                " image");
+  cv::Mat kernel(kernel_size, 1, CV_32F);
+  float sum = 0;
+  for (int i = 0; i < kernel_size; ++i) {
+    const float x = static_cast<float>(-half + i);
+    const float v = std::exp(-0.5f * (x / static_cast<float>(sigma)) * (x / static_cast<float>(sigma)));
+    kernel.at<float>(i) = v;
+    sum += v;
+  }
+  kernel /= sum;
+  at::Tensor out = at::empty_like(img);
+  const cv::Mat src(h, w, CV_8UC(c), img.data_ptr<uint8_t>());
+  cv::Mat dst(h, w, CV_8UC(c), out.data_ptr<uint8_t>());
+  cv::sepFilter2D(src, dst, CV_8U, kernel, kernel, cv::Point(-1, -1), 0, cv::BORDER_REFLECT_101);
+  return out;
+}
+
+at::Tensor resized_crop(const at::Tensor& image, int top, int left, int height, int width,
+                        int out_h, int out_w, const std::string& interpolation) {
+  const at::Tensor img = checked(image, "resized_crop");
+  if (interpolation != "bilinear" && interpolation != "bicubic")
+    throw std::invalid_argument("resized_crop: interpolation must be bilinear or bicubic, got " +
+                                interpolation);
+  const int h = static_cast<int>(img.size(0)), w = static_cast<int>(img.size(1));
+  const int c = static_cast<int>(img.size(2));
+  if (top < 0 || left < 0 || height < 1 || width < 1 || top + height > h || left + width > w ||
+      out_h < 1 || out_w < 1)
+    throw std::invalid_argument(
+        "resized_crop: crop (top " + std::to_string(top) + ", left " + std::to_string(left) +
+        ", " + std::to_string(height) + "x" + std::to_string(width) + ") -> " +
+        std::to_string(out_h) + "x" + std::to_string(out_w) + " does not fit a " +
+        std::to_string(h) + "x" + std::to_string(w) + " image");
+  const bool bicubic = interpolation == "bicubic";
+  const uint8_t* src = img.data_ptr<uint8_t>();
+  const int64_t stride = static_cast<int64_t>(w) * c;
+  at::Tensor out = at::empty({out_h, out_w, c}, img.options());
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  const bool need_h = out_w != width, need_v = out_h != height;
+  if (!need_h && !need_v) return crop(img, top, left, height, width);
+  if (!need_v) {
+    resample_horizontal(src, stride, left, top, height, c, precompute(width, out_w, bicubic),
+                        out_w, dst);
+    return out;
+  }
+  const Coeffs kv = precompute(height, out_h, bicubic);
+  if (!need_h) {
+    resample_vertical(src, stride, left, top, width, c, kv, out_h, dst);
+    return out;
+  }
+  // Horizontal pass first, over the rows the vertical pass will read, rounded to uint8.
+  const int first = kv.bounds[0];
+  const int last = kv.bounds[2 * (out_h - 1)] + kv.bounds[2 * (out_h - 1) + 1];
+  std::vector<uint8_t> temp(static_cast<size_t>(last - first) * out_w * c);
+  resample_horizontal(src, stride, left, top + first, last - first, c,
+                      precompute(width, out_w, bicubic), out_w, temp.data());
+  resample_vertical(temp.data(), static_cast<int64_t>(out_w) * c, 0, -first, out_w, c, kv, out_h,
+                    dst);
+  return out;
+}
+
+at::Tensor resize(const at::Tensor& img, int out_h, int out_w, const std::string& interpolation) {
+  return resized_crop(img, 0, 0, static_cast<int>(img.size(0)), static_cast<int>(img.size(1)),
+                      out_h, out_w, interpolation);
+}
+
+at::Tensor crop(const at::Tensor& image, int top, int left, int height, int width) {
+  const at::Tensor img = checked(image, "crop");
+  if (height < 1 || width < 1)
+    throw std::invalid_argument("crop: size must be positive, got " + std::to_string(height) +
+                                "x" + std::to_string(width));
+  const int h = static_cast<int>(img.size(0)), w = static_cast<int>(img.size(1));
+  if (top >= 0 && left >= 0 && top + height <= h && left + width <= w)
+    return img.slice(0, top, top + height).slice(1, left, left + width).contiguous();
+  at::Tensor out = at::zeros({height, width, img.size(2)}, img.options());
+  const int y0 = std::max(top, 0), y1 = std::min(top + height, h);
+  const int x0 = std::max(left, 0), x1 = std::min(left + width, w);
+  if (y0 < y1 && x0 < x1)
+    out.slice(0, y0 - top, y1 - top).slice(1, x0 - left, x1 - left)
+        .copy_(img.slice(0, y0, y1).slice(1, x0, x1));
+  return out;
+}
+
+}  // namespace twins::augment::functional

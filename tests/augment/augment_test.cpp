@@ -1,0 +1,192 @@
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <map>
+
+#include "tests/test_util.h"
+#include "twins/augment/functional.h"
+#include "twins/augment/pipeline.h"
+#include "twins/data/image_io.h"
+
+using namespace twins::augment;
+namespace F = twins::augment::functional;
+using nlohmann::json;
+using twins::test::check_throws_with;
+
+namespace {
+
+at::Tensor run_case(const json& c, const at::Tensor& img) {
+  const std::string op = c["op"];
+  const json& a = c["args"];
+  if (op == "adjust_brightness") return F::adjust_brightness(img, a["factor"]);
+  if (op == "adjust_contrast") return F::adjust_contrast(img, a["factor"]);
+  if (op == "adjust_saturation") return F::adjust_saturation(img, a["factor"]);
+  if (op == "adjust_hue") return F::adjust_hue(img, a["hue_factor"]);
+  if (op == "to_grayscale") return F::to_grayscale(img, a["out_channels"]);
+  if (op == "solarize") return F::solarize(img, a["threshold"]);
+  if (op == "hflip") return F::hflip(img);
+  if (op == "gaussian_blur") return F::gaussian_blur(img, a["kernel_size"], a["sigma"]);
+  if (op == "resized_crop")
+    return F::resized_crop(img, a["top"], a["left"], a["height"], a["width"], a["out_h"],
+                           a["out_w"], a["interpolation"]);
+  FAIL("unknown op in manifest: ", op);
+  return {};
+}
+
+}  // namespace
+
+TEST_CASE("augment: functional ops against torchvision on PIL images") {
+  const std::string dir = twins::test::reference_path("augment");
+  const json manifest = twins::test::read_json(dir + "/manifest.json");
+  REQUIRE(manifest["cases"].size() > 150);
+  std::map<std::string, at::Tensor> inputs;
+  std::map<std::string, int> worst;  // op -> largest difference in grey levels
+  std::map<std::string, int64_t> differing;  // op -> values that differ at all
+  for (const auto& c : manifest["cases"]) {
+    const std::string input = c["input"], op = c["op"];
+    CAPTURE(input);
+    CAPTURE(c["output"].get<std::string>());
+    CAPTURE(c["args"].dump());
+    if (!inputs.count(input)) inputs[input] = twins::data::read_image(dir + "/" + input);
+    const at::Tensor expected = twins::data::read_image(dir + "/" + c["output"].get<std::string>());
+    const at::Tensor got = run_case(c, inputs[input]);
+    REQUIRE(got.sizes() == expected.sizes());
+    const at::Tensor diff = (got.to(at::kInt) - expected.to(at::kInt)).abs();
+    const int max_diff = diff.max().item<int>();
+    worst[op] = std::max(worst[op], max_diff);
+    differing[op] += diff.gt(0).sum().item<int64_t>();
+    // Everything is bit-exact but the blur, whose float32 sums differ from torch's conv2d in
+    // the last bits and may round the other way.
+    CHECK(max_diff <= (op == "gaussian_blur" ? 1 : 0));
+  }
+  for (const auto& [op, d] : worst) MESSAGE(op, ": max difference ", d, ", values differing ", differing[op]);
+}
+
+TEST_CASE("augment: functional edge cases") {
+  const at::Tensor img = at::randint(0, 256, {9, 7, 3}, at::kByte);
+  CHECK(at::equal(F::hflip(F::hflip(img)), img));
+  CHECK(at::equal(F::adjust_brightness(img, 1.0), img));
+  CHECK(at::equal(F::adjust_saturation(img, 1.0), img));
+  CHECK(at::equal(F::resized_crop(img, 1, 2, 5, 4, 5, 4, "bicubic"), img.slice(0, 1, 6).slice(1, 2, 6)));
+  CHECK(F::adjust_brightness(img, 0.0).max().item<int>() == 0);
+  const at::Tensor sol = F::solarize(img, 128);
+  CHECK(at::equal(sol.masked_select(img.lt(128)), img.masked_select(img.lt(128))));
+  CHECK(at::equal(sol.masked_select(img.ge(128)), 255 - img.masked_select(img.ge(128))));
+  // crop outside the image pads with zeros
+  const at::Tensor padded = F::crop(img, -1, -1, 11, 9);
+  CHECK(padded.sizes() == std::vector<int64_t>{11, 9, 3});
+  CHECK(padded[0].sum().item<int64_t>() == 0);
+  CHECK(at::equal(padded.slice(0, 1, 10).slice(1, 1, 8), img));
+  check_throws_with<std::invalid_argument>([&] { F::resized_crop(img, 5, 0, 5, 7, 3, 3, "bilinear"); },
+                                           "does not fit a 9x7 image");
+  check_throws_with<std::invalid_argument>([&] { F::resize(img, 4, 4, "nearest"); },
+                                           "bilinear or bicubic");
+  check_throws_with<std::invalid_argument>([&] { F::adjust_hue(img, 0.7); }, "[-0.5, 0.5]");
+  check_throws_with<std::invalid_argument>([&] { F::gaussian_blur(img, 4, 1.0); }, "odd");
+  check_throws_with<std::invalid_argument>([&] { F::hflip(at::zeros({4, 4, 3})); },
+                                           "expected a uint8 CPU image");
+  check_throws_with<std::invalid_argument>([&] { F::hflip(at::zeros({4, 4, 2}, at::kByte)); },
+                                           "[4, 4, 2]");
+}
+
+TEST_CASE("augment: random_resized_crop draws torchvision's distribution") {
+  // Reference: 20,000 draws of torchvision 0.14's RandomResizedCrop.get_params on a 400x300
+  // image gave mean area fraction 0.4351 (sd 0.2161) and log aspect ratio mean 0.0314 (sd 0.1635).
+  const int trials = 20000;
+  double area = 0, log_ratio = 0, log_ratio_sq = 0;
+  for (int i = 0; i < trials; ++i) {
+    Rng rng(11, 0, i, 0);
+    const CropBox b = random_resized_crop_box(300, 400, {0.08, 1.0}, {3.0 / 4, 4.0 / 3}, rng);
+    REQUIRE((b.top >= 0 && b.left >= 0 && b.top + b.height <= 300 && b.left + b.width <= 400));
+    area += b.height * b.width / 120000.0;
+    const double r = std::log(double(b.width) / b.height);
+    log_ratio += r, log_ratio_sq += r * r;
+  }
+  area /= trials, log_ratio /= trials;
+  const double sd = std::sqrt(log_ratio_sq / trials - log_ratio * log_ratio);
+  // 4 standard errors of each mean
+  CHECK(std::abs(area - 0.4351) < 4 * 0.2161 / std::sqrt(trials) + 0.002);
+  CHECK(std::abs(log_ratio - 0.0314) < 4 * 0.1635 / std::sqrt(trials) + 0.002);
+  CHECK(sd == doctest::Approx(0.1635).epsilon(0.03));
+  // The fallback: an extreme panorama gives the central crop with the ratio clamped.
+  Rng rng(1, 0, 0, 0);
+  const CropBox f = random_resized_crop_box(10, 1000, {0.9, 1.0}, {3.0 / 4, 4.0 / 3}, rng);
+  CHECK(f.height == 10);
+  CHECK(f.width == 13);
+  CHECK(f.left == (1000 - 13) / 2);
+}
+
+TEST_CASE("augment: rates of random ops") {
+  const at::Tensor img = at::randint(0, 256, {16, 16, 3}, at::kByte);
+  auto rate = [&](const char* spec_text, auto changed) {
+    const auto views = parse_views(json::parse(spec_text));
+    int hits = 0;
+    const int trials = 4000;
+    for (int i = 0; i < trials; ++i) hits += changed(views[0].apply(img, Rng(1, 2, i, 0)));
+    return double(hits) / trials;
+  };
+  // Binomial standard deviation at 4000 trials is <= 0.008; allow 4 sigma.
+  CHECK(rate(R"([[{"type": "random_horizontal_flip"}]])",
+             [&](const at::Tensor& o) { return !at::equal(o, img); }) == doctest::Approx(0.5).epsilon(0.07));
+  CHECK(rate(R"([[{"type": "random_grayscale", "p": 0.2}]])",
+             [&](const at::Tensor& o) { return !at::equal(o, img); }) == doctest::Approx(0.2).epsilon(0.16));
+  CHECK(rate(R"([[{"type": "solarization", "p": 0.2}]])",
+             [&](const at::Tensor& o) { return !at::equal(o, img); }) == doctest::Approx(0.2).epsilon(0.16));
+  CHECK(rate(R"([[{"type": "random_apply", "p": 0.8, "ops": [{"type": "color_jitter", "brightness": 0.4}]}]])",
+             [&](const at::Tensor& o) { return !at::equal(o, img); }) == doctest::Approx(0.8).epsilon(0.04));
+}
+
+TEST_CASE("augment: views are deterministic per (seed, epoch, index, view)") {
+  const json spec = json::parse(R"([
+    [{"type": "random_resized_crop", "size": 12, "interpolation": "bicubic"},
+     {"type": "random_horizontal_flip"},
+     {"type": "color_jitter", "brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0.1, "p": 0.8},
+     {"type": "random_grayscale", "p": 0.2},
+     {"type": "gaussian_blur", "p": 1.0},
+     {"type": "solarization", "p": 0.0},
+     {"type": "normalize", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}],
+    {"repeat": 2, "ops": [{"type": "random_resized_crop", "size": [6, 8], "scale": [0.05, 0.4]}]}
+  ])");
+  const auto views = parse_views(spec);
+  REQUIRE(views.size() == 3);
+  CHECK(views[0].size == std::pair<int, int>{12, 12});
+  CHECK(views[2].size == std::pair<int, int>{6, 8});
+  CHECK(views[0].normalization.mean[1] == 0.456);
+  const at::Tensor img = at::randint(0, 256, {20, 24, 3}, at::kByte);
+  const at::Tensor a = views[0].apply(img, Rng(5, 1, 42, 0));
+  CHECK(at::equal(a, views[0].apply(img, Rng(5, 1, 42, 0))));
+  CHECK_FALSE(at::equal(a, views[0].apply(img, Rng(5, 1, 43, 0))));
+  CHECK_FALSE(at::equal(a, views[0].apply(img, Rng(5, 2, 42, 0))));
+  CHECK(views[2].apply(img, Rng(5, 1, 42, 2)).sizes() == std::vector<int64_t>{6, 8, 3});
+  // JSON round trip
+  json again = json::array();
+  for (const auto& v : views) again.push_back(v.to_json());
+  const auto reparsed = parse_views(again);
+  CHECK(at::equal(reparsed[0].apply(img, Rng(9, 0, 1, 0)), views[0].apply(img, Rng(9, 0, 1, 0))));
+}
+
+TEST_CASE("augment: config errors name the op and key") {
+  check_throws_with<std::invalid_argument>(
+      [] { parse_views(json::parse(R"([[{"type": "random_resized_crop", "sise": 8}]])")); },
+      "views[0][0].sise: unknown key; did you mean size?");
+  check_throws_with<std::invalid_argument>(
+      [] { parse_views(json::parse(R"([[{"type": "colour_jitter"}]])")); },
+      "did you mean color_jitter?");
+  check_throws_with<std::invalid_argument>(
+      [] { parse_views(json::parse(R"([[{"type": "solarization", "p": 1.5}]])")); },
+      "views[0][0].p: must be in [0, 1]");
+  check_throws_with<std::invalid_argument>(
+      [] { parse_views(json::parse(R"([[{"type": "normalize"}, {"type": "random_horizontal_flip"}]])")); },
+      "normalize must be the last op");
+  check_throws_with<std::invalid_argument>([] { parse_views(json::array()); }, "non-empty list");
+  CHECK(op_names().size() == 10);
+}
+
+TEST_CASE("augment: normalize_batch fuses the float conversion") {
+  const at::Tensor batch = at::randint(0, 256, {2, 3, 4, 5}, at::kByte);
+  Normalization n{{0.5, 0.4, 0.3}, {0.2, 0.25, 0.5}};
+  const at::Tensor out = normalize_batch(batch, n, at::kCPU, at::kFloat);
+  const at::Tensor ref = (batch.to(at::kFloat) / 255.0 - at::tensor({0.5, 0.4, 0.3}).view({1, 3, 1, 1})) /
+                         at::tensor({0.2, 0.25, 0.5}).view({1, 3, 1, 1});
+  CHECK(at::allclose(out, ref.to(at::kFloat), 1e-5, 1e-5));
+}
