@@ -1,0 +1,55 @@
+#pragma once
+// Datasets, created by name from JSON: {"type": "cifar10", "root": "...", "split": "train"}.
+//
+// Types: cifar10, cifar100 (official binary versions), stl10 (binary; splits train, test,
+// unlabeled, train+unlabeled), mnist and fashion_mnist (IDX, gzipped or not), image_folder
+// (root/<class>/**/*.jpg|png|..., classes from sorted folder names; a flat folder is unlabeled)
+// and csv (lines "path[,label]", paths relative to the CSV file's folder unless absolute).
+#include <ATen/core/Tensor.h>
+#include <nlohmann/json_fwd.hpp>
+
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace twins::data {
+
+/// A sample that cannot be read or decoded (a corrupt image file). The loader either stops
+/// with it (on_bad_sample "error") or replaces the sample and counts it ("skip").
+class BadSample : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+enum class OnBadSample { error, skip };
+
+/// Contract for a dataset.
+/// Represents: a fixed, indexed list of images with optional integer labels.
+/// Requires: 0 <= index < size().
+/// Ensures: image() returns a new uint8 CPU tensor [H, W, C], C = 1 or 3, RGB order, and is
+/// safe to call from several threads at once; a bad sample throws BadSample naming the file;
+/// label() is in [0, num_classes()) or -1 for unlabeled samples.
+class Dataset {
+ public:
+  virtual ~Dataset() = default;
+  virtual int64_t size() const = 0;
+  virtual at::Tensor image(int64_t index) const = 0;
+  virtual int64_t label(int64_t index) const = 0;
+  /// A stable id for messages and `twins embed`: the file path, or "<file>#<record>".
+  virtual std::string id(int64_t index) const = 0;
+  /// Number of classes; 0 for unlabeled data.
+  virtual int64_t num_classes() const = 0;
+  /// Whether images are held decoded (binary formats): no decode cost per sample.
+  virtual bool in_memory() const { return false; }
+  /// What to do with a sample whose image() throws BadSample.
+  OnBadSample on_bad_sample = OnBadSample::error;
+};
+
+/// Builds a dataset from its JSON object; `path` names it in messages ("data", "eval.test").
+/// Throws std::invalid_argument for bad keys and std::runtime_error for missing or malformed
+/// files, naming the file and, for binary formats, the expected size.
+std::shared_ptr<Dataset> create_dataset(const nlohmann::json& spec, const std::string& path = "data");
+std::vector<std::string> dataset_names();
+
+}  // namespace twins::data
