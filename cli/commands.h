@@ -9,5 +9,7 @@ namespace twins::cli {
 using Command = std::function<int()>;
 
 Command add_list(CLI::App& app);
+Command add_preview(CLI::App& app);
+Command add_bench(CLI::App& app);
 
 }  // namespace twins::cli

@@ -3,6 +3,8 @@
 #include <string>
 
 #include "cli/commands.h"
+#include "twins/augment/pipeline.h"
+#include "twins/data/dataset.h"
 #include "twins/losses.h"
 #include "twins/models/network.h"
 
@@ -11,13 +13,15 @@ namespace twins::cli {
 Command add_list(CLI::App& app) {
   auto* sub = app.add_subcommand("list", "List registered components, one name per line");
   auto what = std::make_shared<std::string>();
-  sub->add_option("what", *what, "losses, backbones or heads")
+  sub->add_option("what", *what, "losses, backbones, heads, augmentations or datasets")
       ->required()
-      ->check(CLI::IsMember({"losses", "backbones", "heads"}));
+      ->check(CLI::IsMember({"losses", "backbones", "heads", "augmentations", "datasets"}));
   return [what]() {
-    std::vector<std::string> names = *what == "losses"      ? losses::loss_names()
-                                     : *what == "backbones" ? models::backbone_names()
-                                                            : models::head_names();
+    std::vector<std::string> names = *what == "losses"          ? losses::loss_names()
+                                     : *what == "backbones"     ? models::backbone_names()
+                                     : *what == "heads"         ? models::head_names()
+                                     : *what == "augmentations" ? augment::op_names()
+                                                                : data::dataset_names();
     for (const auto& n : names) std::cout << n << "\n";
     return 0;
   };

@@ -21,6 +21,8 @@ int main(int argc, char** argv) {
     commands.emplace_back(app.get_subcommands({})[before], std::move(run));
   };
   add(twins::cli::add_list);
+  add(twins::cli::add_preview);
+  add(twins::cli::add_bench);
 
   try {
     app.parse(argc, argv);

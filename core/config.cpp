@@ -1,6 +1,8 @@
 #include "twins/config.h"
 
 #include <algorithm>
+#include <filesystem>
+#include <fstream>
 #include <stdexcept>
 
 #include "twins/registry.h"
@@ -89,19 +91,60 @@ void apply_override(nlohmann::json& root, const std::string& assignment) {
   while (true) {
     const size_t dot = path.find('.', start);
     const std::string key = path.substr(start, dot == std::string::npos ? dot : dot - start);
+    const std::string parent = start == 0 ? "the config" : path.substr(0, start - 1);
     if (key.empty()) throw std::invalid_argument("--set " + assignment + ": empty key in path");
-    if (!node->is_object()) {
-      throw std::invalid_argument("--set " + assignment + ": " + path.substr(0, start - 1) +
-                                  " is not an object");
+    nlohmann::json* child = nullptr;
+    if (node->is_array()) {  // views.1.0.p: list elements by index
+      size_t used = 0;
+      unsigned long index = 0;
+      try {
+        index = std::stoul(key, &used);
+      } catch (const std::exception&) {
+        used = 0;
+      }
+      if (used != key.size() || index >= node->size())
+        throw std::invalid_argument("--set " + assignment + ": " + parent + " is a list of " +
+                                    std::to_string(node->size()) + "; \"" + key + "\" is not an index in it");
+      child = &(*node)[index];
+    } else if (node->is_object()) {
+      child = &(*node)[key];
+    } else {
+      throw std::invalid_argument("--set " + assignment + ": " + parent + " is not an object");
     }
     if (dot == std::string::npos) {
-      (*node)[key] = value;
+      *child = value;
       return;
     }
-    node = &(*node)[key];
-    if (node->is_null()) *node = nlohmann::json::object();
+    if (child->is_null()) *child = nlohmann::json::object();
+    node = child;
     start = dot + 1;
   }
+}
+
+nlohmann::json read_json_file(const std::string& file) {
+  std::ifstream in(file);
+  if (!in) throw std::invalid_argument(file + ": cannot open");
+  try {
+    return nlohmann::json::parse(in, nullptr, true, /*ignore_comments=*/true);
+  } catch (const nlohmann::json::parse_error& e) {
+    throw std::invalid_argument(file + ": invalid JSON: " + e.what());
+  }
+}
+
+nlohmann::json load_config(const std::string& file, const std::vector<std::string>& overrides) {
+  nlohmann::json root = read_json_file(file);
+  if (!root.is_object()) throw std::invalid_argument(file + ": expected a JSON object at the top");
+  for (const auto& o : overrides) apply_override(root, o);
+  if (root.contains("views") && root["views"].is_string()) {
+    namespace fs = std::filesystem;
+    const std::string name = root["views"];
+    fs::path p = fs::path(file).parent_path() / name;
+    if (!fs::exists(p)) p = name;
+    if (!fs::exists(p))
+      throw std::invalid_argument(file + ": views: file \"" + name + "\" not found next to the config or here");
+    root["views"] = read_json_file(p.string());
+  }
+  return root;
 }
 
 }  // namespace twins::config

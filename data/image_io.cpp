@@ -4,8 +4,15 @@
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
 
+#include <csetjmp>
+#include <cstdio>
 #include <fstream>
 #include <stdexcept>
+
+#ifdef TWINS_HAVE_LIBJPEG
+#include <jpeglib.h>
+#include <jerror.h>
+#endif
 
 namespace twins::data {
 namespace {
@@ -33,12 +40,76 @@ at::Tensor from_mat(const cv::Mat& decoded, const std::string& name) {
   return out;
 }
 
+#ifdef TWINS_HAVE_LIBJPEG
+// JPEG straight through libjpeg(-turbo) into the tensor: no BGR detour, no EXIF parsing, and
+// the decoder settings PIL uses (islow DCT, fancy upsampling), so pixels match what the
+// official recipes saw. Returns an undefined tensor for what it does not handle (CMYK).
+struct JpegError {
+  jpeg_error_mgr mgr;
+  std::jmp_buf jump;
+  char message[JMSG_LENGTH_MAX];
+  bool truncated = false;
+};
+
+at::Tensor decode_jpeg(const std::vector<uint8_t>& bytes, const std::string& name) {
+  jpeg_decompress_struct info;
+  JpegError err;
+  info.err = jpeg_std_error(&err.mgr);
+  err.mgr.error_exit = [](j_common_ptr c) {
+    auto* e = reinterpret_cast<JpegError*>(c->err);
+    c->err->format_message(c, e->message);
+    std::longjmp(e->jump, 1);
+  };
+  // Warnings (extraneous bytes, ...) are not errors, but a file cut short is: libjpeg would
+  // fill the rest with grey and say nothing, and PIL refuses such files too.
+  err.mgr.output_message = [](j_common_ptr) {};
+  err.mgr.emit_message = [](j_common_ptr c, int level) {
+    if (level < 0 && c->err->msg_code == JWRN_JPEG_EOF) reinterpret_cast<JpegError*>(c->err)->truncated = true;
+  };
+  at::Tensor out;
+  if (setjmp(err.jump)) {
+    jpeg_destroy_decompress(&info);
+    throw std::runtime_error(name + ": cannot decode image (corrupt JPEG: " + err.message + ")");
+  }
+  jpeg_create_decompress(&info);
+  jpeg_mem_src(&info, bytes.data(), static_cast<unsigned long>(bytes.size()));
+  jpeg_read_header(&info, TRUE);
+  if (info.jpeg_color_space == JCS_CMYK || info.jpeg_color_space == JCS_YCCK) {
+    jpeg_destroy_decompress(&info);
+    return out;
+  }
+  const bool grey = info.num_components == 1;
+  info.out_color_space = grey ? JCS_GRAYSCALE : JCS_RGB;
+  info.dct_method = JDCT_ISLOW;
+  jpeg_start_decompress(&info);
+  const int c = static_cast<int>(info.output_components);
+  out = at::empty({static_cast<int64_t>(info.output_height), static_cast<int64_t>(info.output_width), c}, at::kByte);
+  uint8_t* base = out.data_ptr<uint8_t>();
+  const size_t stride = static_cast<size_t>(info.output_width) * c;
+  while (info.output_scanline < info.output_height) {
+    JSAMPROW row = base + info.output_scanline * stride;
+    jpeg_read_scanlines(&info, &row, 1);
+  }
+  const bool truncated = err.truncated;
+  jpeg_finish_decompress(&info);
+  jpeg_destroy_decompress(&info);
+  if (truncated) throw std::runtime_error(name + ": cannot decode image (truncated JPEG file)");
+  return out;
+}
+#endif
+
 }  // namespace
 
 at::Tensor decode_image(const std::vector<uint8_t>& bytes, const std::string& name) {
   if (bytes.empty()) throw std::runtime_error(name + ": empty file");
+#ifdef TWINS_HAVE_LIBJPEG
+  if (bytes.size() > 3 && bytes[0] == 0xFF && bytes[1] == 0xD8 && bytes[2] == 0xFF) {
+    at::Tensor img = decode_jpeg(bytes, name);
+    if (img.defined()) return img;
+  }
+#endif
   const cv::Mat buffer(1, static_cast<int>(bytes.size()), CV_8U, const_cast<uint8_t*>(bytes.data()));
-  return from_mat(cv::imdecode(buffer, cv::IMREAD_ANYCOLOR), name);
+  return from_mat(cv::imdecode(buffer, cv::IMREAD_ANYCOLOR | cv::IMREAD_IGNORE_ORIENTATION), name);
 }
 
 at::Tensor read_image(const std::string& path) {

@@ -71,4 +71,12 @@ std::string nearest(const std::string& word, const std::vector<std::string>& can
 /// intermediate objects are created. Throws std::invalid_argument on a malformed override.
 void apply_override(nlohmann::json& root, const std::string& assignment);
 
+/// Reads a JSON config file, applies "a.b=value" overrides in order, and inlines "views" given
+/// as a file name (resolved against the config file's folder, then the working directory).
+/// Throws std::invalid_argument naming the file and the position of a JSON syntax error.
+nlohmann::json load_config(const std::string& file, const std::vector<std::string>& overrides = {});
+
+/// Parses a JSON file; errors name the file.
+nlohmann::json read_json_file(const std::string& file);
+
 }  // namespace twins::config

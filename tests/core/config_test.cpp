@@ -50,6 +50,11 @@ TEST_CASE("config: --set overrides") {
   check_throws_with<std::invalid_argument>([&] { apply_override(j, "train.epochs.x=1"); },
                                            "train.epochs is not an object");
   check_throws_with<std::invalid_argument>([&] { apply_override(j, "a..b=1"); }, "empty key");
+  nlohmann::json v = {{"views", {{{{"type", "flip"}, {"p", 0.5}}}}}};
+  apply_override(v, "views.0.0.p=0.25");
+  CHECK(v["views"][0][0]["p"] == 0.25);
+  check_throws_with<std::invalid_argument>([&] { apply_override(v, "views.3.0.p=1"); },
+                                           "views is a list of 1; \"3\" is not an index in it");
 }
 
 TEST_CASE("config: nearest name") {

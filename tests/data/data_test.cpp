@@ -320,3 +320,24 @@ TEST_CASE("data: loader resume position, errors and shutdown") {
   bad.start_epoch(0);
   check_throws_with<std::runtime_error>([&] { bad.next(); }, "end the view with a fixed-size op");
 }
+
+TEST_CASE("data: JPEG decoding matches PIL's pixels and truncated files are errors") {
+  const std::string dir = twins::test::reference_path("augment");
+  for (const std::string name : {"jpeg_photo", "jpeg_grey"}) {
+    CAPTURE(name);
+    const at::Tensor ours = read_image(dir + "/" + name + ".jpg");
+    const at::Tensor pil = read_image(dir + "/" + name + "_decoded.png");
+    REQUIRE(ours.sizes() == pil.sizes());
+    const int max_diff = (ours.to(at::kInt) - pil.to(at::kInt)).abs().max().item<int>();
+    MESSAGE(name, ": max difference from PIL ", max_diff);
+    CHECK(max_diff <= 1);  // 0 with libjpeg-turbo directly; OpenCV's path may differ slightly
+  }
+  TempDir tmp;
+  std::ifstream in(dir + "/jpeg_photo.jpg", std::ios::binary);
+  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::ofstream(tmp / "cut.jpg", std::ios::binary) << bytes.substr(0, bytes.size() / 2);
+  check_throws_with<std::runtime_error>([&] { read_image(tmp / "cut.jpg"); }, "cut.jpg: cannot decode image");
+  std::ofstream(tmp / "empty.png", std::ios::binary) << "";
+  check_throws_with<std::runtime_error>([&] { read_image(tmp / "empty.png"); }, "empty.png: empty file");
+  check_throws_with<std::runtime_error>([&] { read_image(tmp / "missing.png"); }, "missing.png: cannot open");
+}

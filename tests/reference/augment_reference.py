@@ -235,3 +235,9 @@ def main():
 
 if __name__ == "__main__":
     main()
+
+# JPEG fixtures for tests/data (decode parity with PIL) were written once with PIL 9.4:
+#   Image.open("photo_b.png").convert("RGB").save("jpeg_photo.jpg", quality=90)
+#   Image.open("jpeg_photo.jpg").convert("RGB").save("jpeg_photo_decoded.png")
+#   Image.open("photo_grey.png").save("jpeg_grey.jpg", quality=85)
+#   Image.open("jpeg_grey.jpg").save("jpeg_grey_decoded.png")

@@ -1,0 +1,130 @@
+// twins bench views: how fast this machine makes a recipe's views, decode and augmentation
+// timed apart, then through the real loader.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <atomic>
+#include <chrono>
+#include <iomanip>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "cli/commands.h"
+#include "twins/augment/functional.h"
+#include "twins/augment/pipeline.h"
+#include "twins/config.h"
+#include "twins/data/dataset.h"
+#include "twins/data/loader.h"
+
+namespace twins::cli {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct BenchViewsArgs {
+  std::string config;
+  std::vector<std::string> set;
+  int threads = 0;
+  double seconds = 10;
+  bool json = false;
+};
+
+// Runs work(thread, i) on `threads` threads for about `seconds`; returns items per second.
+template <class Work>
+double rate(int threads, double seconds, Work work) {
+  std::atomic<bool> stop{false};
+  std::atomic<int64_t> done{0};
+  std::vector<std::thread> pool;
+  const auto start = Clock::now();
+  for (int t = 0; t < threads; ++t)
+    pool.emplace_back([&, t] {
+      for (int64_t i = t; !stop.load(std::memory_order_relaxed); i += threads) done += work(t, i);
+    });
+  std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
+  stop = true;
+  for (auto& th : pool) th.join();
+  return done.load() / std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+int run_bench_views(const BenchViewsArgs& a) {
+  const nlohmann::json cfg = config::load_config(a.config, a.set);
+  const auto dataset = data::create_dataset(cfg.at("data"), "data");
+  const auto views = augment::parse_views(cfg.at("views"), "views");
+  const int channels = cfg.value("/model/backbone/in_channels"_json_pointer, 3);
+  const int threads = a.threads > 0 ? a.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const double part = a.seconds / 3;
+  at::set_num_threads(1);  // one core per thread, as the loader's workers run
+  const int64_t n = dataset->size();
+
+  // 1. Decode (for in-memory formats: copying a record out).
+  const double decode = rate(threads, part, [&](int, int64_t i) {
+    dataset->image(i % n);
+    return 1;
+  });
+  // 2. Augmentation of already-decoded images.
+  std::vector<at::Tensor> pool;
+  for (int64_t i = 0; i < std::min<int64_t>(n, 64); ++i)
+    pool.push_back(augment::functional::to_channels(dataset->image(i * n / std::min<int64_t>(n, 64)), channels));
+  const double augment = rate(threads, part, [&](int, int64_t i) {
+    const at::Tensor& img = pool[static_cast<size_t>(i) % pool.size()];
+    for (size_t v = 0; v < views.size(); ++v) views[v].apply(img, augment::Rng(0, 0, static_cast<uint64_t>(i), v));
+    return static_cast<int64_t>(views.size());
+  });
+  // 3. The loader end to end (decode + views + batch assembly).
+  data::LoaderOptions lo;
+  lo.batch_size = std::min<int64_t>(64, n), lo.workers = threads, lo.channels = channels;
+  data::Loader loader(dataset, views, lo);
+  int64_t loaded = 0, epoch = 0;
+  loader.start_epoch(epoch);
+  const auto start = Clock::now();
+  while (std::chrono::duration<double>(Clock::now() - start).count() < part) {
+    auto b = loader.next();
+    if (!b) {
+      loader.start_epoch(++epoch);
+      continue;
+    }
+    loaded += b->views[0].size(0) * static_cast<int64_t>(views.size());
+  }
+  const double loader_rate = loaded / std::chrono::duration<double>(Clock::now() - start).count();
+
+  nlohmann::json out = {{"config", a.config},
+                        {"threads", threads},
+                        {"views_per_sample", views.size()},
+                        {"decode_images_per_s", decode},
+                        {"decode_images_per_s_per_core", decode / threads},
+                        {"augment_views_per_s", augment},
+                        {"augment_views_per_s_per_core", augment / threads},
+                        {"loader_views_per_s", loader_rate},
+                        {"loader_views_per_s_per_core", loader_rate / threads},
+                        {"in_memory_dataset", dataset->in_memory()}};
+  if (a.json) {
+    std::cout << out.dump(2) << "\n";
+  } else {
+    std::cout << std::fixed << std::setprecision(0) << "views of " << a.config << " on " << threads << " thread(s)\n"
+              << "  decode:       " << decode << " images/s (" << decode / threads << " per core)\n"
+              << "  augmentation: " << augment << " views/s (" << augment / threads << " per core), decode excluded\n"
+              << "  loader:       " << loader_rate << " views/s (" << loader_rate / threads << " per core), end to end\n";
+  }
+  return 0;
+}
+
+}  // namespace
+
+Command add_bench(CLI::App& app) {
+  auto* bench = app.add_subcommand("bench", "Benchmarks: views (data pipeline)");
+  bench->require_subcommand(1);
+  auto a = std::make_shared<BenchViewsArgs>();
+  auto* views = bench->add_subcommand("views", "Views per second per core: decode, augmentation, loader");
+  views->add_option("--config", a->config, "Recipe JSON (data and views)")->required();
+  views->add_option("--set", a->set, "Override a config key: a.b=value (repeatable)");
+  views->add_option("--threads", a->threads, "Threads (default: all cores)");
+  views->add_option("--seconds", a->seconds, "Total measuring time")->capture_default_str();
+  views->add_flag("--json", a->json, "Print JSON");
+  return [a, views]() {
+    if (views->parsed()) return run_bench_views(*a);
+    return 2;
+  };
+}
+
+}  // namespace twins::cli
