@@ -11,5 +11,6 @@ using Command = std::function<int()>;
 Command add_list(CLI::App& app);
 Command add_preview(CLI::App& app);
 Command add_bench(CLI::App& app);
+Command add_pretrain(CLI::App& app);
 
 }  // namespace twins::cli

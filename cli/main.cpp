@@ -20,6 +20,7 @@ int main(int argc, char** argv) {
     twins::cli::Command run = adder(app);
     commands.emplace_back(app.get_subcommands({})[before], std::move(run));
   };
+  add(twins::cli::add_pretrain);
   add(twins::cli::add_list);
   add(twins::cli::add_preview);
   add(twins::cli::add_bench);

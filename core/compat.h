@@ -4,7 +4,13 @@
 // TORCH_VERSION_* itself.
 #include <torch/version.h>
 
+#include <ATen/autocast_mode.h>
+#include <ATen/Context.h>
+#include <c10/core/TensorImpl.h>
+
+#include <sstream>
 #include <string>
+#include <type_traits>
 
 #define TWINS_TORCH_AT_LEAST(major, minor) \
   (TORCH_VERSION_MAJOR > (major) ||        \
@@ -16,6 +22,56 @@ namespace twins::compat {
 inline std::string torch_version_string() {
   return std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
          std::to_string(TORCH_VERSION_PATCH);
+}
+
+/// Autocast of CUDA ops to `dtype` while alive (bf16 or fp16 mixed precision).
+class CudaAutocast {
+ public:
+  CudaAutocast(bool enabled, at::ScalarType dtype) : enabled_(enabled) {
+    if (!enabled_) return;
+#if TWINS_TORCH_AT_LEAST(2, 4)
+    previous_ = at::autocast::is_autocast_enabled(at::kCUDA);
+    at::autocast::set_autocast_dtype(at::kCUDA, dtype);
+    at::autocast::set_autocast_enabled(at::kCUDA, true);
+#else
+    previous_ = at::autocast::is_enabled();
+    at::autocast::set_autocast_gpu_dtype(dtype);
+    at::autocast::set_enabled(true);
+#endif
+  }
+  ~CudaAutocast() {
+    if (!enabled_) return;
+#if TWINS_TORCH_AT_LEAST(2, 4)
+    at::autocast::set_autocast_enabled(at::kCUDA, previous_);
+#else
+    at::autocast::set_enabled(previous_);
+#endif
+    at::autocast::clear_cache();
+  }
+  CudaAutocast(const CudaAutocast&) = delete;
+  CudaAutocast& operator=(const CudaAutocast&) = delete;
+
+ private:
+  bool enabled_;
+  bool previous_ = false;
+};
+
+/// Deterministic algorithms on or off (errors, not warnings, for nondeterministic ops).
+inline void set_deterministic(bool on) { at::globalContext().setDeterministicAlgorithms(on, /*warn_only=*/false); }
+
+/// The key of a parameter in torch::optim::Optimizer::state(): LibTorch 1.13 uses the
+/// TensorImpl address printed as a string, LibTorch 2.x the address itself. Chosen from the map's
+/// key type, so either works without naming versions.
+template <class StateMap, class TensorT>
+auto optimizer_state_key(const StateMap&, const TensorT& param) {
+  using Key = typename StateMap::key_type;
+  if constexpr (std::is_same_v<Key, std::string>) {
+    std::ostringstream s;
+    s << static_cast<const void*>(param.unsafeGetTensorImpl());
+    return s.str();
+  } else {
+    return static_cast<Key>(param.unsafeGetTensorImpl());
+  }
 }
 
 }  // namespace twins::compat

@@ -1,0 +1,59 @@
+// twins pretrain: trains a recipe into a run folder; SIGINT/SIGTERM finish the step, write a
+// checkpoint and exit 0 with the command that resumes.
+#include <csignal>
+#include <filesystem>
+#include <iostream>
+#include <nlohmann/json.hpp>
+
+#include "cli/commands.h"
+#include "twins/config.h"
+#include "twins/train/pretrain.h"
+
+namespace twins::cli {
+namespace {
+
+struct PretrainArgs {
+  std::string config, out, device;
+  std::vector<std::string> set;
+  bool resume = false;
+  int64_t stop_after = 0;
+};
+
+void on_signal(int) { train::request_stop(); }
+
+int run_pretrain(const PretrainArgs& a) {
+  namespace fs = std::filesystem;
+  if (a.config.empty() && !a.resume) throw std::invalid_argument("--config is required (or --resume with --out)");
+  const std::string out = !a.out.empty() ? a.out : "runs/" + fs::path(a.config).stem().string();
+  nlohmann::json cfg = a.config.empty() ? nlohmann::json::object() : config::load_config(a.config, a.set);
+  if (a.resume && !a.set.empty()) throw std::invalid_argument("--set cannot change a run being resumed");
+  struct sigaction sa {};
+  sa.sa_handler = on_signal;
+  sa.sa_flags = SA_RESETHAND;  // a second Ctrl-C stops at once
+  sigaction(SIGINT, &sa, nullptr);
+  sigaction(SIGTERM, &sa, nullptr);
+  train::PretrainOptions o;
+  o.out_dir = out, o.resume = a.resume, o.device = a.device, o.stop_after = a.stop_after;
+  o.command_line = "twins pretrain --out " + out;
+  const auto r = train::pretrain(cfg, o);
+  if (!r.interrupted && r.online_probe_top1)
+    std::cout << "online probe top-1: " << *r.online_probe_top1 << "%\n";
+  std::cout << "run folder: " << out << "\n";
+  return 0;
+}
+
+}  // namespace
+
+Command add_pretrain(CLI::App& app) {
+  auto a = std::make_shared<PretrainArgs>();
+  auto* sub = app.add_subcommand("pretrain", "Pretrain a backbone with VICReg, Barlow Twins or BYOL");
+  sub->add_option("--config", a->config, "Recipe JSON (configs/*.json)");
+  sub->add_option("--set", a->set, "Override a config key: a.b=value (repeatable)");
+  sub->add_option("--out", a->out, "Run folder (default: runs/<recipe name>)");
+  sub->add_flag("--resume", a->resume, "Continue from the latest valid checkpoint of the run folder");
+  sub->add_option("--device", a->device, "auto, cpu, cuda or cuda:N (overrides train.device)");
+  sub->add_option("--stop-after", a->stop_after, "Stop (checkpoint, resumable) after N steps of this invocation");
+  return [a] { return run_pretrain(*a); };
+}
+
+}  // namespace twins::cli

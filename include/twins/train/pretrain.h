@@ -1,0 +1,52 @@
+#pragma once
+// `twins pretrain` as a library call: trains a recipe and writes the run folder:
+//   config.json        the resolved config
+//   metrics.jsonl      one JSON object per line: step lines, epoch lines, a final summary
+//   checkpoints/       step-<N>.safetensors, the last train.keep_checkpoints kept
+//   backbone.safetensors   the backbone's weights under torchvision's names (at the end)
+#include <nlohmann/json_fwd.hpp>
+
+#include <optional>
+#include <string>
+
+namespace twins::train {
+
+struct PretrainOptions {
+  /// The run folder (created if needed).
+  std::string out_dir = "runs/pretrain";
+  /// Continue from the latest valid checkpoint of out_dir (its stored config is used).
+  bool resume = false;
+  /// Overrides train.device when not empty.
+  std::string device;
+  /// Print progress (a bar on a terminal, periodic lines otherwise).
+  bool progress = true;
+  /// Stop as if interrupted after this many steps of this invocation (0: never). For jobs with
+  /// a time slot (a SLURM limit): run a slice, resume later.
+  int64_t stop_after = 0;
+  /// How the command was invoked, for the "resume with" message.
+  std::string command_line;
+};
+
+struct PretrainResult {
+  int64_t steps = 0;
+  int64_t epochs_completed = 0;
+  double wall_seconds = 0;
+  double images_per_second = 0;
+  bool interrupted = false;
+  /// Path of backbone.safetensors (empty when interrupted).
+  std::string backbone_path;
+  /// Online-probe accuracy of the last epoch (on eval_data if given, else on training views).
+  std::optional<double> online_probe_top1;
+};
+
+/// Trains. Throws std::invalid_argument for config errors, std::runtime_error for data, I/O and
+/// non-finite losses (naming the step and the term).
+PretrainResult pretrain(const nlohmann::json& config, const PretrainOptions& options);
+
+/// Asks a running pretrain() to finish its step, write a checkpoint and return (interrupted).
+/// Async-signal-safe: SIGINT/SIGTERM handlers call it.
+void request_stop();
+/// Clears a previous request (tests run several trainings in one process).
+void clear_stop();
+
+}  // namespace twins::train

@@ -1,0 +1,98 @@
+#pragma once
+// A pretraining recipe: the JSON config of `twins pretrain`, read strictly.
+//
+// {
+//   "method": "vicreg" | "barlow_twins" | "byol",
+//   "data": {dataset, see <twins/data/dataset.h>},   "views": [views] or "views/<preset>.json",
+//   "model": {"backbone": {...}, "projector": {...}, "predictor": {...}  (BYOL only)},
+//   "loss": {...},                  "byol": {"tau_base": 0.996},
+//   "optimizer": {"type": "lars" | "sgd" | "adamw", "base_lr", "bias_base_lr", "weight_decay",
+//                 "momentum", "eta", "clip", "exclude_1d", "betas", "eps"},
+//   "schedule": {"warmup_epochs": 10, "final_lr_ratio": 0.001},
+//   "online_probe": {"enabled": true, "lr": 0.1, "eval_data": {dataset} (optional)},
+//   "train": {"epochs", "max_steps", "batch_size", "workers", "device", "seed", "log_every",
+//             "checkpoint_every_steps", "checkpoint_every_epochs", "keep_checkpoints",
+//             "deterministic", "precision", "channels_last", "threads", "sync_batchnorm"}
+// }
+// Keys starting with "_" (e.g. "_comment") are ignored everywhere at the top level.
+#include <nlohmann/json.hpp>
+
+#include <string>
+#include <vector>
+
+namespace twins::train {
+
+struct OptimizerConfig {
+  /// lars, sgd or adamw.
+  std::string type = "lars";
+  /// Learning rate for a batch of 256; scaled by global batch / 256.
+  double base_lr = 0.3;
+  /// Separate base lr for 1-D parameters (Barlow Twins: 0.0048); < 0: same as base_lr.
+  double bias_base_lr = -1;
+  double weight_decay = 1e-4;
+  double momentum = 0.9;
+  /// LARS trust coefficient.
+  double eta = 0.001;
+  /// LARS: clip the adaptive rate at the learning rate (solo-learn).
+  bool clip = false;
+  /// Exclude 1-D parameters from weight decay (and LARS adaptation).
+  bool exclude_1d = true;
+  /// AdamW betas and epsilon.
+  std::vector<double> betas{0.9, 0.999};
+  double eps = 1e-8;
+};
+
+struct ScheduleConfig {
+  double warmup_epochs = 10;
+  double final_lr_ratio = 0.001;
+};
+
+struct ProbeConfig {
+  bool enabled = true;
+  double lr = 0.1;
+  double weight_decay = 0.0;
+  /// A labelled dataset evaluated at the end of every epoch (e.g. the test split); null: none.
+  nlohmann::json eval_data;
+};
+
+struct TrainConfig {
+  int64_t epochs = 100;
+  /// Stop after this many optimizer steps (0: run all epochs). The schedules still span epochs.
+  int64_t max_steps = 0;
+  /// Per-rank batch size.
+  int64_t batch_size = 256;
+  int workers = 2;
+  /// auto, cpu, cuda, cuda:N.
+  std::string device = "auto";
+  uint64_t seed = 0;
+  int64_t log_every = 20;
+  int64_t checkpoint_every_steps = 0;
+  int64_t checkpoint_every_epochs = 1;
+  int keep_checkpoints = 2;
+  /// Deterministic algorithms (bit-identical resume on the CPU).
+  bool deterministic = false;
+  /// auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16, fp16 (with a gradient scaler).
+  std::string precision = "auto";
+  bool channels_last = false;
+  /// Intra-op threads for the model (0: LibTorch's default).
+  int threads = 0;
+  bool sync_batchnorm = false;
+};
+
+struct Recipe {
+  std::string method;
+  nlohmann::json data, views, backbone, projector, predictor, loss;
+  double tau_base = 0.996;
+  OptimizerConfig optimizer;
+  ScheduleConfig schedule;
+  ProbeConfig probe;
+  TrainConfig train;
+  /// The config as given (after --set), stored in run folders and checkpoints.
+  nlohmann::json resolved;
+
+  /// Reads and validates a config; unknown keys and bad values throw std::invalid_argument
+  /// naming their path.
+  static Recipe parse(const nlohmann::json& config);
+};
+
+}  // namespace twins::train

@@ -1,0 +1,288 @@
+#include <ATen/ATen.h>
+#include <torch/nn/module.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+
+#include "tests/test_util.h"
+#include "train/ssl_model.h"
+#include "twins/config.h"
+#include "twins/models/safetensors.h"
+#include "twins/train/lars.h"
+#include "twins/train/pretrain.h"
+#include "twins/train/recipe.h"
+#include "twins/train/schedule.h"
+
+using namespace twins::train;
+using nlohmann::json;
+using twins::test::check_throws_with;
+namespace fs = std::filesystem;
+
+namespace {
+
+// An IDX dataset of n random 16x16 grey images in a fresh folder.
+struct TinyData {
+  fs::path dir;
+  explicit TinyData(int n, int size = 16) {
+    static int counter = 0;
+    dir = fs::temp_directory_path() / ("twins_train_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
+    fs::create_directories(dir);
+    auto be = [](std::ofstream& f, uint32_t v) {
+      const char b[4] = {char(v >> 24), char(v >> 16), char(v >> 8), char(v)};
+      f.write(b, 4);
+    };
+    std::ofstream img(dir / "train-images-idx3-ubyte", std::ios::binary), lab(dir / "train-labels-idx1-ubyte", std::ios::binary);
+    be(img, 0x803), be(img, n), be(img, size), be(img, size);
+    be(lab, 0x801), be(lab, n);
+    at::manual_seed(123);
+    const at::Tensor pixels = at::randint(0, 256, {n, size, size}, at::kByte);
+    img.write(reinterpret_cast<const char*>(pixels.data_ptr<uint8_t>()), pixels.numel());
+    for (int i = 0; i < n; ++i) lab.put(char(i % 4));
+  }
+  ~TinyData() { fs::remove_all(dir); }
+};
+
+json tiny_recipe(const std::string& method, const fs::path& root) {
+  json views = json::parse(R"([
+    [{"type": "random_resized_crop", "size": 12, "scale": [0.3, 1.0]}, {"type": "random_horizontal_flip"},
+     {"type": "normalize", "mean": [0.5], "std": [0.25]}],
+    [{"type": "random_resized_crop", "size": 12, "scale": [0.3, 1.0]}, {"type": "color_jitter", "brightness": 0.4},
+     {"type": "normalize", "mean": [0.5], "std": [0.25]}]])");
+  json r = {{"method", method},
+            {"data", {{"type", "mnist"}, {"root", root.string()}}},
+            {"views", views},
+            {"model", {{"backbone", {{"type", "resnet"}, {"layers", {1, 1, 1, 1}}, {"width", 4}, {"in_channels", 1}, {"cifar_stem", true}}},
+                       {"projector", {{"type", "mlp"}, {"spec", "32-16"}}}}},
+            {"loss", {{"type", method}}},
+            {"optimizer", {{"type", "lars"}, {"base_lr", 2.0}, {"weight_decay", 1e-4}, {"eta", 0.02}}},
+            {"schedule", {{"warmup_epochs", 0}}},
+            {"train", {{"epochs", 3}, {"batch_size", 16}, {"workers", 2}, {"device", "cpu"}, {"seed", 7},
+                       {"log_every", 1}, {"checkpoint_every_steps", 0}, {"deterministic", true}, {"threads", 1}}}};
+  if (method == "byol") {
+    r["model"]["predictor"] = {{"type", "mlp"}, {"spec", "32-16"}};
+    r["byol"] = {{"tau_base", 0.9}};
+  }
+  return r;
+}
+
+std::vector<json> read_lines(const fs::path& file) {
+  std::vector<json> out;
+  std::ifstream in(file);
+  for (std::string line; std::getline(in, line);) out.push_back(json::parse(line));
+  return out;
+}
+
+PretrainOptions quiet(const fs::path& out) {
+  PretrainOptions o;
+  o.out_dir = out.string();
+  o.progress = false;
+  return o;
+}
+
+}  // namespace
+
+TEST_CASE("train: LARS matches the official VICReg LARS step for step") {
+  const json g = twins::test::read_json(twins::test::reference_path("lars_golden.json"));
+  std::vector<at::Tensor> params;
+  for (size_t i = 0; i < 3; ++i) {
+    std::vector<int64_t> shape = g["shapes"][i];
+    params.push_back(at::tensor(g["initial"][i].get<std::vector<double>>(), at::kDouble).view(shape).set_requires_grad(true));
+  }
+  LARS opt(params, LARSOptions(g["lr"].get<double>()).weight_decay(g["weight_decay"]).momentum(g["momentum"]).eta(g["eta"]));
+  double worst = 0;
+  for (size_t step = 0; step < 3; ++step) {
+    for (size_t i = 0; i < 3; ++i)
+      params[i].mutable_grad() = at::tensor(g["grads"][step][i].get<std::vector<double>>(), at::kDouble).view(params[i].sizes());
+    opt.step();
+    for (size_t i = 0; i < 3; ++i) {
+      const at::Tensor expected = at::tensor(g["after"][step][i].get<std::vector<double>>(), at::kDouble).view(params[i].sizes());
+      worst = std::max(worst, (params[i].detach() - expected).abs().max().item<double>());
+    }
+  }
+  MESSAGE("LARS worst absolute difference over 3 steps: ", worst);
+  CHECK(worst < 1e-13);
+}
+
+TEST_CASE("train: LARS state survives save and load") {
+  at::manual_seed(0);
+  auto make = [] { return std::vector<at::Tensor>{at::randn({3, 3}).set_requires_grad(true), at::randn({3}).set_requires_grad(true)}; };
+  std::vector<at::Tensor> a = make(), b;
+  for (auto& t : a) b.push_back(t.detach().clone().set_requires_grad(true));
+  LARS oa(a, LARSOptions(0.5).weight_decay(0.1)), ob(b, LARSOptions(0.5).weight_decay(0.1));
+  auto step = [](std::vector<at::Tensor>& ps, LARS& o, int seed) {
+    at::manual_seed(seed);
+    for (auto& p : ps) p.mutable_grad() = at::randn(p.sizes());
+    o.step();
+  };
+  step(a, oa, 1), step(b, ob, 1);
+  torch::serialize::OutputArchive out;
+  oa.save(out);
+  std::ostringstream s;
+  out.save_to(s);
+  LARS oc(b, LARSOptions(0.5).weight_decay(0.1));  // fresh optimizer on b's parameters
+  std::istringstream in(s.str());
+  torch::serialize::InputArchive arch;
+  arch.load_from(in);
+  oc.load(arch);
+  step(a, oa, 2), step(b, oc, 2);
+  for (size_t i = 0; i < a.size(); ++i) CHECK(at::equal(a[i], b[i]));
+}
+
+TEST_CASE("train: warm-up, cosine and tau schedules") {
+  CHECK(warmup_cosine_lr(0, 100, 10, 2.0, 0.001) == 0.0);
+  CHECK(warmup_cosine_lr(5, 100, 10, 2.0, 0.001) == doctest::Approx(1.0));
+  CHECK(warmup_cosine_lr(10, 100, 10, 2.0, 0.001) == doctest::Approx(2.0));
+  CHECK(warmup_cosine_lr(55, 100, 10, 2.0, 0.001) == doctest::Approx(2.0 * 0.5 + 0.002 * 0.5));
+  CHECK(warmup_cosine_lr(100, 100, 10, 2.0, 0.001) == doctest::Approx(0.002));
+  CHECK(byol_tau(0, 1000, 0.996) == doctest::Approx(0.996));
+  CHECK(byol_tau(500, 1000, 0.996) == doctest::Approx(0.998));
+  CHECK(byol_tau(1000, 1000, 0.996) == doctest::Approx(1.0));
+  CHECK(scaled_lr(0.2, 2048) == doctest::Approx(1.6));
+}
+
+TEST_CASE("train: BYOL's EMA moves parameters and BatchNorm statistics") {
+  TinyData data(8);
+  const Recipe r = Recipe::parse(tiny_recipe("byol", data.dir));
+  twins::train::detail::SSLModel m(r, 4);
+  {
+    at::NoGradGuard g;
+    for (auto& p : m.backbone->parameters()) p.add_(1.0);
+  }
+  m.backbone->train();
+  m.backbone->forward(at::randn({4, 1, 12, 12}) * 3 + 2);  // changes the online running stats
+  const auto online_p = m.backbone->named_parameters(), target_p = m.target_backbone->named_parameters();
+  const auto online_b = m.backbone->named_buffers(), target_b = m.target_backbone->named_buffers();
+  const at::Tensor p0 = target_p["conv1.weight"].clone(), b0 = target_b["bn1.running_mean"].clone();
+  m.ema_update(0.75);
+  CHECK(at::allclose(target_p["conv1.weight"], 0.75 * p0 + 0.25 * online_p["conv1.weight"]));
+  CHECK(at::allclose(target_b["bn1.running_mean"], 0.75 * b0 + 0.25 * online_b["bn1.running_mean"]));
+  CHECK_FALSE(at::equal(target_b["bn1.running_mean"], b0));
+  CHECK(target_b["bn1.num_batches_tracked"].item<int64_t>() == online_b["bn1.num_batches_tracked"].item<int64_t>());
+  CHECK_FALSE(target_p["conv1.weight"].requires_grad());
+}
+
+TEST_CASE("train: every method trains end to end and writes its run folder") {
+  TinyData data(64);
+  for (const std::string method : {"vicreg", "barlow_twins", "byol"}) {
+    CAPTURE(method);
+    const fs::path out = data.dir / ("run_" + method);
+    json cfg = tiny_recipe(method, data.dir);
+    cfg["train"]["epochs"] = 4;
+    const auto result = pretrain(cfg, quiet(out));
+    CHECK(result.steps == 16);
+    CHECK_FALSE(result.interrupted);
+    for (const char* f : {"config.json", "metrics.jsonl", "backbone.safetensors"}) CHECK(fs::exists(out / f));
+    const auto lines = read_lines(out / "metrics.jsonl");
+    std::vector<double> losses;
+    for (const auto& l : lines) {
+      if (l.contains("loss")) losses.push_back(l["loss"]);
+      if (l.contains("loss")) {
+        CHECK(l.contains("lr"));
+        CHECK(l.contains("images_per_s"));
+        CHECK(l.contains("data_wait"));
+      }
+    }
+    REQUIRE(losses.size() == 16);
+    for (double v : losses) CHECK(std::isfinite(v));
+    const double first = (losses[0] + losses[1] + losses[2]) / 3, last = (losses[13] + losses[14] + losses[15]) / 3;
+    MESSAGE(method, ": loss ", first, " -> ", last);
+    CHECK(last < first);
+    CHECK(lines.back().value("summary", false));
+    CHECK(lines[lines.size() - 2].contains("online_probe_train_top1"));
+    // The backbone file: torchvision names, the architecture in the metadata, loadable.
+    const auto backbone = twins::models::load_safetensors((out / "backbone.safetensors").string());
+    CHECK(backbone.contains("conv1.weight"));
+    CHECK(backbone.contains("layer4.0.bn2.running_var"));
+    CHECK_FALSE(backbone.contains("fc.weight"));
+    CHECK(json::parse(backbone.metadata.at("twins_backbone"))["type"] == "resnet");
+    CHECK(fs::exists(out / "checkpoints"));
+  }
+}
+
+TEST_CASE("train: resume is bit-identical, and a corrupt checkpoint falls back to the previous one") {
+  TinyData data(48);
+  json cfg = tiny_recipe("byol", data.dir);
+  cfg["train"]["epochs"] = 3;  // 3 steps per epoch, 9 in all
+  cfg["train"]["checkpoint_every_steps"] = 1;
+  cfg["train"]["keep_checkpoints"] = 3;
+  const auto full = pretrain(cfg, quiet(data.dir / "full"));
+  REQUIRE(full.steps == 9);
+
+  PretrainOptions part = quiet(data.dir / "part");
+  part.stop_after = 4;  // stops inside epoch 1
+  const auto first = pretrain(cfg, part);
+  CHECK(first.interrupted);
+  CHECK(first.steps == 4);
+  CHECK_FALSE(fs::exists(data.dir / "part/backbone.safetensors"));
+  // Corrupt the newest checkpoint (step 4): the resume must use step 3 and still end identical.
+  const fs::path newest = data.dir / "part/checkpoints/step-00000004.safetensors";
+  REQUIRE(fs::exists(newest));
+  fs::resize_file(newest, fs::file_size(newest) - 100);
+  PretrainOptions rest = quiet(data.dir / "part");
+  rest.resume = true;
+  const auto second = pretrain(json::object(), rest);
+  CHECK(second.steps == 9);
+  const auto a = twins::models::load_safetensors((data.dir / "full/backbone.safetensors").string());
+  const auto b = twins::models::load_safetensors((data.dir / "part/backbone.safetensors").string());
+  REQUIRE(a.tensors.size() == b.tensors.size());
+  for (size_t i = 0; i < a.tensors.size(); ++i) {
+    CAPTURE(a.tensors[i].first);
+    CHECK(at::equal(a.tensors[i].second, b.at(a.tensors[i].first)));
+  }
+  // ...and the last checkpoints (target network, optimizer state) agree too.
+  const auto ca = twins::models::load_safetensors((data.dir / "full/checkpoints/step-00000009.safetensors").string());
+  const auto cb = twins::models::load_safetensors((data.dir / "part/checkpoints/step-00000009.safetensors").string());
+  CHECK(at::equal(ca.at("target_backbone.layer1.0.conv1.weight"), cb.at("target_backbone.layer1.0.conv1.weight")));
+  CHECK(at::equal(ca.at("probe.weight"), cb.at("probe.weight")));
+  // Only keep_checkpoints remain.
+  int count = 0;
+  for (const auto& e : fs::directory_iterator(data.dir / "part/checkpoints")) count += e.path().extension() == ".safetensors";
+  CHECK(count == 3);
+}
+
+TEST_CASE("train: a non-finite loss stops the run naming the step and the term") {
+  TinyData data(32);
+  json cfg = tiny_recipe("vicreg", data.dir);
+  cfg["optimizer"] = {{"type", "sgd"}, {"base_lr", 1e30}, {"momentum", 0.0}};
+  check_throws_with<std::runtime_error>([&] { pretrain(cfg, quiet(data.dir / "nan")); }, "the loss is not finite");
+  try {
+    pretrain(cfg, quiet(data.dir / "nan2"));
+  } catch (const std::runtime_error& e) {
+    const std::string what = e.what();
+    CHECK(what.find("step ") == 0);
+    CHECK(what.find("invariance=") != std::string::npos);
+  }
+}
+
+TEST_CASE("train: strict recipes") {
+  TinyData data(8);
+  json cfg = tiny_recipe("vicreg", data.dir);
+  cfg["train"]["epoch"] = 3;
+  check_throws_with<std::invalid_argument>([&] { Recipe::parse(cfg); }, "train.epoch: unknown key; did you mean epochs?");
+  cfg = tiny_recipe("vicreg", data.dir);
+  cfg["loss"]["type"] = "byol";
+  check_throws_with<std::invalid_argument>([&] { Recipe::parse(cfg); }, "does not match method");
+  cfg = tiny_recipe("vicreg", data.dir);
+  cfg["optimizer"]["type"] = "adam";
+  check_throws_with<std::invalid_argument>([&] { Recipe::parse(cfg); }, "optimizer.type: must be lars, sgd or adamw");
+  cfg = tiny_recipe("byol", data.dir);
+  cfg["model"].erase("predictor");
+  check_throws_with<std::invalid_argument>([&] { Recipe::parse(cfg); }, "BYOL needs a predictor");
+  cfg = tiny_recipe("vicreg", data.dir);
+  cfg["_comment"] = "ignored";
+  CHECK_NOTHROW(Recipe::parse(cfg));
+  PretrainOptions o = quiet(data.dir / "none");
+  o.resume = true;
+  check_throws_with<std::runtime_error>([&] { pretrain(cfg, o); }, "--resume: no checkpoint");
+}
+
+TEST_CASE("train: every recipe in configs/ parses") {
+  for (const auto& e : fs::directory_iterator(fs::path(TWINS_TEST_REFERENCE_DIR) / "../../configs")) {
+    if (e.path().extension() != ".json") continue;
+    CAPTURE(e.path().string());
+    const json cfg = twins::config::load_config(e.path().string());
+    CHECK_NOTHROW(Recipe::parse(cfg));
+  }
+}

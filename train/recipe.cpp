@@ -1,0 +1,137 @@
+#include "twins/train/recipe.h"
+
+#include "twins/config.h"
+
+namespace twins::train {
+
+using config::ConfigReader;
+using config::require;
+using nlohmann::json;
+
+namespace {
+
+const json& section(const json& root, const std::string& key) {
+  static const json empty = json::object();
+  return root.contains(key) ? root.at(key) : empty;
+}
+
+}  // namespace
+
+Recipe Recipe::parse(const json& root) {
+  Recipe r;
+  r.resolved = root;
+  ConfigReader top(root, "");
+  for (const auto& item : root.items())
+    if (!item.key().empty() && item.key()[0] == '_') top.allow(item.key());
+  top.get("method", r.method);
+  require(r.method == "vicreg" || r.method == "barlow_twins" || r.method == "byol", "method",
+          "must be vicreg, barlow_twins or byol, got \"" + r.method + "\"");
+  for (const char* key : {"data", "views", "model", "loss"}) {
+    top.allow(key);
+    require(root.contains(key), key, "required");
+  }
+  r.data = root.at("data");
+  r.views = root.at("views");
+  r.loss = root.at("loss");
+  require(config::type_of(r.loss, "loss") == r.method, "loss.type",
+          "\"" + config::type_of(r.loss, "loss") + "\" does not match method \"" + r.method + "\"");
+
+  ConfigReader model(root.at("model"), "model");
+  model.allow("backbone"), model.allow("projector"), model.allow("predictor");
+  model.finish();
+  require(root["model"].contains("backbone"), "model.backbone", "required");
+  require(root["model"].contains("projector"), "model.projector", "required");
+  r.backbone = root["model"]["backbone"];
+  r.projector = root["model"]["projector"];
+  if (root["model"].contains("predictor") && !root["model"]["predictor"].is_null()) r.predictor = root["model"]["predictor"];
+  require(r.method != "byol" || !r.predictor.is_null(), "model.predictor", "BYOL needs a predictor");
+  require(r.method == "byol" || r.predictor.is_null(), "model.predictor", "only BYOL has a predictor");
+
+  top.allow("byol");
+  if (root.contains("byol")) {
+    ConfigReader b(root["byol"], "byol");
+    b.get("tau_base", r.tau_base);
+    b.finish();
+    require(r.tau_base >= 0 && r.tau_base <= 1, "byol.tau_base", "must be in [0, 1]");
+  }
+
+  top.allow("optimizer");
+  {
+    const json& j = section(root, "optimizer");
+    ConfigReader o(j, "optimizer");
+    auto& c = r.optimizer;
+    o.get("type", c.type);
+    o.get("base_lr", c.base_lr);
+    o.get("bias_base_lr", c.bias_base_lr);
+    o.get("weight_decay", c.weight_decay);
+    o.get("momentum", c.momentum);
+    o.get("eta", c.eta);
+    o.get("clip", c.clip);
+    o.get("exclude_1d", c.exclude_1d);
+    o.get("betas", c.betas);
+    o.get("eps", c.eps);
+    o.finish();
+    require(c.type == "lars" || c.type == "sgd" || c.type == "adamw", "optimizer.type",
+            "must be lars, sgd or adamw, got \"" + c.type + "\"");
+    require(c.base_lr > 0, "optimizer.base_lr", "must be > 0");
+    require(c.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0");
+    require(c.momentum >= 0 && c.momentum < 1, "optimizer.momentum", "must be in [0, 1)");
+    require(c.eta > 0, "optimizer.eta", "must be > 0");
+    require(c.betas.size() == 2, "optimizer.betas", "needs two values");
+  }
+  top.allow("schedule");
+  {
+    ConfigReader s(section(root, "schedule"), "schedule");
+    s.get("warmup_epochs", r.schedule.warmup_epochs);
+    s.get("final_lr_ratio", r.schedule.final_lr_ratio);
+    s.finish();
+    require(r.schedule.warmup_epochs >= 0, "schedule.warmup_epochs", "must be >= 0");
+    require(r.schedule.final_lr_ratio >= 0 && r.schedule.final_lr_ratio <= 1, "schedule.final_lr_ratio",
+            "must be in [0, 1]");
+  }
+  top.allow("online_probe");
+  {
+    const json& j = section(root, "online_probe");
+    ConfigReader p(j, "online_probe");
+    p.get("enabled", r.probe.enabled);
+    p.get("lr", r.probe.lr);
+    p.get("weight_decay", r.probe.weight_decay);
+    p.allow("eval_data");
+    p.finish();
+    if (j.contains("eval_data")) r.probe.eval_data = j.at("eval_data");
+    require(r.probe.lr > 0, "online_probe.lr", "must be > 0");
+  }
+  top.allow("train");
+  {
+    ConfigReader t(section(root, "train"), "train");
+    auto& c = r.train;
+    t.get("epochs", c.epochs);
+    t.get("max_steps", c.max_steps);
+    t.get("batch_size", c.batch_size);
+    t.get("workers", c.workers);
+    t.get("device", c.device);
+    t.get("seed", c.seed);
+    t.get("log_every", c.log_every);
+    t.get("checkpoint_every_steps", c.checkpoint_every_steps);
+    t.get("checkpoint_every_epochs", c.checkpoint_every_epochs);
+    t.get("keep_checkpoints", c.keep_checkpoints);
+    t.get("deterministic", c.deterministic);
+    t.get("precision", c.precision);
+    t.get("channels_last", c.channels_last);
+    t.get("threads", c.threads);
+    t.get("sync_batchnorm", c.sync_batchnorm);
+    t.finish();
+    require(c.epochs >= 1, "train.epochs", "must be >= 1");
+    require(c.max_steps >= 0, "train.max_steps", "must be >= 0");
+    require(c.batch_size >= 2, "train.batch_size", "must be >= 2 (the losses use batch statistics)");
+    require(c.workers >= 0, "train.workers", "must be >= 0");
+    require(c.log_every >= 1, "train.log_every", "must be >= 1");
+    require(c.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1");
+    require(c.precision == "auto" || c.precision == "fp32" || c.precision == "bf16" || c.precision == "fp16",
+            "train.precision", "must be auto, fp32, bf16 or fp16");
+  }
+  top.finish();
+  return r;
+}
+
+}  // namespace twins::train
