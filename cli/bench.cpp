@@ -16,6 +16,7 @@
 #include "twins/config.h"
 #include "twins/data/dataset.h"
 #include "twins/data/loader.h"
+#include "twins/train/pretrain.h"
 
 namespace twins::cli {
 namespace {
@@ -111,8 +112,29 @@ int run_bench_views(const BenchViewsArgs& a) {
 
 }  // namespace
 
+struct BenchStepArgs {
+  std::string config, device;
+  std::vector<std::string> set;
+  int64_t steps = 10, warmup = 2;
+  bool json = false;
+};
+
+int run_bench_step(const BenchStepArgs& a) {
+  const nlohmann::json cfg = config::load_config(a.config, a.set);
+  const auto r = train::bench_step(cfg, a.steps, a.warmup, a.device);
+  const nlohmann::json out = {{"config", a.config}, {"device", r.device}, {"batch_size", r.batch_size},
+                              {"steps", r.steps}, {"seconds_per_step", r.seconds_per_step},
+                              {"images_per_s", r.images_per_second}};
+  if (a.json) std::cout << out.dump(2) << "\n";
+  else
+    std::cout << std::fixed << std::setprecision(2) << "training step of " << a.config << " on " << r.device << ": "
+              << r.seconds_per_step << " s/step, " << std::setprecision(1) << r.images_per_second
+              << " images/s (batch " << r.batch_size << ", model only, no loader)\n";
+  return 0;
+}
+
 Command add_bench(CLI::App& app) {
-  auto* bench = app.add_subcommand("bench", "Benchmarks: views (data pipeline)");
+  auto* bench = app.add_subcommand("bench", "Benchmarks: views (data pipeline), step (model only)");
   bench->require_subcommand(1);
   auto a = std::make_shared<BenchViewsArgs>();
   auto* views = bench->add_subcommand("views", "Views per second per core: decode, augmentation, loader");
@@ -121,8 +143,17 @@ Command add_bench(CLI::App& app) {
   views->add_option("--threads", a->threads, "Threads (default: all cores)");
   views->add_option("--seconds", a->seconds, "Total measuring time")->capture_default_str();
   views->add_flag("--json", a->json, "Print JSON");
-  return [a, views]() {
+  auto s = std::make_shared<BenchStepArgs>();
+  auto* step = bench->add_subcommand("step", "Time the full training step on synthetic batches (no loader)");
+  step->add_option("--config", s->config, "Recipe JSON")->required();
+  step->add_option("--set", s->set, "Override a config key: a.b=value (repeatable)");
+  step->add_option("--steps", s->steps, "Timed steps")->capture_default_str();
+  step->add_option("--warmup", s->warmup, "Untimed steps first")->capture_default_str();
+  step->add_option("--device", s->device, "auto, cpu, cuda, cuda:N (default: train.device)");
+  step->add_flag("--json", s->json, "Print JSON");
+  return [a, views, s, step]() {
     if (views->parsed()) return run_bench_views(*a);
+    if (step->parsed()) return run_bench_step(*s);
     return 2;
   };
 }

@@ -12,5 +12,10 @@ Command add_list(CLI::App& app);
 Command add_preview(CLI::App& app);
 Command add_bench(CLI::App& app);
 Command add_pretrain(CLI::App& app);
+Command add_linear_probe(CLI::App& app);
+Command add_knn(CLI::App& app);
+Command add_embed(CLI::App& app);
+Command add_export(CLI::App& app);
+Command add_plot(CLI::App& app);
 
 }  // namespace twins::cli

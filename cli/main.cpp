@@ -21,6 +21,11 @@ int main(int argc, char** argv) {
     commands.emplace_back(app.get_subcommands({})[before], std::move(run));
   };
   add(twins::cli::add_pretrain);
+  add(twins::cli::add_linear_probe);
+  add(twins::cli::add_knn);
+  add(twins::cli::add_embed);
+  add(twins::cli::add_export);
+  add(twins::cli::add_plot);
   add(twins::cli::add_list);
   add(twins::cli::add_preview);
   add(twins::cli::add_bench);

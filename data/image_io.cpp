@@ -126,8 +126,9 @@ void write_image(const std::string& path, const at::Tensor& image) {
   const int c = static_cast<int>(img.size(2));
   const cv::Mat src(static_cast<int>(img.size(0)), static_cast<int>(img.size(1)), CV_8UC(c),
                     img.data_ptr<uint8_t>());
-  cv::Mat bgr = src;
+  cv::Mat bgr;  // a new buffer: converting into `src` would swap the caller's channels
   if (c == 3) cv::cvtColor(src, bgr, cv::COLOR_RGB2BGR);
+  else bgr = src;
   if (!cv::imwrite(path, bgr)) throw std::runtime_error(path + ": cannot write image");
 }
 

@@ -26,7 +26,9 @@
 #include "twins/data/dataset.h"
 #include "twins/data/loader.h"
 #include "twins/eval/features.h"
+#include "twins/eval/plots.h"
 #include "twins/models/safetensors.h"
+#include "twins/models/weights.h"
 #include "twins/train/recipe.h"
 #include "twins/train/schedule.h"
 #include "twins/version.h"
@@ -97,6 +99,61 @@ struct ProbeStats {
 };
 
 }  // namespace
+
+StepBenchmark bench_step(const json& config, int64_t steps, int64_t warmup, const std::string& device_name) {
+  const Recipe recipe = Recipe::parse(config);
+  const TrainConfig& tc = recipe.train;
+  const at::Device device = resolve_device(device_name.empty() ? tc.device : device_name);
+  if (tc.threads > 0) at::set_num_threads(tc.threads);
+  const bool cuda = device.is_cuda();
+  const std::string precision = tc.precision == "auto" ? (cuda ? "bf16" : "fp32") : tc.precision;
+  const auto views = augment::parse_views(recipe.views, "views");
+  at::manual_seed(tc.seed);
+  const int64_t classes = 10;
+  detail::SSLModel model(recipe, classes);
+  model.to(device, tc.channels_last);
+  model.train(true);
+  const double lr = scaled_lr(recipe.optimizer.base_lr, tc.batch_size);
+  auto optimizer = detail::make_optimizer(recipe.optimizer, model, lr, lr);
+  torch::optim::SGD probe_optimizer(model.probe->parameters(), torch::optim::SGDOptions(recipe.probe.lr).momentum(0.9));
+  // Synthetic uint8 batches on the device, as the loader would deliver them.
+  std::vector<at::Tensor> batches;
+  for (const auto& v : views) {
+    const int h = v.size.first > 0 ? v.size.first : 224, w = v.size.second > 0 ? v.size.second : 224;
+    batches.push_back(at::randint(0, 256, {tc.batch_size, model.in_channels, h, w}, at::TensorOptions().dtype(at::kByte).device(device)));
+  }
+  const at::Tensor labels = at::randint(0, classes, {tc.batch_size}, at::TensorOptions().dtype(at::kLong).device(device));
+  auto one_step = [&] {
+    std::vector<at::Tensor> xs;
+    for (size_t v = 0; v < views.size(); ++v) {
+      at::Tensor x = augment::normalize_batch(batches[v], views[v].normalization, device, at::kFloat);
+      if (tc.channels_last) x = x.contiguous(at::MemoryFormat::ChannelsLast);
+      xs.push_back(x);
+    }
+    detail::SSLModel::Output out;
+    {
+      compat::CudaAutocast autocast(cuda && precision != "fp32", precision == "fp16" ? at::kHalf : at::kBFloat16);
+      out = model.forward(xs);
+    }
+    optimizer->zero_grad();
+    out.loss.total.backward();
+    optimizer->step();
+    if (model.target_backbone) model.ema_update(0.99);
+    const at::Tensor logits = model.probe->forward(out.features.detach().to(at::kFloat));
+    probe_optimizer.zero_grad();
+    torch::nn::functional::cross_entropy(logits, labels).backward();
+    probe_optimizer.step();
+    return out.loss.total.item<double>();  // synchronises the device
+  };
+  for (int64_t i = 0; i < warmup; ++i) one_step();
+  const auto start = Clock::now();
+  for (int64_t i = 0; i < steps; ++i) one_step();
+  StepBenchmark r;
+  r.batch_size = tc.batch_size, r.steps = steps, r.device = device.str();
+  r.seconds_per_step = seconds_since(start) / static_cast<double>(std::max<int64_t>(1, steps));
+  r.images_per_second = static_cast<double>(tc.batch_size) / r.seconds_per_step;
+  return r;
+}
 
 void request_stop() { g_stop.store(true); }
 void clear_stop() { g_stop.store(false); }
@@ -218,6 +275,7 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
   const auto train_start = Clock::now();
   bool stop = false;
   std::optional<double> last_probe;
+  std::optional<eval::Features> last_eval_features;
 
   while (!stop && epoch < tc.epochs && step < max_steps) {
     loader.start_epoch(epoch, first_batch);
@@ -339,6 +397,7 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
                             std::max<int64_t>(1, mask.sum().item<int64_t>());
         line["online_probe_eval_top1"] = top1;
         last_probe = top1;
+        last_eval_features = f;
       }
       if (options.progress)
         std::cerr << "epoch " << epoch + 1 << ": online probe " << std::fixed << std::setprecision(2)
@@ -364,13 +423,23 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
   result.images_per_second = images / std::max(1e-9, train_seconds);
   result.online_probe_top1 = last_probe;
   if (!stop) {
-    models::NamedTensors weights;
-    for (const auto& p : model.backbone->named_parameters()) weights.emplace_back(p.key(), p.value());
-    for (const auto& b : model.backbone->named_buffers()) weights.emplace_back(b.key(), b.value());
     result.backbone_path = (out_dir / "backbone.safetensors").string();
-    models::save_safetensors(result.backbone_path, weights,
-                             {{"format", "pt"}, {"twins_backbone", model.backbone->to_json().dump()},
-                              {"twins_method", recipe.method}, {"twins_version", TWINS_VERSION_STRING}});
+    // What the backbone was trained on, so that embedding and evaluation use it by default.
+    const json normalize = {{"mean", views[0].normalization.mean}, {"std", views[0].normalization.std}};
+    models::save_backbone(result.backbone_path, *model.backbone,
+                          {{"twins_method", recipe.method}, {"twins_version", TWINS_VERSION_STRING},
+                           {"twins_image_size", std::to_string(views[0].size.first > 0 ? views[0].size.first : 224)},
+                           {"twins_normalize", normalize.dump()}});
+  }
+  if (!stop) {  // pictures; a failure here never costs the run
+    try {
+      eval::write_training_curves((out_dir / "metrics.jsonl").string(), (out_dir / "curves.svg").string());
+      if (last_eval_features)
+        eval::write_projection(last_eval_features->features, last_eval_features->labels, (out_dir / "embeddings.svg").string(),
+                               recipe.method + " backbone, eval data");
+    } catch (const std::exception& e) {
+      std::cerr << "warning: could not draw the pictures: " << e.what() << "\n";
+    }
   }
   json summary = {{"summary", true}, {"steps", step}, {"epochs_completed", result.epochs_completed},
                   {"wall_s", result.wall_seconds}, {"train_s", train_seconds}, {"images_per_s", result.images_per_second},

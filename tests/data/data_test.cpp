@@ -179,6 +179,13 @@ TEST_CASE("data: image folders, CSV lists, bad samples") {
   TempDir dir;
   for (const char* cls : {"cat", "dog"}) fs::create_directories(dir / cls);
   write_image(dir / "cat/a.png", at::full({6, 8, 3}, 50, at::kByte));
+  {  // writing leaves the image untouched, and reads back the same
+    const at::Tensor rgb = at::randint(0, 256, {5, 7, 3}, at::kByte), copy = rgb.clone();
+    write_image(dir / "rgb.png", rgb);
+    CHECK(at::equal(rgb, copy));
+    CHECK(at::equal(read_image(dir / "rgb.png"), copy));
+    fs::remove(dir / "rgb.png");
+  }
   write_image(dir / "cat/b.PNG", at::full({6, 8, 1}, 60, at::kByte));
   write_image(dir / "dog/c.png", at::full({7, 5, 3}, 70, at::kByte));
   std::ofstream(dir / "dog/notes.txt") << "not an image";

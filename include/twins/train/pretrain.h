@@ -43,6 +43,17 @@ struct PretrainResult {
 /// non-finite losses (naming the step and the term).
 PretrainResult pretrain(const nlohmann::json& config, const PretrainOptions& options);
 
+struct StepBenchmark {
+  int64_t batch_size = 0, steps = 0;
+  double seconds_per_step = 0, images_per_second = 0;
+  std::string device;
+};
+
+/// Times the full training step of a recipe (forward of all views, loss, backward, optimizer,
+/// BYOL's EMA, the online probe) on synthetic uint8 batches already on the device: no loader,
+/// so it is the model-only bound that end-to-end images/s is judged against.
+StepBenchmark bench_step(const nlohmann::json& config, int64_t steps, int64_t warmup, const std::string& device);
+
 /// Asks a running pretrain() to finish its step, write a checkpoint and return (interrupted).
 /// Async-signal-safe: SIGINT/SIGTERM handlers call it.
 void request_stop();

@@ -1,0 +1,219 @@
+"""Training throughput of twins' CIFAR-10 pretraining recipes written in plain PyTorch (CPU).
+
+The recipe is read from twins' configs/<method>_cifar10.json and its views file: ResNet-18 with
+the CIFAR stem, the projector (BYOL: predictor and EMA target), the loss, LARS at lr = base_lr *
+batch / 256, and twins' online linear probe (SGD, momentum 0.9) on detached view-1 features.
+Modes (one JSON line each; images_per_s = batch_size * steps / seconds after --warmup steps):
+  step        the full step (both views forward, loss, backward, LARS, BYOL's EMA, probe
+              step) on synthetic normalised batches already in memory.
+  end_to_end  the same step fed by DataLoader(shuffle, drop_last, persistent_workers, one
+              torch thread per worker) over CIFAR-10's data_batch_1..5.bin with PIL views;
+              data_wait: fraction of the timed span spent waiting for the next batch.
+Run with Debian's Python (it has torch), e.g.
+  /usr/bin/python3 bench/reference/pretrain_torch.py --method vicreg --mode both \
+      --root ../shared/data/cifar10/cifar-10-batches-bin --threads 2 --workers 2 --steps 3
+"""
+import argparse, copy, itertools, json, os, time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torchvision import transforms as T
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+VIEW_OPS = {  # twins views-file op -> torchvision/PIL transforms
+    "random_resized_crop": lambda o: [T.RandomResizedCrop(o["size"], scale=tuple(o["scale"]),
+        interpolation=T.InterpolationMode[o.get("interpolation", "bilinear").upper()])],
+    "random_horizontal_flip": lambda o: [T.RandomHorizontalFlip(o["p"])],
+    "color_jitter": lambda o: [T.RandomApply([T.ColorJitter(
+        o["brightness"], o["contrast"], o["saturation"], o["hue"])], p=o["p"])],
+    "random_grayscale": lambda o: [T.RandomGrayscale(o["p"])],
+    "solarization": lambda o: [T.RandomSolarize(128, p=o["p"])],  # PIL: ImageOps.solarize
+    "normalize": lambda o: [T.ToTensor(), T.Normalize(o["mean"], o["std"])],
+}
+
+
+class Cifar10Views(torch.utils.data.Dataset):
+    """CIFAR-10 binary training batches (1 label byte + 3072 bytes of R, G, B planes), two views."""
+    def __init__(self, root, views):
+        raw = np.concatenate([np.fromfile(os.path.join(root, f"data_batch_{i}.bin"), dtype=np.uint8)
+                              for i in range(1, 6)]).reshape(-1, 3073)
+        self.labels, self.views = torch.from_numpy(raw[:, 0].astype(np.int64)), views
+        self.images = np.ascontiguousarray(raw[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+
+    __len__ = lambda self: len(self.labels)
+
+    def __getitem__(self, i):
+        img = Image.fromarray(self.images[i])
+        return self.views[0](img), self.views[1](img), self.labels[i]
+
+
+def resnet18_cifar():
+    net = torchvision.models.resnet18(zero_init_residual=True)
+    net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.maxpool, net.fc = nn.Identity(), nn.Identity()
+    return net
+
+
+def head(spec, in_dim):
+    """"a-b-c": Linear+BN+ReLU between layers, a plain Linear last (biases on)."""
+    dims, layers = [in_dim] + [int(d) for d in spec["spec"].split("-")], []
+    for i in range(len(dims) - 1):
+        layers.append(nn.Linear(dims[i], dims[i + 1]))
+        if i < len(dims) - 2:
+            layers += [nn.BatchNorm1d(dims[i + 1]), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+def off_diagonal(c):
+    n = c.shape[0]
+    return c.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
+
+
+def vicreg_loss(za, zb, sim, std, cov, eps=1e-4):
+    n, d = za.shape
+    xa, xb = za - za.mean(0), zb - zb.mean(0)
+    hinge = lambda x: F.relu(1 - torch.sqrt(x.var(0) + eps)).mean()
+    cov_penalty = lambda x: off_diagonal(x.T @ x / (n - 1)).pow(2).sum() / d
+    return (sim * F.mse_loss(za, zb) + std * (hinge(xa) + hinge(xb)) / 2
+            + cov * (cov_penalty(xa) + cov_penalty(xb)))
+
+
+def barlow_twins_loss(za, zb, bn, lambd, scale):
+    c = bn(za).T @ bn(zb) / za.shape[0]
+    return scale * ((torch.diagonal(c) - 1).pow(2).sum() + lambd * off_diagonal(c).pow(2).sum())
+
+
+def byol_loss(pa, pb, ta, tb):
+    reg = lambda p, t: (2 - 2 * (F.normalize(p, dim=1) * F.normalize(t.detach(), dim=1)).sum(1)).mean()
+    return reg(pa, tb) + reg(pb, ta)
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS of the official VICReg code (1-D params excluded from decay and adaptation), plus
+    solo-learn's clipping q = min(q / lr, 1) when the config sets clip, as twins' LARS does."""
+    def __init__(self, params, lr, weight_decay, momentum, eta, clip):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, clip=clip))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in (p for p in g["params"] if p.grad is not None):
+                dp = p.grad
+                if p.ndim != 1:
+                    dp = dp.add(p, alpha=g["weight_decay"])
+                    pn, un = torch.norm(p), torch.norm(dp)
+                    one = torch.ones_like(pn)
+                    q = torch.where(pn > 0., torch.where(un > 0, g["eta"] * pn / un, one), one)
+                    if g["clip"] and g["lr"] > 0:
+                        q = torch.clamp(q / g["lr"], max=1.0)
+                    dp = dp.mul(q)
+                mu = self.state[p].setdefault("mu", torch.zeros_like(p))
+                mu.mul_(g["momentum"]).add_(dp)
+                p.add_(mu, alpha=-g["lr"])
+
+
+class Trainer:
+    """twins' training step: both views through the online network, loss, LARS, EMA, probe."""
+    def __init__(self, cfg, batch_size):
+        self.method, model, lc, oc = cfg["method"], cfg["model"], cfg["loss"], cfg["optimizer"]
+        self.online = nn.Sequential(resnet18_cifar(), head(model["projector"], 512))
+        out_dim = self.online[1][-1].out_features
+        params = list(self.online.parameters())
+        if self.method == "byol":
+            self.predictor = head(model["predictor"], out_dim)
+            params += list(self.predictor.parameters())
+            self.target = copy.deepcopy(self.online).requires_grad_(False)
+            self.tau = cfg["byol"]["tau_base"]
+        elif self.method == "vicreg":
+            self.loss = lambda a, b: vicreg_loss(a, b, lc["sim_coeff"], lc["std_coeff"], lc["cov_coeff"])
+        else:
+            bn = nn.BatchNorm1d(out_dim, affine=False)
+            self.loss = lambda a, b: barlow_twins_loss(a, b, bn, lc["lambda"], lc["scale"])
+        self.optimizer = LARS(params, oc["base_lr"] * batch_size / 256, oc["weight_decay"],
+                              oc["momentum"], oc["eta"], oc.get("clip", False))
+        self.probe = nn.Linear(512, 10)
+        self.probe_optimizer = torch.optim.SGD(self.probe.parameters(), lr=cfg["online_probe"]["lr"], momentum=0.9)
+
+    def step(self, x1, x2, labels):
+        feats = self.online[0](x1)
+        z1, z2 = self.online[1](feats), self.online[1](self.online[0](x2))
+        if self.method == "byol":
+            with torch.no_grad():
+                t1, t2 = self.target(x1), self.target(x2)
+            loss = byol_loss(self.predictor(z1), self.predictor(z2), t1, t2)
+        else:
+            loss = self.loss(z1, z2)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.method == "byol":
+            with torch.no_grad():
+                for t, o in zip([*self.target.parameters(), *self.target.buffers()],
+                                [*self.online.parameters(), *self.online.buffers()]):
+                    t.lerp_(o, 1 - self.tau) if t.is_floating_point() else t.copy_(o)  # tau t + (1-tau) o
+        probe_loss = F.cross_entropy(self.probe(feats.detach()), labels)
+        self.probe_optimizer.zero_grad(set_to_none=True)
+        probe_loss.backward()
+        self.probe_optimizer.step()
+
+
+def run_steps(trainer, batches, steps, warmup):
+    """warmup + steps training steps; (seconds of the timed steps, seconds of those waiting for data)."""
+    start = wait = 0.0
+    for i in range(warmup + steps):
+        if i == warmup:
+            start, wait = time.perf_counter(), 0.0
+        t0 = time.perf_counter()
+        x1, x2, labels = next(batches)
+        wait += time.perf_counter() - t0
+        trainer.step(x1, x2, labels)
+    return time.perf_counter() - start, wait
+
+
+def one_thread(_):
+    torch.set_num_threads(1)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--method", choices=["vicreg", "barlow_twins", "byol"], required=True)
+    ap.add_argument("--root", help="folder with CIFAR-10's data_batch_1..5.bin (end_to_end)")
+    ap.add_argument("--batch-size", type=int, help="default: the config's train.batch_size")
+    for name, default in [("--workers", 2), ("--threads", 2), ("--steps", 3), ("--warmup", 1)]:
+        ap.add_argument(name, type=int, default=default)
+    ap.add_argument("--mode", choices=["end_to_end", "step", "both"], default="both")
+    args = ap.parse_args()
+    if args.mode != "step" and not args.root:
+        ap.error("--root is needed for end_to_end")
+    read_json = lambda name: json.loads(Path(CONFIGS, name).read_text())
+    cfg = read_json(f"{args.method}_cifar10.json")
+    views = [T.Compose([t for op in v for t in VIEW_OPS[op["type"]](op)]) for v in read_json(cfg["views"])]
+    batch = args.batch_size or cfg["train"]["batch_size"]
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, batch)
+    for mode in (["step", "end_to_end"] if args.mode == "both" else [args.mode]):
+        if mode == "step":
+            x = (torch.randn(batch, 3, 32, 32), torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,)))
+            batches = iter(lambda: x, None)
+        else:
+            loader = torch.utils.data.DataLoader(
+                Cifar10Views(args.root, views), batch_size=batch, shuffle=True, num_workers=args.workers,
+                drop_last=True, persistent_workers=args.workers > 0, worker_init_fn=one_thread)
+            batches = itertools.chain.from_iterable(itertools.repeat(loader))  # epoch after epoch
+        seconds, wait = run_steps(trainer, batches, args.steps, args.warmup)
+        extra = {"data_wait": round(wait / seconds, 4)} if mode == "end_to_end" else {}
+        print(json.dumps(dict(method=args.method, mode=mode, batch_size=batch, steps=args.steps,
+                              images_per_s=round(batch * args.steps / seconds, 2), **extra,
+                              threads=args.threads, workers=args.workers, torch=torch.__version__)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

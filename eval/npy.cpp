@@ -1,0 +1,46 @@
+#include "twins/eval/npy.h"
+
+#include <ATen/ATen.h>
+
+#include <cstdio>
+#include <fstream>
+#include <stdexcept>
+
+namespace twins::eval {
+
+void write_npy(const std::string& path, const at::Tensor& tensor) {
+  const at::Tensor t = tensor.detach().to(at::kCPU).contiguous();
+  std::string descr;
+  switch (t.scalar_type()) {
+    case at::kFloat: descr = "<f4"; break;
+    case at::kDouble: descr = "<f8"; break;
+    case at::kLong: descr = "<i8"; break;
+    case at::kInt: descr = "<i4"; break;
+    case at::kByte: descr = "|u1"; break;
+    default: throw std::invalid_argument("write_npy: unsupported dtype " + std::string(c10::toString(t.scalar_type())));
+  }
+  // Python tuple syntax: (3,) for one dimension, (3, 4) for two, () for a scalar.
+  std::string shape = "(";
+  for (int64_t i = 0; i < t.dim(); ++i) shape += (i ? ", " : "") + std::to_string(t.size(i));
+  shape += t.dim() == 1 ? ",)" : ")";
+  std::string header = "{'descr': '" + descr + "', 'fortran_order': False, 'shape': " + shape + ", }";
+  // magic (6) + version (2) + length (2) + header, padded with spaces to 64 bytes, ending in \n
+  const size_t total = 10 + header.size() + 1;
+  header.append((64 - total % 64) % 64, ' ');
+  header += '\n';
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary);
+    if (!out) throw std::runtime_error(path + ": cannot write");
+    out.write("\x93NUMPY\x01\x00", 8);
+    const uint16_t len = static_cast<uint16_t>(header.size());
+    const char le[2] = {static_cast<char>(len & 0xff), static_cast<char>(len >> 8)};
+    out.write(le, 2);
+    out.write(header.data(), static_cast<std::streamsize>(header.size()));
+    out.write(static_cast<const char*>(t.data_ptr()), static_cast<std::streamsize>(t.numel() * t.element_size()));
+    if (!out) throw std::runtime_error(path + ": write failed");
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) throw std::runtime_error(path + ": cannot rename into place");
+}
+
+}  // namespace twins::eval

@@ -1,0 +1,120 @@
+#include "twins/eval/probe.h"
+
+#include <ATen/ATen.h>
+#include <torch/nn/functional/loss.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/optim/sgd.h>
+
+#include <chrono>
+#include <cmath>
+#include <stdexcept>
+
+#include "twins/augment/random.h"
+
+namespace twins::eval {
+namespace {
+
+Accuracy score(const at::Tensor& logits, const at::Tensor& labels) {
+  Accuracy a;
+  const int64_t n = labels.size(0);
+  if (n == 0) return a;
+  const int64_t k = std::min<int64_t>(5, logits.size(1));
+  const at::Tensor top = std::get<1>(logits.topk(k, 1));
+  const at::Tensor hit = top.eq(labels.view({-1, 1}));
+  a.top1 = 100.0 * hit.select(1, 0).sum().item<double>() / static_cast<double>(n);
+  a.top5 = 100.0 * hit.any(1).sum().item<double>() / static_cast<double>(n);
+  return a;
+}
+
+void check(const Features& f, const char* what) {
+  if (!f.features.defined() || f.features.dim() != 2 || f.labels.dim() != 1 || f.labels.size(0) != f.features.size(0))
+    throw std::invalid_argument(std::string(what) + ": expected features [N, D] and labels [N]");
+}
+
+// Labelled rows only.
+Features labelled(const Features& f) {
+  const at::Tensor mask = f.labels.ge(0);
+  return {f.features.index({mask}), f.labels.index({mask})};
+}
+
+}  // namespace
+
+LinearProbeResult linear_probe(const Features& train_all, const Features& test_all, int64_t num_classes,
+                               const LinearProbeOptions& o, const at::Device& device) {
+  check(train_all, "linear_probe train"), check(test_all, "linear_probe test");
+  const auto start = std::chrono::steady_clock::now();
+  const Features train = labelled(train_all), test = labelled(test_all);
+  if (train.labels.size(0) == 0) throw std::invalid_argument("linear_probe: the training set has no labels");
+  if (num_classes < 2) throw std::invalid_argument("linear_probe: needs at least 2 classes");
+  const at::Tensor mean = train.features.mean(0), std = train.features.std(0).clamp_min(1e-6);
+  const at::Tensor x = ((train.features - mean) / std).to(device), y = train.labels.to(device);
+  const at::Tensor xt = ((test.features - mean) / std).to(device), yt = test.labels.to(device);
+  const int64_t n = x.size(0);
+  at::manual_seed(o.seed);
+  torch::nn::Linear linear(x.size(1), num_classes);
+  linear->to(device);
+  torch::optim::SGD sgd(linear->parameters(), torch::optim::SGDOptions(o.lr).momentum(o.momentum).weight_decay(o.weight_decay));
+  const int64_t batches = (n + o.batch_size - 1) / o.batch_size, total = batches * o.epochs;
+  int64_t step = 0;
+  std::vector<int64_t> order(static_cast<size_t>(n));
+  for (int64_t e = 0; e < o.epochs; ++e) {
+    for (int64_t i = 0; i < n; ++i) order[static_cast<size_t>(i)] = i;
+    augment::Rng rng(o.seed, static_cast<uint64_t>(e), 0, 0);
+    for (int64_t i = n - 1; i > 0; --i) std::swap(order[static_cast<size_t>(i)], order[static_cast<size_t>(rng.integer(0, i))]);
+    const at::Tensor perm = at::tensor(order, at::kLong).to(device);
+    for (int64_t b = 0; b < batches; ++b, ++step) {
+      const double lr = o.lr * 0.5 * (1 + std::cos(M_PI * static_cast<double>(step) / static_cast<double>(total)));
+      for (auto& g : sgd.param_groups()) g.options().set_lr(lr);
+      const at::Tensor idx = perm.slice(0, b * o.batch_size, std::min(n, (b + 1) * o.batch_size));
+      const at::Tensor loss = torch::nn::functional::cross_entropy(linear->forward(x.index_select(0, idx)), y.index_select(0, idx));
+      sgd.zero_grad();
+      loss.backward();
+      sgd.step();
+    }
+  }
+  at::NoGradGuard no_grad;
+  LinearProbeResult r;
+  r.num_classes = num_classes;
+  r.train = score(linear->forward(x), y);
+  r.test = score(linear->forward(xt), yt);
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return r;
+}
+
+std::map<int64_t, Accuracy> knn(const Features& train_all, const Features& test_all, int64_t num_classes,
+                                const KnnOptions& o, const at::Device& device) {
+  check(train_all, "knn train"), check(test_all, "knn test");
+  const Features train = labelled(train_all), test = labelled(test_all);
+  if (train.labels.size(0) == 0 || o.k.empty()) throw std::invalid_argument("knn: needs labelled training samples and k");
+  if (!(o.temperature > 0)) throw std::invalid_argument("knn: temperature must be > 0");
+  auto normalise = [](const at::Tensor& f) { return f / f.norm(2, {1}, true).clamp_min(1e-12); };
+  const at::Tensor bank = normalise(train.features.to(at::kFloat)).to(device);
+  const at::Tensor bank_labels = train.labels.to(device);
+  const int64_t n_train = bank.size(0);
+  int64_t k_max = 0;
+  for (int64_t k : o.k) k_max = std::max(k_max, std::min(k, n_train));
+  std::map<int64_t, std::pair<double, double>> hits;  // k -> (top1 hits, top5 hits)
+  const int64_t n = test.labels.size(0);
+  at::NoGradGuard no_grad;
+  for (int64_t start = 0; start < n; start += o.chunk) {
+    const int64_t end = std::min(n, start + o.chunk);
+    const at::Tensor q = normalise(test.features.slice(0, start, end).to(at::kFloat)).to(device);
+    const at::Tensor labels = test.labels.slice(0, start, end).to(device);
+    const auto [sim, idx] = q.mm(bank.t()).topk(k_max, 1);  // sorted, nearest first
+    const at::Tensor neighbour_labels = bank_labels.index_select(0, idx.flatten()).view(idx.sizes());
+    const at::Tensor weights = (sim / o.temperature).exp();
+    for (int64_t k_given : o.k) {
+      const int64_t k = std::min(k_given, n_train);
+      at::Tensor votes = at::zeros({end - start, num_classes}, weights.options());
+      votes.scatter_add_(1, neighbour_labels.slice(1, 0, k), weights.slice(1, 0, k));
+      const Accuracy a = score(votes, labels);
+      hits[k_given].first += a.top1 * static_cast<double>(end - start);
+      hits[k_given].second += a.top5 * static_cast<double>(end - start);
+    }
+  }
+  std::map<int64_t, Accuracy> out;
+  for (const auto& [k, h] : hits) out[k] = {h.first / static_cast<double>(n), h.second / static_cast<double>(n)};
+  return out;
+}
+
+}  // namespace twins::eval

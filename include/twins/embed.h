@@ -1,0 +1,53 @@
+#pragma once
+// Embedding images with a pretrained backbone, from any C++ program:
+//
+//   #include <twins/embed.h>
+//   twins::Embedder embedder("runs/quickstart/backbone.safetensors");
+//   at::Tensor e = embedder.embed_files({"a.jpg", "b.png"});   // [2, D] float32, CPU
+//
+// Light on purpose: this header needs only the tensor type.
+#include <ATen/core/Tensor.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace twins {
+
+struct EmbedderOptions {
+  /// auto, cpu, cuda, cuda:N.
+  std::string device = "auto";
+  /// Side of the square the backbone sees; 0: what the backbone was trained on (its file's
+  /// metadata), else 224.
+  int image_size = 0;
+  /// Normalisation in [0, 1] units; empty: the training recipe's (metadata), else ImageNet's.
+  std::vector<double> mean, std;
+  /// Images per forward pass.
+  int64_t batch_size = 64;
+};
+
+/// A frozen backbone that maps images to feature vectors.
+/// Thread safety: embed() and embed_files() may be called from several threads at once.
+class Embedder {
+ public:
+  /// Loads backbone.safetensors, a run folder, or a torchvision ResNet in safetensors.
+  explicit Embedder(const std::string& backbone, EmbedderOptions options = {});
+  ~Embedder();
+  Embedder(Embedder&&) noexcept;
+  Embedder& operator=(Embedder&&) noexcept;
+
+  /// Images as uint8 [N, H, W, C] or [N, C, H, W] (resized and centre-cropped as in evaluation,
+  /// then normalised), or float [N, C, image_size, image_size] already normalised. -> [N, D]
+  at::Tensor embed(const at::Tensor& images) const;
+  /// Image files (JPEG, PNG, ...) -> [N, D]. Throws std::runtime_error naming an unreadable file.
+  at::Tensor embed_files(const std::vector<std::string>& paths) const;
+  /// D, the feature size.
+  int64_t dim() const;
+  int image_size() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace twins

@@ -1,0 +1,44 @@
+#pragma once
+// The evaluation commands as library calls: an eval config names the train and test datasets,
+// the image size and normalisation, and the probe and kNN settings:
+// {"train_data": {...}, "test_data": {...}, "image_size": 32,
+//  "normalize": {"mean": [...], "std": [...]},
+//  "probe": {"epochs": 100, "batch_size": 256, "lr": 0.1, "weight_decay": 0},
+//  "knn": {"k": [10, 20, 100, 200], "temperature": 0.07, "variant": "dino" | "lightly"},
+//  "batch_size": 256, "workers": 2, "device": "auto"}
+// Features are extracted once per backbone and split and cached in the output folder
+// (features-<split>-<key>.safetensors), so linear-probe and knn on the same backbone share them.
+#include <nlohmann/json.hpp>
+
+#include <memory>
+#include <string>
+
+#include "twins/eval/probe.h"
+#include "twins/models/network.h"
+
+namespace twins::eval {
+
+struct EvalConfig {
+  nlohmann::json train_data, test_data;
+  int image_size = 224;
+  augment::Normalization normalization;
+  LinearProbeOptions probe;
+  KnnOptions knn;
+  int64_t batch_size = 256;
+  int workers = 2;
+  std::string device = "auto";
+  static EvalConfig parse(const nlohmann::json& config);
+};
+
+/// Train and test features of `backbone` (a file, a run folder, or "random:<backbone json>" for
+/// a randomly initialised network), cached in `cache_dir` when not empty.
+std::pair<Features, Features> eval_features(const std::string& backbone, const EvalConfig& config,
+                                            const std::string& cache_dir, int64_t* num_classes);
+
+/// Loads a backbone path, or builds "random:<backbone JSON>" or "random:<recipe file>" (its
+/// model.backbone) with seed 0: the random-initialisation baseline.
+std::shared_ptr<models::Network> open_backbone(const std::string& backbone);
+
+at::Device resolve_eval_device(const std::string& name);
+
+}  // namespace twins::eval

@@ -1,0 +1,54 @@
+#pragma once
+// The two standard measures of a frozen representation, on stored features.
+//
+// Linear probe: a linear classifier trained with SGD (momentum 0.9, cosine schedule) on the
+// training features, scored on the test features. Features are standardised with the training
+// set's mean and standard deviation first (a BatchNorm without affine parameters, as MAE's probe
+// does), which makes one learning rate work across backbones.
+//
+// kNN (DINO's protocol): L2-normalised features, cosine similarity, the k nearest training
+// samples vote for their class with weight exp(sim / T). lightly's variant is k = 200, T = 0.1.
+#include <ATen/core/Tensor.h>
+
+#include <map>
+#include <vector>
+
+#include "twins/eval/features.h"
+
+namespace twins::eval {
+
+struct Accuracy {
+  double top1 = 0, top5 = 0;  ///< percentages
+};
+
+struct LinearProbeOptions {
+  int64_t epochs = 100;
+  int64_t batch_size = 256;
+  double lr = 0.1;
+  double weight_decay = 0.0;
+  double momentum = 0.9;
+  uint64_t seed = 0;
+};
+
+struct LinearProbeResult {
+  Accuracy train, test;
+  int64_t num_classes = 0;
+  double seconds = 0;
+};
+
+/// Trains on `train`, scores `train` and `test` (samples with label < 0 are ignored).
+LinearProbeResult linear_probe(const Features& train, const Features& test, int64_t num_classes,
+                               const LinearProbeOptions& options, const at::Device& device);
+
+struct KnnOptions {
+  std::vector<int64_t> k{10, 20, 100, 200};
+  double temperature = 0.07;
+  /// Test samples per similarity block: chunk x N_train floats in memory at once.
+  int64_t chunk = 256;
+};
+
+/// Top-1/top-5 for each k (k larger than the training set is clamped to it).
+std::map<int64_t, Accuracy> knn(const Features& train, const Features& test, int64_t num_classes,
+                                const KnnOptions& options, const at::Device& device);
+
+}  // namespace twins::eval

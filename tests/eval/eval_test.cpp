@@ -1,0 +1,249 @@
+#include <ATen/ATen.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "tests/test_util.h"
+#include "twins/data/image_io.h"
+#include "twins/embed.h"
+#include "twins/eval/npy.h"
+#include "twins/eval/plots.h"
+#include "twins/eval/probe.h"
+#include "twins/models/resnet.h"
+#include "twins/models/safetensors.h"
+#include "twins/models/weights.h"
+
+using namespace twins::eval;
+using twins::test::check_throws_with;
+namespace fs = std::filesystem;
+
+namespace {
+
+fs::path temp_dir(const std::string& name) {
+  const fs::path p = fs::temp_directory_path() / ("twins_eval_" + std::to_string(::getpid()) + "_" + name);
+  fs::remove_all(p);
+  fs::create_directories(p);
+  return p;
+}
+
+// Gaussian blobs: class c centred at 4 e_c in 16 dimensions (linearly separable).
+Features blobs(int64_t n, int64_t classes, uint64_t seed) {
+  at::manual_seed(seed);
+  const at::Tensor labels = at::randint(0, classes, {n}, at::kLong);
+  const at::Tensor x = at::randn({n, 16}) * 0.5 + at::one_hot(labels, 16).to(at::kFloat) * 4;
+  return {x, labels};
+}
+
+}  // namespace
+
+TEST_CASE("eval: linear probe separates separable features and not shuffled labels") {
+  const Features train = blobs(2000, 10, 1), test = blobs(500, 10, 2);
+  LinearProbeOptions o;
+  o.epochs = 20;
+  const auto r = linear_probe(train, test, 10, o, at::kCPU);
+  MESSAGE("separable: test top-1 ", r.test.top1);
+  CHECK(r.test.top1 > 99.0);
+  CHECK(r.test.top5 == doctest::Approx(100.0));
+  Features shuffled = train;
+  shuffled.labels = train.labels.index_select(0, at::randperm(2000, at::kLong));
+  const auto s = linear_probe(shuffled, test, 10, o, at::kCPU);
+  MESSAGE("shuffled labels: test top-1 ", s.test.top1);
+  CHECK(s.test.top1 < 20.0);  // chance is 10%
+  check_throws_with<std::invalid_argument>([&] { linear_probe({train.features, train.labels * 0 - 1}, test, 10, o, at::kCPU); },
+                                           "no labels");
+}
+
+TEST_CASE("eval: kNN equals a brute-force reference") {
+  const Features train = blobs(300, 5, 3), test = blobs(97, 5, 4);
+  KnnOptions o;
+  o.k = {1, 7, 20, 500};  // 500 > the training set: clamped
+  o.temperature = 0.1;
+  o.chunk = 13;  // uneven chunks
+  const auto r = knn(train, test, 5, o, at::kCPU);
+  // Brute force: every similarity, a full sort, explicit votes.
+  const at::Tensor a = train.features / train.features.norm(2, {1}, true);
+  const at::Tensor b = test.features / test.features.norm(2, {1}, true);
+  const at::Tensor sim = b.mm(a.t());
+  for (int64_t k : o.k) {
+    const int64_t kk = std::min<int64_t>(k, 300);
+    int correct = 0;
+    for (int64_t i = 0; i < 97; ++i) {
+      const at::Tensor order = std::get<1>(sim[i].sort(0, true));
+      std::vector<double> votes(5, 0.0);
+      for (int64_t j = 0; j < kk; ++j) {
+        const int64_t n = order[j].item<int64_t>();
+        votes[static_cast<size_t>(train.labels[n].item<int64_t>())] += std::exp(sim[i][n].item<double>() / 0.1);
+      }
+      const int64_t best = std::max_element(votes.begin(), votes.end()) - votes.begin();
+      correct += best == test.labels[i].item<int64_t>();
+    }
+    CAPTURE(k);
+    CHECK(r.at(k).top1 == doctest::Approx(100.0 * correct / 97).epsilon(1e-9));
+  }
+}
+
+TEST_CASE("eval: .npy files load in NumPy") {
+  const fs::path dir = temp_dir("npy");
+  const at::Tensor x = at::arange(12, at::kFloat).view({3, 4}) / 4;
+  write_npy((dir / "x.npy").string(), x);
+  write_npy((dir / "v.npy").string(), at::arange(5, at::kLong));
+  const std::string cmd = "/usr/bin/python3 -c \"import numpy as np; x = np.load('" + (dir / "x.npy").string() +
+                          "'); v = np.load('" + (dir / "v.npy").string() +
+                          "'); assert x.dtype == np.float32 and x.shape == (3, 4) and x[2, 3] == 2.75, x; "
+                          "assert v.dtype == np.int64 and v.shape == (5,) and v[4] == 4\"";
+  CHECK(std::system(cmd.c_str()) == 0);
+  // The header is 64-byte aligned and starts with the magic string.
+  std::ifstream in(dir / "x.npy", std::ios::binary);
+  std::string head(10, '\0');
+  in.read(head.data(), 10);
+  CHECK(head.substr(0, 6) == "\x93NUMPY");
+  CHECK((10 + (uint8_t(head[8]) | (uint8_t(head[9]) << 8))) % 64 == 0);
+  fs::remove_all(dir);
+}
+
+TEST_CASE("eval: safetensors round trip, byte layout, and malformed files") {
+  const fs::path dir = temp_dir("st");
+  const std::string f = (dir / "t.safetensors").string();
+  twins::models::NamedTensors tensors = {{"a", at::arange(6, at::kFloat).view({2, 3})},
+                                         {"b", at::tensor({1, -2}, at::kLong)},
+                                         {"c", at::tensor({7}, at::kByte)},
+                                         {"d", at::ones({2, 2}, at::kDouble).t()}};  // non-contiguous
+  twins::models::save_safetensors(f, tensors, {{"note", "hi"}});
+  const auto back = twins::models::load_safetensors(f);
+  REQUIRE(back.tensors.size() == 4);
+  for (const auto& [name, t] : tensors) CHECK(at::equal(back.at(name), t));
+  CHECK(back.metadata.at("note") == "hi");
+  // Byte layout (the safetensors spec): u64 little-endian header size, JSON, data; 8-byte aligned.
+  std::ifstream in(f, std::ios::binary);
+  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  uint64_t n = 0;
+  for (int i = 0; i < 8; ++i) n |= uint64_t(uint8_t(bytes[i])) << (8 * i);
+  CHECK(n % 8 == 0);
+  const auto header = nlohmann::json::parse(bytes.substr(8, n));
+  CHECK(header["a"]["dtype"] == "F32");
+  CHECK(header["a"]["shape"] == nlohmann::json({2, 3}));
+  CHECK(header["a"]["data_offsets"] == nlohmann::json({0, 24}));
+  CHECK(header["b"]["data_offsets"] == nlohmann::json({24, 40}));
+  CHECK(bytes.size() == 8 + n + 24 + 16 + 1 + 32);
+  float first;
+  std::memcpy(&first, bytes.data() + 8 + n + 4, 4);
+  CHECK(first == 1.0f);
+  auto write = [&](const std::string& name, const std::string& content) {
+    std::ofstream(dir / name, std::ios::binary) << content;
+    return (dir / name).string();
+  };
+  auto with_header = [](const std::string& json, const std::string& data) {
+    std::string s(8, '\0');
+    for (int i = 0; i < 8; ++i) s[i] = char((uint64_t(json.size()) >> (8 * i)) & 0xff);
+    return s + json + data;
+  };
+  check_throws_with<std::runtime_error>([&] { twins::models::load_safetensors(write("short", "abc")); }, "shorter than");
+  check_throws_with<std::runtime_error>([&] { twins::models::load_safetensors(write("cut", bytes.substr(0, 20))); },
+                                        "exceeds the file size");
+  check_throws_with<std::runtime_error>(
+      [&] { twins::models::load_safetensors(write("json", with_header("{not json", ""))); }, "header is not JSON");
+  check_throws_with<std::runtime_error>(
+      [&] {
+        twins::models::load_safetensors(write("off", with_header(R"({"x":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", "12345678")));
+      },
+      "x: data_offsets [0, 16] outside the 8 bytes of data");
+  check_throws_with<std::runtime_error>(
+      [&] {
+        twins::models::load_safetensors(write("dtype", with_header(R"({"x":{"dtype":"F8_E4M3","shape":[1],"data_offsets":[0,1]}})", "1")));
+      },
+      "unknown or unsupported dtype \"F8_E4M3\"");
+  check_throws_with<std::runtime_error>(
+      [&] {
+        twins::models::load_safetensors(write("size", with_header(R"({"x":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", "12345678")));
+      },
+      "needs 12");
+  // A flipped data byte: the CRC catches it.
+  std::string corrupt = bytes;
+  corrupt[corrupt.size() - 1] ^= 1;
+  check_throws_with<std::runtime_error>([&] { twins::models::load_safetensors(write("crc", corrupt)); }, "checksum mismatch");
+  fs::remove_all(dir);
+}
+
+TEST_CASE("eval: backbone import and export with torchvision names") {
+  const fs::path dir = temp_dir("weights");
+  twins::models::ResNetOptions o = twins::models::resnet_options("resnet18");
+  o.width = 8;
+  auto net = std::make_shared<twins::models::ResNet>(o);
+  // A torchvision-style file: no twins metadata, plus an fc to ignore.
+  auto state = twins::models::backbone_state(*net);
+  state.emplace_back("fc.weight", at::zeros({10, 64}));
+  state.emplace_back("fc.bias", at::zeros({10}));
+  twins::models::save_safetensors((dir / "tv.safetensors").string(), state);
+  auto loaded = twins::models::load_backbone((dir / "tv.safetensors").string());
+  CHECK(loaded->to_json()["type"] == "resnet18");
+  CHECK(loaded->to_json()["width"] == 8);
+  net->eval();
+  const at::Tensor x = at::randn({2, 3, 32, 32});
+  CHECK(at::allclose(loaded->forward(x), net->forward(x)));
+  // Wrong shapes and names: the first mismatches are listed.
+  auto bad = twins::models::backbone_state(*net);
+  bad[0].second = at::zeros({8, 3, 5, 5});
+  bad.emplace_back("layer9.weight", at::zeros({1}));
+  twins::models::save_safetensors((dir / "bad.safetensors").string(), bad, {{"twins_backbone", net->to_json().dump()}});
+  check_throws_with<std::runtime_error>([&] { twins::models::load_backbone((dir / "bad.safetensors").string()); },
+                                        "shape of conv1.weight: file [8, 3, 5, 5], model [8, 3, 7, 7]");
+  check_throws_with<std::runtime_error>([&] { twins::models::load_backbone((dir / "bad.safetensors").string()); },
+                                        "unexpected layer9.weight");
+  check_throws_with<std::runtime_error>([&] { twins::models::load_backbone(dir.string()); }, "without backbone.safetensors");
+  fs::remove_all(dir);
+}
+
+TEST_CASE("eval: Embedder from several threads, files and tensors") {
+  const fs::path dir = temp_dir("embedder");
+  twins::models::ResNetOptions o = twins::models::resnet_options("resnet18");
+  o.width = 8, o.cifar_stem = true;
+  at::manual_seed(0);
+  auto net = std::make_shared<twins::models::ResNet>(o);
+  twins::models::save_backbone((dir / "backbone.safetensors").string(), *net,
+                               {{"twins_image_size", "32"}, {"twins_normalize", R"({"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]})"}});
+  twins::Embedder embedder(dir.string());
+  CHECK(embedder.dim() == 64);
+  CHECK(embedder.image_size() == 32);
+  const at::Tensor images = at::randint(0, 256, {6, 32, 32, 3}, at::kByte);
+  const at::Tensor e = embedder.embed(images);
+  CHECK(e.sizes() == std::vector<int64_t>{6, 64});
+  // NCHW gives the same; so does the float path with the same normalisation.
+  CHECK(at::allclose(embedder.embed(images.permute({0, 3, 1, 2}).contiguous()), e, 1e-5, 1e-5));
+  const at::Tensor normalised = (images.permute({0, 3, 1, 2}).to(at::kFloat) / 255 - 0.5) / 0.25;
+  CHECK(at::allclose(embedder.embed(normalised), e, 1e-4, 1e-4));
+  // Files: a larger image is resized and centre-cropped as in evaluation.
+  twins::data::write_image((dir / "a.png").string(), images[0]);
+  CHECK(at::allclose(embedder.embed_files({(dir / "a.png").string()})[0], e[0], 1e-5, 1e-5));
+  // Several threads at once give the same results as one.
+  std::vector<at::Tensor> results(4);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) threads.emplace_back([&, t] { results[static_cast<size_t>(t)] = embedder.embed(images); });
+  for (auto& th : threads) th.join();
+  for (const auto& r : results) {
+    INFO("max difference ", (r - e).abs().max().item<double>());
+    CHECK(at::allclose(r, e, 1e-4, 1e-4));  // intra-op parallelism may sum in another order
+  }
+  check_throws_with<std::runtime_error>([&] { embedder.embed_files({(dir / "missing.png").string()}); }, "missing.png");
+  fs::remove_all(dir);
+}
+
+TEST_CASE("eval: pictures are written") {
+  const fs::path dir = temp_dir("plots");
+  std::ofstream(dir / "metrics.jsonl") << R"({"step":1,"epoch":0,"lr":0.1,"loss":3.0,"invariance":1.0,"images_per_s":10})" << "\n"
+                                       << R"({"step":2,"epoch":0,"lr":0.2,"loss":2.0,"invariance":0.5,"images_per_s":12})" << "\n"
+                                       << R"({"epoch":0,"step":2,"epoch_seconds":1.0,"online_probe_train_top1":40.0})" << "\n"
+                                       << "{\"truncated";
+  write_training_curves((dir / "metrics.jsonl").string(), (dir / "curves.svg").string());
+  std::ifstream svg(dir / "curves.svg");
+  std::string text((std::istreambuf_iterator<char>(svg)), std::istreambuf_iterator<char>());
+  CHECK(text.find("<svg") == 0);
+  CHECK(text.find("invariance") != std::string::npos);
+  const Features f = blobs(200, 4, 5);
+  write_projection(f.features, f.labels, (dir / "pca.svg").string(), "test");
+  CHECK(fs::file_size(dir / "pca.svg") > 1000);
+  check_throws_with<std::runtime_error>([&] { write_training_curves((dir / "none.jsonl").string(), (dir / "x.svg").string()); },
+                                        "cannot open");
+  fs::remove_all(dir);
+}
