@@ -12,6 +12,7 @@
 #include "twins/data/loader.h"
 #include "twins/embed.h"
 #include "twins/eval/npy.h"
+#include "twins/runtime.h"
 
 namespace twins::cli {
 namespace {
@@ -31,6 +32,7 @@ std::shared_ptr<data::Dataset> open_input(const std::string& input) {
 }
 
 int run_embed(const EmbedArgs& a) {
+  set_compute_threads(0);
   EmbedderOptions o;
   o.device = a.device, o.image_size = a.image_size, o.batch_size = a.batch_size;
   const Embedder embedder(a.backbone, o);

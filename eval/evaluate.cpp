@@ -11,6 +11,7 @@
 #include "twins/data/dataset.h"
 #include "twins/models/safetensors.h"
 #include "twins/models/weights.h"
+#include "twins/runtime.h"
 
 namespace twins::eval {
 namespace fs = std::filesystem;
@@ -93,6 +94,7 @@ std::shared_ptr<models::Network> open_backbone(const std::string& backbone) {
 
 std::pair<Features, Features> eval_features(const std::string& backbone, const EvalConfig& c,
                                             const std::string& cache_dir, int64_t* num_classes) {
+  set_compute_threads(0);
   auto net = open_backbone(backbone);
   const at::Device device = resolve_eval_device(c.device);
   net->to(device);
