@@ -18,4 +18,8 @@ Command add_embed(CLI::App& app);
 Command add_export(CLI::App& app);
 Command add_plot(CLI::App& app);
 
+/// Runs this command as `nproc` local ranks (see cli/launch.cpp); returns the job's exit code.
+/// A failed rank's peers get SIGTERM, then SIGKILL after `grace_seconds`.
+int launch_local(int nproc, double grace_seconds);
+
 }  // namespace twins::cli

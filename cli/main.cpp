@@ -1,5 +1,6 @@
 // The `twins` command: parses the command line, runs one subcommand, and is the only place
 // that turns exceptions into messages and exit codes (2: usage or configuration, 1: runtime).
+#include <cstdlib>
 #include <exception>
 #include <iostream>
 #include <stdexcept>
@@ -7,6 +8,14 @@
 
 #include "cli/commands.h"
 #include "twins/version.h"
+
+// In a multi-rank job, which rank speaks (unless the message says so already).
+static std::string rank_prefix(const std::string& message) {
+  const char* rank = std::getenv("RANK");
+  const char* world = std::getenv("WORLD_SIZE");
+  if (!rank || !world || std::string(world) == "1" || message.rfind("rank ", 0) == 0) return "";
+  return "rank " + std::string(rank) + ": ";
+}
 
 int main(int argc, char** argv) {
   CLI::App app{"twins: non-contrastive self-supervised learning (VICReg, Barlow Twins, BYOL)"};
@@ -47,10 +56,10 @@ int main(int argc, char** argv) {
     std::cout << app.help();
     return 0;
   } catch (const std::invalid_argument& e) {
-    std::cerr << "error: " << e.what() << "\n";
+    std::cerr << "error: " << rank_prefix(e.what()) << e.what() << "\n";
     return 2;
   } catch (const std::exception& e) {
-    std::cerr << "error: " << e.what() << "\n";
+    std::cerr << "error: " << rank_prefix(e.what()) << e.what() << "\n";
     return 1;
   }
 }

@@ -1,6 +1,7 @@
 // twins pretrain: trains a recipe into a run folder; SIGINT/SIGTERM finish the step, write a
 // checkpoint and exit 0 with the command that resumes.
 #include <csignal>
+#include <cstdlib>
 #include <filesystem>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -17,12 +18,14 @@ struct PretrainArgs {
   std::vector<std::string> set;
   bool resume = false;
   int64_t stop_after = 0;
+  int nproc_per_node = 0;
 };
 
 void on_signal(int) { train::request_stop(); }
 
 int run_pretrain(const PretrainArgs& a) {
   namespace fs = std::filesystem;
+  if (a.nproc_per_node > 0) return launch_local(a.nproc_per_node, 5.0);
   if (a.config.empty() && !a.resume) throw std::invalid_argument("--config is required (or --resume with --out)");
   const std::string out = !a.out.empty() ? a.out : "runs/" + fs::path(a.config).stem().string();
   nlohmann::json cfg = a.config.empty() ? nlohmann::json::object() : config::load_config(a.config, a.set);
@@ -36,6 +39,8 @@ int run_pretrain(const PretrainArgs& a) {
   o.out_dir = out, o.resume = a.resume, o.device = a.device, o.stop_after = a.stop_after;
   o.command_line = "twins pretrain --out " + out;
   const auto r = train::pretrain(cfg, o);
+  const char* rank = std::getenv("RANK");
+  if (rank && std::string(rank) != "0") return 0;  // rank 0 speaks for the job
   if (!r.interrupted && r.online_probe_top1)
     std::cout << "online probe top-1: " << *r.online_probe_top1 << "%\n";
   std::cout << "run folder: " << out << "\n";
@@ -53,6 +58,8 @@ Command add_pretrain(CLI::App& app) {
   sub->add_flag("--resume", a->resume, "Continue from the latest valid checkpoint of the run folder");
   sub->add_option("--device", a->device, "auto, cpu, cuda or cuda:N (overrides train.device)");
   sub->add_option("--stop-after", a->stop_after, "Stop (checkpoint, resumable) after N steps of this invocation");
+  sub->add_option("--nproc-per-node", a->nproc_per_node,
+                  "Start N ranks on this machine (data parallel: one per GPU, or N CPU ranks with Gloo)");
   return [a] { return run_pretrain(*a); };
 }
 

@@ -12,11 +12,25 @@
 #include <string>
 #include <type_traits>
 
+// c10d's process groups: in LibTorch 1.13 ProcessGroupGloo/NCCL derive from ProcessGroup; from
+// 2.0 on they derive from Backend (ProcessGroup became a dispatcher over backends). Declared
+// here only, so this header stays light.
+namespace c10d {
+class ProcessGroup;
+class Backend;
+}  // namespace c10d
+
 #define TWINS_TORCH_AT_LEAST(major, minor) \
   (TORCH_VERSION_MAJOR > (major) ||        \
    (TORCH_VERSION_MAJOR == (major) && TORCH_VERSION_MINOR >= (minor)))
 
 namespace twins::compat {
+
+#if TWINS_TORCH_AT_LEAST(2, 0)
+using ProcessGroupBackend = c10d::Backend;
+#else
+using ProcessGroupBackend = c10d::ProcessGroup;
+#endif
 
 /// "major.minor.patch" of the LibTorch headers twins was compiled with.
 inline std::string torch_version_string() {

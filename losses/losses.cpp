@@ -8,6 +8,7 @@
 #include <stdexcept>
 
 #include "twins/config.h"
+#include "twins/dist/communicator.h"
 #include "twins/registry.h"
 
 namespace twins::losses {
@@ -42,13 +43,8 @@ void check_pair(const char* loss, const char* name_a, const at::Tensor& a, const
     throw std::invalid_argument(std::string(loss) + ": embeddings have no features" + got);
 }
 
-void check_local(const std::shared_ptr<dist::Communicator>& communicator, const char* loss) {
-  // The global-batch versions arrive with the multi-GPU work; until then, refuse rather than
-  // silently compute local statistics.
-  if (communicator)
-    throw std::invalid_argument(std::string(loss) +
-                                ": global-batch statistics (communicator) are not supported yet");
-}
+// Whether the statistics span several ranks.
+bool distributed(const std::shared_ptr<dist::Communicator>& c) { return c && c->world_size() > 1; }
 
 // The off-diagonal entries of a square matrix, flattened, as the official code's off_diagonal:
 // it avoids sum(c^2) - sum(diag^2), which cancels catastrophically in float32 when the
@@ -69,12 +65,16 @@ const at::Tensor& LossOutput::term(const std::string& name) const {
 
 LossOutput vicreg_loss(const at::Tensor& z_a, const at::Tensor& z_b, const VICRegOptions& o) {
   check_pair("vicreg_loss", "z_a", z_a, "z_b", z_b, 2);
-  check_local(o.communicator, "vicreg_loss");
-  const int64_t n = z_a.size(0), d = z_a.size(1);
+  const int64_t d = z_a.size(1);
 
+  // Invariance on this rank's pairs; variance and covariance over the global batch, gathered
+  // with gradients flowing back to every rank (the official FullGatherLayer).
   const at::Tensor invariance = at::mse_loss(z_a, z_b);
-
-  const at::Tensor xa = z_a - z_a.mean(0), xb = z_b - z_b.mean(0);
+  const bool global = distributed(o.communicator);
+  const at::Tensor ga = global ? dist::all_gather_with_grad(z_a, o.communicator) : z_a;
+  const at::Tensor gb = global ? dist::all_gather_with_grad(z_b, o.communicator) : z_b;
+  const int64_t n = ga.size(0);
+  const at::Tensor xa = ga - ga.mean(0), xb = gb - gb.mean(0);
   auto hinge = [&](const at::Tensor& x) {
     return at::relu(1.0 - at::sqrt(x.var(0, /*unbiased=*/true) + o.eps)).mean();
   };
@@ -96,14 +96,22 @@ LossOutput vicreg_loss(const at::Tensor& z_a, const at::Tensor& z_b, const VICRe
 LossOutput barlow_twins_loss(const at::Tensor& z_a, const at::Tensor& z_b,
                              const BarlowTwinsOptions& o) {
   check_pair("barlow_twins_loss", "z_a", z_a, "z_b", z_b, 2);
-  check_local(o.communicator, "barlow_twins_loss");
-  const int64_t n = z_a.size(0);
+  const bool global = distributed(o.communicator);
+  const int64_t n = z_a.size(0) * (global ? o.communicator->world_size() : 1);
 
-  // BatchNorm1d(affine=False) in training mode: biased variance over the batch.
-  auto normalise = [&](const at::Tensor& z) {
-    return (z - z.mean(0)) / at::sqrt(z.var(0, /*unbiased=*/false) + o.eps);
+  // BatchNorm1d(affine=False) in training mode: biased variance over the (global) batch; over
+  // several ranks, the official code's SyncBatchNorm: statistics summed with exact gradients.
+  auto sum_over_batch = [&](const at::Tensor& x) {
+    return global ? dist::all_reduce_with_grad(x.sum(0), o.communicator) : x.sum(0);
   };
-  const at::Tensor c = normalise(z_a).t().mm(normalise(z_b)) / static_cast<double>(n);
+  auto normalise = [&](const at::Tensor& z) {
+    const at::Tensor centred = z - sum_over_batch(z) / static_cast<double>(n);
+    return centred / at::sqrt(sum_over_batch(centred.pow(2)) / static_cast<double>(n) + o.eps);
+  };
+  at::Tensor c = normalise(z_a).t().mm(normalise(z_b)) / static_cast<double>(n);
+  if (global)  // the exact gradient, or the official plain all_reduce(c) (1/W of it)
+    c = o.reference_compatible ? dist::all_reduce_local_grad(c, o.communicator)
+                               : dist::all_reduce_with_grad(c, o.communicator);
   const at::Tensor on_diagonal = (c.diagonal() - 1.0).pow(2).sum();
   const at::Tensor off = off_diagonal(c).pow(2).sum();
 
@@ -153,6 +161,7 @@ class VICRegLoss final : public Loss {
     config::require(o_.eps > 0, r.path_of("eps"), "must be > 0");
   }
   std::string name() const override { return "vicreg"; }
+  void set_communicator(std::shared_ptr<dist::Communicator> c) override { o_.communicator = std::move(c); }
   LossOutput compute(const ViewEmbeddings& a, const ViewEmbeddings& b) const override {
     return vicreg_loss(a.projection, b.projection, o_);
   }
@@ -181,6 +190,7 @@ class BarlowTwinsLoss final : public Loss {
     config::require(o_.eps > 0, r.path_of("eps"), "must be > 0");
   }
   std::string name() const override { return "barlow_twins"; }
+  void set_communicator(std::shared_ptr<dist::Communicator> c) override { o_.communicator = std::move(c); }
   LossOutput compute(const ViewEmbeddings& a, const ViewEmbeddings& b) const override {
     return barlow_twins_loss(a.projection, b.projection, o_);
   }

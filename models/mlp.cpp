@@ -6,6 +6,8 @@
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 
+#include "models/batch_norm.h"
+
 namespace twins::models {
 namespace nn = torch::nn;
 
@@ -34,7 +36,7 @@ std::vector<int64_t> parse_mlp_spec(const std::string& spec, const std::string& 
 
 struct MLP::Layers {
   std::vector<nn::Linear> linears;
-  std::vector<nn::BatchNorm1d> norms;
+  std::vector<detail::BatchNorm> norms;
 };
 
 MLP::MLP(int64_t in_dim, MLPOptions options)
@@ -52,7 +54,7 @@ MLP::MLP(int64_t in_dim, MLPOptions options)
     if (!last) {
       if (options_.batch_norm)
         layers_->norms.push_back(
-            register_module(std::to_string(index++), nn::BatchNorm1d(dims_[i])));
+            register_module(std::to_string(index++), detail::BatchNorm(dims_[i])));
       ++index;  // the ReLU's slot: it has no parameters, but keeps nn.Sequential's numbering
     }
     in = dims_[i];

@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 
+#include "models/batch_norm.h"
 #include "twins/config.h"
 #include "twins/models/mlp.h"
 #include "twins/models/resnet.h"
@@ -118,6 +119,13 @@ void copy_state(const torch::nn::Module& from, torch::nn::Module& to) {
   };
   copy_dict(from.named_parameters(), to.named_parameters(), "parameters");
   copy_dict(from.named_buffers(), to.named_buffers(), "buffers");
+}
+
+int64_t set_sync_batchnorm(torch::nn::Module& module, std::shared_ptr<dist::Communicator> communicator) {
+  int64_t n = 0;
+  for (const auto& m : module.modules(/*include_self=*/true))
+    if (auto* bn = m->as<detail::BatchNormImpl>()) bn->communicator = communicator, ++n;
+  return n;
 }
 
 }  // namespace twins::models

@@ -13,6 +13,8 @@
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 
+#include "models/batch_norm.h"
+
 namespace twins::models {
 namespace nn = torch::nn;
 
@@ -32,20 +34,20 @@ class BlockImpl : public nn::Module {
     const int64_t out = planes * expansion;
     if (bottleneck) {
       conv1_ = register_module("conv1", conv(in, planes, 1, 1));
-      bn1_ = register_module("bn1", nn::BatchNorm2d(planes));
+      bn1_ = register_module("bn1", detail::BatchNorm(planes));
       conv2_ = register_module("conv2", conv(planes, planes, 3, stride));
-      bn2_ = register_module("bn2", nn::BatchNorm2d(planes));
+      bn2_ = register_module("bn2", detail::BatchNorm(planes));
       conv3_ = register_module("conv3", conv(planes, out, 1, 1));
-      bn3_ = register_module("bn3", nn::BatchNorm2d(out));
+      bn3_ = register_module("bn3", detail::BatchNorm(out));
     } else {
       conv1_ = register_module("conv1", conv(in, planes, 3, stride));
-      bn1_ = register_module("bn1", nn::BatchNorm2d(planes));
+      bn1_ = register_module("bn1", detail::BatchNorm(planes));
       conv2_ = register_module("conv2", conv(planes, planes, 3, 1));
-      bn2_ = register_module("bn2", nn::BatchNorm2d(planes));
+      bn2_ = register_module("bn2", detail::BatchNorm(planes));
     }
     if (stride != 1 || in != out) {
       downsample_ = register_module(
-          "downsample", nn::Sequential(conv(in, out, 1, stride), nn::BatchNorm2d(out)));
+          "downsample", nn::Sequential(conv(in, out, 1, stride), detail::BatchNorm(out)));
     }
   }
 
@@ -61,12 +63,12 @@ class BlockImpl : public nn::Module {
     return (y + identity).relu_();
   }
 
-  nn::BatchNorm2d last_bn() const { return bottleneck_ ? bn3_ : bn2_; }
+  detail::BatchNorm last_bn() const { return bottleneck_ ? bn3_ : bn2_; }
 
  private:
   bool bottleneck_;
   nn::Conv2d conv1_{nullptr}, conv2_{nullptr}, conv3_{nullptr};
-  nn::BatchNorm2d bn1_{nullptr}, bn2_{nullptr}, bn3_{nullptr};
+  detail::BatchNorm bn1_{nullptr}, bn2_{nullptr}, bn3_{nullptr};
   nn::Sequential downsample_{nullptr};
 };
 
@@ -74,7 +76,7 @@ class BlockImpl : public nn::Module {
 
 struct ResNet::Layers {
   nn::Conv2d conv1{nullptr};
-  nn::BatchNorm2d bn1{nullptr};
+  detail::BatchNorm bn1{nullptr};
   nn::MaxPool2d maxpool{nullptr};
   std::vector<nn::Sequential> stages;
   nn::Linear fc{nullptr};
@@ -110,7 +112,7 @@ ResNet::ResNet(ResNetOptions options) : options_(std::move(options)), layers_(ne
   auto& L = *layers_;
   L.conv1 = register_module("conv1", o.cifar_stem ? conv(o.in_channels, o.width, 3, 1)
                                                   : conv(o.in_channels, o.width, 7, 2));
-  L.bn1 = register_module("bn1", nn::BatchNorm2d(o.width));
+  L.bn1 = register_module("bn1", detail::BatchNorm(o.width));
   if (!o.cifar_stem)
     L.maxpool = register_module("maxpool",
                                 nn::MaxPool2d(nn::MaxPool2dOptions(3).stride(2).padding(1)));
@@ -133,7 +135,7 @@ ResNet::ResNet(ResNetOptions options) : options_(std::move(options)), layers_(ne
   for (auto& m : modules(/*include_self=*/false)) {
     if (auto* c = m->as<nn::Conv2d>()) {
       nn::init::kaiming_normal_(c->weight, 0.0, torch::kFanOut, torch::kReLU);
-    } else if (auto* bn = m->as<nn::BatchNorm2d>()) {
+    } else if (auto* bn = m->as<detail::BatchNorm>()) {
       nn::init::ones_(bn->weight);
       nn::init::zeros_(bn->bias);
     }

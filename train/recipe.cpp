@@ -120,6 +120,10 @@ Recipe Recipe::parse(const json& root) {
     t.get("channels_last", c.channels_last);
     t.get("threads", c.threads);
     t.get("sync_batchnorm", c.sync_batchnorm);
+    t.get("dist_backend", c.dist_backend);
+    t.get("dist_timeout_s", c.dist_timeout_s);
+    t.get("bucket_mb", c.bucket_mb);
+    t.get("grad_accumulation", c.grad_accumulation);
     t.finish();
     require(c.epochs >= 1, "train.epochs", "must be >= 1");
     require(c.max_steps >= 0, "train.max_steps", "must be >= 0");
@@ -129,6 +133,11 @@ Recipe Recipe::parse(const json& root) {
     require(c.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1");
     require(c.precision == "auto" || c.precision == "fp32" || c.precision == "bf16" || c.precision == "fp16",
             "train.precision", "must be auto, fp32, bf16 or fp16");
+    require(c.dist_backend == "auto" || c.dist_backend == "nccl" || c.dist_backend == "gloo", "train.dist_backend",
+            "must be auto, nccl or gloo, got \"" + c.dist_backend + "\"");
+    require(c.dist_timeout_s > 0, "train.dist_timeout_s", "must be > 0");
+    require(c.bucket_mb > 0, "train.bucket_mb", "must be > 0");
+    require(c.grad_accumulation >= 1, "train.grad_accumulation", "must be >= 1");
   }
   top.finish();
   return r;

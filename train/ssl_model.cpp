@@ -8,6 +8,7 @@
 
 #include <sstream>
 
+#include "twins/dist/data_parallel.h"
 #include "twins/train/lars.h"
 
 namespace twins::train::detail {
@@ -43,6 +44,21 @@ void SSLModel::train(bool on) {
   for (auto* n : {&backbone, &projector, &predictor, &target_backbone, &target_projector})
     if (*n) (*n)->train(on);
   if (probe) probe->train(on);
+}
+
+void SSLModel::distribute(const std::shared_ptr<dist::Communicator>& communicator, bool sync_batchnorm) {
+  for (auto* n : {&backbone, &projector, &predictor, &target_backbone, &target_projector})
+    if (*n) {
+      dist::broadcast_module(**n, *communicator);
+      if (sync_batchnorm) models::set_sync_batchnorm(**n, communicator);
+    }
+  if (probe) dist::broadcast_module(*probe, *communicator);
+  loss->set_communicator(communicator);
+}
+
+void SSLModel::broadcast_buffers(dist::Communicator& communicator) {
+  for (auto* n : {&backbone, &projector, &predictor, &target_backbone, &target_projector})
+    if (*n) dist::broadcast_buffers(**n, communicator);
 }
 
 std::vector<at::Tensor> SSLModel::parameters() const {

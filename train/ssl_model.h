@@ -8,6 +8,7 @@
 #include <memory>
 #include <vector>
 
+#include "twins/dist/communicator.h"
 #include "twins/losses.h"
 #include "twins/models/network.h"
 #include "twins/models/safetensors.h"
@@ -29,6 +30,12 @@ class SSLModel {
 
   void to(const at::Device& device, bool channels_last);
   void train(bool on);
+  /// Data parallelism: rank 0's parameters and buffers copied to every rank, the loss's batch
+  /// statistics taken over all ranks, and with `sync_batchnorm` every BatchNorm (online and
+  /// target networks) synchronised.
+  void distribute(const std::shared_ptr<dist::Communicator>& communicator, bool sync_batchnorm);
+  /// Rank 0's BatchNorm statistics to every rank (without SyncBatchNorm; DDP's broadcast_buffers).
+  void broadcast_buffers(dist::Communicator& communicator);
   /// Backbone, projector and predictor parameters (what the optimizer updates).
   std::vector<at::Tensor> parameters() const;
 

@@ -76,7 +76,8 @@ LossOutput barlow_twins_loss(const at::Tensor& z_a, const at::Tensor& z_b,
 
 /// BYOL (Grill et al. 2020): l(p, t) = 2 - 2 cos(p, t) per sample, t detached (stop-gradient);
 ///   total = mean_n l(online_pred_a, target_proj_b) + mean_n l(online_pred_b, target_proj_a)
-/// Terms: "view_a" (the first mean) and "view_b" (the second).
+/// Terms: "view_a" (the first mean) and "view_b" (the second). Under data parallelism each rank
+/// takes the mean over its own samples; averaging the ranks' gradients gives the global mean's.
 LossOutput byol_loss(const at::Tensor& online_pred_a, const at::Tensor& online_pred_b,
                      const at::Tensor& target_proj_a, const at::Tensor& target_proj_b);
 
@@ -101,6 +102,9 @@ class Loss {
   virtual LossOutput compute(const ViewEmbeddings& a, const ViewEmbeddings& b) const = 0;
   /// The hyper-parameters, as a JSON object that create_loss() accepts.
   virtual nlohmann::json to_json() const = 0;
+  /// Data parallelism: batch statistics over every rank of `communicator` (null: this rank's
+  /// batch). Losses without batch statistics (BYOL) ignore it.
+  virtual void set_communicator(std::shared_ptr<dist::Communicator> communicator) { (void)communicator; }
 };
 
 /// Builds a loss from {"type": "vicreg"|"barlow_twins"|"byol", ...options}. Unknown types and

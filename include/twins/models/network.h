@@ -8,6 +8,10 @@
 #include <string>
 #include <vector>
 
+namespace twins::dist {
+class Communicator;
+}
+
 namespace twins::models {
 
 /// Contract for a backbone or head.
@@ -40,5 +44,10 @@ int64_t count_parameters(const torch::nn::Module& module);
 /// Copies every parameter and buffer of `from` into the same-named one of `to` (shapes must
 /// match; throws std::invalid_argument naming the first mismatch).
 void copy_state(const torch::nn::Module& from, torch::nn::Module& to);
+
+/// SyncBatchNorm: every BatchNorm layer of `module` (backbones and heads alike) takes its
+/// training statistics over all ranks of `communicator` (null: back to this rank's batch).
+/// Returns the number of layers switched. The layers keep their names, parameters and buffers.
+int64_t set_sync_batchnorm(torch::nn::Module& module, std::shared_ptr<dist::Communicator> communicator);
 
 }  // namespace twins::models

@@ -12,7 +12,8 @@
 //   "online_probe": {"enabled": true, "lr": 0.1, "eval_data": {dataset} (optional)},
 //   "train": {"epochs", "max_steps", "batch_size", "workers", "device", "seed", "log_every",
 //             "checkpoint_every_steps", "checkpoint_every_epochs", "keep_checkpoints",
-//             "deterministic", "precision", "channels_last", "threads", "sync_batchnorm"}
+//             "deterministic", "precision", "channels_last", "threads", "sync_batchnorm",
+//             "dist_backend", "dist_timeout_s", "bucket_mb", "grad_accumulation"}
 // }
 // Keys starting with "_" (e.g. "_comment") are ignored everywhere at the top level.
 #include <nlohmann/json.hpp>
@@ -59,7 +60,7 @@ struct TrainConfig {
   int64_t epochs = 100;
   /// Stop after this many optimizer steps (0: run all epochs). The schedules still span epochs.
   int64_t max_steps = 0;
-  /// Per-rank batch size.
+  /// Per-rank batch size (the global batch is batch_size x world size; lr scales with it).
   int64_t batch_size = 256;
   int workers = 2;
   /// auto, cpu, cuda, cuda:N.
@@ -74,9 +75,19 @@ struct TrainConfig {
   /// auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16, fp16 (with a gradient scaler).
   std::string precision = "auto";
   bool channels_last = false;
-  /// Intra-op threads for the model (0: LibTorch's default).
+  /// Intra-op threads for the model (0: every core, or OMP_NUM_THREADS when set).
   int threads = 0;
+  /// Data parallelism: BatchNorm statistics over every rank's batch (the official recipes').
   bool sync_batchnorm = false;
+  /// Collectives: auto (NCCL on CUDA, Gloo on the CPU), nccl or gloo.
+  std::string dist_backend = "auto";
+  /// A rank that does not answer a collective within this time fails the job.
+  double dist_timeout_s = 1800;
+  /// Loader batches per optimizer step (gradients summed locally, averaged over ranks once).
+  /// The losses' batch statistics stay those of one batch_size x world size batch.
+  int64_t grad_accumulation = 1;
+  /// Gradient all-reduce bucket size (DDP's bucket_cap_mb).
+  double bucket_mb = 25;
 };
 
 struct Recipe {

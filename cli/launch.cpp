@@ -1,0 +1,171 @@
+// `--nproc-per-node N`: starts N ranks of this same command on this machine, as torchrun does
+// (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), forwards SIGINT/SIGTERM to them,
+// and when one fails stops the others, so that no rank outlives the job.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <csignal>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <iostream>
+#include <iterator>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cli/commands.h"
+
+namespace twins::cli {
+namespace {
+
+volatile std::sig_atomic_t g_signal = 0;
+void on_launcher_signal(int sig) { g_signal = sig; }
+
+// This process's arguments, without `--nproc-per-node N` / `--nproc-per-node=N`.
+std::vector<std::string> child_arguments() {
+  std::ifstream in("/proc/self/cmdline", std::ios::binary);
+  const std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::vector<std::string> args;
+  for (size_t start = 0; start < all.size();) {
+    const size_t end = all.find('\0', start);
+    args.push_back(all.substr(start, end - start));
+    start = end == std::string::npos ? all.size() : end + 1;
+  }
+  std::vector<std::string> out;
+  for (size_t i = 0; i < args.size(); ++i) {
+    if (args[i] == "--nproc-per-node") {
+      ++i;
+      continue;
+    }
+    if (args[i].rfind("--nproc-per-node=", 0) == 0) continue;
+    out.push_back(args[i]);
+  }
+  return out;
+}
+
+int free_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) throw std::runtime_error("--nproc-per-node: cannot open a socket to find a free port");
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = 0;
+  socklen_t len = sizeof addr;
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+    ::close(fd);
+    throw std::runtime_error("--nproc-per-node: cannot find a free port on 127.0.0.1; set MASTER_PORT");
+  }
+  ::close(fd);
+  return ntohs(addr.sin_port);
+}
+
+std::string describe(int status) {
+  if (WIFEXITED(status)) return "exit code " + std::to_string(WEXITSTATUS(status));
+  if (WIFSIGNALED(status)) return std::string("killed by signal ") + std::to_string(WTERMSIG(status)) + " (" +
+                                  strsignal(WTERMSIG(status)) + ")";
+  return "status " + std::to_string(status);
+}
+
+}  // namespace
+
+int launch_local(int nproc, double grace_seconds) {
+  if (nproc < 1) throw std::invalid_argument("--nproc-per-node: must be >= 1");
+  if (std::getenv("RANK") || std::getenv("WORLD_SIZE"))
+    throw std::invalid_argument("--nproc-per-node: this process is already a rank (RANK/WORLD_SIZE are set); "
+                                "use either a launcher or --nproc-per-node");
+  const std::vector<std::string> args = child_arguments();
+  const char* port_env = std::getenv("MASTER_PORT");
+  const std::string port = port_env && *port_env ? port_env : std::to_string(free_port());
+  std::cerr << "launching " << nproc << " ranks on this machine (rendezvous 127.0.0.1:" << port << ")\n";
+
+  struct sigaction sa {};
+  sa.sa_handler = on_launcher_signal;
+  sigaction(SIGINT, &sa, nullptr);
+  sigaction(SIGTERM, &sa, nullptr);
+
+  const pid_t launcher = ::getpid();
+  std::vector<pid_t> pids(static_cast<size_t>(nproc), -1);
+  std::vector<int> statuses(static_cast<size_t>(nproc), 0);
+  std::vector<bool> running(static_cast<size_t>(nproc), false);
+  for (int r = 0; r < nproc; ++r) {
+    const pid_t pid = ::fork();
+    if (pid < 0) throw std::runtime_error("--nproc-per-node: fork failed: " + std::string(std::strerror(errno)));
+    if (pid == 0) {
+      ::prctl(PR_SET_PDEATHSIG, SIGKILL);  // no rank outlives a killed launcher
+      if (::getppid() != launcher) ::_exit(1);
+      ::signal(SIGINT, SIG_DFL);
+      ::signal(SIGTERM, SIG_DFL);
+      ::setenv("RANK", std::to_string(r).c_str(), 1);
+      ::setenv("LOCAL_RANK", std::to_string(r).c_str(), 1);
+      ::setenv("WORLD_SIZE", std::to_string(nproc).c_str(), 1);
+      ::setenv("LOCAL_WORLD_SIZE", std::to_string(nproc).c_str(), 1);
+      ::setenv("MASTER_ADDR", "127.0.0.1", 1);
+      ::setenv("MASTER_PORT", port.c_str(), 1);
+      std::vector<char*> argv;
+      for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+      argv.push_back(nullptr);
+      ::execv("/proc/self/exe", argv.data());
+      std::cerr << "error: rank " << r << ": cannot start /proc/self/exe: " << std::strerror(errno) << "\n";
+      ::_exit(127);
+    }
+    pids[static_cast<size_t>(r)] = pid;
+    running[static_cast<size_t>(r)] = true;
+  }
+
+  using Clock = std::chrono::steady_clock;
+  int alive = nproc, first_failure = -1;
+  bool stopping = false;
+  Clock::time_point kill_at{};
+  auto signal_all = [&](int sig) {
+    for (int r = 0; r < nproc; ++r)
+      if (running[static_cast<size_t>(r)]) ::kill(pids[static_cast<size_t>(r)], sig);
+  };
+  while (alive > 0) {
+    if (g_signal) {  // Ctrl-C / SIGTERM: every rank finishes its step and checkpoints
+      const int sig = g_signal;
+      g_signal = 0;
+      signal_all(sig);
+    }
+    int status = 0;
+    const pid_t pid = ::waitpid(-1, &status, WNOHANG);
+    if (pid > 0) {
+      for (int r = 0; r < nproc; ++r)
+        if (pids[static_cast<size_t>(r)] == pid && running[static_cast<size_t>(r)]) {
+          running[static_cast<size_t>(r)] = false, statuses[static_cast<size_t>(r)] = status, --alive;
+          const bool ok = WIFEXITED(status) && WEXITSTATUS(status) == 0;
+          if (!ok && first_failure < 0) {
+            first_failure = r;
+            if (alive > 0) {
+              std::cerr << "error: rank " << r << " failed (" << describe(status) << "); stopping the other "
+                        << alive << " rank(s)\n";
+              signal_all(SIGTERM);
+              stopping = true;
+              kill_at = Clock::now() + std::chrono::milliseconds(static_cast<int64_t>(grace_seconds * 1000));
+            }
+          }
+        }
+      continue;
+    }
+    if (stopping && Clock::now() >= kill_at) {
+      signal_all(SIGKILL);
+      stopping = false;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  if (first_failure < 0) return 0;
+  const int s = statuses[static_cast<size_t>(first_failure)];
+  std::cerr << "error: rank " << first_failure << " failed first (" << describe(s) << ")\n";
+  return WIFEXITED(s) ? WEXITSTATUS(s) : 128 + WTERMSIG(s);
+}
+
+}  // namespace twins::cli

@@ -1,0 +1,281 @@
+// Launcher environments, rendezvous and the c10d process groups behind dist::Communicator.
+#include "twins/dist/communicator.h"
+
+#include <ATen/ATen.h>
+#include <torch/csrc/distributed/c10d/HashStore.hpp>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#if TWINS_WITH_GLOO
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#endif
+#if TWINS_WITH_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <stdexcept>
+#include <thread>
+
+#include "core/compat.h"
+
+namespace twins::dist {
+namespace {
+
+const char* env(const char* name) {
+  const char* v = std::getenv(name);
+  return v && *v ? v : nullptr;
+}
+
+int env_int(const char* name, int fallback, bool required = false) {
+  const char* v = env(name);
+  if (!v) {
+    if (required) throw std::invalid_argument(std::string(name) + ": not set");
+    return fallback;
+  }
+  try {
+    size_t used = 0;
+    const long value = std::stol(v, &used);
+    if (used != std::string(v).size() || value < 0 || value > (1 << 30)) throw std::out_of_range(v);
+    return static_cast<int>(value);
+  } catch (const std::exception&) {
+    throw std::invalid_argument(std::string(name) + "=\"" + v + "\": not a non-negative integer");
+  }
+}
+
+std::chrono::milliseconds to_ms(double seconds) {
+  return std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000.0));
+}
+
+bool is_loopback(const std::string& host) {
+  return host == "localhost" || host.rfind("127.", 0) == 0 || host == "::1";
+}
+
+std::mutex g_registry_mutex;
+std::map<int64_t, std::weak_ptr<Communicator>> g_registry;
+std::atomic<int64_t> g_next_id{1};
+
+}  // namespace
+
+std::string first_slurm_host(const std::string& nodelist) {
+  const size_t comma = nodelist.find(',');
+  const size_t bracket = nodelist.find('[');
+  if (bracket == std::string::npos || (comma != std::string::npos && comma < bracket))
+    return nodelist.substr(0, comma);
+  // prefix[03-05,09] -> prefix03
+  const std::string prefix = nodelist.substr(0, bracket);
+  size_t end = nodelist.find_first_of("-,]", bracket + 1);
+  if (end == std::string::npos) throw std::invalid_argument("SLURM_JOB_NODELIST=\"" + nodelist + "\": unbalanced '['");
+  return prefix + nodelist.substr(bracket + 1, end - bracket - 1);
+}
+
+Environment detect_environment() {
+  Environment e;
+  if (env("RANK") || env("WORLD_SIZE")) {
+    e.launcher = "torchrun";
+    e.rank = env_int("RANK", 0, true);
+    e.world_size = env_int("WORLD_SIZE", 1, true);
+    e.local_rank = env_int("LOCAL_RANK", e.rank);
+  } else if (env("SLURM_PROCID") && env("SLURM_NTASKS")) {
+    e.launcher = "slurm";
+    e.rank = env_int("SLURM_PROCID", 0, true);
+    e.world_size = env_int("SLURM_NTASKS", 1, true);
+    e.local_rank = env_int("SLURM_LOCALID", 0);
+    if (!env("MASTER_ADDR") && env("SLURM_JOB_NODELIST")) e.master_addr = first_slurm_host(env("SLURM_JOB_NODELIST"));
+    if (!env("MASTER_PORT")) e.master_port = 10000 + env_int("SLURM_JOB_ID", 0) % 20000;
+  } else if (env("OMPI_COMM_WORLD_RANK") && env("OMPI_COMM_WORLD_SIZE")) {
+    e.launcher = "openmpi";
+    e.rank = env_int("OMPI_COMM_WORLD_RANK", 0, true);
+    e.world_size = env_int("OMPI_COMM_WORLD_SIZE", 1, true);
+    e.local_rank = env_int("OMPI_COMM_WORLD_LOCAL_RANK", 0);
+    const int local_size = env_int("OMPI_COMM_WORLD_LOCAL_SIZE", e.world_size);
+    if (!env("MASTER_ADDR") && local_size < e.world_size)
+      throw std::invalid_argument("MASTER_ADDR: not set, and this OpenMPI job spans " +
+                                  std::to_string((e.world_size + local_size - 1) / local_size) +
+                                  " nodes; export MASTER_ADDR=<host of rank 0> (mpirun -x MASTER_ADDR)");
+  } else {
+    return e;
+  }
+  if (const char* a = env("MASTER_ADDR")) e.master_addr = a;
+  e.master_port = env_int("MASTER_PORT", e.master_port);
+  if (e.world_size < 1) throw std::invalid_argument("world size must be >= 1 (from " + e.launcher + "'s variables)");
+  if (e.rank >= e.world_size)
+    throw std::invalid_argument("rank " + std::to_string(e.rank) + " is not below the world size " +
+                                std::to_string(e.world_size) + " (from " + e.launcher + "'s variables)");
+  if (e.master_port < 1 || e.master_port > 65535)
+    throw std::invalid_argument("MASTER_PORT=" + std::to_string(e.master_port) + ": not a port (1-65535)");
+  return e;
+}
+
+struct Communicator::Impl {
+  int rank = 0, world_size = 1;
+  std::string backend;
+  double timeout_s = 1800;
+  int64_t id = 0;
+  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<compat::ProcessGroupBackend> group;
+
+  // Waits for `work`, turning a failure into an error that says where to look.
+  void wait(const c10::intrusive_ptr<c10d::Work>& work, const char* op) const {
+    try {
+      work->wait();
+    } catch (const std::exception& e) {
+      throw std::runtime_error("rank " + std::to_string(rank) + " of " + std::to_string(world_size) + ": " + op +
+                               " failed: another rank died, hung or diverged (timeout " +
+                               std::to_string(static_cast<int64_t>(timeout_s)) + " s): " + e.what());
+    }
+  }
+};
+
+namespace {
+
+c10::intrusive_ptr<compat::ProcessGroupBackend> make_group(const std::string& backend,
+                                                           const c10::intrusive_ptr<c10d::Store>& store, int rank,
+                                                           int world_size, double timeout_s, const std::string& host) {
+  if (backend == "gloo") {
+#if TWINS_WITH_GLOO
+    auto o = c10d::ProcessGroupGloo::Options::create(to_ms(timeout_s));
+    const char* ifname = env("GLOO_SOCKET_IFNAME");
+    if (ifname) o->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(ifname));
+    else if (is_loopback(host)) o->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+    else o->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+    o->threads = 2;
+    return c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world_size, o);
+#else
+    (void)store, (void)rank, (void)world_size, (void)timeout_s, (void)host;
+    throw std::runtime_error("this twins was built without Gloo (CPU collectives): the LibTorch it was built "
+                             "against has no Gloo headers");
+#endif
+  }
+  if (backend == "nccl") {
+#if TWINS_WITH_NCCL
+    auto o = c10d::ProcessGroupNCCL::Options::create();
+    o->timeout = to_ms(timeout_s);
+    return c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world_size, o);
+#else
+    throw std::runtime_error("this twins was built without NCCL (GPU collectives): build against a CUDA "
+                             "LibTorch with NCCL, or use train.dist_backend gloo");
+#endif
+  }
+  throw std::invalid_argument("train.dist_backend: \"" + backend + "\" is not auto, gloo or nccl");
+}
+
+}  // namespace
+
+Communicator::Communicator(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+Communicator::~Communicator() {
+  std::lock_guard<std::mutex> lock(g_registry_mutex);
+  g_registry.erase(impl_->id);
+}
+
+static std::shared_ptr<Communicator> registered(std::shared_ptr<Communicator> c) {
+  std::lock_guard<std::mutex> lock(g_registry_mutex);
+  g_registry[c->id()] = c;
+  return c;
+}
+
+std::shared_ptr<Communicator> Communicator::find(int64_t id) {
+  std::lock_guard<std::mutex> lock(g_registry_mutex);
+  auto it = g_registry.find(id);
+  std::shared_ptr<Communicator> c = it == g_registry.end() ? nullptr : it->second.lock();
+  if (!c) throw std::runtime_error("dist: communicator " + std::to_string(id) + " no longer exists (a backward "
+                                   "ran after its communicator was destroyed)");
+  return c;
+}
+
+std::shared_ptr<Communicator> Communicator::create(const Environment& e, const at::Device& device,
+                                                   const CommunicatorOptions& options) {
+  if (options.timeout_s <= 0) throw std::invalid_argument("train.dist_timeout_s: must be > 0");
+  auto impl = std::make_unique<Impl>();
+  impl->rank = e.rank, impl->world_size = e.world_size, impl->timeout_s = options.timeout_s;
+  impl->backend = options.backend == "auto" ? (device.is_cuda() ? "nccl" : "gloo") : options.backend;
+  impl->id = g_next_id++;
+  c10d::TCPStoreOptions so;
+  so.port = static_cast<uint16_t>(e.master_port);
+  so.isServer = e.rank == 0;
+  so.numWorkers = e.world_size;
+  so.waitWorkers = true;
+  so.timeout = to_ms(options.timeout_s);
+  try {
+    impl->store = c10::make_intrusive<c10d::TCPStore>(e.master_addr, so);
+  } catch (const std::exception& ex) {
+    throw std::runtime_error("rank " + std::to_string(e.rank) + ": rendezvous at " + e.master_addr + ":" +
+                             std::to_string(e.master_port) + " failed (is rank 0 up, and the port free?): " + ex.what());
+  }
+  try {
+    impl->group = make_group(impl->backend, impl->store, e.rank, e.world_size, options.timeout_s, e.master_addr);
+  } catch (const std::invalid_argument&) {
+    throw;
+  } catch (const std::exception& ex) {
+    throw std::runtime_error("rank " + std::to_string(e.rank) + ": could not form the " + impl->backend +
+                             " group of " + std::to_string(e.world_size) + " ranks: " + ex.what());
+  }
+  return registered(std::shared_ptr<Communicator>(new Communicator(std::move(impl))));
+}
+
+std::vector<std::shared_ptr<Communicator>> Communicator::create_local_group(int world_size,
+                                                                            const CommunicatorOptions& options) {
+  if (world_size < 1) throw std::invalid_argument("create_local_group: world size must be >= 1");
+  auto store = c10::make_intrusive<c10d::HashStore>();
+  const int64_t group_id = g_next_id++;
+  std::vector<std::shared_ptr<Communicator>> out(static_cast<size_t>(world_size));
+  std::vector<std::exception_ptr> errors(static_cast<size_t>(world_size));
+  std::vector<std::thread> threads;
+  // Each group's constructor waits for the others: build them concurrently.
+  for (int r = 0; r < world_size; ++r)
+    threads.emplace_back([&, r] {
+      try {
+        auto impl = std::make_unique<Impl>();
+        impl->rank = r, impl->world_size = world_size, impl->timeout_s = options.timeout_s, impl->backend = "gloo";
+        impl->id = g_next_id++;
+        impl->store = c10::make_intrusive<c10d::PrefixStore>("local" + std::to_string(group_id), store);
+        impl->group = make_group("gloo", impl->store, r, world_size, options.timeout_s, "127.0.0.1");
+        out[static_cast<size_t>(r)] = registered(std::shared_ptr<Communicator>(new Communicator(std::move(impl))));
+      } catch (...) {
+        errors[static_cast<size_t>(r)] = std::current_exception();
+      }
+    });
+  for (auto& t : threads) t.join();
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
+  return out;
+}
+
+int Communicator::rank() const { return impl_->rank; }
+int Communicator::world_size() const { return impl_->world_size; }
+std::string Communicator::backend() const { return impl_->backend; }
+int64_t Communicator::id() const { return impl_->id; }
+
+void Communicator::all_reduce(at::Tensor& tensor) { all_reduce_async(tensor)(); }
+
+std::function<void()> Communicator::all_reduce_async(at::Tensor& tensor) {
+  TORCH_CHECK(tensor.is_contiguous(), "all_reduce: the tensor must be contiguous");
+  std::vector<at::Tensor> ts{tensor};
+  auto work = impl_->group->allreduce(ts);
+  const Impl* impl = impl_.get();
+  return [work, impl] { impl->wait(work, "all_reduce"); };
+}
+
+at::Tensor Communicator::all_gather(const at::Tensor& tensor) {
+  std::vector<at::Tensor> in{tensor.contiguous()};
+  std::vector<std::vector<at::Tensor>> out(1);
+  for (int r = 0; r < impl_->world_size; ++r) out[0].push_back(at::empty_like(in[0]));
+  impl_->wait(impl_->group->allgather(out, in), "all_gather");
+  return at::cat(out[0], 0);
+}
+
+void Communicator::broadcast(at::Tensor& tensor, int root) {
+  TORCH_CHECK(tensor.is_contiguous(), "broadcast: the tensor must be contiguous");
+  std::vector<at::Tensor> ts{tensor};
+  c10d::BroadcastOptions o;
+  o.rootRank = root;
+  impl_->wait(impl_->group->broadcast(ts, o), "broadcast");
+}
+
+void Communicator::barrier() { impl_->wait(impl_->group->barrier(), "barrier"); }
+
+}  // namespace twins::dist

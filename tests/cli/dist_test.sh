@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# `twins pretrain --nproc-per-node 2` end to end on CPU ranks (Gloo over loopback), on a tiny
+# IDX dataset made here with the quickstart recipe's views and network:
+#  1. a few steps, interrupted by --stop-after, then resumed by both ranks: the run finishes;
+#  2. a rank killed mid-run: the job exits non-zero within the timeout, naming the rank, and
+#     leaves no process behind;
+#  3. a hung rank (SIGSTOP): the others give up after train.dist_timeout_s.
+set -euo pipefail
+twins=$1
+quickstart=$2
+dir=$(mktemp -d)
+pids_to_reap=()
+cleanup() {
+  for p in "${pids_to_reap[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+
+# 512 random 28x28 grey images with labels 0-9, as Fashion-MNIST's uncompressed IDX files.
+n=512
+{ printf '\x00\x00\x08\x03\x00\x00\x02\x00\x00\x00\x00\x1c\x00\x00\x00\x1c'; head -c $((n * 784)) /dev/urandom; } \
+  > "$dir/train-images-idx3-ubyte"
+{ printf '\x00\x00\x08\x01\x00\x00\x02\x00'; for ((i = 0; i < n; i++)); do printf "\\x0$((i % 10))"; done; } \
+  > "$dir/train-labels-idx1-ubyte"
+
+common=(--config "$quickstart" --set "data.root=$dir" --set data.split=train --set train.batch_size=32
+        --set train.threads=1 --set train.workers=1 --set train.log_every=1 --set train.sync_batchnorm=true
+        --set online_probe.eval_data=null --set train.dist_timeout_s=6)
+
+# 1. Interrupted after 2 steps, resumed to step 5 (across an epoch: 512 samples / 2 ranks / 32
+#    per batch / 2 accumulated = 4 steps per epoch).
+"$twins" pretrain "${common[@]}" --set train.max_steps=5 --set train.grad_accumulation=2 --out "$dir/run" \
+  --nproc-per-node 2 --stop-after 2 \
+  > "$dir/out1" 2> "$dir/err1"
+grep -q "interrupted at step 2" "$dir/err1" || { cat "$dir/err1"; exit 1; }
+grep -q "x 2 ranks (gloo) x 2 accumulated" "$dir/err1" || { cat "$dir/err1"; exit 1; }
+grep -q "4 steps/epoch" "$dir/err1" || { cat "$dir/err1"; exit 1; }
+[ "$(ls "$dir/run/checkpoints")" = "step-00000002.safetensors" ] || { ls "$dir/run/checkpoints"; exit 1; }
+"$twins" pretrain --resume --out "$dir/run" --nproc-per-node 2 > "$dir/out2" 2> "$dir/err2"
+grep -q "resuming from" "$dir/err2" || { cat "$dir/err2"; exit 1; }
+[ -f "$dir/run/backbone.safetensors" ] || { cat "$dir/err2"; exit 1; }
+[ "$(grep -c '"step":' "$dir/run/metrics.jsonl")" -ge 5 ] || { cat "$dir/run/metrics.jsonl"; exit 1; }
+grep -q '"steps":5' "$dir/run/metrics.jsonl" || { cat "$dir/run/metrics.jsonl"; exit 1; }
+grep -q '"epochs_completed":1' "$dir/run/metrics.jsonl" || { cat "$dir/run/metrics.jsonl"; exit 1; }
+[ "$(grep -c "run folder" "$dir/out2")" -eq 1 ] || { cat "$dir/out2"; exit 1; }  # rank 0 speaks
+echo "launch and resume ok"
+
+# The pid of rank $2 among the children of launcher $1, once it is up.
+rank_pid() {
+  for _ in $(seq 1 200); do
+    for c in $(pgrep -P "$1" || true); do
+      if tr '\0' '\n' < "/proc/$c/environ" 2>/dev/null | grep -qx "RANK=$2"; then echo "$c"; return 0; fi
+    done
+    sleep 0.05
+  done
+  return 1
+}
+
+# Runs a long job, applies signal $1 to rank 1 after the first logged step, and checks that the
+# job ends non-zero within $2 seconds, with the message $3, and no rank left.
+fail_rank_1() {
+  local sig=$1 limit=$2 message=$3 out=$dir/fail-$1
+  "$twins" pretrain "${common[@]}" --set train.max_steps=100000 --out "$out" --nproc-per-node 2 2> "$out.err" &
+  local launcher=$!
+  pids_to_reap+=("$launcher")
+  local r0 r1
+  r0=$(rank_pid "$launcher" 0) && r1=$(rank_pid "$launcher" 1) || { echo "ranks did not start"; cat "$out.err"; exit 1; }
+  pids_to_reap+=("$r0" "$r1")
+  for _ in $(seq 1 600); do [ -s "$out/metrics.jsonl" ] && break; sleep 0.05; done
+  [ -s "$out/metrics.jsonl" ] || { echo "no step logged"; cat "$out.err"; exit 1; }
+  local start=$SECONDS
+  kill "-$sig" "$r1"
+  local code=0
+  wait "$launcher" || code=$?
+  local took=$((SECONDS - start))
+  [ "$code" -ne 0 ] || { echo "expected a failure after SIG$sig of rank 1"; cat "$out.err"; exit 1; }
+  [ "$took" -le "$limit" ] || { echo "took ${took}s (limit ${limit}s)"; cat "$out.err"; exit 1; }
+  grep -q "$message" "$out.err" || { echo "missing: $message"; cat "$out.err"; exit 1; }
+  for p in "$r0" "$r1"; do
+    if kill -0 "$p" 2>/dev/null && [ "$(ps -o stat= -p "$p" | cut -c1)" != Z ]; then
+      echo "rank pid $p is still running"; exit 1
+    fi
+  done
+  echo "SIG$sig of rank 1: exit $code after ${took}s"
+}
+
+fail_rank_1 KILL 20 "rank 1 failed (killed by signal 9"
+fail_rank_1 STOP 20 "rank 0 of 2: .* failed"
+echo "dist cli ok"

@@ -1,0 +1,379 @@
+// Data parallelism proven against one process: W ranks (threads of this process, each with its
+// own Gloo group over loopback) with B samples each must give the loss, gradients and updated
+// parameters of one process over the W x B samples.
+#include <ATen/ATen.h>
+
+#include <cstdlib>
+#include <functional>
+#include <set>
+#include <thread>
+
+#include "tests/test_util.h"
+#include "train/ssl_model.h"
+#include "twins/dist/communicator.h"
+#include "twins/dist/data_parallel.h"
+#include "twins/losses.h"
+#include "twins/models/network.h"
+#include "twins/train/recipe.h"
+
+using namespace twins;
+using nlohmann::json;
+using twins::test::check_throws_with;
+
+namespace {
+
+// Runs f(rank) on every rank's thread; rethrows the first failure.
+void on_ranks(const std::vector<std::shared_ptr<dist::Communicator>>& comms, const std::function<void(int)>& f) {
+  std::vector<std::exception_ptr> errors(comms.size());
+  std::vector<std::thread> threads;
+  for (size_t r = 0; r < comms.size(); ++r)
+    threads.emplace_back([&, r] {
+      try {
+        f(static_cast<int>(r));
+      } catch (...) {
+        errors[r] = std::current_exception();
+      }
+    });
+  for (auto& t : threads) t.join();
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
+}
+
+// Sets (or with nullptr, unsets) environment variables for the scope.
+struct Env {
+  std::vector<std::string> names;
+  Env(std::initializer_list<std::pair<const char*, const char*>> vars) {
+    for (const char* n : {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
+                          "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_JOB_ID", "OMPI_COMM_WORLD_RANK",
+                          "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"})
+      ::unsetenv(n), names.push_back(n);
+    for (const auto& [k, v] : vars) ::setenv(k, v, 1);
+  }
+  ~Env() {
+    for (const auto& n : names) ::unsetenv(n.c_str());
+  }
+};
+
+// ||a - b|| / ||b|| over lists of tensors taken together.
+double relative_error(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    num += (a[i].to(at::kDouble) - b[i].to(at::kDouble)).pow(2).sum().item<double>();
+    den += b[i].to(at::kDouble).pow(2).sum().item<double>();
+  }
+  return std::sqrt(num / std::max(den, 1e-300));
+}
+
+json small_recipe(const std::string& method, bool reference_compatible = false) {
+  json r = {{"method", method},
+            {"data", {{"type", "mnist"}, {"root", "/nonexistent"}}},
+            {"views", json::parse(R"([[{"type": "normalize", "mean": [0.5], "std": [0.25]}],
+                                      [{"type": "normalize", "mean": [0.5], "std": [0.25]}]])")},
+            {"model", {{"backbone", {{"type", "resnet"}, {"layers", {1, 1, 1, 1}}, {"width", 4}, {"in_channels", 1}, {"cifar_stem", true}}},
+                       {"projector", {{"type", "mlp"}, {"spec", "32-16"}}}}},
+            {"loss", {{"type", method}}},
+            {"optimizer", {{"type", "lars"}, {"base_lr", 0.5}, {"weight_decay", 1e-4}, {"eta", 0.02}}},
+            {"train", {{"batch_size", 4}, {"device", "cpu"}, {"sync_batchnorm", true}}}};
+  if (method == "byol") r["model"]["predictor"] = {{"type", "mlp"}, {"spec", "32-16"}};
+  if (method == "barlow_twins") r["loss"]["reference_compatible"] = reference_compatible;
+  return r;
+}
+
+struct StepResult {
+  double loss = 0;
+  std::vector<at::Tensor> grads;
+  std::vector<std::pair<std::string, at::Tensor>> state;  // every parameter and buffer after the step
+};
+
+std::unique_ptr<train::detail::SSLModel> make_model(const train::Recipe& recipe, at::ScalarType dtype) {
+  at::manual_seed(11);
+  auto m = std::make_unique<train::detail::SSLModel>(recipe, 0);
+  for (auto* n : {&m->backbone, &m->projector, &m->predictor, &m->target_backbone, &m->target_projector})
+    if (*n) (*n)->to(dtype);
+  m->train(true);
+  return m;
+}
+
+// forward, backward, (gradient averaging), LARS step, BYOL's EMA.
+StepResult step(train::detail::SSLModel& model, const train::Recipe& recipe, const std::vector<at::Tensor>& views,
+                dist::GradientReducer* reducer) {
+  auto optimizer = train::detail::make_optimizer(recipe.optimizer, model, 0.4, 0.4);
+  auto out = model.forward(views);
+  optimizer->zero_grad();
+  out.loss.total.backward();
+  if (reducer) reducer->finish();
+  StepResult r;
+  r.loss = out.loss.total.item<double>();
+  for (const auto& p : model.parameters()) r.grads.push_back(p.grad().defined() ? p.grad().clone() : at::zeros_like(p));
+  optimizer->step();
+  if (model.target_backbone) model.ema_update(0.9);
+  for (const auto& [name, t] : model.state()) r.state.emplace_back(name, t.clone());
+  return r;
+}
+
+struct Comparison {
+  double loss_error = 0, grad_error = 0, state_error = 0;
+};
+
+// One step at world size `world` with `per_rank` samples each, against one process.
+Comparison compare_with_one_process(const json& config, int world, int64_t per_rank, at::ScalarType dtype) {
+  const train::Recipe recipe = train::Recipe::parse(config);
+  at::manual_seed(5);
+  const at::Tensor a = at::randn({world * per_rank, 1, 12, 12}, dtype), b = at::randn({world * per_rank, 1, 12, 12}, dtype);
+
+  auto single = make_model(recipe, dtype);
+  const StepResult expected = step(*single, recipe, {a, b}, nullptr);
+
+  auto comms = dist::Communicator::create_local_group(world);
+  std::vector<std::unique_ptr<train::detail::SSLModel>> models;
+  for (int r = 0; r < world; ++r) models.push_back(make_model(recipe, dtype));
+  std::vector<StepResult> got(static_cast<size_t>(world));
+  on_ranks(comms, [&](int r) {
+    auto& m = *models[static_cast<size_t>(r)];
+    m.distribute(comms[static_cast<size_t>(r)], recipe.train.sync_batchnorm);
+    dist::GradientReducer reducer(m.parameters(), comms[static_cast<size_t>(r)]);
+    got[static_cast<size_t>(r)] = step(m, recipe, {a.narrow(0, r * per_rank, per_rank), b.narrow(0, r * per_rank, per_rank)}, &reducer);
+  });
+  Comparison c;
+  double mean_loss = 0;
+  for (const auto& g : got) mean_loss += g.loss / world;
+  c.loss_error = std::abs(mean_loss - expected.loss) / std::abs(expected.loss);
+  std::vector<at::Tensor> want_state;
+  for (const auto& [name, t] : expected.state)
+    if (t.is_floating_point()) want_state.push_back(t);
+  for (const auto& g : got) {
+    REQUIRE(g.state.size() == expected.state.size());
+    std::vector<at::Tensor> state;
+    for (size_t i = 0; i < g.state.size(); ++i) {
+      CHECK(g.state[i].first == expected.state[i].first);
+      if (g.state[i].second.is_floating_point()) state.push_back(g.state[i].second);
+      else CHECK(at::equal(g.state[i].second, expected.state[i].second));  // num_batches_tracked
+    }
+    c.grad_error = std::max(c.grad_error, relative_error(g.grads, expected.grads));
+    c.state_error = std::max(c.state_error, relative_error(state, want_state));
+  }
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("dist: launcher environments (torchrun, SLURM, OpenMPI)") {
+  {
+    Env e({});
+    CHECK(dist::detect_environment().launcher == "none");
+    CHECK(dist::detect_environment().world_size == 1);
+  }
+  {
+    Env e({{"RANK", "3"}, {"WORLD_SIZE", "8"}, {"LOCAL_RANK", "1"}, {"MASTER_ADDR", "node7"}, {"MASTER_PORT", "29400"}});
+    const auto env = dist::detect_environment();
+    CHECK(env.launcher == "torchrun");
+    CHECK(env.rank == 3);
+    CHECK(env.world_size == 8);
+    CHECK(env.local_rank == 1);
+    CHECK(env.master_addr == "node7");
+    CHECK(env.master_port == 29400);
+  }
+  {
+    Env e({{"SLURM_PROCID", "5"}, {"SLURM_NTASKS", "16"}, {"SLURM_LOCALID", "5"}, {"SLURM_JOB_NODELIST", "gpu[03-04,09]"},
+           {"SLURM_JOB_ID", "123456"}});
+    const auto env = dist::detect_environment();
+    CHECK(env.launcher == "slurm");
+    CHECK(env.rank == 5);
+    CHECK(env.world_size == 16);
+    CHECK(env.local_rank == 5);
+    CHECK(env.master_addr == "gpu03");
+    CHECK(env.master_port == 10000 + 123456 % 20000);
+  }
+  {
+    Env e({{"OMPI_COMM_WORLD_RANK", "1"}, {"OMPI_COMM_WORLD_SIZE", "2"}, {"OMPI_COMM_WORLD_LOCAL_RANK", "1"}});
+    const auto env = dist::detect_environment();
+    CHECK(env.launcher == "openmpi");
+    CHECK(env.rank == 1);
+    CHECK(env.master_addr == "127.0.0.1");
+  }
+  CHECK(dist::first_slurm_host("a1,b2") == "a1");
+  CHECK(dist::first_slurm_host("node[7-9]") == "node7");
+  CHECK(dist::first_slurm_host("solo") == "solo");
+  {
+    Env e({{"RANK", "4"}, {"WORLD_SIZE", "4"}});
+    check_throws_with<std::invalid_argument>([] { dist::detect_environment(); }, "rank 4 is not below the world size 4");
+  }
+  {
+    Env e({{"RANK", "x"}, {"WORLD_SIZE", "2"}});
+    check_throws_with<std::invalid_argument>([] { dist::detect_environment(); }, "RANK=\"x\"");
+  }
+  {
+    Env e({{"OMPI_COMM_WORLD_RANK", "0"}, {"OMPI_COMM_WORLD_SIZE", "8"}, {"OMPI_COMM_WORLD_LOCAL_SIZE", "4"}});
+    check_throws_with<std::invalid_argument>([] { dist::detect_environment(); }, "MASTER_ADDR");
+  }
+}
+
+TEST_CASE("dist: collectives over 3 ranks") {
+  auto comms = dist::Communicator::create_local_group(3);
+  std::vector<at::Tensor> sums(3), gathered(3), broadcast(3);
+  on_ranks(comms, [&](int r) {
+    auto& c = *comms[static_cast<size_t>(r)];
+    CHECK(c.rank() == r);
+    at::Tensor s = at::full({4}, r + 1.0);
+    c.all_reduce(s);
+    sums[static_cast<size_t>(r)] = s;
+    gathered[static_cast<size_t>(r)] = c.all_gather(at::full({2, 2}, double(r)));
+    at::Tensor b = at::full({3}, r == 2 ? 7.0 : -1.0);
+    c.broadcast(b, 2);
+    broadcast[static_cast<size_t>(r)] = b;
+    c.barrier();
+  });
+  for (int r = 0; r < 3; ++r) {
+    CHECK(at::equal(sums[static_cast<size_t>(r)], at::full({4}, 6.0)));
+    CHECK(gathered[static_cast<size_t>(r)].sizes() == at::IntArrayRef{6, 2});
+    CHECK(gathered[static_cast<size_t>(r)][5][1].item<double>() == 2.0);
+    CHECK(at::equal(broadcast[static_cast<size_t>(r)], at::full({3}, 7.0)));
+  }
+}
+
+TEST_CASE("dist: SyncBatchNorm equals BatchNorm over the union batch, forward and backward") {
+  for (int world : {2, 3}) {
+    CAPTURE(world);
+    at::manual_seed(3);
+    const int64_t per_rank = 3, channels = 4;
+    const at::Tensor x = at::randn({world * per_rank, channels, 5, 5}, at::kDouble) * 3 + 1;
+    const at::Tensor upstream = at::randn_like(x);
+    const at::Tensor w0 = at::rand({channels}, at::kDouble) + 0.5, b0 = at::randn({channels}, at::kDouble);
+    // One process.
+    at::Tensor xs = x.clone().requires_grad_(true), ws = w0.clone().requires_grad_(true), bs = b0.clone().requires_grad_(true);
+    at::Tensor rm = at::zeros({channels}, at::kDouble), rv = at::ones({channels}, at::kDouble);
+    const at::Tensor ys = at::batch_norm(xs, ws, bs, rm, rv, true, 0.1, 1e-5, false);
+    (ys * upstream).sum().backward();
+    // W ranks.
+    auto comms = dist::Communicator::create_local_group(world);
+    std::vector<at::Tensor> ys_r(world), gx_r(world), gw_r(world), gb_r(world), rm_r(world), rv_r(world);
+    on_ranks(comms, [&](int r) {
+      at::Tensor xr = x.narrow(0, r * per_rank, per_rank).clone().requires_grad_(true);
+      at::Tensor wr = w0.clone().requires_grad_(true), br = b0.clone().requires_grad_(true);
+      rm_r[r] = at::zeros({channels}, at::kDouble), rv_r[r] = at::ones({channels}, at::kDouble);
+      const at::Tensor y = dist::sync_batch_norm(xr, wr, br, rm_r[r], rv_r[r], 0.1, 1e-5, comms[static_cast<size_t>(r)]);
+      (y * upstream.narrow(0, r * per_rank, per_rank)).sum().backward();
+      ys_r[r] = y.detach(), gx_r[r] = xr.grad(), gw_r[r] = wr.grad(), gb_r[r] = br.grad();
+    });
+    CHECK(twins::test::max_rel_error(at::cat(ys_r), ys.detach(), 1e-6) < 1e-12);
+    CHECK(twins::test::max_rel_error(at::cat(gx_r), xs.grad(), 1e-6) < 1e-10);
+    // Affine gradients are per-rank sums; data parallelism's averaging x W gives the total.
+    CHECK(twins::test::max_rel_error(at::stack(gw_r).sum(0), ws.grad()) < 1e-10);
+    CHECK(twins::test::max_rel_error(at::stack(gb_r).sum(0), bs.grad()) < 1e-10);
+    for (int r = 0; r < world; ++r) {
+      CHECK(twins::test::max_rel_error(rm_r[r], rm, 1e-6) < 1e-12);
+      CHECK(twins::test::max_rel_error(rv_r[r], rv) < 1e-12);
+    }
+  }
+}
+
+TEST_CASE("dist: gradient buckets cover every parameter exactly once, and finish() averages") {
+  auto net = models::create_backbone(json{{"type", "resnet18"}, {"width", 8}});
+  std::vector<at::Tensor> params = net->parameters();
+  params[3].set_requires_grad(false);  // frozen: in no bucket
+  auto comms = dist::Communicator::create_local_group(2);
+  std::vector<std::vector<std::vector<size_t>>> buckets(2);
+  std::vector<std::vector<at::Tensor>> grads(2);
+  on_ranks(comms, [&](int r) {
+    std::vector<at::Tensor> mine;
+    for (const auto& p : params) mine.push_back(p.detach().clone().requires_grad_(p.requires_grad()));
+    dist::GradientReducerOptions o;
+    o.bucket_mb = 0.05;  // many buckets
+    dist::GradientReducer reducer(mine, comms[static_cast<size_t>(r)], o);
+    buckets[r] = reducer.buckets();
+    // Every parameter but one used: the unused one still gets the average of what ranks hold (0).
+    at::Tensor loss = at::zeros({}, at::kFloat);
+    for (size_t i = 0; i + 1 < mine.size(); ++i)
+      if (mine[i].requires_grad()) loss = loss + mine[i].sum() * double(r + 1) * double(i + 1);
+    loss.backward();
+    reducer.finish();
+    for (const auto& p : mine) grads[r].push_back(p.grad().defined() ? p.grad().clone() : at::Tensor());
+  });
+  std::multiset<size_t> seen;
+  for (const auto& b : buckets[0])
+    for (size_t i : b) seen.insert(i);
+  CHECK(buckets[0].size() > 3);
+  CHECK(buckets[0] == buckets[1]);
+  CHECK(seen.size() == params.size() - 1);
+  for (size_t i = 0; i < params.size(); ++i) CHECK(seen.count(i) == (i == 3 ? 0u : 1u));
+  for (size_t i = 0; i < params.size(); ++i) {
+    CAPTURE(i);
+    if (i == 3) continue;
+    const double expected = i + 1 == params.size() ? 0.0 : 1.5 * double(i + 1);  // mean of 1x and 2x
+    CHECK(at::allclose(grads[0][i], at::full_like(params[i], expected)));
+    CHECK(at::equal(grads[0][i], grads[1][i]));
+  }
+}
+
+TEST_CASE("dist: gradient accumulation reduces the summed gradients once") {
+  auto comms = dist::Communicator::create_local_group(2);
+  std::vector<at::Tensor> grads(2);
+  on_ranks(comms, [&](int r) {
+    at::Tensor p = at::zeros({3}).requires_grad_(true);
+    dist::GradientReducer reducer({p}, comms[static_cast<size_t>(r)]);
+    reducer.set_sync(false);
+    (p * double(r + 1)).sum().backward();
+    reducer.finish();  // no-op while not synchronising
+    reducer.set_sync(true);
+    (p * double(2 * (r + 1))).sum().backward();
+    reducer.finish();
+    grads[r] = p.grad().clone();
+  });
+  CHECK(at::allclose(grads[0], at::full({3}, 4.5)));  // mean over ranks of 3 (r + 1)
+  CHECK(at::equal(grads[0], grads[1]));
+}
+
+TEST_CASE("dist: one data-parallel step equals one process over the union batch") {
+  for (const std::string method : {"vicreg", "barlow_twins", "byol"}) {
+    CAPTURE(method);
+    const json config = small_recipe(method);
+    const auto f64 = compare_with_one_process(config, 2, 4, at::kDouble);
+    MESSAGE(method, " fp64 W=2: loss ", f64.loss_error, ", gradients ", f64.grad_error, ", state ", f64.state_error);
+    CHECK(f64.loss_error < 1e-12);
+    CHECK(f64.grad_error < 1e-10);
+    CHECK(f64.state_error < 1e-12);
+    const auto f32 = compare_with_one_process(config, 3, 4, at::kFloat);
+    MESSAGE(method, " fp32 W=3: loss ", f32.loss_error, ", gradients ", f32.grad_error, ", state ", f32.state_error);
+    CHECK(f32.loss_error < 1e-5);
+    CHECK(f32.grad_error < 1e-5);
+    CHECK(f32.state_error < 1e-5);
+  }
+}
+
+TEST_CASE("dist: Barlow Twins' reference_compatible gradients are 1/W of the exact ones") {
+  const int world = 2;
+  const train::Recipe exact = train::Recipe::parse(small_recipe("barlow_twins", false));
+  const train::Recipe official = train::Recipe::parse(small_recipe("barlow_twins", true));
+  at::manual_seed(8);
+  const at::Tensor a = at::randn({world * 4, 1, 12, 12}, at::kDouble), b = at::randn({world * 4, 1, 12, 12}, at::kDouble);
+  auto comms = dist::Communicator::create_local_group(world);
+  std::vector<std::vector<at::Tensor>> g_exact(world), g_official(world);
+  // Built here, not in the ranks' threads: the seed's generator is shared.
+  std::vector<std::unique_ptr<train::detail::SSLModel>> m_exact, m_official;
+  for (int r = 0; r < world; ++r) m_exact.push_back(make_model(exact, at::kDouble)), m_official.push_back(make_model(official, at::kDouble));
+  on_ranks(comms, [&](int r) {
+    for (const auto* recipe : {&exact, &official}) {
+      auto& m = recipe == &exact ? *m_exact[r] : *m_official[r];
+      m.distribute(comms[static_cast<size_t>(r)], true);
+      dist::GradientReducer reducer(m.parameters(), comms[static_cast<size_t>(r)]);
+      const auto out = step(m, *recipe, {a.narrow(0, r * 4, 4), b.narrow(0, r * 4, 4)}, &reducer);
+      (recipe == &exact ? g_exact : g_official)[r] = out.grads;
+    }
+  });
+  std::vector<at::Tensor> scaled;
+  for (const auto& g : g_official[0]) scaled.push_back(g * world);
+  CHECK(relative_error(scaled, g_exact[0]) < 1e-10);
+}
+
+TEST_CASE("dist: losses without a communicator, or with one rank, are the local losses") {
+  at::manual_seed(2);
+  const at::Tensor za = at::randn({6, 5}, at::kDouble), zb = at::randn({6, 5}, at::kDouble);
+  auto comms = dist::Communicator::create_local_group(1);
+  losses::VICRegOptions vo;
+  vo.communicator = comms[0];
+  CHECK(losses::vicreg_loss(za, zb, vo).total.item<double>() == doctest::Approx(losses::vicreg_loss(za, zb).total.item<double>()));
+  losses::BarlowTwinsOptions bo;
+  bo.communicator = comms[0];
+  CHECK(losses::barlow_twins_loss(za, zb, bo).total.item<double>() ==
+        doctest::Approx(losses::barlow_twins_loss(za, zb).total.item<double>()));
+}
