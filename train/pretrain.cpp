@@ -263,6 +263,13 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
     step = meta.at("step"), epoch = meta.at("epoch"), first_batch = meta.at("batch");
     probe_stats.correct = meta.value("probe_correct", 0), probe_stats.seen = meta.value("probe_seen", 0);
     fp16_scale = meta.value("fp16_scale", fp16_scale);
+    const int64_t saved_world = meta.value("world_size", int64_t{1});
+    if (saved_world != world) {  // same samples seen this epoch, counted in the new batches
+      first_batch = first_batch * saved_world / world / accumulate * accumulate;
+      if (main_rank)
+        std::cerr << "warning: the checkpoint was written by " << saved_world << " rank(s), resuming with " << world
+                  << ": the epoch continues after the same number of samples; steps and schedules follow the new global batch\n";
+    }
     if (first_batch >= epoch_batches) ++epoch, first_batch = 0, probe_stats = {};
   }
   if (comm) {  // every rank starts from rank 0's state (resumed or freshly initialised)

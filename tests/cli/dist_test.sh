@@ -36,6 +36,7 @@ grep -q "interrupted at step 2" "$dir/err1" || { cat "$dir/err1"; exit 1; }
 grep -q "x 2 ranks (gloo) x 2 accumulated" "$dir/err1" || { cat "$dir/err1"; exit 1; }
 grep -q "4 steps/epoch" "$dir/err1" || { cat "$dir/err1"; exit 1; }
 [ "$(ls "$dir/run/checkpoints")" = "step-00000002.safetensors" ] || { ls "$dir/run/checkpoints"; exit 1; }
+cp -r "$dir/run" "$dir/run1"
 "$twins" pretrain --resume --out "$dir/run" --nproc-per-node 2 > "$dir/out2" 2> "$dir/err2"
 grep -q "resuming from" "$dir/err2" || { cat "$dir/err2"; exit 1; }
 [ -f "$dir/run/backbone.safetensors" ] || { cat "$dir/err2"; exit 1; }
@@ -43,6 +44,10 @@ grep -q "resuming from" "$dir/err2" || { cat "$dir/err2"; exit 1; }
 grep -q '"steps":5' "$dir/run/metrics.jsonl" || { cat "$dir/run/metrics.jsonl"; exit 1; }
 grep -q '"epochs_completed":1' "$dir/run/metrics.jsonl" || { cat "$dir/run/metrics.jsonl"; exit 1; }
 [ "$(grep -c "run folder" "$dir/out2")" -eq 1 ] || { cat "$dir/out2"; exit 1; }  # rank 0 speaks
+# The same checkpoint resumed by one process: it warns and finishes.
+"$twins" pretrain --resume --out "$dir/run1" > /dev/null 2> "$dir/err3"
+grep -q "written by 2 rank(s), resuming with 1" "$dir/err3" || { cat "$dir/err3"; exit 1; }
+[ -f "$dir/run1/backbone.safetensors" ] || { cat "$dir/err3"; exit 1; }
 echo "launch and resume ok"
 
 # The pid of rank $2 among the children of launcher $1, once it is up.
