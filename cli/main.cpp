@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "cli/commands.h"
+#include "twins/runtime.h"
 #include "twins/version.h"
 
 // In a multi-rank job, which rank speaks (unless the message says so already).
@@ -18,6 +19,7 @@ static std::string rank_prefix(const std::string& message) {
 }
 
 int main(int argc, char** argv) {
+  twins::tune_allocator();
   CLI::App app{"twins: non-contrastive self-supervised learning (VICReg, Barlow Twins, BYOL)"};
   app.require_subcommand(0, 1);
   bool show_version = false;

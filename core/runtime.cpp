@@ -3,6 +3,10 @@
 #include <ATen/Parallel.h>
 
 #include <cstdlib>
+#include <cstring>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 #include <thread>
 
 namespace twins {
@@ -14,6 +18,18 @@ int set_compute_threads(int n) {
   }
   at::set_num_threads(n);
   return at::get_num_threads();
+}
+
+bool tune_allocator() {
+  const char* choice = std::getenv("TWINS_MALLOC");
+  if (choice && std::strcmp(choice, "system") == 0) return false;
+#if defined(__GLIBC__)
+  // Activations above glibc's mmap threshold (32 MB at most) are otherwise mapped and unmapped on
+  // every step, each page zero-filled again by the kernel: most of the "sys" time of CPU training.
+  return mallopt(M_MMAP_MAX, 0) == 1 && mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1;
+#else
+  return false;
+#endif
 }
 
 }  // namespace twins
