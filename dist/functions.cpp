@@ -14,6 +14,20 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// [1, C, 1, ...]: per-channel [C] tensors viewed to broadcast against x [N, C, ...].
+std::vector<int64_t> channel_shape(const at::Tensor& x) {
+  std::vector<int64_t> shape(static_cast<size_t>(x.dim()), 1);
+  shape[1] = x.size(1);
+  return shape;
+}
+
+// Every dimension of x but the channels: what batch statistics reduce over.
+std::vector<int64_t> batch_dims(const at::Tensor& x) {
+  std::vector<int64_t> dims{0};
+  for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
+  return dims;
+}
+
 std::shared_ptr<Communicator> saved_communicator(AutogradContext* ctx) {
   return Communicator::find(ctx->saved_data["communicator"].toInt());
 }
@@ -56,8 +70,7 @@ struct AllReduceFunction : torch::autograd::Function<AllReduceFunction> {
 struct SyncBatchNormFunction : torch::autograd::Function<SyncBatchNormFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                             const at::Tensor& mean, const at::Tensor& invstd, double count, int64_t id) {
-    std::vector<int64_t> shape(static_cast<size_t>(x.dim()), 1);
-    shape[1] = x.size(1);
+    const std::vector<int64_t> shape = channel_shape(x);
     const at::Tensor xf = x.to(mean.scalar_type());
     at::Tensor y = (xf - mean.view(shape)) * invstd.view(shape);
     if (weight.defined()) y = y * weight.to(mean.scalar_type()).view(shape);
@@ -72,9 +85,7 @@ struct SyncBatchNormFunction : torch::autograd::Function<SyncBatchNormFunction> 
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &invstd = saved[3];
     const double count = ctx->saved_data["count"].toDouble();
-    std::vector<int64_t> shape(static_cast<size_t>(x.dim()), 1), dims{0};
-    shape[1] = x.size(1);
-    for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
+    const std::vector<int64_t> shape = channel_shape(x), dims = batch_dims(x);
     const at::Tensor dy = grads[0].to(mean.scalar_type());
     const at::Tensor xhat = (x.to(mean.scalar_type()) - mean.view(shape)) * invstd.view(shape);
     const at::Tensor sum_dy = dy.sum(dims), sum_dy_xhat = (dy * xhat).sum(dims);
@@ -124,9 +135,7 @@ at::Tensor sync_batch_norm(const at::Tensor& x, const at::Tensor& weight, const 
   double count = 0;
   {
     at::NoGradGuard no_grad;
-    std::vector<int64_t> dims{0}, shape(static_cast<size_t>(x.dim()), 1);
-    shape[1] = c;
-    for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
+    const std::vector<int64_t> shape = channel_shape(x), dims = batch_dims(x);
     const at::Tensor xf = x.detach().to(st);
     const double n = static_cast<double>(x.numel() / std::max<int64_t>(1, c));
     // Each rank's count, mean and sum of squared deviations; combined exactly (Chan et al.),
