@@ -10,6 +10,20 @@
 #include <stdexcept>
 #include <vector>
 
+namespace twins::augment {
+
+Interpolation parse_interpolation(const std::string& name, const std::string& path) {
+  if (name == "bilinear") return Interpolation::bilinear;
+  if (name == "bicubic") return Interpolation::bicubic;
+  throw std::invalid_argument(path + ": interpolation must be bilinear or bicubic, got \"" + name + "\"");
+}
+
+const char* to_string(Interpolation interpolation) {
+  return interpolation == Interpolation::bicubic ? "bicubic" : "bilinear";
+}
+
+}  // namespace twins::augment
+
 namespace twins::augment::functional {
 namespace {
 
@@ -392,11 +406,8 @@ at::Tensor gaussian_blur(const at::Tensor& image, int kernel_size, double sigma)
 }
 
 at::Tensor resized_crop(const at::Tensor& image, int top, int left, int height, int width,
-                        int out_h, int out_w, const std::string& interpolation) {
+                        int out_h, int out_w, Interpolation interpolation) {
   const at::Tensor img = checked(image, "resized_crop");
-  if (interpolation != "bilinear" && interpolation != "bicubic")
-    throw std::invalid_argument("resized_crop: interpolation must be bilinear or bicubic, got " +
-                                interpolation);
   const int h = static_cast<int>(img.size(0)), w = static_cast<int>(img.size(1));
   const int c = static_cast<int>(img.size(2));
   if (top < 0 || left < 0 || height < 1 || width < 1 || top + height > h || left + width > w ||
@@ -406,7 +417,7 @@ at::Tensor resized_crop(const at::Tensor& image, int top, int left, int height, 
         ", " + std::to_string(height) + "x" + std::to_string(width) + ") -> " +
         std::to_string(out_h) + "x" + std::to_string(out_w) + " does not fit a " +
         std::to_string(h) + "x" + std::to_string(w) + " image");
-  const bool bicubic = interpolation == "bicubic";
+  const bool bicubic = interpolation == Interpolation::bicubic;
   const uint8_t* src = img.data_ptr<uint8_t>();
   const int64_t stride = static_cast<int64_t>(w) * c;
   at::Tensor out = at::empty({out_h, out_w, c}, img.options());
@@ -434,9 +445,18 @@ at::Tensor resized_crop(const at::Tensor& image, int top, int left, int height, 
   return out;
 }
 
-at::Tensor resize(const at::Tensor& img, int out_h, int out_w, const std::string& interpolation) {
+at::Tensor resized_crop(const at::Tensor& img, int top, int left, int height, int width, int out_h, int out_w,
+                        const std::string& interpolation) {
+  return resized_crop(img, top, left, height, width, out_h, out_w, parse_interpolation(interpolation, "resized_crop"));
+}
+
+at::Tensor resize(const at::Tensor& img, int out_h, int out_w, Interpolation interpolation) {
   return resized_crop(img, 0, 0, static_cast<int>(img.size(0)), static_cast<int>(img.size(1)),
                       out_h, out_w, interpolation);
+}
+
+at::Tensor resize(const at::Tensor& img, int out_h, int out_w, const std::string& interpolation) {
+  return resize(img, out_h, out_w, parse_interpolation(interpolation, "resize"));
 }
 
 at::Tensor crop(const at::Tensor& image, int top, int left, int height, int width) {

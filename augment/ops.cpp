@@ -51,11 +51,10 @@ double read_probability(ConfigReader& r, double value) {
   return value;
 }
 
-std::string read_interpolation(ConfigReader& r, std::string value) {
-  r.get("interpolation", value);
-  config::require(value == "bilinear" || value == "bicubic", r.path_of("interpolation"),
-                  "must be bilinear or bicubic, got \"" + value + "\"");
-  return value;
+Interpolation read_interpolation(ConfigReader& r, Interpolation value) {
+  std::string name = to_string(value);
+  r.get("interpolation", name);
+  return parse_interpolation(name, r.path_of("interpolation"));
 }
 
 json size_json(std::pair<int, int> s) {
@@ -84,14 +83,14 @@ class RandomResizedCrop final : public Op {
   json to_json() const override {
     return {{"type", "random_resized_crop"}, {"size", size_json(size_)},
             {"scale", {scale_.first, scale_.second}}, {"ratio", {ratio_.first, ratio_.second}},
-            {"interpolation", interpolation_}};
+            {"interpolation", to_string(interpolation_)}};
   }
   std::pair<int, int> output_size() const override { return size_; }
 
  private:
   std::pair<int, int> size_;
   std::pair<double, double> scale_{0.08, 1.0}, ratio_{3.0 / 4.0, 4.0 / 3.0};
-  std::string interpolation_ = "bilinear";
+  Interpolation interpolation_ = Interpolation::bilinear;
 };
 
 class RandomHorizontalFlip final : public Op {
@@ -286,14 +285,14 @@ class Resize final : public Op {
   }
   json to_json() const override {
     return {{"type", "resize"}, {"size", shorter_ ? json(size_.first) : json({size_.first, size_.second})},
-            {"interpolation", interpolation_}};
+            {"interpolation", to_string(interpolation_)}};
   }
   std::pair<int, int> output_size() const override { return shorter_ ? std::pair{0, 0} : size_; }
 
  private:
   bool shorter_ = true;
   std::pair<int, int> size_;
-  std::string interpolation_ = "bilinear";
+  Interpolation interpolation_ = Interpolation::bilinear;
 };
 
 class CenterCrop final : public Op {
@@ -321,27 +320,21 @@ class CenterCrop final : public Op {
   std::pair<int, int> size_;
 };
 
-// Ops take the path of their JSON object for messages (views[1][3].p: ...), so their registry
-// is a plain map rather than twins::Registry, whose factories see only the spec.
-using OpFactory = std::function<std::shared_ptr<Op>(const json&, const std::string&)>;
-
-template <class T>
-OpFactory factory() {
-  return [](const json& s, const std::string& p) { return std::make_shared<T>(s, p); };
-}
-
-const std::map<std::string, OpFactory>& registry() {
-  static const std::map<std::string, OpFactory> r = {
-      {"random_resized_crop", factory<RandomResizedCrop>()},
-      {"random_horizontal_flip", factory<RandomHorizontalFlip>()},
-      {"color_jitter", factory<ColorJitter>()},
-      {"random_grayscale", factory<RandomGrayscale>()},
-      {"gaussian_blur", factory<GaussianBlur>()},
-      {"solarization", factory<Solarization>()},
-      {"random_apply", factory<RandomApply>()},
-      {"resize", factory<Resize>()},
-      {"center_crop", factory<CenterCrop>()},
-  };
+const Registry<Op>& registry() {
+  static const Registry<Op> r = [] {
+    Registry<Op> r("op");
+    auto add = [&r](const std::string& name, auto make) { r.add(name, make); };
+    add("random_resized_crop", [](const json& s, const std::string& p) { return std::make_shared<RandomResizedCrop>(s, p); });
+    add("random_horizontal_flip", [](const json& s, const std::string& p) { return std::make_shared<RandomHorizontalFlip>(s, p); });
+    add("color_jitter", [](const json& s, const std::string& p) { return std::make_shared<ColorJitter>(s, p); });
+    add("random_grayscale", [](const json& s, const std::string& p) { return std::make_shared<RandomGrayscale>(s, p); });
+    add("gaussian_blur", [](const json& s, const std::string& p) { return std::make_shared<GaussianBlur>(s, p); });
+    add("solarization", [](const json& s, const std::string& p) { return std::make_shared<Solarization>(s, p); });
+    add("random_apply", [](const json& s, const std::string& p) { return std::make_shared<RandomApply>(s, p); });
+    add("resize", [](const json& s, const std::string& p) { return std::make_shared<Resize>(s, p); });
+    add("center_crop", [](const json& s, const std::string& p) { return std::make_shared<CenterCrop>(s, p); });
+    return r;
+  }();
   return r;
 }
 
@@ -384,20 +377,19 @@ CropBox random_resized_crop_box(int height, int width, std::pair<double, double>
 }
 
 std::shared_ptr<Op> create_op(const json& spec, const std::string& path) {
-  const std::string type = config::type_of(spec, path);
-  if (type == "normalize")
+  if (config::type_of(spec, path) == "normalize")
     throw std::invalid_argument(path + ": normalize must be the last op of a view");
-  const auto it = registry().find(type);
-  if (it == registry().end()) detail::registry_unknown(path, type, op_names());
-  return it->second(spec.is_string() ? json{{"type", type}} : spec, path);
+  return registry().create(spec, path);
 }
 
 std::vector<std::string> op_names() {
-  std::vector<std::string> names{"normalize"};
-  for (const auto& kv : registry()) names.push_back(kv.first);
+  std::vector<std::string> names = registry().names();
+  names.push_back("normalize");  // not an op: the views' last step, parsed by parse_views
   std::sort(names.begin(), names.end());
   return names;
 }
+
+int View::output_side(int fallback) const { return size.first > 0 ? size.first : fallback; }
 
 at::Tensor View::apply(const at::Tensor& img, Rng rng) const {
   at::Tensor out = img;

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "cli/commands.h"
+#include "twins/distributed/communicator.h"
 
 namespace twins::cli {
 namespace {
@@ -79,9 +80,10 @@ std::string describe(int status) {
 
 int launch_local(int nproc, double grace_seconds) {
   if (nproc < 1) throw std::invalid_argument("--nproc-per-node: must be >= 1");
-  if (std::getenv("RANK") || std::getenv("WORLD_SIZE"))
-    throw std::invalid_argument("--nproc-per-node: this process is already a rank (RANK/WORLD_SIZE are set); "
-                                "use either a launcher or --nproc-per-node");
+  const auto env = distributed::detect_environment();
+  if (env.launcher != "none")
+    throw std::invalid_argument("--nproc-per-node: this process is already rank " + std::to_string(env.rank) + " of a " +
+                                env.launcher + " job; use either a launcher or --nproc-per-node");
   const std::vector<std::string> args = child_arguments();
   const char* port_env = std::getenv("MASTER_PORT");
   const std::string port = port_env && *port_env ? port_env : std::to_string(free_port());
@@ -110,6 +112,7 @@ int launch_local(int nproc, double grace_seconds) {
       ::setenv("LOCAL_WORLD_SIZE", std::to_string(nproc).c_str(), 1);
       ::setenv("MASTER_ADDR", "127.0.0.1", 1);
       ::setenv("MASTER_PORT", port.c_str(), 1);
+      ::setenv("TWINS_NPROC_PER_NODE", std::to_string(nproc).c_str(), 1);  // for the resume command
       std::vector<char*> argv;
       for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
       argv.push_back(nullptr);

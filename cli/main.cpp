@@ -1,21 +1,24 @@
 // The `twins` command: parses the command line, runs one subcommand, and is the only place
 // that turns exceptions into messages and exit codes (2: usage or configuration, 1: runtime).
-#include <cstdlib>
 #include <exception>
 #include <iostream>
 #include <stdexcept>
 #include <vector>
 
 #include "cli/commands.h"
+#include "twins/distributed/communicator.h"
 #include "twins/runtime.h"
 #include "twins/version.h"
 
-// In a multi-rank job, which rank speaks (unless the message says so already).
+// In a multi-rank job (any launcher twins knows), which rank speaks, unless the message says so.
 static std::string rank_prefix(const std::string& message) {
-  const char* rank = std::getenv("RANK");
-  const char* world = std::getenv("WORLD_SIZE");
-  if (!rank || !world || std::string(world) == "1" || message.rfind("rank ", 0) == 0) return "";
-  return "rank " + std::string(rank) + ": ";
+  try {
+    const auto env = twins::distributed::detect_environment();
+    if (env.world_size <= 1 || message.rfind("rank ", 0) == 0) return "";
+    return "rank " + std::to_string(env.rank) + ": ";
+  } catch (const std::exception&) {  // a malformed environment is reported by the command itself
+    return "";
+  }
 }
 
 int main(int argc, char** argv) {

@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
+#include "twins/distributed/communicator.h"
 #include "twins/config.h"
 #include "twins/train/pretrain.h"
 
@@ -37,10 +38,17 @@ int run_pretrain(const PretrainArgs& a) {
   sigaction(SIGTERM, &sa, nullptr);
   train::PretrainOptions o;
   o.out_dir = out, o.resume = a.resume, o.device = a.device, o.stop_after = a.stop_after;
-  o.command_line = "twins pretrain --out " + out;
   const auto r = train::pretrain(cfg, o);
-  const char* rank = std::getenv("RANK");
-  if (rank && std::string(rank) != "0") return 0;  // rank 0 speaks for the job
+  if (!r.main_rank) return 0;  // rank 0 speaks for the job
+  if (r.interrupted) {
+    // The same launcher again: ours passes its rank count down; others are the user's command.
+    const char* nproc = std::getenv("TWINS_NPROC_PER_NODE");
+    const std::string command = "twins pretrain --out " + out + " --resume";
+    if (nproc) std::cerr << "resume with: " << command << " --nproc-per-node " << nproc << "\n";
+    else if (distributed::detect_environment().launcher != "none")
+      std::cerr << "resume with the same launcher and: " << command << "\n";
+    else std::cerr << "resume with: " << command << "\n";
+  }
   if (!r.interrupted && r.online_probe_top1)
     std::cout << "online probe top-1: " << *r.online_probe_top1 << "%\n";
   std::cout << "run folder: " << out << "\n";

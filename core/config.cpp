@@ -80,7 +80,7 @@ std::string nearest(const std::string& word, const std::vector<std::string>& can
 void apply_override(nlohmann::json& root, const std::string& assignment) {
   const auto eq = assignment.find('=');
   if (eq == std::string::npos || eq == 0)
-    throw std::invalid_argument("--set " + assignment + ": expected key.path=value");
+    throw std::invalid_argument("override \"" + assignment + "\": expected key.path=value");
   const std::string path = assignment.substr(0, eq);
   const std::string text = assignment.substr(eq + 1);
   nlohmann::json value = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
@@ -92,7 +92,7 @@ void apply_override(nlohmann::json& root, const std::string& assignment) {
     const size_t dot = path.find('.', start);
     const std::string key = path.substr(start, dot == std::string::npos ? dot : dot - start);
     const std::string parent = start == 0 ? "the config" : path.substr(0, start - 1);
-    if (key.empty()) throw std::invalid_argument("--set " + assignment + ": empty key in path");
+    if (key.empty()) throw std::invalid_argument("override \"" + assignment + "\": empty key in path");
     nlohmann::json* child = nullptr;
     if (node->is_array()) {  // views.1.0.p: list elements by index
       size_t used = 0;
@@ -103,13 +103,13 @@ void apply_override(nlohmann::json& root, const std::string& assignment) {
         used = 0;
       }
       if (used != key.size() || index >= node->size())
-        throw std::invalid_argument("--set " + assignment + ": " + parent + " is a list of " +
+        throw std::invalid_argument("override \"" + assignment + "\": " + parent + " is a list of " +
                                     std::to_string(node->size()) + "; \"" + key + "\" is not an index in it");
       child = &(*node)[index];
     } else if (node->is_object()) {
       child = &(*node)[key];
     } else {
-      throw std::invalid_argument("--set " + assignment + ": " + parent + " is not an object");
+      throw std::invalid_argument("override \"" + assignment + "\": " + parent + " is not an object");
     }
     if (dot == std::string::npos) {
       *child = value;
@@ -151,13 +151,17 @@ nlohmann::json load_config(const std::string& file, const std::vector<std::strin
 
 namespace twins::detail {
 
-std::string registry_type_of(const nlohmann::json& spec, const std::string& kind) {
-  return config::type_of(spec, kind);
+std::string registry_type_of(const nlohmann::json& spec, const std::string& path) {
+  return config::type_of(spec, path);
 }
 
-void registry_unknown(const std::string& kind, const std::string& name,
+nlohmann::json registry_object(const nlohmann::json& spec) {
+  return spec.is_string() ? nlohmann::json{{"type", spec}} : spec;
+}
+
+void registry_unknown(const std::string& path, const std::string& name,
                       const std::vector<std::string>& valid) {
-  std::string message = kind + ": unknown type \"" + name + "\"";
+  std::string message = path + ": unknown type \"" + name + "\"";
   const std::string guess = config::nearest(name, valid);
   if (!guess.empty()) message += " (did you mean " + guess + "?)";
   message += "; valid types:";
@@ -166,3 +170,14 @@ void registry_unknown(const std::string& kind, const std::string& name,
 }
 
 }  // namespace twins::detail
+
+namespace twins {
+
+std::string one_of(const std::vector<std::string>& choices) {
+  std::string out;
+  for (size_t i = 0; i < choices.size(); ++i)
+    out += (i == 0 ? "" : i + 1 == choices.size() ? " or " : ", ") + choices[i];
+  return out;
+}
+
+}  // namespace twins

@@ -1,15 +1,39 @@
 #include "twins/runtime.h"
 
 #include <ATen/Parallel.h>
+#include <torch/cuda.h>
 
 #include <cstdlib>
 #include <cstring>
 #if defined(__GLIBC__)
 #include <malloc.h>
 #endif
+#include <stdexcept>
 #include <thread>
 
+#include "core/compat.h"
+
 namespace twins {
+
+c10::Device resolve_device(const std::string& name, const std::string& what) {
+  if (name == "auto") return torch::cuda::is_available() ? c10::Device(c10::kCUDA, 0) : c10::Device(c10::kCPU);
+  c10::Device d(c10::kCPU);
+  try {
+    d = c10::Device(name);
+  } catch (const std::exception&) {
+    throw std::invalid_argument(what + ": \"" + name + "\" is not a device (auto, cpu, cuda, cuda:N)");
+  }
+  if (d.is_cpu()) return c10::Device(c10::kCPU);
+  if (!d.is_cuda()) throw std::invalid_argument(what + ": \"" + name + "\" is not a device twins runs on (auto, cpu, cuda, cuda:N)");
+  const int64_t count = torch::cuda::is_available() ? static_cast<int64_t>(torch::cuda::device_count()) : 0;
+  if (count == 0)
+    throw std::runtime_error(what + ": " + name + " requested but CUDA is not available (LibTorch " +
+                             compat::torch_version_string() + "); use cpu");
+  if (!d.has_index()) return c10::Device(c10::kCUDA, 0);
+  if (d.index() >= count)
+    throw std::runtime_error(what + ": " + name + " requested but this machine has " + std::to_string(count) + " CUDA device(s)");
+  return d;
+}
 
 int set_compute_threads(int n) {
   if (n <= 0) {

@@ -122,6 +122,7 @@ class RecordDataset : public Dataset {
   }
   int64_t size() const override { return total_; }
   bool in_memory() const override { return true; }
+  std::pair<int, int> image_size() const override { return {static_cast<int>(h_), static_cast<int>(w_)}; }
   int64_t num_classes() const override { return classes_; }
   at::Tensor image(int64_t index) const override {
     const auto [f, i] = locate(index);
@@ -408,34 +409,31 @@ std::shared_ptr<Dataset> make_csv(const json& spec, const std::string& path) {
   return d;
 }
 
-using Factory = std::function<std::shared_ptr<Dataset>(const json&, const std::string&)>;
-
-const std::map<std::string, Factory>& factories() {
-  static const std::map<std::string, Factory> f = {
-      {"cifar10", [](const json& s, const std::string& p) { return make_cifar(s, p, false); }},
-      {"cifar100", [](const json& s, const std::string& p) { return make_cifar(s, p, true); }},
-      {"stl10", make_stl10},
-      {"mnist", [](const json& s, const std::string& p) { return make_idx(s, p, false); }},
-      {"fashion_mnist", [](const json& s, const std::string& p) { return make_idx(s, p, true); }},
-      {"image_folder", make_image_folder},
-      {"csv", make_csv},
-  };
-  return f;
+const Registry<Dataset>& registry() {
+  static const Registry<Dataset> r = [] {
+    Registry<Dataset> r("dataset");
+    r.add("cifar10", [](const json& s, const std::string& p) { return make_cifar(s, p, false); });
+    r.add("cifar100", [](const json& s, const std::string& p) { return make_cifar(s, p, true); });
+    r.add("stl10", make_stl10);
+    r.add("mnist", [](const json& s, const std::string& p) { return make_idx(s, p, false); });
+    r.add("fashion_mnist", [](const json& s, const std::string& p) { return make_idx(s, p, true); });
+    r.add("image_folder", make_image_folder);
+    r.add("csv", make_csv);
+    return r;
+  }();
+  return r;
 }
 
 }  // namespace
 
-std::shared_ptr<Dataset> create_dataset(const json& spec, const std::string& path) {
-  const std::string type = config::type_of(spec, path);
-  const auto it = factories().find(type);
-  if (it == factories().end()) detail::registry_unknown(path, type, dataset_names());
-  return it->second(spec.is_string() ? json{{"type", type}} : spec, path);
-}
+std::shared_ptr<Dataset> create_dataset(const json& spec, const std::string& path) { return registry().create(spec, path); }
 
-std::vector<std::string> dataset_names() {
-  std::vector<std::string> names;
-  for (const auto& kv : factories()) names.push_back(kv.first);
-  return names;
+std::vector<std::string> dataset_names() { return registry().names(); }
+
+std::shared_ptr<Dataset> open_images(const std::string& input, const std::string& path) {
+  if (fs::is_directory(input)) return create_dataset({{"type", "image_folder"}, {"root", input}}, path);
+  if (fs::path(input).extension() == ".json") return create_dataset(config::read_json_file(input), path);
+  return create_dataset({{"type", "csv"}, {"file", input}}, path);
 }
 
 }  // namespace twins::data

@@ -7,6 +7,7 @@
 #include <condition_variable>
 #include <map>
 #include <mutex>
+#include <numeric>
 #include <thread>
 
 #include "twins/augment/functional.h"
@@ -152,11 +153,10 @@ std::vector<int64_t> Loader::epoch_indices(int64_t epoch) const {
   const auto& o = state_->options;
   const int64_t n = state_->dataset->size();
   std::vector<int64_t> all(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) all[static_cast<size_t>(i)] = i;
-  if (o.shuffle) {  // Fisher-Yates from the epoch's stream (the view streams use view ids >= 0)
-    augment::Rng rng(o.seed, static_cast<uint64_t>(epoch), ~uint64_t(0), ~uint64_t(0));
-    for (int64_t i = n - 1; i > 0; --i) std::swap(all[static_cast<size_t>(i)], all[static_cast<size_t>(rng.integer(0, i))]);
-  }
+  if (o.shuffle)  // the epoch's own stream (the view streams use view ids >= 0)
+    all = augment::permutation(n, augment::Rng(o.seed, static_cast<uint64_t>(epoch), ~uint64_t(0), ~uint64_t(0)));
+  else
+    std::iota(all.begin(), all.end(), int64_t{0});
   // DistributedSampler: pad to a multiple of the world size by repeating from the start.
   const int64_t per_rank = (n + o.world_size - 1) / o.world_size;
   for (int64_t i = 0; static_cast<int64_t>(all.size()) < per_rank * o.world_size; ++i)

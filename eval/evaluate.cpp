@@ -1,7 +1,6 @@
 #include "twins/eval/evaluate.h"
 
 #include <ATen/ATen.h>
-#include <torch/cuda.h>
 #include <zlib.h>
 
 #include <filesystem>
@@ -69,21 +68,17 @@ EvalConfig EvalConfig::parse(const json& root) {
   return c;
 }
 
-at::Device resolve_eval_device(const std::string& name) {
-  if (name == "auto") return torch::cuda::is_available() ? at::Device(at::kCUDA, 0) : at::Device(at::kCPU);
-  const at::Device d(name);
-  if (d.is_cuda() && !torch::cuda::is_available()) throw std::runtime_error("device " + name + ": CUDA is not available");
-  return d;
-}
+at::Device resolve_eval_device(const std::string& name) { return resolve_device(name, "device"); }
 
 std::shared_ptr<models::Network> open_backbone(const std::string& backbone) {
   if (backbone.rfind("random:", 0) == 0) {
     // random:<backbone JSON> or random:<recipe file> (its model.backbone)
     const std::string rest = backbone.substr(7);
     json spec;
-    if (!rest.empty() && rest[0] == '{') spec = json::parse(rest);
-    else if (fs::exists(rest)) spec = config::load_config(rest).at("model").at("backbone");
-    else throw std::invalid_argument("--backbone " + backbone + ": expected random:<backbone JSON> or random:<recipe file>");
+    if (!rest.empty() && rest[0] == '{') spec = json::parse(rest, nullptr, /*allow_exceptions=*/false);
+    else if (fs::exists(rest)) spec = config::load_config(rest).value("model", json::object()).value("backbone", json());
+    if (!spec.is_object() && !spec.is_string())
+      throw std::invalid_argument("backbone \"" + backbone + "\": expected random:<backbone JSON> or random:<recipe file with model.backbone>");
     at::manual_seed(0);
     auto net = models::create_backbone(spec);
     net->eval();

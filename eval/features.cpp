@@ -9,19 +9,12 @@
 #include <nlohmann/json.hpp>
 
 #include "twins/data/loader.h"
+#include "twins/eval/transform.h"
 
 namespace twins::eval {
 
 augment::View eval_view(const data::Dataset& dataset, int size, const augment::Normalization& normalization) {
-  const at::Tensor first = dataset.image(0);
-  const int shorter = static_cast<int>(std::min(first.size(0), first.size(1)));
-  const int resize = shorter == size ? size : static_cast<int>(std::lround(size * 256.0 / 224.0));
-  augment::View view;
-  view.ops.push_back(augment::create_op({{"type", "resize"}, {"size", resize}}, "eval.resize"));
-  view.ops.push_back(augment::create_op({{"type", "center_crop"}, {"size", size}}, "eval.center_crop"));
-  view.size = {size, size};
-  view.normalization = normalization;
-  return view;
+  return EvalTransform::for_dataset(dataset, size, normalization).view();
 }
 
 Features extract_features(models::Network& backbone, std::shared_ptr<const data::Dataset> dataset,

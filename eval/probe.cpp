@@ -10,6 +10,7 @@
 #include <stdexcept>
 
 #include "twins/augment/random.h"
+#include "twins/schedule.h"
 
 namespace twins::eval {
 namespace {
@@ -56,14 +57,10 @@ LinearProbeResult linear_probe(const Features& train_all, const Features& test_a
   torch::optim::SGD sgd(linear->parameters(), torch::optim::SGDOptions(o.lr).momentum(o.momentum).weight_decay(o.weight_decay));
   const int64_t batches = (n + o.batch_size - 1) / o.batch_size, total = batches * o.epochs;
   int64_t step = 0;
-  std::vector<int64_t> order(static_cast<size_t>(n));
   for (int64_t e = 0; e < o.epochs; ++e) {
-    for (int64_t i = 0; i < n; ++i) order[static_cast<size_t>(i)] = i;
-    augment::Rng rng(o.seed, static_cast<uint64_t>(e), 0, 0);
-    for (int64_t i = n - 1; i > 0; --i) std::swap(order[static_cast<size_t>(i)], order[static_cast<size_t>(rng.integer(0, i))]);
-    const at::Tensor perm = at::tensor(order, at::kLong).to(device);
+    const at::Tensor perm = at::tensor(augment::permutation(n, augment::Rng(o.seed, static_cast<uint64_t>(e), 0, 0)), at::kLong).to(device);
     for (int64_t b = 0; b < batches; ++b, ++step) {
-      const double lr = o.lr * 0.5 * (1 + std::cos(M_PI * static_cast<double>(step) / static_cast<double>(total)));
+      const double lr = warmup_cosine_lr(step, total, 0, o.lr, 0.0);
       for (auto& g : sgd.param_groups()) g.options().set_lr(lr);
       const at::Tensor idx = perm.slice(0, b * o.batch_size, std::min(n, (b + 1) * o.batch_size));
       const at::Tensor loss = torch::nn::functional::cross_entropy(linear->forward(x.index_select(0, idx)), y.index_select(0, idx));

@@ -7,12 +7,12 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "losses/checks.h"
 #include "twins/config.h"
-#include "twins/dist/communicator.h"
-#include "twins/registry.h"
+#include "twins/distributed/communicator.h"
 
 namespace twins::losses {
-namespace {
+namespace detail {
 
 std::string shape_of(const at::Tensor& t) {
   if (!t.defined()) return "(undefined)";
@@ -23,7 +23,6 @@ std::string shape_of(const at::Tensor& t) {
   return s.str();
 }
 
-// Two [N, D] floating-point tensors of the same shape with N >= min_batch.
 void check_pair(const char* loss, const char* name_a, const at::Tensor& a, const char* name_b,
                 const at::Tensor& b, int64_t min_batch) {
   const std::string got = std::string("; got ") + name_a + " " + shape_of(a) + " and " + name_b +
@@ -43,8 +42,13 @@ void check_pair(const char* loss, const char* name_a, const at::Tensor& a, const
     throw std::invalid_argument(std::string(loss) + ": embeddings have no features" + got);
 }
 
+}  // namespace detail
+
+namespace {
+using detail::check_pair;
+
 // Whether the statistics span several ranks.
-bool distributed(const std::shared_ptr<dist::Communicator>& c) { return c && c->world_size() > 1; }
+bool distributed(const std::shared_ptr<distributed::Communicator>& c) { return c && c->world_size() > 1; }
 
 // The off-diagonal entries of a square matrix, flattened, as the official code's off_diagonal:
 // it avoids sum(c^2) - sum(diag^2), which cancels catastrophically in float32 when the
@@ -71,8 +75,8 @@ LossOutput vicreg_loss(const at::Tensor& z_a, const at::Tensor& z_b, const VICRe
   // with gradients flowing back to every rank (the official FullGatherLayer).
   const at::Tensor invariance = at::mse_loss(z_a, z_b);
   const bool global = distributed(o.communicator);
-  const at::Tensor ga = global ? dist::all_gather_with_grad(z_a, o.communicator) : z_a;
-  const at::Tensor gb = global ? dist::all_gather_with_grad(z_b, o.communicator) : z_b;
+  const at::Tensor ga = global ? distributed::all_gather_with_grad(z_a, o.communicator) : z_a;
+  const at::Tensor gb = global ? distributed::all_gather_with_grad(z_b, o.communicator) : z_b;
   const int64_t n = ga.size(0);
   const at::Tensor xa = ga - ga.mean(0), xb = gb - gb.mean(0);
   auto hinge = [&](const at::Tensor& x) {
@@ -102,7 +106,7 @@ LossOutput barlow_twins_loss(const at::Tensor& z_a, const at::Tensor& z_b,
   // BatchNorm1d(affine=False) in training mode: biased variance over the (global) batch; over
   // several ranks, the official code's SyncBatchNorm: statistics summed with exact gradients.
   auto sum_over_batch = [&](const at::Tensor& x) {
-    return global ? dist::all_reduce_with_grad(x.sum(0), o.communicator) : x.sum(0);
+    return global ? distributed::all_reduce_with_grad(x.sum(0), o.communicator) : x.sum(0);
   };
   auto normalise = [&](const at::Tensor& z) {
     const at::Tensor centred = z - sum_over_batch(z) / static_cast<double>(n);
@@ -110,8 +114,8 @@ LossOutput barlow_twins_loss(const at::Tensor& z_a, const at::Tensor& z_b,
   };
   at::Tensor c = normalise(z_a).t().mm(normalise(z_b)) / static_cast<double>(n);
   if (global)  // the exact gradient, or the official plain all_reduce(c) (1/W of it)
-    c = o.reference_compatible ? dist::all_reduce_local_grad(c, o.communicator)
-                               : dist::all_reduce_with_grad(c, o.communicator);
+    c = o.reference_compatible ? distributed::all_reduce_local_grad(c, o.communicator)
+                               : distributed::all_reduce_with_grad(c, o.communicator);
   const at::Tensor on_diagonal = (c.diagonal() - 1.0).pow(2).sum();
   const at::Tensor off = off_diagonal(c).pow(2).sum();
 
@@ -141,14 +145,14 @@ LossOutput byol_loss(const at::Tensor& online_pred_a, const at::Tensor& online_p
   return out;
 }
 
-// ---- registry ----------------------------------------------------------------------------
+// ---- the losses as registered components (see losses/registry.cpp) ----------------------------------------------------------------------------
 
 namespace {
 
 class VICRegLoss final : public Loss {
  public:
-  explicit VICRegLoss(const nlohmann::json& spec) {
-    config::ConfigReader r(spec, "loss");
+  VICRegLoss(const nlohmann::json& spec, const std::string& path) {
+    config::ConfigReader r(spec, path);
     r.allow("type");
     r.get("sim_coeff", o_.sim_coeff);
     r.get("std_coeff", o_.std_coeff);
@@ -156,12 +160,13 @@ class VICRegLoss final : public Loss {
     r.get("eps", o_.eps);
     r.get("average_variance_branches", o_.average_variance_branches);
     r.finish();
-    config::require(o_.sim_coeff >= 0 && o_.std_coeff >= 0 && o_.cov_coeff >= 0, "loss",
+    config::require(o_.sim_coeff >= 0 && o_.std_coeff >= 0 && o_.cov_coeff >= 0, path,
                     "vicreg coefficients must be >= 0");
     config::require(o_.eps > 0, r.path_of("eps"), "must be > 0");
   }
   std::string name() const override { return "vicreg"; }
-  void set_communicator(std::shared_ptr<dist::Communicator> c) override { o_.communicator = std::move(c); }
+  std::string title() const override { return "VICReg"; }
+  void set_communicator(std::shared_ptr<distributed::Communicator> c) override { o_.communicator = std::move(c); }
   LossOutput compute(const ViewEmbeddings& a, const ViewEmbeddings& b) const override {
     return vicreg_loss(a.projection, b.projection, o_);
   }
@@ -177,8 +182,8 @@ class VICRegLoss final : public Loss {
 
 class BarlowTwinsLoss final : public Loss {
  public:
-  explicit BarlowTwinsLoss(const nlohmann::json& spec) {
-    config::ConfigReader r(spec, "loss");
+  BarlowTwinsLoss(const nlohmann::json& spec, const std::string& path) {
+    config::ConfigReader r(spec, path);
     r.allow("type");
     r.get("lambda", o_.lambda);
     r.get("scale", o_.scale);
@@ -190,7 +195,8 @@ class BarlowTwinsLoss final : public Loss {
     config::require(o_.eps > 0, r.path_of("eps"), "must be > 0");
   }
   std::string name() const override { return "barlow_twins"; }
-  void set_communicator(std::shared_ptr<dist::Communicator> c) override { o_.communicator = std::move(c); }
+  std::string title() const override { return "Barlow Twins"; }
+  void set_communicator(std::shared_ptr<distributed::Communicator> c) override { o_.communicator = std::move(c); }
   LossOutput compute(const ViewEmbeddings& a, const ViewEmbeddings& b) const override {
     return barlow_twins_loss(a.projection, b.projection, o_);
   }
@@ -205,13 +211,14 @@ class BarlowTwinsLoss final : public Loss {
 
 class BYOLLoss final : public Loss {
  public:
-  explicit BYOLLoss(const nlohmann::json& spec) {
-    config::ConfigReader r(spec, "loss");
+  BYOLLoss(const nlohmann::json& spec, const std::string& path) {
+    config::ConfigReader r(spec, path);
     r.allow("type");
     r.finish();
   }
   std::string name() const override { return "byol"; }
-  bool needs_predictor_and_target() const override { return true; }
+  std::string title() const override { return "BYOL"; }
+  LossNeeds needs() const override { return {/*predictor=*/true, /*momentum_target=*/true}; }
   LossOutput compute(const ViewEmbeddings& a, const ViewEmbeddings& b) const override {
     if (!a.prediction.defined() || !a.target_projection.defined() || !b.prediction.defined() ||
         !b.target_projection.defined())
@@ -221,25 +228,16 @@ class BYOLLoss final : public Loss {
   nlohmann::json to_json() const override { return {{"type", name()}}; }
 };
 
-const Registry<Loss>& registry() {
-  static const Registry<Loss> r = [] {
-    Registry<Loss> r("loss");
-    r.add("vicreg", [](const nlohmann::json& s) { return std::make_shared<VICRegLoss>(s); });
-    r.add("barlow_twins",
-          [](const nlohmann::json& s) { return std::make_shared<BarlowTwinsLoss>(s); });
-    r.add("byol", [](const nlohmann::json& s) { return std::make_shared<BYOLLoss>(s); });
-    return r;
-  }();
-  return r;
-}
-
 }  // namespace
 
-std::shared_ptr<Loss> create_loss(const nlohmann::json& spec) {
-  if (spec.is_string()) return registry().create(nlohmann::json{{"type", spec}});
-  return registry().create(spec);
+std::shared_ptr<Loss> make_vicreg_loss(const nlohmann::json& spec, const std::string& path) {
+  return std::make_shared<VICRegLoss>(spec, path);
 }
-
-std::vector<std::string> loss_names() { return registry().names(); }
+std::shared_ptr<Loss> make_barlow_twins_loss(const nlohmann::json& spec, const std::string& path) {
+  return std::make_shared<BarlowTwinsLoss>(spec, path);
+}
+std::shared_ptr<Loss> make_byol_loss(const nlohmann::json& spec, const std::string& path) {
+  return std::make_shared<BYOLLoss>(spec, path);
+}
 
 }  // namespace twins::losses

@@ -37,14 +37,15 @@ std::vector<int64_t> parse_mlp_spec(const std::string& spec, const std::string& 
 struct MLP::Layers {
   std::vector<nn::Linear> linears;
   std::vector<detail::BatchNorm> norms;
+  detail::BatchNorm last_norm{nullptr};
 };
 
-MLP::MLP(int64_t in_dim, MLPOptions options)
+MLP::MLP(int64_t in_dim, MLPOptions options, const std::string& path)
     : in_dim_(in_dim),
       options_(std::move(options)),
-      dims_(parse_mlp_spec(options_.spec, "head.spec")),
+      dims_(parse_mlp_spec(options_.spec, path + ".spec")),
       layers_(new Layers) {
-  if (in_dim < 1) throw std::invalid_argument("head: input size must be >= 1");
+  if (in_dim < 1) throw std::invalid_argument(path + ": input size must be >= 1, got " + std::to_string(in_dim));
   int64_t index = 0, in = in_dim;
   for (size_t i = 0; i < dims_.size(); ++i) {
     const bool last = i + 1 == dims_.size();
@@ -59,6 +60,8 @@ MLP::MLP(int64_t in_dim, MLPOptions options)
     }
     in = dims_[i];
   }
+  if (options_.last_batch_norm)
+    layers_->last_norm = register_module(std::to_string(index), detail::BatchNorm(dims_.back(), 1e-5, 0.1, options_.last_affine));
 }
 
 at::Tensor MLP::forward(const at::Tensor& x) {
@@ -71,7 +74,7 @@ at::Tensor MLP::forward(const at::Tensor& x) {
       y = y.relu();
     }
   }
-  return y;
+  return options_.last_batch_norm ? layers_->last_norm->forward(y) : y;
 }
 
 std::shared_ptr<Network> MLP::copy() const {
@@ -86,7 +89,9 @@ nlohmann::json MLP::to_json() const {
           {"spec", options_.spec},
           {"bias", options_.bias},
           {"last_bias", options_.last_bias},
-          {"batch_norm", options_.batch_norm}};
+          {"batch_norm", options_.batch_norm},
+          {"last_batch_norm", options_.last_batch_norm},
+          {"last_affine", options_.last_affine}};
 }
 
 }  // namespace twins::models

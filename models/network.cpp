@@ -15,9 +15,9 @@
 namespace twins::models {
 namespace {
 
-std::shared_ptr<Network> make_resnet(const nlohmann::json& spec, const std::string& name) {
+std::shared_ptr<Network> make_resnet(const nlohmann::json& spec, const std::string& path, const std::string& name) {
   ResNetOptions o = name == "resnet" ? ResNetOptions{} : resnet_options(name);
-  config::ConfigReader r(spec, "backbone");
+  config::ConfigReader r(spec, path);
   r.allow("type");
   if (name == "resnet") {  // the generic form: any stage depths, e.g. a small quickstart net
     r.get("layers", o.layers);
@@ -37,7 +37,7 @@ const Registry<Network>& backbones() {
     Registry<Network> r("backbone");
     for (const char* name : {"resnet", "resnet18", "resnet34", "resnet50"}) {
       const std::string n = name;
-      r.add(n, [n](const nlohmann::json& s) { return make_resnet(s, n); });
+      r.add(n, [n](const nlohmann::json& s, const std::string& path) { return make_resnet(s, path, n); });
     }
     return r;
   }();
@@ -57,24 +57,26 @@ MLPOptions head_defaults(const std::string& name) {
   return o;
 }
 
-const Registry<Network>& heads() {
-  static const Registry<Network> r = [] {
-    Registry<Network> r("head");
+// Heads get their input size as an argument (the backbone's or the projector's output), never
+// from the JSON, where a user could write a wrong one.
+const Registry<Network, int64_t>& heads() {
+  static const Registry<Network, int64_t> r = [] {
+    Registry<Network, int64_t> r("head");
     for (const char* name :
          {"mlp", "vicreg_projector", "barlow_twins_projector", "byol_projector", "byol_predictor"}) {
       const std::string n = name;
-      r.add(n, [n](const nlohmann::json& s) {
+      r.add(n, [n](const nlohmann::json& s, const std::string& path, int64_t in_dim) {
         MLPOptions o = head_defaults(n);
-        int64_t in_dim = 0;
-        config::ConfigReader r(s, "head");
+        config::ConfigReader r(s, path);
         r.allow("type");
-        r.get("in_dim", in_dim);
         r.get("spec", o.spec);
         r.get("bias", o.bias);
         r.get("last_bias", o.last_bias);
         r.get("batch_norm", o.batch_norm);
+        r.get("last_batch_norm", o.last_batch_norm);
+        r.get("last_affine", o.last_affine);
         r.finish();
-        return std::make_shared<MLP>(in_dim, o);
+        return std::make_shared<MLP>(in_dim, o, path);
       });
     }
     return r;
@@ -84,15 +86,12 @@ const Registry<Network>& heads() {
 
 }  // namespace
 
-std::shared_ptr<Network> create_backbone(const nlohmann::json& spec) {
-  if (spec.is_string()) return backbones().create(nlohmann::json{{"type", spec}});
-  return backbones().create(spec);
+std::shared_ptr<Network> create_backbone(const nlohmann::json& spec, const std::string& path) {
+  return backbones().create(spec, path);
 }
 
-std::shared_ptr<Network> create_head(const nlohmann::json& spec, int64_t in_dim) {
-  nlohmann::json s = spec.is_string() ? nlohmann::json{{"type", spec}} : spec;
-  if (s.is_object()) s["in_dim"] = in_dim;
-  return heads().create(s);
+std::shared_ptr<Network> create_head(const nlohmann::json& spec, int64_t in_dim, const std::string& path) {
+  return heads().create(spec, path, in_dim);
 }
 
 std::vector<std::string> backbone_names() { return backbones().names(); }
@@ -121,10 +120,13 @@ void copy_state(const torch::nn::Module& from, torch::nn::Module& to) {
   copy_dict(from.named_buffers(), to.named_buffers(), "buffers");
 }
 
-int64_t set_sync_batchnorm(torch::nn::Module& module, std::shared_ptr<dist::Communicator> communicator) {
+int64_t set_sync_batchnorm(torch::nn::Module& module, std::shared_ptr<distributed::Communicator> communicator) {
   int64_t n = 0;
-  for (const auto& m : module.modules(/*include_self=*/true))
-    if (auto* bn = m->as<detail::BatchNormImpl>()) bn->communicator = communicator, ++n;
+  auto visit = [&](torch::nn::Module& m) {
+    if (auto* bn = m.as<detail::BatchNormImpl>()) bn->communicator = communicator, ++n;
+  };
+  visit(module);  // modules(include_self) would need `module` to be held by a shared_ptr
+  for (const auto& m : module.modules(/*include_self=*/false)) visit(*m);
   return n;
 }
 

@@ -7,6 +7,8 @@
 #include <nlohmann/json.hpp>
 #include <regex>
 #include <set>
+#include <sstream>
+#include <stdexcept>
 
 #include "twins/models/resnet.h"
 
@@ -45,30 +47,88 @@ NamedTensors backbone_state(const Network& backbone) {
   return out;
 }
 
+std::map<std::string, std::string> BackboneInfo::to_metadata() const {
+  std::map<std::string, std::string> m;
+  if (image_size > 0) m[metadata_key::image_size] = std::to_string(image_size);
+  if (!mean.empty() || !std.empty()) m[metadata_key::normalize] = nlohmann::json{{"mean", mean}, {"std", std}}.dump();
+  if (!method.empty()) m[metadata_key::method] = method;
+  if (!version.empty()) m[metadata_key::version] = version;
+  if (!provenance.empty()) m[metadata_key::provenance] = provenance;
+  return m;
+}
+
+BackboneInfo BackboneInfo::from_metadata(const std::map<std::string, std::string>& m, const std::string& file) {
+  BackboneInfo info;
+  auto get = [&](const char* key) -> const std::string* {
+    const auto it = m.find(key);
+    return it == m.end() ? nullptr : &it->second;
+  };
+  auto bad = [&](const char* key, const std::string& why) {
+    return std::runtime_error(file + ": metadata " + key + " " + why + ": \"" + m.at(key) + "\"");
+  };
+  if (const std::string* v = get(metadata_key::image_size)) {
+    size_t used = 0;
+    int size = 0;
+    try {
+      size = std::stoi(*v, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used == 0 || used != v->size() || size < 1) throw bad(metadata_key::image_size, "is not a positive integer");
+    info.image_size = size;
+  }
+  if (const std::string* v = get(metadata_key::normalize)) {
+    const auto n = nlohmann::json::parse(*v, nullptr, /*allow_exceptions=*/false);
+    try {
+      info.mean = n.at("mean").get<std::vector<double>>(), info.std = n.at("std").get<std::vector<double>>();
+    } catch (const std::exception&) {
+      throw bad(metadata_key::normalize, "is not {\"mean\": [...], \"std\": [...]}");
+    }
+    if (info.mean.size() != info.std.size() || info.mean.empty())
+      throw bad(metadata_key::normalize, "needs as many means as standard deviations");
+    for (double s : info.std)
+      if (!(s > 0)) throw bad(metadata_key::normalize, "has a standard deviation that is not positive");
+  }
+  if (const std::string* v = get(metadata_key::method)) info.method = *v;
+  if (const std::string* v = get(metadata_key::version)) info.version = *v;
+  if (const std::string* v = get(metadata_key::provenance)) info.provenance = *v;
+  return info;
+}
+
 void save_backbone(const std::string& path, const Network& backbone, std::map<std::string, std::string> metadata) {
   metadata["format"] = "pt";
-  metadata["twins_backbone"] = backbone.to_json().dump();
+  metadata[metadata_key::architecture] = backbone.to_json().dump();
   save_safetensors(path, backbone_state(backbone), metadata);
 }
 
-std::shared_ptr<Network> load_backbone(const std::string& given) {
+void save_backbone(const std::string& path, const Network& backbone, const BackboneInfo& info) {
+  save_backbone(path, backbone, info.to_metadata());
+}
+
+LoadedBackbone read_backbone(const std::string& given) {
   namespace fs = std::filesystem;
   std::string path = given;
   if (fs::is_directory(path)) {
     path = (fs::path(given) / "backbone.safetensors").string();
     if (!fs::exists(path))
-      throw std::runtime_error(given + ": a folder without backbone.safetensors (has the run finished? "
-                               "resume it with twins pretrain --out " + given + " --resume)");
+      throw std::runtime_error(given + ": a folder without backbone.safetensors (a run folder whose training has not "
+                               "finished: resume it, then use its backbone)");
   }
   const SafeTensorsFile f = load_safetensors(path);
   nlohmann::json spec;
-  if (f.metadata.count("twins_backbone")) {
-    spec = nlohmann::json::parse(f.metadata.at("twins_backbone"));
+  LoadedBackbone out;
+  out.path = path;
+  out.info = BackboneInfo::from_metadata(f.metadata, path);
+  if (f.metadata.count(metadata_key::architecture)) {
+    spec = nlohmann::json::parse(f.metadata.at(metadata_key::architecture), nullptr, /*allow_exceptions=*/false);
+    if (!spec.is_object())
+      throw std::runtime_error(path + ": metadata " + metadata_key::architecture + " is not a JSON object");
     spec["num_classes"] = 0;
   } else {
     spec = infer_resnet(f, path);
+    if (out.info.provenance.empty()) out.info.provenance = "inferred from tensor names (torchvision ResNet)";
   }
-  auto net = create_backbone(spec);
+  auto net = create_backbone(spec, path + " (" + metadata_key::architecture + ")");
   // Match names and shapes both ways; list the first mismatches.
   std::vector<std::string> problems;
   std::set<std::string> expected;
@@ -98,7 +158,10 @@ std::shared_ptr<Network> load_backbone(const std::string& given) {
     throw std::runtime_error(message);
   }
   net->eval();
-  return net;
+  out.network = net;
+  return out;
 }
+
+std::shared_ptr<Network> load_backbone(const std::string& path) { return read_backbone(path).network; }
 
 }  // namespace twins::models

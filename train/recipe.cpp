@@ -1,6 +1,10 @@
 #include "twins/train/recipe.h"
 
+#include <algorithm>
+
 #include "twins/config.h"
+#include "twins/losses.h"
+#include "twins/registry.h"
 
 namespace twins::train {
 
@@ -17,15 +21,38 @@ const json& section(const json& root, const std::string& key) {
 
 }  // namespace
 
+Precision parse_precision(const std::string& name, const std::string& path) {
+  if (name == "auto") return Precision::automatic;
+  if (name == "fp32") return Precision::fp32;
+  if (name == "bf16") return Precision::bf16;
+  if (name == "fp16") return Precision::fp16;
+  throw std::invalid_argument(path + ": must be auto, fp32, bf16 or fp16, got \"" + name + "\"");
+}
+
+const char* to_string(Precision p) {
+  switch (p) {
+    case Precision::automatic: return "auto";
+    case Precision::fp32: return "fp32";
+    case Precision::bf16: return "bf16";
+    case Precision::fp16: return "fp16";
+  }
+  return "?";
+}
+
+Precision resolve_precision(Precision p, bool cuda) {
+  return p == Precision::automatic ? (cuda ? Precision::bf16 : Precision::fp32) : p;
+}
+
+int Recipe::in_channels() const {
+  return backbone.is_object() ? backbone.value("in_channels", 3) : 3;
+}
+
 Recipe Recipe::parse(const json& root) {
   Recipe r;
   r.resolved = root;
   ConfigReader top(root, "");
   for (const auto& item : root.items())
     if (!item.key().empty() && item.key()[0] == '_') top.allow(item.key());
-  top.get("method", r.method);
-  require(r.method == "vicreg" || r.method == "barlow_twins" || r.method == "byol", "method",
-          "must be vicreg, barlow_twins or byol, got \"" + r.method + "\"");
   for (const char* key : {"data", "views", "model", "loss"}) {
     top.allow(key);
     require(root.contains(key), key, "required");
@@ -33,8 +60,16 @@ Recipe Recipe::parse(const json& root) {
   r.data = root.at("data");
   r.views = root.at("views");
   r.loss = root.at("loss");
-  require(config::type_of(r.loss, "loss") == r.method, "loss.type",
-          "\"" + config::type_of(r.loss, "loss") + "\" does not match method \"" + r.method + "\"");
+  // The loss is the method; "method" may repeat it.
+  const auto loss = losses::create_loss(r.loss, "loss");
+  r.method = loss->name();
+  if (root.contains("method")) {
+    std::string method;
+    top.get("method", method);
+    require(method == r.method, "loss.type", "\"" + r.method + "\" does not match method \"" + method + "\"");
+  }
+  top.allow("method");
+  const losses::LossNeeds needs = loss->needs();
 
   ConfigReader model(root.at("model"), "model");
   model.allow("backbone"), model.allow("projector"), model.allow("predictor");
@@ -44,11 +79,12 @@ Recipe Recipe::parse(const json& root) {
   r.backbone = root["model"]["backbone"];
   r.projector = root["model"]["projector"];
   if (root["model"].contains("predictor") && !root["model"]["predictor"].is_null()) r.predictor = root["model"]["predictor"];
-  require(r.method != "byol" || !r.predictor.is_null(), "model.predictor", "BYOL needs a predictor");
-  require(r.method == "byol" || r.predictor.is_null(), "model.predictor", "only BYOL has a predictor");
+  require(!needs.predictor || !r.predictor.is_null(), "model.predictor", loss->title() + " needs a predictor");
+  require(needs.predictor || r.predictor.is_null(), "model.predictor", loss->title() + " has no predictor");
 
   top.allow("byol");
   if (root.contains("byol")) {
+    require(needs.momentum_target, "byol", loss->title() + " has no momentum target (byol.tau_base sets its decay)");
     ConfigReader b(root["byol"], "byol");
     b.get("tau_base", r.tau_base);
     b.finish();
@@ -70,9 +106,12 @@ Recipe Recipe::parse(const json& root) {
     o.get("exclude_1d", c.exclude_1d);
     o.get("betas", c.betas);
     o.get("eps", c.eps);
+    o.get("fixed_predictor_lr", c.fixed_predictor_lr);
     o.finish();
-    require(c.type == "lars" || c.type == "sgd" || c.type == "adamw", "optimizer.type",
-            "must be lars, sgd or adamw, got \"" + c.type + "\"");
+    const auto names = optimizer_names();
+    require(std::find(names.begin(), names.end(), c.type) != names.end(), "optimizer.type",
+            "must be " + one_of(names) + ", got \"" + c.type + "\"");
+    require(!c.fixed_predictor_lr || needs.predictor, "optimizer.fixed_predictor_lr", loss->title() + " has no predictor");
     require(c.base_lr > 0, "optimizer.base_lr", "must be > 0");
     require(c.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0");
     require(c.momentum >= 0 && c.momentum < 1, "optimizer.momentum", "must be in [0, 1)");
@@ -116,7 +155,9 @@ Recipe Recipe::parse(const json& root) {
     t.get("checkpoint_every_epochs", c.checkpoint_every_epochs);
     t.get("keep_checkpoints", c.keep_checkpoints);
     t.get("deterministic", c.deterministic);
-    t.get("precision", c.precision);
+    std::string precision = to_string(c.precision);
+    t.get("precision", precision);
+    c.precision = parse_precision(precision, "train.precision");
     t.get("channels_last", c.channels_last);
     t.get("threads", c.threads);
     t.get("sync_batchnorm", c.sync_batchnorm);
@@ -131,8 +172,6 @@ Recipe Recipe::parse(const json& root) {
     require(c.workers >= 0, "train.workers", "must be >= 0");
     require(c.log_every >= 1, "train.log_every", "must be >= 1");
     require(c.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1");
-    require(c.precision == "auto" || c.precision == "fp32" || c.precision == "bf16" || c.precision == "fp16",
-            "train.precision", "must be auto, fp32, bf16 or fp16");
     require(c.dist_backend == "auto" || c.dist_backend == "nccl" || c.dist_backend == "gloo", "train.dist_backend",
             "must be auto, nccl or gloo, got \"" + c.dist_backend + "\"");
     require(c.dist_timeout_s > 0, "train.dist_timeout_s", "must be > 0");

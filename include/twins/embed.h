@@ -5,6 +5,11 @@
 //   twins::Embedder embedder("runs/quickstart/backbone.safetensors");
 //   at::Tensor e = embedder.embed_files({"a.jpg", "b.png"});   // [2, D] float32, CPU
 //
+// Every input goes through the evaluation transform of <twins/eval/transform.h>: image files
+// are always resized (shorter side to image_size x 256/224) and centre-cropped; a uint8 batch or
+// a dataset of one fixed image size equal to image_size is only centre-cropped. So a folder gives
+// the same features here, in `twins embed` and in `twins linear-probe`.
+//
 // Light on purpose: this header needs only the tensor type.
 #include <ATen/core/Tensor.h>
 
@@ -13,6 +18,10 @@
 #include <vector>
 
 namespace twins {
+
+namespace data {
+class Dataset;
+}
 
 struct EmbedderOptions {
   /// auto, cpu, cuda, cuda:N.
@@ -24,6 +33,13 @@ struct EmbedderOptions {
   std::vector<double> mean, std;
   /// Images per forward pass.
   int64_t batch_size = 64;
+};
+
+struct EmbedDatasetOptions {
+  /// Loader threads that decode and transform images while the backbone runs.
+  int workers = 2;
+  /// A line every few seconds on stderr.
+  bool progress = false;
 };
 
 /// A frozen backbone that maps images to feature vectors.
@@ -41,6 +57,8 @@ class Embedder {
   at::Tensor embed(const at::Tensor& images) const;
   /// Image files (JPEG, PNG, ...) -> [N, D]. Throws std::runtime_error naming an unreadable file.
   at::Tensor embed_files(const std::vector<std::string>& paths) const;
+  /// Every image of a dataset, in order, batched through the parallel loader -> [N, D].
+  at::Tensor embed_dataset(std::shared_ptr<const data::Dataset> dataset, const EmbedDatasetOptions& options = {}) const;
   /// D, the feature size.
   int64_t dim() const;
   int image_size() const;

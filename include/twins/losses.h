@@ -1,5 +1,5 @@
 #pragma once
-// The three non-contrastive objectives, as functions of embeddings.
+// The non-contrastive objectives, as functions of embeddings, and the registry of losses (methods).
 //
 // Each returns the weighted total and its *unweighted* terms, in a fixed order, for logging.
 // Shapes: embeddings are [N, D] (N samples of the local batch, D features), floating point,
@@ -12,11 +12,11 @@
 #include <utility>
 #include <vector>
 
-namespace twins::dist {
+namespace twins::distributed {
 /// Collectives across ranks (multi-GPU issue). A null communicator means "this process holds
 /// the whole batch"; losses that need global-batch statistics take one through their options.
 class Communicator;
-}  // namespace twins::dist
+}  // namespace twins::distributed
 
 namespace twins::losses {
 
@@ -48,7 +48,7 @@ struct VICRegOptions {
   /// false: sums them, as solo-learn's vicreg_loss_func does (twice the official term).
   bool average_variance_branches = true;
   /// Global-batch statistics for variance and covariance (null: the local batch).
-  std::shared_ptr<dist::Communicator> communicator;
+  std::shared_ptr<distributed::Communicator> communicator;
 };
 LossOutput vicreg_loss(const at::Tensor& z_a, const at::Tensor& z_b,
                        const VICRegOptions& options = {});
@@ -69,7 +69,7 @@ struct BarlowTwinsOptions {
   /// 1/world_size of the exact ones (multi-GPU only; no effect in one process).
   bool reference_compatible = false;
   /// Global-batch normalisation and cross-correlation (null: the local batch).
-  std::shared_ptr<dist::Communicator> communicator;
+  std::shared_ptr<distributed::Communicator> communicator;
 };
 LossOutput barlow_twins_loss(const at::Tensor& z_a, const at::Tensor& z_b,
                              const BarlowTwinsOptions& options = {});
@@ -89,27 +89,45 @@ struct ViewEmbeddings {
   at::Tensor target_projection;  ///< undefined unless the method has a momentum target
 };
 
-/// A loss chosen by name from JSON. Contract: `compute` takes the embeddings of two views of
-/// the same samples, in the same order, and returns a LossOutput whose terms are always the
-/// same names in the same order for a given loss.
+/// The structure a loss asks of the model: the heads the trainer builds for it.
+struct LossNeeds {
+  /// A predictor head on the projector (ViewEmbeddings::prediction).
+  bool predictor = false;
+  /// A momentum (EMA) copy of backbone and projector (ViewEmbeddings::target_projection).
+  bool momentum_target = false;
+};
+
+/// A loss chosen by name from JSON, and with it the method: a new method is a Loss in its own
+/// file (losses/<name>.cpp) plus one line in losses/registry.cpp.
+/// Contract: `compute` takes the embeddings of two views of the same samples, in the same
+/// order, with the fields needs() asks for, and returns a LossOutput whose terms are always
+/// the same names in the same order for a given loss.
 class Loss {
  public:
   virtual ~Loss() = default;
   /// The registered name ("vicreg", ...).
   virtual std::string name() const = 0;
-  /// Whether compute() needs ViewEmbeddings::prediction and ::target_projection.
+  /// The method's name for people ("VICReg", "Barlow Twins", ...).
+  virtual std::string title() const { return name(); }
+  /// Which heads compute() needs besides the projector.
+  virtual LossNeeds needs() const {
+    const bool both = needs_predictor_and_target();
+    return {both, both};
+  }
+  /// Whether compute() needs ViewEmbeddings::prediction and ::target_projection (twins 0.1's
+  /// form of needs(), kept for losses written against it).
   virtual bool needs_predictor_and_target() const { return false; }
   virtual LossOutput compute(const ViewEmbeddings& a, const ViewEmbeddings& b) const = 0;
   /// The hyper-parameters, as a JSON object that create_loss() accepts.
   virtual nlohmann::json to_json() const = 0;
   /// Data parallelism: batch statistics over every rank of `communicator` (null: this rank's
   /// batch). Losses without batch statistics (BYOL) ignore it.
-  virtual void set_communicator(std::shared_ptr<dist::Communicator> communicator) { (void)communicator; }
+  virtual void set_communicator(std::shared_ptr<distributed::Communicator> communicator) { (void)communicator; }
 };
 
-/// Builds a loss from {"type": "vicreg"|"barlow_twins"|"byol", ...options}. Unknown types and
-/// keys throw std::invalid_argument naming them.
-std::shared_ptr<Loss> create_loss(const nlohmann::json& spec);
+/// Builds a loss from {"type": "vicreg"|"barlow_twins"|"byol"|..., ...options} (see
+/// loss_names()). Unknown types and keys throw std::invalid_argument naming them under `path`.
+std::shared_ptr<Loss> create_loss(const nlohmann::json& spec, const std::string& path = "loss");
 /// The registered loss names, sorted.
 std::vector<std::string> loss_names();
 

@@ -1,7 +1,16 @@
 #pragma once
-// Process-wide settings of the compute runtime.
+// Process-wide settings of the compute runtime, and the one way a device name becomes a device.
+#include <c10/core/Device.h>
+
+#include <string>
 
 namespace twins {
+
+/// The device named `name`: "auto" (CUDA device 0 when CUDA is available, else the CPU), "cpu",
+/// "cuda" (= "cuda:0") or "cuda:N". `what` names the setting in messages ("train.device").
+/// Throws std::invalid_argument for a name that is not a device, std::runtime_error for a CUDA
+/// device this process cannot use (no CUDA in this LibTorch or machine, or N too large).
+c10::Device resolve_device(const std::string& name, const std::string& what = "device");
 
 /// Sets LibTorch's intra-op threads: n > 0 as given; 0 = every core of the machine, unless
 /// OMP_NUM_THREADS or MKL_NUM_THREADS is set, which then rules. (Some LibTorch builds, Debian's

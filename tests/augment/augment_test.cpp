@@ -28,7 +28,7 @@ at::Tensor run_case(const json& c, const at::Tensor& img) {
   if (op == "gaussian_blur") return F::gaussian_blur(img, a["kernel_size"], a["sigma"]);
   if (op == "resized_crop")
     return F::resized_crop(img, a["top"], a["left"], a["height"], a["width"], a["out_h"],
-                           a["out_w"], a["interpolation"]);
+                           a["out_w"], a["interpolation"].get<std::string>());
   FAIL("unknown op in manifest: ", op);
   return {};
 }

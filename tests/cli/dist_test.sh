@@ -33,6 +33,8 @@ common=(--config "$quickstart" --set "data.root=$dir" --set data.split=train --s
   --nproc-per-node 2 --stop-after 2 \
   > "$dir/out1" 2> "$dir/err1"
 grep -q "interrupted at step 2" "$dir/err1" || { cat "$dir/err1"; exit 1; }
+# The printed resume command keeps the number of ranks (resuming on one rank would differ).
+grep -q "resume with: twins pretrain --out $dir/run --resume --nproc-per-node 2" "$dir/err1" || { cat "$dir/err1"; exit 1; }
 grep -q "x 2 ranks (gloo) x 2 accumulated" "$dir/err1" || { cat "$dir/err1"; exit 1; }
 grep -q "4 steps/epoch" "$dir/err1" || { cat "$dir/err1"; exit 1; }
 [ "$(ls "$dir/run/checkpoints")" = "step-00000002.safetensors" ] || { ls "$dir/run/checkpoints"; exit 1; }

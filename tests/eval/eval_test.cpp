@@ -11,6 +11,9 @@
 #include "twins/eval/npy.h"
 #include "twins/eval/plots.h"
 #include "twins/eval/probe.h"
+#include "twins/eval/transform.h"
+#include "twins/data/dataset.h"
+#include "twins/augment/random.h"
 #include "twins/models/resnet.h"
 #include "twins/models/safetensors.h"
 #include "twins/models/weights.h"
@@ -213,9 +216,12 @@ TEST_CASE("eval: Embedder from several threads, files and tensors") {
   CHECK(at::allclose(embedder.embed(images.permute({0, 3, 1, 2}).contiguous()), e, 1e-5, 1e-5));
   const at::Tensor normalised = (images.permute({0, 3, 1, 2}).to(at::kFloat) / 255 - 0.5) / 0.25;
   CHECK(at::allclose(embedder.embed(normalised), e, 1e-4, 1e-4));
-  // Files: a larger image is resized and centre-cropped as in evaluation.
+  // Files always get the standard transform (resize to 37, centre crop 32), even at 32 px.
   twins::data::write_image((dir / "a.png").string(), images[0]);
-  CHECK(at::allclose(embedder.embed_files({(dir / "a.png").string()})[0], e[0], 1e-5, 1e-5));
+  const auto standard = EvalTransform::standard(32, {{0.5, 0.5, 0.5}, {0.25, 0.25, 0.25}}).view();
+  const at::Tensor crop = standard.apply(images[0], twins::augment::Rng(0)).permute({2, 0, 1}).unsqueeze(0).contiguous();
+  CHECK(at::allclose(embedder.embed_files({(dir / "a.png").string()}), embedder.embed(crop), 1e-5, 1e-5));
+  CHECK_FALSE(at::allclose(embedder.embed_files({(dir / "a.png").string()})[0], e[0], 1e-3, 1e-3));
   // Several threads at once give the same results as one.
   std::vector<at::Tensor> results(4);
   std::vector<std::thread> threads;
@@ -226,6 +232,49 @@ TEST_CASE("eval: Embedder from several threads, files and tensors") {
     CHECK(at::allclose(r, e, 1e-4, 1e-4));  // intra-op parallelism may sum in another order
   }
   check_throws_with<std::runtime_error>([&] { embedder.embed_files({(dir / "missing.png").string()}); }, "missing.png");
+  fs::remove_all(dir);
+}
+
+TEST_CASE("eval: a folder of mixed-size images gets the same features through every path") {
+  // The Embedder on files, the Embedder on the folder as a dataset (`twins embed`), and the
+  // evaluation extraction (`twins linear-probe`, `twins knn`): one transform, whatever the
+  // first image's size. The first file has a shorter side of exactly the evaluation size.
+  const fs::path dir = temp_dir("mixed");
+  twins::models::ResNetOptions o = twins::models::resnet_options("resnet18");
+  o.width = 8, o.cifar_stem = true;
+  at::manual_seed(4);
+  auto net = std::make_shared<twins::models::ResNet>(o);
+  twins::models::BackboneInfo info;
+  info.image_size = 32, info.mean = {0.5, 0.4, 0.3}, info.std = {0.2, 0.25, 0.3};
+  twins::models::save_backbone((dir / "backbone.safetensors").string(), *net, info);
+  fs::create_directories(dir / "images");
+  const std::vector<std::pair<int, int>> sizes = {{32, 40}, {50, 41}, {57, 36}, {24, 30}, {64, 64}, {33, 90}};
+  for (size_t i = 0; i < sizes.size(); ++i)
+    twins::data::write_image((dir / "images" / ("img" + std::to_string(i) + ".png")).string(),
+                             at::randint(0, 256, {sizes[i].first, sizes[i].second, 3}, at::kByte));
+  twins::EmbedderOptions eo;
+  eo.batch_size = 4;
+  const twins::Embedder embedder((dir / "backbone.safetensors").string(), eo);
+  const auto dataset = twins::data::open_images((dir / "images").string());
+  REQUIRE(dataset->size() == static_cast<int64_t>(sizes.size()));
+  std::vector<std::string> files;
+  for (int64_t i = 0; i < dataset->size(); ++i) files.push_back(dataset->id(i));
+  const at::Tensor from_files = embedder.embed_files(files);
+  twins::EmbedDatasetOptions dataset_options;
+  dataset_options.workers = 2;
+  const at::Tensor from_dataset = embedder.embed_dataset(dataset, dataset_options);
+  ExtractOptions xo;
+  xo.batch_size = 4, xo.progress = false;
+  twins::augment::Normalization n;
+  n.mean = info.mean, n.std = info.std;
+  const Features probe_path = extract_features(*net, dataset, eval_view(*dataset, 32, n), at::kCPU, xo);
+  INFO("files vs dataset ", (from_files - from_dataset).abs().max().item<double>());
+  CHECK(at::allclose(from_files, from_dataset, 1e-5, 1e-5));
+  CHECK(at::allclose(from_files, probe_path.features, 1e-5, 1e-5));
+  // The 32 x 40 image was resized like the others (not only cropped because it is "already 32").
+  const at::Tensor first = twins::data::read_image(files[0]);
+  const at::Tensor cropped = first.slice(1, 4, 36).permute({2, 0, 1}).unsqueeze(0).contiguous();
+  CHECK_FALSE(at::allclose(from_files[0], embedder.embed(cropped)[0], 1e-3, 1e-3));
   fs::remove_all(dir);
 }
 

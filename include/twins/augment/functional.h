@@ -15,6 +15,16 @@
 
 #include <string>
 
+namespace twins::augment {
+
+/// Resampling filter of resizes: PIL's BILINEAR or BICUBIC (a = -0.5), antialiased.
+enum class Interpolation { bilinear, bicubic };
+/// "bilinear" or "bicubic"; anything else throws std::invalid_argument naming `path`.
+Interpolation parse_interpolation(const std::string& name, const std::string& path);
+const char* to_string(Interpolation interpolation);
+
+}  // namespace twins::augment
+
 namespace twins::augment::functional {
 
 /// Blend with black: trunc(factor x), clipped to [0, 255]. factor >= 0.
@@ -34,10 +44,14 @@ at::Tensor hflip(const at::Tensor& img);
 /// Gaussian blur with an odd kernel_size and sigma > 0.
 at::Tensor gaussian_blur(const at::Tensor& img, int kernel_size, double sigma);
 /// Crops rows [top, top+height) and columns [left, left+width) (inside the image) and resizes
-/// the crop to out_h x out_w with "bilinear" or "bicubic".
+/// the crop to out_h x out_w.
+at::Tensor resized_crop(const at::Tensor& img, int top, int left, int height, int width,
+                        int out_h, int out_w, Interpolation interpolation);
+/// The same with the filter by name ("bilinear" or "bicubic").
 at::Tensor resized_crop(const at::Tensor& img, int top, int left, int height, int width,
                         int out_h, int out_w, const std::string& interpolation);
 /// Resizes the whole image (resized_crop of the full image).
+at::Tensor resize(const at::Tensor& img, int out_h, int out_w, Interpolation interpolation);
 at::Tensor resize(const at::Tensor& img, int out_h, int out_w, const std::string& interpolation);
 /// Crops [top, top+height) x [left, left+width); parts outside the image are filled with 0,
 /// as torchvision's center_crop pads.

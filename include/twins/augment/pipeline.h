@@ -46,6 +46,9 @@ std::shared_ptr<Op> create_op(const nlohmann::json& spec, const std::string& pat
 /// The registered op names, sorted.
 std::vector<std::string> op_names();
 
+/// The image side assumed where a view's output size depends on its input (ImageNet's 224).
+inline constexpr int kDefaultImageSize = 224;
+
 /// Mean and standard deviation per channel, in [0, 1] units, applied after the float
 /// conversion on the training device (see normalize_batch).
 struct Normalization {
@@ -59,6 +62,8 @@ struct View {
   Normalization normalization;
   /// Output size {h, w} fixed by the last size-setting op, or {0, 0} (input-dependent).
   std::pair<int, int> size{0, 0};
+  /// The side the model sees (the output height), or `fallback` when it depends on the input.
+  int output_side(int fallback = kDefaultImageSize) const;
   /// Applies the ops to `img` (already with the model's channels).
   at::Tensor apply(const at::Tensor& img, Rng rng) const;
   nlohmann::json to_json() const;

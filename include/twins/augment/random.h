@@ -5,6 +5,8 @@
 // reproducible bit for bit across worker counts and world sizes.
 #include <cmath>
 #include <cstdint>
+#include <utility>
+#include <vector>
 
 namespace twins::augment {
 
@@ -41,5 +43,14 @@ class Rng {
   uint64_t key_;
   uint64_t counter_ = 0;
 };
+
+/// A uniformly random permutation of 0 .. n-1 (Fisher-Yates, drawing from `rng`): the one
+/// shuffle of twins (the loader's epochs, the linear probe's batches).
+inline std::vector<int64_t> permutation(int64_t n, Rng rng) {
+  std::vector<int64_t> out(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) out[static_cast<size_t>(i)] = i;
+  for (int64_t i = n - 1; i > 0; --i) std::swap(out[static_cast<size_t>(i)], out[static_cast<size_t>(rng.integer(0, i))]);
+  return out;
+}
 
 }  // namespace twins::augment

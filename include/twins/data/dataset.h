@@ -11,6 +11,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace twins::data {
@@ -42,6 +43,9 @@ class Dataset {
   virtual int64_t num_classes() const = 0;
   /// Whether images are held decoded (binary formats): no decode cost per sample.
   virtual bool in_memory() const { return false; }
+  /// {height, width} of every image when the format fixes one size (CIFAR, STL-10, MNIST),
+  /// {0, 0} when images may differ (files).
+  virtual std::pair<int, int> image_size() const { return {0, 0}; }
   /// What to do with a sample whose image() throws BadSample.
   OnBadSample on_bad_sample = OnBadSample::error;
 };
@@ -51,5 +55,10 @@ class Dataset {
 /// files, naming the file and, for binary formats, the expected size.
 std::shared_ptr<Dataset> create_dataset(const nlohmann::json& spec, const std::string& path = "data");
 std::vector<std::string> dataset_names();
+
+/// Images given by one path, as `twins embed --input` takes them: an image folder (classes
+/// from subfolders, if any), a dataset JSON file, or a list file (CSV: path[,label] per line).
+/// `path` names the input in messages.
+std::shared_ptr<Dataset> open_images(const std::string& input, const std::string& path = "input");
 
 }  // namespace twins::data

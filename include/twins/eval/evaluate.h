@@ -39,6 +39,7 @@ std::pair<Features, Features> eval_features(const std::string& backbone, const E
 /// model.backbone) with seed 0: the random-initialisation baseline.
 std::shared_ptr<models::Network> open_backbone(const std::string& backbone);
 
+/// twins::resolve_device(name, "device").
 at::Device resolve_eval_device(const std::string& name);
 
 }  // namespace twins::eval

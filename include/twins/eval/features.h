@@ -12,8 +12,9 @@
 
 namespace twins::eval {
 
-/// The evaluation view of images `size` px: images whose shorter side is already `size` are
-/// only centre-cropped (CIFAR, MNIST); others are resized so the shorter side is
+/// EvalTransform::for_dataset(dataset, size, normalization).view() (see <twins/eval/transform.h>):
+/// datasets of one fixed image size equal to `size` (CIFAR, MNIST) are only centre-cropped;
+/// everything else, image files of any size among them, is resized so the shorter side is
 /// size x 256/224 (bilinear, as torchvision's Resize), then centre-cropped (ImageNet: 256 -> 224).
 augment::View eval_view(const data::Dataset& dataset, int size, const augment::Normalization& normalization);
 

@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-namespace twins::dist {
+namespace twins::distributed {
 class Communicator;
 }
 
@@ -26,14 +26,21 @@ class Network : public torch::nn::Module {
   virtual int64_t output_dim() const = 0;
   /// A deep copy: same architecture, same parameter and buffer values, nothing shared.
   virtual std::shared_ptr<Network> copy() const = 0;
+  /// torch::nn::Module's clone(), so that modules holding networks clone deeply too.
+  std::shared_ptr<torch::nn::Module> clone(const c10::optional<c10::Device>& device = c10::nullopt) const override {
+    auto c = copy();
+    if (device) c->to(*device);
+    return c;
+  }
   /// The hyper-parameters, as a JSON object the matching create_* function accepts.
   virtual nlohmann::json to_json() const = 0;
 };
 
-/// Builds a backbone from {"type": "resnet18"|"resnet34"|"resnet50", ...ResNetOptions keys}.
-std::shared_ptr<Network> create_backbone(const nlohmann::json& spec);
+/// Builds a backbone from {"type": "resnet18"|"resnet34"|"resnet50", ...ResNetOptions keys};
+/// `path` names the spec in messages ("model.backbone").
+std::shared_ptr<Network> create_backbone(const nlohmann::json& spec, const std::string& path = "backbone");
 /// Builds a head taking `in_dim` features, from {"type": "mlp"|"vicreg_projector"|..., ...}.
-std::shared_ptr<Network> create_head(const nlohmann::json& spec, int64_t in_dim);
+std::shared_ptr<Network> create_head(const nlohmann::json& spec, int64_t in_dim, const std::string& path = "head");
 
 std::vector<std::string> backbone_names();
 std::vector<std::string> head_names();
@@ -48,6 +55,6 @@ void copy_state(const torch::nn::Module& from, torch::nn::Module& to);
 /// SyncBatchNorm: every BatchNorm layer of `module` (backbones and heads alike) takes its
 /// training statistics over all ranks of `communicator` (null: back to this rank's batch).
 /// Returns the number of layers switched. The layers keep their names, parameters and buffers.
-int64_t set_sync_batchnorm(torch::nn::Module& module, std::shared_ptr<dist::Communicator> communicator);
+int64_t set_sync_batchnorm(torch::nn::Module& module, std::shared_ptr<distributed::Communicator> communicator);
 
 }  // namespace twins::models

@@ -1,25 +1,72 @@
 #pragma once
-// Backbone weights in and out, under torchvision's names.
+// Backbone weights in and out, under torchvision's names: the backbone file's one contract.
+//
+// A backbone file is safetensors with the network's parameters and buffers under torchvision's
+// names, and metadata under the keys of BackboneInfo: the architecture (so the file loads
+// without its recipe) and what it was trained on (so evaluation and embedding use the same
+// image size and normalisation by default). A torchvision ResNet saved with safetensors has no
+// such metadata: its architecture is inferred from names and shapes.
+#include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "twins/models/network.h"
 #include "twins/models/safetensors.h"
 
 namespace twins::models {
 
-/// Loads a backbone from a safetensors file, or from a run folder (its backbone.safetensors).
-/// The architecture comes from the file's "twins_backbone" metadata when twins wrote it;
-/// otherwise (a torchvision ResNet saved with safetensors) it is inferred from the names and
-/// shapes: depth per stage, basic or bottleneck blocks, width, input channels, stem. `fc.*`
-/// entries are ignored. Wrong names or shapes throw std::runtime_error listing the first
-/// mismatches.
+/// The metadata keys of a backbone file (strings, as safetensors metadata is).
+namespace metadata_key {
+inline constexpr const char* architecture = "twins_backbone";  ///< JSON: the backbone spec
+inline constexpr const char* image_size = "twins_image_size";  ///< decimal: training view side
+inline constexpr const char* normalize = "twins_normalize";    ///< JSON: {"mean": [...], "std": [...]}
+inline constexpr const char* method = "twins_method";          ///< e.g. "vicreg"
+inline constexpr const char* version = "twins_version";        ///< twins version that wrote it
+inline constexpr const char* provenance = "twins_provenance";  ///< free text: how it was made
+}  // namespace metadata_key
+
+/// What a backbone file says about how its network was trained.
+struct BackboneInfo {
+  /// Side of the square training views; 0: the file does not say.
+  int image_size = 0;
+  /// Normalisation of the training views in [0, 1] units; empty: the file does not say.
+  std::vector<double> mean, std;
+  /// The method that trained it ("vicreg", ...); empty: not said (e.g. torchvision weights).
+  std::string method;
+  /// The twins version that wrote the file; empty for files from other tools.
+  std::string version;
+  /// How the weights came to be ("twins 0.1.0 pretrain, 1000 steps"; "inferred from tensor
+  /// names" for files without twins metadata).
+  std::string provenance;
+
+  /// As metadata entries (only the fields that are set).
+  std::map<std::string, std::string> to_metadata() const;
+  /// From metadata; malformed values throw std::runtime_error naming `file` and the key.
+  static BackboneInfo from_metadata(const std::map<std::string, std::string>& metadata, const std::string& file);
+};
+
+struct LoadedBackbone {
+  std::shared_ptr<Network> network;  ///< in eval mode, on the CPU
+  BackboneInfo info;
+  std::string path;  ///< the file read (a run folder resolves to its backbone.safetensors)
+};
+
+/// Reads a backbone file (or a run folder's backbone.safetensors) once: the network, with the
+/// architecture from the file's metadata or inferred from a torchvision ResNet's names and
+/// shapes (`fc.*` ignored), and its BackboneInfo. Wrong names or shapes throw
+/// std::runtime_error listing the first mismatches.
+LoadedBackbone read_backbone(const std::string& path);
+
+/// read_backbone(path).network.
 std::shared_ptr<Network> load_backbone(const std::string& path);
 
 /// The backbone's parameters and buffers under their (torchvision) names.
 NamedTensors backbone_state(const Network& backbone);
 
-/// Writes `backbone` as safetensors with torchvision names and its architecture in the metadata.
+/// Writes `backbone` as safetensors with torchvision names, its architecture and `info`.
+void save_backbone(const std::string& path, const Network& backbone, const BackboneInfo& info);
+/// The same with metadata entries given directly (keys of metadata_key, or others).
 void save_backbone(const std::string& path, const Network& backbone, std::map<std::string, std::string> metadata = {});
 
 }  // namespace twins::models

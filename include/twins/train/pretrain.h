@@ -23,7 +23,8 @@ struct PretrainOptions {
   /// Stop as if interrupted after this many steps of this invocation (0: never). For jobs with
   /// a time slot (a SLURM limit): run a slice, resume later.
   int64_t stop_after = 0;
-  /// How the command was invoked, for the "resume with" message.
+  /// When not empty, an interrupted run prints "resume with: <command_line> --resume" (the
+  /// `twins` command prints its own, launcher included).
   std::string command_line;
 };
 
@@ -33,14 +34,20 @@ struct PretrainResult {
   double wall_seconds = 0;
   double images_per_second = 0;
   bool interrupted = false;
+  /// Whether this process is the one that wrote the run folder (rank 0, or the only process):
+  /// the one that should speak for the job.
+  bool main_rank = true;
   /// Path of backbone.safetensors (empty when interrupted).
   std::string backbone_path;
+  /// The last checkpoint written (also when interrupted).
+  std::string checkpoint_path;
   /// Online-probe accuracy of the last epoch (on eval_data if given, else on training views).
   std::optional<double> online_probe_top1;
 };
 
-/// Trains. Throws std::invalid_argument for config errors, std::runtime_error for data, I/O and
-/// non-finite losses (naming the step and the term).
+/// Trains: a loop over Trainer::step (<twins/train/trainer.h>). Throws std::invalid_argument
+/// for config errors, std::runtime_error for data, I/O and non-finite losses (naming the step
+/// and the term).
 PretrainResult pretrain(const nlohmann::json& config, const PretrainOptions& options);
 
 struct StepBenchmark {
@@ -49,9 +56,10 @@ struct StepBenchmark {
   std::string device;
 };
 
-/// Times the full training step of a recipe (forward of all views, loss, backward, optimizer,
-/// BYOL's EMA, the online probe) on synthetic uint8 batches already on the device: no loader,
-/// so it is the model-only bound that end-to-end images/s is judged against.
+/// Times Trainer::step, the step pretrain() runs (forward of all views, loss, backward, the fp16
+/// scaler, optimizer, momentum target, online probe), on synthetic uint8 batches already on the
+/// device: no loader, so it is the model-only bound that end-to-end images/s is judged against.
+/// `device` empty: train.device.
 StepBenchmark bench_step(const nlohmann::json& config, int64_t steps, int64_t warmup, const std::string& device);
 
 /// Asks a running pretrain() to finish its step, write a checkpoint and return (interrupted).

@@ -2,12 +2,12 @@
 // A pretraining recipe: the JSON config of `twins pretrain`, read strictly.
 //
 // {
-//   "method": "vicreg" | "barlow_twins" | "byol",
+//   "method": a loss type (optional: an alias of loss.type, which names the method),
 //   "data": {dataset, see <twins/data/dataset.h>},   "views": [views] or "views/<preset>.json",
-//   "model": {"backbone": {...}, "projector": {...}, "predictor": {...}  (BYOL only)},
-//   "loss": {...},                  "byol": {"tau_base": 0.996},
+//   "model": {"backbone": {...}, "projector": {...}, "predictor": {...}  (when the loss needs one)},
+//   "loss": {"type": ..., ...},     "byol": {"tau_base": 0.996}  (any loss with a momentum target),
 //   "optimizer": {"type": "lars" | "sgd" | "adamw", "base_lr", "bias_base_lr", "weight_decay",
-//                 "momentum", "eta", "clip", "exclude_1d", "betas", "eps"},
+//                 "momentum", "eta", "clip", "exclude_1d", "betas", "eps", "fixed_predictor_lr"},
 //   "schedule": {"warmup_epochs": 10, "final_lr_ratio": 0.001},
 //   "online_probe": {"enabled": true, "lr": 0.1, "eval_data": {dataset} (optional)},
 //   "train": {"epochs", "max_steps", "batch_size", "workers", "device", "seed", "log_every",
@@ -23,8 +23,24 @@
 
 namespace twins::train {
 
+/// Mixed precision of the training step.
+enum class Precision {
+  automatic,  ///< bf16 autocast on CUDA, fp32 on the CPU
+  fp32,
+  bf16,  ///< bf16 autocast (CUDA)
+  fp16,  ///< fp16 autocast with a dynamic gradient scaler (CUDA)
+};
+/// "auto", "fp32", "bf16", "fp16"; anything else throws std::invalid_argument naming `path`.
+Precision parse_precision(const std::string& name, const std::string& path);
+const char* to_string(Precision precision);
+/// `automatic` made concrete for a device.
+Precision resolve_precision(Precision precision, bool cuda);
+
+/// The registered optimizer types (lars, sgd, adamw), in registration order.
+std::vector<std::string> optimizer_names();
+
 struct OptimizerConfig {
-  /// lars, sgd or adamw.
+  /// A registered optimizer: lars, sgd or adamw (see optimizer_names()).
   std::string type = "lars";
   /// Learning rate for a batch of 256; scaled by global batch / 256.
   double base_lr = 0.3;
@@ -41,6 +57,9 @@ struct OptimizerConfig {
   /// AdamW betas and epsilon.
   std::vector<double> betas{0.9, 0.999};
   double eps = 1e-8;
+  /// Keep the predictor's learning rate at the scaled base lr, without warm-up or decay
+  /// (SimSiam's fix_pred_lr; solo-learn's static_lr).
+  bool fixed_predictor_lr = false;
 };
 
 struct ScheduleConfig {
@@ -73,7 +92,7 @@ struct TrainConfig {
   /// Deterministic algorithms (bit-identical resume on the CPU).
   bool deterministic = false;
   /// auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16, fp16 (with a gradient scaler).
-  std::string precision = "auto";
+  Precision precision = Precision::automatic;
   bool channels_last = false;
   /// Intra-op threads for the model (0: every core, or OMP_NUM_THREADS when set).
   int threads = 0;
@@ -91,6 +110,7 @@ struct TrainConfig {
 };
 
 struct Recipe {
+  /// The method: loss.type ("method" in the JSON is an alias that must agree with it).
   std::string method;
   nlohmann::json data, views, backbone, projector, predictor, loss;
   double tau_base = 0.996;
@@ -102,8 +122,11 @@ struct Recipe {
   nlohmann::json resolved;
 
   /// Reads and validates a config; unknown keys and bad values throw std::invalid_argument
-  /// naming their path.
+  /// naming their path. The loss decides which heads the model needs (a predictor, a momentum
+  /// target), so a recipe whose model.predictor does not fit its loss is refused here.
   static Recipe parse(const nlohmann::json& config);
+  /// Input channels of the backbone (model.backbone.in_channels, 3 by default).
+  int in_channels() const;
 };
 
 }  // namespace twins::train

@@ -2,18 +2,15 @@
 // Schedules of the official recipes, as plain functions of the step.
 #include <cstdint>
 
+#include "twins/schedule.h"
+
 namespace twins::train {
 
-/// Learning rate at `step` (0-based) of `total` steps: linear warm-up from 0 over `warmup`
-/// steps to `base`, then cosine decay to base * final_ratio at `total` (the official VICReg and
-/// Barlow Twins adjust_learning_rate).
-double warmup_cosine_lr(int64_t step, int64_t total, int64_t warmup, double base, double final_ratio);
+using twins::scaled_lr;
+using twins::warmup_cosine_lr;
 
 /// BYOL's target decay: tau_k = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2, from tau_base at
 /// k = 0 to 1 at k = K.
 double byol_tau(int64_t step, int64_t total, double tau_base);
-
-/// The learning rate of a global batch: base_lr x batch / 256 (the linear scaling rule).
-inline double scaled_lr(double base_lr, int64_t global_batch) { return base_lr * static_cast<double>(global_batch) / 256.0; }
 
 }  // namespace twins::train

@@ -1,5 +1,5 @@
-// Launcher environments, rendezvous and the c10d process groups behind dist::Communicator.
-#include "twins/dist/communicator.h"
+// Launcher environments, rendezvous and the c10d process groups behind distributed::Communicator.
+#include "twins/distributed/communicator.h"
 
 #include <ATen/ATen.h>
 #include <torch/csrc/distributed/c10d/HashStore.hpp>
@@ -22,7 +22,7 @@
 
 #include "core/compat.h"
 
-namespace twins::dist {
+namespace twins::distributed {
 namespace {
 
 const char* env(const char* name) {
@@ -113,6 +113,7 @@ Environment detect_environment() {
 struct Communicator::Impl {
   int rank = 0, world_size = 1;
   std::string backend;
+  at::Device device{at::kCPU};  // where collectives' own tensors live (NCCL: the rank's GPU)
   double timeout_s = 1800;
   int64_t id = 0;
   c10::intrusive_ptr<c10d::Store> store;
@@ -193,6 +194,7 @@ std::shared_ptr<Communicator> Communicator::create(const Environment& e, const a
   auto impl = std::make_unique<Impl>();
   impl->rank = e.rank, impl->world_size = e.world_size, impl->timeout_s = options.timeout_s;
   impl->backend = options.backend == "auto" ? (device.is_cuda() ? "nccl" : "gloo") : options.backend;
+  impl->device = impl->backend == "nccl" ? device : at::Device(at::kCPU);
   impl->id = g_next_id++;
   c10d::TCPStoreOptions so;
   so.port = static_cast<uint16_t>(e.master_port);
@@ -252,6 +254,12 @@ int64_t Communicator::id() const { return impl_->id; }
 
 void Communicator::all_reduce(at::Tensor& tensor) { all_reduce_async(tensor)(); }
 
+bool Communicator::any(bool flag) {
+  at::Tensor t = at::full({1}, flag ? 1.0 : 0.0, at::TensorOptions().dtype(at::kDouble).device(impl_->device));
+  all_reduce(t);
+  return t.item<double>() > 0;
+}
+
 std::function<void()> Communicator::all_reduce_async(at::Tensor& tensor) {
   TORCH_CHECK(tensor.is_contiguous(), "all_reduce: the tensor must be contiguous");
   std::vector<at::Tensor> ts{tensor};
@@ -278,4 +286,4 @@ void Communicator::broadcast(at::Tensor& tensor, int root) {
 
 void Communicator::barrier() { impl_->wait(impl_->group->barrier(), "barrier"); }
 
-}  // namespace twins::dist
+}  // namespace twins::distributed

@@ -1,5 +1,5 @@
 // Bucketed, overlapped gradient averaging and state broadcast (what DDP's Reducer does).
-#include "twins/dist/data_parallel.h"
+#include "twins/distributed/data_parallel.h"
 
 #include <ATen/ATen.h>
 #include <torch/nn/module.h>
@@ -8,7 +8,7 @@
 #include <mutex>
 #include <stdexcept>
 
-namespace twins::dist {
+namespace twins::distributed {
 namespace {
 
 // Broadcasts a list of tensors in place, one flat message per dtype.
@@ -203,4 +203,4 @@ void GradientReducer::finish() {
   s.reset();
 }
 
-}  // namespace twins::dist
+}  // namespace twins::distributed

@@ -10,8 +10,8 @@
 
 #include "tests/test_util.h"
 #include "train/ssl_model.h"
-#include "twins/dist/communicator.h"
-#include "twins/dist/data_parallel.h"
+#include "twins/distributed/communicator.h"
+#include "twins/distributed/data_parallel.h"
 #include "twins/losses.h"
 #include "twins/models/network.h"
 #include "twins/train/recipe.h"
@@ -23,7 +23,7 @@ using twins::test::check_throws_with;
 namespace {
 
 // Runs f(rank) on every rank's thread; rethrows the first failure.
-void on_ranks(const std::vector<std::shared_ptr<dist::Communicator>>& comms, const std::function<void(int)>& f) {
+void on_ranks(const std::vector<std::shared_ptr<distributed::Communicator>>& comms, const std::function<void(int)>& f) {
   std::vector<std::exception_ptr> errors(comms.size());
   std::vector<std::thread> threads;
   for (size_t r = 0; r < comms.size(); ++r)
@@ -88,15 +88,14 @@ struct StepResult {
 std::unique_ptr<train::detail::SSLModel> make_model(const train::Recipe& recipe, at::ScalarType dtype) {
   at::manual_seed(11);
   auto m = std::make_unique<train::detail::SSLModel>(recipe, 0);
-  for (auto* n : {&m->backbone, &m->projector, &m->predictor, &m->target_backbone, &m->target_projector})
-    if (*n) (*n)->to(dtype);
+  m->to(dtype);
   m->train(true);
   return m;
 }
 
 // forward, backward, (gradient averaging), LARS step, BYOL's EMA.
 StepResult step(train::detail::SSLModel& model, const train::Recipe& recipe, const std::vector<at::Tensor>& views,
-                dist::GradientReducer* reducer) {
+                distributed::GradientReducer* reducer) {
   auto optimizer = train::detail::make_optimizer(recipe.optimizer, model, 0.4, 0.4);
   auto out = model.forward(views);
   optimizer->zero_grad();
@@ -104,7 +103,7 @@ StepResult step(train::detail::SSLModel& model, const train::Recipe& recipe, con
   if (reducer) reducer->finish();
   StepResult r;
   r.loss = out.loss.total.item<double>();
-  for (const auto& p : model.parameters()) r.grads.push_back(p.grad().defined() ? p.grad().clone() : at::zeros_like(p));
+  for (const auto& p : model.online_parameters()) r.grads.push_back(p.grad().defined() ? p.grad().clone() : at::zeros_like(p));
   optimizer->step();
   if (model.target_backbone) model.ema_update(0.9);
   for (const auto& [name, t] : model.state()) r.state.emplace_back(name, t.clone());
@@ -124,14 +123,14 @@ Comparison compare_with_one_process(const json& config, int world, int64_t per_r
   auto single = make_model(recipe, dtype);
   const StepResult expected = step(*single, recipe, {a, b}, nullptr);
 
-  auto comms = dist::Communicator::create_local_group(world);
+  auto comms = distributed::Communicator::create_local_group(world);
   std::vector<std::unique_ptr<train::detail::SSLModel>> models;
   for (int r = 0; r < world; ++r) models.push_back(make_model(recipe, dtype));
   std::vector<StepResult> got(static_cast<size_t>(world));
   on_ranks(comms, [&](int r) {
     auto& m = *models[static_cast<size_t>(r)];
     m.distribute(comms[static_cast<size_t>(r)], recipe.train.sync_batchnorm);
-    dist::GradientReducer reducer(m.parameters(), comms[static_cast<size_t>(r)]);
+    distributed::GradientReducer reducer(m.online_parameters(), comms[static_cast<size_t>(r)]);
     got[static_cast<size_t>(r)] = step(m, recipe, {a.narrow(0, r * per_rank, per_rank), b.narrow(0, r * per_rank, per_rank)}, &reducer);
   });
   Comparison c;
@@ -160,12 +159,12 @@ Comparison compare_with_one_process(const json& config, int world, int64_t per_r
 TEST_CASE("dist: launcher environments (torchrun, SLURM, OpenMPI)") {
   {
     Env e({});
-    CHECK(dist::detect_environment().launcher == "none");
-    CHECK(dist::detect_environment().world_size == 1);
+    CHECK(distributed::detect_environment().launcher == "none");
+    CHECK(distributed::detect_environment().world_size == 1);
   }
   {
     Env e({{"RANK", "3"}, {"WORLD_SIZE", "8"}, {"LOCAL_RANK", "1"}, {"MASTER_ADDR", "node7"}, {"MASTER_PORT", "29400"}});
-    const auto env = dist::detect_environment();
+    const auto env = distributed::detect_environment();
     CHECK(env.launcher == "torchrun");
     CHECK(env.rank == 3);
     CHECK(env.world_size == 8);
@@ -176,7 +175,7 @@ TEST_CASE("dist: launcher environments (torchrun, SLURM, OpenMPI)") {
   {
     Env e({{"SLURM_PROCID", "5"}, {"SLURM_NTASKS", "16"}, {"SLURM_LOCALID", "5"}, {"SLURM_JOB_NODELIST", "gpu[03-04,09]"},
            {"SLURM_JOB_ID", "123456"}});
-    const auto env = dist::detect_environment();
+    const auto env = distributed::detect_environment();
     CHECK(env.launcher == "slurm");
     CHECK(env.rank == 5);
     CHECK(env.world_size == 16);
@@ -186,30 +185,30 @@ TEST_CASE("dist: launcher environments (torchrun, SLURM, OpenMPI)") {
   }
   {
     Env e({{"OMPI_COMM_WORLD_RANK", "1"}, {"OMPI_COMM_WORLD_SIZE", "2"}, {"OMPI_COMM_WORLD_LOCAL_RANK", "1"}});
-    const auto env = dist::detect_environment();
+    const auto env = distributed::detect_environment();
     CHECK(env.launcher == "openmpi");
     CHECK(env.rank == 1);
     CHECK(env.master_addr == "127.0.0.1");
   }
-  CHECK(dist::first_slurm_host("a1,b2") == "a1");
-  CHECK(dist::first_slurm_host("node[7-9]") == "node7");
-  CHECK(dist::first_slurm_host("solo") == "solo");
+  CHECK(distributed::first_slurm_host("a1,b2") == "a1");
+  CHECK(distributed::first_slurm_host("node[7-9]") == "node7");
+  CHECK(distributed::first_slurm_host("solo") == "solo");
   {
     Env e({{"RANK", "4"}, {"WORLD_SIZE", "4"}});
-    check_throws_with<std::invalid_argument>([] { dist::detect_environment(); }, "rank 4 is not below the world size 4");
+    check_throws_with<std::invalid_argument>([] { distributed::detect_environment(); }, "rank 4 is not below the world size 4");
   }
   {
     Env e({{"RANK", "x"}, {"WORLD_SIZE", "2"}});
-    check_throws_with<std::invalid_argument>([] { dist::detect_environment(); }, "RANK=\"x\"");
+    check_throws_with<std::invalid_argument>([] { distributed::detect_environment(); }, "RANK=\"x\"");
   }
   {
     Env e({{"OMPI_COMM_WORLD_RANK", "0"}, {"OMPI_COMM_WORLD_SIZE", "8"}, {"OMPI_COMM_WORLD_LOCAL_SIZE", "4"}});
-    check_throws_with<std::invalid_argument>([] { dist::detect_environment(); }, "MASTER_ADDR");
+    check_throws_with<std::invalid_argument>([] { distributed::detect_environment(); }, "MASTER_ADDR");
   }
 }
 
 TEST_CASE("dist: collectives over 3 ranks") {
-  auto comms = dist::Communicator::create_local_group(3);
+  auto comms = distributed::Communicator::create_local_group(3);
   std::vector<at::Tensor> sums(3), gathered(3), broadcast(3);
   on_ranks(comms, [&](int r) {
     auto& c = *comms[static_cast<size_t>(r)];
@@ -245,13 +244,13 @@ TEST_CASE("dist: SyncBatchNorm equals BatchNorm over the union batch, forward an
     const at::Tensor ys = at::batch_norm(xs, ws, bs, rm, rv, true, 0.1, 1e-5, false);
     (ys * upstream).sum().backward();
     // W ranks.
-    auto comms = dist::Communicator::create_local_group(world);
+    auto comms = distributed::Communicator::create_local_group(world);
     std::vector<at::Tensor> ys_r(world), gx_r(world), gw_r(world), gb_r(world), rm_r(world), rv_r(world);
     on_ranks(comms, [&](int r) {
       at::Tensor xr = x.narrow(0, r * per_rank, per_rank).clone().requires_grad_(true);
       at::Tensor wr = w0.clone().requires_grad_(true), br = b0.clone().requires_grad_(true);
       rm_r[r] = at::zeros({channels}, at::kDouble), rv_r[r] = at::ones({channels}, at::kDouble);
-      const at::Tensor y = dist::sync_batch_norm(xr, wr, br, rm_r[r], rv_r[r], 0.1, 1e-5, comms[static_cast<size_t>(r)]);
+      const at::Tensor y = distributed::sync_batch_norm(xr, wr, br, rm_r[r], rv_r[r], 0.1, 1e-5, comms[static_cast<size_t>(r)]);
       (y * upstream.narrow(0, r * per_rank, per_rank)).sum().backward();
       ys_r[r] = y.detach(), gx_r[r] = xr.grad(), gw_r[r] = wr.grad(), gb_r[r] = br.grad();
     });
@@ -271,15 +270,15 @@ TEST_CASE("dist: gradient buckets cover every parameter exactly once, and finish
   auto net = models::create_backbone(json{{"type", "resnet18"}, {"width", 8}});
   std::vector<at::Tensor> params = net->parameters();
   params[3].set_requires_grad(false);  // frozen: in no bucket
-  auto comms = dist::Communicator::create_local_group(2);
+  auto comms = distributed::Communicator::create_local_group(2);
   std::vector<std::vector<std::vector<size_t>>> buckets(2);
   std::vector<std::vector<at::Tensor>> grads(2);
   on_ranks(comms, [&](int r) {
     std::vector<at::Tensor> mine;
     for (const auto& p : params) mine.push_back(p.detach().clone().requires_grad_(p.requires_grad()));
-    dist::GradientReducerOptions o;
+    distributed::GradientReducerOptions o;
     o.bucket_mb = 0.05;  // many buckets
-    dist::GradientReducer reducer(mine, comms[static_cast<size_t>(r)], o);
+    distributed::GradientReducer reducer(mine, comms[static_cast<size_t>(r)], o);
     buckets[r] = reducer.buckets();
     // Every parameter but one used: the unused one still gets the average of what ranks hold (0).
     at::Tensor loss = at::zeros({}, at::kFloat);
@@ -306,11 +305,11 @@ TEST_CASE("dist: gradient buckets cover every parameter exactly once, and finish
 }
 
 TEST_CASE("dist: gradient accumulation reduces the summed gradients once") {
-  auto comms = dist::Communicator::create_local_group(2);
+  auto comms = distributed::Communicator::create_local_group(2);
   std::vector<at::Tensor> grads(2);
   on_ranks(comms, [&](int r) {
     at::Tensor p = at::zeros({3}).requires_grad_(true);
-    dist::GradientReducer reducer({p}, comms[static_cast<size_t>(r)]);
+    distributed::GradientReducer reducer({p}, comms[static_cast<size_t>(r)]);
     reducer.set_sync(false);
     (p * double(r + 1)).sum().backward();
     reducer.finish();  // no-op while not synchronising
@@ -346,7 +345,7 @@ TEST_CASE("dist: Barlow Twins' reference_compatible gradients are 1/W of the exa
   const train::Recipe official = train::Recipe::parse(small_recipe("barlow_twins", true));
   at::manual_seed(8);
   const at::Tensor a = at::randn({world * 4, 1, 12, 12}, at::kDouble), b = at::randn({world * 4, 1, 12, 12}, at::kDouble);
-  auto comms = dist::Communicator::create_local_group(world);
+  auto comms = distributed::Communicator::create_local_group(world);
   std::vector<std::vector<at::Tensor>> g_exact(world), g_official(world);
   // Built here, not in the ranks' threads: the seed's generator is shared.
   std::vector<std::unique_ptr<train::detail::SSLModel>> m_exact, m_official;
@@ -355,7 +354,7 @@ TEST_CASE("dist: Barlow Twins' reference_compatible gradients are 1/W of the exa
     for (const auto* recipe : {&exact, &official}) {
       auto& m = recipe == &exact ? *m_exact[r] : *m_official[r];
       m.distribute(comms[static_cast<size_t>(r)], true);
-      dist::GradientReducer reducer(m.parameters(), comms[static_cast<size_t>(r)]);
+      distributed::GradientReducer reducer(m.online_parameters(), comms[static_cast<size_t>(r)]);
       const auto out = step(m, *recipe, {a.narrow(0, r * 4, 4), b.narrow(0, r * 4, 4)}, &reducer);
       (recipe == &exact ? g_exact : g_official)[r] = out.grads;
     }
@@ -368,7 +367,7 @@ TEST_CASE("dist: Barlow Twins' reference_compatible gradients are 1/W of the exa
 TEST_CASE("dist: losses without a communicator, or with one rank, are the local losses") {
   at::manual_seed(2);
   const at::Tensor za = at::randn({6, 5}, at::kDouble), zb = at::randn({6, 5}, at::kDouble);
-  auto comms = dist::Communicator::create_local_group(1);
+  auto comms = distributed::Communicator::create_local_group(1);
   losses::VICRegOptions vo;
   vo.communicator = comms[0];
   CHECK(losses::vicreg_loss(za, zb, vo).total.item<double>() == doctest::Approx(losses::vicreg_loss(za, zb).total.item<double>()));

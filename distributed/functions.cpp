@@ -6,9 +6,9 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
-#include "twins/dist/communicator.h"
+#include "twins/distributed/communicator.h"
 
-namespace twins::dist {
+namespace twins::distributed {
 namespace {
 
 using torch::autograd::AutogradContext;
@@ -158,4 +158,4 @@ at::Tensor sync_batch_norm(const at::Tensor& x, const at::Tensor& weight, const 
   return SyncBatchNormFunction::apply(x, weight, bias, mean, invstd, count, communicator->id());
 }
 
-}  // namespace twins::dist
+}  // namespace twins::distributed

@@ -1,0 +1,127 @@
+#pragma once
+// Collectives across the ranks of a data-parallel job, on c10d (the layer under PyTorch's DDP):
+// NCCL for CUDA tensors, Gloo for CPU tensors.
+//
+// A job is W processes (ranks), usually one per GPU, on one or several nodes. Every rank calls
+// the same collectives in the same order with tensors of the same shapes; a rank that dies or
+// hangs makes the others' collectives fail within CommunicatorOptions::timeout_s, with an error
+// naming this rank and the operation.
+#include <ATen/core/Tensor.h>
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace twins::distributed {
+
+/// Where this process sits in a job, as its launcher described it.
+struct Environment {
+  int rank = 0;
+  int world_size = 1;
+  /// Rank within this node (the GPU index to use).
+  int local_rank = 0;
+  /// Address and port of rank 0's rendezvous store.
+  std::string master_addr = "127.0.0.1";
+  int master_port = 29500;
+  /// "torchrun" (RANK, WORLD_SIZE, ...; also `twins pretrain --nproc-per-node`), "slurm",
+  /// "openmpi", or "none" (a single process).
+  std::string launcher = "none";
+};
+
+/// Reads the launcher's variables: torchrun's (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+/// MASTER_PORT), then SLURM's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; master from
+/// MASTER_ADDR or the first host of SLURM_JOB_NODELIST, port from MASTER_PORT or one derived
+/// from SLURM_JOB_ID), then OpenMPI's (OMPI_COMM_WORLD_RANK, _SIZE, _LOCAL_RANK; MASTER_ADDR
+/// required when the job spans nodes). Throws std::invalid_argument naming a variable whose
+/// value is malformed or inconsistent (RANK >= WORLD_SIZE, ...).
+Environment detect_environment();
+
+/// The first host of a SLURM node list: "gpu[03-05,09],cpu1" -> "gpu03".
+std::string first_slurm_host(const std::string& nodelist);
+
+struct CommunicatorOptions {
+  /// "auto" (NCCL when the device is CUDA, Gloo otherwise), "gloo" or "nccl".
+  std::string backend = "auto";
+  /// Rendezvous and every collective fail after this long (a dead or hung rank).
+  double timeout_s = 1800;
+};
+
+/// A group of ranks and its collectives. Thread-compatible: one thread issues collectives at a
+/// time (asynchronous ones complete on the backend's own threads).
+class Communicator {
+ public:
+  /// Joins the job `env` describes: rendezvous through a TCP store that rank 0 hosts at
+  /// master_addr:master_port, then a process group on `device`'s backend. Blocks until every
+  /// rank has joined or the timeout passes (std::runtime_error naming the address).
+  static std::shared_ptr<Communicator> create(const Environment& env, const at::Device& device,
+                                              const CommunicatorOptions& options = {});
+  /// `world_size` ranks inside this process, sharing an in-memory store, each with its own Gloo
+  /// group: for tests and for simulating a job on one machine. Element r is rank r.
+  static std::vector<std::shared_ptr<Communicator>> create_local_group(int world_size,
+                                                                       const CommunicatorOptions& options = {});
+  ~Communicator();
+  Communicator(const Communicator&) = delete;
+  Communicator& operator=(const Communicator&) = delete;
+
+  int rank() const;
+  int world_size() const;
+  /// "gloo" or "nccl".
+  std::string backend() const;
+  /// A number unique to this communicator within the process.
+  int64_t id() const;
+
+  /// Sum over ranks, in place. Blocks.
+  void all_reduce(at::Tensor& tensor);
+  /// Whether any rank passed true (every rank gets the same answer). Blocks.
+  bool any(bool flag);
+  /// Starts a sum over ranks in place and returns a function that waits for it (and throws if
+  /// it failed). The tensor must stay alive and untouched until then.
+  std::function<void()> all_reduce_async(at::Tensor& tensor);
+  /// Every rank's `tensor` (same shape on all ranks), concatenated along dim 0 in rank order.
+  at::Tensor all_gather(const at::Tensor& tensor);
+  /// Rank `root`'s values into `tensor` on every rank, in place.
+  void broadcast(at::Tensor& tensor, int root = 0);
+  /// Returns when every rank has called it.
+  void barrier();
+
+  /// The communicator whose id() is `id`, if it is still alive (autograd functions hold ids,
+  /// not owners). Throws std::runtime_error otherwise.
+  static std::shared_ptr<Communicator> find(int64_t id);
+
+  struct Impl;
+
+ private:
+  explicit Communicator(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// ---- differentiable collectives --------------------------------------------------------------
+// Under data parallelism the objective is J = (1/W) sum_r loss_r and gradients are averaged over
+// ranks; so each backward below returns this rank's share of the gradient of sum_r loss_r, and
+// a one-process run over the union batch gets the same parameter gradients.
+
+/// All ranks' x concatenated along dim 0 (forward: all-gather; backward: all-reduce of the
+/// gradient, then this rank's slice), the semantics of the official VICReg FullGatherLayer.
+at::Tensor all_gather_with_grad(const at::Tensor& x, const std::shared_ptr<Communicator>& communicator);
+
+/// Sum of x over ranks with the exact gradient (backward: all-reduce of the gradient).
+at::Tensor all_reduce_with_grad(const at::Tensor& x, const std::shared_ptr<Communicator>& communicator);
+
+/// Sum of x over ranks whose gradient reaches only this rank's x, unchanged: the official
+/// Barlow Twins code's plain torch.distributed.all_reduce(c) (1/W of the exact gradient).
+at::Tensor all_reduce_local_grad(const at::Tensor& x, const std::shared_ptr<Communicator>& communicator);
+
+/// Batch normalisation in training mode with statistics over every rank's batch, as PyTorch's
+/// SyncBatchNorm: x [N, C, ...]; weight, bias [C] (or undefined); running_mean/var [C] updated in
+/// place (undefined: not tracked) with `momentum` (unbiased variance, like BatchNorm).
+at::Tensor sync_batch_norm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                           at::Tensor running_mean, at::Tensor running_var, double momentum, double eps,
+                           const std::shared_ptr<Communicator>& communicator);
+
+}  // namespace twins::distributed
+
+namespace twins {
+/// The namespace's name in twins 0.1 (<twins/dist/...>), kept for code written against it.
+namespace dist = distributed;
+}  // namespace twins

@@ -1,0 +1,103 @@
+// The optimizer registry (lars, sgd, adamw) and the optimizer of an SSLModel: parameter groups
+// built once here, the type's options from OptimizerConfig.
+#include <torch/optim/adamw.h>
+#include <torch/optim/sgd.h>
+#include <torch/serialize/archive.h>
+
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "train/ssl_model.h"
+#include "twins/registry.h"
+#include "twins/train/lars.h"
+
+namespace twins::train {
+namespace detail {
+namespace {
+
+// What every optimizer factory gets besides its spec: the groups and their learning rates.
+struct ParameterGroups {
+  std::vector<at::Tensor> weights, flat, fixed;  // fixed: the fixed-lr predictor
+  double lr = 0, bias_lr = 0;
+};
+
+// Groups in the order set_learning_rates() expects: weights, 1-D parameters, then the fixed
+// predictor group (weights' options, its lr never scheduled). `flat` takes `flat_options`.
+template <class Options>
+std::vector<torch::optim::OptimizerParamGroup> groups_of(const ParameterGroups& g, const Options& weights, const Options& flat) {
+  std::vector<torch::optim::OptimizerParamGroup> out;
+  out.emplace_back(g.weights, std::make_unique<Options>(weights));
+  out.emplace_back(g.flat, std::make_unique<Options>(flat));
+  if (!g.fixed.empty()) out.emplace_back(g.fixed, std::make_unique<Options>(weights));
+  return out;
+}
+
+using OptimizerRegistry = Registry<torch::optim::Optimizer, const OptimizerConfig&, const ParameterGroups&>;
+
+const OptimizerRegistry& registry() {
+  static const OptimizerRegistry r = [] {
+    OptimizerRegistry r("optimizer");
+    r.add("lars", [](const nlohmann::json&, const std::string&, const OptimizerConfig& c, const ParameterGroups& g) {
+      // LARS excludes 1-D parameters from decay and adaptation itself (exclude_1d).
+      const auto o = LARSOptions(g.lr).weight_decay(c.weight_decay).momentum(c.momentum).eta(c.eta).exclude_1d(c.exclude_1d).clip(c.clip);
+      return std::make_shared<LARS>(groups_of(g, o, LARSOptions(o).lr(g.bias_lr)), o);
+    });
+    r.add("sgd", [](const nlohmann::json&, const std::string&, const OptimizerConfig& c, const ParameterGroups& g) {
+      const auto o = torch::optim::SGDOptions(g.lr).momentum(c.momentum).weight_decay(c.weight_decay);
+      const auto flat = torch::optim::SGDOptions(o).lr(g.bias_lr).weight_decay(c.exclude_1d ? 0.0 : c.weight_decay);
+      return std::make_shared<torch::optim::SGD>(groups_of(g, o, flat), o);
+    });
+    r.add("adamw", [](const nlohmann::json&, const std::string&, const OptimizerConfig& c, const ParameterGroups& g) {
+      const auto o = torch::optim::AdamWOptions(g.lr).weight_decay(c.weight_decay).betas({c.betas[0], c.betas[1]}).eps(c.eps);
+      const auto flat = torch::optim::AdamWOptions(o).lr(g.bias_lr).weight_decay(c.exclude_1d ? 0.0 : c.weight_decay);
+      return std::make_shared<torch::optim::AdamW>(groups_of(g, o, flat), o);
+    });
+    return r;
+  }();
+  return r;
+}
+
+}  // namespace
+
+std::shared_ptr<torch::optim::Optimizer> make_optimizer(const OptimizerConfig& c, const SSLModel& model, double lr,
+                                                        double bias_lr) {
+  ParameterGroups g;
+  g.lr = lr, g.bias_lr = bias_lr;
+  std::vector<at::Tensor> scheduled = model.online_parameters();
+  if (c.fixed_predictor_lr && model.predictor) {
+    g.fixed = model.predictor->parameters();
+    scheduled.clear();
+    for (const auto* n : {&model.backbone, &model.projector})
+      for (const auto& p : (*n)->parameters()) scheduled.push_back(p);
+  }
+  for (const auto& p : scheduled) (p.dim() > 1 ? g.weights : g.flat).push_back(p);
+  return registry().create(nlohmann::json{{"type", c.type}}, "optimizer", c, g);
+}
+
+void set_learning_rates(torch::optim::Optimizer& optimizer, const std::vector<double>& lrs) {
+  auto& groups = optimizer.param_groups();
+  for (size_t g = 0; g < groups.size() && g < lrs.size(); ++g) groups[g].options().set_lr(lrs[g]);
+}
+
+std::vector<uint8_t> save_optimizer(const torch::optim::Optimizer& optimizer) {
+  torch::serialize::OutputArchive archive;
+  optimizer.save(archive);
+  std::ostringstream s;
+  archive.save_to(s);
+  const std::string bytes = s.str();
+  return std::vector<uint8_t>(bytes.begin(), bytes.end());
+}
+
+void load_optimizer(torch::optim::Optimizer& optimizer, const at::Tensor& bytes) {
+  const at::Tensor b = bytes.contiguous();
+  std::istringstream s(std::string(reinterpret_cast<const char*>(b.data_ptr<uint8_t>()), static_cast<size_t>(b.numel())));
+  torch::serialize::InputArchive archive;
+  archive.load_from(s);
+  optimizer.load(archive);
+}
+
+}  // namespace detail
+
+std::vector<std::string> optimizer_names() { return detail::registry().names_in_order(); }
+
+}  // namespace twins::train

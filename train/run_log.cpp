@@ -1,0 +1,105 @@
+#include "train/run_log.h"
+
+#include <unistd.h>
+
+#include <iomanip>
+#include <iostream>
+#include <sstream>
+
+namespace twins::train::detail {
+namespace fs = std::filesystem;
+using nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+}  // namespace
+
+std::string format_duration(double s) {
+  const int64_t t = static_cast<int64_t>(s);
+  std::ostringstream o;
+  if (t >= 3600) o << t / 3600 << "h" << std::setw(2) << std::setfill('0') << (t % 3600) / 60 << "m";
+  else o << t / 60 << "m" << std::setw(2) << std::setfill('0') << t % 60 << "s";
+  return o.str();
+}
+
+RunLog::RunLog(fs::path out_dir, bool writer, bool progress)
+    : out_dir_(std::move(out_dir)), writer_(writer), progress_(progress && writer),
+      start_(Clock::now()), window_start_(start_) {
+  tty_ = progress_ && ::isatty(STDERR_FILENO);
+  if (!writer_) return;
+  fs::create_directories(out_dir_);
+  metrics_.open(out_dir_ / "metrics.jsonl", std::ios::app);
+  if (!metrics_) throw std::runtime_error((out_dir_ / "metrics.jsonl").string() + ": cannot write");
+}
+
+void RunLog::write_config(const json& config) const {
+  if (!writer_) return;
+  const fs::path path = out_dir_ / "config.json", tmp = out_dir_ / "config.json.tmp";
+  {
+    std::ofstream out(tmp);
+    out << config.dump(2) << "\n";
+    out.flush();
+    if (!out) throw std::runtime_error(tmp.string() + ": cannot write");
+  }
+  fs::rename(tmp, path);
+}
+
+void RunLog::append(const json& line) {
+  if (!writer_) return;
+  metrics_ << line.dump() << "\n" << std::flush;
+  if (!metrics_) throw std::runtime_error((out_dir_ / "metrics.jsonl").string() + ": write failed");
+}
+
+void RunLog::count(int64_t images, double data_wait_seconds) {
+  images_ += images, window_images_ += images;
+  wait_ += data_wait_seconds, window_wait_ += data_wait_seconds;
+}
+
+double RunLog::seconds() const { return since(start_); }
+double RunLog::data_wait_fraction() const { return wait_ / std::max(1e-9, seconds()); }
+
+double RunLog::peak_rss_mb() {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
+  return 0;
+}
+
+void RunLog::step(const StepResult& r, const RunPosition& p) {
+  const double window = std::max(1e-9, since(window_start_));
+  json line = {{"step", r.step}, {"epoch", p.epoch}, {"lr", r.lr}, {"loss", r.loss}};
+  for (const auto& [name, value] : r.terms) line[name] = value;
+  const double rate = static_cast<double>(window_images_) / window;
+  line["images_per_s"] = rate;
+  line["data_wait"] = window_wait_ / window;
+  line["peak_rss_mb"] = peak_rss_mb();
+  if (r.tau) line["tau"] = *r.tau;
+  if (r.skipped) line["skipped"] = true;
+  append(line);
+  if (progress_) {
+    const double per_step = seconds() / static_cast<double>(std::max<int64_t>(1, p.step - p.start_step));
+    std::ostringstream s;
+    s << "epoch " << p.epoch + 1 << "/" << p.epochs << " step " << p.epoch_step << "/" << p.steps_per_epoch << " ["
+      << p.step << "/" << p.max_steps << "] " << std::fixed << std::setprecision(0) << rate << " img/s  loss "
+      << std::setprecision(4) << r.loss << "  data " << std::setprecision(0) << 100 * window_wait_ / window << "%  ETA "
+      << format_duration(static_cast<double>(p.max_steps - p.step) * per_step);
+    if (tty_) std::cerr << "\r" << s.str() << "\033[K" << std::flush, line_open_ = true;
+    else std::cerr << s.str() << "\n";
+  }
+  window_images_ = 0, window_wait_ = 0, window_start_ = Clock::now();
+}
+
+void RunLog::end_progress() {
+  if (line_open_) std::cerr << "\n";
+  line_open_ = false;
+}
+
+void RunLog::say(const std::string& text) {
+  if (!progress_) return;
+  end_progress();
+  std::cerr << text << "\n";
+}
+
+}  // namespace twins::train::detail

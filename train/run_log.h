@@ -1,0 +1,65 @@
+#pragma once
+// What a training run tells the world: config.json and metrics.jsonl in the run folder (one
+// JSON object per line: step lines, epoch lines, a final summary), and the progress line on
+// stderr (rewritten in place on a terminal, one line per report otherwise). Only the rank that
+// writes the run folder (rank 0) writes or prints; the others count silently.
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#include "twins/train/trainer.h"
+
+namespace twins::train::detail {
+
+/// Where a step sits in the run, for the progress line.
+struct RunPosition {
+  int64_t epoch = 0, epochs = 1;
+  /// Steps done in this epoch, of steps_per_epoch.
+  int64_t epoch_step = 0, steps_per_epoch = 1;
+  /// Steps done in the run, of max_steps; start_step: where this invocation started.
+  int64_t step = 0, max_steps = 1, start_step = 0;
+};
+
+class RunLog {
+ public:
+  /// `writer`: this process writes the run folder; `progress`: print progress on stderr.
+  RunLog(std::filesystem::path out_dir, bool writer, bool progress);
+
+  /// config.json (replaced atomically).
+  void write_config(const nlohmann::json& config) const;
+  /// Appends one line to metrics.jsonl and flushes it.
+  void append(const nlohmann::json& line);
+
+  /// Counts a step's images and the seconds spent waiting for its data.
+  void count(int64_t images, double data_wait_seconds);
+  /// The step line of `r` (loss, terms, lr, tau, images/s and data-wait fraction since the
+  /// last step line, peak memory): appended to metrics.jsonl and shown as the progress line.
+  void step(const StepResult& r, const RunPosition& position);
+  /// Ends a progress line rewritten in place (before other output).
+  void end_progress();
+  /// A line for the user (stderr, when printing progress).
+  void say(const std::string& text);
+
+  /// Seconds since construction, images counted, and the fraction of it spent waiting for data.
+  double seconds() const;
+  int64_t images() const { return images_; }
+  double data_wait_fraction() const;
+  /// The process's peak resident memory in MB.
+  static double peak_rss_mb();
+
+ private:
+  std::filesystem::path out_dir_;
+  bool writer_, progress_, tty_ = false, line_open_ = false;
+  std::ofstream metrics_;
+  std::chrono::steady_clock::time_point start_, window_start_;
+  int64_t images_ = 0, window_images_ = 0;
+  double wait_ = 0, window_wait_ = 0;
+};
+
+/// "1h05m" or "4m07s".
+std::string format_duration(double seconds);
+
+}  // namespace twins::train::detail
