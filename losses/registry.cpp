@@ -18,6 +18,7 @@ static const Registry<Loss>& registry() {
     TWINS_LOSS(vicreg);
     TWINS_LOSS(barlow_twins);
     TWINS_LOSS(byol);
+    TWINS_LOSS(simsiam);
     return r;
   }();
   return r;
