@@ -36,10 +36,8 @@ at::Tensor checked(const at::Tensor& img, const char* op) {
   if (!img.defined() || img.dim() != 3 || img.scalar_type() != at::kByte || !img.device().is_cpu() ||
       (img.size(2) != 1 && img.size(2) != 3)) {
     std::string got = img.defined() ? std::string(c10::toString(img.scalar_type())) + " [" : "[";
-    for (int64_t i = 0; img.defined() && i < img.dim(); ++i)
-      got += (i ? ", " : "") + std::to_string(img.size(i));
-    throw std::invalid_argument(std::string(op) +
-                                ": expected a uint8 CPU image [H, W, 1 or 3], got " + got + "]");
+    for (int64_t i = 0; img.defined() && i < img.dim(); ++i) got += (i ? ", " : "") + std::to_string(img.size(i));
+    throw std::invalid_argument(std::string(op) + ": expected a uint8 CPU image [H, W, 1 or 3], got " + got + "]");
   }
   return img.contiguous();
 }
@@ -59,8 +57,7 @@ inline uint8_t luma(int r, int g, int b) {
 
 void check_factor(double factor, const char* op) {
   if (!(factor >= 0) || !std::isfinite(factor))
-    throw std::invalid_argument(std::string(op) + ": factor must be >= 0, got " +
-                                std::to_string(factor));
+    throw std::invalid_argument(std::string(op) + ": factor must be >= 0, got " + std::to_string(factor));
 }
 
 // PIL's rgb2hsv_row (Convert.c, after colorsys), with its float/double mix kept as it is so
@@ -80,9 +77,12 @@ inline void rgb2hsv(uint8_t r, uint8_t g, uint8_t b, uint8_t& uh, uint8_t& us, u
   const float gc = static_cast<float>(maxc - g) / cr;
   const float bc = static_cast<float>(maxc - b) / cr;
   float h;
-  if (r == maxc) h = bc - gc;
-  else if (g == maxc) h = static_cast<float>(2.0 + rc - bc);
-  else h = static_cast<float>(4.0 + gc - rc);
+  if (r == maxc)
+    h = bc - gc;
+  else if (g == maxc)
+    h = static_cast<float>(2.0 + rc - bc);
+  else
+    h = static_cast<float>(4.0 + gc - rc);
   const double x = h / 6.0 + 1.0;
   h = static_cast<float>(x >= 1.0 ? x - 1.0 : x);
   const int ih = static_cast<int>(h * 255.0), is = static_cast<int>(s * 255.0);
@@ -209,8 +209,8 @@ inline uint8_t clip_fixed(int v) {
 
 // Horizontal pass over rows [row0, row0 + rows) of src (stride src_stride bytes per row, first
 // column col0), into dst [rows, out_w, c].
-void resample_horizontal(const uint8_t* src, int64_t src_stride, int col0, int row0, int rows,
-                         int c, const Coeffs& k, int out_w, uint8_t* dst) {
+void resample_horizontal(const uint8_t* src, int64_t src_stride, int col0, int row0, int rows, int c, const Coeffs& k,
+                         int out_w, uint8_t* dst) {
   for (int y = 0; y < rows; ++y) {
     const uint8_t* in = src + (row0 + y) * src_stride + static_cast<int64_t>(col0) * c;
     uint8_t* out = dst + static_cast<int64_t>(y) * out_w * c;
@@ -232,8 +232,8 @@ void resample_horizontal(const uint8_t* src, int64_t src_stride, int col0, int r
 }
 
 // Vertical pass: src rows of width w*c (stride src_stride), with row offset row0 and col0.
-void resample_vertical(const uint8_t* src, int64_t src_stride, int col0, int row0, int w, int c,
-                       const Coeffs& k, int out_h, uint8_t* dst) {
+void resample_vertical(const uint8_t* src, int64_t src_stride, int col0, int row0, int w, int c, const Coeffs& k,
+                       int out_h, uint8_t* dst) {
   const int n = w * c;
   std::vector<int> acc(n);
   for (int yy = 0; yy < out_h; ++yy) {
@@ -265,8 +265,7 @@ at::Tensor adjust_brightness(const at::Tensor& image, double factor) {
 
 at::Tensor to_grayscale(const at::Tensor& image, int out_channels) {
   if (out_channels != 1 && out_channels != 3)
-    throw std::invalid_argument("to_grayscale: out_channels must be 1 or 3, got " +
-                                std::to_string(out_channels));
+    throw std::invalid_argument("to_grayscale: out_channels must be 1 or 3, got " + std::to_string(out_channels));
   const at::Tensor img = checked(image, "to_grayscale");
   const int64_t h = img.size(0), w = img.size(1);
   at::Tensor out = at::empty({h, w, out_channels}, img.options());
@@ -328,8 +327,7 @@ at::Tensor adjust_saturation(const at::Tensor& image, double factor) {
 
 at::Tensor adjust_hue(const at::Tensor& image, double hue_factor) {
   if (!(hue_factor >= -0.5 && hue_factor <= 0.5))
-    throw std::invalid_argument("adjust_hue: hue_factor must be in [-0.5, 0.5], got " +
-                                std::to_string(hue_factor));
+    throw std::invalid_argument("adjust_hue: hue_factor must be in [-0.5, 0.5], got " + std::to_string(hue_factor));
   const at::Tensor img = checked(image, "adjust_hue");
   if (img.size(2) == 1) return img.clone();
   // torchvision: np_h += np.uint8(hue_factor * 255), i.e. trunc(hue_factor * 255) mod 256.
@@ -376,8 +374,7 @@ at::Tensor gaussian_blur(const at::Tensor& image, int kernel_size, double sigma)
   if (kernel_size < 1 || kernel_size % 2 == 0)
     throw std::invalid_argument("gaussian_blur: kernel_size must be odd and positive, got " +
                                 std::to_string(kernel_size));
-  if (!(sigma > 0))
-    throw std::invalid_argument("gaussian_blur: sigma must be > 0, got " + std::to_string(sigma));
+  if (!(sigma > 0)) throw std::invalid_argument("gaussian_blur: sigma must be > 0, got " + std::to_string(sigma));
   const at::Tensor img = checked(image, "gaussian_blur");
   const int h = static_cast<int>(img.size(0)), w = static_cast<int>(img.size(1));
   const int c = static_cast<int>(img.size(2));
@@ -386,9 +383,8 @@ at::Tensor gaussian_blur(const at::Tensor& image, int kernel_size, double sigma)
   // padding smaller than the image, and so does reflection here.
   const int half = kernel_size / 2;
   if (half >= h || half >= w)
-    throw std::invalid_argument("gaussian_blur: kernel_size " + std::to_string(kernel_size) +
-                                " too large for a " + std::to_string(h) + "x" + std::to_string(w) +
-                                " image");
+    throw std::invalid_argument("gaussian_blur: kernel_size " + std::to_string(kernel_size) + " too large for a " +
+                                std::to_string(h) + "x" + std::to_string(w) + " image");
   cv::Mat kernel(kernel_size, 1, CV_32F);
   float sum = 0;
   for (int i = 0; i < kernel_size; ++i) {
@@ -405,18 +401,16 @@ at::Tensor gaussian_blur(const at::Tensor& image, int kernel_size, double sigma)
   return out;
 }
 
-at::Tensor resized_crop(const at::Tensor& image, int top, int left, int height, int width,
-                        int out_h, int out_w, Interpolation interpolation) {
+at::Tensor resized_crop(const at::Tensor& image, int top, int left, int height, int width, int out_h, int out_w,
+                        Interpolation interpolation) {
   const at::Tensor img = checked(image, "resized_crop");
   const int h = static_cast<int>(img.size(0)), w = static_cast<int>(img.size(1));
   const int c = static_cast<int>(img.size(2));
-  if (top < 0 || left < 0 || height < 1 || width < 1 || top + height > h || left + width > w ||
-      out_h < 1 || out_w < 1)
-    throw std::invalid_argument(
-        "resized_crop: crop (top " + std::to_string(top) + ", left " + std::to_string(left) +
-        ", " + std::to_string(height) + "x" + std::to_string(width) + ") -> " +
-        std::to_string(out_h) + "x" + std::to_string(out_w) + " does not fit a " +
-        std::to_string(h) + "x" + std::to_string(w) + " image");
+  if (top < 0 || left < 0 || height < 1 || width < 1 || top + height > h || left + width > w || out_h < 1 || out_w < 1)
+    throw std::invalid_argument("resized_crop: crop (top " + std::to_string(top) + ", left " + std::to_string(left) +
+                                ", " + std::to_string(height) + "x" + std::to_string(width) + ") -> " +
+                                std::to_string(out_h) + "x" + std::to_string(out_w) + " does not fit a " +
+                                std::to_string(h) + "x" + std::to_string(w) + " image");
   const bool bicubic = interpolation == Interpolation::bicubic;
   const uint8_t* src = img.data_ptr<uint8_t>();
   const int64_t stride = static_cast<int64_t>(w) * c;
@@ -425,8 +419,7 @@ at::Tensor resized_crop(const at::Tensor& image, int top, int left, int height, 
   const bool need_h = out_w != width, need_v = out_h != height;
   if (!need_h && !need_v) return crop(img, top, left, height, width);
   if (!need_v) {
-    resample_horizontal(src, stride, left, top, height, c, precompute(width, out_w, bicubic),
-                        out_w, dst);
+    resample_horizontal(src, stride, left, top, height, c, precompute(width, out_w, bicubic), out_w, dst);
     return out;
   }
   const Coeffs kv = precompute(height, out_h, bicubic);
@@ -438,10 +431,9 @@ at::Tensor resized_crop(const at::Tensor& image, int top, int left, int height, 
   const int first = kv.bounds[0];
   const int last = kv.bounds[2 * (out_h - 1)] + kv.bounds[2 * (out_h - 1) + 1];
   std::vector<uint8_t> temp(static_cast<size_t>(last - first) * out_w * c);
-  resample_horizontal(src, stride, left, top + first, last - first, c,
-                      precompute(width, out_w, bicubic), out_w, temp.data());
-  resample_vertical(temp.data(), static_cast<int64_t>(out_w) * c, 0, -first, out_w, c, kv, out_h,
-                    dst);
+  resample_horizontal(src, stride, left, top + first, last - first, c, precompute(width, out_w, bicubic), out_w,
+                      temp.data());
+  resample_vertical(temp.data(), static_cast<int64_t>(out_w) * c, 0, -first, out_w, c, kv, out_h, dst);
   return out;
 }
 
@@ -451,8 +443,8 @@ at::Tensor resized_crop(const at::Tensor& img, int top, int left, int height, in
 }
 
 at::Tensor resize(const at::Tensor& img, int out_h, int out_w, Interpolation interpolation) {
-  return resized_crop(img, 0, 0, static_cast<int>(img.size(0)), static_cast<int>(img.size(1)),
-                      out_h, out_w, interpolation);
+  return resized_crop(img, 0, 0, static_cast<int>(img.size(0)), static_cast<int>(img.size(1)), out_h, out_w,
+                      interpolation);
 }
 
 at::Tensor resize(const at::Tensor& img, int out_h, int out_w, const std::string& interpolation) {
@@ -462,8 +454,8 @@ at::Tensor resize(const at::Tensor& img, int out_h, int out_w, const std::string
 at::Tensor crop(const at::Tensor& image, int top, int left, int height, int width) {
   const at::Tensor img = checked(image, "crop");
   if (height < 1 || width < 1)
-    throw std::invalid_argument("crop: size must be positive, got " + std::to_string(height) +
-                                "x" + std::to_string(width));
+    throw std::invalid_argument("crop: size must be positive, got " + std::to_string(height) + "x" +
+                                std::to_string(width));
   const int h = static_cast<int>(img.size(0)), w = static_cast<int>(img.size(1));
   if (top >= 0 && left >= 0 && top + height <= h && left + width <= w)
     return img.slice(0, top, top + height).slice(1, left, left + width).contiguous();
@@ -471,8 +463,7 @@ at::Tensor crop(const at::Tensor& image, int top, int left, int height, int widt
   const int y0 = std::max(top, 0), y1 = std::min(top + height, h);
   const int x0 = std::max(left, 0), x1 = std::min(left + width, w);
   if (y0 < y1 && x0 < x1)
-    out.slice(0, y0 - top, y1 - top).slice(1, x0 - left, x1 - left)
-        .copy_(img.slice(0, y0, y1).slice(1, x0, x1));
+    out.slice(0, y0 - top, y1 - top).slice(1, x0 - left, x1 - left).copy_(img.slice(0, y0, y1).slice(1, x0, x1));
   return out;
 }
 

@@ -5,9 +5,9 @@
 
 #include <algorithm>
 #include <cmath>
-#include <nlohmann/json.hpp>
 #include <functional>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <stdexcept>
 
 #include "twins/augment/functional.h"
@@ -23,12 +23,12 @@ using nlohmann::json;
 namespace {
 
 // "size": 32 or [h, w].
-std::pair<int, int> read_size(ConfigReader& r, const json& spec, const std::string& key,
-                              std::pair<int, int> value) {
+std::pair<int, int> read_size(ConfigReader& r, const json& spec, const std::string& key, std::pair<int, int> value) {
   r.allow(key);
   if (!spec.contains(key)) return value;
   const json& s = spec.at(key);
-  if (s.is_number_integer()) value = {s.get<int>(), s.get<int>()};
+  if (s.is_number_integer())
+    value = {s.get<int>(), s.get<int>()};
   else if (s.is_array() && s.size() == 2 && s[0].is_number_integer() && s[1].is_number_integer())
     value = {s[0].get<int>(), s[1].get<int>()};
   else
@@ -37,8 +37,7 @@ std::pair<int, int> read_size(ConfigReader& r, const json& spec, const std::stri
   return value;
 }
 
-std::pair<double, double> read_range(ConfigReader& r, const std::string& key,
-                                     std::pair<double, double> value) {
+std::pair<double, double> read_range(ConfigReader& r, const std::string& key, std::pair<double, double> value) {
   std::vector<double> v{value.first, value.second};
   r.get(key, v);
   config::require(v.size() == 2 && v[0] <= v[1], r.path_of(key), "expected [min, max], min <= max");
@@ -57,9 +56,7 @@ Interpolation read_interpolation(ConfigReader& r, Interpolation value) {
   return parse_interpolation(name, r.path_of("interpolation"));
 }
 
-json size_json(std::pair<int, int> s) {
-  return s.first == s.second ? json(s.first) : json({s.first, s.second});
-}
+json size_json(std::pair<int, int> s) { return s.first == s.second ? json(s.first) : json({s.first, s.second}); }
 
 class RandomResizedCrop final : public Op {
  public:
@@ -75,14 +72,15 @@ class RandomResizedCrop final : public Op {
     config::require(ratio_.first > 0, r.path_of("ratio"), "must be positive");
   }
   at::Tensor apply(const at::Tensor& img, Rng& rng) const override {
-    const CropBox box = random_resized_crop_box(static_cast<int>(img.size(0)),
-                                                static_cast<int>(img.size(1)), scale_, ratio_, rng);
-    return F::resized_crop(img, box.top, box.left, box.height, box.width, size_.first,
-                           size_.second, interpolation_);
+    const CropBox box =
+        random_resized_crop_box(static_cast<int>(img.size(0)), static_cast<int>(img.size(1)), scale_, ratio_, rng);
+    return F::resized_crop(img, box.top, box.left, box.height, box.width, size_.first, size_.second, interpolation_);
   }
   json to_json() const override {
-    return {{"type", "random_resized_crop"}, {"size", size_json(size_)},
-            {"scale", {scale_.first, scale_.second}}, {"ratio", {ratio_.first, ratio_.second}},
+    return {{"type", "random_resized_crop"},
+            {"size", size_json(size_)},
+            {"scale", {scale_.first, scale_.second}},
+            {"ratio", {ratio_.first, ratio_.second}},
             {"interpolation", to_string(interpolation_)}};
   }
   std::pair<int, int> output_size() const override { return size_; }
@@ -101,9 +99,7 @@ class RandomHorizontalFlip final : public Op {
     p_ = read_probability(r, 0.5);
     r.finish();
   }
-  at::Tensor apply(const at::Tensor& img, Rng& rng) const override {
-    return rng.bernoulli(p_) ? F::hflip(img) : img;
-  }
+  at::Tensor apply(const at::Tensor& img, Rng& rng) const override { return rng.bernoulli(p_) ? F::hflip(img) : img; }
   json to_json() const override { return {{"type", "random_horizontal_flip"}, {"p", p_}}; }
 
  private:
@@ -147,8 +143,12 @@ class ColorJitter final : public Op {
     return out;
   }
   json to_json() const override {
-    return {{"type", "color_jitter"}, {"brightness", brightness_}, {"contrast", contrast_},
-            {"saturation", saturation_}, {"hue", hue_}, {"p", p_}};
+    return {{"type", "color_jitter"},
+            {"brightness", brightness_},
+            {"contrast", contrast_},
+            {"saturation", saturation_},
+            {"hue", hue_},
+            {"p", p_}};
   }
 
  private:
@@ -199,8 +199,8 @@ class GaussianBlur final : public Op {
     return k > 1 ? F::gaussian_blur(img, k, sigma) : img;
   }
   json to_json() const override {
-    return {{"type", "gaussian_blur"}, {"p", p_}, {"sigma", {sigma_.first, sigma_.second}},
-            {"kernel_size", kernel_size_}};
+    return {
+        {"type", "gaussian_blur"}, {"p", p_}, {"sigma", {sigma_.first, sigma_.second}}, {"kernel_size", kernel_size_}};
   }
 
  private:
@@ -221,9 +221,7 @@ class Solarization final : public Op {
   at::Tensor apply(const at::Tensor& img, Rng& rng) const override {
     return rng.bernoulli(p_) ? F::solarize(img, threshold_) : img;
   }
-  json to_json() const override {
-    return {{"type", "solarization"}, {"p", p_}, {"threshold", threshold_}};
-  }
+  json to_json() const override { return {{"type", "solarization"}, {"p", p_}, {"threshold", threshold_}}; }
 
  private:
   double p_;
@@ -237,8 +235,7 @@ class RandomApply final : public Op {
     r.allow("type");
     p_ = read_probability(r, 0.5);
     r.allow("ops");
-    config::require(spec.contains("ops") && spec.at("ops").is_array(), r.path_of("ops"),
-                    "expected a list of ops");
+    config::require(spec.contains("ops") && spec.at("ops").is_array(), r.path_of("ops"), "expected a list of ops");
     for (size_t i = 0; i < spec.at("ops").size(); ++i)
       ops_.push_back(create_op(spec.at("ops")[i], r.path_of("ops") + "[" + std::to_string(i) + "]"));
     r.finish();
@@ -277,14 +274,17 @@ class Resize final : public Op {
     const int h = static_cast<int>(img.size(0)), w = static_cast<int>(img.size(1));
     int oh = size_.first, ow = size_.second;
     if (shorter_) {
-      if (h <= w) oh = size_.first, ow = static_cast<int>(static_cast<int64_t>(size_.first) * w / h);
-      else ow = size_.first, oh = static_cast<int>(static_cast<int64_t>(size_.first) * h / w);
+      if (h <= w)
+        oh = size_.first, ow = static_cast<int>(static_cast<int64_t>(size_.first) * w / h);
+      else
+        ow = size_.first, oh = static_cast<int>(static_cast<int64_t>(size_.first) * h / w);
     }
     if (oh == h && ow == w) return img;
     return F::resize(img, oh, ow, interpolation_);
   }
   json to_json() const override {
-    return {{"type", "resize"}, {"size", shorter_ ? json(size_.first) : json({size_.first, size_.second})},
+    return {{"type", "resize"},
+            {"size", shorter_ ? json(size_.first) : json({size_.first, size_.second})},
             {"interpolation", to_string(interpolation_)}};
   }
   std::pair<int, int> output_size() const override { return shorter_ ? std::pair{0, 0} : size_; }
@@ -324,10 +324,13 @@ const Registry<Op>& registry() {
   static const Registry<Op> r = [] {
     Registry<Op> r("op");
     auto add = [&r](const std::string& name, auto make) { r.add(name, make); };
-    add("random_resized_crop", [](const json& s, const std::string& p) { return std::make_shared<RandomResizedCrop>(s, p); });
-    add("random_horizontal_flip", [](const json& s, const std::string& p) { return std::make_shared<RandomHorizontalFlip>(s, p); });
+    add("random_resized_crop",
+        [](const json& s, const std::string& p) { return std::make_shared<RandomResizedCrop>(s, p); });
+    add("random_horizontal_flip",
+        [](const json& s, const std::string& p) { return std::make_shared<RandomHorizontalFlip>(s, p); });
     add("color_jitter", [](const json& s, const std::string& p) { return std::make_shared<ColorJitter>(s, p); });
-    add("random_grayscale", [](const json& s, const std::string& p) { return std::make_shared<RandomGrayscale>(s, p); });
+    add("random_grayscale",
+        [](const json& s, const std::string& p) { return std::make_shared<RandomGrayscale>(s, p); });
     add("gaussian_blur", [](const json& s, const std::string& p) { return std::make_shared<GaussianBlur>(s, p); });
     add("solarization", [](const json& s, const std::string& p) { return std::make_shared<Solarization>(s, p); });
     add("random_apply", [](const json& s, const std::string& p) { return std::make_shared<RandomApply>(s, p); });
@@ -345,16 +348,16 @@ Normalization parse_normalization(const json& spec, const std::string& path) {
   r.get("mean", n.mean);
   r.get("std", n.std);
   r.finish();
-  config::require(n.mean.size() == n.std.size() && (n.mean.size() == 1 || n.mean.size() == 3),
-                  path, "mean and std need 1 or 3 values each");
+  config::require(n.mean.size() == n.std.size() && (n.mean.size() == 1 || n.mean.size() == 3), path,
+                  "mean and std need 1 or 3 values each");
   for (double s : n.std) config::require(s > 0, r.path_of("std"), "must be positive");
   return n;
 }
 
 }  // namespace
 
-CropBox random_resized_crop_box(int height, int width, std::pair<double, double> scale,
-                                std::pair<double, double> ratio, Rng& rng) {
+CropBox random_resized_crop_box(int height, int width, std::pair<double, double> scale, std::pair<double, double> ratio,
+                                Rng& rng) {
   const double area = static_cast<double>(height) * width;
   const double log_lo = std::log(ratio.first), log_hi = std::log(ratio.second);
   for (int attempt = 0; attempt < 10; ++attempt) {
@@ -371,8 +374,10 @@ CropBox random_resized_crop_box(int height, int width, std::pair<double, double>
   }
   const double in_ratio = static_cast<double>(width) / height;
   int w = width, h = height;
-  if (in_ratio < ratio.first) h = static_cast<int>(std::nearbyint(w / ratio.first));
-  else if (in_ratio > ratio.second) w = static_cast<int>(std::nearbyint(h * ratio.second));
+  if (in_ratio < ratio.first)
+    h = static_cast<int>(std::nearbyint(w / ratio.first));
+  else if (in_ratio > ratio.second)
+    w = static_cast<int>(std::nearbyint(h * ratio.second));
   return {(height - h) / 2, (width - w) / 2, h, w};
 }
 
@@ -439,10 +444,9 @@ std::vector<View> parse_views(const json& views, const std::string& path) {
   return out;
 }
 
-at::Tensor normalize_batch(const at::Tensor& batch, const Normalization& n,
-                           const at::Device& device, at::ScalarType dtype) {
-  TORCH_CHECK(batch.dim() == 4 && batch.scalar_type() == at::kByte,
-              "normalize_batch: expected uint8 [N, C, H, W]");
+at::Tensor normalize_batch(const at::Tensor& batch, const Normalization& n, const at::Device& device,
+                           at::ScalarType dtype) {
+  TORCH_CHECK(batch.dim() == 4 && batch.scalar_type() == at::kByte, "normalize_batch: expected uint8 [N, C, H, W]");
   const int64_t c = batch.size(1);
   TORCH_CHECK(static_cast<int64_t>(n.mean.size()) == c || n.mean.size() == 1 || n.mean.size() == 3,
               "normalize_batch: ", n.mean.size(), " means for ", c, " channels");

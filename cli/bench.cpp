@@ -105,7 +105,8 @@ int run_bench_views(const BenchViewsArgs& a) {
     std::cout << std::fixed << std::setprecision(0) << "views of " << a.config << " on " << threads << " thread(s)\n"
               << "  decode:       " << decode << " images/s (" << decode / threads << " per core)\n"
               << "  augmentation: " << augment << " views/s (" << augment / threads << " per core), decode excluded\n"
-              << "  loader:       " << loader_rate << " views/s (" << loader_rate / threads << " per core), end to end\n";
+              << "  loader:       " << loader_rate << " views/s (" << loader_rate / threads
+              << " per core), end to end\n";
   }
   return 0;
 }
@@ -122,14 +123,18 @@ struct BenchStepArgs {
 int run_bench_step(const BenchStepArgs& a) {
   const nlohmann::json cfg = config::load_config(a.config, a.set);
   const auto r = train::bench_step(cfg, a.steps, a.warmup, a.device);
-  const nlohmann::json out = {{"config", a.config}, {"device", r.device}, {"batch_size", r.batch_size},
-                              {"steps", r.steps}, {"seconds_per_step", r.seconds_per_step},
+  const nlohmann::json out = {{"config", a.config},
+                              {"device", r.device},
+                              {"batch_size", r.batch_size},
+                              {"steps", r.steps},
+                              {"seconds_per_step", r.seconds_per_step},
                               {"images_per_s", r.images_per_second}};
-  if (a.json) std::cout << out.dump(2) << "\n";
+  if (a.json)
+    std::cout << out.dump(2) << "\n";
   else
     std::cout << std::fixed << std::setprecision(2) << "training step of " << a.config << " on " << r.device << ": "
-              << r.seconds_per_step << " s/step, " << std::setprecision(1) << r.images_per_second
-              << " images/s (batch " << r.batch_size << ", model only, no loader)\n";
+              << r.seconds_per_step << " s/step, " << std::setprecision(1) << r.images_per_second << " images/s (batch "
+              << r.batch_size << ", model only, no loader)\n";
   return 0;
 }
 

@@ -41,7 +41,8 @@ int run_embed(const EmbedArgs& a) {
     if (!ids.flush()) throw std::runtime_error(ids_path.string() + ": write failed");
   }
   eval::write_npy(a.output, features);
-  std::cout << "wrote " << a.output << " [" << n << ", " << embedder.dim() << "] float32 and " << ids_path.string() << "\n";
+  std::cout << "wrote " << a.output << " [" << n << ", " << embedder.dim() << "] float32 and " << ids_path.string()
+            << "\n";
   return 0;
 }
 

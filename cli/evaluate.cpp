@@ -34,17 +34,24 @@ int run_linear_probe(const EvalArgs& a) {
   std::cerr << "linear probe of " << a.backbone << "\n";
   const auto [train, test] = eval::eval_features(a.backbone, cfg, out, &classes);
   const auto r = eval::linear_probe(train, test, classes, cfg.probe, eval::resolve_eval_device(cfg.device));
-  const nlohmann::json result = {{"backbone", a.backbone}, {"config", a.config}, {"num_classes", classes},
-                                 {"feature_dim", train.features.size(1)}, {"train_samples", train.features.size(0)},
-                                 {"test_samples", test.features.size(0)}, {"epochs", cfg.probe.epochs},
-                                 {"top1", r.test.top1}, {"top5", r.test.top5}, {"train_top1", r.train.top1},
+  const nlohmann::json result = {{"backbone", a.backbone},
+                                 {"config", a.config},
+                                 {"num_classes", classes},
+                                 {"feature_dim", train.features.size(1)},
+                                 {"train_samples", train.features.size(0)},
+                                 {"test_samples", test.features.size(0)},
+                                 {"epochs", cfg.probe.epochs},
+                                 {"top1", r.test.top1},
+                                 {"top5", r.test.top5},
+                                 {"train_top1", r.train.top1},
                                  {"probe_seconds", r.seconds}};
   fs::create_directories(out);
   std::ofstream(fs::path(out) / "probe.json") << result.dump(2) << "\n";
   eval::write_projection(test.features, test.labels, (fs::path(out) / "embeddings-test.svg").string(),
                          "test features of " + a.backbone);
   std::cout << std::fixed << std::setprecision(2) << "linear probe: top-1 " << r.test.top1 << "%, top-5 " << r.test.top5
-            << "% (train top-1 " << r.train.top1 << "%); written to " << (fs::path(out) / "probe.json").string() << "\n";
+            << "% (train top-1 " << r.train.top1 << "%); written to " << (fs::path(out) / "probe.json").string()
+            << "\n";
   return 0;
 }
 
@@ -55,11 +62,15 @@ int run_knn(const EvalArgs& a) {
   std::cerr << "kNN of " << a.backbone << "\n";
   const auto [train, test] = eval::eval_features(a.backbone, cfg, out, &classes);
   const auto r = eval::knn(train, test, classes, cfg.knn, eval::resolve_eval_device(cfg.device));
-  nlohmann::json result = {{"backbone", a.backbone}, {"config", a.config}, {"temperature", cfg.knn.temperature}, {"k", nlohmann::json::object()}};
+  nlohmann::json result = {{"backbone", a.backbone},
+                           {"config", a.config},
+                           {"temperature", cfg.knn.temperature},
+                           {"k", nlohmann::json::object()}};
   std::cout << std::fixed << std::setprecision(2);
   for (const auto& [k, acc] : r) {
     result["k"][std::to_string(k)] = {{"top1", acc.top1}, {"top5", acc.top5}};
-    std::cout << "kNN k=" << k << " T=" << cfg.knn.temperature << ": top-1 " << acc.top1 << "%, top-5 " << acc.top5 << "%\n";
+    std::cout << "kNN k=" << k << " T=" << cfg.knn.temperature << ": top-1 " << acc.top1 << "%, top-5 " << acc.top5
+              << "%\n";
   }
   fs::create_directories(out);
   std::ofstream(fs::path(out) / "knn.json") << result.dump(2) << "\n";

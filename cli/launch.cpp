@@ -9,8 +9,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <csignal>
 #include <chrono>
+#include <csignal>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -71,8 +71,9 @@ int free_port() {
 
 std::string describe(int status) {
   if (WIFEXITED(status)) return "exit code " + std::to_string(WEXITSTATUS(status));
-  if (WIFSIGNALED(status)) return std::string("killed by signal ") + std::to_string(WTERMSIG(status)) + " (" +
-                                  strsignal(WTERMSIG(status)) + ")";
+  if (WIFSIGNALED(status))
+    return std::string("killed by signal ") + std::to_string(WTERMSIG(status)) + " (" + strsignal(WTERMSIG(status)) +
+           ")";
   return "status " + std::to_string(status);
 }
 
@@ -82,8 +83,8 @@ int launch_local(int nproc, double grace_seconds) {
   if (nproc < 1) throw std::invalid_argument("--nproc-per-node: must be >= 1");
   const auto env = distributed::detect_environment();
   if (env.launcher != "none")
-    throw std::invalid_argument("--nproc-per-node: this process is already rank " + std::to_string(env.rank) + " of a " +
-                                env.launcher + " job; use either a launcher or --nproc-per-node");
+    throw std::invalid_argument("--nproc-per-node: this process is already rank " + std::to_string(env.rank) +
+                                " of a " + env.launcher + " job; use either a launcher or --nproc-per-node");
   const std::vector<std::string> args = child_arguments();
   const char* port_env = std::getenv("MASTER_PORT");
   const std::string port = port_env && *port_env ? port_env : std::to_string(free_port());
@@ -148,8 +149,8 @@ int launch_local(int nproc, double grace_seconds) {
           if (!ok && first_failure < 0) {
             first_failure = r;
             if (alive > 0) {
-              std::cerr << "error: rank " << r << " failed (" << describe(status) << "); stopping the other "
-                        << alive << " rank(s)\n";
+              std::cerr << "error: rank " << r << " failed (" << describe(status) << "); stopping the other " << alive
+                        << " rank(s)\n";
               signal_all(SIGTERM);
               stopping = true;
               kill_at = Clock::now() + std::chrono::milliseconds(static_cast<int64_t>(grace_seconds * 1000));

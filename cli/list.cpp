@@ -16,8 +16,9 @@ namespace twins::cli {
 Command add_list(CLI::App& app) {
   using Names = std::vector<std::string> (*)();
   static const std::map<std::string, Names> kinds = {
-      {"losses", losses::loss_names},       {"backbones", models::backbone_names}, {"heads", models::head_names},
-      {"augmentations", augment::op_names}, {"datasets", data::dataset_names},     {"optimizers", train::optimizer_names}};
+      {"losses", losses::loss_names},    {"backbones", models::backbone_names},
+      {"heads", models::head_names},     {"augmentations", augment::op_names},
+      {"datasets", data::dataset_names}, {"optimizers", train::optimizer_names}};
   auto* sub = app.add_subcommand("list", "List registered components, one name per line (losses are the methods)");
   auto what = std::make_shared<std::string>();
   std::vector<std::string> choices;
@@ -26,7 +27,7 @@ Command add_list(CLI::App& app) {
       ->check(CLI::IsMember(choices));
   return [what]() {
     if (!what->empty()) {
-      for (const auto& n : kinds.at(*what)()) std::cout << n << "\n";
+      for (const auto& n : kinds.at (*what)()) std::cout << n << "\n";
       return 0;
     }
     for (const auto& [kind, names] : kinds) {

@@ -7,8 +7,8 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
-#include "twins/distributed/communicator.h"
 #include "twins/config.h"
+#include "twins/distributed/communicator.h"
 #include "twins/train/pretrain.h"
 
 namespace twins::cli {
@@ -44,13 +44,14 @@ int run_pretrain(const PretrainArgs& a) {
     // The same launcher again: ours passes its rank count down; others are the user's command.
     const char* nproc = std::getenv("TWINS_NPROC_PER_NODE");
     const std::string command = "twins pretrain --out " + out + " --resume";
-    if (nproc) std::cerr << "resume with: " << command << " --nproc-per-node " << nproc << "\n";
+    if (nproc)
+      std::cerr << "resume with: " << command << " --nproc-per-node " << nproc << "\n";
     else if (distributed::detect_environment().launcher != "none")
       std::cerr << "resume with the same launcher and: " << command << "\n";
-    else std::cerr << "resume with: " << command << "\n";
+    else
+      std::cerr << "resume with: " << command << "\n";
   }
-  if (!r.interrupted && r.online_probe_top1)
-    std::cout << "online probe top-1: " << *r.online_probe_top1 << "%\n";
+  if (!r.interrupted && r.online_probe_top1) std::cout << "online probe top-1: " << *r.online_probe_top1 << "%\n";
   std::cout << "run folder: " << out << "\n";
   return 0;
 }

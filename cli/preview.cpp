@@ -75,7 +75,9 @@ int run_preview(const PreviewArgs& a) {
   for (int64_t i = 0; i < n; ++i) {
     at::Tensor& img = rows[static_cast<size_t>(i)][0];
     const int64_t w = std::max<int64_t>(1, img.size(1) * cell_h / img.size(0));
-    if (img.size(0) != cell_h) img = augment::functional::resize(img, static_cast<int>(cell_h), static_cast<int>(w), augment::Interpolation::bilinear);
+    if (img.size(0) != cell_h)
+      img = augment::functional::resize(img, static_cast<int>(cell_h), static_cast<int>(w),
+                                        augment::Interpolation::bilinear);
     first_w = std::max(first_w, img.size(1));
   }
   const int64_t width = gap + first_w + gap + static_cast<int64_t>(views.size()) * (cell_w + gap);

@@ -4,8 +4,8 @@
 // TORCH_VERSION_* itself.
 #include <torch/version.h>
 
-#include <ATen/autocast_mode.h>
 #include <ATen/Context.h>
+#include <ATen/autocast_mode.h>
 #include <c10/core/TensorImpl.h>
 
 #include <sstream>
@@ -21,8 +21,7 @@ class Backend;
 }  // namespace c10d
 
 #define TWINS_TORCH_AT_LEAST(major, minor) \
-  (TORCH_VERSION_MAJOR > (major) ||        \
-   (TORCH_VERSION_MAJOR == (major) && TORCH_VERSION_MINOR >= (minor)))
+  (TORCH_VERSION_MAJOR > (major) || (TORCH_VERSION_MAJOR == (major) && TORCH_VERSION_MINOR >= (minor)))
 
 namespace twins::compat {
 

@@ -9,20 +9,16 @@
 
 namespace twins::config {
 
-ConfigReader::ConfigReader(const nlohmann::json& object, std::string path)
-    : object_(object), path_(std::move(path)) {
+ConfigReader::ConfigReader(const nlohmann::json& object, std::string path) : object_(object), path_(std::move(path)) {
   if (!object_.is_object())
-    throw std::invalid_argument((path_.empty() ? std::string("config") : path_) +
-                                ": expected a JSON object, got " + object_.dump());
+    throw std::invalid_argument((path_.empty() ? std::string("config") : path_) + ": expected a JSON object, got " +
+                                object_.dump());
 }
 
-std::string ConfigReader::path_of(const std::string& key) const {
-  return path_.empty() ? key : path_ + "." + key;
-}
+std::string ConfigReader::path_of(const std::string& key) const { return path_.empty() ? key : path_ + "." + key; }
 
 void ConfigReader::throw_type_error(const std::string& key, const char* expected) const {
-  throw std::invalid_argument(path_of(key) + ": expected " + expected + ", got " +
-                              object_.at(key).dump());
+  throw std::invalid_argument(path_of(key) + ": expected " + expected + ", got " + object_.at(key).dump());
 }
 
 void ConfigReader::finish() const {
@@ -31,7 +27,8 @@ void ConfigReader::finish() const {
     if (known_.count(item.key())) continue;
     std::string message = path_of(item.key()) + ": unknown key";
     const std::string guess = nearest(item.key(), valid);
-    if (!guess.empty()) message += "; did you mean " + guess + "?";
+    if (!guess.empty())
+      message += "; did you mean " + guess + "?";
     else {
       message += "; valid keys:";
       for (const auto& k : valid) message += " " + k;
@@ -43,8 +40,7 @@ void ConfigReader::finish() const {
 std::string type_of(const nlohmann::json& spec, const std::string& path) {
   if (spec.is_string()) return spec.get<std::string>();
   if (!spec.is_object() || !spec.contains("type") || !spec.at("type").is_string())
-    throw std::invalid_argument(path + ": expected an object with a string \"type\", got " +
-                                spec.dump());
+    throw std::invalid_argument(path + ": expected an object with a string \"type\", got " + spec.dump());
   return spec.at("type").get<std::string>();
 }
 
@@ -159,8 +155,7 @@ nlohmann::json registry_object(const nlohmann::json& spec) {
   return spec.is_string() ? nlohmann::json{{"type", spec}} : spec;
 }
 
-void registry_unknown(const std::string& path, const std::string& name,
-                      const std::vector<std::string>& valid) {
+void registry_unknown(const std::string& path, const std::string& name, const std::vector<std::string>& valid) {
   std::string message = path + ": unknown type \"" + name + "\"";
   const std::string guess = config::nearest(name, valid);
   if (!guess.empty()) message += " (did you mean " + guess + "?)";

@@ -24,14 +24,16 @@ c10::Device resolve_device(const std::string& name, const std::string& what) {
     throw std::invalid_argument(what + ": \"" + name + "\" is not a device (auto, cpu, cuda, cuda:N)");
   }
   if (d.is_cpu()) return c10::Device(c10::kCPU);
-  if (!d.is_cuda()) throw std::invalid_argument(what + ": \"" + name + "\" is not a device twins runs on (auto, cpu, cuda, cuda:N)");
+  if (!d.is_cuda())
+    throw std::invalid_argument(what + ": \"" + name + "\" is not a device twins runs on (auto, cpu, cuda, cuda:N)");
   const int64_t count = torch::cuda::is_available() ? static_cast<int64_t>(torch::cuda::device_count()) : 0;
   if (count == 0)
     throw std::runtime_error(what + ": " + name + " requested but CUDA is not available (LibTorch " +
                              compat::torch_version_string() + "); use cpu");
   if (!d.has_index()) return c10::Device(c10::kCUDA, 0);
   if (d.index() >= count)
-    throw std::runtime_error(what + ": " + name + " requested but this machine has " + std::to_string(count) + " CUDA device(s)");
+    throw std::runtime_error(what + ": " + name + " requested but this machine has " + std::to_string(count) +
+                             " CUDA device(s)");
   return d;
 }
 

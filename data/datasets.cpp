@@ -66,8 +66,7 @@ class Bytes {
     const char* message = gzerror(f, &err);
     const bool truncated = n < 0 || (err != Z_OK && err != Z_STREAM_END);
     gzclose(f);
-    if (truncated)
-      throw std::runtime_error(path + ": corrupt or truncated gzip file (" + message + ")");
+    if (truncated) throw std::runtime_error(path + ": corrupt or truncated gzip file (" + message + ")");
     b->data_ = b->owned_.data();
     b->size_ = b->owned_.size();
     return b;
@@ -90,8 +89,7 @@ class Bytes {
   size_t size_ = 0;
 };
 
-std::string find_file(const std::string& root, const std::vector<std::string>& candidates,
-                      const std::string& what) {
+std::string find_file(const std::string& root, const std::vector<std::string>& candidates, const std::string& what) {
   for (const auto& c : candidates) {
     const fs::path p = fs::path(root) / c;
     if (fs::exists(p)) return p.string();
@@ -109,15 +107,21 @@ class RecordDataset : public Dataset {
     std::shared_ptr<Bytes> bytes;
     std::shared_ptr<Bytes> labels;  // separate label file (STL), or null
     int64_t count = 0;
-    int64_t header = 0;             // bytes before the first record
+    int64_t header = 0;  // bytes before the first record
     int64_t label_header = 0;
   };
-  RecordDataset(std::vector<File> files, int64_t record, int64_t label_offset, int64_t pixel_offset,
-                int64_t h, int64_t w, int64_t c, bool column_major, int64_t classes,
-                int64_t label_base)
-      : files_(std::move(files)), record_(record), label_offset_(label_offset),
-        pixel_offset_(pixel_offset), h_(h), w_(w), c_(c), column_major_(column_major),
-        classes_(classes), label_base_(label_base) {
+  RecordDataset(std::vector<File> files, int64_t record, int64_t label_offset, int64_t pixel_offset, int64_t h,
+                int64_t w, int64_t c, bool column_major, int64_t classes, int64_t label_base)
+      : files_(std::move(files)),
+        record_(record),
+        label_offset_(label_offset),
+        pixel_offset_(pixel_offset),
+        h_(h),
+        w_(w),
+        c_(c),
+        column_major_(column_major),
+        classes_(classes),
+        label_base_(label_base) {
     for (const auto& f : files_) starts_.push_back(total_), total_ += f.count;
   }
   int64_t size() const override { return total_; }
@@ -139,9 +143,12 @@ class RecordDataset : public Dataset {
   int64_t label(int64_t index) const override {
     const auto [f, i] = locate(index);
     int64_t v;
-    if (f.labels) v = f.labels->data()[f.label_header + i];
-    else if (label_offset_ >= 0) v = f.bytes->data()[f.header + i * record_ + label_offset_];
-    else return -1;
+    if (f.labels)
+      v = f.labels->data()[f.label_header + i];
+    else if (label_offset_ >= 0)
+      v = f.bytes->data()[f.header + i * record_ + label_offset_];
+    else
+      return -1;
     v -= label_base_;
     return v >= 0 && v < classes_ ? v : -1;
   }
@@ -153,10 +160,9 @@ class RecordDataset : public Dataset {
  private:
   std::pair<const File&, int64_t> locate(int64_t index) const {
     if (index < 0 || index >= total_)
-      throw std::out_of_range("dataset index " + std::to_string(index) + " out of range [0, " +
-                              std::to_string(total_) + ")");
-    const size_t k = static_cast<size_t>(
-        std::upper_bound(starts_.begin(), starts_.end(), index) - starts_.begin() - 1);
+      throw std::out_of_range("dataset index " + std::to_string(index) + " out of range [0, " + std::to_string(total_) +
+                              ")");
+    const size_t k = static_cast<size_t>(std::upper_bound(starts_.begin(), starts_.end(), index) - starts_.begin() - 1);
     return {files_[k], index - starts_[k]};
   }
   std::vector<File> files_;
@@ -169,9 +175,8 @@ class RecordDataset : public Dataset {
 
 void check_size(const Bytes& b, size_t expected, const std::string& what) {
   if (b.size() != expected)
-    throw std::runtime_error(b.path() + ": " + what + " must be " + std::to_string(expected) +
-                             " bytes, found " + std::to_string(b.size()) +
-                             (b.size() < expected ? " (truncated?)" : ""));
+    throw std::runtime_error(b.path() + ": " + what + " must be " + std::to_string(expected) + " bytes, found " +
+                             std::to_string(b.size()) + (b.size() < expected ? " (truncated?)" : ""));
 }
 
 struct Common {
@@ -199,8 +204,7 @@ Common read_common(config::ConfigReader& r, const std::vector<std::string>& spli
     for (const auto& s : splits) valid += " " + s;
     throw std::invalid_argument(r.path_of("split") + ": unknown split \"" + c.split + "\"; valid:" + valid);
   }
-  if (!fs::exists(c.root))
-    throw std::runtime_error(r.path_of("root") + ": " + c.root + " does not exist");
+  if (!fs::exists(c.root)) throw std::runtime_error(r.path_of("root") + ": " + c.root + " does not exist");
   return c;
 }
 
@@ -215,9 +219,12 @@ std::shared_ptr<Dataset> make_cifar(const json& spec, const std::string& path, b
   const std::string root = fs::exists(fs::path(c.root) / sub) ? (fs::path(c.root) / sub).string() : c.root;
   const int64_t label_bytes = hundred ? 2 : 1, record = label_bytes + 3072;
   std::vector<std::string> names;
-  if (hundred) names = {c.split + ".bin"};
-  else if (c.split == "test") names = {"test_batch.bin"};
-  else for (int i = 1; i <= 5; ++i) names.push_back("data_batch_" + std::to_string(i) + ".bin");
+  if (hundred)
+    names = {c.split + ".bin"};
+  else if (c.split == "test")
+    names = {"test_batch.bin"};
+  else
+    for (int i = 1; i <= 5; ++i) names.push_back("data_batch_" + std::to_string(i) + ".bin");
   std::vector<RecordDataset::File> files;
   for (const auto& n : names) {
     RecordDataset::File f;
@@ -227,9 +234,8 @@ std::shared_ptr<Dataset> make_cifar(const json& spec, const std::string& path, b
                std::to_string(f.count) + " records of " + std::to_string(record) + " bytes");
     files.push_back(f);
   }
-  auto d = std::make_shared<RecordDataset>(files, record, hundred && label == "fine" ? 1 : 0,
-                                           label_bytes, 32, 32, 3, false,
-                                           hundred ? (label == "fine" ? 100 : 20) : 10, 0);
+  auto d = std::make_shared<RecordDataset>(files, record, hundred && label == "fine" ? 1 : 0, label_bytes, 32, 32, 3,
+                                           false, hundred ? (label == "fine" ? 100 : 20) : 10, 0);
   d->on_bad_sample = c.on_bad_sample;
   return d;
 }
@@ -238,16 +244,15 @@ std::shared_ptr<Dataset> make_stl10(const json& spec, const std::string& path) {
   config::ConfigReader r(spec, path);
   const Common c = read_common(r, {"train", "test", "unlabeled", "train+unlabeled"});
   r.finish();
-  const std::string root = fs::exists(fs::path(c.root) / "stl10_binary")
-                               ? (fs::path(c.root) / "stl10_binary").string() : c.root;
+  const std::string root =
+      fs::exists(fs::path(c.root) / "stl10_binary") ? (fs::path(c.root) / "stl10_binary").string() : c.root;
   const int64_t record = 96 * 96 * 3;
   std::vector<RecordDataset::File> files;
   auto add = [&](const std::string& split, int64_t count, bool labeled) {
     RecordDataset::File f;
     f.bytes = Bytes::map(find_file(root, {split + "_X.bin"}, path + " (stl10)"));
     f.count = count;
-    check_size(*f.bytes, static_cast<size_t>(count * record),
-               std::to_string(count) + " images of 96x96x3");
+    check_size(*f.bytes, static_cast<size_t>(count * record), std::to_string(count) + " images of 96x96x3");
     if (labeled) {
       f.labels = Bytes::map(find_file(root, {split + "_y.bin"}, path + " (stl10)"));
       check_size(*f.labels, static_cast<size_t>(count), std::to_string(count) + " labels");
@@ -270,7 +275,8 @@ uint32_t big_endian(const uint8_t* p) {
 std::shared_ptr<Bytes> load_idx(const std::string& root, const std::string& base, const std::string& what) {
   const std::string file = find_file(root, {base + ".gz", base, base + ".GZ"}, what);
   return file.size() > 3 && (file.substr(file.size() - 3) == ".gz" || file.substr(file.size() - 3) == ".GZ")
-             ? Bytes::gunzip(file) : Bytes::map(file);
+             ? Bytes::gunzip(file)
+             : Bytes::map(file);
 }
 
 std::shared_ptr<Dataset> make_idx(const json& spec, const std::string& path, bool fashion) {
@@ -295,8 +301,7 @@ std::shared_ptr<Dataset> make_idx(const json& spec, const std::string& path, boo
   check_size(*labels, static_cast<size_t>(8 + n), "8 header bytes + " + std::to_string(n) + " labels");
   RecordDataset::File f;
   f.bytes = images, f.labels = labels, f.count = n, f.header = 16, f.label_header = 8;
-  auto d = std::make_shared<RecordDataset>(std::vector<RecordDataset::File>{f}, h * w, -1, 0, h, w, 1,
-                                           false, 10, 0);
+  auto d = std::make_shared<RecordDataset>(std::vector<RecordDataset::File>{f}, h * w, -1, 0, h, w, 1, false, 10, 0);
   d->on_bad_sample = c.on_bad_sample;
   return d;
 }
@@ -327,8 +332,7 @@ class FileDataset : public Dataset {
 bool is_image_file(const fs::path& p) {
   std::string ext = p.extension().string();
   std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char ch) { return std::tolower(ch); });
-  static const char* known[] = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".pnm",
-                                ".webp", ".tif", ".tiff"};
+  static const char* known[] = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".pnm", ".webp", ".tif", ".tiff"};
   return std::find(std::begin(known), std::end(known), ext) != std::end(known);
 }
 
@@ -426,7 +430,9 @@ const Registry<Dataset>& registry() {
 
 }  // namespace
 
-std::shared_ptr<Dataset> create_dataset(const json& spec, const std::string& path) { return registry().create(spec, path); }
+std::shared_ptr<Dataset> create_dataset(const json& spec, const std::string& path) {
+  return registry().create(spec, path);
+}
 
 std::vector<std::string> dataset_names() { return registry().names(); }
 

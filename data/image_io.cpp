@@ -10,8 +10,8 @@
 #include <stdexcept>
 
 #ifdef TWINS_HAVE_LIBJPEG
-#include <jpeglib.h>
 #include <jerror.h>
+#include <jpeglib.h>
 #endif
 
 namespace twins::data {
@@ -30,8 +30,7 @@ at::Tensor from_mat(const cv::Mat& decoded, const std::string& name) {
     case 1: rgb = m; break;
     case 3: cv::cvtColor(m, rgb, cv::COLOR_BGR2RGB); break;
     case 4: cv::cvtColor(m, rgb, cv::COLOR_BGRA2RGB); break;
-    default:
-      throw std::runtime_error(name + ": unsupported number of channels " + std::to_string(m.channels()));
+    default: throw std::runtime_error(name + ": unsupported number of channels " + std::to_string(m.channels()));
   }
   const int c = rgb.channels();
   at::Tensor out = at::empty({rgb.rows, rgb.cols, c}, at::kByte);
@@ -124,11 +123,12 @@ void write_image(const std::string& path, const at::Tensor& image) {
     throw std::invalid_argument("write_image: expected uint8 [H, W, 1 or 3] for " + path);
   const at::Tensor img = image.contiguous();
   const int c = static_cast<int>(img.size(2));
-  const cv::Mat src(static_cast<int>(img.size(0)), static_cast<int>(img.size(1)), CV_8UC(c),
-                    img.data_ptr<uint8_t>());
+  const cv::Mat src(static_cast<int>(img.size(0)), static_cast<int>(img.size(1)), CV_8UC(c), img.data_ptr<uint8_t>());
   cv::Mat bgr;  // a new buffer: converting into `src` would swap the caller's channels
-  if (c == 3) cv::cvtColor(src, bgr, cv::COLOR_RGB2BGR);
-  else bgr = src;
+  if (c == 3)
+    cv::cvtColor(src, bgr, cv::COLOR_RGB2BGR);
+  else
+    bgr = src;
   if (!cv::imwrite(path, bgr)) throw std::runtime_error(path + ": cannot write image");
 }
 

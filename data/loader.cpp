@@ -69,8 +69,8 @@ struct Loader::State {
             if (options.pin_memory) opts = opts.pinned_memory(true);
             batch.views[v] = at::empty({n, out.size(2), out.size(0), out.size(1)}, opts);
           } else if (out.size(0) != batch.views[v].size(2) || out.size(1) != batch.views[v].size(3)) {
-            throw std::runtime_error("view " + std::to_string(v) + " gives " + std::to_string(out.size(0)) +
-                                     "x" + std::to_string(out.size(1)) + " images but the batch holds " +
+            throw std::runtime_error("view " + std::to_string(v) + " gives " + std::to_string(out.size(0)) + "x" +
+                                     std::to_string(out.size(1)) + " images but the batch holds " +
                                      std::to_string(batch.views[v].size(2)) + "x" +
                                      std::to_string(batch.views[v].size(3)) +
                                      ": end the view with a fixed-size op (random_resized_crop, center_crop)");
@@ -127,8 +127,7 @@ Loader::Loader(std::shared_ptr<const Dataset> dataset, std::vector<augment::View
   if (options.world_size < 1 || options.rank < 0 || options.rank >= options.world_size)
     throw std::invalid_argument("loader: rank " + std::to_string(options.rank) + " outside world size " +
                                 std::to_string(options.world_size));
-  if (options.channels != 1 && options.channels != 3)
-    throw std::invalid_argument("loader: channels must be 1 or 3");
+  if (options.channels != 1 && options.channels != 3) throw std::invalid_argument("loader: channels must be 1 or 3");
   options.prefetch = std::max(1, options.prefetch);
   s.dataset = std::move(dataset);
   s.views = std::move(views);
@@ -162,7 +161,8 @@ std::vector<int64_t> Loader::epoch_indices(int64_t epoch) const {
   for (int64_t i = 0; static_cast<int64_t>(all.size()) < per_rank * o.world_size; ++i)
     all.push_back(all[static_cast<size_t>(i % n)]);
   std::vector<int64_t> mine;
-  for (int64_t i = o.rank; i < static_cast<int64_t>(all.size()); i += o.world_size) mine.push_back(all[static_cast<size_t>(i)]);
+  for (int64_t i = o.rank; i < static_cast<int64_t>(all.size()); i += o.world_size)
+    mine.push_back(all[static_cast<size_t>(i)]);
   return mine;
 }
 

@@ -50,9 +50,7 @@ std::chrono::milliseconds to_ms(double seconds) {
   return std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000.0));
 }
 
-bool is_loopback(const std::string& host) {
-  return host == "localhost" || host.rfind("127.", 0) == 0 || host == "::1";
-}
+bool is_loopback(const std::string& host) { return host == "localhost" || host.rfind("127.", 0) == 0 || host == "::1"; }
 
 std::mutex g_registry_mutex;
 std::map<int64_t, std::weak_ptr<Communicator>> g_registry;
@@ -63,8 +61,7 @@ std::atomic<int64_t> g_next_id{1};
 std::string first_slurm_host(const std::string& nodelist) {
   const size_t comma = nodelist.find(',');
   const size_t bracket = nodelist.find('[');
-  if (bracket == std::string::npos || (comma != std::string::npos && comma < bracket))
-    return nodelist.substr(0, comma);
+  if (bracket == std::string::npos || (comma != std::string::npos && comma < bracket)) return nodelist.substr(0, comma);
   // prefix[03-05,09] -> prefix03
   const std::string prefix = nodelist.substr(0, bracket);
   size_t end = nodelist.find_first_of("-,]", bracket + 1);
@@ -140,15 +137,19 @@ c10::intrusive_ptr<compat::ProcessGroupBackend> make_group(const std::string& ba
 #if TWINS_WITH_GLOO
     auto o = c10d::ProcessGroupGloo::Options::create(to_ms(timeout_s));
     const char* ifname = env("GLOO_SOCKET_IFNAME");
-    if (ifname) o->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(ifname));
-    else if (is_loopback(host)) o->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
-    else o->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+    if (ifname)
+      o->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(ifname));
+    else if (is_loopback(host))
+      o->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+    else
+      o->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
     o->threads = 2;
     return c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world_size, o);
 #else
     (void)store, (void)rank, (void)world_size, (void)timeout_s, (void)host;
-    throw std::runtime_error("this twins was built without Gloo (CPU collectives): the LibTorch it was built "
-                             "against has no Gloo headers");
+    throw std::runtime_error(
+        "this twins was built without Gloo (CPU collectives): the LibTorch it was built "
+        "against has no Gloo headers");
 #endif
   }
   if (backend == "nccl") {
@@ -157,8 +158,9 @@ c10::intrusive_ptr<compat::ProcessGroupBackend> make_group(const std::string& ba
     o->timeout = to_ms(timeout_s);
     return c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world_size, o);
 #else
-    throw std::runtime_error("this twins was built without NCCL (GPU collectives): build against a CUDA "
-                             "LibTorch with NCCL, or use train.dist_backend gloo");
+    throw std::runtime_error(
+        "this twins was built without NCCL (GPU collectives): build against a CUDA "
+        "LibTorch with NCCL, or use train.dist_backend gloo");
 #endif
   }
   throw std::invalid_argument("train.dist_backend: \"" + backend + "\" is not auto, gloo or nccl");
@@ -183,8 +185,10 @@ std::shared_ptr<Communicator> Communicator::find(int64_t id) {
   std::lock_guard<std::mutex> lock(g_registry_mutex);
   auto it = g_registry.find(id);
   std::shared_ptr<Communicator> c = it == g_registry.end() ? nullptr : it->second.lock();
-  if (!c) throw std::runtime_error("dist: communicator " + std::to_string(id) + " no longer exists (a backward "
-                                   "ran after its communicator was destroyed)");
+  if (!c)
+    throw std::runtime_error("dist: communicator " + std::to_string(id) +
+                             " no longer exists (a backward "
+                             "ran after its communicator was destroyed)");
   return c;
 }
 
@@ -206,15 +210,16 @@ std::shared_ptr<Communicator> Communicator::create(const Environment& e, const a
     impl->store = c10::make_intrusive<c10d::TCPStore>(e.master_addr, so);
   } catch (const std::exception& ex) {
     throw std::runtime_error("rank " + std::to_string(e.rank) + ": rendezvous at " + e.master_addr + ":" +
-                             std::to_string(e.master_port) + " failed (is rank 0 up, and the port free?): " + ex.what());
+                             std::to_string(e.master_port) +
+                             " failed (is rank 0 up, and the port free?): " + ex.what());
   }
   try {
     impl->group = make_group(impl->backend, impl->store, e.rank, e.world_size, options.timeout_s, e.master_addr);
   } catch (const std::invalid_argument&) {
     throw;
   } catch (const std::exception& ex) {
-    throw std::runtime_error("rank " + std::to_string(e.rank) + ": could not form the " + impl->backend +
-                             " group of " + std::to_string(e.world_size) + " ranks: " + ex.what());
+    throw std::runtime_error("rank " + std::to_string(e.rank) + ": could not form the " + impl->backend + " group of " +
+                             std::to_string(e.world_size) + " ranks: " + ex.what());
   }
   return registered(std::shared_ptr<Communicator>(new Communicator(std::move(impl))));
 }

@@ -67,10 +67,14 @@ struct GradientReducer::State {
     const at::Tensor& p = params[i];
     at::Tensor slot = b.flat.narrow(0, b.offsets[slot_of[i]], p.numel()).view(p.sizes());
     const at::Tensor& old = p.grad();
-    if (fresh.defined() && old.defined()) at::add_out(slot, old, fresh);
-    else if (fresh.defined()) slot.copy_(fresh);
-    else if (old.defined()) slot.copy_(old);
-    else slot.zero_();
+    if (fresh.defined() && old.defined())
+      at::add_out(slot, old, fresh);
+    else if (fresh.defined())
+      slot.copy_(fresh);
+    else if (old.defined())
+      slot.copy_(old);
+    else
+      slot.zero_();
   }
 
   void launch_ready() {
@@ -86,9 +90,10 @@ struct GradientReducer::State {
     std::lock_guard<std::mutex> lock(mutex);
     if (!sync) return;
     if (arrived[i])
-      throw std::runtime_error("GradientReducer: parameter " + std::to_string(i) +
-                               " received two gradients before finish() (two backwards in one step: use set_sync(false) "
-                               "for accumulation)");
+      throw std::runtime_error(
+          "GradientReducer: parameter " + std::to_string(i) +
+          " received two gradients before finish() (two backwards in one step: use set_sync(false) "
+          "for accumulation)");
     arrived[i] = 1;
     put(i, grad);
     --buckets[bucket_of[i]].pending;
@@ -133,8 +138,8 @@ GradientReducer::GradientReducer(std::vector<at::Tensor> parameters, std::shared
   for (size_t k = s.params.size(); k-- > 0;) {
     const at::Tensor& p = s.params[k];
     if (!p.requires_grad()) continue;
-    if (!current.empty() && (s.params[current[0]].scalar_type() != p.scalar_type() ||
-                             s.params[current[0]].device() != p.device()))
+    if (!current.empty() &&
+        (s.params[current[0]].scalar_type() != p.scalar_type() || s.params[current[0]].device() != p.device()))
       close();
     current.push_back(k);
     bytes += static_cast<double>(p.numel() * p.element_size());
@@ -197,8 +202,10 @@ void GradientReducer::finish() {
     const State::Bucket& b = s.buckets[s.bucket_of[i]];
     at::Tensor& p = s.params[i];
     const at::Tensor averaged = b.flat.narrow(0, b.offsets[s.slot_of[i]], p.numel()).view(p.sizes());
-    if (p.grad().defined()) p.mutable_grad().copy_(averaged);
-    else p.mutable_grad() = averaged.clone();
+    if (p.grad().defined())
+      p.mutable_grad().copy_(averaged);
+    else
+      p.mutable_grad() = averaged.clone();
   }
   s.reset();
 }

@@ -101,7 +101,9 @@ struct SyncBatchNormFunction : torch::autograd::Function<SyncBatchNormFunction> 
     }
     // The affine parameters' gradients stay local sums: data parallelism averages them.
     at::Tensor grad_w = weight.defined() ? sum_dy_xhat.to(weight.scalar_type()) : at::Tensor();
-    at::Tensor grad_b = ctx->saved_data["has_bias"].toBool() ? sum_dy.to(weight.defined() ? weight.scalar_type() : x.scalar_type()) : at::Tensor();
+    at::Tensor grad_b = ctx->saved_data["has_bias"].toBool()
+                            ? sum_dy.to(weight.defined() ? weight.scalar_type() : x.scalar_type())
+                            : at::Tensor();
     return {grad_x, grad_w, grad_b, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
@@ -123,8 +125,8 @@ at::Tensor all_reduce_local_grad(const at::Tensor& x, const std::shared_ptr<Comm
   return AllReduceFunction::apply(x, communicator->id(), false);
 }
 
-at::Tensor sync_batch_norm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, at::Tensor running_mean,
-                           at::Tensor running_var, double momentum, double eps,
+at::Tensor sync_batch_norm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                           at::Tensor running_mean, at::Tensor running_var, double momentum, double eps,
                            const std::shared_ptr<Communicator>& communicator) {
   TORCH_CHECK(communicator, "sync_batch_norm: no communicator");
   TORCH_CHECK(x.dim() >= 2, "sync_batch_norm: expected [N, C, ...], got ", x.sizes());

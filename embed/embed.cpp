@@ -33,15 +33,17 @@ struct Embedder::Impl {
     const augment::View view = transform.view();
     std::vector<at::Tensor> crops;
     for (const auto& img : hwc)
-      crops.push_back(view.apply(augment::functional::to_channels(img.contiguous(), channels), augment::Rng(0)).permute({2, 0, 1}));
+      crops.push_back(
+          view.apply(augment::functional::to_channels(img.contiguous(), channels), augment::Rng(0)).permute({2, 0, 1}));
     return at::stack(crops);
   }
 
   // uint8 [N, C, H, W] (normalised here, on the device) or float already normalised -> [N, D] CPU.
   at::Tensor forward(const at::Tensor& batch) const {
     at::NoGradGuard no_grad;
-    const at::Tensor x = batch.scalar_type() == at::kByte ? augment::normalize_batch(batch, normalization, device, at::kFloat)
-                                                          : batch.to(device, at::kFloat);
+    const at::Tensor x = batch.scalar_type() == at::kByte
+                             ? augment::normalize_batch(batch, normalization, device, at::kFloat)
+                             : batch.to(device, at::kFloat);
     return backbone->forward(x).to(at::kCPU, at::kFloat);
   }
 };
@@ -54,10 +56,13 @@ Embedder::Embedder(const std::string& path, EmbedderOptions options) : impl_(new
   m.backbone->to(m.device);
   m.channels = static_cast<int>(m.backbone->to_json().value("in_channels", 3));
   // Defaults from the file (what the recipe trained on), else ImageNet's.
-  if (options.image_size <= 0) options.image_size = loaded.info.image_size > 0 ? loaded.info.image_size : augment::kDefaultImageSize;
+  if (options.image_size <= 0)
+    options.image_size = loaded.info.image_size > 0 ? loaded.info.image_size : augment::kDefaultImageSize;
   if (options.mean.empty() || options.std.empty()) {
-    if (!loaded.info.mean.empty()) options.mean = loaded.info.mean, options.std = loaded.info.std;
-    else options.mean = {0.485, 0.456, 0.406}, options.std = {0.229, 0.224, 0.225};
+    if (!loaded.info.mean.empty())
+      options.mean = loaded.info.mean, options.std = loaded.info.std;
+    else
+      options.mean = {0.485, 0.456, 0.406}, options.std = {0.229, 0.224, 0.225};
   }
   if (options.mean.size() != options.std.size() || (options.mean.size() != 1 && options.mean.size() != 3))
     throw std::invalid_argument("EmbedderOptions: mean and std need 1 or 3 values each");
@@ -81,7 +86,8 @@ at::Tensor Embedder::embed(const at::Tensor& images) const {
   std::vector<at::Tensor> out;
   if (images.is_floating_point()) {
     if (images.size(1) != m.channels)
-      throw std::invalid_argument("Embedder::embed: float input must be [N, " + std::to_string(m.channels) + ", H, W], normalised");
+      throw std::invalid_argument("Embedder::embed: float input must be [N, " + std::to_string(m.channels) +
+                                  ", H, W], normalised");
     for (int64_t s = 0; s < n; s += step) out.push_back(m.forward(images.slice(0, s, std::min(n, s + step))));
     return out.empty() ? at::empty({0, dim()}) : at::cat(out);
   }
@@ -90,8 +96,8 @@ at::Tensor Embedder::embed(const at::Tensor& images) const {
   const bool nhwc = (images.size(3) == 1 || images.size(3) == 3) && !(images.size(1) == 1 || images.size(1) == 3);
   const at::Tensor hwc = nhwc ? images.cpu() : images.cpu().permute({0, 2, 3, 1});
   // A batch is a source of one fixed size, like an in-memory dataset.
-  const auto transform = eval::EvalTransform::for_fixed_size(static_cast<int>(hwc.size(1)), static_cast<int>(hwc.size(2)),
-                                                             m.options.image_size, m.normalization);
+  const auto transform = eval::EvalTransform::for_fixed_size(
+      static_cast<int>(hwc.size(1)), static_cast<int>(hwc.size(2)), m.options.image_size, m.normalization);
   for (int64_t s = 0; s < n; s += step) {
     std::vector<at::Tensor> batch;
     for (int64_t i = s; i < std::min(n, s + step); ++i) batch.push_back(hwc[i]);
@@ -113,7 +119,8 @@ at::Tensor Embedder::embed_files(const std::vector<std::string>& paths) const {
   return out.empty() ? at::empty({0, dim()}) : at::cat(out);
 }
 
-at::Tensor Embedder::embed_dataset(std::shared_ptr<const data::Dataset> dataset, const EmbedDatasetOptions& options) const {
+at::Tensor Embedder::embed_dataset(std::shared_ptr<const data::Dataset> dataset,
+                                   const EmbedDatasetOptions& options) const {
   const auto& m = *impl_;
   if (!dataset) throw std::invalid_argument("Embedder::embed_dataset: no dataset");
   const auto transform = eval::EvalTransform::for_dataset(*dataset, m.options.image_size, m.normalization);

@@ -75,10 +75,13 @@ std::shared_ptr<models::Network> open_backbone(const std::string& backbone) {
     // random:<backbone JSON> or random:<recipe file> (its model.backbone)
     const std::string rest = backbone.substr(7);
     json spec;
-    if (!rest.empty() && rest[0] == '{') spec = json::parse(rest, nullptr, /*allow_exceptions=*/false);
-    else if (fs::exists(rest)) spec = config::load_config(rest).value("model", json::object()).value("backbone", json());
+    if (!rest.empty() && rest[0] == '{')
+      spec = json::parse(rest, nullptr, /*allow_exceptions=*/false);
+    else if (fs::exists(rest))
+      spec = config::load_config(rest).value("model", json::object()).value("backbone", json());
     if (!spec.is_object() && !spec.is_string())
-      throw std::invalid_argument("backbone \"" + backbone + "\": expected random:<backbone JSON> or random:<recipe file with model.backbone>");
+      throw std::invalid_argument("backbone \"" + backbone +
+                                  "\": expected random:<backbone JSON> or random:<recipe file with model.backbone>");
     at::manual_seed(0);
     auto net = models::create_backbone(spec);
     net->eval();
@@ -105,7 +108,8 @@ std::pair<Features, Features> eval_features(const std::string& backbone, const E
   auto extract = [&](const json& spec, const std::string& split) {
     const std::string key = std::to_string(crc32(crc, reinterpret_cast<const Bytef*>((spec.dump() + settings).data()),
                                                  static_cast<uInt>((spec.dump() + settings).size())));
-    const fs::path cache = cache_dir.empty() ? fs::path() : fs::path(cache_dir) / ("features-" + split + "-" + key + ".safetensors");
+    const fs::path cache =
+        cache_dir.empty() ? fs::path() : fs::path(cache_dir) / ("features-" + split + "-" + key + ".safetensors");
     auto dataset = data::create_dataset(spec, split == "train" ? "train_data" : "test_data");
     if (num_classes) *num_classes = std::max(*num_classes, dataset->num_classes());
     if (!cache.empty() && fs::exists(cache)) {

@@ -19,8 +19,10 @@ const char* kColours[] = {"#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
 
 std::string number(double v) {
   std::ostringstream s;
-  if (v != 0 && (std::abs(v) < 1e-2 || std::abs(v) >= 1e5)) s << std::setprecision(2) << std::scientific << v;
-  else s << std::setprecision(4) << v;
+  if (v != 0 && (std::abs(v) < 1e-2 || std::abs(v) >= 1e5))
+    s << std::setprecision(2) << std::scientific << v;
+  else
+    s << std::setprecision(4) << v;
   return s.str();
 }
 
@@ -32,16 +34,19 @@ std::string escape(const std::string& text) {
 
 // One panel: several series of (x, y) in a box at (x0, y0) of size w x h.
 void panel(std::ostringstream& svg, double x0, double y0, double w, double h, const std::string& title,
-           const std::string& xlabel, const std::vector<std::pair<std::string, std::vector<std::pair<double, double>>>>& series) {
+           const std::string& xlabel,
+           const std::vector<std::pair<std::string, std::vector<std::pair<double, double>>>>& series) {
   double xmin = 1e300, xmax = -1e300, ymin = 1e300, ymax = -1e300;
   for (const auto& [name, pts] : series)
     for (const auto& [x, y] : pts)
-      if (std::isfinite(y)) xmin = std::min(xmin, x), xmax = std::max(xmax, x), ymin = std::min(ymin, y), ymax = std::max(ymax, y);
+      if (std::isfinite(y))
+        xmin = std::min(xmin, x), xmax = std::max(xmax, x), ymin = std::min(ymin, y), ymax = std::max(ymax, y);
   svg << "<g><rect x='" << x0 << "' y='" << y0 << "' width='" << w << "' height='" << h
       << "' fill='white' stroke='#999'/><text x='" << x0 + w / 2 << "' y='" << y0 - 8
       << "' text-anchor='middle' font-size='14'>" << escape(title) << "</text>";
   if (xmin > xmax) {
-    svg << "<text x='" << x0 + w / 2 << "' y='" << y0 + h / 2 << "' text-anchor='middle' fill='#999'>no data</text></g>";
+    svg << "<text x='" << x0 + w / 2 << "' y='" << y0 + h / 2
+        << "' text-anchor='middle' fill='#999'>no data</text></g>";
     return;
   }
   if (xmax == xmin) xmax = xmin + 1;
@@ -51,17 +56,23 @@ void panel(std::ostringstream& svg, double x0, double y0, double w, double h, co
   auto px = [&](double x) { return x0 + (x - xmin) / (xmax - xmin) * w; };
   auto py = [&](double y) { return y0 + h - (y - ymin) / (ymax - ymin) * h; };
   svg << "<text x='" << x0 << "' y='" << y0 + h + 14 << "' font-size='10'>" << number(xmin) << "</text>"
-      << "<text x='" << x0 + w << "' y='" << y0 + h + 14 << "' font-size='10' text-anchor='end'>" << number(xmax) << "</text>"
-      << "<text x='" << x0 + w / 2 << "' y='" << y0 + h + 14 << "' font-size='10' text-anchor='middle'>" << escape(xlabel) << "</text>"
-      << "<text x='" << x0 - 4 << "' y='" << y0 + 10 << "' font-size='10' text-anchor='end'>" << number(ymax) << "</text>"
-      << "<text x='" << x0 - 4 << "' y='" << y0 + h << "' font-size='10' text-anchor='end'>" << number(ymin) << "</text>";
+      << "<text x='" << x0 + w << "' y='" << y0 + h + 14 << "' font-size='10' text-anchor='end'>" << number(xmax)
+      << "</text>"
+      << "<text x='" << x0 + w / 2 << "' y='" << y0 + h + 14 << "' font-size='10' text-anchor='middle'>"
+      << escape(xlabel) << "</text>"
+      << "<text x='" << x0 - 4 << "' y='" << y0 + 10 << "' font-size='10' text-anchor='end'>" << number(ymax)
+      << "</text>"
+      << "<text x='" << x0 - 4 << "' y='" << y0 + h << "' font-size='10' text-anchor='end'>" << number(ymin)
+      << "</text>";
   for (size_t s = 0; s < series.size(); ++s) {
     const auto& [name, pts] = series[s];
     svg << "<polyline fill='none' stroke-width='1.5' stroke='" << kColours[s % 10] << "' points='";
     for (const auto& [x, y] : pts)
       if (std::isfinite(y)) svg << px(x) << "," << py(y) << " ";
     svg << "'/>";
-    if (pts.size() == 1) svg << "<circle r='3' fill='" << kColours[s % 10] << "' cx='" << px(pts[0].first) << "' cy='" << py(pts[0].second) << "'/>";
+    if (pts.size() == 1)
+      svg << "<circle r='3' fill='" << kColours[s % 10] << "' cx='" << px(pts[0].first) << "' cy='" << py(pts[0].second)
+          << "'/>";
     if (!name.empty())
       svg << "<text x='" << x0 + w - 6 << "' y='" << y0 + 14 + 13 * s << "' font-size='11' text-anchor='end' fill='"
           << kColours[s % 10] << "'>" << escape(name) << "</text>";
@@ -84,10 +95,13 @@ void write_training_curves(const std::string& metrics_jsonl, const std::string& 
     } catch (const std::exception&) {
       continue;  // a line cut by a crash
     }
-    if (j.contains("loss")) steps.push_back(j);
-    else if (j.contains("epoch_seconds")) epochs.push_back(j);
-    else if (j.contains("summary")) title = "device " + j.value("device", std::string("?")) + ", " +
-                                            number(j.value("images_per_s", 0.0)) + " images/s";
+    if (j.contains("loss"))
+      steps.push_back(j);
+    else if (j.contains("epoch_seconds"))
+      epochs.push_back(j);
+    else if (j.contains("summary"))
+      title =
+          "device " + j.value("device", std::string("?")) + ", " + number(j.value("images_per_s", 0.0)) + " images/s";
   }
   if (steps.empty()) throw std::runtime_error(metrics_jsonl + ": no training steps logged yet");
   using Series = std::vector<std::pair<std::string, std::vector<std::pair<double, double>>>>;
@@ -100,12 +114,15 @@ void write_training_curves(const std::string& metrics_jsonl, const std::string& 
   Series loss{{"loss", series_of(steps, "loss")}}, terms, lr{{"lr", series_of(steps, "lr")}},
       speed{{"images/s", series_of(steps, "images_per_s")}}, probe;
   for (const auto& item : steps.back().items()) {
-    static const std::vector<std::string> skip = {"step", "epoch", "lr", "loss", "images_per_s", "data_wait", "peak_rss_mb", "tau"};
-    if (std::find(skip.begin(), skip.end(), item.key()) == skip.end()) terms.emplace_back(item.key(), series_of(steps, item.key()));
+    static const std::vector<std::string> skip = {"step",         "epoch",     "lr",          "loss",
+                                                  "images_per_s", "data_wait", "peak_rss_mb", "tau"};
+    if (std::find(skip.begin(), skip.end(), item.key()) == skip.end())
+      terms.emplace_back(item.key(), series_of(steps, item.key()));
   }
   for (const char* key : {"online_probe_train_top1", "online_probe_eval_top1"}) {
     auto pts = series_of(epochs, key);
-    if (!pts.empty()) probe.emplace_back(std::string(key) == "online_probe_eval_top1" ? "eval data" : "training views", pts);
+    if (!pts.empty())
+      probe.emplace_back(std::string(key) == "online_probe_eval_top1" ? "eval data" : "training views", pts);
   }
   std::ostringstream svg;
   const double W = 1000, H = 640;
@@ -142,13 +159,14 @@ void write_projection(const at::Tensor& features, const at::Tensor& labels, cons
   const at::Tensor p = x.index_select(0, idx).mm(top);
   const at::Tensor l = labels.index_select(0, idx).to(at::kLong);
   const double xmin = p.select(1, 0).min().item<double>(), xmax = p.select(1, 0).max().item<double>();
-  const double ymin = p.select(1, top.size(1) - 1).min().item<double>(), ymax = p.select(1, top.size(1) - 1).max().item<double>();
+  const double ymin = p.select(1, top.size(1) - 1).min().item<double>(),
+               ymax = p.select(1, top.size(1) - 1).max().item<double>();
   const double S = 640;
   std::ostringstream svg;
   svg << "<svg xmlns='http://www.w3.org/2000/svg' width='" << S + 120 << "' height='" << S + 60
       << "' font-family='sans-serif'><rect width='100%' height='100%' fill='white'/><text x='" << (S + 120) / 2
-      << "' y='22' text-anchor='middle' font-size='15'>" << escape(title) << " (PCA, " << std::fixed << std::setprecision(1)
-      << 100 * explained << "% of variance)</text>";
+      << "' y='22' text-anchor='middle' font-size='15'>" << escape(title) << " (PCA, " << std::fixed
+      << std::setprecision(1) << 100 * explained << "% of variance)</text>";
   auto acc_p = p.accessor<double, 2>();
   auto acc_l = l.accessor<int64_t, 1>();
   std::map<int64_t, int> seen;
@@ -162,8 +180,9 @@ void write_projection(const at::Tensor& features, const at::Tensor& labels, cons
   }
   int row = 0;
   for (const auto& [c, count] : seen)
-    svg << "<text x='" << S + 30 << "' y='" << 60 + 16 * row++ << "' font-size='12' fill='" << (c >= 0 ? kColours[c % 10] : "#444")
-        << "'>" << (c >= 0 ? "class " + std::to_string(c) : std::string("unlabeled")) << "</text>";
+    svg << "<text x='" << S + 30 << "' y='" << 60 + 16 * row++ << "' font-size='12' fill='"
+        << (c >= 0 ? kColours[c % 10] : "#444") << "'>"
+        << (c >= 0 ? "class " + std::to_string(c) : std::string("unlabeled")) << "</text>";
   svg << "</svg>\n";
   std::ofstream out(svg_path);
   if (!out) throw std::runtime_error(svg_path + ": cannot write");

@@ -54,16 +54,19 @@ LinearProbeResult linear_probe(const Features& train_all, const Features& test_a
   at::manual_seed(o.seed);
   torch::nn::Linear linear(x.size(1), num_classes);
   linear->to(device);
-  torch::optim::SGD sgd(linear->parameters(), torch::optim::SGDOptions(o.lr).momentum(o.momentum).weight_decay(o.weight_decay));
+  torch::optim::SGD sgd(linear->parameters(),
+                        torch::optim::SGDOptions(o.lr).momentum(o.momentum).weight_decay(o.weight_decay));
   const int64_t batches = (n + o.batch_size - 1) / o.batch_size, total = batches * o.epochs;
   int64_t step = 0;
   for (int64_t e = 0; e < o.epochs; ++e) {
-    const at::Tensor perm = at::tensor(augment::permutation(n, augment::Rng(o.seed, static_cast<uint64_t>(e), 0, 0)), at::kLong).to(device);
+    const at::Tensor perm =
+        at::tensor(augment::permutation(n, augment::Rng(o.seed, static_cast<uint64_t>(e), 0, 0)), at::kLong).to(device);
     for (int64_t b = 0; b < batches; ++b, ++step) {
       const double lr = warmup_cosine_lr(step, total, 0, o.lr, 0.0);
       for (auto& g : sgd.param_groups()) g.options().set_lr(lr);
       const at::Tensor idx = perm.slice(0, b * o.batch_size, std::min(n, (b + 1) * o.batch_size));
-      const at::Tensor loss = torch::nn::functional::cross_entropy(linear->forward(x.index_select(0, idx)), y.index_select(0, idx));
+      const at::Tensor loss =
+          torch::nn::functional::cross_entropy(linear->forward(x.index_select(0, idx)), y.index_select(0, idx));
       sgd.zero_grad();
       loss.backward();
       sgd.step();
@@ -82,7 +85,8 @@ std::map<int64_t, Accuracy> knn(const Features& train_all, const Features& test_
                                 const KnnOptions& o, const at::Device& device) {
   check(train_all, "knn train"), check(test_all, "knn test");
   const Features train = labelled(train_all), test = labelled(test_all);
-  if (train.labels.size(0) == 0 || o.k.empty()) throw std::invalid_argument("knn: needs labelled training samples and k");
+  if (train.labels.size(0) == 0 || o.k.empty())
+    throw std::invalid_argument("knn: needs labelled training samples and k");
   if (!(o.temperature > 0)) throw std::invalid_argument("knn: temperature must be > 0");
   auto normalise = [](const at::Tensor& f) { return f / f.norm(2, {1}, true).clamp_min(1e-12); };
   const at::Tensor bank = normalise(train.features.to(at::kFloat)).to(device);

@@ -8,7 +8,8 @@
 namespace twins::eval {
 
 EvalTransform EvalTransform::standard(int image_size, const augment::Normalization& normalization) {
-  if (image_size < 1) throw std::invalid_argument("EvalTransform: image_size must be >= 1, got " + std::to_string(image_size));
+  if (image_size < 1)
+    throw std::invalid_argument("EvalTransform: image_size must be >= 1, got " + std::to_string(image_size));
   EvalTransform t;
   t.image_size = image_size;
   t.resize = static_cast<int>(std::lround(image_size * 256.0 / 224.0));

@@ -23,23 +23,20 @@ std::string shape_of(const at::Tensor& t) {
   return s.str();
 }
 
-void check_pair(const char* loss, const char* name_a, const at::Tensor& a, const char* name_b,
-                const at::Tensor& b, int64_t min_batch) {
-  const std::string got = std::string("; got ") + name_a + " " + shape_of(a) + " and " + name_b +
-                          " " + shape_of(b);
+void check_pair(const char* loss, const char* name_a, const at::Tensor& a, const char* name_b, const at::Tensor& b,
+                int64_t min_batch) {
+  const std::string got = std::string("; got ") + name_a + " " + shape_of(a) + " and " + name_b + " " + shape_of(b);
   if (!a.defined() || !b.defined() || a.dim() != 2 || b.dim() != 2)
     throw std::invalid_argument(std::string(loss) + ": expected 2-D embeddings [N, D]" + got);
   if (a.sizes() != b.sizes())
-    throw std::invalid_argument(std::string(loss) + ": " + name_a + " and " + name_b +
-                                " must have the same shape" + got);
+    throw std::invalid_argument(std::string(loss) + ": " + name_a + " and " + name_b + " must have the same shape" +
+                                got);
   if (!a.is_floating_point() || !b.is_floating_point())
     throw std::invalid_argument(std::string(loss) + ": expected floating-point embeddings" + got);
   if (a.size(0) < min_batch)
-    throw std::invalid_argument(std::string(loss) + ": needs a batch of at least " +
-                                std::to_string(min_batch) +
+    throw std::invalid_argument(std::string(loss) + ": needs a batch of at least " + std::to_string(min_batch) +
                                 " samples (its statistics are over the batch)" + got);
-  if (a.size(1) < 1)
-    throw std::invalid_argument(std::string(loss) + ": embeddings have no features" + got);
+  if (a.size(1) < 1) throw std::invalid_argument(std::string(loss) + ": embeddings have no features" + got);
 }
 
 }  // namespace detail
@@ -97,8 +94,7 @@ LossOutput vicreg_loss(const at::Tensor& z_a, const at::Tensor& z_b, const VICRe
   return out;
 }
 
-LossOutput barlow_twins_loss(const at::Tensor& z_a, const at::Tensor& z_b,
-                             const BarlowTwinsOptions& o) {
+LossOutput barlow_twins_loss(const at::Tensor& z_a, const at::Tensor& z_b, const BarlowTwinsOptions& o) {
   check_pair("barlow_twins_loss", "z_a", z_a, "z_b", z_b, 2);
   const bool global = distributed(o.communicator);
   const int64_t n = z_a.size(0) * (global ? o.communicator->world_size() : 1);
@@ -125,15 +121,13 @@ LossOutput barlow_twins_loss(const at::Tensor& z_a, const at::Tensor& z_b,
   return out;
 }
 
-LossOutput byol_loss(const at::Tensor& online_pred_a, const at::Tensor& online_pred_b,
-                     const at::Tensor& target_proj_a, const at::Tensor& target_proj_b) {
+LossOutput byol_loss(const at::Tensor& online_pred_a, const at::Tensor& online_pred_b, const at::Tensor& target_proj_a,
+                     const at::Tensor& target_proj_b) {
   check_pair("byol_loss", "online_pred_a", online_pred_a, "target_proj_b", target_proj_b, 1);
   check_pair("byol_loss", "online_pred_b", online_pred_b, "target_proj_a", target_proj_a, 1);
   check_pair("byol_loss", "online_pred_a", online_pred_a, "online_pred_b", online_pred_b, 1);
   // F.normalize semantics: x / max(||x||, 1e-12).
-  auto normalise = [](const at::Tensor& x) {
-    return x / x.norm(2, {1}, /*keepdim=*/true).clamp_min(1e-12);
-  };
+  auto normalise = [](const at::Tensor& x) { return x / x.norm(2, {1}, /*keepdim=*/true).clamp_min(1e-12); };
   auto regression = [&](const at::Tensor& p, const at::Tensor& t) {
     return (2.0 - 2.0 * (normalise(p) * normalise(t.detach())).sum(1)).mean();
   };
@@ -145,7 +139,8 @@ LossOutput byol_loss(const at::Tensor& online_pred_a, const at::Tensor& online_p
   return out;
 }
 
-// ---- the losses as registered components (see losses/registry.cpp) ----------------------------------------------------------------------------
+// ---- the losses as registered components (see losses/registry.cpp)
+// ----------------------------------------------------------------------------
 
 namespace {
 
@@ -171,8 +166,11 @@ class VICRegLoss final : public Loss {
     return vicreg_loss(a.projection, b.projection, o_);
   }
   nlohmann::json to_json() const override {
-    return {{"type", name()},         {"sim_coeff", o_.sim_coeff}, {"std_coeff", o_.std_coeff},
-            {"cov_coeff", o_.cov_coeff}, {"eps", o_.eps},
+    return {{"type", name()},
+            {"sim_coeff", o_.sim_coeff},
+            {"std_coeff", o_.std_coeff},
+            {"cov_coeff", o_.cov_coeff},
+            {"eps", o_.eps},
             {"average_variance_branches", o_.average_variance_branches}};
   }
 
@@ -201,7 +199,10 @@ class BarlowTwinsLoss final : public Loss {
     return barlow_twins_loss(a.projection, b.projection, o_);
   }
   nlohmann::json to_json() const override {
-    return {{"type", name()}, {"lambda", o_.lambda}, {"scale", o_.scale}, {"eps", o_.eps},
+    return {{"type", name()},
+            {"lambda", o_.lambda},
+            {"scale", o_.scale},
+            {"eps", o_.eps},
             {"reference_compatible", o_.reference_compatible}};
   }
 

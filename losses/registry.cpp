@@ -6,7 +6,7 @@
 #include "twins/registry.h"
 
 // A block-scope declaration names the function of the enclosing namespace (twins::losses).
-#define TWINS_LOSS(name)                                                                          \
+#define TWINS_LOSS(name)                                                                         \
   std::shared_ptr<Loss> make_##name##_loss(const nlohmann::json& spec, const std::string& path); \
   r.add(#name, make_##name##_loss)
 
@@ -24,7 +24,9 @@ static const Registry<Loss>& registry() {
   return r;
 }
 
-std::shared_ptr<Loss> create_loss(const nlohmann::json& spec, const std::string& path) { return registry().create(spec, path); }
+std::shared_ptr<Loss> create_loss(const nlohmann::json& spec, const std::string& path) {
+  return registry().create(spec, path);
+}
 
 std::vector<std::string> loss_names() { return registry().names(); }
 

@@ -33,8 +33,8 @@ class BatchNormImpl : public torch::nn::Cloneable<BatchNormImpl> {
   }
   /// x: [N, C] or [N, C, L] (BatchNorm1d), [N, C, H, W] (BatchNorm2d).
   at::Tensor forward(const at::Tensor& x) {
-    TORCH_CHECK(x.dim() >= 2 && x.size(1) == num_features_, "BatchNorm(", num_features_,
-                "): expected [N, ", num_features_, ", ...], got ", x.sizes());
+    TORCH_CHECK(x.dim() >= 2 && x.size(1) == num_features_, "BatchNorm(", num_features_, "): expected [N, ",
+                num_features_, ", ...], got ", x.sizes());
     if (is_training()) {
       at::NoGradGuard no_grad;
       num_batches_tracked.add_(1);

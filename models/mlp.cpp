@@ -25,8 +25,7 @@ std::vector<int64_t> parse_mlp_spec(const std::string& spec, const std::string& 
       used = 0;
     }
     if (part.empty() || used != part.size() || value < 1)
-      throw std::invalid_argument(path + ": \"" + spec +
-                                  "\" is not a list of positive sizes like \"8192-8192-8192\"");
+      throw std::invalid_argument(path + ": \"" + spec + "\" is not a list of positive sizes like \"8192-8192-8192\"");
     dims.push_back(value);
     if (dash == std::string::npos) break;
     start = dash + 1;
@@ -49,19 +48,18 @@ MLP::MLP(int64_t in_dim, MLPOptions options, const std::string& path)
   int64_t index = 0, in = in_dim;
   for (size_t i = 0; i < dims_.size(); ++i) {
     const bool last = i + 1 == dims_.size();
-    auto linear = nn::Linear(nn::LinearOptions(in, dims_[i]).bias(last ? options_.last_bias
-                                                                       : options_.bias));
+    auto linear = nn::Linear(nn::LinearOptions(in, dims_[i]).bias(last ? options_.last_bias : options_.bias));
     layers_->linears.push_back(register_module(std::to_string(index++), linear));
     if (!last) {
       if (options_.batch_norm)
-        layers_->norms.push_back(
-            register_module(std::to_string(index++), detail::BatchNorm(dims_[i])));
+        layers_->norms.push_back(register_module(std::to_string(index++), detail::BatchNorm(dims_[i])));
       ++index;  // the ReLU's slot: it has no parameters, but keeps nn.Sequential's numbering
     }
     in = dims_[i];
   }
   if (options_.last_batch_norm)
-    layers_->last_norm = register_module(std::to_string(index), detail::BatchNorm(dims_.back(), 1e-5, 0.1, options_.last_affine));
+    layers_->last_norm =
+        register_module(std::to_string(index), detail::BatchNorm(dims_.back(), 1e-5, 0.1, options_.last_affine));
 }
 
 at::Tensor MLP::forward(const at::Tensor& x) {

@@ -62,8 +62,7 @@ MLPOptions head_defaults(const std::string& name) {
 const Registry<Network, int64_t>& heads() {
   static const Registry<Network, int64_t> r = [] {
     Registry<Network, int64_t> r("head");
-    for (const char* name :
-         {"mlp", "vicreg_projector", "barlow_twins_projector", "byol_projector", "byol_predictor"}) {
+    for (const char* name : {"mlp", "vicreg_projector", "barlow_twins_projector", "byol_projector", "byol_predictor"}) {
       const std::string n = name;
       r.add(n, [n](const nlohmann::json& s, const std::string& path, int64_t in_dim) {
         MLPOptions o = head_defaults(n);
@@ -106,8 +105,7 @@ int64_t count_parameters(const torch::nn::Module& module) {
 void copy_state(const torch::nn::Module& from, torch::nn::Module& to) {
   torch::NoGradGuard no_grad;
   auto copy_dict = [](const auto& src, auto dst, const char* what) {
-    if (src.size() != dst.size())
-      throw std::invalid_argument(std::string("copy_state: different number of ") + what);
+    if (src.size() != dst.size()) throw std::invalid_argument(std::string("copy_state: different number of ") + what);
     for (const auto& item : src) {
       at::Tensor* target = dst.find(item.key());
       if (!target || !target->sizes().equals(item.value().sizes()))

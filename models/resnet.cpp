@@ -21,15 +21,13 @@ namespace nn = torch::nn;
 namespace {
 
 nn::Conv2d conv(int64_t in, int64_t out, int64_t kernel, int64_t stride) {
-  return nn::Conv2d(
-      nn::Conv2dOptions(in, out, kernel).stride(stride).padding(kernel / 2).bias(false));
+  return nn::Conv2d(nn::Conv2dOptions(in, out, kernel).stride(stride).padding(kernel / 2).bias(false));
 }
 
 // Both block kinds: conv1/bn1, conv2/bn2 (and conv3/bn3 for bottlenecks), downsample.
 class BlockImpl : public nn::Module {
  public:
-  BlockImpl(int64_t in, int64_t planes, int64_t stride, bool bottleneck)
-      : bottleneck_(bottleneck) {
+  BlockImpl(int64_t in, int64_t planes, int64_t stride, bool bottleneck) : bottleneck_(bottleneck) {
     const int64_t expansion = bottleneck ? 4 : 1;
     const int64_t out = planes * expansion;
     if (bottleneck) {
@@ -46,8 +44,7 @@ class BlockImpl : public nn::Module {
       bn2_ = register_module("bn2", detail::BatchNorm(planes));
     }
     if (stride != 1 || in != out) {
-      downsample_ = register_module(
-          "downsample", nn::Sequential(conv(in, out, 1, stride), detail::BatchNorm(out)));
+      downsample_ = register_module("downsample", nn::Sequential(conv(in, out, 1, stride), detail::BatchNorm(out)));
     }
   }
 
@@ -92,8 +89,7 @@ ResNetOptions resnet_options(const std::string& name) {
     o.layers = {3, 4, 6, 3};
     o.bottleneck = true;
   } else {
-    throw std::invalid_argument("resnet_options: unknown ResNet \"" + name +
-                                "\"; valid: resnet18 resnet34 resnet50");
+    throw std::invalid_argument("resnet_options: unknown ResNet \"" + name + "\"; valid: resnet18 resnet34 resnet50");
   }
   return o;
 }
@@ -101,8 +97,7 @@ ResNetOptions resnet_options(const std::string& name) {
 ResNet::ResNet(ResNetOptions options) : options_(std::move(options)), layers_(new Layers) {
   const auto& o = options_;
   if (o.layers.size() != 4)
-    throw std::invalid_argument("resnet: layers must list 4 stages, got " +
-                                std::to_string(o.layers.size()));
+    throw std::invalid_argument("resnet: layers must list 4 stages, got " + std::to_string(o.layers.size()));
   for (int64_t n : o.layers)
     if (n < 1) throw std::invalid_argument("resnet: every stage needs at least one block");
   if (o.in_channels < 1) throw std::invalid_argument("resnet.in_channels: must be >= 1");
@@ -110,12 +105,11 @@ ResNet::ResNet(ResNetOptions options) : options_(std::move(options)), layers_(ne
   if (o.num_classes < 0) throw std::invalid_argument("resnet.num_classes: must be >= 0");
 
   auto& L = *layers_;
-  L.conv1 = register_module("conv1", o.cifar_stem ? conv(o.in_channels, o.width, 3, 1)
-                                                  : conv(o.in_channels, o.width, 7, 2));
+  L.conv1 =
+      register_module("conv1", o.cifar_stem ? conv(o.in_channels, o.width, 3, 1) : conv(o.in_channels, o.width, 7, 2));
   L.bn1 = register_module("bn1", detail::BatchNorm(o.width));
   if (!o.cifar_stem)
-    L.maxpool = register_module("maxpool",
-                                nn::MaxPool2d(nn::MaxPool2dOptions(3).stride(2).padding(1)));
+    L.maxpool = register_module("maxpool", nn::MaxPool2d(nn::MaxPool2dOptions(3).stride(2).padding(1)));
   const int64_t expansion = o.bottleneck ? 4 : 1;
   int64_t in = o.width;
   for (size_t s = 0; s < 4; ++s) {
@@ -151,9 +145,8 @@ at::Tensor ResNet::features(const at::Tensor& x) {
   if (x.dim() != 4 || x.size(1) != options_.in_channels) {
     std::string got = "[";
     for (int64_t i = 0; i < x.dim(); ++i) got += (i ? ", " : "") + std::to_string(x.size(i));
-    throw std::invalid_argument("resnet: expected input [N, " +
-                                std::to_string(options_.in_channels) + ", H, W], got " + got +
-                                "]");
+    throw std::invalid_argument("resnet: expected input [N, " + std::to_string(options_.in_channels) + ", H, W], got " +
+                                got + "]");
   }
   at::Tensor y = L.bn1->forward(L.conv1->forward(x)).relu_();
   if (L.maxpool) y = L.maxpool->forward(y);
@@ -166,9 +159,7 @@ at::Tensor ResNet::forward(const at::Tensor& x) {
   return layers_->fc ? layers_->fc->forward(f) : f;
 }
 
-int64_t ResNet::output_dim() const {
-  return options_.num_classes > 0 ? options_.num_classes : feature_dim_;
-}
+int64_t ResNet::output_dim() const { return options_.num_classes > 0 ? options_.num_classes : feature_dim_; }
 
 std::shared_ptr<Network> ResNet::copy() const {
   auto out = std::make_shared<ResNet>(options_);

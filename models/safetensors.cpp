@@ -17,9 +17,8 @@ namespace {
 
 const std::vector<std::pair<std::string, at::ScalarType>>& dtypes() {
   static const std::vector<std::pair<std::string, at::ScalarType>> d = {
-      {"F64", at::kDouble}, {"F32", at::kFloat}, {"F16", at::kHalf},  {"BF16", at::kBFloat16},
-      {"I64", at::kLong},   {"I32", at::kInt},   {"I16", at::kShort}, {"I8", at::kChar},
-      {"U8", at::kByte},    {"BOOL", at::kBool}};
+      {"F64", at::kDouble}, {"F32", at::kFloat}, {"F16", at::kHalf}, {"BF16", at::kBFloat16}, {"I64", at::kLong},
+      {"I32", at::kInt},    {"I16", at::kShort}, {"I8", at::kChar},  {"U8", at::kByte},       {"BOOL", at::kBool}};
   return d;
 }
 
@@ -62,8 +61,8 @@ void save_safetensors(const std::string& path, const NamedTensors& tensors,
     if (name == "__metadata__") throw std::invalid_argument("safetensors: reserved tensor name __metadata__");
     at::Tensor c = t.detach().to(at::kCPU).contiguous();
     const uint64_t bytes = static_cast<uint64_t>(c.numel()) * c.element_size();
-    header[name] = {{"dtype", dtype_name(c.scalar_type())}, {"shape", c.sizes().vec()},
-                    {"data_offsets", {offset, offset + bytes}}};
+    header[name] = {
+        {"dtype", dtype_name(c.scalar_type())}, {"shape", c.sizes().vec()}, {"data_offsets", {offset, offset + bytes}}};
     offset += bytes;
     cpu.push_back(std::move(c));
   }
@@ -134,7 +133,9 @@ SafeTensorsFile load_safetensors(const std::string& path) {
   in.read(reinterpret_cast<char*>(length), 8);
   uint64_t n = 0;
   for (int i = 0; i < 8; ++i) n |= static_cast<uint64_t>(length[i]) << (8 * i);
-  if (n > size - 8) throw fail("header length " + std::to_string(n) + " exceeds the file size " + std::to_string(size) + " (truncated?)");
+  if (n > size - 8)
+    throw fail("header length " + std::to_string(n) + " exceeds the file size " + std::to_string(size) +
+               " (truncated?)");
   std::string text(n, '\0');
   in.read(text.data(), static_cast<std::streamsize>(n));
   nlohmann::json header;
@@ -196,8 +197,8 @@ SafeTensorsFile load_safetensors(const std::string& path) {
     const uint64_t begin = t["data_offsets"][0], end = t["data_offsets"][1];
     const uint64_t bytes = count * static_cast<uint64_t>(c10::elementSize(type));
     if (end < begin || end > data_size)
-      throw fail(name + ": data_offsets [" + std::to_string(begin) + ", " + std::to_string(end) +
-                 "] outside the " + std::to_string(data_size) + " bytes of data (truncated?)");
+      throw fail(name + ": data_offsets [" + std::to_string(begin) + ", " + std::to_string(end) + "] outside the " +
+                 std::to_string(data_size) + " bytes of data (truncated?)");
     if (end - begin != bytes)
       throw fail(name + ": data_offsets span " + std::to_string(end - begin) + " bytes but " + dtype + " " +
                  t["shape"].dump() + " needs " + std::to_string(bytes));

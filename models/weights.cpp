@@ -18,7 +18,8 @@ namespace {
 // A torchvision ResNet's options from its state dict names and shapes.
 nlohmann::json infer_resnet(const SafeTensorsFile& f, const std::string& path) {
   if (!f.contains("conv1.weight"))
-    throw std::runtime_error(path + ": no conv1.weight: not a ResNet backbone in torchvision's names "
+    throw std::runtime_error(path +
+                             ": no conv1.weight: not a ResNet backbone in torchvision's names "
                              "(and no twins_backbone metadata to say what it is)");
   const at::Tensor& conv1 = f.at("conv1.weight");
   std::vector<int64_t> layers(4, 0);
@@ -111,7 +112,8 @@ LoadedBackbone read_backbone(const std::string& given) {
   if (fs::is_directory(path)) {
     path = (fs::path(given) / "backbone.safetensors").string();
     if (!fs::exists(path))
-      throw std::runtime_error(given + ": a folder without backbone.safetensors (a run folder whose training has not "
+      throw std::runtime_error(given +
+                               ": a folder without backbone.safetensors (a run folder whose training has not "
                                "finished: resume it, then use its backbone)");
   }
   const SafeTensorsFile f = load_safetensors(path);
@@ -152,7 +154,8 @@ LoadedBackbone read_backbone(const std::string& given) {
   for (const auto& [name, t] : f.tensors)
     if (!expected.count(name) && name.rfind("fc.", 0) != 0) problems.push_back("unexpected " + name);
   if (!problems.empty()) {
-    std::string message = path + ": the weights do not fit " + spec.dump() + " (" + std::to_string(problems.size()) + " problems):";
+    std::string message =
+        path + ": the weights do not fit " + spec.dump() + " (" + std::to_string(problems.size()) + " problems):";
     for (size_t i = 0; i < problems.size() && i < 8; ++i) message += "\n  " + problems[i];
     if (problems.size() > 8) message += "\n  ...";
     throw std::runtime_error(message);

@@ -63,8 +63,8 @@ at::Tensor LARS::step(LossClosure closure) {
       if (!excluded) {
         const at::Tensor param_norm = p.norm(), update_norm = d.norm();
         const at::Tensor one = at::ones_like(param_norm);
-        at::Tensor q = at::where(param_norm > 0.,
-                                 at::where(update_norm > 0, o.eta() * param_norm / update_norm, one), one);
+        at::Tensor q =
+            at::where(param_norm > 0., at::where(update_norm > 0, o.eta() * param_norm / update_norm, one), one);
         if (o.clip() && o.lr() > 0) q = at::clamp_max(q / o.lr(), 1.0);
         d = d.mul(q);
       }

@@ -24,7 +24,8 @@ struct ParameterGroups {
 // Groups in the order set_learning_rates() expects: weights, 1-D parameters, then the fixed
 // predictor group (weights' options, its lr never scheduled). `flat` takes `flat_options`.
 template <class Options>
-std::vector<torch::optim::OptimizerParamGroup> groups_of(const ParameterGroups& g, const Options& weights, const Options& flat) {
+std::vector<torch::optim::OptimizerParamGroup> groups_of(const ParameterGroups& g, const Options& weights,
+                                                         const Options& flat) {
   std::vector<torch::optim::OptimizerParamGroup> out;
   out.emplace_back(g.weights, std::make_unique<Options>(weights));
   out.emplace_back(g.flat, std::make_unique<Options>(flat));
@@ -39,7 +40,12 @@ const OptimizerRegistry& registry() {
     OptimizerRegistry r("optimizer");
     r.add("lars", [](const nlohmann::json&, const std::string&, const OptimizerConfig& c, const ParameterGroups& g) {
       // LARS excludes 1-D parameters from decay and adaptation itself (exclude_1d).
-      const auto o = LARSOptions(g.lr).weight_decay(c.weight_decay).momentum(c.momentum).eta(c.eta).exclude_1d(c.exclude_1d).clip(c.clip);
+      const auto o = LARSOptions(g.lr)
+                         .weight_decay(c.weight_decay)
+                         .momentum(c.momentum)
+                         .eta(c.eta)
+                         .exclude_1d(c.exclude_1d)
+                         .clip(c.clip);
       return std::make_shared<LARS>(groups_of(g, o, LARSOptions(o).lr(g.bias_lr)), o);
     });
     r.add("sgd", [](const nlohmann::json&, const std::string&, const OptimizerConfig& c, const ParameterGroups& g) {
@@ -48,7 +54,8 @@ const OptimizerRegistry& registry() {
       return std::make_shared<torch::optim::SGD>(groups_of(g, o, flat), o);
     });
     r.add("adamw", [](const nlohmann::json&, const std::string&, const OptimizerConfig& c, const ParameterGroups& g) {
-      const auto o = torch::optim::AdamWOptions(g.lr).weight_decay(c.weight_decay).betas({c.betas[0], c.betas[1]}).eps(c.eps);
+      const auto o =
+          torch::optim::AdamWOptions(g.lr).weight_decay(c.weight_decay).betas({c.betas[0], c.betas[1]}).eps(c.eps);
       const auto flat = torch::optim::AdamWOptions(o).lr(g.bias_lr).weight_decay(c.exclude_1d ? 0.0 : c.weight_decay);
       return std::make_shared<torch::optim::AdamW>(groups_of(g, o, flat), o);
     });
@@ -90,7 +97,8 @@ std::vector<uint8_t> save_optimizer(const torch::optim::Optimizer& optimizer) {
 
 void load_optimizer(torch::optim::Optimizer& optimizer, const at::Tensor& bytes) {
   const at::Tensor b = bytes.contiguous();
-  std::istringstream s(std::string(reinterpret_cast<const char*>(b.data_ptr<uint8_t>()), static_cast<size_t>(b.numel())));
+  std::istringstream s(
+      std::string(reinterpret_cast<const char*>(b.data_ptr<uint8_t>()), static_cast<size_t>(b.numel())));
   torch::serialize::InputArchive archive;
   archive.load_from(s);
   optimizer.load(archive);

@@ -118,7 +118,8 @@ Position restore(Trainer& trainer, const detail::CheckpointStore::Checkpoint& k,
   if (saved_world != job.world) {
     p.batch = p.batch * saved_world / job.world / accumulate * accumulate;
     if (job.main_rank)
-      warn("the checkpoint was written by " + std::to_string(saved_world) + " rank(s), resuming with " + std::to_string(job.world) +
+      warn("the checkpoint was written by " + std::to_string(saved_world) + " rank(s), resuming with " +
+           std::to_string(job.world) +
            ": the epoch continues after the same number of samples; steps and schedules follow the new global batch");
   }
   if (p.batch >= epoch_batches) ++p.epoch, p.batch = 0, trainer.end_probe_epoch();
@@ -126,10 +127,11 @@ Position restore(Trainer& trainer, const detail::CheckpointStore::Checkpoint& k,
 }
 
 // The online probe's top-1 on online_probe.eval_data with the evaluation transform (rank 0).
-double probe_eval_accuracy(Trainer& trainer, const Recipe& recipe, const augment::View& train_view, const at::Device& device,
-                           std::optional<eval::Features>& features) {
+double probe_eval_accuracy(Trainer& trainer, const Recipe& recipe, const augment::View& train_view,
+                           const at::Device& device, std::optional<eval::Features>& features) {
   auto eval_set = data::create_dataset(recipe.probe.eval_data, "online_probe.eval_data");
-  const auto transform = eval::EvalTransform::for_dataset(*eval_set, train_view.output_side(), train_view.normalization);
+  const auto transform =
+      eval::EvalTransform::for_dataset(*eval_set, train_view.output_side(), train_view.normalization);
   eval::ExtractOptions eo;
   eo.workers = recipe.train.workers, eo.channels = trainer.in_channels(), eo.progress = false;
   features = eval::extract_features(trainer.backbone(), eval_set, transform.view(), device, eo);
@@ -141,8 +143,8 @@ double probe_eval_accuracy(Trainer& trainer, const Recipe& recipe, const augment
 
 // backbone.safetensors with what it was trained on, and the pictures (whose failure never
 // costs the run).
-std::string write_results(Trainer& trainer, const Recipe& recipe, const augment::View& train_view, const fs::path& out_dir,
-                          int64_t steps, const std::optional<eval::Features>& eval_features) {
+std::string write_results(Trainer& trainer, const Recipe& recipe, const augment::View& train_view,
+                          const fs::path& out_dir, int64_t steps, const std::optional<eval::Features>& eval_features) {
   const std::string path = (out_dir / "backbone.safetensors").string();
   models::BackboneInfo info;
   info.image_size = train_view.output_side();
@@ -173,7 +175,8 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
   if (options.resume) {
     resume_from = detail::CheckpointStore(out_dir / "checkpoints", 1).load_latest(warn);
     if (!resume_from)
-      throw std::runtime_error("resume: no checkpoint in " + (out_dir / "checkpoints").string() + " (start without resuming)");
+      throw std::runtime_error("resume: no checkpoint in " + (out_dir / "checkpoints").string() +
+                               " (start without resuming)");
     std::cerr << "resuming from " << resume_from->path.string() << "\n";
     config = resume_from->config;
   }
@@ -198,8 +201,9 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
   const int64_t steps_per_epoch = loader.batches_per_epoch() / accumulate;
   const int64_t epoch_batches = steps_per_epoch * accumulate;
   if (steps_per_epoch < 1)
-    throw std::invalid_argument("train.grad_accumulation: " + std::to_string(accumulate) + " batches per step, but an epoch has only " +
-                                std::to_string(loader.batches_per_epoch()) + " batches of " + std::to_string(tc.batch_size));
+    throw std::invalid_argument(
+        "train.grad_accumulation: " + std::to_string(accumulate) + " batches per step, but an epoch has only " +
+        std::to_string(loader.batches_per_epoch()) + " batches of " + std::to_string(tc.batch_size));
   const int64_t total_steps = tc.epochs * steps_per_epoch;
   const int64_t max_steps = tc.max_steps > 0 ? std::min(tc.max_steps, total_steps) : total_steps;
 
@@ -216,16 +220,19 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
   auto save_checkpoint = [&] {
     if (!job.main_rank) return store.path_of(trainer.steps_taken());  // every rank holds the same state
     json info = trainer.state_info();
-    info.update({{"epoch", at.epoch}, {"batch", at.batch}, {"twins_version", TWINS_VERSION_STRING}, {"world_size", job.world}});
+    info.update(
+        {{"epoch", at.epoch}, {"batch", at.batch}, {"twins_version", TWINS_VERSION_STRING}, {"world_size", job.world}});
     return store.save(trainer.steps_taken(), trainer.state(), info, config);
   };
   {
     std::ostringstream s;
-    s << "pretrain " << recipe.method << ": " << dataset->size() << " samples, " << views.size() << " views, " << steps_per_epoch
-      << " steps/epoch, " << tc.epochs << " epochs" << (tc.max_steps ? " (max_steps " + std::to_string(tc.max_steps) + ")" : "")
-      << ", batch " << tc.batch_size << (job.comm ? " x " + std::to_string(job.world) + " ranks (" + job.comm->backend() + ")" : "")
-      << (accumulate > 1 ? " x " + std::to_string(accumulate) + " accumulated" : "") << ", lr " << trainer.base_learning_rates().first
-      << ", device " << job.device.str() << " (" << to_string(trainer.precision()) << ")";
+    s << "pretrain " << recipe.method << ": " << dataset->size() << " samples, " << views.size() << " views, "
+      << steps_per_epoch << " steps/epoch, " << tc.epochs << " epochs"
+      << (tc.max_steps ? " (max_steps " + std::to_string(tc.max_steps) + ")" : "") << ", batch " << tc.batch_size
+      << (job.comm ? " x " + std::to_string(job.world) + " ranks (" + job.comm->backend() + ")" : "")
+      << (accumulate > 1 ? " x " + std::to_string(accumulate) + " accumulated" : "") << ", lr "
+      << trainer.base_learning_rates().first << ", device " << job.device.str() << " ("
+      << to_string(trainer.precision()) << ")";
     log.say(s.str());
   }
 
@@ -247,13 +254,15 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
         if (!batch) throw std::logic_error("pretrain: the loader ended the epoch early");
         micro.push_back(std::move(*batch));
       }
-      const bool want_stop = g_stop.load() || (options.stop_after > 0 && trainer.steps_taken() + 1 - start_step >= options.stop_after);
+      const bool want_stop =
+          g_stop.load() || (options.stop_after > 0 && trainer.steps_taken() + 1 - start_step >= options.stop_after);
       StepResult r;
       try {
         r = trainer.step(micro, want_stop);
       } catch (const NonFiniteLoss& e) {
-        throw std::runtime_error(std::string(e.what()) + " in epoch " + std::to_string(at.epoch) + ". The last good checkpoint is in " +
-                                 store.dir().string() + "; lower optimizer.base_lr or check the data (a constant batch, NaN pixels)");
+        throw std::runtime_error(std::string(e.what()) + " in epoch " + std::to_string(at.epoch) +
+                                 ". The last good checkpoint is in " + store.dir().string() +
+                                 "; lower optimizer.base_lr or check the data (a constant batch, NaN pixels)");
       }
       at.batch = micro.back().index + 1;
       stop = r.stop;
@@ -272,10 +281,12 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
       last_probe = trainer.end_probe_epoch().top1();
       line["online_probe_train_top1"] = *last_probe;
       const bool on_eval_data = !recipe.probe.eval_data.is_null() && job.main_rank;
-      if (on_eval_data) line["online_probe_eval_top1"] = *(last_probe = probe_eval_accuracy(trainer, recipe, views[0], job.device, eval_features));
+      if (on_eval_data)
+        line["online_probe_eval_top1"] =
+            *(last_probe = probe_eval_accuracy(trainer, recipe, views[0], job.device, eval_features));
       std::ostringstream s;
-      s << "epoch " << at.epoch + 1 << ": online probe " << std::fixed << std::setprecision(2) << *last_probe << "% top-1"
-        << (on_eval_data ? " (eval data)" : " (training views)");
+      s << "epoch " << at.epoch + 1 << ": online probe " << std::fixed << std::setprecision(2) << *last_probe
+        << "% top-1" << (on_eval_data ? " (eval data)" : " (training views)");
       log.say(s.str());
     }
     log.append(line);
@@ -295,11 +306,19 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
   const double train_seconds = log.seconds();
   result.images_per_second = static_cast<double>(log.images()) / std::max(1e-9, train_seconds);
   result.online_probe_top1 = last_probe;
-  if (!stop && job.main_rank) result.backbone_path = write_results(trainer, recipe, views[0], out_dir, result.steps, eval_features);
-  json summary = {{"summary", true}, {"steps", result.steps}, {"epochs_completed", result.epochs_completed},
-                  {"wall_s", result.wall_seconds}, {"train_s", train_seconds}, {"images_per_s", result.images_per_second},
-                  {"data_wait", log.data_wait_fraction()}, {"device", job.device.str()},
-                  {"precision", to_string(trainer.precision())}, {"interrupted", stop}, {"peak_rss_mb", detail::RunLog::peak_rss_mb()}};
+  if (!stop && job.main_rank)
+    result.backbone_path = write_results(trainer, recipe, views[0], out_dir, result.steps, eval_features);
+  json summary = {{"summary", true},
+                  {"steps", result.steps},
+                  {"epochs_completed", result.epochs_completed},
+                  {"wall_s", result.wall_seconds},
+                  {"train_s", train_seconds},
+                  {"images_per_s", result.images_per_second},
+                  {"data_wait", log.data_wait_fraction()},
+                  {"device", job.device.str()},
+                  {"precision", to_string(trainer.precision())},
+                  {"interrupted", stop},
+                  {"peak_rss_mb", detail::RunLog::peak_rss_mb()}};
   if (job.device.is_cuda()) summary["gpu_hours"] = train_seconds / 3600.0;
   if (last_probe) summary["online_probe_top1"] = *last_probe;
   log.append(summary);

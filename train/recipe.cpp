@@ -43,9 +43,7 @@ Precision resolve_precision(Precision p, bool cuda) {
   return p == Precision::automatic ? (cuda ? Precision::bf16 : Precision::fp32) : p;
 }
 
-int Recipe::in_channels() const {
-  return backbone.is_object() ? backbone.value("in_channels", 3) : 3;
-}
+int Recipe::in_channels() const { return backbone.is_object() ? backbone.value("in_channels", 3) : 3; }
 
 Recipe Recipe::parse(const json& root) {
   Recipe r;
@@ -78,7 +76,8 @@ Recipe Recipe::parse(const json& root) {
   require(root["model"].contains("projector"), "model.projector", "required");
   r.backbone = root["model"]["backbone"];
   r.projector = root["model"]["projector"];
-  if (root["model"].contains("predictor") && !root["model"]["predictor"].is_null()) r.predictor = root["model"]["predictor"];
+  if (root["model"].contains("predictor") && !root["model"]["predictor"].is_null())
+    r.predictor = root["model"]["predictor"];
   require(!needs.predictor || !r.predictor.is_null(), "model.predictor", loss->title() + " needs a predictor");
   require(needs.predictor || r.predictor.is_null(), "model.predictor", loss->title() + " has no predictor");
 
@@ -111,7 +110,8 @@ Recipe Recipe::parse(const json& root) {
     const auto names = optimizer_names();
     require(std::find(names.begin(), names.end(), c.type) != names.end(), "optimizer.type",
             "must be " + one_of(names) + ", got \"" + c.type + "\"");
-    require(!c.fixed_predictor_lr || needs.predictor, "optimizer.fixed_predictor_lr", loss->title() + " has no predictor");
+    require(!c.fixed_predictor_lr || needs.predictor, "optimizer.fixed_predictor_lr",
+            loss->title() + " has no predictor");
     require(c.base_lr > 0, "optimizer.base_lr", "must be > 0");
     require(c.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0");
     require(c.momentum >= 0 && c.momentum < 1, "optimizer.momentum", "must be in [0, 1)");

@@ -18,14 +18,19 @@ double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::
 std::string format_duration(double s) {
   const int64_t t = static_cast<int64_t>(s);
   std::ostringstream o;
-  if (t >= 3600) o << t / 3600 << "h" << std::setw(2) << std::setfill('0') << (t % 3600) / 60 << "m";
-  else o << t / 60 << "m" << std::setw(2) << std::setfill('0') << t % 60 << "s";
+  if (t >= 3600)
+    o << t / 3600 << "h" << std::setw(2) << std::setfill('0') << (t % 3600) / 60 << "m";
+  else
+    o << t / 60 << "m" << std::setw(2) << std::setfill('0') << t % 60 << "s";
   return o.str();
 }
 
 RunLog::RunLog(fs::path out_dir, bool writer, bool progress)
-    : out_dir_(std::move(out_dir)), writer_(writer), progress_(progress && writer),
-      start_(Clock::now()), window_start_(start_) {
+    : out_dir_(std::move(out_dir)),
+      writer_(writer),
+      progress_(progress && writer),
+      start_(Clock::now()),
+      window_start_(start_) {
   tty_ = progress_ && ::isatty(STDERR_FILENO);
   if (!writer_) return;
   fs::create_directories(out_dir_);
@@ -85,8 +90,10 @@ void RunLog::step(const StepResult& r, const RunPosition& p) {
       << p.step << "/" << p.max_steps << "] " << std::fixed << std::setprecision(0) << rate << " img/s  loss "
       << std::setprecision(4) << r.loss << "  data " << std::setprecision(0) << 100 * window_wait_ / window << "%  ETA "
       << format_duration(static_cast<double>(p.max_steps - p.step) * per_step);
-    if (tty_) std::cerr << "\r" << s.str() << "\033[K" << std::flush, line_open_ = true;
-    else std::cerr << s.str() << "\n";
+    if (tty_)
+      std::cerr << "\r" << s.str() << "\033[K" << std::flush, line_open_ = true;
+    else
+      std::cerr << s.str() << "\n";
   }
   window_images_ = 0, window_wait_ = 0, window_start_ = Clock::now();
 }

@@ -13,10 +13,13 @@ SSLModel::SSLModel(const Recipe& recipe, int64_t num_classes) : recipe_(recipe),
   const losses::LossNeeds needs = loss->needs();
   backbone = register_module("backbone", models::create_backbone(recipe.backbone, "model.backbone"));
   in_channels = recipe.in_channels();
-  projector = register_module("projector", models::create_head(recipe.projector, backbone->output_dim(), "model.projector"));
+  projector =
+      register_module("projector", models::create_head(recipe.projector, backbone->output_dim(), "model.projector"));
   if (needs.predictor) {
-    if (recipe.predictor.is_null()) throw std::invalid_argument("model.predictor: " + loss->title() + " needs a predictor");
-    predictor = register_module("predictor", models::create_head(recipe.predictor, projector->output_dim(), "model.predictor"));
+    if (recipe.predictor.is_null())
+      throw std::invalid_argument("model.predictor: " + loss->title() + " needs a predictor");
+    predictor =
+        register_module("predictor", models::create_head(recipe.predictor, projector->output_dim(), "model.predictor"));
   }
   if (needs.momentum_target) {
     target_backbone = register_module("target_backbone", backbone->copy());
@@ -40,7 +43,9 @@ void SSLModel::distribute(const std::shared_ptr<distributed::Communicator>& comm
   loss->set_communicator(communicator);
 }
 
-void SSLModel::broadcast_buffers(distributed::Communicator& communicator) { distributed::broadcast_buffers(*this, communicator); }
+void SSLModel::broadcast_buffers(distributed::Communicator& communicator) {
+  distributed::broadcast_buffers(*this, communicator);
+}
 
 std::vector<at::Tensor> SSLModel::online_parameters() const {
   std::vector<at::Tensor> out;
@@ -77,7 +82,8 @@ SSLModel::Output SSLModel::forward(const std::vector<at::Tensor>& views) {
         continue;
       }
       out.loss.total = out.loss.total + l.total;
-      for (size_t t = 0; t < l.terms.size(); ++t) out.loss.terms[t].second = out.loss.terms[t].second + l.terms[t].second;
+      for (size_t t = 0; t < l.terms.size(); ++t)
+        out.loss.terms[t].second = out.loss.terms[t].second + l.terms[t].second;
     }
   out.loss.total = out.loss.total / pairs;
   for (auto& t : out.loss.terms) t.second = t.second / pairs;
@@ -93,8 +99,10 @@ void SSLModel::ema_update(double tau) {
     auto bsrc = online.named_buffers();
     for (auto& item : target.named_buffers()) {
       at::Tensor& t = item.value();
-      if (t.is_floating_point()) t.mul_(tau).add_(bsrc[item.key()], 1.0 - tau);
-      else t.copy_(bsrc[item.key()]);  // num_batches_tracked
+      if (t.is_floating_point())
+        t.mul_(tau).add_(bsrc[item.key()], 1.0 - tau);
+      else
+        t.copy_(bsrc[item.key()]);  // num_batches_tracked
     }
   };
   update(*backbone, *target_backbone);

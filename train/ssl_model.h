@@ -72,8 +72,8 @@ class SSLModel : public torch::nn::Module {
 /// The optimizer of a recipe over `model`'s online parameters, from the optimizer registry:
 /// group 0 the weights, group 1 the 1-D parameters (biases, norms), with learning rates `lr`
 /// and `bias_lr`; with optimizer.fixed_predictor_lr, group 2 the predictor's parameters at `lr`.
-std::shared_ptr<torch::optim::Optimizer> make_optimizer(const OptimizerConfig& config, const SSLModel& model,
-                                                        double lr, double bias_lr);
+std::shared_ptr<torch::optim::Optimizer> make_optimizer(const OptimizerConfig& config, const SSLModel& model, double lr,
+                                                        double bias_lr);
 
 /// Sets the learning rate of the scheduled groups: group g gets lrs[g] (groups beyond lrs keep
 /// theirs: the fixed-lr predictor).

@@ -95,7 +95,8 @@ Trainer::Trainer(const Recipe& recipe, TrainerOptions options) : impl_(new Impl)
   const int64_t global_batch = tc.batch_size * m.world * tc.grad_accumulation;
   m.lr = scaled_lr(recipe.optimizer.base_lr, global_batch);
   m.bias_lr = recipe.optimizer.bias_base_lr >= 0 ? scaled_lr(recipe.optimizer.bias_base_lr, global_batch) : m.lr;
-  m.warmup_steps = static_cast<int64_t>(std::llround(recipe.schedule.warmup_epochs * static_cast<double>(m.options.steps_per_epoch)));
+  m.warmup_steps = static_cast<int64_t>(
+      std::llround(recipe.schedule.warmup_epochs * static_cast<double>(m.options.steps_per_epoch)));
   m.optimizer = detail::make_optimizer(recipe.optimizer, *m.model, m.lr, m.bias_lr);
   if (m.model->probe)
     m.probe_optimizer = std::make_unique<torch::optim::SGD>(
@@ -106,7 +107,8 @@ Trainer::Trainer(const Recipe& recipe, TrainerOptions options) : impl_(new Impl)
     distributed::GradientReducerOptions ro;
     ro.bucket_mb = tc.bucket_mb;
     m.reducer = std::make_unique<distributed::GradientReducer>(m.model->online_parameters(), comm, ro);
-    if (m.model->probe) m.probe_reducer = std::make_unique<distributed::GradientReducer>(m.model->probe->parameters(), comm, ro);
+    if (m.model->probe)
+      m.probe_reducer = std::make_unique<distributed::GradientReducer>(m.model->probe->parameters(), comm, ro);
   }
 }
 
@@ -144,8 +146,10 @@ StepResult Trainer::step(const std::vector<data::Batch>& micro_batches, bool sto
     step_total = micro == 0 ? out.loss.total.detach() * weight : step_total + out.loss.total.detach() * weight;
     for (size_t k = 0; k < out.loss.terms.size(); ++k) {
       const at::Tensor t = out.loss.terms[k].second.detach() * weight;
-      if (micro == 0) step_terms.push_back(t), result.terms.emplace_back(out.loss.terms[k].first, 0.0);
-      else step_terms[k] = step_terms[k] + t;
+      if (micro == 0)
+        step_terms.push_back(t), result.terms.emplace_back(out.loss.terms[k].first, 0.0);
+      else
+        step_terms[k] = step_terms[k] + t;
     }
     // Only the last micro-batch's backward averages gradients over ranks.
     if (m.reducer) m.reducer->set_sync(micro + 1 == accumulate);
@@ -162,7 +166,8 @@ StepResult Trainer::step(const std::vector<data::Batch>& micro_batches, bool sto
   {
     std::vector<at::Tensor> parts{step_total.to(at::kDouble).reshape({1})};
     for (const auto& t : step_terms) parts.push_back(t.to(at::kDouble).reshape({1}));
-    parts.push_back(at::full({1}, stop_requested ? 1.0 : 0.0, at::TensorOptions().dtype(at::kDouble).device(m.options.device)));
+    parts.push_back(
+        at::full({1}, stop_requested ? 1.0 : 0.0, at::TensorOptions().dtype(at::kDouble).device(m.options.device)));
     at::Tensor shared = at::cat(parts);
     if (comm) comm->all_reduce(shared);
     shared = shared.to(at::kCPU);
@@ -174,8 +179,8 @@ StepResult Trainer::step(const std::vector<data::Batch>& micro_batches, bool sto
   if (!std::isfinite(result.loss)) {
     std::string terms;
     for (const auto& [name, value] : result.terms) terms += " " + name + "=" + std::to_string(value);
-    throw NonFiniteLoss("step " + std::to_string(m.step) + ": the loss is not finite (total " + std::to_string(result.loss) +
-                        ";" + terms + ")");
+    throw NonFiniteLoss("step " + std::to_string(m.step) + ": the loss is not finite (total " +
+                        std::to_string(result.loss) + ";" + terms + ")");
   }
   if (m.reducer) m.reducer->finish();
   if (m.precision == Precision::fp16) {  // unscale; skip the update and halve the scale on overflow
@@ -186,8 +191,10 @@ StepResult Trainer::step(const std::vector<data::Batch>& micro_batches, bool sto
         finite = finite && p.grad().isfinite().all().item<bool>();
       }
     result.skipped = !finite;
-    if (!finite) m.fp16_scale /= 2, m.fp16_good = 0;
-    else if (++m.fp16_good % 2000 == 0) m.fp16_scale *= 2;
+    if (!finite)
+      m.fp16_scale /= 2, m.fp16_good = 0;
+    else if (++m.fp16_good % 2000 == 0)
+      m.fp16_scale *= 2;
   }
   if (!result.skipped) m.optimizer->step();
   if (m.model->target_backbone) {
@@ -237,14 +244,18 @@ models::NamedTensors Trainer::state() const {
     return at::from_blob(const_cast<uint8_t*>(b.data()), {static_cast<int64_t>(b.size())}, at::kByte).clone();
   };
   tensors.emplace_back("optimizer_state", bytes_tensor(detail::save_optimizer(*m.optimizer)));
-  if (m.probe_optimizer) tensors.emplace_back("probe_optimizer_state", bytes_tensor(detail::save_optimizer(*m.probe_optimizer)));
+  if (m.probe_optimizer)
+    tensors.emplace_back("probe_optimizer_state", bytes_tensor(detail::save_optimizer(*m.probe_optimizer)));
   return tensors;
 }
 
 json Trainer::state_info() const {
   const auto& m = *impl_;
-  return {{"step", m.step}, {"probe_correct", m.probe.correct}, {"probe_seen", m.probe.seen},
-          {"fp16_scale", m.fp16_scale}, {"fp16_good", m.fp16_good}};
+  return {{"step", m.step},
+          {"probe_correct", m.probe.correct},
+          {"probe_seen", m.probe.seen},
+          {"fp16_scale", m.fp16_scale},
+          {"fp16_good", m.fp16_good}};
 }
 
 void Trainer::load_state(const models::SafeTensorsFile& file, const json& info) {

@@ -50,8 +50,7 @@ struct VICRegOptions {
   /// Global-batch statistics for variance and covariance (null: the local batch).
   std::shared_ptr<distributed::Communicator> communicator;
 };
-LossOutput vicreg_loss(const at::Tensor& z_a, const at::Tensor& z_b,
-                       const VICRegOptions& options = {});
+LossOutput vicreg_loss(const at::Tensor& z_a, const at::Tensor& z_b, const VICRegOptions& options = {});
 
 /// Barlow Twins (Zbontar et al. 2021), as in facebookresearch/barlowtwins main.py:
 ///   n(z) = (z - mean) / sqrt(biased Var(z) + eps)   (BatchNorm1d(affine=False), training mode)
@@ -71,15 +70,14 @@ struct BarlowTwinsOptions {
   /// Global-batch normalisation and cross-correlation (null: the local batch).
   std::shared_ptr<distributed::Communicator> communicator;
 };
-LossOutput barlow_twins_loss(const at::Tensor& z_a, const at::Tensor& z_b,
-                             const BarlowTwinsOptions& options = {});
+LossOutput barlow_twins_loss(const at::Tensor& z_a, const at::Tensor& z_b, const BarlowTwinsOptions& options = {});
 
 /// BYOL (Grill et al. 2020): l(p, t) = 2 - 2 cos(p, t) per sample, t detached (stop-gradient);
 ///   total = mean_n l(online_pred_a, target_proj_b) + mean_n l(online_pred_b, target_proj_a)
 /// Terms: "view_a" (the first mean) and "view_b" (the second). Under data parallelism each rank
 /// takes the mean over its own samples; averaging the ranks' gradients gives the global mean's.
-LossOutput byol_loss(const at::Tensor& online_pred_a, const at::Tensor& online_pred_b,
-                     const at::Tensor& target_proj_a, const at::Tensor& target_proj_b);
+LossOutput byol_loss(const at::Tensor& online_pred_a, const at::Tensor& online_pred_b, const at::Tensor& target_proj_a,
+                     const at::Tensor& target_proj_b);
 
 /// What a method's encoder produced for one view: the projector output, and for BYOL the
 /// predictor output and the target network's projection.

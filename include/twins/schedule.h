@@ -11,6 +11,8 @@ namespace twins {
 double warmup_cosine_lr(int64_t step, int64_t total, int64_t warmup, double base, double final_ratio);
 
 /// The learning rate of a global batch: base_lr x batch / 256 (the linear scaling rule).
-inline double scaled_lr(double base_lr, int64_t global_batch) { return base_lr * static_cast<double>(global_batch) / 256.0; }
+inline double scaled_lr(double base_lr, int64_t global_batch) {
+  return base_lr * static_cast<double>(global_batch) / 256.0;
+}
 
 }  // namespace twins

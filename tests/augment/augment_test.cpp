@@ -27,8 +27,8 @@ at::Tensor run_case(const json& c, const at::Tensor& img) {
   if (op == "hflip") return F::hflip(img);
   if (op == "gaussian_blur") return F::gaussian_blur(img, a["kernel_size"], a["sigma"]);
   if (op == "resized_crop")
-    return F::resized_crop(img, a["top"], a["left"], a["height"], a["width"], a["out_h"],
-                           a["out_w"], a["interpolation"].get<std::string>());
+    return F::resized_crop(img, a["top"], a["left"], a["height"], a["width"], a["out_h"], a["out_w"],
+                           a["interpolation"].get<std::string>());
   FAIL("unknown op in manifest: ", op);
   return {};
 }
@@ -40,7 +40,7 @@ TEST_CASE("augment: functional ops against torchvision on PIL images") {
   const json manifest = twins::test::read_json(dir + "/manifest.json");
   REQUIRE(manifest["cases"].size() > 150);
   std::map<std::string, at::Tensor> inputs;
-  std::map<std::string, int> worst;  // op -> largest difference in grey levels
+  std::map<std::string, int> worst;          // op -> largest difference in grey levels
   std::map<std::string, int64_t> differing;  // op -> values that differ at all
   for (const auto& c : manifest["cases"]) {
     const std::string input = c["input"], op = c["op"];
@@ -79,14 +79,11 @@ TEST_CASE("augment: functional edge cases") {
   CHECK(at::equal(padded.slice(0, 1, 10).slice(1, 1, 8), img));
   check_throws_with<std::invalid_argument>([&] { F::resized_crop(img, 5, 0, 5, 7, 3, 3, "bilinear"); },
                                            "does not fit a 9x7 image");
-  check_throws_with<std::invalid_argument>([&] { F::resize(img, 4, 4, "nearest"); },
-                                           "bilinear or bicubic");
+  check_throws_with<std::invalid_argument>([&] { F::resize(img, 4, 4, "nearest"); }, "bilinear or bicubic");
   check_throws_with<std::invalid_argument>([&] { F::adjust_hue(img, 0.7); }, "[-0.5, 0.5]");
   check_throws_with<std::invalid_argument>([&] { F::gaussian_blur(img, 4, 1.0); }, "odd");
-  check_throws_with<std::invalid_argument>([&] { F::hflip(at::zeros({4, 4, 3})); },
-                                           "expected a uint8 CPU image");
-  check_throws_with<std::invalid_argument>([&] { F::hflip(at::zeros({4, 4, 2}, at::kByte)); },
-                                           "[4, 4, 2]");
+  check_throws_with<std::invalid_argument>([&] { F::hflip(at::zeros({4, 4, 3})); }, "expected a uint8 CPU image");
+  check_throws_with<std::invalid_argument>([&] { F::hflip(at::zeros({4, 4, 2}, at::kByte)); }, "[4, 4, 2]");
 }
 
 TEST_CASE("augment: random_resized_crop draws torchvision's distribution") {
@@ -126,12 +123,12 @@ TEST_CASE("augment: rates of random ops") {
     return double(hits) / trials;
   };
   // Binomial standard deviation at 4000 trials is <= 0.008; allow 4 sigma.
-  CHECK(rate(R"([[{"type": "random_horizontal_flip"}]])",
-             [&](const at::Tensor& o) { return !at::equal(o, img); }) == doctest::Approx(0.5).epsilon(0.07));
+  CHECK(rate(R"([[{"type": "random_horizontal_flip"}]])", [&](const at::Tensor& o) { return !at::equal(o, img); }) ==
+        doctest::Approx(0.5).epsilon(0.07));
   CHECK(rate(R"([[{"type": "random_grayscale", "p": 0.2}]])",
              [&](const at::Tensor& o) { return !at::equal(o, img); }) == doctest::Approx(0.2).epsilon(0.16));
-  CHECK(rate(R"([[{"type": "solarization", "p": 0.2}]])",
-             [&](const at::Tensor& o) { return !at::equal(o, img); }) == doctest::Approx(0.2).epsilon(0.16));
+  CHECK(rate(R"([[{"type": "solarization", "p": 0.2}]])", [&](const at::Tensor& o) { return !at::equal(o, img); }) ==
+        doctest::Approx(0.2).epsilon(0.16));
   CHECK(rate(R"([[{"type": "random_apply", "p": 0.8, "ops": [{"type": "color_jitter", "brightness": 0.4}]}]])",
              [&](const at::Tensor& o) { return !at::equal(o, img); }) == doctest::Approx(0.8).epsilon(0.04));
 }
@@ -169,9 +166,8 @@ TEST_CASE("augment: config errors name the op and key") {
   check_throws_with<std::invalid_argument>(
       [] { parse_views(json::parse(R"([[{"type": "random_resized_crop", "sise": 8}]])")); },
       "views[0][0].sise: unknown key; did you mean size?");
-  check_throws_with<std::invalid_argument>(
-      [] { parse_views(json::parse(R"([[{"type": "colour_jitter"}]])")); },
-      "did you mean color_jitter?");
+  check_throws_with<std::invalid_argument>([] { parse_views(json::parse(R"([[{"type": "colour_jitter"}]])")); },
+                                           "did you mean color_jitter?");
   check_throws_with<std::invalid_argument>(
       [] { parse_views(json::parse(R"([[{"type": "solarization", "p": 1.5}]])")); },
       "views[0][0].p: must be in [0, 1]");

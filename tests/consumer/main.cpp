@@ -14,8 +14,8 @@ int main(int argc, char** argv) {
   const double vicreg = twins::losses::vicreg_loss(a, b).term("invariance").item<double>();
   const double barlow = twins::losses::barlow_twins_loss(a, b).total.item<double>();
   const double byol = twins::losses::byol_loss(a, b, a, b).total.item<double>();
-  std::cout << "twins " << twins::version() << " consumer: vicreg invariance " << vicreg
-            << ", barlow_twins " << barlow << ", byol " << byol << "\n";
+  std::cout << "twins " << twins::version() << " consumer: vicreg invariance " << vicreg << ", barlow_twins " << barlow
+            << ", byol " << byol << "\n";
   if (!(vicreg == 0.0 && std::isfinite(barlow) && barlow > 0 && std::abs(byol) < 1e-5)) return 1;
   if (argc > 1) {
     twins::Embedder embedder(argv[1]);

@@ -31,8 +31,7 @@ TEST_CASE("config: strict reader") {
       },
       "train.epochs: expected an integer, got \"ten\"");
   const nlohmann::json list = {1, 2};
-  check_throws_with<std::invalid_argument>([&] { ConfigReader(list, "data"); },
-                                           "data: expected a JSON object");
+  check_throws_with<std::invalid_argument>([&] { ConfigReader(list, "data"); }, "data: expected a JSON object");
 }
 
 TEST_CASE("config: --set overrides") {
@@ -45,8 +44,7 @@ TEST_CASE("config: --set overrides") {
   CHECK(j["data"]["root"] == "/tmp/some dir");
   CHECK(j["loss"]["coeffs"] == nlohmann::json({1, 2}));
   CHECK(j["train"]["flag"] == true);
-  check_throws_with<std::invalid_argument>([&] { apply_override(j, "novalue"); },
-                                           "expected key.path=value");
+  check_throws_with<std::invalid_argument>([&] { apply_override(j, "novalue"); }, "expected key.path=value");
   check_throws_with<std::invalid_argument>([&] { apply_override(j, "train.epochs.x=1"); },
                                            "train.epochs is not an object");
   check_throws_with<std::invalid_argument>([&] { apply_override(j, "a..b=1"); }, "empty key");

@@ -34,7 +34,8 @@ struct TempDir {
 };
 
 // A sparse file of `size` bytes with `records` written at their offsets.
-void write_sparse(const std::string& file, size_t size, const std::vector<std::pair<size_t, std::vector<uint8_t>>>& records) {
+void write_sparse(const std::string& file, size_t size,
+                  const std::vector<std::pair<size_t, std::vector<uint8_t>>>& records) {
   { std::ofstream(file, std::ios::binary); }
   fs::resize_file(file, size);
   std::fstream f(file, std::ios::binary | std::ios::in | std::ios::out);
@@ -57,7 +58,8 @@ void write_gz(const std::string& file, const std::vector<uint8_t>& bytes) {
 // IDX image and label files of n images h x w: pixel (i, y, x) = (i + y * w + x) % 256, label i % 10.
 void write_idx(const std::string& dir, const std::string& prefix, uint32_t n, uint32_t h, uint32_t w, bool gz) {
   std::vector<uint8_t> images = big_endian(0x803), labels = big_endian(0x801);
-  for (uint32_t v : {n, h, w}) for (uint8_t b : big_endian(v)) images.push_back(b);
+  for (uint32_t v : {n, h, w})
+    for (uint8_t b : big_endian(v)) images.push_back(b);
   for (uint8_t b : big_endian(n)) labels.push_back(b);
   for (uint32_t i = 0; i < n; ++i) {
     for (uint32_t p = 0; p < h * w; ++p) images.push_back(uint8_t((i + p) % 256));
@@ -98,12 +100,16 @@ TEST_CASE("data: CIFAR-10 and CIFAR-100 binary records") {
   SUBCASE("a truncated file names the file and the expected size") {
     fs::resize_file(dir / "cifar-10-batches-bin/test_batch.bin", 10000 * 3073 - 100);
     check_throws_with<std::runtime_error>(
-        [&] { create_dataset({{"type", "cifar10"}, {"root", dir.path.string()}, {"split", "test"}}); },
+        [&] {
+          create_dataset({{"type", "cifar10"}, {"root", dir.path.string()}, {"split", "test"}});
+        },
         "test_batch.bin: 10000 records of 3073 bytes must be 30730000 bytes, found 30729900 (truncated?)");
   }
   SUBCASE("missing files are named") {
     check_throws_with<std::runtime_error>(
-        [&] { create_dataset({{"type", "cifar10"}, {"root", dir.path.string()}, {"split", "train"}}); },
+        [&] {
+          create_dataset({{"type", "cifar10"}, {"root", dir.path.string()}, {"split", "train"}});
+        },
         "data_batch_1.bin");
   }
   SUBCASE("CIFAR-100: fine and coarse labels") {
@@ -111,7 +117,8 @@ TEST_CASE("data: CIFAR-10 and CIFAR-100 binary records") {
     r100[0] = 4, r100[1] = 77;
     write_sparse(dir / "test.bin", 10000 * 3074, {{2 * 3074, r100}});
     auto fine = create_dataset({{"type", "cifar100"}, {"root", dir.path.string()}, {"split", "test"}});
-    auto coarse = create_dataset({{"type", "cifar100"}, {"root", dir.path.string()}, {"split", "test"}, {"label", "coarse"}});
+    auto coarse =
+        create_dataset({{"type", "cifar100"}, {"root", dir.path.string()}, {"split", "test"}, {"label", "coarse"}});
     CHECK(fine->label(2) == 77);
     CHECK(fine->num_classes() == 100);
     CHECK(coarse->label(2) == 4);
@@ -135,10 +142,14 @@ TEST_CASE("data: STL-10 column-major binary and 1-based labels") {
   CHECK(d->image(10)[2][5][1].item<int>() == 200);
   CHECK(d->image(10).sum().item<int64_t>() == 200);
   check_throws_with<std::runtime_error>(
-      [&] { create_dataset({{"type", "stl10"}, {"root", dir.path.string()}, {"split", "unlabeled"}}); },
+      [&] {
+        create_dataset({{"type", "stl10"}, {"root", dir.path.string()}, {"split", "unlabeled"}});
+      },
       "unlabeled_X.bin");
   check_throws_with<std::invalid_argument>(
-      [&] { create_dataset({{"type", "stl10"}, {"root", dir.path.string()}, {"split", "val"}}); },
+      [&] {
+        create_dataset({{"type", "stl10"}, {"root", dir.path.string()}, {"split", "val"}});
+      },
       "data.split: unknown split \"val\"; valid: train test unlabeled train+unlabeled");
 }
 
@@ -158,20 +169,26 @@ TEST_CASE("data: MNIST/Fashion-MNIST IDX, gzipped or not") {
   write_idx(dir.path.string(), "train", 12, 5, 4, false);
   fs::resize_file(dir / "train-images-idx3-ubyte", 16 + 12 * 20 - 1);
   check_throws_with<std::runtime_error>(
-      [&] { create_dataset({{"type", "mnist"}, {"root", dir.path.string()}}); },
+      [&] {
+        create_dataset({{"type", "mnist"}, {"root", dir.path.string()}});
+      },
       "train-images-idx3-ubyte: 16 header bytes + 12 images of 5x4 must be 256 bytes, found 255");
   // a gzip file cut short
   write_idx(dir.path.string(), "t10k", 300, 28, 28, true);
   fs::resize_file(dir / "t10k-images-idx3-ubyte.gz", fs::file_size(dir / "t10k-images-idx3-ubyte.gz") / 2);
   check_throws_with<std::runtime_error>(
-      [&] { create_dataset({{"type", "mnist"}, {"root", dir.path.string()}, {"split", "test"}}); },
+      [&] {
+        create_dataset({{"type", "mnist"}, {"root", dir.path.string()}, {"split", "test"}});
+      },
       "t10k-images-idx3-ubyte.gz");
   // not IDX at all
   write_idx(dir.path.string(), "t10k", 3, 2, 2, false);
   fs::remove(dir / "t10k-images-idx3-ubyte.gz");
   std::ofstream(dir / "t10k-images-idx3-ubyte", std::ios::binary) << "hello, not an IDX file";
   check_throws_with<std::runtime_error>(
-      [&] { create_dataset({{"type", "mnist"}, {"root", dir.path.string()}, {"split", "test"}}); },
+      [&] {
+        create_dataset({{"type", "mnist"}, {"root", dir.path.string()}, {"split", "test"}});
+      },
       "not an IDX image file");
 }
 
@@ -198,7 +215,8 @@ TEST_CASE("data: image folders, CSV lists, bad samples") {
   CHECK(d->image(2)[0][0][0].item<int>() == 70);
 
   SUBCASE("csv") {
-    std::ofstream(dir / "list.csv") << "path,label\ncat/a.png,3\n" << (dir / "dog/c.png") << ",0\n# comment\ncat/b.PNG\n";
+    std::ofstream(dir / "list.csv") << "path,label\ncat/a.png,3\n"
+                                    << (dir / "dog/c.png") << ",0\n# comment\ncat/b.PNG\n";
     auto c = create_dataset({{"type", "csv"}, {"file", dir / "list.csv"}});
     CHECK(c->size() == 3);
     CHECK(c->label(0) == 3);
@@ -206,8 +224,11 @@ TEST_CASE("data: image folders, CSV lists, bad samples") {
     CHECK(c->num_classes() == 4);
     CHECK(c->image(1)[0][0][0].item<int>() == 70);
     std::ofstream(dir / "bad.csv") << "cat/a.png,x\n";
-    check_throws_with<std::runtime_error>([&] { create_dataset({{"type", "csv"}, {"file", dir / "bad.csv"}}); },
-                                          "bad.csv:1: label \"x\" is not a non-negative integer");
+    check_throws_with<std::runtime_error>(
+        [&] {
+          create_dataset({{"type", "csv"}, {"file", dir / "bad.csv"}});
+        },
+        "bad.csv:1: label \"x\" is not a non-negative integer");
   }
   SUBCASE("a corrupt image stops the loader with its file, or is skipped and counted") {
     std::ofstream(dir / "dog/broken.jpg") << "\xff\xd8\xff garbage";
@@ -229,12 +250,20 @@ TEST_CASE("data: image folders, CSV lists, bad samples") {
     CHECK(batch->views[0][1].min().item<int>() == 60);  // the grey image, replicated to RGB
   }
   check_throws_with<std::invalid_argument>(
-      [&] { create_dataset({{"type", "image_folder"}, {"root", dir.path.string()}, {"on_bad_sample", "ignore"}}); },
+      [&] {
+        create_dataset({{"type", "image_folder"}, {"root", dir.path.string()}, {"on_bad_sample", "ignore"}});
+      },
       "data.on_bad_sample: must be error or skip");
-  check_throws_with<std::runtime_error>([&] { create_dataset({{"type", "image_folder"}, {"root", dir / "nope"}}); },
-                                        "does not exist");
-  check_throws_with<std::invalid_argument>([&] { create_dataset({{"type", "imagenet"}, {"root", "x"}}); },
-                                           "valid types: cifar10 cifar100 csv fashion_mnist image_folder mnist stl10");
+  check_throws_with<std::runtime_error>(
+      [&] {
+        create_dataset({{"type", "image_folder"}, {"root", dir / "nope"}});
+      },
+      "does not exist");
+  check_throws_with<std::invalid_argument>(
+      [&] {
+        create_dataset({{"type", "imagenet"}, {"root", "x"}});
+      },
+      "valid types: cifar10 cifar100 csv fashion_mnist image_folder mnist stl10");
 }
 
 TEST_CASE("data: loader batches are identical for any number of workers and ranks") {
@@ -255,8 +284,10 @@ TEST_CASE("data: loader batches are identical for any number of workers and rank
       while (auto b = loader.next()) {
         for (int64_t j = 0; j < b->indices.size(0); ++j) {
           const int64_t i = b->indices[j].item<int64_t>();
-          if (epoch == 1) by_index[i] = {b->views[0][j], b->views[1][j]};
-          else order.push_back(i);
+          if (epoch == 1)
+            by_index[i] = {b->views[0][j], b->views[1][j]};
+          else
+            order.push_back(i);
           CHECK(b->labels[j].item<int64_t>() == i % 10);
         }
       }

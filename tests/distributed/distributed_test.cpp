@@ -43,8 +43,8 @@ void on_ranks(const std::vector<std::shared_ptr<distributed::Communicator>>& com
 struct Env {
   std::vector<std::string> names;
   Env(std::initializer_list<std::pair<const char*, const char*>> vars) {
-    for (const char* n : {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
-                          "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_JOB_ID", "OMPI_COMM_WORLD_RANK",
+    for (const char* n : {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
+                          "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_JOB_ID", "OMPI_COMM_WORLD_RANK",
                           "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"})
       ::unsetenv(n), names.push_back(n);
     for (const auto& [k, v] : vars) ::setenv(k, v, 1);
@@ -69,8 +69,10 @@ json small_recipe(const std::string& method, bool reference_compatible = false) 
             {"data", {{"type", "mnist"}, {"root", "/nonexistent"}}},
             {"views", json::parse(R"([[{"type": "normalize", "mean": [0.5], "std": [0.25]}],
                                       [{"type": "normalize", "mean": [0.5], "std": [0.25]}]])")},
-            {"model", {{"backbone", {{"type", "resnet"}, {"layers", {1, 1, 1, 1}}, {"width", 4}, {"in_channels", 1}, {"cifar_stem", true}}},
-                       {"projector", {{"type", "mlp"}, {"spec", "32-16"}}}}},
+            {"model",
+             {{"backbone",
+               {{"type", "resnet"}, {"layers", {1, 1, 1, 1}}, {"width", 4}, {"in_channels", 1}, {"cifar_stem", true}}},
+              {"projector", {{"type", "mlp"}, {"spec", "32-16"}}}}},
             {"loss", {{"type", method}}},
             {"optimizer", {{"type", "lars"}, {"base_lr", 0.5}, {"weight_decay", 1e-4}, {"eta", 0.02}}},
             {"train", {{"batch_size", 4}, {"device", "cpu"}, {"sync_batchnorm", true}}}};
@@ -103,7 +105,8 @@ StepResult step(train::detail::SSLModel& model, const train::Recipe& recipe, con
   if (reducer) reducer->finish();
   StepResult r;
   r.loss = out.loss.total.item<double>();
-  for (const auto& p : model.online_parameters()) r.grads.push_back(p.grad().defined() ? p.grad().clone() : at::zeros_like(p));
+  for (const auto& p : model.online_parameters())
+    r.grads.push_back(p.grad().defined() ? p.grad().clone() : at::zeros_like(p));
   optimizer->step();
   if (model.target_backbone) model.ema_update(0.9);
   for (const auto& [name, t] : model.state()) r.state.emplace_back(name, t.clone());
@@ -118,7 +121,8 @@ struct Comparison {
 Comparison compare_with_one_process(const json& config, int world, int64_t per_rank, at::ScalarType dtype) {
   const train::Recipe recipe = train::Recipe::parse(config);
   at::manual_seed(5);
-  const at::Tensor a = at::randn({world * per_rank, 1, 12, 12}, dtype), b = at::randn({world * per_rank, 1, 12, 12}, dtype);
+  const at::Tensor a = at::randn({world * per_rank, 1, 12, 12}, dtype),
+                   b = at::randn({world * per_rank, 1, 12, 12}, dtype);
 
   auto single = make_model(recipe, dtype);
   const StepResult expected = step(*single, recipe, {a, b}, nullptr);
@@ -131,7 +135,8 @@ Comparison compare_with_one_process(const json& config, int world, int64_t per_r
     auto& m = *models[static_cast<size_t>(r)];
     m.distribute(comms[static_cast<size_t>(r)], recipe.train.sync_batchnorm);
     distributed::GradientReducer reducer(m.online_parameters(), comms[static_cast<size_t>(r)]);
-    got[static_cast<size_t>(r)] = step(m, recipe, {a.narrow(0, r * per_rank, per_rank), b.narrow(0, r * per_rank, per_rank)}, &reducer);
+    got[static_cast<size_t>(r)] =
+        step(m, recipe, {a.narrow(0, r * per_rank, per_rank), b.narrow(0, r * per_rank, per_rank)}, &reducer);
   });
   Comparison c;
   double mean_loss = 0;
@@ -145,8 +150,10 @@ Comparison compare_with_one_process(const json& config, int world, int64_t per_r
     std::vector<at::Tensor> state;
     for (size_t i = 0; i < g.state.size(); ++i) {
       CHECK(g.state[i].first == expected.state[i].first);
-      if (g.state[i].second.is_floating_point()) state.push_back(g.state[i].second);
-      else CHECK(at::equal(g.state[i].second, expected.state[i].second));  // num_batches_tracked
+      if (g.state[i].second.is_floating_point())
+        state.push_back(g.state[i].second);
+      else
+        CHECK(at::equal(g.state[i].second, expected.state[i].second));  // num_batches_tracked
     }
     c.grad_error = std::max(c.grad_error, relative_error(g.grads, expected.grads));
     c.state_error = std::max(c.state_error, relative_error(state, want_state));
@@ -163,7 +170,8 @@ TEST_CASE("dist: launcher environments (torchrun, SLURM, OpenMPI)") {
     CHECK(distributed::detect_environment().world_size == 1);
   }
   {
-    Env e({{"RANK", "3"}, {"WORLD_SIZE", "8"}, {"LOCAL_RANK", "1"}, {"MASTER_ADDR", "node7"}, {"MASTER_PORT", "29400"}});
+    Env e(
+        {{"RANK", "3"}, {"WORLD_SIZE", "8"}, {"LOCAL_RANK", "1"}, {"MASTER_ADDR", "node7"}, {"MASTER_PORT", "29400"}});
     const auto env = distributed::detect_environment();
     CHECK(env.launcher == "torchrun");
     CHECK(env.rank == 3);
@@ -173,7 +181,10 @@ TEST_CASE("dist: launcher environments (torchrun, SLURM, OpenMPI)") {
     CHECK(env.master_port == 29400);
   }
   {
-    Env e({{"SLURM_PROCID", "5"}, {"SLURM_NTASKS", "16"}, {"SLURM_LOCALID", "5"}, {"SLURM_JOB_NODELIST", "gpu[03-04,09]"},
+    Env e({{"SLURM_PROCID", "5"},
+           {"SLURM_NTASKS", "16"},
+           {"SLURM_LOCALID", "5"},
+           {"SLURM_JOB_NODELIST", "gpu[03-04,09]"},
            {"SLURM_JOB_ID", "123456"}});
     const auto env = distributed::detect_environment();
     CHECK(env.launcher == "slurm");
@@ -195,7 +206,8 @@ TEST_CASE("dist: launcher environments (torchrun, SLURM, OpenMPI)") {
   CHECK(distributed::first_slurm_host("solo") == "solo");
   {
     Env e({{"RANK", "4"}, {"WORLD_SIZE", "4"}});
-    check_throws_with<std::invalid_argument>([] { distributed::detect_environment(); }, "rank 4 is not below the world size 4");
+    check_throws_with<std::invalid_argument>([] { distributed::detect_environment(); },
+                                             "rank 4 is not below the world size 4");
   }
   {
     Env e({{"RANK", "x"}, {"WORLD_SIZE", "2"}});
@@ -239,7 +251,8 @@ TEST_CASE("dist: SyncBatchNorm equals BatchNorm over the union batch, forward an
     const at::Tensor upstream = at::randn_like(x);
     const at::Tensor w0 = at::rand({channels}, at::kDouble) + 0.5, b0 = at::randn({channels}, at::kDouble);
     // One process.
-    at::Tensor xs = x.clone().requires_grad_(true), ws = w0.clone().requires_grad_(true), bs = b0.clone().requires_grad_(true);
+    at::Tensor xs = x.clone().requires_grad_(true), ws = w0.clone().requires_grad_(true),
+               bs = b0.clone().requires_grad_(true);
     at::Tensor rm = at::zeros({channels}, at::kDouble), rv = at::ones({channels}, at::kDouble);
     const at::Tensor ys = at::batch_norm(xs, ws, bs, rm, rv, true, 0.1, 1e-5, false);
     (ys * upstream).sum().backward();
@@ -250,7 +263,8 @@ TEST_CASE("dist: SyncBatchNorm equals BatchNorm over the union batch, forward an
       at::Tensor xr = x.narrow(0, r * per_rank, per_rank).clone().requires_grad_(true);
       at::Tensor wr = w0.clone().requires_grad_(true), br = b0.clone().requires_grad_(true);
       rm_r[r] = at::zeros({channels}, at::kDouble), rv_r[r] = at::ones({channels}, at::kDouble);
-      const at::Tensor y = distributed::sync_batch_norm(xr, wr, br, rm_r[r], rv_r[r], 0.1, 1e-5, comms[static_cast<size_t>(r)]);
+      const at::Tensor y =
+          distributed::sync_batch_norm(xr, wr, br, rm_r[r], rv_r[r], 0.1, 1e-5, comms[static_cast<size_t>(r)]);
       (y * upstream.narrow(0, r * per_rank, per_rank)).sum().backward();
       ys_r[r] = y.detach(), gx_r[r] = xr.grad(), gw_r[r] = wr.grad(), gb_r[r] = br.grad();
     });
@@ -344,12 +358,14 @@ TEST_CASE("dist: Barlow Twins' reference_compatible gradients are 1/W of the exa
   const train::Recipe exact = train::Recipe::parse(small_recipe("barlow_twins", false));
   const train::Recipe official = train::Recipe::parse(small_recipe("barlow_twins", true));
   at::manual_seed(8);
-  const at::Tensor a = at::randn({world * 4, 1, 12, 12}, at::kDouble), b = at::randn({world * 4, 1, 12, 12}, at::kDouble);
+  const at::Tensor a = at::randn({world * 4, 1, 12, 12}, at::kDouble),
+                   b = at::randn({world * 4, 1, 12, 12}, at::kDouble);
   auto comms = distributed::Communicator::create_local_group(world);
   std::vector<std::vector<at::Tensor>> g_exact(world), g_official(world);
   // Built here, not in the ranks' threads: the seed's generator is shared.
   std::vector<std::unique_ptr<train::detail::SSLModel>> m_exact, m_official;
-  for (int r = 0; r < world; ++r) m_exact.push_back(make_model(exact, at::kDouble)), m_official.push_back(make_model(official, at::kDouble));
+  for (int r = 0; r < world; ++r)
+    m_exact.push_back(make_model(exact, at::kDouble)), m_official.push_back(make_model(official, at::kDouble));
   on_ranks(comms, [&](int r) {
     for (const auto* recipe : {&exact, &official}) {
       auto& m = recipe == &exact ? *m_exact[r] : *m_official[r];
@@ -370,7 +386,8 @@ TEST_CASE("dist: losses without a communicator, or with one rank, are the local 
   auto comms = distributed::Communicator::create_local_group(1);
   losses::VICRegOptions vo;
   vo.communicator = comms[0];
-  CHECK(losses::vicreg_loss(za, zb, vo).total.item<double>() == doctest::Approx(losses::vicreg_loss(za, zb).total.item<double>()));
+  CHECK(losses::vicreg_loss(za, zb, vo).total.item<double>() ==
+        doctest::Approx(losses::vicreg_loss(za, zb).total.item<double>()));
   losses::BarlowTwinsOptions bo;
   bo.communicator = comms[0];
   CHECK(losses::barlow_twins_loss(za, zb, bo).total.item<double>() ==

@@ -6,14 +6,14 @@
 #include <thread>
 
 #include "tests/test_util.h"
+#include "twins/augment/random.h"
+#include "twins/data/dataset.h"
 #include "twins/data/image_io.h"
 #include "twins/embed.h"
 #include "twins/eval/npy.h"
 #include "twins/eval/plots.h"
 #include "twins/eval/probe.h"
 #include "twins/eval/transform.h"
-#include "twins/data/dataset.h"
-#include "twins/augment/random.h"
 #include "twins/models/resnet.h"
 #include "twins/models/safetensors.h"
 #include "twins/models/weights.h"
@@ -54,8 +54,11 @@ TEST_CASE("eval: linear probe separates separable features and not shuffled labe
   const auto s = linear_probe(shuffled, test, 10, o, at::kCPU);
   MESSAGE("shuffled labels: test top-1 ", s.test.top1);
   CHECK(s.test.top1 < 20.0);  // chance is 10%
-  check_throws_with<std::invalid_argument>([&] { linear_probe({train.features, train.labels * 0 - 1}, test, 10, o, at::kCPU); },
-                                           "no labels");
+  check_throws_with<std::invalid_argument>(
+      [&] {
+        linear_probe({train.features, train.labels * 0 - 1}, test, 10, o, at::kCPU);
+      },
+      "no labels");
 }
 
 TEST_CASE("eval: kNN equals a brute-force reference") {
@@ -142,30 +145,35 @@ TEST_CASE("eval: safetensors round trip, byte layout, and malformed files") {
     for (int i = 0; i < 8; ++i) s[i] = char((uint64_t(json.size()) >> (8 * i)) & 0xff);
     return s + json + data;
   };
-  check_throws_with<std::runtime_error>([&] { twins::models::load_safetensors(write("short", "abc")); }, "shorter than");
+  check_throws_with<std::runtime_error>([&] { twins::models::load_safetensors(write("short", "abc")); },
+                                        "shorter than");
   check_throws_with<std::runtime_error>([&] { twins::models::load_safetensors(write("cut", bytes.substr(0, 20))); },
                                         "exceeds the file size");
   check_throws_with<std::runtime_error>(
       [&] { twins::models::load_safetensors(write("json", with_header("{not json", ""))); }, "header is not JSON");
   check_throws_with<std::runtime_error>(
       [&] {
-        twins::models::load_safetensors(write("off", with_header(R"({"x":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", "12345678")));
+        twins::models::load_safetensors(
+            write("off", with_header(R"({"x":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", "12345678")));
       },
       "x: data_offsets [0, 16] outside the 8 bytes of data");
   check_throws_with<std::runtime_error>(
       [&] {
-        twins::models::load_safetensors(write("dtype", with_header(R"({"x":{"dtype":"F8_E4M3","shape":[1],"data_offsets":[0,1]}})", "1")));
+        twins::models::load_safetensors(
+            write("dtype", with_header(R"({"x":{"dtype":"F8_E4M3","shape":[1],"data_offsets":[0,1]}})", "1")));
       },
       "unknown or unsupported dtype \"F8_E4M3\"");
   check_throws_with<std::runtime_error>(
       [&] {
-        twins::models::load_safetensors(write("size", with_header(R"({"x":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", "12345678")));
+        twins::models::load_safetensors(
+            write("size", with_header(R"({"x":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", "12345678")));
       },
       "needs 12");
   // A flipped data byte: the CRC catches it.
   std::string corrupt = bytes;
   corrupt[corrupt.size() - 1] ^= 1;
-  check_throws_with<std::runtime_error>([&] { twins::models::load_safetensors(write("crc", corrupt)); }, "checksum mismatch");
+  check_throws_with<std::runtime_error>([&] { twins::models::load_safetensors(write("crc", corrupt)); },
+                                        "checksum mismatch");
   fs::remove_all(dir);
 }
 
@@ -194,7 +202,8 @@ TEST_CASE("eval: backbone import and export with torchvision names") {
                                         "shape of conv1.weight: file [8, 3, 5, 5], model [8, 3, 7, 7]");
   check_throws_with<std::runtime_error>([&] { twins::models::load_backbone((dir / "bad.safetensors").string()); },
                                         "unexpected layer9.weight");
-  check_throws_with<std::runtime_error>([&] { twins::models::load_backbone(dir.string()); }, "without backbone.safetensors");
+  check_throws_with<std::runtime_error>([&] { twins::models::load_backbone(dir.string()); },
+                                        "without backbone.safetensors");
   fs::remove_all(dir);
 }
 
@@ -204,8 +213,9 @@ TEST_CASE("eval: Embedder from several threads, files and tensors") {
   o.width = 8, o.cifar_stem = true;
   at::manual_seed(0);
   auto net = std::make_shared<twins::models::ResNet>(o);
-  twins::models::save_backbone((dir / "backbone.safetensors").string(), *net,
-                               {{"twins_image_size", "32"}, {"twins_normalize", R"({"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]})"}});
+  twins::models::save_backbone(
+      (dir / "backbone.safetensors").string(), *net,
+      {{"twins_image_size", "32"}, {"twins_normalize", R"({"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]})"}});
   twins::Embedder embedder(dir.string());
   CHECK(embedder.dim() == 64);
   CHECK(embedder.image_size() == 32);
@@ -219,13 +229,15 @@ TEST_CASE("eval: Embedder from several threads, files and tensors") {
   // Files always get the standard transform (resize to 37, centre crop 32), even at 32 px.
   twins::data::write_image((dir / "a.png").string(), images[0]);
   const auto standard = EvalTransform::standard(32, {{0.5, 0.5, 0.5}, {0.25, 0.25, 0.25}}).view();
-  const at::Tensor crop = standard.apply(images[0], twins::augment::Rng(0)).permute({2, 0, 1}).unsqueeze(0).contiguous();
+  const at::Tensor crop =
+      standard.apply(images[0], twins::augment::Rng(0)).permute({2, 0, 1}).unsqueeze(0).contiguous();
   CHECK(at::allclose(embedder.embed_files({(dir / "a.png").string()}), embedder.embed(crop), 1e-5, 1e-5));
   CHECK_FALSE(at::allclose(embedder.embed_files({(dir / "a.png").string()})[0], e[0], 1e-3, 1e-3));
   // Several threads at once give the same results as one.
   std::vector<at::Tensor> results(4);
   std::vector<std::thread> threads;
-  for (int t = 0; t < 4; ++t) threads.emplace_back([&, t] { results[static_cast<size_t>(t)] = embedder.embed(images); });
+  for (int t = 0; t < 4; ++t)
+    threads.emplace_back([&, t] { results[static_cast<size_t>(t)] = embedder.embed(images); });
   for (auto& th : threads) th.join();
   for (const auto& r : results) {
     INFO("max difference ", (r - e).abs().max().item<double>());
@@ -280,10 +292,14 @@ TEST_CASE("eval: a folder of mixed-size images gets the same features through ev
 
 TEST_CASE("eval: pictures are written") {
   const fs::path dir = temp_dir("plots");
-  std::ofstream(dir / "metrics.jsonl") << R"({"step":1,"epoch":0,"lr":0.1,"loss":3.0,"invariance":1.0,"images_per_s":10})" << "\n"
-                                       << R"({"step":2,"epoch":0,"lr":0.2,"loss":2.0,"invariance":0.5,"images_per_s":12})" << "\n"
-                                       << R"({"epoch":0,"step":2,"epoch_seconds":1.0,"online_probe_train_top1":40.0})" << "\n"
-                                       << "{\"truncated";
+  std::ofstream(dir / "metrics.jsonl")
+      << R"({"step":1,"epoch":0,"lr":0.1,"loss":3.0,"invariance":1.0,"images_per_s":10})"
+      << "\n"
+      << R"({"step":2,"epoch":0,"lr":0.2,"loss":2.0,"invariance":0.5,"images_per_s":12})"
+      << "\n"
+      << R"({"epoch":0,"step":2,"epoch_seconds":1.0,"online_probe_train_top1":40.0})"
+      << "\n"
+      << "{\"truncated";
   write_training_curves((dir / "metrics.jsonl").string(), (dir / "curves.svg").string());
   std::ifstream svg(dir / "curves.svg");
   std::string text((std::istreambuf_iterator<char>(svg)), std::istreambuf_iterator<char>());
@@ -292,7 +308,7 @@ TEST_CASE("eval: pictures are written") {
   const Features f = blobs(200, 4, 5);
   write_projection(f.features, f.labels, (dir / "pca.svg").string(), "test");
   CHECK(fs::file_size(dir / "pca.svg") > 1000);
-  check_throws_with<std::runtime_error>([&] { write_training_curves((dir / "none.jsonl").string(), (dir / "x.svg").string()); },
-                                        "cannot open");
+  check_throws_with<std::runtime_error>(
+      [&] { write_training_curves((dir / "none.jsonl").string(), (dir / "x.svg").string()); }, "cannot open");
   fs::remove_all(dir);
 }

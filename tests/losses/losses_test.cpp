@@ -41,8 +41,7 @@ void check_golden(at::ScalarType dtype, double value_tol, double grad_tol) {
   for (const auto& c : golden["cases"]) {
     CAPTURE(c["name"].get<std::string>());
     std::vector<at::Tensor> inputs;
-    for (const auto& in : c["inputs"])
-      inputs.push_back(tensor_from_json(in).to(dtype).requires_grad_(true));
+    for (const auto& in : c["inputs"]) inputs.push_back(tensor_from_json(in).to(dtype).requires_grad_(true));
     const LossOutput out = evaluate(c, inputs);
     const double total = out.total.item<double>();
     const double ref = c["total"];
@@ -61,8 +60,7 @@ void check_golden(at::ScalarType dtype, double value_tol, double grad_tol) {
       }
       const at::Tensor ref_grad = tensor_from_json(c["grads"][i]);
       const double scale = ref_grad.abs().max().item<double>();
-      const double err =
-          (inputs[i].grad().to(at::kDouble) - ref_grad).abs().max().item<double>() / scale;
+      const double err = (inputs[i].grad().to(at::kDouble) - ref_grad).abs().max().item<double>() / scale;
       worst_grad = std::max(worst_grad, err);
       CHECK(err < grad_tol);
     }
@@ -71,8 +69,7 @@ void check_golden(at::ScalarType dtype, double value_tol, double grad_tol) {
 }
 
 // Central finite differences of f at x, against autograd, for every element of a small x.
-void check_finite_differences(const std::function<at::Tensor(const at::Tensor&)>& f,
-                              at::Tensor x) {
+void check_finite_differences(const std::function<at::Tensor(const at::Tensor&)>& f, at::Tensor x) {
   x = x.to(at::kDouble).detach().requires_grad_(true);
   f(x).backward();
   const at::Tensor analytic = x.grad().clone();
@@ -95,29 +92,22 @@ void check_finite_differences(const std::function<at::Tensor(const at::Tensor&)>
 
 }  // namespace
 
-TEST_CASE("losses: golden values of the official formulas, float64") {
-  check_golden(at::kDouble, 1e-12, 1e-10);
-}
+TEST_CASE("losses: golden values of the official formulas, float64") { check_golden(at::kDouble, 1e-12, 1e-10); }
 
-TEST_CASE("losses: golden values of the official formulas, float32") {
-  check_golden(at::kFloat, 1e-5, 1e-5);
-}
+TEST_CASE("losses: golden values of the official formulas, float32") { check_golden(at::kFloat, 1e-5, 1e-5); }
 
 TEST_CASE("losses: finite-difference gradients in float64") {
   at::manual_seed(7);
   const at::Tensor other = at::randn({6, 4}, at::kDouble);
   SUBCASE("vicreg") {
-    check_finite_differences([&](const at::Tensor& z) { return vicreg_loss(z, other).total; },
-                             at::randn({6, 4}) * 0.3);
+    check_finite_differences([&](const at::Tensor& z) { return vicreg_loss(z, other).total; }, at::randn({6, 4}) * 0.3);
   }
   SUBCASE("barlow_twins") {
-    check_finite_differences(
-        [&](const at::Tensor& z) { return barlow_twins_loss(z, other).total; }, at::randn({6, 4}));
+    check_finite_differences([&](const at::Tensor& z) { return barlow_twins_loss(z, other).total; }, at::randn({6, 4}));
   }
   SUBCASE("byol, through the online predictions") {
     const at::Tensor t = at::randn({6, 4}, at::kDouble), p = at::randn({6, 4}, at::kDouble);
-    check_finite_differences([&](const at::Tensor& z) { return byol_loss(z, p, t, t * 2).total; },
-                             at::randn({6, 4}));
+    check_finite_differences([&](const at::Tensor& z) { return byol_loss(z, p, t, t * 2).total; }, at::randn({6, 4}));
   }
 }
 
@@ -173,18 +163,27 @@ TEST_CASE("losses: invariants") {
 
 TEST_CASE("losses: clear errors on bad shapes") {
   const at::Tensor a = at::randn({4, 8});
-  check_throws_with<std::invalid_argument>([&] { vicreg_loss(a, at::randn({4, 9})); },
-                                           "vicreg_loss: z_a and z_b must have the same shape; "
-                                           "got z_a [4, 8] and z_b [4, 9]");
   check_throws_with<std::invalid_argument>(
-      [&] { vicreg_loss(at::randn({1, 8}), at::randn({1, 8})); }, "at least 2 samples");
+      [&] {
+        vicreg_loss(a, at::randn({4, 9}));
+      },
+      "vicreg_loss: z_a and z_b must have the same shape; "
+      "got z_a [4, 8] and z_b [4, 9]");
   check_throws_with<std::invalid_argument>(
-      [&] { barlow_twins_loss(at::randn({4, 8, 2}), at::randn({4, 8, 2})); },
+      [&] {
+        vicreg_loss(at::randn({1, 8}), at::randn({1, 8}));
+      },
+      "at least 2 samples");
+  check_throws_with<std::invalid_argument>(
+      [&] {
+        barlow_twins_loss(at::randn({4, 8, 2}), at::randn({4, 8, 2}));
+      },
       "barlow_twins_loss: expected 2-D embeddings [N, D]; got z_a [4, 8, 2]");
+  check_throws_with<std::invalid_argument>([&] { byol_loss(a, a, a, at::randn({3, 8})); }, "byol_loss");
   check_throws_with<std::invalid_argument>(
-      [&] { byol_loss(a, a, a, at::randn({3, 8})); }, "byol_loss");
-  check_throws_with<std::invalid_argument>(
-      [&] { vicreg_loss(at::ones({4, 8}, at::kLong), at::ones({4, 8}, at::kLong)); },
+      [&] {
+        vicreg_loss(at::ones({4, 8}, at::kLong), at::ones({4, 8}, at::kLong));
+      },
       "floating-point");
 }
 
@@ -192,7 +191,8 @@ TEST_CASE("losses: registry") {
   // The three methods of twins 0.1, sorted among any added since.
   const auto names = loss_names();
   CHECK(std::is_sorted(names.begin(), names.end()));
-  for (const char* method : {"barlow_twins", "byol", "vicreg"}) CHECK(std::count(names.begin(), names.end(), method) == 1);
+  for (const char* method : {"barlow_twins", "byol", "vicreg"})
+    CHECK(std::count(names.begin(), names.end(), method) == 1);
   for (const auto& name : loss_names()) {
     CAPTURE(name);
     auto loss = create_loss({{"type", name}});
@@ -204,19 +204,24 @@ TEST_CASE("losses: registry") {
     ViewEmbeddings b{at::randn({6, 5}), at::randn({6, 5}), at::randn({6, 5})};
     CHECK(std::isfinite(loss->compute(a, b).total.item<double>()));
   }
-  auto v = create_loss({{"type", "vicreg"}, {"sim_coeff", 1.0}, {"std_coeff", 0.0},
-                        {"cov_coeff", 0.0}});
+  auto v = create_loss({{"type", "vicreg"}, {"sim_coeff", 1.0}, {"std_coeff", 0.0}, {"cov_coeff", 0.0}});
   const at::Tensor x = at::randn({6, 5}), y = at::randn({6, 5});
   CHECK(v->compute(ViewEmbeddings{x, {}, {}}, ViewEmbeddings{y, {}, {}}).total.item<double>() ==
         doctest::Approx(at::mse_loss(x, y).item<double>()));
-  check_throws_with<std::invalid_argument>([] { create_loss({{"type", "simclr"}}); },
-                                           "valid types: barlow_twins byol");
+  check_throws_with<std::invalid_argument>([] { create_loss({{"type", "simclr"}}); }, "valid types: barlow_twins byol");
   check_throws_with<std::invalid_argument>(
-      [] { create_loss({{"type", "vicreg"}, {"sim_coef", 2}}); },
+      [] {
+        create_loss({{"type", "vicreg"}, {"sim_coef", 2}});
+      },
       "loss.sim_coef: unknown key; did you mean sim_coeff?");
   check_throws_with<std::invalid_argument>(
-      [] { create_loss({{"type", "barlow_twins"}, {"lambda", "big"}}); },
+      [] {
+        create_loss({{"type", "barlow_twins"}, {"lambda", "big"}});
+      },
       "loss.lambda: expected a number");
   check_throws_with<std::invalid_argument>(
-      [] { create_loss({{"type", "barlow_twins"}, {"eps", -1}}); }, "loss.eps: must be > 0");
+      [] {
+        create_loss({{"type", "barlow_twins"}, {"eps", -1}});
+      },
+      "loss.eps: must be > 0");
 }

@@ -34,7 +34,8 @@ void check_simsiam_golden(at::ScalarType dtype, double value_tol, double grad_to
         continue;
       }
       const at::Tensor want = tensor_from_json(c["grads"][i]);
-      const double err = (in[i].grad().to(at::kDouble) - want).abs().max().item<double>() / want.abs().max().item<double>();
+      const double err =
+          (in[i].grad().to(at::kDouble) - want).abs().max().item<double>() / want.abs().max().item<double>();
       worst_grad = std::max(worst_grad, err);
       CHECK(err < grad_tol);
     }
@@ -44,7 +45,9 @@ void check_simsiam_golden(at::ScalarType dtype, double value_tol, double grad_to
 
 }  // namespace
 
-TEST_CASE("losses: SimSiam golden values of the official formula, float64") { check_simsiam_golden(at::kDouble, 1e-12, 1e-10); }
+TEST_CASE("losses: SimSiam golden values of the official formula, float64") {
+  check_simsiam_golden(at::kDouble, 1e-12, 1e-10);
+}
 
 TEST_CASE("losses: SimSiam golden values, float32") { check_simsiam_golden(at::kFloat, 1e-5, 1e-4); }
 
@@ -53,15 +56,22 @@ TEST_CASE("losses: SimSiam invariants and errors") {
   const auto loss = create_loss("simsiam");
   const at::Tensor z = at::randn({6, 5});
   // Predictions equal to the other view's projection: cosine 1, the minimum -1.
-  CHECK(loss->compute(ViewEmbeddings{z, z, {}}, ViewEmbeddings{z, z, {}}).total.item<double>() == doctest::Approx(-1.0));
+  CHECK(loss->compute(ViewEmbeddings{z, z, {}}, ViewEmbeddings{z, z, {}}).total.item<double>() ==
+        doctest::Approx(-1.0));
   // Scale-invariant in both arguments.
   const at::Tensor p = at::randn({6, 5});
   const double base = loss->compute(ViewEmbeddings{z, p, {}}, ViewEmbeddings{z, p, {}}).total.item<double>();
   CHECK(loss->compute(ViewEmbeddings{z * 3, p * 0.5, {}}, ViewEmbeddings{z * 3, p * 0.5, {}}).total.item<double>() ==
         doctest::Approx(base));
   twins::test::check_throws_with<std::invalid_argument>(
-      [&] { loss->compute(ViewEmbeddings{z, {}, {}}, ViewEmbeddings{z, {}, {}}); }, "simsiam: needs the predictor outputs");
-  twins::test::check_throws_with<std::invalid_argument>([] { create_loss({{"type", "simsiam"}, {"eps", 0}}); },
-                                                        "loss.eps: must be > 0");
+      [&] {
+        loss->compute(ViewEmbeddings{z, {}, {}}, ViewEmbeddings{z, {}, {}});
+      },
+      "simsiam: needs the predictor outputs");
+  twins::test::check_throws_with<std::invalid_argument>(
+      [] {
+        create_loss({{"type", "simsiam"}, {"eps", 0}});
+      },
+      "loss.eps: must be > 0");
   CHECK(create_loss(loss->to_json())->to_json() == loss->to_json());
 }

@@ -112,8 +112,11 @@ TEST_CASE("models: backbone outputs and options") {
   }
   SUBCASE("a wrong input shape names the expected one") {
     ResNet net(o);
-    check_throws_with<std::invalid_argument>([&] { net.forward(at::randn({2, 1, 32, 32})); },
-                                             "resnet: expected input [N, 3, H, W], got [2, 1, 32, 32]");
+    check_throws_with<std::invalid_argument>(
+        [&] {
+          net.forward(at::randn({2, 1, 32, 32}));
+        },
+        "resnet: expected input [N, 3, H, W], got [2, 1, 32, 32]");
   }
 }
 
@@ -164,9 +167,15 @@ TEST_CASE("models: MLP heads") {
   }
   SUBCASE("bad specs") {
     check_throws_with<std::invalid_argument>(
-        [] { create_head({{"type", "mlp"}, {"spec", "128-x-4"}}, 8); }, "head.spec: \"128-x-4\"");
+        [] {
+          create_head({{"type", "mlp"}, {"spec", "128-x-4"}}, 8);
+        },
+        "head.spec: \"128-x-4\"");
     check_throws_with<std::invalid_argument>(
-        [] { create_head({{"type", "mlp"}, {"spec", "128--4"}}, 8); }, "head.spec");
+        [] {
+          create_head({{"type", "mlp"}, {"spec", "128--4"}}, 8);
+        },
+        "head.spec");
   }
 }
 
@@ -189,13 +198,16 @@ TEST_CASE("models: registry sweep") {
     CHECK(create_head(name, 12)->output_dim() > 0);
   }
   CHECK(backbone_names() == std::vector<std::string>{"resnet", "resnet18", "resnet34", "resnet50"});
-  check_throws_with<std::invalid_argument>([] { create_backbone("resnet19"); },
-                                           "did you mean resnet18?");
+  check_throws_with<std::invalid_argument>([] { create_backbone("resnet19"); }, "did you mean resnet18?");
   check_throws_with<std::invalid_argument>(
-      [] { create_backbone({{"type", "resnet18"}, {"widht", 8}}); },
+      [] {
+        create_backbone({{"type", "resnet18"}, {"widht", 8}});
+      },
       "backbone.widht: unknown key; did you mean width?");
   check_throws_with<std::invalid_argument>(
-      [] { create_backbone({{"type", "resnet18"}, {"layers", {1, 1, 1, 1}}}); },
+      [] {
+        create_backbone({{"type", "resnet18"}, {"layers", {1, 1, 1, 1}}});
+      },
       "backbone.layers: unknown key");
   auto small = create_backbone({{"type", "resnet"}, {"layers", {1, 1, 1, 1}}, {"width", 8}});
   CHECK(small->output_dim() == 64);

@@ -34,7 +34,8 @@ struct TinyData {
       const char b[4] = {char(v >> 24), char(v >> 16), char(v >> 8), char(v)};
       f.write(b, 4);
     };
-    std::ofstream img(dir / "train-images-idx3-ubyte", std::ios::binary), lab(dir / "train-labels-idx1-ubyte", std::ios::binary);
+    std::ofstream img(dir / "train-images-idx3-ubyte", std::ios::binary),
+        lab(dir / "train-labels-idx1-ubyte", std::ios::binary);
     be(img, 0x803), be(img, n), be(img, size), be(img, size);
     be(lab, 0x801), be(lab, n);
     at::manual_seed(123);
@@ -54,13 +55,23 @@ json tiny_recipe(const std::string& method, const fs::path& root) {
   json r = {{"method", method},
             {"data", {{"type", "mnist"}, {"root", root.string()}}},
             {"views", views},
-            {"model", {{"backbone", {{"type", "resnet"}, {"layers", {1, 1, 1, 1}}, {"width", 4}, {"in_channels", 1}, {"cifar_stem", true}}},
-                       {"projector", {{"type", "mlp"}, {"spec", "32-16"}}}}},
+            {"model",
+             {{"backbone",
+               {{"type", "resnet"}, {"layers", {1, 1, 1, 1}}, {"width", 4}, {"in_channels", 1}, {"cifar_stem", true}}},
+              {"projector", {{"type", "mlp"}, {"spec", "32-16"}}}}},
             {"loss", {{"type", method}}},
             {"optimizer", {{"type", "lars"}, {"base_lr", 2.0}, {"weight_decay", 1e-4}, {"eta", 0.02}}},
             {"schedule", {{"warmup_epochs", 0}}},
-            {"train", {{"epochs", 3}, {"batch_size", 16}, {"workers", 2}, {"device", "cpu"}, {"seed", 7},
-                       {"log_every", 1}, {"checkpoint_every_steps", 0}, {"deterministic", true}, {"threads", 1}}}};
+            {"train",
+             {{"epochs", 3},
+              {"batch_size", 16},
+              {"workers", 2},
+              {"device", "cpu"},
+              {"seed", 7},
+              {"log_every", 1},
+              {"checkpoint_every_steps", 0},
+              {"deterministic", true},
+              {"threads", 1}}}};
   // The heads the method's loss asks for.
   const auto needs = twins::losses::create_loss(method)->needs();
   if (needs.predictor) r["model"]["predictor"] = {{"type", "mlp"}, {"spec", "32-16"}};
@@ -89,16 +100,20 @@ TEST_CASE("train: LARS matches the official VICReg LARS step for step") {
   std::vector<at::Tensor> params;
   for (size_t i = 0; i < 3; ++i) {
     std::vector<int64_t> shape = g["shapes"][i];
-    params.push_back(at::tensor(g["initial"][i].get<std::vector<double>>(), at::kDouble).view(shape).set_requires_grad(true));
+    params.push_back(
+        at::tensor(g["initial"][i].get<std::vector<double>>(), at::kDouble).view(shape).set_requires_grad(true));
   }
-  LARS opt(params, LARSOptions(g["lr"].get<double>()).weight_decay(g["weight_decay"]).momentum(g["momentum"]).eta(g["eta"]));
+  LARS opt(params,
+           LARSOptions(g["lr"].get<double>()).weight_decay(g["weight_decay"]).momentum(g["momentum"]).eta(g["eta"]));
   double worst = 0;
   for (size_t step = 0; step < 3; ++step) {
     for (size_t i = 0; i < 3; ++i)
-      params[i].mutable_grad() = at::tensor(g["grads"][step][i].get<std::vector<double>>(), at::kDouble).view(params[i].sizes());
+      params[i].mutable_grad() =
+          at::tensor(g["grads"][step][i].get<std::vector<double>>(), at::kDouble).view(params[i].sizes());
     opt.step();
     for (size_t i = 0; i < 3; ++i) {
-      const at::Tensor expected = at::tensor(g["after"][step][i].get<std::vector<double>>(), at::kDouble).view(params[i].sizes());
+      const at::Tensor expected =
+          at::tensor(g["after"][step][i].get<std::vector<double>>(), at::kDouble).view(params[i].sizes());
       worst = std::max(worst, (params[i].detach() - expected).abs().max().item<double>());
     }
   }
@@ -108,7 +123,9 @@ TEST_CASE("train: LARS matches the official VICReg LARS step for step") {
 
 TEST_CASE("train: LARS state survives save and load") {
   at::manual_seed(0);
-  auto make = [] { return std::vector<at::Tensor>{at::randn({3, 3}).set_requires_grad(true), at::randn({3}).set_requires_grad(true)}; };
+  auto make = [] {
+    return std::vector<at::Tensor>{at::randn({3, 3}).set_requires_grad(true), at::randn({3}).set_requires_grad(true)};
+  };
   std::vector<at::Tensor> a = make(), b;
   for (auto& t : a) b.push_back(t.detach().clone().set_requires_grad(true));
   LARS oa(a, LARSOptions(0.5).weight_decay(0.1)), ob(b, LARSOptions(0.5).weight_decay(0.1));
@@ -239,7 +256,8 @@ TEST_CASE("train: resume is bit-identical, and a corrupt checkpoint falls back t
   CHECK(at::equal(ca.at("probe.weight"), cb.at("probe.weight")));
   // Only keep_checkpoints remain.
   int count = 0;
-  for (const auto& e : fs::directory_iterator(data.dir / "part/checkpoints")) count += e.path().extension() == ".safetensors";
+  for (const auto& e : fs::directory_iterator(data.dir / "part/checkpoints"))
+    count += e.path().extension() == ".safetensors";
   CHECK(count == 3);
 }
 
@@ -261,7 +279,8 @@ TEST_CASE("train: strict recipes") {
   TinyData data(8);
   json cfg = tiny_recipe("vicreg", data.dir);
   cfg["train"]["epoch"] = 3;
-  check_throws_with<std::invalid_argument>([&] { Recipe::parse(cfg); }, "train.epoch: unknown key; did you mean epochs?");
+  check_throws_with<std::invalid_argument>([&] { Recipe::parse(cfg); },
+                                           "train.epoch: unknown key; did you mean epochs?");
   cfg = tiny_recipe("vicreg", data.dir);
   cfg["loss"]["type"] = "byol";
   check_throws_with<std::invalid_argument>([&] { Recipe::parse(cfg); }, "does not match method");

@@ -45,11 +45,11 @@ at::Tensor hflip(const at::Tensor& img);
 at::Tensor gaussian_blur(const at::Tensor& img, int kernel_size, double sigma);
 /// Crops rows [top, top+height) and columns [left, left+width) (inside the image) and resizes
 /// the crop to out_h x out_w.
-at::Tensor resized_crop(const at::Tensor& img, int top, int left, int height, int width,
-                        int out_h, int out_w, Interpolation interpolation);
+at::Tensor resized_crop(const at::Tensor& img, int top, int left, int height, int width, int out_h, int out_w,
+                        Interpolation interpolation);
 /// The same with the filter by name ("bilinear" or "bicubic").
-at::Tensor resized_crop(const at::Tensor& img, int top, int left, int height, int width,
-                        int out_h, int out_w, const std::string& interpolation);
+at::Tensor resized_crop(const at::Tensor& img, int top, int left, int height, int width, int out_h, int out_w,
+                        const std::string& interpolation);
 /// Resizes the whole image (resized_crop of the full image).
 at::Tensor resize(const at::Tensor& img, int out_h, int out_w, Interpolation interpolation);
 at::Tensor resize(const at::Tensor& img, int out_h, int out_w, const std::string& interpolation);

@@ -38,8 +38,8 @@ struct CropBox {
 
 /// torchvision's RandomResizedCrop.get_params: area fraction ~ U(scale), log aspect ratio ~
 /// U(log ratio), 10 tries, then the central crop with the ratio clamped into range.
-CropBox random_resized_crop_box(int height, int width, std::pair<double, double> scale,
-                                std::pair<double, double> ratio, Rng& rng);
+CropBox random_resized_crop_box(int height, int width, std::pair<double, double> scale, std::pair<double, double> ratio,
+                                Rng& rng);
 
 /// Builds an op from {"type": ..., ...}; `path` names it in error messages.
 std::shared_ptr<Op> create_op(const nlohmann::json& spec, const std::string& path = "op");
@@ -74,7 +74,7 @@ std::vector<View> parse_views(const nlohmann::json& views, const std::string& pa
 
 /// uint8 [N, C, H, W] (any device) -> float [N, C, H, W] on `device` with (x/255 - mean) / std,
 /// in one fused step on the device (the copy is of uint8, 4x smaller than float).
-at::Tensor normalize_batch(const at::Tensor& batch, const Normalization& n,
-                           const at::Device& device, at::ScalarType dtype);
+at::Tensor normalize_batch(const at::Tensor& batch, const Normalization& n, const at::Device& device,
+                           at::ScalarType dtype);
 
 }  // namespace twins::augment

@@ -49,7 +49,8 @@ class Rng {
 inline std::vector<int64_t> permutation(int64_t n, Rng rng) {
   std::vector<int64_t> out(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) out[static_cast<size_t>(i)] = i;
-  for (int64_t i = n - 1; i > 0; --i) std::swap(out[static_cast<size_t>(i)], out[static_cast<size_t>(rng.integer(0, i))]);
+  for (int64_t i = n - 1; i > 0; --i)
+    std::swap(out[static_cast<size_t>(i)], out[static_cast<size_t>(rng.integer(0, i))]);
   return out;
 }
 

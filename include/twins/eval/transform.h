@@ -29,9 +29,11 @@ struct EvalTransform {
   static EvalTransform standard(int image_size, const augment::Normalization& normalization);
   /// For a source whose images are all height x width: crop only when the shorter side is
   /// image_size, else the standard transform.
-  static EvalTransform for_fixed_size(int height, int width, int image_size, const augment::Normalization& normalization);
+  static EvalTransform for_fixed_size(int height, int width, int image_size,
+                                      const augment::Normalization& normalization);
   /// For a dataset: for_fixed_size when its format fixes the image size, else standard.
-  static EvalTransform for_dataset(const data::Dataset& dataset, int image_size, const augment::Normalization& normalization);
+  static EvalTransform for_dataset(const data::Dataset& dataset, int image_size,
+                                   const augment::Normalization& normalization);
 
   /// The transform as a view for the loader (uint8 [H, W, C] -> uint8 [size, size, C]);
   /// normalisation is left to augment::normalize_batch with `normalization`.

@@ -1,8 +1,8 @@
 #pragma once
 // The encoder pieces of every method, chosen by name from JSON: backbones (image -> features)
 // and heads (features -> embeddings: projectors and predictors).
-#include <nlohmann/json_fwd.hpp>
 #include <torch/nn/module.h>
+#include <nlohmann/json_fwd.hpp>
 
 #include <memory>
 #include <string>
