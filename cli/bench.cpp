@@ -145,15 +145,21 @@ Command add_bench(CLI::App& app) {
   auto* views = bench->add_subcommand("views", "Views per second per core: decode, augmentation, loader");
   views->add_option("--config", a->config, "Recipe JSON (data and views)")->required();
   views->add_option("--set", a->set, "Override a config key: a.b=value (repeatable)");
-  views->add_option("--threads", a->threads, "Threads (default: all cores)");
-  views->add_option("--seconds", a->seconds, "Total measuring time")->capture_default_str();
+  views->add_option("--threads", a->threads, "Threads (default: all cores)")->check(CLI::Range(0, 1024));
+  views->add_option("--seconds", a->seconds, "Total measuring time")
+      ->capture_default_str()
+      ->check(CLI::Range(0.1, 86400.0));
   views->add_flag("--json", a->json, "Print JSON");
   auto s = std::make_shared<BenchStepArgs>();
   auto* step = bench->add_subcommand("step", "Time the full training step on synthetic batches (no loader)");
   step->add_option("--config", s->config, "Recipe JSON")->required();
   step->add_option("--set", s->set, "Override a config key: a.b=value (repeatable)");
-  step->add_option("--steps", s->steps, "Timed steps")->capture_default_str();
-  step->add_option("--warmup", s->warmup, "Untimed steps first")->capture_default_str();
+  step->add_option("--steps", s->steps, "Timed steps")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 30));
+  step->add_option("--warmup", s->warmup, "Untimed steps first")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 30));
   step->add_option("--device", s->device, "auto, cpu, cuda, cuda:N (default: train.device)");
   step->add_flag("--json", s->json, "Print JSON");
   return [a, views, s, step]() {

@@ -2,7 +2,6 @@
 #include <ATen/ATen.h>
 
 #include <filesystem>
-#include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
 
@@ -10,6 +9,7 @@
 #include "twins/data/dataset.h"
 #include "twins/embed.h"
 #include "twins/eval/npy.h"
+#include "twins/io.h"
 #include "twins/runtime.h"
 
 namespace twins::cli {
@@ -34,13 +34,13 @@ int run_embed(const EmbedArgs& a) {
   EmbedDatasetOptions eo;
   eo.workers = a.workers, eo.progress = true;
   const at::Tensor features = embedder.embed_dataset(dataset, eo);
+  // Both files are written only once every image is embedded, each atomically: a failed run
+  // leaves the previous pair as it was.
   const fs::path ids_path = fs::path(a.output).replace_extension(".ids.txt");
-  {
-    std::ofstream ids(ids_path);
-    for (int64_t i = 0; i < n; ++i) ids << dataset->id(i) << "\n";
-    if (!ids.flush()) throw std::runtime_error(ids_path.string() + ": write failed");
-  }
+  std::string ids;
+  for (int64_t i = 0; i < n; ++i) ids += dataset->id(i) + "\n";
   eval::write_npy(a.output, features);
+  io::write_file_atomic(ids_path.string(), ids);
   std::cout << "wrote " << a.output << " [" << n << ", " << embedder.dim() << "] float32 and " << ids_path.string()
             << "\n";
   return 0;
@@ -54,9 +54,14 @@ Command add_embed(CLI::App& app) {
   sub->add_option("--backbone", a->backbone, "backbone.safetensors, a run folder, or a torchvision ResNet")->required();
   sub->add_option("--input", a->input, "An image folder, a file list (path per line), or a dataset JSON")->required();
   sub->add_option("--output", a->output, "The .npy file (ids go to <name>.ids.txt)")->capture_default_str();
-  sub->add_option("--image-size", a->image_size, "Square side the backbone sees (default: its training size)");
-  sub->add_option("--batch-size", a->batch_size, "Images per forward pass")->capture_default_str();
-  sub->add_option("--workers", a->workers, "Loader threads decoding images")->capture_default_str();
+  sub->add_option("--image-size", a->image_size, "Square side the backbone sees (default: its training size)")
+      ->check(CLI::Range(1, 4096));
+  sub->add_option("--batch-size", a->batch_size, "Images per forward pass")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 16));
+  sub->add_option("--workers", a->workers, "Loader threads decoding images")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 256));
   sub->add_option("--device", a->device, "auto, cpu, cuda, cuda:N")->capture_default_str();
   return [a] { return run_embed(*a); };
 }

@@ -8,6 +8,7 @@
 #include "twins/config.h"
 #include "twins/eval/evaluate.h"
 #include "twins/eval/plots.h"
+#include "twins/io.h"
 
 namespace twins::cli {
 namespace {
@@ -46,7 +47,7 @@ int run_linear_probe(const EvalArgs& a) {
                                  {"train_top1", r.train.top1},
                                  {"probe_seconds", r.seconds}};
   fs::create_directories(out);
-  std::ofstream(fs::path(out) / "probe.json") << result.dump(2) << "\n";
+  io::write_file_atomic((fs::path(out) / "probe.json").string(), result.dump(2) + "\n");
   eval::write_projection(test.features, test.labels, (fs::path(out) / "embeddings-test.svg").string(),
                          "test features of " + a.backbone);
   std::cout << std::fixed << std::setprecision(2) << "linear probe: top-1 " << r.test.top1 << "%, top-5 " << r.test.top5
@@ -73,7 +74,7 @@ int run_knn(const EvalArgs& a) {
               << "%\n";
   }
   fs::create_directories(out);
-  std::ofstream(fs::path(out) / "knn.json") << result.dump(2) << "\n";
+  io::write_file_atomic((fs::path(out) / "knn.json").string(), result.dump(2) + "\n");
   return 0;
 }
 

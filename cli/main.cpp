@@ -1,5 +1,6 @@
 // The `twins` command: parses the command line, runs one subcommand, and is the only place
 // that turns exceptions into messages and exit codes (2: usage or configuration, 1: runtime).
+#include <csignal>
 #include <exception>
 #include <iostream>
 #include <stdexcept>
@@ -22,6 +23,9 @@ static std::string rank_prefix(const std::string& message) {
 }
 
 int main(int argc, char** argv) {
+  // A file-size limit (ulimit -f) must fail a write with EFBIG, which twins reports naming the
+  // file, instead of killing the process with SIGXFSZ and no word.
+  std::signal(SIGXFSZ, SIG_IGN);
   twins::tune_allocator();
   CLI::App app{"twins: non-contrastive self-supervised learning (VICReg, Barlow Twins, BYOL)"};
   app.require_subcommand(0, 1);
@@ -47,7 +51,9 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    // --help and --version-like successes print and exit 0; every usage error exits 2.
+    const int code = app.exit(e);
+    return code == 0 ? 0 : 2;
   }
   try {
     if (show_version) {

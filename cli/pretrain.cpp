@@ -66,9 +66,11 @@ Command add_pretrain(CLI::App& app) {
   sub->add_option("--out", a->out, "Run folder (default: runs/<recipe name>)");
   sub->add_flag("--resume", a->resume, "Continue from the latest valid checkpoint of the run folder");
   sub->add_option("--device", a->device, "auto, cpu, cuda or cuda:N (overrides train.device)");
-  sub->add_option("--stop-after", a->stop_after, "Stop (checkpoint, resumable) after N steps of this invocation");
+  sub->add_option("--stop-after", a->stop_after, "Stop (checkpoint, resumable) after N steps of this invocation")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 40));
   sub->add_option("--nproc-per-node", a->nproc_per_node,
-                  "Start N ranks on this machine (data parallel: one per GPU, or N CPU ranks with Gloo)");
+                  "Start N ranks on this machine (data parallel: one per GPU, or N CPU ranks with Gloo)")
+      ->check(CLI::Range(1, 1024));
   return [a] { return run_pretrain(*a); };
 }
 

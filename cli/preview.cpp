@@ -106,9 +106,11 @@ Command add_preview(CLI::App& app) {
   auto* sub = app.add_subcommand("preview", "Write a PNG grid of a recipe's views (one row per sample)");
   sub->add_option("--config", a->config, "Recipe JSON (its data and views are used)")->required();
   sub->add_option("--set", a->set, "Override a config key: a.b=value (repeatable)");
-  sub->add_option("--count", a->count, "Samples (rows)")->capture_default_str();
+  sub->add_option("--count", a->count, "Samples (rows)")->capture_default_str()->check(CLI::Range(1, 1024));
   sub->add_option("--out", a->out, "Output PNG")->capture_default_str();
-  sub->add_option("--workers", a->workers, "Threads (the output does not depend on it)")->capture_default_str();
+  sub->add_option("--workers", a->workers, "Threads (the output does not depend on it)")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 256));
   return [a] { return run_preview(*a); };
 }
 

@@ -1,6 +1,7 @@
 #include "twins/config.h"
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <stdexcept>
@@ -17,8 +18,29 @@ ConfigReader::ConfigReader(const nlohmann::json& object, std::string path) : obj
 
 std::string ConfigReader::path_of(const std::string& key) const { return path_.empty() ? key : path_ + "." + key; }
 
+long double ConfigReader::integer(const std::string& key, const nlohmann::json& v, long double lo,
+                                  long double hi) const {
+  long double x = 0;
+  if (v.is_number_unsigned())
+    x = static_cast<long double>(v.get<uint64_t>());
+  else if (v.is_number_integer())
+    x = static_cast<long double>(v.get<int64_t>());
+  else if (v.is_number_float() && std::floor(v.get<double>()) == v.get<double>())
+    x = v.get<double>();
+  else
+    throw_type_error(key, "an integer");
+  if (x < lo || x > hi) {
+    const std::string high = hi > 9.2e18L ? std::string("2^64 - 1") : std::to_string(static_cast<long long>(hi));
+    throw std::invalid_argument(path_of(key) + ": " + v.dump() + " is out of range [" +
+                                std::to_string(static_cast<long long>(lo)) + ", " + high + "]");
+  }
+  return x;
+}
+
 void ConfigReader::throw_type_error(const std::string& key, const char* expected) const {
-  throw std::invalid_argument(path_of(key) + ": expected " + expected + ", got " + object_.at(key).dump());
+  std::string got = object_.at(key).dump();
+  if (got.size() > 200) got = got.substr(0, 200) + "...";
+  throw std::invalid_argument(path_of(key) + ": expected " + expected + ", got " + got);
 }
 
 void ConfigReader::finish() const {
@@ -79,8 +101,12 @@ void apply_override(nlohmann::json& root, const std::string& assignment) {
     throw std::invalid_argument("override \"" + assignment + "\": expected key.path=value");
   const std::string path = assignment.substr(0, eq);
   const std::string text = assignment.substr(eq + 1);
-  nlohmann::json value = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
-  if (value.is_discarded()) value = text;  // bare words are strings: data.root=/data/x
+  nlohmann::json value;
+  try {
+    value = parse_json(text, "override \"" + assignment + "\"");
+  } catch (const std::invalid_argument&) {
+    value = text;  // bare words are strings: data.root=/data/x
+  }
 
   nlohmann::json* node = &root;
   size_t start = 0;
@@ -117,14 +143,46 @@ void apply_override(nlohmann::json& root, const std::string& assignment) {
   }
 }
 
-nlohmann::json read_json_file(const std::string& file) {
-  std::ifstream in(file);
-  if (!in) throw std::invalid_argument(file + ": cannot open");
-  try {
-    return nlohmann::json::parse(in, nullptr, true, /*ignore_comments=*/true);
-  } catch (const nlohmann::json::parse_error& e) {
-    throw std::invalid_argument(file + ": invalid JSON: " + e.what());
+nlohmann::json parse_json(std::string_view text, const std::string& name, bool comments) {
+  // The nesting depth, outside strings (and comments): a cheap scan that bounds the parser.
+  int depth = 0;
+  for (size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
+    if (c == '"') {
+      for (++i; i < text.size() && text[i] != '"'; ++i)
+        if (text[i] == '\\') ++i;
+    } else if (comments && c == '/' && i + 1 < text.size() && text[i + 1] == '/') {
+      while (i < text.size() && text[i] != '\n') ++i;
+    } else if (comments && c == '/' && i + 1 < text.size() && text[i + 1] == '*') {
+      const size_t end = text.find("*/", i + 2);
+      i = end == std::string_view::npos ? text.size() : end + 1;
+    } else if (c == '[' || c == '{') {
+      if (++depth > kMaxJsonDepth)
+        throw std::invalid_argument(name + ": JSON nested deeper than " + std::to_string(kMaxJsonDepth) +
+                                    " levels (at byte " + std::to_string(i) + ")");
+    } else if (c == ']' || c == '}') {
+      --depth;
+    }
   }
+  try {
+    return nlohmann::json::parse(text.begin(), text.end(), nullptr, true, comments);
+  } catch (const nlohmann::json::exception& e) {
+    throw std::invalid_argument(name + ": invalid JSON: " + e.what());
+  }
+}
+
+nlohmann::json read_json_file(const std::string& file) {
+  std::ifstream in(file, std::ios::binary);
+  if (!in) throw std::invalid_argument(file + ": cannot open");
+  std::string text;
+  char buffer[1 << 16];
+  while (in.read(buffer, sizeof buffer) || in.gcount() > 0) {
+    text.append(buffer, static_cast<size_t>(in.gcount()));
+    if (text.size() > kMaxConfigBytes)
+      throw std::invalid_argument(file + ": larger than " + std::to_string(kMaxConfigBytes >> 20) +
+                                  " MiB: not a config file");
+  }
+  return parse_json(text, file, /*comments=*/true);
 }
 
 nlohmann::json load_config(const std::string& file, const std::vector<std::string>& overrides) {

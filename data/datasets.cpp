@@ -17,6 +17,7 @@
 #include <sstream>
 
 #include "twins/config.h"
+#include "twins/data/csv.h"
 #include "twins/data/dataset.h"
 #include "twins/data/image_io.h"
 #include "twins/registry.h"
@@ -30,6 +31,10 @@ using nlohmann::json;
 
 namespace {
 
+constexpr size_t kMaxCsvBytes = size_t{1} << 30;
+// More classes than any dataset has (ImageNet-21k: 21,841): a larger label is a corrupt file.
+constexpr int64_t kMaxClasses = 1000000;
+
 // A read-only memory map of a whole file, or an owned buffer (decompressed .gz).
 class Bytes {
  public:
@@ -39,7 +44,10 @@ class Bytes {
     const int fd = ::open(path.c_str(), O_RDONLY);
     if (fd < 0) throw std::runtime_error(path + ": cannot open (" + std::strerror(errno) + ")");
     struct stat st {};
-    ::fstat(fd, &st);
+    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+      ::close(fd);
+      throw std::runtime_error(path + ": not a regular file");
+    }
     b->size_ = static_cast<size_t>(st.st_size);
     if (b->size_ > 0) {
       void* p = ::mmap(nullptr, b->size_, PROT_READ, MAP_PRIVATE, fd, 0);
@@ -53,23 +61,44 @@ class Bytes {
     ::close(fd);
     return b;
   }
-  static std::shared_ptr<Bytes> gunzip(const std::string& path) {
+  // Decompresses a .gz file, at most `limit` bytes: more is an error, so a small file cannot
+  // expand into all the memory there is.
+  static std::shared_ptr<Bytes> gunzip(const std::string& path, uint64_t limit) {
     auto b = std::make_shared<Bytes>();
     b->path_ = path;
     gzFile f = gzopen(path.c_str(), "rb");
     if (!f) throw std::runtime_error(path + ": cannot open");
     std::vector<uint8_t> chunk(1 << 20);
-    int n;
-    while ((n = gzread(f, chunk.data(), static_cast<unsigned>(chunk.size()))) > 0)
+    int n = 0;
+    bool too_large = false;
+    while ((n = gzread(f, chunk.data(), static_cast<unsigned>(chunk.size()))) > 0) {
+      if (b->owned_.size() + static_cast<size_t>(n) > limit) {
+        too_large = true;
+        break;
+      }
       b->owned_.insert(b->owned_.end(), chunk.begin(), chunk.begin() + n);
+    }
     int err = 0;
-    const char* message = gzerror(f, &err);
-    const bool truncated = n < 0 || (err != Z_OK && err != Z_STREAM_END);
+    const std::string message = gzerror(f, &err);  // copied: gzclose frees it
+    const bool truncated = !too_large && (n < 0 || (err != Z_OK && err != Z_STREAM_END));
     gzclose(f);
+    if (too_large)
+      throw std::runtime_error(path + ": decompresses to more than the " + std::to_string(limit) +
+                               " bytes its header declares");
     if (truncated) throw std::runtime_error(path + ": corrupt or truncated gzip file (" + message + ")");
     b->data_ = b->owned_.data();
     b->size_ = b->owned_.size();
     return b;
+  }
+  // The first `count` decompressed bytes (fewer if the stream is shorter), for headers.
+  static std::vector<uint8_t> gunzip_head(const std::string& path, unsigned count) {
+    gzFile f = gzopen(path.c_str(), "rb");
+    if (!f) throw std::runtime_error(path + ": cannot open");
+    std::vector<uint8_t> head(count);
+    const int n = gzread(f, head.data(), count);
+    gzclose(f);
+    head.resize(static_cast<size_t>(std::max(0, n)));
+    return head;
   }
   Bytes() = default;
   Bytes(const Bytes&) = delete;
@@ -142,15 +171,22 @@ class RecordDataset : public Dataset {
   }
   int64_t label(int64_t index) const override {
     const auto [f, i] = locate(index);
-    int64_t v;
-    if (f.labels)
-      v = f.labels->data()[f.label_header + i];
-    else if (label_offset_ >= 0)
-      v = f.bytes->data()[f.header + i * record_ + label_offset_];
-    else
-      return -1;
-    v -= label_base_;
-    return v >= 0 && v < classes_ ? v : -1;
+    return has_labels(f) ? raw_label(f, i) - label_base_ : -1;
+  }
+  // Every stored label in range, or an error naming the file and record: a label outside the
+  // classes is corrupt data, not an unlabelled sample.
+  void check_labels(const std::string& dataset) const {
+    for (const auto& f : files_) {
+      if (!has_labels(f)) continue;
+      for (int64_t i = 0; i < f.count; ++i) {
+        const int64_t v = raw_label(f, i);
+        if (v < label_base_ || v - label_base_ >= classes_)
+          throw std::runtime_error((f.labels ? f.labels->path() : f.bytes->path()) + ": record " + std::to_string(i) +
+                                   " has label " + std::to_string(v) + ", outside the " + std::to_string(classes_) +
+                                   " classes of " + dataset + (label_base_ ? " (numbered from 1)" : "") +
+                                   ": corrupt file?");
+      }
+    }
   }
   std::string id(int64_t index) const override {
     const auto [f, i] = locate(index);
@@ -158,6 +194,10 @@ class RecordDataset : public Dataset {
   }
 
  private:
+  bool has_labels(const File& f) const { return f.labels || label_offset_ >= 0; }
+  int64_t raw_label(const File& f, int64_t i) const {
+    return f.labels ? f.labels->data()[f.label_header + i] : f.bytes->data()[f.header + i * record_ + label_offset_];
+  }
   std::pair<const File&, int64_t> locate(int64_t index) const {
     if (index < 0 || index >= total_)
       throw std::out_of_range("dataset index " + std::to_string(index) + " out of range [0, " + std::to_string(total_) +
@@ -182,7 +222,14 @@ void check_size(const Bytes& b, size_t expected, const std::string& what) {
 struct Common {
   std::string root, split;
   OnBadSample on_bad_sample = OnBadSample::error;
+  int64_t max_image_pixels = kDefaultMaxImagePixels;
 };
+
+// For formats of image files: the pixel limit of decoding.
+void read_pixel_limit(config::ConfigReader& r, Common& c) {
+  r.get("max_image_pixels", c.max_image_pixels);
+  config::require(c.max_image_pixels >= 1, r.path_of("max_image_pixels"), "must be >= 1");
+}
 
 // Reads root, split, on_bad_sample; `splits` lists the valid splits (first is the default).
 Common read_common(config::ConfigReader& r, const std::vector<std::string>& splits,
@@ -236,6 +283,7 @@ std::shared_ptr<Dataset> make_cifar(const json& spec, const std::string& path, b
   }
   auto d = std::make_shared<RecordDataset>(files, record, hundred && label == "fine" ? 1 : 0, label_bytes, 32, 32, 3,
                                            false, hundred ? (label == "fine" ? 100 : 20) : 10, 0);
+  d->check_labels(hundred ? "cifar100" : "cifar10");
   d->on_bad_sample = c.on_bad_sample;
   return d;
 }
@@ -264,6 +312,7 @@ std::shared_ptr<Dataset> make_stl10(const json& spec, const std::string& path) {
   if (c.split == "unlabeled" || c.split == "train+unlabeled") add("unlabeled", 100000, false);
   // STL-10 stores each channel column-major, and labels from 1 to 10.
   auto d = std::make_shared<RecordDataset>(files, record, -1, 0, 96, 96, 3, true, 10, 1);
+  d->check_labels("stl10");
   d->on_bad_sample = c.on_bad_sample;
   return d;
 }
@@ -272,11 +321,50 @@ uint32_t big_endian(const uint8_t* p) {
   return (uint32_t(p[0]) << 24) | (uint32_t(p[1]) << 16) | (uint32_t(p[2]) << 8) | uint32_t(p[3]);
 }
 
-std::shared_ptr<Bytes> load_idx(const std::string& root, const std::string& base, const std::string& what) {
+bool gzipped(const std::string& file) {
+  return file.size() > 3 && (file.substr(file.size() - 3) == ".gz" || file.substr(file.size() - 3) == ".GZ");
+}
+
+// An IDX file (gzipped or not) of `dims` dimensions and magic 0x0000080<dims>: the whole file,
+// with its size checked against its header in overflow-safe arithmetic before anything large is
+// read or decompressed. `dims_out` receives the dimensions.
+std::shared_ptr<Bytes> load_idx(const std::string& root, const std::string& base, const std::string& what, int dims,
+                                std::vector<int64_t>& dims_out) {
   const std::string file = find_file(root, {base + ".gz", base, base + ".GZ"}, what);
-  return file.size() > 3 && (file.substr(file.size() - 3) == ".gz" || file.substr(file.size() - 3) == ".GZ")
-             ? Bytes::gunzip(file)
-             : Bytes::map(file);
+  const unsigned header = 4 + 4 * static_cast<unsigned>(dims);
+  std::vector<uint8_t> head;
+  std::shared_ptr<Bytes> mapped;
+  if (gzipped(file)) {
+    head = Bytes::gunzip_head(file, header);
+  } else {
+    mapped = Bytes::map(file);
+    head.assign(mapped->data(), mapped->data() + std::min<size_t>(mapped->size(), header));
+  }
+  const uint32_t magic = 0x800 + static_cast<uint32_t>(dims);
+  if (head.size() < header || big_endian(head.data()) != magic) {
+    char hex[16];
+    std::snprintf(hex, sizeof hex, "0x%08x", magic);
+    throw std::runtime_error(file + ": not an IDX " + (dims == 1 ? "label" : "image") + " file (magic " + hex +
+                             " expected)");
+  }
+  uint64_t total = 1;
+  dims_out.clear();
+  for (int d = 0; d < dims; ++d) {
+    const uint32_t v = big_endian(head.data() + 4 + 4 * d);
+    dims_out.push_back(v);
+    if (__builtin_mul_overflow(total, static_cast<uint64_t>(v), &total) || total > (uint64_t{1} << 40))
+      throw std::runtime_error(file + ": its header declares more than 2^40 bytes of data: corrupt file?");
+  }
+  total += header;
+  auto bytes = mapped ? mapped : Bytes::gunzip(file, total);
+  const std::string declared = dims == 3 ? std::to_string(dims_out[0]) + " images of " + std::to_string(dims_out[1]) +
+                                               "x" + std::to_string(dims_out[2])
+                                         : std::to_string(dims_out[0]) + " labels";
+  if (bytes->size() != total)
+    throw std::runtime_error(file + ": " + std::to_string(header) + " header bytes + " + declared + " must be " +
+                             std::to_string(total) + " bytes, found " + std::to_string(bytes->size()) +
+                             (bytes->size() < total ? " (truncated?)" : ""));
+  return bytes;
 }
 
 std::shared_ptr<Dataset> make_idx(const json& spec, const std::string& path, bool fashion) {
@@ -285,23 +373,20 @@ std::shared_ptr<Dataset> make_idx(const json& spec, const std::string& path, boo
   r.finish();
   const std::string prefix = c.split == "train" ? "train" : "t10k";
   const std::string what = path + " (" + (fashion ? "fashion_mnist" : "mnist") + ")";
-  auto images = load_idx(c.root, prefix + "-images-idx3-ubyte", what);
-  auto labels = load_idx(c.root, prefix + "-labels-idx1-ubyte", what);
-  if (images->size() < 16 || big_endian(images->data()) != 0x803)
-    throw std::runtime_error(images->path() + ": not an IDX image file (magic 0x00000803 expected)");
-  if (labels->size() < 8 || big_endian(labels->data()) != 0x801)
-    throw std::runtime_error(labels->path() + ": not an IDX label file (magic 0x00000801 expected)");
-  const int64_t n = big_endian(images->data() + 4), h = big_endian(images->data() + 8),
-                w = big_endian(images->data() + 12);
-  check_size(*images, static_cast<size_t>(16 + n * h * w),
-             "16 header bytes + " + std::to_string(n) + " images of " + std::to_string(h) + "x" + std::to_string(w));
-  if (static_cast<int64_t>(big_endian(labels->data() + 4)) != n)
-    throw std::runtime_error(labels->path() + ": holds " + std::to_string(big_endian(labels->data() + 4)) +
-                             " labels for " + std::to_string(n) + " images");
-  check_size(*labels, static_cast<size_t>(8 + n), "8 header bytes + " + std::to_string(n) + " labels");
+  std::vector<int64_t> image_dims, label_dims;
+  auto images = load_idx(c.root, prefix + "-images-idx3-ubyte", what, 3, image_dims);
+  auto labels = load_idx(c.root, prefix + "-labels-idx1-ubyte", what, 1, label_dims);
+  const int64_t n = image_dims[0], h = image_dims[1], w = image_dims[2];
+  if (n < 1 || h < 1 || w < 1)
+    throw std::runtime_error(images->path() + ": declares " + std::to_string(n) + " images of " + std::to_string(h) +
+                             "x" + std::to_string(w));
+  if (label_dims[0] != n)
+    throw std::runtime_error(labels->path() + ": holds " + std::to_string(label_dims[0]) + " labels for " +
+                             std::to_string(n) + " images");
   RecordDataset::File f;
   f.bytes = images, f.labels = labels, f.count = n, f.header = 16, f.label_header = 8;
   auto d = std::make_shared<RecordDataset>(std::vector<RecordDataset::File>{f}, h * w, -1, 0, h, w, 1, false, 10, 0);
+  d->check_labels(fashion ? "fashion_mnist" : "mnist");
   d->on_bad_sample = c.on_bad_sample;
   return d;
 }
@@ -309,13 +394,15 @@ std::shared_ptr<Dataset> make_idx(const json& spec, const std::string& path, boo
 // Image files on disk, decoded on demand.
 class FileDataset : public Dataset {
  public:
-  FileDataset(std::vector<std::string> files, std::vector<int64_t> labels, int64_t classes)
-      : files_(std::move(files)), labels_(std::move(labels)), classes_(classes) {}
+  FileDataset(std::vector<std::string> files, std::vector<int64_t> labels, int64_t classes, int64_t max_pixels)
+      : files_(std::move(files)), labels_(std::move(labels)), classes_(classes), max_pixels_(max_pixels) {}
   int64_t size() const override { return static_cast<int64_t>(files_.size()); }
   at::Tensor image(int64_t index) const override {
     try {
-      return read_image(files_.at(static_cast<size_t>(index)));
-    } catch (const std::runtime_error& e) {
+      return read_image(files_.at(static_cast<size_t>(index)), max_pixels_);
+    } catch (const std::bad_alloc&) {
+      throw;
+    } catch (const std::exception& e) {  // whatever the decoder threw: the file is bad
       throw BadSample(e.what());
     }
   }
@@ -326,7 +413,7 @@ class FileDataset : public Dataset {
  private:
   std::vector<std::string> files_;
   std::vector<int64_t> labels_;
-  int64_t classes_;
+  int64_t classes_, max_pixels_;
 };
 
 bool is_image_file(const fs::path& p) {
@@ -346,7 +433,8 @@ std::vector<std::string> images_under(const fs::path& dir) {
 
 std::shared_ptr<Dataset> make_image_folder(const json& spec, const std::string& path) {
   config::ConfigReader r(spec, path);
-  const Common c = read_common(r, {});
+  Common c = read_common(r, {});
+  read_pixel_limit(r, c);
   r.finish();
   if (!fs::is_directory(c.root)) throw std::runtime_error(r.path_of("root") + ": " + c.root + " is not a folder");
   std::vector<std::string> classes;
@@ -364,7 +452,7 @@ std::shared_ptr<Dataset> make_image_folder(const json& spec, const std::string& 
         files.push_back(std::move(f)), labels.push_back(static_cast<int64_t>(k));
   }
   if (files.empty()) throw std::runtime_error(r.path_of("root") + ": no image files under " + c.root);
-  auto d = std::make_shared<FileDataset>(files, labels, static_cast<int64_t>(classes.size()));
+  auto d = std::make_shared<FileDataset>(files, labels, static_cast<int64_t>(classes.size()), c.max_image_pixels);
   d->on_bad_sample = c.on_bad_sample;
   return d;
 }
@@ -373,42 +461,54 @@ std::shared_ptr<Dataset> make_csv(const json& spec, const std::string& path) {
   config::ConfigReader r(spec, path);
   std::string file;
   r.get("file", file);
-  config::require(!file.empty(), r.path_of("file"), "required (the CSV file of path[,label] lines)");
+  config::require(!file.empty(), r.path_of("file"), "required (the CSV file of path[,label] rows)");
   // Relative paths in the file are relative to "root", by default the CSV file's folder.
   const std::string folder = fs::path(file).parent_path().string();
-  const Common c = read_common(r, {}, folder.empty() ? "." : folder);
+  Common c = read_common(r, {}, folder.empty() ? "." : folder);
+  read_pixel_limit(r, c);
   r.finish();
-  std::ifstream in(file);
+  std::ifstream in(file, std::ios::binary);
   if (!in) throw std::runtime_error(r.path_of("file") + ": cannot open " + file);
+  std::string text;
+  char buffer[1 << 16];
+  while (in.read(buffer, sizeof buffer) || in.gcount() > 0) {
+    text.append(buffer, static_cast<size_t>(in.gcount()));
+    if (text.size() > kMaxCsvBytes) throw std::runtime_error(file + ": larger than 1 GiB: not a list of images");
+  }
   std::vector<std::string> files;
   std::vector<int64_t> labels;
   int64_t max_label = -1;
-  std::string line;
-  for (int64_t number = 1; std::getline(in, line); ++number) {
-    if (!line.empty() && line.back() == '\r') line.pop_back();
-    if (line.empty() || line[0] == '#') continue;
-    const size_t comma = line.rfind(',');
-    std::string p = line, label_text;
-    if (comma != std::string::npos) p = line.substr(0, comma), label_text = line.substr(comma + 1);
-    if (number == 1 && (p == "path" || p == "file" || p == "filename")) continue;  // header
+  auto shown = [](const std::string& t) { return t.size() > 40 ? t.substr(0, 40) + "..." : t; };
+  for (const CsvRow& row : parse_csv(text, file, 4096)) {
+    const std::string where = file + ":" + std::to_string(row.line);
+    if (row.fields.size() > 2)
+      throw std::runtime_error(where + ": " + std::to_string(row.fields.size()) +
+                               " fields; expected path[,label] (quote a path that contains commas)");
+    const std::string& p = row.fields[0];
+    if (!p.empty() && p[0] == '#') continue;                                         // a comment
+    if (row.line == 1 && (p == "path" || p == "file" || p == "filename")) continue;  // a header
+    if (p.empty()) throw std::runtime_error(where + ": empty path");
     int64_t label = -1;
-    if (!label_text.empty()) {
+    if (row.fields.size() == 2 && !row.fields[1].empty()) {
+      const std::string& t = row.fields[1];
       size_t used = 0;
+      long long v = -1;
       try {
-        label = std::stoll(label_text, &used);
+        v = std::stoll(t, &used);
       } catch (const std::exception&) {
         used = 0;
       }
-      if (used != label_text.size() || label < 0)
-        throw std::runtime_error(file + ":" + std::to_string(number) + ": label \"" + label_text +
-                                 "\" is not a non-negative integer");
+      if (used != t.size() || v < 0 || v >= kMaxClasses)
+        throw std::runtime_error(where + ": label \"" + shown(t) + "\" is not a non-negative integer below " +
+                                 std::to_string(kMaxClasses));
+      label = v;
     }
     max_label = std::max(max_label, label);
     files.push_back(fs::path(p).is_absolute() ? p : (fs::path(c.root) / p).string());
     labels.push_back(label);
   }
   if (files.empty()) throw std::runtime_error(file + ": no samples listed");
-  auto d = std::make_shared<FileDataset>(files, labels, max_label + 1);
+  auto d = std::make_shared<FileDataset>(files, labels, max_label + 1, c.max_image_pixels);
   d->on_bad_sample = c.on_bad_sample;
   return d;
 }

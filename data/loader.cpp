@@ -8,6 +8,7 @@
 #include <map>
 #include <mutex>
 #include <numeric>
+#include <system_error>
 #include <thread>
 
 #include "twins/augment/functional.h"
@@ -122,8 +123,10 @@ Loader::Loader(std::shared_ptr<const Dataset> dataset, std::vector<augment::View
   auto& s = *state_;
   if (!dataset || dataset->size() == 0) throw std::invalid_argument("loader: the dataset is empty");
   if (views.empty()) throw std::invalid_argument("loader: no views");
-  if (options.batch_size < 1) throw std::invalid_argument("train.batch_size: must be >= 1");
-  if (options.workers < 0) throw std::invalid_argument("train.workers: must be >= 0");
+  if (options.batch_size < 1) throw std::invalid_argument("LoaderOptions::batch_size: must be >= 1");
+  if (options.workers < 0 || options.workers > kMaxWorkers)
+    throw std::invalid_argument("LoaderOptions::workers: must be in [0, " + std::to_string(kMaxWorkers) + "], got " +
+                                std::to_string(options.workers));
   if (options.world_size < 1 || options.rank < 0 || options.rank >= options.world_size)
     throw std::invalid_argument("loader: rank " + std::to_string(options.rank) + " outside world size " +
                                 std::to_string(options.world_size));
@@ -133,10 +136,21 @@ Loader::Loader(std::shared_ptr<const Dataset> dataset, std::vector<augment::View
   s.views = std::move(views);
   s.options = options;
   if (batches_per_epoch() == 0)
-    throw std::invalid_argument("train.batch_size: " + std::to_string(options.batch_size) +
+    throw std::invalid_argument("LoaderOptions::batch_size: " + std::to_string(options.batch_size) +
                                 " is larger than this rank's " + std::to_string(epoch_indices(0).size()) +
                                 " samples, and drop_last leaves no batch");
-  for (int i = 0; i < options.workers; ++i) s.threads.emplace_back([&s] { s.worker(); });
+  try {
+    for (int i = 0; i < options.workers; ++i) s.threads.emplace_back([&s] { s.worker(); });
+  } catch (const std::system_error& e) {  // out of threads: stop those started, then report
+    {
+      std::lock_guard<std::mutex> lock(s.mutex);
+      s.stop = true;
+    }
+    s.work_cv.notify_all();
+    for (auto& t : s.threads) t.join();
+    throw std::runtime_error("loader: cannot start " + std::to_string(options.workers) + " worker threads (" +
+                             e.what() + "); use fewer workers");
+  }
 }
 
 Loader::~Loader() {

@@ -259,6 +259,12 @@ int64_t Communicator::id() const { return impl_->id; }
 
 void Communicator::all_reduce(at::Tensor& tensor) { all_reduce_async(tensor)(); }
 
+int64_t Communicator::sum(int64_t value) {
+  at::Tensor t = at::full({1}, value, at::TensorOptions().dtype(at::kLong).device(impl_->device));
+  all_reduce(t);
+  return t.item<int64_t>();
+}
+
 bool Communicator::any(bool flag) {
   at::Tensor t = at::full({1}, flag ? 1.0 : 0.0, at::TensorOptions().dtype(at::kDouble).device(impl_->device));
   all_reduce(t);

@@ -113,7 +113,8 @@ at::Tensor Embedder::embed_files(const std::vector<std::string>& paths) const {
   const size_t step = static_cast<size_t>(m.options.batch_size);
   for (size_t s = 0; s < paths.size(); s += step) {
     std::vector<at::Tensor> batch;
-    for (size_t i = s; i < std::min(paths.size(), s + step); ++i) batch.push_back(data::read_image(paths[i]));
+    for (size_t i = s; i < std::min(paths.size(), s + step); ++i)
+      batch.push_back(data::read_image(paths[i], m.options.max_image_pixels));
     out.push_back(m.forward(m.prepare(batch, transform)));
   }
   return out.empty() ? at::empty({0, dim()}) : at::cat(out);

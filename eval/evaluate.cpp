@@ -27,7 +27,7 @@ EvalConfig EvalConfig::parse(const json& root) {
   }
   c.train_data = root["train_data"], c.test_data = root["test_data"];
   r.get("image_size", c.image_size);
-  config::require(c.image_size > 0, "image_size", "must be > 0");
+  config::require(c.image_size > 0 && c.image_size <= 4096, "image_size", "must be in [1, 4096]");
   r.allow("normalize");
   if (root.contains("normalize")) {
     config::ConfigReader n(root["normalize"], "normalize");
@@ -45,8 +45,10 @@ EvalConfig EvalConfig::parse(const json& root) {
     p.get("momentum", c.probe.momentum);
     p.get("seed", c.probe.seed);
     p.finish();
-    config::require(c.probe.epochs >= 1 && c.probe.batch_size >= 1 && c.probe.lr > 0, "probe",
-                    "epochs, batch_size and lr must be positive");
+    config::require(c.probe.epochs >= 1 && c.probe.epochs <= 100000, "probe.epochs", "must be in [1, 10^5]");
+    config::require(c.probe.batch_size >= 1 && c.probe.batch_size <= (1 << 20), "probe.batch_size",
+                    "must be in [1, 2^20]");
+    config::require(c.probe.lr > 0, "probe.lr", "must be > 0");
   }
   r.allow("knn");
   if (root.contains("knn")) {
@@ -59,12 +61,17 @@ EvalConfig EvalConfig::parse(const json& root) {
     k.get("temperature", c.knn.temperature);
     k.get("chunk", c.knn.chunk);
     k.finish();
-    config::require(!c.knn.k.empty() && c.knn.temperature > 0, "knn", "needs k values and a positive temperature");
+    config::require(!c.knn.k.empty() && c.knn.k.size() <= 64, "knn.k", "needs 1 to 64 values");
+    for (int64_t k : c.knn.k) config::require(k >= 1 && k <= 1000000, "knn.k", "values must be in [1, 10^6]");
+    config::require(c.knn.temperature > 0, "knn.temperature", "must be > 0");
+    config::require(c.knn.chunk >= 1 && c.knn.chunk <= (1 << 20), "knn.chunk", "must be in [1, 2^20]");
   }
   r.get("batch_size", c.batch_size);
   r.get("workers", c.workers);
   r.get("device", c.device);
   r.finish();
+  config::require(c.batch_size >= 1 && c.batch_size <= (1 << 20), "batch_size", "must be in [1, 2^20]");
+  config::require(c.workers >= 0 && c.workers <= 256, "workers", "must be in [0, 256]");
   return c;
 }
 

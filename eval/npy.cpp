@@ -3,8 +3,9 @@
 #include <ATen/ATen.h>
 
 #include <cstdio>
-#include <fstream>
 #include <stdexcept>
+
+#include "twins/io.h"
 
 namespace twins::eval {
 
@@ -28,19 +29,12 @@ void write_npy(const std::string& path, const at::Tensor& tensor) {
   const size_t total = 10 + header.size() + 1;
   header.append((64 - total % 64) % 64, ' ');
   header += '\n';
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary);
-    if (!out) throw std::runtime_error(path + ": cannot write");
-    out.write("\x93NUMPY\x01\x00", 8);
-    const uint16_t len = static_cast<uint16_t>(header.size());
-    const char le[2] = {static_cast<char>(len & 0xff), static_cast<char>(len >> 8)};
-    out.write(le, 2);
-    out.write(header.data(), static_cast<std::streamsize>(header.size()));
-    out.write(static_cast<const char*>(t.data_ptr()), static_cast<std::streamsize>(t.numel() * t.element_size()));
-    if (!out) throw std::runtime_error(path + ": write failed");
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) throw std::runtime_error(path + ": cannot rename into place");
+  const uint16_t len = static_cast<uint16_t>(header.size());
+  const char prefix[10] = {
+      '\x93', 'N', 'U', 'M', 'P', 'Y', '\x01', '\x00', static_cast<char>(len & 0xff), static_cast<char>(len >> 8)};
+  io::write_file_atomic(path, {std::string_view(prefix, 10), header,
+                               std::string_view(static_cast<const char*>(t.data_ptr()),
+                                                static_cast<size_t>(t.numel() * t.element_size()))});
 }
 
 }  // namespace twins::eval

@@ -1,5 +1,7 @@
 #include "twins/eval/plots.h"
 
+#include "twins/io.h"
+
 #include <ATen/ATen.h>
 
 #include <algorithm>
@@ -136,9 +138,7 @@ void write_training_curves(const std::string& metrics_jsonl, const std::string& 
   panel(svg, 380, 350, 240, 200, "images / s", "step", speed);
   panel(svg, 690, 350, 260, 200, "online probe top-1 (%)", "step", probe);
   svg << "</svg>\n";
-  std::ofstream out(svg_path);
-  if (!out) throw std::runtime_error(svg_path + ": cannot write");
-  out << svg.str();
+  io::write_file_atomic(svg_path, svg.str());
 }
 
 void write_projection(const at::Tensor& features, const at::Tensor& labels, const std::string& svg_path,
@@ -184,9 +184,7 @@ void write_projection(const at::Tensor& features, const at::Tensor& labels, cons
         << (c >= 0 ? kColours[c % 10] : "#444") << "'>"
         << (c >= 0 ? "class " + std::to_string(c) : std::string("unlabeled")) << "</text>";
   svg << "</svg>\n";
-  std::ofstream out(svg_path);
-  if (!out) throw std::runtime_error(svg_path + ": cannot write");
-  out << svg.str();
+  io::write_file_atomic(svg_path, svg.str());
 }
 
 }  // namespace twins::eval

@@ -24,9 +24,12 @@ std::vector<int64_t> parse_mlp_spec(const std::string& spec, const std::string& 
     } catch (const std::exception&) {
       used = 0;
     }
-    if (part.empty() || used != part.size() || value < 1)
-      throw std::invalid_argument(path + ": \"" + spec + "\" is not a list of positive sizes like \"8192-8192-8192\"");
+    if (part.empty() || used != part.size() || value < 1 || value > 65536)
+      throw std::invalid_argument(path + ": \"" + spec +
+                                  "\" is not a list of sizes in [1, 65536] like \"8192-8192-8192\"");
     dims.push_back(value);
+    if (dims.size() > 16)
+      throw std::invalid_argument(path + ": \"" + spec.substr(0, 60) + "...\" has more than 16 layers");
     if (dash == std::string::npos) break;
     start = dash + 1;
   }

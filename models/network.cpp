@@ -15,7 +15,7 @@
 namespace twins::models {
 namespace {
 
-std::shared_ptr<Network> make_resnet(const nlohmann::json& spec, const std::string& path, const std::string& name) {
+ResNetOptions read_resnet(const nlohmann::json& spec, const std::string& path, const std::string& name) {
   ResNetOptions o = name == "resnet" ? ResNetOptions{} : resnet_options(name);
   config::ConfigReader r(spec, path);
   r.allow("type");
@@ -29,7 +29,11 @@ std::shared_ptr<Network> make_resnet(const nlohmann::json& spec, const std::stri
   r.get("zero_init_residual", o.zero_init_residual);
   r.get("num_classes", o.num_classes);
   r.finish();
-  return std::make_shared<ResNet>(o);
+  return o;
+}
+
+bool is_resnet(const std::string& name) {
+  return name == "resnet" || name == "resnet18" || name == "resnet34" || name == "resnet50";
 }
 
 const Registry<Network>& backbones() {
@@ -37,7 +41,9 @@ const Registry<Network>& backbones() {
     Registry<Network> r("backbone");
     for (const char* name : {"resnet", "resnet18", "resnet34", "resnet50"}) {
       const std::string n = name;
-      r.add(n, [n](const nlohmann::json& s, const std::string& path) { return make_resnet(s, path, n); });
+      r.add(n, [n](const nlohmann::json& s, const std::string& path) {
+        return std::make_shared<ResNet>(read_resnet(s, path, n));
+      });
     }
     return r;
   }();
@@ -94,6 +100,13 @@ std::shared_ptr<Network> create_head(const nlohmann::json& spec, int64_t in_dim,
 }
 
 std::vector<std::string> backbone_names() { return backbones().names(); }
+
+int64_t backbone_state_elements(const nlohmann::json& spec, const std::string& path) {
+  const std::string type = config::type_of(spec, path);
+  if (is_resnet(type))
+    return ResNet::state_elements(read_resnet(spec.is_string() ? nlohmann::json{{"type", type}} : spec, path, type));
+  return -1;
+}
 std::vector<std::string> head_names() { return heads().names(); }
 
 int64_t count_parameters(const torch::nn::Module& module) {

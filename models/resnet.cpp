@@ -94,15 +94,46 @@ ResNetOptions resnet_options(const std::string& name) {
   return o;
 }
 
-ResNet::ResNet(ResNetOptions options) : options_(std::move(options)), layers_(new Layers) {
-  const auto& o = options_;
+namespace {
+
+// Ranges wide enough for any real ResNet, narrow enough that no option asks for all the memory.
+void validate(const ResNetOptions& o) {
   if (o.layers.size() != 4)
     throw std::invalid_argument("resnet: layers must list 4 stages, got " + std::to_string(o.layers.size()));
   for (int64_t n : o.layers)
-    if (n < 1) throw std::invalid_argument("resnet: every stage needs at least one block");
-  if (o.in_channels < 1) throw std::invalid_argument("resnet.in_channels: must be >= 1");
-  if (o.width < 1) throw std::invalid_argument("resnet.width: must be >= 1");
-  if (o.num_classes < 0) throw std::invalid_argument("resnet.num_classes: must be >= 0");
+    if (n < 1 || n > 1024) throw std::invalid_argument("resnet: every stage needs 1 to 1024 blocks");
+  if (o.in_channels < 1 || o.in_channels > 64) throw std::invalid_argument("resnet.in_channels: must be in [1, 64]");
+  if (o.width < 1 || o.width > 1024) throw std::invalid_argument("resnet.width: must be in [1, 1024]");
+  if (o.num_classes < 0 || o.num_classes > 1000000)
+    throw std::invalid_argument("resnet.num_classes: must be in [0, 10^6]");
+}
+
+}  // namespace
+
+int64_t ResNet::state_elements(const ResNetOptions& o) {
+  validate(o);
+  auto bn = [](int64_t c) { return 4 * c + 1; };  // weight, bias, running mean and var, count
+  const int64_t k = o.cifar_stem ? 3 : 7, expansion = o.bottleneck ? 4 : 1;
+  int64_t n = o.in_channels * o.width * k * k + bn(o.width), in = o.width;
+  for (size_t s = 0; s < 4; ++s) {
+    const int64_t planes = o.width << s, out = planes * expansion;
+    for (int64_t b = 0; b < o.layers[s]; ++b) {
+      const int64_t stride = (b == 0 && s > 0) ? 2 : 1;
+      if (o.bottleneck)
+        n += in * planes + bn(planes) + planes * planes * 9 + bn(planes) + planes * out + bn(out);
+      else
+        n += in * planes * 9 + bn(planes) + planes * planes * 9 + bn(planes);
+      if (stride != 1 || in != out) n += in * out + bn(out);
+      in = out;
+    }
+  }
+  if (o.num_classes > 0) n += in * o.num_classes + o.num_classes;
+  return n;
+}
+
+ResNet::ResNet(ResNetOptions options) : options_(std::move(options)), layers_(new Layers) {
+  const auto& o = options_;
+  validate(o);
 
   auto& L = *layers_;
   L.conv1 =

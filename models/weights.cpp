@@ -130,7 +130,18 @@ LoadedBackbone read_backbone(const std::string& given) {
     spec = infer_resnet(f, path);
     if (out.info.provenance.empty()) out.info.provenance = "inferred from tensor names (torchvision ResNet)";
   }
-  auto net = create_backbone(spec, path + " (" + metadata_key::architecture + ")");
+  // A file's metadata may describe any network: count what it would hold before building it.
+  const std::string where = path + " (" + metadata_key::architecture + ")";
+  int64_t held = 0;
+  for (const auto& [name, t] : f.tensors)
+    if (name.rfind("fc.", 0) != 0) held += t.numel();
+  const int64_t described = backbone_state_elements(spec, where);
+  // Building needs about `described` values; far more than the file holds is refused here (a
+  // near miss is built and its mismatched tensors listed below).
+  if (described > 2 * held + (int64_t{1} << 20))
+    throw std::runtime_error(path + ": the architecture " + spec.dump() + " has " + std::to_string(described) +
+                             " values, but the file holds " + std::to_string(held) + ": the weights do not fit it");
+  auto net = create_backbone(spec, where);
   // Match names and shapes both ways; list the first mismatches.
   std::vector<std::string> problems;
   std::set<std::string> expected;

@@ -4,6 +4,8 @@
 #include <cstdio>
 #include <stdexcept>
 
+#include "twins/config.h"
+
 namespace twins::train::detail {
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -51,9 +53,14 @@ std::optional<CheckpointStore::Checkpoint> CheckpointStore::load_latest(
       k.file = models::load_safetensors(c.string());
       if (!k.file.metadata.count("twins_checkpoint") || !k.file.metadata.count("config"))
         throw std::runtime_error("not a twins checkpoint (no twins_checkpoint or config metadata)");
-      k.info = json::parse(k.file.metadata.at("twins_checkpoint"));
-      k.config = json::parse(k.file.metadata.at("config"));
-      if (!k.info.is_object() || !k.info.contains("step") || !k.config.is_object())
+      if (!models::has_checksum(k.file) && !k.file.metadata.count("twins_crc32"))
+        throw std::runtime_error("no checksum: not written by twins, or altered");
+      k.info = config::parse_json(k.file.metadata.at("twins_checkpoint"), "twins_checkpoint");
+      k.config = config::parse_json(k.file.metadata.at("config"), "config");
+      const auto count = [&](const char* key) {
+        return k.info.contains(key) && k.info[key].is_number_integer() && k.info[key].get<int64_t>() >= 0;
+      };
+      if (!k.info.is_object() || !count("step") || !count("epoch") || !count("batch") || !k.config.is_object())
         throw std::runtime_error("its twins_checkpoint or config metadata is not what twins writes");
       return k;
     } catch (const std::exception& e) {

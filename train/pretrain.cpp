@@ -21,6 +21,7 @@
 #include "twins/eval/features.h"
 #include "twins/eval/plots.h"
 #include "twins/eval/transform.h"
+#include "twins/io.h"
 #include "twins/models/weights.h"
 #include "twins/runtime.h"
 #include "twins/train/recipe.h"
@@ -169,6 +170,16 @@ std::string write_results(Trainer& trainer, const Recipe& recipe, const augment:
 PretrainResult pretrain(const json& given_config, const PretrainOptions& options) {
   const auto start_time = Clock::now();
   const fs::path out_dir = options.out_dir;
+  // The run folder is this run's alone (rank 0 writes it): a second run on it fails at once.
+  // Holding the lock, temporaries of writes a crash interrupted can go.
+  std::optional<io::FolderLock> lock;
+  if (distributed::detect_environment().rank == 0) {
+    lock.emplace(out_dir.string());
+    const int stale = io::remove_stale_temporaries(out_dir.string()) +
+                      io::remove_stale_temporaries((out_dir / "checkpoints").string());
+    if (stale > 0)
+      warn("removed " + std::to_string(stale) + " temporary file(s) of interrupted writes in " + out_dir.string());
+  }
   // On resume, the run's own config rules: the checkpoint holds the resolved one.
   json config = given_config;
   std::optional<detail::CheckpointStore::Checkpoint> resume_from;
@@ -184,6 +195,7 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
   const TrainConfig& tc = recipe.train;
   const detail::CheckpointStore store(out_dir / "checkpoints", tc.keep_checkpoints);
   const Job job = join_job(tc, options.device.empty() ? tc.device : options.device);
+  if (job.main_rank) io::check_writable(store.dir().string());  // before the training time is spent
   set_compute_threads(tc.threads);
   if (tc.deterministic) compat::set_deterministic(true);
   if (job.device.is_cuda() && !tc.deterministic) at::globalContext().setBenchmarkCuDNN(true);  // fixed shapes
@@ -194,6 +206,11 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
   lo.batch_size = tc.batch_size, lo.workers = tc.workers, lo.seed = tc.seed, lo.channels = recipe.in_channels();
   lo.pin_memory = job.device.is_cuda();
   if (job.comm) lo.rank = job.comm->rank(), lo.world_size = job.world;
+  const int64_t rank_samples = (dataset->size() + job.world - 1) / job.world;
+  if (rank_samples < tc.batch_size)
+    throw std::invalid_argument("train.batch_size: " + std::to_string(tc.batch_size) + " is larger than the " +
+                                std::to_string(rank_samples) + " samples of " +
+                                (job.world > 1 ? "each rank" : "the dataset"));
   data::Loader loader(dataset, views, lo);
   // With gradient accumulation a step takes `accumulate` loader batches; an epoch's leftover
   // batches (fewer than `accumulate`) are skipped.
@@ -204,7 +221,10 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
     throw std::invalid_argument(
         "train.grad_accumulation: " + std::to_string(accumulate) + " batches per step, but an epoch has only " +
         std::to_string(loader.batches_per_epoch()) + " batches of " + std::to_string(tc.batch_size));
-  const int64_t total_steps = tc.epochs * steps_per_epoch;
+  int64_t total_steps = 0;
+  if (__builtin_mul_overflow(tc.epochs, steps_per_epoch, &total_steps))
+    throw std::invalid_argument("train.epochs: " + std::to_string(tc.epochs) + " epochs of " +
+                                std::to_string(steps_per_epoch) + " steps overflow the step counter");
   const int64_t max_steps = tc.max_steps > 0 ? std::min(tc.max_steps, total_steps) : total_steps;
 
   at::manual_seed(tc.seed);
@@ -222,6 +242,7 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
     json info = trainer.state_info();
     info.update(
         {{"epoch", at.epoch}, {"batch", at.batch}, {"twins_version", TWINS_VERSION_STRING}, {"world_size", job.world}});
+    log.sync();  // the metrics up to here survive with the checkpoint
     return store.save(trainer.steps_taken(), trainer.state(), info, config);
   };
   {
@@ -266,7 +287,8 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
       }
       at.batch = micro.back().index + 1;
       stop = r.stop;
-      log.count(r.images, waited);
+      io::fault_point("step", std::to_string(r.step));
+      log.count(r.images, waited, loader.skipped());
       if (r.step % tc.log_every == 0 || r.step == max_steps)
         log.step(r, {at.epoch, tc.epochs, at.batch / accumulate, steps_per_epoch, r.step, max_steps, start_step});
       if (tc.checkpoint_every_steps > 0 && r.step % tc.checkpoint_every_steps == 0) save_checkpoint();
@@ -306,6 +328,7 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
   const double train_seconds = log.seconds();
   result.images_per_second = static_cast<double>(log.images()) / std::max(1e-9, train_seconds);
   result.online_probe_top1 = last_probe;
+  result.skipped_samples = job.comm ? job.comm->sum(loader.skipped()) : loader.skipped();
   if (!stop && job.main_rank)
     result.backbone_path = write_results(trainer, recipe, views[0], out_dir, result.steps, eval_features);
   json summary = {{"summary", true},
@@ -321,7 +344,11 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
                   {"peak_rss_mb", detail::RunLog::peak_rss_mb()}};
   if (job.device.is_cuda()) summary["gpu_hours"] = train_seconds / 3600.0;
   if (last_probe) summary["online_probe_top1"] = *last_probe;
+  summary["skipped_samples"] = result.skipped_samples;
   log.append(summary);
+  if (result.skipped_samples > 0)
+    log.say("warning: " + std::to_string(result.skipped_samples) +
+            " bad sample(s) were replaced by the next good ones (on_bad_sample: skip); see the warnings above");
   if (stop) {
     log.say("interrupted at step " + std::to_string(result.steps) + "; checkpoint " + result.checkpoint_path);
     if (!options.command_line.empty()) log.say("resume with: " + options.command_line + " --resume");

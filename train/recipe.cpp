@@ -124,7 +124,8 @@ Recipe Recipe::parse(const json& root) {
     s.get("warmup_epochs", r.schedule.warmup_epochs);
     s.get("final_lr_ratio", r.schedule.final_lr_ratio);
     s.finish();
-    require(r.schedule.warmup_epochs >= 0, "schedule.warmup_epochs", "must be >= 0");
+    require(r.schedule.warmup_epochs >= 0 && r.schedule.warmup_epochs <= 1e6, "schedule.warmup_epochs",
+            "must be in [0, 10^6]");
     require(r.schedule.final_lr_ratio >= 0 && r.schedule.final_lr_ratio <= 1, "schedule.final_lr_ratio",
             "must be in [0, 1]");
   }
@@ -166,17 +167,23 @@ Recipe Recipe::parse(const json& root) {
     t.get("bucket_mb", c.bucket_mb);
     t.get("grad_accumulation", c.grad_accumulation);
     t.finish();
-    require(c.epochs >= 1, "train.epochs", "must be >= 1");
-    require(c.max_steps >= 0, "train.max_steps", "must be >= 0");
-    require(c.batch_size >= 2, "train.batch_size", "must be >= 2 (the losses use batch statistics)");
-    require(c.workers >= 0, "train.workers", "must be >= 0");
+    // Ranges that keep every step count of the run far inside 64 bits.
+    require(c.epochs >= 1 && c.epochs <= 1000000, "train.epochs", "must be in [1, 10^6]");
+    require(c.max_steps >= 0 && c.max_steps <= (int64_t{1} << 40), "train.max_steps", "must be in [0, 2^40]");
+    require(c.batch_size >= 2 && c.batch_size <= (1 << 20), "train.batch_size",
+            "must be in [2, 2^20] (the losses use batch statistics)");
+    require(c.workers >= 0 && c.workers <= 256, "train.workers", "must be in [0, 256]");
     require(c.log_every >= 1, "train.log_every", "must be >= 1");
-    require(c.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1");
+    require(c.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0");
+    require(c.checkpoint_every_epochs >= 0, "train.checkpoint_every_epochs", "must be >= 0");
+    require(c.keep_checkpoints >= 1 && c.keep_checkpoints <= 1000, "train.keep_checkpoints", "must be in [1, 1000]");
+    require(c.threads >= 0 && c.threads <= 4096, "train.threads", "must be in [0, 4096]");
     require(c.dist_backend == "auto" || c.dist_backend == "nccl" || c.dist_backend == "gloo", "train.dist_backend",
             "must be auto, nccl or gloo, got \"" + c.dist_backend + "\"");
-    require(c.dist_timeout_s > 0, "train.dist_timeout_s", "must be > 0");
-    require(c.bucket_mb > 0, "train.bucket_mb", "must be > 0");
-    require(c.grad_accumulation >= 1, "train.grad_accumulation", "must be >= 1");
+    require(c.dist_timeout_s > 0 && c.dist_timeout_s <= 1e7, "train.dist_timeout_s", "must be in (0, 10^7]");
+    require(c.bucket_mb > 0 && c.bucket_mb <= 1e5, "train.bucket_mb", "must be in (0, 10^5]");
+    require(c.grad_accumulation >= 1 && c.grad_accumulation <= 65536, "train.grad_accumulation",
+            "must be in [1, 65536]");
   }
   top.finish();
   return r;

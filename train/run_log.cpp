@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <fstream>
 #include <iomanip>
 #include <iostream>
 #include <sstream>
@@ -34,29 +35,23 @@ RunLog::RunLog(fs::path out_dir, bool writer, bool progress)
   tty_ = progress_ && ::isatty(STDERR_FILENO);
   if (!writer_) return;
   fs::create_directories(out_dir_);
-  metrics_.open(out_dir_ / "metrics.jsonl", std::ios::app);
-  if (!metrics_) throw std::runtime_error((out_dir_ / "metrics.jsonl").string() + ": cannot write");
+  metrics_ = std::make_unique<io::AppendFile>((out_dir_ / "metrics.jsonl").string());
 }
 
 void RunLog::write_config(const json& config) const {
-  if (!writer_) return;
-  const fs::path path = out_dir_ / "config.json", tmp = out_dir_ / "config.json.tmp";
-  {
-    std::ofstream out(tmp);
-    out << config.dump(2) << "\n";
-    out.flush();
-    if (!out) throw std::runtime_error(tmp.string() + ": cannot write");
-  }
-  fs::rename(tmp, path);
+  if (writer_) io::write_file_atomic((out_dir_ / "config.json").string(), config.dump(2) + "\n");
 }
 
 void RunLog::append(const json& line) {
-  if (!writer_) return;
-  metrics_ << line.dump() << "\n" << std::flush;
-  if (!metrics_) throw std::runtime_error((out_dir_ / "metrics.jsonl").string() + ": write failed");
+  if (writer_) metrics_->append(line.dump() + "\n");
 }
 
-void RunLog::count(int64_t images, double data_wait_seconds) {
+void RunLog::sync() {
+  if (writer_) metrics_->sync();
+}
+
+void RunLog::count(int64_t images, double data_wait_seconds, int64_t skipped) {
+  skipped_ = skipped;
   images_ += images, window_images_ += images;
   wait_ += data_wait_seconds, window_wait_ += data_wait_seconds;
 }
@@ -82,6 +77,7 @@ void RunLog::step(const StepResult& r, const RunPosition& p) {
   line["peak_rss_mb"] = peak_rss_mb();
   if (r.tau) line["tau"] = *r.tau;
   if (r.skipped) line["skipped"] = true;
+  if (skipped_ > 0) line["skipped_samples"] = skipped_;
   append(line);
   if (progress_) {
     const double per_step = seconds() / static_cast<double>(std::max<int64_t>(1, p.step - p.start_step));

@@ -7,9 +7,10 @@
 
 #include <chrono>
 #include <filesystem>
-#include <fstream>
+#include <memory>
 #include <string>
 
+#include "twins/io.h"
 #include "twins/train/trainer.h"
 
 namespace twins::train::detail {
@@ -30,11 +31,14 @@ class RunLog {
 
   /// config.json (replaced atomically).
   void write_config(const nlohmann::json& config) const;
-  /// Appends one line to metrics.jsonl and flushes it.
+  /// Appends one line to metrics.jsonl, every write checked (a full disk is an error).
   void append(const nlohmann::json& line);
+  /// Forces metrics.jsonl to the disk (at checkpoints, so both agree after a crash).
+  void sync();
 
-  /// Counts a step's images and the seconds spent waiting for its data.
-  void count(int64_t images, double data_wait_seconds);
+  /// Counts a step's images and the seconds spent waiting for its data; `skipped`: bad samples
+  /// replaced so far (reported in the step lines when not 0).
+  void count(int64_t images, double data_wait_seconds, int64_t skipped = 0);
   /// The step line of `r` (loss, terms, lr, tau, images/s and data-wait fraction since the
   /// last step line, peak memory): appended to metrics.jsonl and shown as the progress line.
   void step(const StepResult& r, const RunPosition& position);
@@ -53,9 +57,9 @@ class RunLog {
  private:
   std::filesystem::path out_dir_;
   bool writer_, progress_, tty_ = false, line_open_ = false;
-  std::ofstream metrics_;
+  std::unique_ptr<io::AppendFile> metrics_;
   std::chrono::steady_clock::time_point start_, window_start_;
-  int64_t images_ = 0, window_images_ = 0;
+  int64_t images_ = 0, window_images_ = 0, skipped_ = 0;
   double wait_ = 0, window_wait_ = 0;
 };
 

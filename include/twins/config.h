@@ -7,8 +7,11 @@
 // than they mistype values, and a silently ignored key is a silently wrong experiment.
 #include <nlohmann/json.hpp>
 
+#include <limits>
 #include <set>
 #include <string>
+#include <string_view>
+#include <type_traits>
 #include <vector>
 
 namespace twins::config {
@@ -21,15 +24,30 @@ class ConfigReader {
   /// The reader keeps a reference: reading a temporary would dangle.
   ConfigReader(nlohmann::json&& object, std::string path) = delete;
 
-  /// Reads `key` into `value` if present (keeps the default otherwise).
+  /// Reads `key` into `value` if present (keeps the default otherwise). Integers must be
+  /// integers in T's range (2.5 for a batch size is an error, not 2); lists of integers too.
   template <class T>
   void get(const std::string& key, T& value) {
     known_.insert(key);
     if (!object_.contains(key)) return;
-    try {
-      value = object_.at(key).get<T>();
-    } catch (const nlohmann::json::exception&) {
-      throw_type_error(key, describe<T>());
+    const nlohmann::json& v = object_.at(key);
+    if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) {
+      value = static_cast<T>(integer(key, v, static_cast<long double>(std::numeric_limits<T>::min()),
+                                     static_cast<long double>(std::numeric_limits<T>::max())));
+    } else if constexpr (is_integer_vector<T>::value) {
+      using E = typename T::value_type;
+      if (!v.is_array()) throw_type_error(key, "a list of integers");
+      T out;
+      for (const auto& item : v)
+        out.push_back(static_cast<E>(integer(key, item, static_cast<long double>(std::numeric_limits<E>::min()),
+                                             static_cast<long double>(std::numeric_limits<E>::max()))));
+      value = std::move(out);
+    } else {
+      try {
+        value = v.get<T>();
+      } catch (const nlohmann::json::exception&) {
+        throw_type_error(key, describe<T>());
+      }
     }
   }
 
@@ -56,6 +74,12 @@ class ConfigReader {
     else
       return "a value of another type";
   }
+  template <class T>
+  struct is_integer_vector : std::false_type {};
+  template <class E>
+  struct is_integer_vector<std::vector<E>> : std::bool_constant<std::is_integral_v<E> && !std::is_same_v<E, bool>> {};
+  // An integral JSON number (or a float with an integral value) in [lo, hi].
+  long double integer(const std::string& key, const nlohmann::json& v, long double lo, long double hi) const;
   [[noreturn]] void throw_type_error(const std::string& key, const char* expected) const;
 
   const nlohmann::json& object_;
@@ -81,7 +105,19 @@ void apply_override(nlohmann::json& root, const std::string& assignment);
 /// Throws std::invalid_argument naming the file and the position of a JSON syntax error.
 nlohmann::json load_config(const std::string& file, const std::vector<std::string>& overrides = {});
 
-/// Parses a JSON file; errors name the file.
+/// The deepest nesting of lists and objects accepted in any JSON twins reads (configs,
+/// safetensors headers, metadata): deeper text is refused before parsing, so no input can
+/// exhaust the stack.
+inline constexpr int kMaxJsonDepth = 64;
+/// The largest config file read (configs are a few kB; anything larger is a wrong file).
+inline constexpr size_t kMaxConfigBytes = 64u << 20;
+
+/// Parses JSON text, `comments` allowing // and /* */; `name` (a file, a metadata key) names it
+/// in messages. Throws std::invalid_argument for a syntax error (with its position) or nesting
+/// deeper than kMaxJsonDepth.
+nlohmann::json parse_json(std::string_view text, const std::string& name, bool comments = false);
+
+/// Parses a JSON file (comments allowed); errors name the file.
 nlohmann::json read_json_file(const std::string& file);
 
 }  // namespace twins::config

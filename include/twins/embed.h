@@ -33,6 +33,8 @@ struct EmbedderOptions {
   std::vector<double> mean, std;
   /// Images per forward pass.
   int64_t batch_size = 64;
+  /// Image files with more pixels than this are refused before decoding (PIL's limit).
+  int64_t max_image_pixels = 89478485;
 };
 
 struct EmbedDatasetOptions {

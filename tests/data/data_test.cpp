@@ -7,6 +7,7 @@
 #include <set>
 
 #include "tests/test_util.h"
+#include "twins/data/csv.h"
 #include "twins/data/dataset.h"
 #include "twins/data/image_io.h"
 #include "twins/data/loader.h"
@@ -346,7 +347,7 @@ TEST_CASE("data: loader resume position, errors and shutdown") {
     busy.next();
   }
   o.batch_size = 41;
-  check_throws_with<std::invalid_argument>([&] { Loader(d, views, o); }, "train.batch_size: 41 is larger");
+  check_throws_with<std::invalid_argument>([&] { Loader(d, views, o); }, "batch_size: 41 is larger");
   // A view whose size depends on the input cannot be batched from images of different sizes.
   TempDir mixed;
   write_image(mixed / "a.png", at::zeros({6, 8, 3}, at::kByte));
@@ -378,4 +379,167 @@ TEST_CASE("data: JPEG decoding matches PIL's pixels and truncated files are erro
   std::ofstream(tmp / "empty.png", std::ios::binary) << "";
   check_throws_with<std::runtime_error>([&] { read_image(tmp / "empty.png"); }, "empty.png: empty file");
   check_throws_with<std::runtime_error>([&] { read_image(tmp / "missing.png"); }, "missing.png: cannot open");
+}
+
+// ---- hostile inputs: each class of fault is an error naming the file (or a counted skip), never
+// a crash, a memory bomb or a silently wrong dataset ------------------------------------------
+
+TEST_CASE("data: hostile IDX files: overflowing headers, gzip bombs, truncation, labels out of range") {
+  TempDir dir;
+  // Dimensions whose product overflows 64 bits: refused from the header, nothing allocated.
+  std::vector<uint8_t> header = big_endian(0x803);
+  for (uint32_t v : {0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu})
+    for (uint8_t b : big_endian(v)) header.push_back(b);
+  write_idx(dir.path.string(), "train", 4, 2, 2, false);
+  std::ofstream(dir / "train-images-idx3-ubyte", std::ios::binary)
+      .write(reinterpret_cast<const char*>(header.data()), 16);
+  check_throws_with<std::runtime_error>(
+      [&] {
+        create_dataset({{"type", "mnist"}, {"root", dir.path.string()}});
+      },
+      "declares more than 2^40 bytes");
+  // A gzip file declaring 4 images of 2x2 but expanding to 64 MB: stopped at the declared size.
+  {
+    std::vector<uint8_t> bomb = big_endian(0x803);
+    for (uint32_t v : {4u, 2u, 2u})
+      for (uint8_t b : big_endian(v)) bomb.push_back(b);
+    bomb.resize(64u << 20, 0);
+    fs::remove(dir / "train-images-idx3-ubyte");
+    write_gz(dir / "train-images-idx3-ubyte.gz", bomb);
+    check_throws_with<std::runtime_error>(
+        [&] {
+          create_dataset({{"type", "mnist"}, {"root", dir.path.string()}});
+        },
+        "decompresses to more than the 32 bytes its header declares");
+    fs::remove(dir / "train-images-idx3-ubyte.gz");
+  }
+  // A truncated .gz: the message is readable (it was read after zlib freed it).
+  write_idx(dir.path.string(), "train", 300, 28, 28, true);
+  fs::resize_file(dir / "train-images-idx3-ubyte.gz", fs::file_size(dir / "train-images-idx3-ubyte.gz") / 2);
+  try {
+    create_dataset({{"type", "mnist"}, {"root", dir.path.string()}});
+    FAIL("a truncated gzip file was accepted");
+  } catch (const std::runtime_error& e) {
+    const std::string what = e.what();
+    CHECK(what.find("corrupt or truncated gzip file (") != std::string::npos);
+    for (char c : what) CHECK(((c >= 32 && c < 127) || c == '\n'));  // no garbled bytes
+  }
+  fs::remove(dir / "train-images-idx3-ubyte.gz");
+  fs::remove(dir / "train-labels-idx1-ubyte.gz");
+  // A label outside the 10 classes is corrupt data, named with its record.
+  write_idx(dir.path.string(), "train", 5, 2, 2, false);
+  {
+    std::fstream f(dir / "train-labels-idx1-ubyte", std::ios::binary | std::ios::in | std::ios::out);
+    f.seekp(8 + 3);
+    f.put(char(12));
+  }
+  check_throws_with<std::runtime_error>(
+      [&] {
+        create_dataset({{"type", "mnist"}, {"root", dir.path.string()}});
+      },
+      "train-labels-idx1-ubyte: record 3 has label 12, outside the 10 classes of mnist");
+}
+
+TEST_CASE("data: CSV lists as RFC 4180") {
+  TempDir dir;
+  fs::create_directories(dir / "a, b");
+  write_image(dir / "a, b/x.png", at::full({4, 4, 3}, 9, at::kByte));
+  write_image(dir / "y.png", at::full({4, 4, 3}, 19, at::kByte));
+  // BOM, a quoted path with a comma, CRLF line ends, a doubled quote, an empty line.
+  std::ofstream(dir / "list.csv", std::ios::binary)
+      << "\xEF\xBB\xBFpath,label\r\n\"a, b/x.png\",2\r\n\r\ny.png,\"0\"\r\n";
+  auto d = create_dataset({{"type", "csv"}, {"file", dir / "list.csv"}});
+  REQUIRE(d->size() == 2);
+  CHECK(d->label(0) == 2);
+  CHECK(d->image(0)[0][0][0].item<int>() == 9);
+  CHECK(d->num_classes() == 3);
+  const auto rows = parse_csv("a,\"q\"\"uote\"\n\"multi\nline\",3", "t.csv");
+  REQUIRE(rows.size() == 2);
+  CHECK(rows[0].fields[1] == "q\"uote");
+  CHECK(rows[1].fields[0] == "multi\nline");
+  CHECK(rows[1].line == 2);
+  check_throws_with<std::runtime_error>([] { parse_csv("a,\"open\n", "t.csv"); },
+                                        "t.csv:1: a quoted field is not closed");
+  check_throws_with<std::runtime_error>([] { parse_csv("a,\"x\"y\n", "t.csv"); }, "text after the closing quote");
+  // An absurd label is refused, and quoted only in part in the message.
+  std::ofstream(dir / "huge.csv") << "y.png," << std::string(100000, '9') << "\n";
+  try {
+    create_dataset({{"type", "csv"}, {"file", dir / "huge.csv"}});
+    FAIL("a huge label was accepted");
+  } catch (const std::runtime_error& e) {
+    CHECK(std::string(e.what()).find("huge.csv:1: a field longer than 4096 bytes") != std::string::npos);
+    CHECK(std::string(e.what()).size() < 300);
+  }
+  std::ofstream(dir / "three.csv") << "a.png,1,2\n";
+  std::ofstream(dir / "big.csv") << "y.png,123456789012\n";
+  check_throws_with<std::runtime_error>(
+      [&] {
+        create_dataset({{"type", "csv"}, {"file", dir / "big.csv"}});
+      },
+      "big.csv:1: label \"123456789012\" is not a non-negative integer below 1000000");
+  check_throws_with<std::runtime_error>(
+      [&] {
+        create_dataset({{"type", "csv"}, {"file", dir / "three.csv"}});
+      },
+      "three.csv:1: 3 fields; expected path[,label]");
+}
+
+TEST_CASE("data: image headers are checked before decoding, and every undecodable file is a bad sample") {
+  TempDir dir;
+  // A PNG header claiming 60000 x 60000 pixels (3.6 Gpx): refused from the header alone.
+  std::vector<uint8_t> png = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n', 0, 0, 0, 13, 'I', 'H', 'D', 'R'};
+  for (uint8_t b : big_endian(60000)) png.push_back(b);
+  for (uint8_t b : big_endian(60000)) png.push_back(b);
+  for (uint8_t b : {8, 2, 0, 0, 0}) png.push_back(b);
+  CHECK(image_header_size(png.data(), png.size()) == std::pair<int64_t, int64_t>{60000, 60000});
+  check_throws_with<std::runtime_error>([&] { decode_image(png, "bomb.png"); },
+                                        "bomb.png: 60000x60000 pixels, above the limit of 89478485");
+  // A tiny JPEG whose frame header claims 20000 x 20000: refused before libjpeg allocates.
+  std::vector<uint8_t> jpeg = {0xFF, 0xD8, 0xFF, 0xC0, 0x00, 0x11, 0x08, 0x4E, 0x20, 0x4E, 0x20, 0x03};
+  jpeg.resize(64, 0);
+  CHECK(image_header_size(jpeg.data(), jpeg.size()) == std::pair<int64_t, int64_t>{20000, 20000});
+  check_throws_with<std::runtime_error>([&] { decode_image(jpeg, "claims.jpg"); },
+                                        "20000x20000 pixels, above the limit");
+  // The limit is a dataset key; real images keep their header sizes.
+  write_image(dir / "ok.png", at::zeros({30, 40, 3}, at::kByte));
+  {
+    std::ifstream in(dir / "ok.png", std::ios::binary);
+    const std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    CHECK(image_header_size(bytes.data(), bytes.size()) == std::pair<int64_t, int64_t>{40, 30});
+  }
+  write_image(dir / "ok.bmp", at::zeros({7, 9, 3}, at::kByte));
+  {
+    std::ifstream in(dir / "ok.bmp", std::ios::binary);
+    const std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    CHECK(image_header_size(bytes.data(), bytes.size()) == std::pair<int64_t, int64_t>{9, 7});
+  }
+  auto small = create_dataset({{"type", "image_folder"}, {"root", dir.path.string()}, {"max_image_pixels", 100}});
+  check_throws_with<BadSample>([&] { small->image(1); }, "40x30 pixels, above the limit of 100");
+  // A PNG whose data is garbage after a valid header: OpenCV's exception becomes a bad sample,
+  // which "skip" replaces and counts.
+  std::vector<uint8_t> broken = png;
+  broken[16 + 2] = 0, broken[16 + 3] = 8, broken[20 + 2] = 0, broken[20 + 3] = 8;  // 8 x 8
+  broken.resize(200, 0x55);
+  std::ofstream(dir / "broken.png", std::ios::binary)
+      .write(reinterpret_cast<const char*>(broken.data()), broken.size());
+  auto d = create_dataset({{"type", "image_folder"}, {"root", dir.path.string()}, {"on_bad_sample", "skip"}});
+  REQUIRE(d->size() == 3);
+  CHECK_THROWS_AS(d->image(0), BadSample);
+  const auto views = twins::augment::parse_views(json::parse(R"([[{"type": "center_crop", "size": 4}]])"));
+  LoaderOptions o;
+  o.batch_size = 3, o.workers = 1, o.shuffle = false, o.drop_last = false;
+  Loader loader(d, views, o);
+  loader.start_epoch(0);
+  REQUIRE(loader.next());
+  CHECK(loader.skipped() == 1);
+}
+
+TEST_CASE("data: an absurd number of loader workers is an error, not a crash") {
+  TempDir dir;
+  write_idx(dir.path.string(), "train", 8, 4, 4, false);
+  auto d = create_dataset({{"type", "mnist"}, {"root", dir.path.string()}});
+  const auto views = twins::augment::parse_views(json::parse(R"([[{"type": "center_crop", "size": 4}]])"));
+  LoaderOptions o;
+  o.batch_size = 2, o.workers = 1000000;
+  check_throws_with<std::invalid_argument>([&] { Loader(d, views, o); }, "LoaderOptions::workers: must be in [0, 256]");
 }

@@ -177,6 +177,67 @@ TEST_CASE("eval: safetensors round trip, byte layout, and malformed files") {
   fs::remove_all(dir);
 }
 
+TEST_CASE("eval: safetensors files are validated as strictly as the safetensors library does") {
+  const fs::path dir = temp_dir("st_hostile");
+  auto file = [&](const std::string& name, const std::string& json, const std::string& data) {
+    std::string s(8, '\0');
+    for (int i = 0; i < 8; ++i) s[i] = char((uint64_t(json.size()) >> (8 * i)) & 0xff);
+    std::ofstream(dir / name, std::ios::binary) << s + json + data;
+    return (dir / name).string();
+  };
+  auto refused = [&](const std::string& name, const std::string& json, const std::string& data,
+                     const std::string& why) {
+    CAPTURE(name);
+    check_throws_with<std::runtime_error>([&] { twins::models::load_safetensors(file(name, json, data)); }, why);
+  };
+  refused(
+      "hole",
+      R"({"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"b":{"dtype":"U8","shape":[2],"data_offsets":[4,6]}})",
+      "123456", "b: data_offsets start at 4 where 2 was expected");
+  refused(
+      "overlap",
+      R"({"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"b":{"dtype":"U8","shape":[2],"data_offsets":[2,4]}})",
+      "1234", "data_offsets start at 2 where 4 was expected");
+  refused("unused", R"({"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}})", "1234", "cover 2 of the 4 bytes");
+  refused("overflow", R"({"a":{"dtype":"F64","shape":[4294967296,4294967296,16],"data_offsets":[0,8]}})", "12345678",
+          "more elements than can exist");
+  refused("start", R"( {"a":1})", "", "does not start with '{'");
+  refused("nested", std::string(100, '[') + std::string(100, ']'), "", "does not start with '{'");
+  refused("deep", "{\"a\":" + std::string(100, '[') + std::string(100, ']') + "}", "", "nested deeper than 64 levels");
+  // A header length beyond the format's 100 MB limit is refused before it is read.
+  std::string huge(8, '\0');
+  const uint64_t n = 200'000'000;
+  for (int i = 0; i < 8; ++i) huge[i] = char((n >> (8 * i)) & 0xff);
+  huge.resize(8 + n + 8, ' ');
+  huge[8] = '{';
+  std::ofstream(dir / "huge", std::ios::binary) << huge;
+  check_throws_with<std::runtime_error>([&] { twins::models::load_safetensors((dir / "huge").string()); },
+                                        "above the format's limit of 100000000");
+  fs::remove_all(dir);
+}
+
+TEST_CASE("eval: a backbone file whose metadata describes a giant network is refused before building it") {
+  const fs::path dir = temp_dir("giant");
+  twins::models::ResNetOptions o = twins::models::resnet_options("resnet18");
+  o.width = 4, o.cifar_stem = true;
+  twins::models::ResNet net(o);
+  CHECK(twins::models::ResNet::state_elements(o) == [&] {
+    int64_t n = 0;
+    for (const auto& [name, t] : twins::models::backbone_state(net)) n += t.numel();
+    return n;
+  }());
+  // The real weights of a width-4 net, with metadata claiming ResNet-50 x 1024 wide.
+  twins::models::save_safetensors((dir / "giant.safetensors").string(), twins::models::backbone_state(net),
+                                  {{"twins_backbone", R"({"type": "resnet50", "width": 1024})"}});
+  check_throws_with<std::runtime_error>([&] { twins::models::load_backbone((dir / "giant.safetensors").string()); },
+                                        "values, but the file holds");
+  twins::models::save_safetensors((dir / "wide.safetensors").string(), twins::models::backbone_state(net),
+                                  {{"twins_backbone", R"({"type": "resnet18", "width": 100000})"}});
+  check_throws_with<std::invalid_argument>([&] { twins::models::load_backbone((dir / "wide.safetensors").string()); },
+                                           "resnet.width: must be in [1, 1024]");
+  fs::remove_all(dir);
+}
+
 TEST_CASE("eval: backbone import and export with torchvision names") {
   const fs::path dir = temp_dir("weights");
   twins::models::ResNetOptions o = twins::models::resnet_options("resnet18");

@@ -9,6 +9,7 @@
 #include "tests/test_util.h"
 #include "train/ssl_model.h"
 #include "twins/config.h"
+#include "twins/io.h"
 #include "twins/losses.h"
 #include "twins/models/safetensors.h"
 #include "twins/train/lars.h"
@@ -305,4 +306,70 @@ TEST_CASE("train: every recipe in configs/ parses") {
     const json cfg = twins::config::load_config(e.path().string());
     CHECK_NOTHROW(Recipe::parse(cfg));
   }
+}
+
+TEST_CASE("train: hostile configs and run folders fail before any training") {
+  TinyData data(32);
+  json cfg = tiny_recipe("vicreg", data.dir);
+  cfg["train"]["epochs"] = int64_t{1} << 62;  // epochs x steps used to overflow into 0 steps
+  check_throws_with<std::invalid_argument>([&] { Recipe::parse(cfg); }, "train.epochs: must be in [1, 10^6]");
+  cfg = tiny_recipe("vicreg", data.dir);
+  cfg["train"]["batch_size"] = 16.5;  // used to become 16 without a word
+  check_throws_with<std::invalid_argument>([&] { Recipe::parse(cfg); },
+                                           "train.batch_size: expected an integer, got 16.5");
+  cfg = tiny_recipe("vicreg", data.dir);
+  cfg["train"]["batch_size"] = 64;
+  check_throws_with<std::invalid_argument>([&] { pretrain(cfg, quiet(data.dir / "big_batch")); },
+                                           "train.batch_size: 64 is larger than the 32 samples of the dataset");
+  cfg = tiny_recipe("vicreg", data.dir);
+  cfg["train"]["epochs"] = 1;
+  // A second run on a folder in use fails at once.
+  const fs::path out = data.dir / "locked";
+  {
+    twins::io::FolderLock held(out.string());
+    check_throws_with<std::runtime_error>([&] { pretrain(cfg, quiet(out)); }, "in use by another twins process");
+  }
+  // Temporaries of interrupted writes are removed when the next run takes the folder.
+  fs::create_directories(out / "checkpoints");
+  std::ofstream(out / "checkpoints" / "step-00000001.safetensors.tmp-999999") << "half a checkpoint";
+  CHECK(pretrain(cfg, quiet(out)).steps == 2);
+  CHECK_FALSE(fs::exists(out / "checkpoints" / "step-00000001.safetensors.tmp-999999"));
+  // A checkpoint folder that cannot be written is found before the training time is spent.
+  const fs::path blocked = data.dir / "blocked";
+  fs::create_directories(blocked);
+  std::ofstream(blocked / "checkpoints") << "a file where the folder should be";
+  check_throws_with<std::runtime_error>([&] { pretrain(cfg, quiet(blocked)); }, "cannot create the folder");
+  CHECK_FALSE(fs::exists(blocked / "metrics.jsonl"));
+}
+
+TEST_CASE("train: the checksum covers the checkpoint's header: an altered step falls back to the previous one") {
+  TinyData data(48);
+  json cfg = tiny_recipe("vicreg", data.dir);
+  cfg["train"]["epochs"] = 2;  // 3 steps per epoch
+  cfg["train"]["checkpoint_every_steps"] = 1;
+  cfg["train"]["keep_checkpoints"] = 3;
+  const auto full = pretrain(cfg, quiet(data.dir / "full"));
+  REQUIRE(full.steps == 6);
+  PretrainOptions part = quiet(data.dir / "part");
+  part.stop_after = 4;
+  pretrain(cfg, part);
+  // Alter the step recorded in the newest checkpoint's metadata (same length, so the data
+  // offsets stay valid): only the checksum can tell.
+  const fs::path newest = data.dir / "part/checkpoints/step-00000004.safetensors";
+  std::string bytes;
+  {
+    std::ifstream in(newest, std::ios::binary);
+    bytes.assign((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  }
+  const size_t at = bytes.find("\\\"step\\\":4");
+  REQUIRE(at != std::string::npos);
+  bytes[at + 9] = '5';
+  std::ofstream(newest, std::ios::binary) << bytes;
+  check_throws_with<std::runtime_error>([&] { twins::models::load_safetensors(newest.string()); }, "checksum mismatch");
+  PretrainOptions rest = quiet(data.dir / "part");
+  rest.resume = true;
+  CHECK(pretrain(json::object(), rest).steps == 6);  // resumed from step 3
+  const auto a = twins::models::load_safetensors((data.dir / "full/backbone.safetensors").string());
+  const auto b = twins::models::load_safetensors((data.dir / "part/backbone.safetensors").string());
+  for (const auto& [name, t] : a.tensors) CHECK(at::equal(t, b.at(name)));
 }

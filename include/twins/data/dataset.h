@@ -4,7 +4,9 @@
 // Types: cifar10, cifar100 (official binary versions), stl10 (binary; splits train, test,
 // unlabeled, train+unlabeled), mnist and fashion_mnist (IDX, gzipped or not), image_folder
 // (root/<class>/**/*.jpg|png|..., classes from sorted folder names; a flat folder is unlabeled)
-// and csv (lines "path[,label]", paths relative to the CSV file's folder unless absolute).
+// and csv (RFC 4180 rows "path[,label]", paths relative to the CSV file's folder unless
+// absolute). Image files larger than "max_image_pixels" (default: PIL's limit, ~89.5 Mpx) are
+// refused from their header, before decoding: a bad sample (see on_bad_sample).
 #include <ATen/core/Tensor.h>
 #include <nlohmann/json_fwd.hpp>
 

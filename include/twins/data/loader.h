@@ -19,6 +19,9 @@
 
 namespace twins::data {
 
+/// The most worker threads a loader starts (more is a configuration error, not a speed-up).
+inline constexpr int kMaxWorkers = 256;
+
 struct LoaderOptions {
   /// Samples per batch (per rank).
   int64_t batch_size = 256;

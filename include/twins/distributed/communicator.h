@@ -75,6 +75,8 @@ class Communicator {
   void all_reduce(at::Tensor& tensor);
   /// Whether any rank passed true (every rank gets the same answer). Blocks.
   bool any(bool flag);
+  /// The sum of `value` over ranks. Blocks.
+  int64_t sum(int64_t value);
   /// Starts a sum over ranks in place and returns a function that waits for it (and throws if
   /// it failed). The tensor must stay alive and untouched until then.
   std::function<void()> all_reduce_async(at::Tensor& tensor);

@@ -43,6 +43,9 @@ std::shared_ptr<Network> create_backbone(const nlohmann::json& spec, const std::
 std::shared_ptr<Network> create_head(const nlohmann::json& spec, int64_t in_dim, const std::string& path = "head");
 
 std::vector<std::string> backbone_names();
+/// Elements of the parameters and buffers the backbone `spec` would have, computed without
+/// building it; -1 for a type that cannot tell. Throws like create_backbone for a bad spec.
+int64_t backbone_state_elements(const nlohmann::json& spec, const std::string& path = "backbone");
 std::vector<std::string> head_names();
 
 /// Total number of elements of the parameters (not buffers).

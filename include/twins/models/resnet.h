@@ -37,6 +37,9 @@ class ResNet : public Network {
   std::shared_ptr<Network> copy() const override;
   nlohmann::json to_json() const override;
   const ResNetOptions& options() const { return options_; }
+  /// Elements of the parameters and buffers of a ResNet with `options`, computed without
+  /// building it (to refuse a file whose metadata describes a network its tensors cannot fill).
+  static int64_t state_elements(const ResNetOptions& options);
 
  private:
   struct Layers;

@@ -25,14 +25,21 @@ struct SafeTensorsFile {
 };
 
 /// Writes atomically (temporary file, fsync, rename): a crash leaves the old file or the new
-/// one, never half of one. Adds metadata "twins_crc32", the CRC-32 of the tensor bytes.
+/// one, never half of one. Adds metadata "twins_checksum" ("crc32:<8 hex digits>"), the CRC-32
+/// of the whole file (header included) with those digits as zeros while computing.
 /// Tensors may be on any device and of any layout; supported dtypes: F64 F32 F16 BF16 I64 I32
 /// I16 I8 U8 BOOL.
 void save_safetensors(const std::string& path, const NamedTensors& tensors,
                       std::map<std::string, std::string> metadata = {});
 
-/// Reads a file; malformed headers, unknown dtypes, offsets outside the file, or a CRC that does
-/// not match (when "twins_crc32" is present) throw std::runtime_error naming the file and fault.
+/// Reads a file, validated as strictly as the safetensors library does (header at most 100 MB
+/// and a JSON object, known dtypes, dtype x shape == byte span, spans in bounds, contiguous,
+/// non-overlapping and covering the data) plus twins' checksum when present ("twins_checksum",
+/// or twins 0.1's "twins_crc32" over the data). Faults throw std::runtime_error naming the file.
 SafeTensorsFile load_safetensors(const std::string& path);
+/// The same on bytes in memory; `name` names them in messages.
+SafeTensorsFile parse_safetensors(const uint8_t* bytes, size_t size, const std::string& name);
+/// Whether `file` carries a twins checksum (checkpoints must).
+inline bool has_checksum(const SafeTensorsFile& file) { return file.metadata.count("twins_checksum") != 0; }
 
 }  // namespace twins::models

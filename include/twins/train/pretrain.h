@@ -41,6 +41,8 @@ struct PretrainResult {
   std::string backbone_path;
   /// The last checkpoint written (also when interrupted).
   std::string checkpoint_path;
+  /// Bad samples replaced by the next good ones (on_bad_sample "skip"), over every rank.
+  int64_t skipped_samples = 0;
   /// Online-probe accuracy of the last epoch (on eval_data if given, else on training views).
   std::optional<double> online_probe_top1;
 };

@@ -1,0 +1,164 @@
+#include "twins/io.h"
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <csignal>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <regex>
+#include <stdexcept>
+
+namespace twins::io {
+namespace fs = std::filesystem;
+
+std::string describe_errno(int err) {
+  std::string s = std::strerror(err);
+  if (err == ENOSPC) s += ": the disk is full";
+  if (err == EFBIG) s += ": the file exceeds the size limit of this process or file system (ulimit -f)";
+  if (err == EDQUOT) s += ": the disk quota is exhausted";
+  return s;
+}
+
+namespace {
+
+void write_all(int fd, std::string_view data, const std::string& path) {
+  const char* p = data.data();
+  size_t n = data.size();
+  while (n > 0) {
+    const ssize_t w = ::write(fd, p, n);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      throw std::runtime_error(path + ": write failed (" + describe_errno(errno) + ")");
+    }
+    p += w, n -= static_cast<size_t>(w);
+  }
+}
+
+void sync_folder_of(const std::string& path) {
+  const std::string dir = fs::path(path).parent_path().string();
+  const int dfd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_CLOEXEC);
+  if (dfd >= 0) ::fsync(dfd), ::close(dfd);
+}
+
+}  // namespace
+
+void fault_point(const char* point, const std::string& subject) {
+  struct Fault {
+    std::string point, subject;
+    int64_t n = 0, hits = 0;
+  };
+  static Fault* fault = []() -> Fault* {
+    const char* spec = std::getenv("TWINS_FAULT");
+    if (!spec) return nullptr;
+    const std::string s = spec;
+    const size_t at = s.find('@'), hash = s.rfind('#');
+    if (at == std::string::npos || hash == std::string::npos || hash < at) return nullptr;
+    auto* f = new Fault{s.substr(0, at), s.substr(at + 1, hash - at - 1), std::atoll(s.c_str() + hash + 1), 0};
+    return f;
+  }();
+  if (!fault || fault->point != point || subject.find(fault->subject) == std::string::npos) return;
+  if (++fault->hits == fault->n) ::kill(::getpid(), SIGKILL);
+}
+
+std::string temporary_name(const std::string& path) { return path + ".tmp-" + std::to_string(::getpid()); }
+
+void write_file_atomic(const std::string& path, const std::vector<std::string_view>& parts) {
+  const std::string tmp = temporary_name(path);
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) throw std::runtime_error(path + ": cannot write (" + describe_errno(errno) + ")");
+  try {
+    for (size_t k = 0; k < parts.size(); ++k) {
+      write_all(fd, parts[k], path);
+      if (k == (parts.size() - 1) / 2) fault_point("partial", path);  // e.g. the header, not the data
+    }
+    if (::fsync(fd) != 0) throw std::runtime_error(path + ": cannot flush to disk (" + describe_errno(errno) + ")");
+  } catch (...) {
+    ::close(fd);
+    ::unlink(tmp.c_str());
+    throw;
+  }
+  if (::close(fd) != 0) {
+    const int err = errno;
+    ::unlink(tmp.c_str());
+    throw std::runtime_error(path + ": cannot flush to disk (" + describe_errno(err) + ")");
+  }
+  fault_point("before_rename", path);
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    const int err = errno;
+    ::unlink(tmp.c_str());
+    throw std::runtime_error(path + ": cannot rename into place (" + describe_errno(err) + ")");
+  }
+  sync_folder_of(path);  // makes the rename itself durable
+  fault_point("after_rename", path);
+}
+
+AppendFile::AppendFile(const std::string& path) : path_(path) {
+  fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+  if (fd_ < 0) throw std::runtime_error(path + ": cannot write (" + describe_errno(errno) + ")");
+}
+
+AppendFile::~AppendFile() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+void AppendFile::append(std::string_view text) { write_all(fd_, text, path_); }
+
+void AppendFile::sync() {
+  if (::fdatasync(fd_) != 0) throw std::runtime_error(path_ + ": cannot flush to disk (" + describe_errno(errno) + ")");
+}
+
+FolderLock::FolderLock(const std::string& dir) {
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) throw std::runtime_error(dir + ": cannot create the folder (" + ec.message() + ")");
+  const std::string path = (fs::path(dir) / ".lock").string();
+  fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd_ < 0) throw std::runtime_error(dir + ": cannot write in this folder (" + describe_errno(errno) + ")");
+  if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+    char holder[32] = {0};
+    const ssize_t n = ::pread(fd_, holder, sizeof holder - 1, 0);
+    ::close(fd_);
+    fd_ = -1;
+    throw std::runtime_error(dir + ": in use by another twins process" +
+                             (n > 0 ? " (pid " + std::string(holder, static_cast<size_t>(n)) + ")" : std::string()) +
+                             "; wait for it to finish, or choose another folder");
+  }
+  const std::string pid = std::to_string(::getpid());
+  if (::ftruncate(fd_, 0) != 0 || ::pwrite(fd_, pid.data(), pid.size(), 0) != static_cast<ssize_t>(pid.size())) {
+    const int err = errno;
+    ::close(fd_);
+    fd_ = -1;
+    throw std::runtime_error(dir + ": cannot write in this folder (" + describe_errno(err) + ")");
+  }
+}
+
+FolderLock::~FolderLock() {
+  if (fd_ >= 0) ::close(fd_);  // releases the flock
+}
+
+int remove_stale_temporaries(const std::string& dir) {
+  static const std::regex pattern(R"(.+\.tmp-[0-9]+$)");
+  int removed = 0;
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) return 0;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    if (!e.is_regular_file(ec) || !std::regex_match(e.path().filename().string(), pattern)) continue;
+    if (fs::remove(e.path(), ec)) ++removed;
+  }
+  return removed;
+}
+
+void check_writable(const std::string& dir) {
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) throw std::runtime_error(dir + ": cannot create the folder (" + ec.message() + ")");
+  const std::string probe = (fs::path(dir) / ".write-test").string();
+  write_file_atomic(probe, std::string_view("twins"));
+  fs::remove(probe, ec);
+}
+
+}  // namespace twins::io

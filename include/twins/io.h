@@ -1,0 +1,70 @@
+#pragma once
+// Files twins writes are whole or absent. Every file goes through one atomic writer (a
+// temporary beside it, fsync, rename, fsync of the folder) or is appended with every write
+// checked; a full disk (ENOSPC) or a file-size limit (EFBIG) is an error naming the file, never a
+// truncated file and an exit code of 0. The `twins` command ignores SIGXFSZ, so a size limit
+// reaches these checks instead of killing the process.
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace twins::io {
+
+/// Writes the concatenation of `parts` to `path` atomically: a crash or a failure leaves the old
+/// file (or none) and no temporary. Throws std::runtime_error naming the file and the reason.
+void write_file_atomic(const std::string& path, const std::vector<std::string_view>& parts);
+inline void write_file_atomic(const std::string& path, std::string_view data) {
+  write_file_atomic(path, std::vector<std::string_view>{data});
+}
+
+/// A file appended to (created if absent), each append written whole or an exception.
+class AppendFile {
+ public:
+  explicit AppendFile(const std::string& path);
+  ~AppendFile();
+  AppendFile(const AppendFile&) = delete;
+  AppendFile& operator=(const AppendFile&) = delete;
+  /// Appends `text`; throws std::runtime_error naming the file on a failed or short write.
+  void append(std::string_view text);
+  /// Forces what was appended to the disk (fdatasync); throws on failure.
+  void sync();
+
+ private:
+  std::string path_;
+  int fd_ = -1;
+};
+
+/// An exclusive lock on a folder (flock on `<dir>/.lock`, which records the holder's pid),
+/// held while the object lives; the kernel releases it when the process dies, however it dies.
+class FolderLock {
+ public:
+  /// Creates `dir` if needed. Throws std::runtime_error at once if another process holds the
+  /// lock (naming its pid) or the folder cannot be written.
+  explicit FolderLock(const std::string& dir);
+  ~FolderLock();
+  FolderLock(const FolderLock&) = delete;
+  FolderLock& operator=(const FolderLock&) = delete;
+
+ private:
+  int fd_ = -1;
+};
+
+/// The temporary file name write_file_atomic uses for `path` in this process.
+std::string temporary_name(const std::string& path);
+/// Removes the temporaries that interrupted atomic writes left in `dir` (<name>.tmp-<pid>);
+/// call it while holding the folder's lock. Returns how many were removed.
+int remove_stale_temporaries(const std::string& dir);
+/// Throws std::runtime_error naming `dir` unless a file can be created and written in it.
+void check_writable(const std::string& dir);
+/// strerror(err), with what to do for a full disk or a file-size limit.
+std::string describe_errno(int err);
+
+/// Fault injection for the crash tests: when the environment variable TWINS_FAULT is
+/// "<point>@<subject substring>#<n>", the n-th time `point` is reached for a subject containing
+/// the substring, the process kills itself with SIGKILL (as a power cut or the OOM killer
+/// would). Points: "partial" (half of an atomic write on disk), "before_rename" and
+/// "after_rename" (subject: the file), "step" (subject: the step number). Without TWINS_FAULT
+/// this does nothing.
+void fault_point(const char* point, const std::string& subject);
+
+}  // namespace twins::io

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Hard faults against the twins command, on a tiny IDX dataset made here:
+#  1. SIGKILL at injected points (mid-step, half-way through a checkpoint write, just before and
+#     just after its rename, while writing the backbone), then --resume: the backbone equals an
+#     uninterrupted run's, byte for byte, and no temporary file is left;
+#  2. a full disk (a file-size limit): exit 1 with a message naming the file, no signal, no
+#     temporary; the run resumes once there is room;
+#  3. a second run on a folder in use fails at once;
+#  4. usage errors exit 2;
+#  5. a failed `twins embed` leaves the previous .npy and .ids.txt as they were.
+set -euo pipefail
+twins=$1
+quickstart=$2
+dir=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+fail() { echo "FAIL: $*"; for f in "$dir"/err*; do echo "== $f"; tail -5 "$f"; done; exit 1; }
+
+n=256
+{ printf '\x00\x00\x08\x03\x00\x00\x01\x00\x00\x00\x00\x1c\x00\x00\x00\x1c'; head -c $((n * 784)) /dev/urandom; } \
+  > "$dir/train-images-idx3-ubyte"
+{ printf '\x00\x00\x08\x01\x00\x00\x01\x00'; for ((i = 0; i < n; i++)); do printf "\\x0$((i % 10))"; done; } \
+  > "$dir/train-labels-idx1-ubyte"
+common=(--config "$quickstart" --set "data.root=$dir" --set data.split=train --set train.batch_size=32
+        --set train.threads=1 --set train.workers=1 --set train.deterministic=true --set train.log_every=1
+        --set online_probe.eval_data=null --set train.epochs=2 --set train.checkpoint_every_steps=1
+        --set train.keep_checkpoints=2)
+
+"$twins" pretrain "${common[@]}" --out "$dir/ref" > /dev/null 2> "$dir/err.ref" || fail "reference run"
+[ -f "$dir/ref/backbone.safetensors" ] || fail "no reference backbone"
+
+# 1. Killed at injected points, then resumed: the same backbone as the uninterrupted run.
+i=0
+for fault in "step@#3" "partial@step-#5" "before_rename@step-#9" "after_rename@step-#12" "partial@backbone#1"; do
+  i=$((i + 1))
+  set +e
+  TWINS_FAULT="$fault" "$twins" pretrain "${common[@]}" --out "$dir/run$i" > /dev/null 2> "$dir/err.kill$i"
+  code=$?
+  set -e
+  [ $code -eq 137 ] || fail "$fault: expected death by SIGKILL (137), got $code"
+  "$twins" pretrain --resume --out "$dir/run$i" > /dev/null 2> "$dir/err.resume$i" || fail "$fault: resume failed"
+  cmp "$dir/ref/backbone.safetensors" "$dir/run$i/backbone.safetensors" || fail "$fault: resumed run differs"
+  if find "$dir/run$i" -name '*.tmp-*' | grep -q .; then fail "$fault: temporary files left"; fi
+done
+echo "kill and resume ok ($i fault points)"
+
+# 2. A full disk: a 40 kB file-size limit lets config.json and metrics through, not a checkpoint.
+set +e
+(ulimit -f 40; "$twins" pretrain "${common[@]}" --out "$dir/full" > /dev/null 2> "$dir/err.full")
+code=$?
+set -e
+[ $code -eq 1 ] || fail "full disk: expected exit code 1, got $code"
+grep -q "step-00000001.safetensors: write failed (File too large: the file exceeds the size limit" "$dir/err.full" \
+  || fail "full disk: no clear message"
+if find "$dir/full" -name '*.tmp-*' | grep -q .; then fail "full disk: temporary files left"; fi
+"$twins" pretrain "${common[@]}" --out "$dir/full" > /dev/null 2> "$dir/err.full2" || fail "after the full disk"
+echo "full disk ok"
+
+# 3. A folder in use.
+"$twins" pretrain "${common[@]}" --set train.epochs=1000 --out "$dir/busy" > /dev/null 2> "$dir/err.busy1" &
+pids+=($!)
+for _ in $(seq 1 200); do [ -s "$dir/busy/metrics.jsonl" ] && break; sleep 0.05; done
+set +e
+timeout 20 "$twins" pretrain "${common[@]}" --out "$dir/busy" > /dev/null 2> "$dir/err.busy2"
+code=$?
+set -e
+[ $code -eq 1 ] || fail "second run on a busy folder: expected exit code 1, got $code"
+grep -q "in use by another twins process (pid ${pids[0]})" "$dir/err.busy2" || fail "no lock message"
+kill -9 "${pids[0]}"
+echo "lock ok"
+
+# 4. Usage errors exit 2.
+for args in "pretrain --bogus" "pretrain --config $quickstart --nproc-per-node 0" \
+            "pretrain --config $quickstart --nproc-per-node -1" "pretrain --config $quickstart --stop-after -5" \
+            "list optimisers" "embed --backbone x"; do
+  set +e
+  # shellcheck disable=SC2086
+  "$twins" $args > /dev/null 2>&1
+  code=$?
+  set -e
+  [ $code -eq 2 ] || fail "twins $args: expected exit code 2, got $code"
+done
+echo "usage errors ok"
+
+# 5. A failed embed keeps the previous pair of files.
+mkdir -p "$dir/images"
+for k in 1 2 3; do { printf 'P5\n28 28\n255\n'; head -c 784 /dev/urandom; } > "$dir/images/$k.pgm"; done
+"$twins" embed --backbone "$dir/ref" --input "$dir/images" --output "$dir/emb.npy" > /dev/null 2>&1 || fail "embed"
+cp "$dir/emb.npy" "$dir/emb.before.npy"
+cp "$dir/emb.ids.txt" "$dir/emb.before.ids.txt"
+printf 'P5\n28 28\n255\nshort' > "$dir/images/4.pgm"
+set +e
+"$twins" embed --backbone "$dir/ref" --input "$dir/images" --output "$dir/emb.npy" > /dev/null 2> "$dir/err.embed"
+code=$?
+set -e
+[ $code -eq 1 ] || fail "embed of a corrupt image: expected exit code 1, got $code"
+grep -q "4.pgm" "$dir/err.embed" || fail "embed: the corrupt file is not named"
+cmp "$dir/emb.npy" "$dir/emb.before.npy" || fail "embed: .npy changed"
+cmp "$dir/emb.ids.txt" "$dir/emb.before.ids.txt" || fail "embed: ids changed"
+echo "embed ok"

@@ -1,0 +1,128 @@
+// Output that is whole or absent, the run-folder lock, and JSON/config input that cannot crash.
+#include <fcntl.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <csignal>
+#include <filesystem>
+#include <fstream>
+
+#include "tests/test_util.h"
+#include "twins/config.h"
+#include "twins/io.h"
+#include "twins/train/recipe.h"
+
+using twins::test::check_throws_with;
+namespace fs = std::filesystem;
+
+namespace {
+
+fs::path fresh_dir(const std::string& name) {
+  const fs::path p = fs::temp_directory_path() / ("twins_io_" + std::to_string(::getpid()) + "_" + name);
+  fs::remove_all(p);
+  fs::create_directories(p);
+  return p;
+}
+
+std::string read(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+}  // namespace
+
+TEST_CASE("io: atomic writes replace whole files and leave no temporary") {
+  const fs::path dir = fresh_dir("atomic");
+  const std::string f = (dir / "a.txt").string();
+  twins::io::write_file_atomic(f, "first");
+  twins::io::write_file_atomic(f, {"sec", "ond"});
+  CHECK(read(f) == "second");
+  for (const auto& e : fs::directory_iterator(dir)) CHECK(e.path().filename() == "a.txt");
+  check_throws_with<std::runtime_error>([&] { twins::io::write_file_atomic((dir / "no/such/dir/x").string(), "x"); },
+                                        "cannot write");
+  // Temporaries of interrupted writes (any pid) are found and removed; other files stay.
+  std::ofstream(dir / "b.safetensors.tmp-12345") << "half";
+  std::ofstream(dir / "notes.tmp") << "keep";
+  CHECK(twins::io::remove_stale_temporaries(dir.string()) == 1);
+  CHECK(fs::exists(dir / "notes.tmp"));
+  fs::remove_all(dir);
+}
+
+TEST_CASE("io: a file-size limit fails the write with a message, never a signal or a half file") {
+  // In a child process: RLIMIT_FSIZE with SIGXFSZ ignored (as the twins command does).
+  const fs::path dir = fresh_dir("efbig");
+  const std::string f = (dir / "big.bin").string();
+  twins::io::write_file_atomic(f, "old contents");
+  const pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    std::signal(SIGXFSZ, SIG_IGN);
+    rlimit limit{4096, 4096};
+    ::setrlimit(RLIMIT_FSIZE, &limit);
+    try {
+      twins::io::write_file_atomic(f, std::string(1 << 20, 'x'));
+      ::_exit(10);  // wrote past the limit?
+    } catch (const std::runtime_error& e) {
+      const std::string what = e.what();
+      ::_exit(what.find("size limit") != std::string::npos && what.find("big.bin") != std::string::npos ? 0 : 11);
+    }
+  }
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+  CHECK(read(f) == "old contents");
+  int files = 0;
+  for (const auto& e : fs::directory_iterator(dir)) files += e.is_regular_file();
+  CHECK(files == 1);  // no temporary left behind
+  fs::remove_all(dir);
+}
+
+TEST_CASE("io: appends are checked, and a folder lock excludes a second holder") {
+  const fs::path dir = fresh_dir("lock");
+  {
+    twins::io::AppendFile log((dir / "m.jsonl").string());
+    log.append("1\n");
+    log.append("2\n");
+    log.sync();
+  }
+  CHECK(read(dir / "m.jsonl") == "1\n2\n");
+  {
+    twins::io::FolderLock first(dir.string());
+    check_throws_with<std::runtime_error>([&] { twins::io::FolderLock second(dir.string()); },
+                                          "in use by another twins process (pid " + std::to_string(::getpid()) + ")");
+  }
+  CHECK_NOTHROW(twins::io::FolderLock again(dir.string()));  // released with its holder
+  // A path that cannot become a folder is found before any work is done.
+  std::ofstream(dir / "file") << "x";
+  check_throws_with<std::runtime_error>([&] { twins::io::check_writable((dir / "file/sub").string()); },
+                                        "cannot create");
+  fs::remove_all(dir);
+}
+
+TEST_CASE("config: deep nesting, non-integers and out-of-range numbers are clear errors") {
+  const std::string deep = std::string(100000, '[') + std::string(100000, ']');
+  check_throws_with<std::invalid_argument>([&] { twins::config::parse_json(deep, "deep.json"); },
+                                           "deep.json: JSON nested deeper than 64 levels");
+  CHECK(twins::config::parse_json("{\"a\": \"[[[[[[[[\", \"b\": [1, [2]]} // [[[[", "ok", true)["b"][1][0] == 2);
+  nlohmann::json j = {{"train", {{"batch_size", 2.5}}}};
+  twins::config::ConfigReader r(j["train"], "train");
+  int64_t batch = 0;
+  check_throws_with<std::invalid_argument>([&] { r.get("batch_size", batch); },
+                                           "train.batch_size: expected an integer, got 2.5");
+  nlohmann::json k = {{"epochs", 1e30}, {"workers", -1}, {"seed", -3}, {"whole", 256.0}, {"layers", {1, 2.5}}};
+  twins::config::ConfigReader q(k, "train");
+  int epochs = 0, workers = 0;
+  uint64_t seed = 0;
+  int64_t whole = 0;
+  std::vector<int64_t> layers;
+  check_throws_with<std::invalid_argument>([&] { q.get("epochs", epochs); }, "train.epochs: 1e+30 is out of range");
+  check_throws_with<std::invalid_argument>([&] { q.get("seed", seed); }, "train.seed: -3 is out of range");
+  check_throws_with<std::invalid_argument>([&] { q.get("layers", layers); },
+                                           "train.layers: expected an integer, got [1,2.5]");
+  q.get("workers", workers);
+  q.get("whole", whole);
+  CHECK(workers == -1);  // in int's range: the component's own validation judges it
+  CHECK(whole == 256);
+}
