@@ -15,8 +15,14 @@ Command add_export(CLI::App& app) {
   sub->add_option("--backbone", *backbone, "backbone.safetensors, a run folder, or random:<backbone json>")->required();
   sub->add_option("--out", *out, "Output .safetensors")->required();
   return [backbone, out] {
-    const auto net = eval::open_backbone(*backbone);
-    models::save_backbone(*out, *net);
+    // A backbone file keeps what it says about its training; random: says nothing.
+    models::LoadedBackbone loaded;
+    if (backbone->rfind("random:", 0) == 0)
+      loaded.network = eval::open_backbone(*backbone);
+    else
+      loaded = models::read_backbone(*backbone);
+    const auto& net = loaded.network;
+    models::save_backbone(*out, *net, loaded.info);
     std::cout << "wrote " << *out << " (" << models::backbone_state(*net).size() << " tensors, torchvision names; "
               << "load in PyTorch with load_state_dict(..., strict=False): only fc.* missing)\n";
     return 0;

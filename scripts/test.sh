@@ -11,3 +11,7 @@ if ! dpkg-query -W -f='${Status}' python3-numpy 2>/dev/null | grep -q "install o
 fi
 ctest --test-dir build --output-on-failure -j "$(nproc)" "$@"
 scripts/check-install.sh
+# The same suite under AddressSanitizer + UndefinedBehaviorSanitizer, then every fuzzer briefly.
+scripts/sanitize.sh
+seconds=${TWINS_FUZZ_SECONDS:-30}
+if [ "$seconds" -gt 0 ]; then scripts/fuzz.sh "$seconds"; fi
