@@ -31,16 +31,17 @@ std::string output_dir(const EvalArgs& a) {
 int run_linear_probe(const EvalArgs& a) {
   const auto cfg = eval::EvalConfig::parse(config::load_config(a.config, a.set));
   const std::string out = output_dir(a);
-  int64_t classes = 0;
-  std::cerr << "linear probe of " << a.backbone << "\n";
-  const auto [train, test] = eval::eval_features(a.backbone, cfg, out, &classes);
-  const auto r = eval::linear_probe(train, test, classes, cfg.probe, eval::resolve_eval_device(cfg.device));
+  std::cerr << "linear probe of " << a.backbone << " (" << (cfg.probe.augment ? "augmented" : "cached features")
+            << ")\n";
+  const auto run = eval::run_linear_probe(a.backbone, cfg, out);
+  const auto& r = run.result;
   const nlohmann::json result = {{"backbone", a.backbone},
                                  {"config", a.config},
-                                 {"num_classes", classes},
-                                 {"feature_dim", train.features.size(1)},
-                                 {"train_samples", train.features.size(0)},
-                                 {"test_samples", test.features.size(0)},
+                                 {"protocol", run.protocol},
+                                 {"num_classes", run.num_classes},
+                                 {"feature_dim", run.train.features.size(1)},
+                                 {"train_samples", run.train.features.size(0)},
+                                 {"test_samples", run.test.features.size(0)},
                                  {"epochs", cfg.probe.epochs},
                                  {"top1", r.test.top1},
                                  {"top5", r.test.top5},
@@ -48,11 +49,11 @@ int run_linear_probe(const EvalArgs& a) {
                                  {"probe_seconds", r.seconds}};
   fs::create_directories(out);
   io::write_file_atomic((fs::path(out) / "probe.json").string(), result.dump(2) + "\n");
-  eval::write_projection(test.features, test.labels, (fs::path(out) / "embeddings-test.svg").string(),
+  eval::write_projection(run.test.features, run.test.labels, (fs::path(out) / "embeddings-test.svg").string(),
                          "test features of " + a.backbone);
   std::cout << std::fixed << std::setprecision(2) << "linear probe: top-1 " << r.test.top1 << "%, top-5 " << r.test.top5
-            << "% (train top-1 " << r.train.top1 << "%); written to " << (fs::path(out) / "probe.json").string()
-            << "\n";
+            << "% (train top-1 " << r.train.top1 << "%; " << run.protocol << ", " << std::setprecision(0) << r.seconds
+            << " s); written to " << (fs::path(out) / "probe.json").string() << "\n";
   return 0;
 }
 

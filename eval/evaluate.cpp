@@ -3,11 +3,15 @@
 #include <ATen/ATen.h>
 #include <zlib.h>
 
+#include <chrono>
 #include <filesystem>
 #include <iostream>
+#include <sstream>
+#include <tuple>
 
 #include "twins/config.h"
 #include "twins/data/dataset.h"
+#include "twins/data/loader.h"
 #include "twins/models/safetensors.h"
 #include "twins/models/weights.h"
 #include "twins/runtime.h"
@@ -44,7 +48,12 @@ EvalConfig EvalConfig::parse(const json& root) {
     p.get("weight_decay", c.probe.weight_decay);
     p.get("momentum", c.probe.momentum);
     p.get("seed", c.probe.seed);
+    p.get("augment", c.probe.augment);
+    p.get("crop_scale", c.probe.crop_scale);
     p.finish();
+    config::require(c.probe.crop_scale.size() == 2 && c.probe.crop_scale[0] > 0 &&
+                        c.probe.crop_scale[0] <= c.probe.crop_scale[1] && c.probe.crop_scale[1] <= 1,
+                    "probe.crop_scale", "expected [min, max] with 0 < min <= max <= 1");
     config::require(c.probe.epochs >= 1 && c.probe.epochs <= 100000, "probe.epochs", "must be in [1, 10^5]");
     config::require(c.probe.batch_size >= 1 && c.probe.batch_size <= (1 << 20), "probe.batch_size",
                     "must be in [1, 2^20]");
@@ -99,40 +108,46 @@ std::shared_ptr<models::Network> open_backbone(const std::string& backbone) {
 
 std::pair<Features, Features> eval_features(const std::string& backbone, const EvalConfig& c,
                                             const std::string& cache_dir, int64_t* num_classes) {
-  set_compute_threads(0);
   auto net = open_backbone(backbone);
+  return eval_features(*net, c, cache_dir, num_classes);
+}
+
+std::pair<Features, Features> eval_features(models::Network& net, const EvalConfig& c, const std::string& cache_dir,
+                                            int64_t* num_classes) {
+  set_compute_threads(0);
   const at::Device device = resolve_eval_device(c.device);
-  net->to(device);
-  const int channels = static_cast<int>(net->to_json().value("in_channels", 3));
-  // Cache key: the backbone's weights and the data/view settings.
+  net.to(device);
+  const int channels = static_cast<int>(net.to_json().value("in_channels", 3));
+  // Cache key: the backbone's weights, the data and the evaluation transform.
   uLong crc = crc32(0L, Z_NULL, 0);
-  for (const auto& [name, t] : models::backbone_state(*net)) {
+  for (const auto& [name, t] : models::backbone_state(net)) {
     const at::Tensor cpu = t.to(at::kCPU).contiguous();
     crc = crc32(crc, reinterpret_cast<const Bytef*>(name.data()), static_cast<uInt>(name.size()));
     crc = crc32(crc, static_cast<const Bytef*>(cpu.data_ptr()), static_cast<uInt>(cpu.numel() * cpu.element_size()));
   }
-  const std::string settings = json({c.image_size, c.normalization.mean, c.normalization.std}).dump();
   auto extract = [&](const json& spec, const std::string& split) {
-    const std::string key = std::to_string(crc32(crc, reinterpret_cast<const Bytef*>((spec.dump() + settings).data()),
-                                                 static_cast<uInt>((spec.dump() + settings).size())));
-    const fs::path cache =
-        cache_dir.empty() ? fs::path() : fs::path(cache_dir) / ("features-" + split + "-" + key + ".safetensors");
     auto dataset = data::create_dataset(spec, split == "train" ? "train_data" : "test_data");
     if (num_classes) *num_classes = std::max(*num_classes, dataset->num_classes());
+    const auto view = eval_view(*dataset, c.image_size, c.normalization);
+    const std::string settings = spec.dump() + view.to_json().dump();
+    const std::string key =
+        std::to_string(crc32(crc, reinterpret_cast<const Bytef*>(settings.data()), static_cast<uInt>(settings.size())));
+    const fs::path cache =
+        cache_dir.empty() ? fs::path() : fs::path(cache_dir) / ("features-" + split + "-" + key + ".safetensors");
     if (!cache.empty() && fs::exists(cache)) {
       try {
         const auto f = models::load_safetensors(cache.string());
+        if (f.at("features").size(0) != dataset->size()) throw std::runtime_error("another number of samples");
         std::cerr << "  " << split << " features from " << cache.string() << "\n";
         return Features{f.at("features"), f.at("labels")};
       } catch (const std::exception& e) {
         std::cerr << "warning: ignoring feature cache " << cache.string() << ": " << e.what() << "\n";
       }
     }
-    const auto view = eval_view(*dataset, c.image_size, c.normalization);
     ExtractOptions o;
     o.batch_size = c.batch_size, o.workers = c.workers, o.channels = channels, o.what = split + " features";
     std::cerr << "  extracting " << split << " features (" << dataset->size() << " images)\n";
-    Features f = extract_features(*net, dataset, view, device, o);
+    Features f = extract_features(net, dataset, view, device, o);
     if (!cache.empty()) {
       fs::create_directories(cache.parent_path());
       models::save_safetensors(cache.string(), {{"features", f.features}, {"labels", f.labels}});
@@ -142,6 +157,71 @@ std::pair<Features, Features> eval_features(const std::string& backbone, const E
   Features train = extract(c.train_data, "train");
   Features test = extract(c.test_data, "test");
   return {train, test};
+}
+
+LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c, const std::string& cache_dir) {
+  auto net = open_backbone(backbone);
+  LinearProbeRun run;
+  std::tie(run.train, run.test) = eval_features(*net, c, cache_dir, &run.num_classes);
+  const at::Device device = resolve_eval_device(c.device);
+  const auto& o = c.probe;
+  if (!o.augment) {
+    run.protocol = "cached centre-crop features, " + std::to_string(o.epochs) + " epochs";
+    run.result = linear_probe(run.train, run.test, run.num_classes, o, device);
+    return run;
+  }
+  // The published protocol: a random resized crop and flip of every training image each epoch,
+  // through the frozen backbone (BatchNorm in evaluation mode), into the classifier.
+  const auto start = std::chrono::steady_clock::now();
+  auto dataset = data::create_dataset(c.train_data, "train_data");
+  augment::View view;
+  view.ops.push_back(augment::create_op(
+      {{"type", "random_resized_crop"}, {"size", c.image_size}, {"scale", o.crop_scale}, {"interpolation", "bilinear"}},
+      "probe.augment"));
+  view.ops.push_back(augment::create_op({{"type", "random_horizontal_flip"}}, "probe.augment"));
+  view.size = {c.image_size, c.image_size};
+  view.normalization = c.normalization;
+  data::LoaderOptions lo;
+  lo.batch_size = o.batch_size, lo.workers = c.workers, lo.seed = o.seed, lo.drop_last = false;
+  lo.channels = static_cast<int>(net->to_json().value("in_channels", 3));
+  data::Loader loader(dataset, {view}, lo);
+  const int64_t batches = loader.batches_per_epoch();
+  const Features labelled_train{run.train.features.index({run.train.labels.ge(0)}), {}};
+  ProbeHead head(labelled_train.features.mean(0), labelled_train.features.std(0), run.num_classes, o,
+                 batches * o.epochs, device);
+  net->eval();
+  auto last = start;
+  for (int64_t epoch = 0; epoch < o.epochs; ++epoch) {
+    loader.start_epoch(epoch);
+    int64_t done = 0;
+    while (auto batch = loader.next()) {
+      at::Tensor features;
+      {
+        at::NoGradGuard no_grad;
+        features = net->forward(augment::normalize_batch(batch->views[0], view.normalization, device, at::kFloat));
+      }
+      head.step(features, batch->labels);
+      ++done;
+      const auto now = std::chrono::steady_clock::now();
+      if (std::chrono::duration<double>(now - last).count() > 10) {
+        const double elapsed = std::chrono::duration<double>(now - start).count();
+        const double fraction = static_cast<double>(epoch * batches + done) / static_cast<double>(batches * o.epochs);
+        std::cerr << "  augmented probe: epoch " << epoch + 1 << "/" << o.epochs << ", batch " << done << "/" << batches
+                  << ", ETA " << static_cast<int64_t>(elapsed / std::max(1e-9, fraction) - elapsed) << " s\n";
+        last = now;
+      }
+    }
+  }
+  run.result.num_classes = run.num_classes;
+  run.result.train = head.score(run.train);
+  run.result.test = head.score(run.test);
+  run.result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::ostringstream p;
+  p << "augmented: random resized crop [" << o.crop_scale[0] << ", " << o.crop_scale[1]
+    << "] + flip through the frozen "
+    << "backbone, " << o.epochs << " epochs";
+  run.protocol = p.str();
+  return run;
 }
 
 }  // namespace twins::eval

@@ -15,7 +15,7 @@
 namespace twins::eval {
 namespace {
 
-Accuracy score(const at::Tensor& logits, const at::Tensor& labels) {
+Accuracy accuracy_of(const at::Tensor& logits, const at::Tensor& labels) {
   Accuracy a;
   const int64_t n = labels.size(0);
   if (n == 0) return a;
@@ -40,43 +40,74 @@ Features labelled(const Features& f) {
 
 }  // namespace
 
+struct ProbeHead::Impl {
+  at::Tensor mean, std;
+  torch::nn::Linear linear{nullptr};
+  std::unique_ptr<torch::optim::SGD> sgd;
+  LinearProbeOptions options;
+  int64_t total = 1, done = 0;
+  at::Device device{at::kCPU};
+  at::Tensor standardise(const at::Tensor& f) const { return (f.to(device, at::kFloat) - mean) / std; }
+};
+
+ProbeHead::ProbeHead(const at::Tensor& mean, const at::Tensor& std, int64_t num_classes, const LinearProbeOptions& o,
+                     int64_t total_steps, const at::Device& device)
+    : impl_(new Impl) {
+  auto& m = *impl_;
+  if (num_classes < 2) throw std::invalid_argument("linear_probe: needs at least 2 classes");
+  m.device = device, m.options = o, m.total = std::max<int64_t>(1, total_steps);
+  m.mean = mean.to(device, at::kFloat), m.std = std.to(device, at::kFloat).clamp_min(1e-6);
+  at::manual_seed(o.seed);
+  m.linear = torch::nn::Linear(mean.size(0), num_classes);
+  m.linear->to(device);
+  m.sgd = std::make_unique<torch::optim::SGD>(
+      m.linear->parameters(), torch::optim::SGDOptions(o.lr).momentum(o.momentum).weight_decay(o.weight_decay));
+}
+
+ProbeHead::~ProbeHead() = default;
+
+void ProbeHead::step(const at::Tensor& features, const at::Tensor& labels_all) {
+  auto& m = *impl_;
+  const at::Tensor labels = labels_all.to(m.device);
+  const at::Tensor keep = labels.ge(0);
+  const double lr = warmup_cosine_lr(m.done++, m.total, 0, m.options.lr, 0.0);
+  for (auto& g : m.sgd->param_groups()) g.options().set_lr(lr);
+  if (!keep.any().item<bool>()) return;
+  const at::Tensor x = m.standardise(features).index({keep}), y = labels.index({keep});
+  const at::Tensor loss = torch::nn::functional::cross_entropy(m.linear->forward(x), y);
+  m.sgd->zero_grad();
+  loss.backward();
+  m.sgd->step();
+}
+
+Accuracy ProbeHead::score(const Features& all) {
+  at::NoGradGuard no_grad;
+  const Features f = labelled(all);
+  return accuracy_of(impl_->linear->forward(impl_->standardise(f.features)), f.labels.to(impl_->device));
+}
+
 LinearProbeResult linear_probe(const Features& train_all, const Features& test_all, int64_t num_classes,
                                const LinearProbeOptions& o, const at::Device& device) {
   check(train_all, "linear_probe train"), check(test_all, "linear_probe test");
   const auto start = std::chrono::steady_clock::now();
-  const Features train = labelled(train_all), test = labelled(test_all);
+  const Features train = labelled(train_all);
   if (train.labels.size(0) == 0) throw std::invalid_argument("linear_probe: the training set has no labels");
-  if (num_classes < 2) throw std::invalid_argument("linear_probe: needs at least 2 classes");
-  const at::Tensor mean = train.features.mean(0), std = train.features.std(0).clamp_min(1e-6);
-  const at::Tensor x = ((train.features - mean) / std).to(device), y = train.labels.to(device);
-  const at::Tensor xt = ((test.features - mean) / std).to(device), yt = test.labels.to(device);
-  const int64_t n = x.size(0);
-  at::manual_seed(o.seed);
-  torch::nn::Linear linear(x.size(1), num_classes);
-  linear->to(device);
-  torch::optim::SGD sgd(linear->parameters(),
-                        torch::optim::SGDOptions(o.lr).momentum(o.momentum).weight_decay(o.weight_decay));
-  const int64_t batches = (n + o.batch_size - 1) / o.batch_size, total = batches * o.epochs;
-  int64_t step = 0;
+  const int64_t n = train.labels.size(0);
+  const int64_t batches = (n + o.batch_size - 1) / o.batch_size;
+  ProbeHead head(train.features.mean(0), train.features.std(0), num_classes, o, batches * o.epochs, device);
+  const at::Tensor x = train.features.to(device), y = train.labels.to(device);
   for (int64_t e = 0; e < o.epochs; ++e) {
     const at::Tensor perm =
         at::tensor(augment::permutation(n, augment::Rng(o.seed, static_cast<uint64_t>(e), 0, 0)), at::kLong).to(device);
-    for (int64_t b = 0; b < batches; ++b, ++step) {
-      const double lr = warmup_cosine_lr(step, total, 0, o.lr, 0.0);
-      for (auto& g : sgd.param_groups()) g.options().set_lr(lr);
+    for (int64_t b = 0; b < batches; ++b) {
       const at::Tensor idx = perm.slice(0, b * o.batch_size, std::min(n, (b + 1) * o.batch_size));
-      const at::Tensor loss =
-          torch::nn::functional::cross_entropy(linear->forward(x.index_select(0, idx)), y.index_select(0, idx));
-      sgd.zero_grad();
-      loss.backward();
-      sgd.step();
+      head.step(x.index_select(0, idx), y.index_select(0, idx));
     }
   }
-  at::NoGradGuard no_grad;
   LinearProbeResult r;
   r.num_classes = num_classes;
-  r.train = score(linear->forward(x), y);
-  r.test = score(linear->forward(xt), yt);
+  r.train = head.score(train_all);
+  r.test = head.score(test_all);
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return r;
 }
@@ -108,7 +139,7 @@ std::map<int64_t, Accuracy> knn(const Features& train_all, const Features& test_
       const int64_t k = std::min(k_given, n_train);
       at::Tensor votes = at::zeros({end - start, num_classes}, weights.options());
       votes.scatter_add_(1, neighbour_labels.slice(1, 0, k), weights.slice(1, 0, k));
-      const Accuracy a = score(votes, labels);
+      const Accuracy a = accuracy_of(votes, labels);
       hits[k_given].first += a.top1 * static_cast<double>(end - start);
       hits[k_given].second += a.top5 * static_cast<double>(end - start);
     }

@@ -96,7 +96,7 @@ LossOutput vicreg_loss(const at::Tensor& z_a, const at::Tensor& z_b, const VICRe
 
 LossOutput barlow_twins_loss(const at::Tensor& z_a, const at::Tensor& z_b, const BarlowTwinsOptions& o) {
   check_pair("barlow_twins_loss", "z_a", z_a, "z_b", z_b, 2);
-  const bool global = distributed(o.communicator);
+  const bool global = distributed(o.communicator) && !o.per_rank;
   const int64_t n = z_a.size(0) * (global ? o.communicator->world_size() : 1);
 
   // BatchNorm1d(affine=False) in training mode: biased variance over the (global) batch; over
@@ -112,6 +112,8 @@ LossOutput barlow_twins_loss(const at::Tensor& z_a, const at::Tensor& z_b, const
   if (global)  // the exact gradient, or the official plain all_reduce(c) (1/W of it)
     c = o.reference_compatible ? distributed::all_reduce_local_grad(c, o.communicator)
                                : distributed::all_reduce_with_grad(c, o.communicator);
+  else if (o.per_rank && distributed(o.communicator))  // solo-learn: all_reduce(c) / W, local gradient
+    c = distributed::all_reduce_local_grad(c, o.communicator) / static_cast<double>(o.communicator->world_size());
   const at::Tensor on_diagonal = (c.diagonal() - 1.0).pow(2).sum();
   const at::Tensor off = off_diagonal(c).pow(2).sum();
 
@@ -187,6 +189,11 @@ class BarlowTwinsLoss final : public Loss {
     r.get("scale", o_.scale);
     r.get("eps", o_.eps);
     r.get("reference_compatible", o_.reference_compatible);
+    std::string normalize = o_.per_rank ? "per_rank" : "global";
+    r.get("normalize", normalize);
+    config::require(normalize == "global" || normalize == "per_rank", r.path_of("normalize"),
+                    "must be global or per_rank, got \"" + normalize + "\"");
+    o_.per_rank = normalize == "per_rank";
     r.finish();
     config::require(o_.lambda >= 0, r.path_of("lambda"), "must be >= 0");
     config::require(o_.scale > 0, r.path_of("scale"), "must be > 0");
@@ -203,7 +210,8 @@ class BarlowTwinsLoss final : public Loss {
             {"lambda", o_.lambda},
             {"scale", o_.scale},
             {"eps", o_.eps},
-            {"reference_compatible", o_.reference_compatible}};
+            {"reference_compatible", o_.reference_compatible},
+            {"normalize", o_.per_rank ? "per_rank" : "global"}};
   }
 
  private:

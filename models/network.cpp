@@ -26,6 +26,7 @@ ResNetOptions read_resnet(const nlohmann::json& spec, const std::string& path, c
   r.get("in_channels", o.in_channels);
   r.get("width", o.width);
   r.get("cifar_stem", o.cifar_stem);
+  r.get("stem_padding", o.stem_padding);
   r.get("zero_init_residual", o.zero_init_residual);
   r.get("num_classes", o.num_classes);
   r.finish();

@@ -20,8 +20,9 @@ namespace nn = torch::nn;
 
 namespace {
 
-nn::Conv2d conv(int64_t in, int64_t out, int64_t kernel, int64_t stride) {
-  return nn::Conv2d(nn::Conv2dOptions(in, out, kernel).stride(stride).padding(kernel / 2).bias(false));
+nn::Conv2d conv(int64_t in, int64_t out, int64_t kernel, int64_t stride, int64_t padding = -1) {
+  return nn::Conv2d(
+      nn::Conv2dOptions(in, out, kernel).stride(stride).padding(padding >= 0 ? padding : kernel / 2).bias(false));
 }
 
 // Both block kinds: conv1/bn1, conv2/bn2 (and conv3/bn3 for bottlenecks), downsample.
@@ -106,6 +107,7 @@ void validate(const ResNetOptions& o) {
   if (o.width < 1 || o.width > 1024) throw std::invalid_argument("resnet.width: must be in [1, 1024]");
   if (o.num_classes < 0 || o.num_classes > 1000000)
     throw std::invalid_argument("resnet.num_classes: must be in [0, 10^6]");
+  if (o.stem_padding < -1 || o.stem_padding > 8) throw std::invalid_argument("resnet.stem_padding: must be in [-1, 8]");
 }
 
 }  // namespace
@@ -136,8 +138,8 @@ ResNet::ResNet(ResNetOptions options) : options_(std::move(options)), layers_(ne
   validate(o);
 
   auto& L = *layers_;
-  L.conv1 =
-      register_module("conv1", o.cifar_stem ? conv(o.in_channels, o.width, 3, 1) : conv(o.in_channels, o.width, 7, 2));
+  L.conv1 = register_module("conv1", o.cifar_stem ? conv(o.in_channels, o.width, 3, 1, o.stem_padding)
+                                                  : conv(o.in_channels, o.width, 7, 2, o.stem_padding));
   L.bn1 = register_module("bn1", detail::BatchNorm(o.width));
   if (!o.cifar_stem)
     L.maxpool = register_module("maxpool", nn::MaxPool2d(nn::MaxPool2dOptions(3).stride(2).padding(1)));
@@ -212,6 +214,7 @@ nlohmann::json ResNet::to_json() const {
                       {"cifar_stem", o.cifar_stem},
                       {"zero_init_residual", o.zero_init_residual},
                       {"num_classes", o.num_classes}};
+  if (o.stem_padding >= 0) j["stem_padding"] = o.stem_padding;
   if (type.empty()) j["layers"] = o.layers, j["bottleneck"] = o.bottleneck;
   return j;
 }

@@ -16,6 +16,9 @@ void LARSOptions::serialize(torch::serialize::OutputArchive& archive) const {
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(eta);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(exclude_1d);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(clip);
+  archive.write("variant", c10::IValue(static_cast<int64_t>(variant())));
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(eps);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(exclude_zero_weight_decay);
 }
 
 void LARSOptions::serialize(torch::serialize::InputArchive& archive) {
@@ -25,6 +28,11 @@ void LARSOptions::serialize(torch::serialize::InputArchive& archive) {
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, eta);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, exclude_1d);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, clip);
+  // Checkpoints of twins 0.1 have none of the following: the official form.
+  c10::IValue v;
+  if (archive.try_read("variant", v)) variant(static_cast<LARSVariant>(v.toInt()));
+  if (archive.try_read("eps", v)) eps(v.toDouble());
+  if (archive.try_read("exclude_zero_weight_decay", v)) exclude_zero_weight_decay(v.toBool());
 }
 
 void LARSParamState::serialize(torch::serialize::OutputArchive& archive) const {
@@ -55,18 +63,30 @@ at::Tensor LARS::step(LossClosure closure) {
   }
   for (auto& group : param_groups_) {
     const auto& o = static_cast<const LARSOptions&>(group.options());
+    // LARC clipping: min(q / lr, 1), whose limit at lr 0 is 1 (warm-ups start at lr 0).
+    auto clip = [&](const at::Tensor& q) {
+      if (!o.clip()) return q;
+      return o.lr() > 0 ? at::clamp_max(q / o.lr(), 1.0) : at::ones_like(q);
+    };
     for (auto& p : group.params()) {
       if (!p.grad().defined()) continue;
-      const bool excluded = o.exclude_1d() && p.dim() == 1;
+      const bool excluded =
+          (o.exclude_1d() && p.dim() == 1) || (o.exclude_zero_weight_decay() && o.weight_decay() == 0);
       at::Tensor d = p.grad();
-      if (!excluded && o.weight_decay() != 0) d = d.add(p, o.weight_decay());
-      if (!excluded) {
+      if (excluded) {
+        // neither weight decay nor adaptation
+      } else if (o.variant() == LARSVariant::official) {
+        if (o.weight_decay() != 0) d = d.add(p, o.weight_decay());
         const at::Tensor param_norm = p.norm(), update_norm = d.norm();
         const at::Tensor one = at::ones_like(param_norm);
-        at::Tensor q =
+        const at::Tensor q =
             at::where(param_norm > 0., at::where(update_norm > 0, o.eta() * param_norm / update_norm, one), one);
-        if (o.clip() && o.lr() > 0) q = at::clamp_max(q / o.lr(), 1.0);
-        d = d.mul(q);
+        d = d.mul(clip(q));
+      } else {  // solo-learn / lightly: a parameter with a zero norm or gradient keeps g alone
+        const at::Tensor param_norm = p.norm(), grad_norm = d.norm();
+        const at::Tensor q = o.eta() * param_norm / (grad_norm + o.weight_decay() * param_norm + o.eps());
+        const at::Tensor adapted = d.add(p, o.weight_decay()).mul(clip(q));
+        d = at::where(at::logical_and(param_norm > 0, grad_norm > 0), adapted, d);
       }
       auto& slot = state_[compat::optimizer_state_key(state_, p)];
       if (!slot) {

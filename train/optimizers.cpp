@@ -39,14 +39,21 @@ const OptimizerRegistry& registry() {
   static const OptimizerRegistry r = [] {
     OptimizerRegistry r("optimizer");
     r.add("lars", [](const nlohmann::json&, const std::string&, const OptimizerConfig& c, const ParameterGroups& g) {
-      // LARS excludes 1-D parameters from decay and adaptation itself (exclude_1d).
+      // LARS excludes parameters from decay and adaptation itself: the 1-D ones (exclude_1d), or
+      // lightly's way, the group of biases and norms, given weight decay 0 here.
+      const bool by_decay = c.lars_exclude == "zero_weight_decay";
       const auto o = LARSOptions(g.lr)
                          .weight_decay(c.weight_decay)
                          .momentum(c.momentum)
                          .eta(c.eta)
-                         .exclude_1d(c.exclude_1d)
-                         .clip(c.clip);
-      return std::make_shared<LARS>(groups_of(g, o, LARSOptions(o).lr(g.bias_lr)), o);
+                         .exclude_1d(c.exclude_1d && !by_decay)
+                         .exclude_zero_weight_decay(by_decay)
+                         .clip(c.clip)
+                         .variant(c.lars_variant == "solo_learn" ? LARSVariant::solo_learn : LARSVariant::official)
+                         .eps(c.lars_eps);
+      auto flat = LARSOptions(o).lr(g.bias_lr);
+      if (by_decay && c.exclude_1d) flat.weight_decay(0.0);
+      return std::make_shared<LARS>(groups_of(g, o, flat), o);
     });
     r.add("sgd", [](const nlohmann::json&, const std::string&, const OptimizerConfig& c, const ParameterGroups& g) {
       const auto o = torch::optim::SGDOptions(g.lr).momentum(c.momentum).weight_decay(c.weight_decay);

@@ -106,7 +106,15 @@ Recipe Recipe::parse(const json& root) {
     o.get("betas", c.betas);
     o.get("eps", c.eps);
     o.get("fixed_predictor_lr", c.fixed_predictor_lr);
+    o.get("lars_variant", c.lars_variant);
+    o.get("lars_eps", c.lars_eps);
+    o.get("lars_exclude", c.lars_exclude);
     o.finish();
+    require(c.lars_variant == "official" || c.lars_variant == "solo_learn", "optimizer.lars_variant",
+            "must be official or solo_learn, got \"" + c.lars_variant + "\"");
+    require(c.lars_exclude == "1d" || c.lars_exclude == "zero_weight_decay", "optimizer.lars_exclude",
+            "must be 1d or zero_weight_decay, got \"" + c.lars_exclude + "\"");
+    require(c.lars_eps >= 0, "optimizer.lars_eps", "must be >= 0");
     const auto names = optimizer_names();
     require(std::find(names.begin(), names.end(), c.type) != names.end(), "optimizer.type",
             "must be " + one_of(names) + ", got \"" + c.type + "\"");
@@ -123,9 +131,11 @@ Recipe Recipe::parse(const json& root) {
     ConfigReader s(section(root, "schedule"), "schedule");
     s.get("warmup_epochs", r.schedule.warmup_epochs);
     s.get("final_lr_ratio", r.schedule.final_lr_ratio);
+    s.get("warmup_start_lr", r.schedule.warmup_start_lr);
     s.finish();
     require(r.schedule.warmup_epochs >= 0 && r.schedule.warmup_epochs <= 1e6, "schedule.warmup_epochs",
             "must be in [0, 10^6]");
+    require(r.schedule.warmup_start_lr >= 0, "schedule.warmup_start_lr", "must be >= 0");
     require(r.schedule.final_lr_ratio >= 0 && r.schedule.final_lr_ratio <= 1, "schedule.final_lr_ratio",
             "must be in [0, 1]");
   }

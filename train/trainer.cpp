@@ -124,8 +124,12 @@ StepResult Trainer::step(const std::vector<data::Batch>& micro_batches, bool sto
   const int64_t accumulate = static_cast<int64_t>(micro_batches.size());
   if (accumulate < 1) throw std::invalid_argument("Trainer::step: no batch");
   const auto& total_steps = m.options.total_steps;
-  const double factor = warmup_cosine_lr(m.step, total_steps, m.warmup_steps, 1.0, m.recipe.schedule.final_lr_ratio);
-  detail::set_learning_rates(*m.optimizer, {m.lr * factor, m.bias_lr * factor});
+  const auto& sc = m.recipe.schedule;
+  auto scheduled = [&](double base) {
+    return warmup_cosine_lr(m.step, total_steps, m.warmup_steps, base, sc.final_lr_ratio, sc.warmup_start_lr);
+  };
+  const double lr = scheduled(m.lr);
+  detail::set_learning_rates(*m.optimizer, {lr, scheduled(m.bias_lr)});
   m.optimizer->zero_grad();
 
   StepResult result;
@@ -201,7 +205,7 @@ StepResult Trainer::step(const std::vector<data::Batch>& micro_batches, bool sto
     result.tau = byol_tau(m.step, total_steps, m.recipe.tau_base);
     m.model->ema_update(*result.tau);
   }
-  result.lr = m.lr * factor;
+  result.lr = lr;
   result.step = ++m.step;
   return result;
 }

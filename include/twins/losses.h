@@ -67,6 +67,11 @@ struct BarlowTwinsOptions {
   /// Reproduce the official distributed code's plain all_reduce(c), whose gradients are
   /// 1/world_size of the exact ones (multi-GPU only; no effect in one process).
   bool reference_compatible = false;
+  /// Over several ranks: false normalises and correlates over the global batch (the official
+  /// code); true normalises each rank's batch on its own and averages the ranks' c, with the
+  /// gradient reaching only this rank's c, as solo-learn and lightly do ("normalize":
+  /// "per_rank" in JSON). No effect in one process.
+  bool per_rank = false;
   /// Global-batch normalisation and cross-correlation (null: the local batch).
   std::shared_ptr<distributed::Communicator> communicator;
 };

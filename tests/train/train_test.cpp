@@ -373,3 +373,128 @@ TEST_CASE("train: the checksum covers the checkpoint's header: an altered step f
   const auto b = twins::models::load_safetensors((data.dir / "part/backbone.safetensors").string());
   for (const auto& [name, t] : a.tensors) CHECK(at::equal(t, b.at(name)));
 }
+
+TEST_CASE("train: each recipe names its source and keeps the numbers that define it") {
+  struct Pin {
+    std::string method, lars_variant;
+    double base_lr, weight_decay, warmup_start_lr, final_lr_ratio;
+    int64_t epochs;
+    std::string source;  // in _comment
+  };
+  const std::map<std::string, Pin> pins = {
+      {"vicreg_cifar10.json", {"vicreg", "solo_learn", 0.3, 1e-4, 3e-5, 0.0, 1000, "solo-learn 9187ea3"}},
+      {"barlow_twins_cifar10.json", {"barlow_twins", "solo_learn", 0.3, 1e-4, 3e-5, 0.0, 1000, "solo-learn 9187ea3"}},
+      {"byol_cifar10.json", {"byol", "solo_learn", 1.0, 1e-5, 3e-5, 0.0, 1000, "solo-learn 9187ea3"}},
+      {"simsiam_cifar10.json", {"simsiam", "official", 0.5, 1e-5, 3e-5, 0.0, 1000, "solo-learn 9187ea3"}},
+      {"vicreg_imagenet.json", {"vicreg", "official", 0.2, 1e-6, 0.0, 0.001, 100, "facebookresearch/vicreg 4e12602"}},
+      {"barlow_twins_imagenet.json",
+       {"barlow_twins", "official", 0.2, 1e-6, 0.0, 0.001, 1000, "facebookresearch/barlowtwins 8e8d284"}},
+      {"byol_imagenet.json", {"byol", "official", 0.2, 1.5e-6, 0.0, 0.0, 300, "arXiv:2006.07733"}},
+  };
+  const fs::path configs = fs::path(TWINS_TEST_REFERENCE_DIR) / "../../configs";
+  for (const auto& [file, pin] : pins) {
+    CAPTURE(file);
+    const json cfg = twins::config::load_config((configs / file).string());
+    const Recipe r = Recipe::parse(cfg);
+    const std::string comment = cfg.at("_comment");
+    // The comment names the source and, for code, its commit (the first 7 hex digits suffice here).
+    CHECK(comment.find(pin.source.substr(0, pin.source.find(' '))) != std::string::npos);
+    if (pin.source.find(' ') != std::string::npos)
+      CHECK(comment.find(pin.source.substr(pin.source.find(' ') + 1)) != std::string::npos);
+    CHECK(r.method == pin.method);
+    CHECK(r.optimizer.lars_variant == pin.lars_variant);
+    CHECK(r.optimizer.base_lr == pin.base_lr);
+    CHECK(r.optimizer.weight_decay == pin.weight_decay);
+    CHECK(r.schedule.warmup_start_lr == pin.warmup_start_lr);
+    CHECK(r.schedule.final_lr_ratio == pin.final_lr_ratio);
+    CHECK(r.schedule.warmup_epochs == 10);
+    CHECK(r.train.epochs == pin.epochs);
+    // Loss weights: solo-learn sums VICReg's variance branches, the official code averages them;
+    // solo-learn normalises Barlow Twins per rank and scales its loss by 0.1.
+    const json loss = twins::losses::create_loss(r.loss)->to_json();
+    const bool solo = pin.source.rfind("solo-learn", 0) == 0;
+    if (pin.method == "vicreg") {
+      CHECK(loss["sim_coeff"] == 25.0);
+      CHECK(loss["std_coeff"] == 25.0);
+      CHECK(loss["cov_coeff"] == 1.0);
+      CHECK(loss["average_variance_branches"] == !solo);
+    }
+    if (pin.method == "barlow_twins") {
+      CHECK(loss["lambda"] == 0.0051);
+      CHECK(loss["scale"] == (solo ? 0.1 : 1.0));
+      CHECK(loss["normalize"] == (solo ? "per_rank" : "global"));
+    }
+    if (solo) {
+      CHECK(r.backbone["stem_padding"] == 2);
+      CHECK(r.train.sync_batchnorm);
+    }
+    if (r.optimizer.type == "lars") CHECK(r.optimizer.clip == solo);
+  }
+  // The tests only know the recipes they pin: a new recipe gets a pin too.
+  for (const auto& e : fs::directory_iterator(configs))
+    if (e.path().extension() == ".json" && e.path().filename() != "quickstart.json")
+      CHECK(pins.count(e.path().filename().string()) == 1);
+}
+
+TEST_CASE("train: LARS in solo-learn's and lightly's form matches their code step for step") {
+  const json golden = twins::test::read_json(twins::test::reference_path("lars_solo_learn_golden.json"));
+  for (const auto& g : golden["cases"]) {
+    CAPTURE(g["name"].get<std::string>());
+    std::vector<at::Tensor> params;
+    for (size_t i = 0; i < 3; ++i) {
+      std::vector<int64_t> shape = g["shapes"][i];
+      params.push_back(
+          at::tensor(g["initial"][i].get<std::vector<double>>(), at::kDouble).view(shape).set_requires_grad(true));
+    }
+    const auto o = LARSOptions(g["lr"].get<double>())
+                       .weight_decay(g["weight_decay"])
+                       .momentum(g["momentum"])
+                       .eta(g["eta"])
+                       .clip(g["clip"])
+                       .exclude_1d(g["exclude_1d"])
+                       .exclude_zero_weight_decay(g["exclude_zero_weight_decay"])
+                       .variant(LARSVariant::solo_learn)
+                       .eps(g["eps"]);
+    std::vector<torch::optim::OptimizerParamGroup> groups;
+    groups.emplace_back(std::vector<at::Tensor>{params[0], params[2]}, std::make_unique<LARSOptions>(o));
+    groups.emplace_back(std::vector<at::Tensor>{params[1]},
+                        std::make_unique<LARSOptions>(LARSOptions(o).weight_decay(g["bias_weight_decay"])));
+    LARS opt(std::move(groups), o);
+    double worst = 0;
+    for (size_t step = 0; step < 3; ++step) {
+      for (size_t i = 0; i < 3; ++i)
+        params[i].mutable_grad() =
+            at::tensor(g["grads"][step][i].get<std::vector<double>>(), at::kDouble).view(params[i].sizes());
+      opt.step();
+      for (size_t i = 0; i < 3; ++i) {
+        const at::Tensor expected =
+            at::tensor(g["after"][step][i].get<std::vector<double>>(), at::kDouble).view(params[i].sizes());
+        worst = std::max(worst, (params[i].detach() - expected).abs().max().item<double>());
+      }
+    }
+    MESSAGE(g["name"].get<std::string>(), " LARS worst absolute difference over 3 steps: ", worst);
+    CHECK(worst < 1e-13);
+  }
+}
+
+TEST_CASE("train: LARS clipping at lr 0 takes the limit, so the first warm-up step stores the whole update") {
+  // At lr 0, min(q / lr, 1) -> 1: the momentum buffer gets d, as solo-learn's warm-up from 3e-5
+  // gives, not q d (the adaptation skipped because of the zero lr).
+  for (const auto variant : {LARSVariant::official, LARSVariant::solo_learn}) {
+    at::Tensor p = at::full({3, 3}, 2.0, at::kDouble).set_requires_grad(true);
+    LARS opt(std::vector<at::Tensor>{p},
+             LARSOptions(0.0).weight_decay(0.0).momentum(0.9).eta(0.001).clip(true).variant(variant));
+    p.mutable_grad() = at::full({3, 3}, 0.5, at::kDouble);
+    opt.step();
+    // After a second step at lr 1 with zero gradient, p moves by -(0.9 * buffer): read the buffer back.
+    const at::Tensor before = p.detach().clone();
+    opt.param_groups()[0].options().set_lr(1.0);
+    p.mutable_grad() = at::zeros({3, 3}, at::kDouble);
+    opt.step();
+    const at::Tensor buffer = (before - p.detach()) / 0.9;
+    CHECK(at::allclose(buffer, at::full({3, 3}, 0.5, at::kDouble)));
+  }
+  CHECK(warmup_cosine_lr(0, 100, 10, 2.0, 0.0, 3e-5) == doctest::Approx(3e-5));
+  CHECK(warmup_cosine_lr(5, 100, 10, 2.0, 0.0, 3e-5) == doctest::Approx(3e-5 + (2.0 - 3e-5) / 2));
+  CHECK(warmup_cosine_lr(100, 100, 10, 2.0, 0.0, 3e-5) == doctest::Approx(0.0));
+}

@@ -3,7 +3,8 @@
 // the image size and normalisation, and the probe and kNN settings:
 // {"train_data": {...}, "test_data": {...}, "image_size": 32,
 //  "normalize": {"mean": [...], "std": [...]},
-//  "probe": {"epochs": 100, "batch_size": 256, "lr": 0.1, "weight_decay": 0},
+//  "probe": {"epochs": 100, "batch_size": 256, "lr": 0.1, "weight_decay": 0, "augment": false,
+//            "crop_scale": [0.08, 1.0]},
 //  "knn": {"k": [10, 20, 100, 200], "temperature": 0.07, "variant": "dino" | "lightly"},
 //  "batch_size": 256, "workers": 2, "device": "auto"}
 // Features are extracted once per backbone and split and cached in the output folder
@@ -34,6 +35,22 @@ struct EvalConfig {
 /// a randomly initialised network), cached in `cache_dir` when not empty.
 std::pair<Features, Features> eval_features(const std::string& backbone, const EvalConfig& config,
                                             const std::string& cache_dir, int64_t* num_classes);
+
+/// The same with a backbone already open.
+std::pair<Features, Features> eval_features(models::Network& backbone, const EvalConfig& config,
+                                            const std::string& cache_dir, int64_t* num_classes);
+
+/// `twins linear-probe` as a library call: features, then the probe by the protocol that
+/// config.probe.augment names.
+struct LinearProbeRun {
+  LinearProbeResult result;
+  /// Which protocol produced the numbers, for probe.json and the output.
+  std::string protocol;
+  /// The centre-crop features (what the classifier is scored on).
+  Features train, test;
+  int64_t num_classes = 0;
+};
+LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& config, const std::string& cache_dir);
 
 /// Loads a backbone path, or builds "random:<backbone JSON>" or "random:<recipe file>" (its
 /// model.backbone) with seed 0: the random-initialisation baseline.

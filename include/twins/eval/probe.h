@@ -11,6 +11,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <map>
+#include <memory>
 #include <vector>
 
 #include "twins/eval/features.h"
@@ -28,6 +29,13 @@ struct LinearProbeOptions {
   double weight_decay = 0.0;
   double momentum = 0.9;
   uint64_t seed = 0;
+  /// The published protocol (official VICReg, Barlow Twins, BYOL and solo-learn evaluations):
+  /// the classifier trains on random resized crops + flips of the training images through the
+  /// frozen backbone, a new view of every image each epoch (a backbone forward per epoch).
+  /// false: on the centre-crop features extracted once (fast; the default).
+  bool augment = false;
+  /// Scale range of the random resized crops of the augmented protocol.
+  std::vector<double> crop_scale{0.08, 1.0};
 };
 
 struct LinearProbeResult {
@@ -39,6 +47,25 @@ struct LinearProbeResult {
 /// Trains on `train`, scores `train` and `test` (samples with label < 0 are ignored).
 LinearProbeResult linear_probe(const Features& train, const Features& test, int64_t num_classes,
                                const LinearProbeOptions& options, const at::Device& device);
+
+/// The linear classifier of both protocols: features standardised with fixed statistics (a
+/// BatchNorm without affine parameters, as MAE's probe), one Linear layer, SGD with momentum and
+/// a cosine schedule over `total_steps`.
+class ProbeHead {
+ public:
+  /// `mean`, `std`: the statistics of the training features (centre crops).
+  ProbeHead(const at::Tensor& mean, const at::Tensor& std, int64_t num_classes, const LinearProbeOptions& options,
+            int64_t total_steps, const at::Device& device);
+  ~ProbeHead();
+  /// One SGD step on features [B, D] and labels [B] (rows with label < 0 are left out).
+  void step(const at::Tensor& features, const at::Tensor& labels);
+  /// Top-1/top-5 on stored features (labelled rows only).
+  Accuracy score(const Features& features);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
 
 struct KnnOptions {
   std::vector<int64_t> k{10, 20, 100, 200};

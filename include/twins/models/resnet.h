@@ -18,6 +18,9 @@ struct ResNetOptions {
   int64_t width = 64;
   /// CIFAR stem: 3x3 conv, stride 1, no max-pool (solo-learn, lightly) for ~32 px images.
   bool cifar_stem = false;
+  /// Padding of the stem convolution; -1: kernel / 2 (torchvision, lightly). solo-learn's CIFAR
+  /// stem pads 2 (34 x 34 maps from 32 x 32 images).
+  int64_t stem_padding = -1;
   /// Zero the last BatchNorm weight of each residual block (torchvision's option).
   bool zero_init_residual = false;
   /// > 0 adds torchvision's `fc` classifier; 0 (the SSL backbone) outputs pooled features.

@@ -7,8 +7,9 @@
 //   "model": {"backbone": {...}, "projector": {...}, "predictor": {...}  (when the loss needs one)},
 //   "loss": {"type": ..., ...},     "byol": {"tau_base": 0.996}  (any loss with a momentum target),
 //   "optimizer": {"type": "lars" | "sgd" | "adamw", "base_lr", "bias_base_lr", "weight_decay",
-//                 "momentum", "eta", "clip", "exclude_1d", "betas", "eps", "fixed_predictor_lr"},
-//   "schedule": {"warmup_epochs": 10, "final_lr_ratio": 0.001},
+//                 "momentum", "eta", "clip", "exclude_1d", "betas", "eps", "fixed_predictor_lr",
+//                 "lars_variant", "lars_eps", "lars_exclude"},
+//   "schedule": {"warmup_epochs": 10, "final_lr_ratio": 0.001, "warmup_start_lr": 0},
 //   "online_probe": {"enabled": true, "lr": 0.1, "eval_data": {dataset} (optional)},
 //   "train": {"epochs", "max_steps", "batch_size", "workers", "device", "seed", "log_every",
 //             "checkpoint_every_steps", "checkpoint_every_epochs", "keep_checkpoints",
@@ -60,11 +61,22 @@ struct OptimizerConfig {
   /// Keep the predictor's learning rate at the scaled base lr, without warm-up or decay
   /// (SimSiam's fix_pred_lr; solo-learn's static_lr).
   bool fixed_predictor_lr = false;
+  /// LARS's trust ratio: "official" (facebookresearch's VICReg/Barlow Twins code) or
+  /// "solo_learn" (solo-learn's and lightly's form; see <twins/train/lars.h>).
+  std::string lars_variant = "official";
+  /// Denominator epsilon of the solo_learn form.
+  double lars_eps = 1e-8;
+  /// Which parameters LARS leaves alone: "1d" (biases and norms: official, solo-learn) or
+  /// "zero_weight_decay" (the group without weight decay, lightly: biases and norms get wd 0).
+  std::string lars_exclude = "1d";
 };
 
 struct ScheduleConfig {
   double warmup_epochs = 10;
+  /// The learning rate of the last step, as a fraction of the base (official: 0.001; solo-learn: 0).
   double final_lr_ratio = 0.001;
+  /// The learning rate the warm-up starts from, in absolute terms (official: 0; solo-learn: 3e-5).
+  double warmup_start_lr = 0.0;
 };
 
 struct ProbeConfig {
