@@ -392,7 +392,9 @@ TEST_CASE("train: each recipe names its source and keeps the numbers that define
       {"byol_imagenet.json", {"byol", "official", 0.2, 1.5e-6, 0.0, 0.0, 300, "arXiv:2006.07733"}},
   };
   const fs::path configs = fs::path(TWINS_TEST_REFERENCE_DIR) / "../../configs";
-  for (const auto& [file, pin] : pins) {
+  for (const auto& entry : pins) {
+    const std::string& file = entry.first;
+    const auto& pin = entry.second;
     CAPTURE(file);
     const json cfg = twins::config::load_config((configs / file).string());
     const Recipe r = Recipe::parse(cfg);
