@@ -8,6 +8,8 @@
 #include <ATen/autocast_mode.h>
 #include <c10/core/TensorImpl.h>
 
+#include <cmath>
+
 #include <sstream>
 #include <string>
 #include <type_traits>
@@ -22,6 +24,14 @@ class Backend;
 
 #define TWINS_TORCH_AT_LEAST(major, minor) \
   (TORCH_VERSION_MAJOR > (major) || (TORCH_VERSION_MAJOR == (major) && TORCH_VERSION_MINOR >= (minor)))
+
+#if TWINS_TORCH_AT_LEAST(2, 0)
+#include <ATen/ops/scaled_dot_product_attention.h>
+#else
+#include <ATen/ops/dropout.h>
+#include <ATen/ops/matmul.h>
+#include <ATen/ops/softmax.h>
+#endif
 
 namespace twins::compat {
 
@@ -68,6 +78,20 @@ class CudaAutocast {
   bool enabled_;
   bool previous_ = false;
 };
+
+/// softmax(q k^T / sqrt(d)) v over the last two dimensions of [..., L, d] tensors, with dropout p
+/// on the attention weights: ATen's fused scaled_dot_product_attention (flash / memory-efficient
+/// kernels on CUDA) from LibTorch 2.0 on, the plain matmul-softmax-matmul on 1.13.
+inline at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double dropout_p) {
+#if TWINS_TORCH_AT_LEAST(2, 0)
+  return at::scaled_dot_product_attention(q, k, v, c10::nullopt, dropout_p, /*is_causal=*/false);
+#else
+  const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
+  at::Tensor weights = at::softmax(at::matmul(q * scale, k.transpose(-2, -1)), -1);
+  if (dropout_p > 0) weights = at::dropout(weights, dropout_p, /*train=*/true);
+  return at::matmul(weights, v);
+#endif
+}
 
 /// Deterministic algorithms on or off (errors, not warnings, for nondeterministic ops).
 inline void set_deterministic(bool on) { at::globalContext().setDeterministicAlgorithms(on, /*warn_only=*/false); }

@@ -10,6 +10,7 @@
 #include "twins/config.h"
 #include "twins/models/mlp.h"
 #include "twins/models/resnet.h"
+#include "twins/models/vit.h"
 #include "twins/registry.h"
 
 namespace twins::models {
@@ -33,6 +34,32 @@ ResNetOptions read_resnet(const nlohmann::json& spec, const std::string& path, c
   return o;
 }
 
+ViTOptions read_vit(const nlohmann::json& spec, const std::string& path, const std::string& name) {
+  ViTOptions o = vit_options(name);
+  config::ConfigReader r(spec, path);
+  r.allow("type");
+  r.get("image_size", o.image_size);
+  r.get("patch_size", o.patch_size);
+  r.get("in_channels", o.in_channels);
+  r.get("depth", o.depth);
+  r.get("hidden", o.hidden);
+  r.get("heads", o.heads);
+  // A changed width keeps the family's MLP ratio unless the MLP size is given.
+  o.mlp = 4 * o.hidden;
+  r.get("mlp", o.mlp);
+  r.get("dropout", o.dropout);
+  r.get("attention_dropout", o.attention_dropout);
+  r.get("drop_path", o.drop_path);
+  r.get("pool", o.pool);
+  r.get("num_classes", o.num_classes);
+  r.finish();
+  return o;
+}
+
+bool is_vit(const std::string& name) {
+  return name == "vit" || name == "vit_tiny" || name == "vit_small" || name == "vit_base";
+}
+
 bool is_resnet(const std::string& name) {
   return name == "resnet" || name == "resnet18" || name == "resnet34" || name == "resnet50";
 }
@@ -44,6 +71,12 @@ const Registry<Network>& backbones() {
       const std::string n = name;
       r.add(n, [n](const nlohmann::json& s, const std::string& path) {
         return std::make_shared<ResNet>(read_resnet(s, path, n));
+      });
+    }
+    for (const char* name : {"vit", "vit_tiny", "vit_small", "vit_base"}) {
+      const std::string n = name;
+      r.add(n, [n](const nlohmann::json& s, const std::string& path) {
+        return std::make_shared<ViT>(read_vit(s, path, n));
       });
     }
     return r;
@@ -106,6 +139,8 @@ int64_t backbone_state_elements(const nlohmann::json& spec, const std::string& p
   const std::string type = config::type_of(spec, path);
   if (is_resnet(type))
     return ResNet::state_elements(read_resnet(spec.is_string() ? nlohmann::json{{"type", type}} : spec, path, type));
+  if (is_vit(type))
+    return ViT::state_elements(read_vit(spec.is_string() ? nlohmann::json{{"type", type}} : spec, path, type));
   return -1;
 }
 std::vector<std::string> head_names() { return heads().names(); }

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <torch/nn/module.h>
 
+#include <cmath>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <regex>
@@ -18,9 +19,10 @@ namespace {
 // A torchvision ResNet's options from its state dict names and shapes.
 nlohmann::json infer_resnet(const SafeTensorsFile& f, const std::string& path) {
   if (!f.contains("conv1.weight"))
-    throw std::runtime_error(path +
-                             ": no conv1.weight: not a ResNet backbone in torchvision's names "
-                             "(and no twins_backbone metadata to say what it is)");
+    throw std::runtime_error(
+        path +
+        ": no conv1.weight nor conv_proj.weight: not a ResNet or ViT backbone in torchvision's names "
+        "(and no twins_backbone metadata to say what it is)");
   const at::Tensor& conv1 = f.at("conv1.weight");
   std::vector<int64_t> layers(4, 0);
   const std::regex block(R"(^layer([1-4])\.(\d+)\.)");
@@ -38,6 +40,40 @@ nlohmann::json infer_resnet(const SafeTensorsFile& f, const std::string& path) {
           {"in_channels", conv1.size(1)},
           {"cifar_stem", conv1.size(2) == 3}};
 }
+
+// A torchvision VisionTransformer's options from its state dict names and shapes. The number of
+// heads leaves no trace in the shapes: hidden / 64, as in the standard family (Ti, S, B, L, H).
+nlohmann::json infer_vit(const SafeTensorsFile& f, const std::string& path) {
+  const at::Tensor& conv = f.at("conv_proj.weight");
+  if (!f.contains("encoder.pos_embedding") || conv.dim() != 4 || conv.size(2) != conv.size(3))
+    throw std::runtime_error(path +
+                             ": conv_proj.weight and class_token without a square patch embedding and "
+                             "encoder.pos_embedding: not a torchvision VisionTransformer");
+  const int64_t hidden = conv.size(0), patch = conv.size(2);
+  const at::Tensor& pos = f.at("encoder.pos_embedding");
+  const int64_t tokens = pos.dim() == 3 ? pos.size(1) : 0;
+  const auto grid =
+      static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(std::max<int64_t>(tokens - 1, 0)))));
+  if (tokens < 2 || grid * grid != tokens - 1)
+    throw std::runtime_error(path + ": encoder.pos_embedding does not hold a class token and a square grid of patches");
+  int64_t depth = 0;
+  const std::regex block(R"(^encoder\.layers\.encoder_layer_(\d+)\.)");
+  for (const auto& [name, t] : f.tensors) {
+    std::smatch m;
+    if (std::regex_search(name, m, block)) depth = std::max<int64_t>(depth, std::stoll(m[1]) + 1);
+  }
+  const std::string mlp = "encoder.layers.encoder_layer_0.mlp.0.weight";
+  if (depth == 0 || !f.contains(mlp)) throw std::runtime_error(path + ": a VisionTransformer without encoder layers");
+  if (hidden % 64 != 0)
+    throw std::runtime_error(path + ": cannot tell the number of attention heads of a ViT " + std::to_string(hidden) +
+                             " wide (the standard family has hidden / 64): give the architecture in the metadata "
+                             "entry twins_backbone, e.g. {\"type\": \"vit\", \"heads\": ...}");
+  return {{"type", "vit"},  {"image_size", grid * patch}, {"patch_size", patch},  {"in_channels", conv.size(1)},
+          {"depth", depth}, {"hidden", hidden},           {"heads", hidden / 64}, {"mlp", f.at(mlp).size(0)}};
+}
+
+// The classifier of a torchvision model, which a backbone file may carry and twins ignores.
+bool is_classifier(const std::string& name) { return name.rfind("fc.", 0) == 0 || name.rfind("heads.", 0) == 0; }
 
 }  // namespace
 
@@ -126,6 +162,9 @@ LoadedBackbone read_backbone(const std::string& given) {
     if (!spec.is_object())
       throw std::runtime_error(path + ": metadata " + metadata_key::architecture + " is not a JSON object");
     spec["num_classes"] = 0;
+  } else if (f.contains("conv_proj.weight") && f.contains("class_token")) {
+    spec = infer_vit(f, path);
+    if (out.info.provenance.empty()) out.info.provenance = "inferred from tensor names (torchvision ViT)";
   } else {
     spec = infer_resnet(f, path);
     if (out.info.provenance.empty()) out.info.provenance = "inferred from tensor names (torchvision ResNet)";
@@ -134,7 +173,7 @@ LoadedBackbone read_backbone(const std::string& given) {
   const std::string where = path + " (" + metadata_key::architecture + ")";
   int64_t held = 0;
   for (const auto& [name, t] : f.tensors)
-    if (name.rfind("fc.", 0) != 0) held += t.numel();
+    if (!is_classifier(name)) held += t.numel();
   const int64_t described = backbone_state_elements(spec, where);
   // Building needs about `described` values; far more than the file holds is refused here (a
   // near miss is built and its mismatched tensors listed below).
@@ -163,7 +202,7 @@ LoadedBackbone read_backbone(const std::string& given) {
     dst.copy_(src);
   }
   for (const auto& [name, t] : f.tensors)
-    if (!expected.count(name) && name.rfind("fc.", 0) != 0) problems.push_back("unexpected " + name);
+    if (!expected.count(name) && !is_classifier(name)) problems.push_back("unexpected " + name);
   if (!problems.empty()) {
     std::string message =
         path + ": the weights do not fit " + spec.dump() + " (" + std::to_string(problems.size()) + " problems):";

@@ -5,6 +5,7 @@
 #include <torch/serialize/archive.h>
 
 #include <nlohmann/json.hpp>
+#include <set>
 #include <sstream>
 
 #include "train/ssl_model.h"
@@ -51,8 +52,10 @@ const OptimizerRegistry& registry() {
                          .clip(c.clip)
                          .variant(c.lars_variant == "solo_learn" ? LARSVariant::solo_learn : LARSVariant::official)
                          .eps(c.lars_eps);
+      // The flat group (1-D parameters, and those a network names, e.g. a ViT's class token) is
+      // excluded as a group: weight decay 0 marks it.
       auto flat = LARSOptions(o).lr(g.bias_lr);
-      if (by_decay && c.exclude_1d) flat.weight_decay(0.0);
+      if (c.exclude_1d) flat.weight_decay(0.0).exclude_1d(false).exclude_zero_weight_decay(true);
       return std::make_shared<LARS>(groups_of(g, o, flat), o);
     });
     r.add("sgd", [](const nlohmann::json&, const std::string&, const OptimizerConfig& c, const ParameterGroups& g) {
@@ -84,7 +87,10 @@ std::shared_ptr<torch::optim::Optimizer> make_optimizer(const OptimizerConfig& c
     for (const auto* n : {&model.backbone, &model.projector})
       for (const auto& p : (*n)->parameters()) scheduled.push_back(p);
   }
-  for (const auto& p : scheduled) (p.dim() > 1 ? g.weights : g.flat).push_back(p);
+  std::set<const void*> no_decay;
+  for (const auto& p : model.backbone->no_weight_decay()) no_decay.insert(p.unsafeGetTensorImpl());
+  for (const auto& p : scheduled)
+    (p.dim() > 1 && !no_decay.count(p.unsafeGetTensorImpl()) ? g.weights : g.flat).push_back(p);
   return registry().create(nlohmann::json{{"type", c.type}}, "optimizer", c, g);
 }
 

@@ -128,6 +128,11 @@ StepResult Trainer::step(const std::vector<data::Batch>& micro_batches, bool sto
   auto scheduled = [&](double base) {
     return warmup_cosine_lr(m.step, total_steps, m.warmup_steps, base, sc.final_lr_ratio, sc.warmup_start_lr);
   };
+  // Random ops inside the networks (stochastic depth, dropout) draw from torch's generator: seeded
+  // from (seed, step, rank) here, so a resumed run draws what an uninterrupted one would.
+  const uint64_t rank = comm ? static_cast<uint64_t>(comm->rank()) : 0;
+  at::manual_seed(static_cast<uint64_t>(m.recipe.train.seed) * 0x9E3779B97F4A7C15ULL +
+                  static_cast<uint64_t>(m.step) * 0xBF58476D1CE4E5B9ULL + rank * 0x94D049BB133111EBULL);
   const double lr = scheduled(m.lr);
   detail::set_learning_rates(*m.optimizer, {lr, scheduled(m.bias_lr)});
   m.optimizer->zero_grad();

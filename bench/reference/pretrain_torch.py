@@ -61,6 +61,18 @@ def resnet18_cifar():
     return net
 
 
+def backbone(spec):
+    """The recipe's backbone and its feature size: the CIFAR ResNet-18, or torchvision's
+    VisionTransformer (heads removed) for the ViT recipes."""
+    if not spec["type"].startswith("vit"):
+        return resnet18_cifar(), 512
+    hidden, heads = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}[spec["type"]]
+    net = torchvision.models.VisionTransformer(spec.get("image_size", 224), spec.get("patch_size", 16), 12, heads,
+                                               hidden, 4 * hidden)
+    net.heads = nn.Identity()
+    return net, hidden
+
+
 def head(spec, in_dim):
     """"a-b-c": Linear+BN+ReLU between layers, a plain Linear last (biases on)."""
     dims, layers = [in_dim] + [int(d) for d in spec["spec"].split("-")], []
@@ -123,7 +135,8 @@ class Trainer:
     """twins' training step: both views through the online network, loss, LARS, EMA, probe."""
     def __init__(self, cfg, batch_size):
         self.method, model, lc, oc = cfg["method"], cfg["model"], cfg["loss"], cfg["optimizer"]
-        self.online = nn.Sequential(resnet18_cifar(), head(model["projector"], 512))
+        net, feat_dim = backbone(model["backbone"])
+        self.online = nn.Sequential(net, head(model["projector"], feat_dim))
         out_dim = self.online[1][-1].out_features
         params = list(self.online.parameters())
         if self.method == "byol":
@@ -136,9 +149,16 @@ class Trainer:
         else:
             bn = nn.BatchNorm1d(out_dim, affine=False)
             self.loss = lambda a, b: barlow_twins_loss(a, b, bn, lc["lambda"], lc["scale"])
-        self.optimizer = LARS(params, oc["base_lr"] * batch_size / 256, oc["weight_decay"],
-                              oc["momentum"], oc["eta"], oc.get("clip", False))
-        self.probe = nn.Linear(512, 10)
+        lr = oc["base_lr"] * batch_size / 256
+        if oc["type"] == "adamw":  # biases, norms, class token and position embedding without decay
+            flat = [p for p in params if p.ndim <= 1 or p.shape[:2] == (1, 1) or p.shape[0] == 1]
+            rest = [p for p in params if all(p is not q for q in flat)]
+            self.optimizer = torch.optim.AdamW([dict(params=rest), dict(params=flat, weight_decay=0.0)], lr=lr,
+                                               betas=tuple(oc.get("betas", (0.9, 0.999))),
+                                               weight_decay=oc["weight_decay"])
+        else:
+            self.optimizer = LARS(params, lr, oc["weight_decay"], oc["momentum"], oc["eta"], oc.get("clip", False))
+        self.probe = nn.Linear(feat_dim, 10)
         self.probe_optimizer = torch.optim.SGD(self.probe.parameters(), lr=cfg["online_probe"]["lr"], momentum=0.9)
 
     def step(self, x1, x2, labels):
@@ -189,21 +209,25 @@ def main():
     for name, default in [("--workers", 2), ("--threads", 2), ("--steps", 3), ("--warmup", 1)]:
         ap.add_argument(name, type=int, default=default)
     ap.add_argument("--mode", choices=["end_to_end", "step", "both"], default="both")
+    ap.add_argument("--config", help="a twins recipe (default: configs/<method>_cifar10.json); step mode only for "
+                                     "recipes other than CIFAR-10's")
     args = ap.parse_args()
     if args.mode != "step" and not args.root:
         ap.error("--root is needed for end_to_end")
     read_json = lambda name: json.loads(Path(CONFIGS, name).read_text())
-    cfg = read_json(f"{args.method}_cifar10.json")
-    views = [T.Compose([t for op in v for t in VIEW_OPS[op["type"]](op)]) for v in read_json(cfg["views"])]
+    cfg = json.loads(Path(args.config).read_text()) if args.config else read_json(f"{args.method}_cifar10.json")
+    views_spec = read_json(cfg["views"]) if isinstance(cfg["views"], str) else cfg["views"]
+    size = views_spec[0][0]["size"]
     batch = args.batch_size or cfg["train"]["batch_size"]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     trainer = Trainer(cfg, batch)
     for mode in (["step", "end_to_end"] if args.mode == "both" else [args.mode]):
         if mode == "step":
-            x = (torch.randn(batch, 3, 32, 32), torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,)))
+            x = (torch.randn(batch, 3, size, size), torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,)))
             batches = iter(lambda: x, None)
         else:
+            views = [T.Compose([t for op in v for t in VIEW_OPS[op["type"]](op)]) for v in views_spec]
             loader = torch.utils.data.DataLoader(
                 Cifar10Views(args.root, views), batch_size=batch, shuffle=True, num_workers=args.workers,
                 drop_last=True, persistent_workers=args.workers > 0, worker_init_fn=one_thread)

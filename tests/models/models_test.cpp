@@ -184,7 +184,9 @@ TEST_CASE("models: registry sweep") {
   for (const auto& name : backbone_names()) {
     CAPTURE(name);
     // Small width keeps ResNet-50 quick; every backbone still builds from its defaults.
-    auto net = create_backbone({{"type", name}, {"width", 4}, {"cifar_stem", true}});
+    const bool vit = name.rfind("vit", 0) == 0;
+    auto net = vit ? create_backbone({{"type", name}, {"image_size", 16}, {"patch_size", 8}, {"depth", 1}})
+                   : create_backbone({{"type", name}, {"width", 4}, {"cifar_stem", true}});
     net->train();
     const at::Tensor y = net->forward(at::randn({2, 3, 16, 16}));
     CHECK(y.sizes() == std::vector<int64_t>{2, net->output_dim()});
@@ -197,7 +199,8 @@ TEST_CASE("models: registry sweep") {
     CHECK(create_head(head->to_json(), 12)->to_json() == head->to_json());
     CHECK(create_head(name, 12)->output_dim() > 0);
   }
-  CHECK(backbone_names() == std::vector<std::string>{"resnet", "resnet18", "resnet34", "resnet50"});
+  CHECK(backbone_names() == std::vector<std::string>{"resnet", "resnet18", "resnet34", "resnet50", "vit", "vit_base",
+                                                     "vit_small", "vit_tiny"});
   check_throws_with<std::invalid_argument>([] { create_backbone("resnet19"); }, "did you mean resnet18?");
   check_throws_with<std::invalid_argument>(
       [] {

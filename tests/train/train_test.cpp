@@ -390,6 +390,11 @@ TEST_CASE("train: each recipe names its source and keeps the numbers that define
       {"barlow_twins_imagenet.json",
        {"barlow_twins", "official", 0.2, 1e-6, 0.0, 0.001, 1000, "facebookresearch/barlowtwins 8e8d284"}},
       {"byol_imagenet.json", {"byol", "official", 0.2, 1.5e-6, 0.0, 0.0, 300, "arXiv:2006.07733"}},
+      {"vicreg_vit_small_imagenet.json", {"vicreg", "official", 3e-4, 0.1, 3e-5, 0.0, 400, "solo-learn 9187ea3"}},
+      {"barlow_twins_vit_small_imagenet.json",
+       {"barlow_twins", "official", 3e-4, 0.1, 3e-5, 0.0, 400, "solo-learn 9187ea3"}},
+      {"byol_vit_small_imagenet.json", {"byol", "official", 3e-4, 0.1, 3e-5, 0.0, 400, "solo-learn 9187ea3"}},
+      {"vicreg_vit_small_cifar10.json", {"vicreg", "official", 2e-4, 0.05, 3e-5, 0.0, 1000, "solo-learn 9187ea3"}},
   };
   const fs::path configs = fs::path(TWINS_TEST_REFERENCE_DIR) / "../../configs";
   for (const auto& entry : pins) {
@@ -415,21 +420,23 @@ TEST_CASE("train: each recipe names its source and keeps the numbers that define
     // solo-learn normalises Barlow Twins per rank and scales its loss by 0.1.
     const json loss = twins::losses::create_loss(r.loss)->to_json();
     const bool solo = pin.source.rfind("solo-learn", 0) == 0;
+    const bool vit = r.backbone["type"].get<std::string>().rfind("vit", 0) == 0;
+    // The ViT ImageNet recipes take solo-learn's ViT optimisation but the official methods' losses.
+    const bool solo_loss = solo && !(vit && file.find("imagenet") != std::string::npos);
     if (pin.method == "vicreg") {
       CHECK(loss["sim_coeff"] == 25.0);
       CHECK(loss["std_coeff"] == 25.0);
       CHECK(loss["cov_coeff"] == 1.0);
-      CHECK(loss["average_variance_branches"] == !solo);
+      CHECK(loss["average_variance_branches"] == !solo_loss);
     }
     if (pin.method == "barlow_twins") {
       CHECK(loss["lambda"] == 0.0051);
-      CHECK(loss["scale"] == (solo ? 0.1 : 1.0));
-      CHECK(loss["normalize"] == (solo ? "per_rank" : "global"));
+      CHECK(loss["scale"] == (solo_loss ? 0.1 : 1.0));
+      CHECK(loss["normalize"] == (solo_loss ? "per_rank" : "global"));
     }
-    if (solo) {
-      CHECK(r.backbone["stem_padding"] == 2);
-      CHECK(r.train.sync_batchnorm);
-    }
+    if (solo) CHECK(r.train.sync_batchnorm);
+    if (solo && !vit) CHECK(r.backbone["stem_padding"] == 2);
+    if (vit) CHECK(r.optimizer.type == "adamw");
     if (r.optimizer.type == "lars") CHECK(r.optimizer.clip == solo);
   }
   // The tests only know the recipes they pin: a new recipe gets a pin too.
@@ -499,4 +506,47 @@ TEST_CASE("train: LARS clipping at lr 0 takes the limit, so the first warm-up st
   CHECK(warmup_cosine_lr(0, 100, 10, 2.0, 0.0, 3e-5) == doctest::Approx(3e-5));
   CHECK(warmup_cosine_lr(5, 100, 10, 2.0, 0.0, 3e-5) == doctest::Approx(3e-5 + (2.0 - 3e-5) / 2));
   CHECK(warmup_cosine_lr(100, 100, 10, 2.0, 0.0, 3e-5) == doctest::Approx(0.0));
+}
+
+TEST_CASE("train: every method trains a tiny ViT, and resume with stochastic depth is bit-identical") {
+  TinyData data(48);
+  const json vit = {{"type", "vit"}, {"image_size", 12}, {"patch_size", 4}, {"in_channels", 1}, {"depth", 2},
+                    {"hidden", 16},  {"heads", 2},       {"mlp", 32},       {"drop_path", 0.2}};
+  for (const std::string& method : twins::losses::loss_names()) {
+    CAPTURE(method);
+    json cfg = tiny_recipe(method, data.dir);
+    cfg["model"]["backbone"] = vit;
+    cfg["model"]["backbone"]["drop_path"] = 0.0;
+    cfg["train"]["epochs"] = 5;  // 3 steps per epoch
+    const auto result = pretrain(cfg, quiet(data.dir / ("vit_" + method)));
+    REQUIRE(result.steps == 15);
+    std::vector<double> losses;
+    for (const auto& l : read_lines(data.dir / ("vit_" + method) / "metrics.jsonl"))
+      if (l.contains("loss")) losses.push_back(l["loss"]);
+    REQUIRE(losses.size() == 15);
+    const double first = (losses[0] + losses[1] + losses[2]) / 3, last = (losses[12] + losses[13] + losses[14]) / 3;
+    MESSAGE(method, " ViT: loss ", first, " -> ", last);
+    CHECK(last < first);
+    const auto backbone =
+        twins::models::load_safetensors((data.dir / ("vit_" + method) / "backbone.safetensors").string());
+    CHECK(backbone.contains("encoder.layers.encoder_layer_1.self_attention.in_proj_weight"));
+  }
+  // Stochastic depth draws from (seed, step): stopping and resuming changes nothing.
+  json cfg = tiny_recipe("vicreg", data.dir);
+  cfg["model"]["backbone"] = vit;
+  cfg["train"]["checkpoint_every_steps"] = 1;
+  const auto full = pretrain(cfg, quiet(data.dir / "vit_full"));
+  PretrainOptions part = quiet(data.dir / "vit_part");
+  part.stop_after = 4;
+  pretrain(cfg, part);
+  PretrainOptions rest = quiet(data.dir / "vit_part");
+  rest.resume = true;
+  CHECK(pretrain(json::object(), rest).steps == full.steps);
+  const auto a = twins::models::load_safetensors((data.dir / "vit_full/backbone.safetensors").string());
+  const auto b = twins::models::load_safetensors((data.dir / "vit_part/backbone.safetensors").string());
+  for (const auto& entry : a.tensors) {
+    const std::string& name = entry.first;
+    CAPTURE(name);
+    CHECK(at::equal(entry.second, b.at(name)));
+  }
 }

@@ -34,9 +34,13 @@ class Network : public torch::nn::Module {
   }
   /// The hyper-parameters, as a JSON object the matching create_* function accepts.
   virtual nlohmann::json to_json() const = 0;
+  /// Parameters of more than one dimension that take no weight decay (nor LARS adaptation) when
+  /// the recipe excludes biases and norms: a ViT's class token and position embedding.
+  virtual std::vector<at::Tensor> no_weight_decay() const { return {}; }
 };
 
-/// Builds a backbone from {"type": "resnet18"|"resnet34"|"resnet50", ...ResNetOptions keys};
+/// Builds a backbone from {"type": "resnet18"|"resnet34"|"resnet50"|"resnet", ...ResNetOptions keys}
+/// or {"type": "vit_tiny"|"vit_small"|"vit_base"|"vit", ...ViTOptions keys};
 /// `path` names the spec in messages ("model.backbone").
 std::shared_ptr<Network> create_backbone(const nlohmann::json& spec, const std::string& path = "backbone");
 /// Builds a head taking `in_dim` features, from {"type": "mlp"|"vicreg_projector"|..., ...}.
