@@ -3,6 +3,8 @@
 
 #include <torch/nn/module.h>
 
+#include <algorithm>
+#include <array>
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 
@@ -56,24 +58,24 @@ ViTOptions read_vit(const nlohmann::json& spec, const std::string& path, const s
   return o;
 }
 
-bool is_vit(const std::string& name) {
-  return name == "vit" || name == "vit_tiny" || name == "vit_small" || name == "vit_base";
-}
+constexpr std::array<const char*, 4> kResNets{"resnet", "resnet18", "resnet34", "resnet50"};
+constexpr std::array<const char*, 4> kViTs{"vit", "vit_tiny", "vit_small", "vit_base"};
 
-bool is_resnet(const std::string& name) {
-  return name == "resnet" || name == "resnet18" || name == "resnet34" || name == "resnet50";
+template <size_t N>
+bool listed_in(const std::string& name, const std::array<const char*, N>& names) {
+  return std::find(names.begin(), names.end(), name) != names.end();
 }
 
 const Registry<Network>& backbones() {
   static const Registry<Network> r = [] {
     Registry<Network> r("backbone");
-    for (const char* name : {"resnet", "resnet18", "resnet34", "resnet50"}) {
+    for (const char* name : kResNets) {
       const std::string n = name;
       r.add(n, [n](const nlohmann::json& s, const std::string& path) {
         return std::make_shared<ResNet>(read_resnet(s, path, n));
       });
     }
-    for (const char* name : {"vit", "vit_tiny", "vit_small", "vit_base"}) {
+    for (const char* name : kViTs) {
       const std::string n = name;
       r.add(n, [n](const nlohmann::json& s, const std::string& path) {
         return std::make_shared<ViT>(read_vit(s, path, n));
@@ -137,9 +139,9 @@ std::vector<std::string> backbone_names() { return backbones().names(); }
 
 int64_t backbone_state_elements(const nlohmann::json& spec, const std::string& path) {
   const std::string type = config::type_of(spec, path);
-  if (is_resnet(type))
+  if (listed_in(type, kResNets))
     return ResNet::state_elements(read_resnet(spec.is_string() ? nlohmann::json{{"type", type}} : spec, path, type));
-  if (is_vit(type))
+  if (listed_in(type, kViTs))
     return ViT::state_elements(read_vit(spec.is_string() ? nlohmann::json{{"type", type}} : spec, path, type));
   return -1;
 }

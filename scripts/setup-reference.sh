@@ -3,6 +3,5 @@
 # regenerate reference outputs under tests/reference/ and for side-by-side benchmarks in bench/;
 # twins itself never needs them.
 set -euo pipefail
-sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-$sudo apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq python3-torch python3-torchvision python3-numpy
+cd "$(dirname "$0")/.."
+scripts/install-packages.sh setup-reference python3-torch python3-torchvision python3-numpy

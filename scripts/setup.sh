@@ -8,16 +8,7 @@ cd "$(dirname "$0")/.."
 # reference BLAS unless OpenBLAS provides it (kNN 15x, small-model training 2.5x faster here).
 packages=(libtorch-dev libgloo-dev libopencv-dev libcli11-dev nlohmann-json3-dev doctest-dev libopenblas0-pthread
           cmake ninja-build g++ dataset-fashion-mnist)
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  echo "setup: installing ${missing[*]}"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
-fi
+scripts/install-packages.sh setup "${packages[@]}"
 
 build_type=${TWINS_BUILD_TYPE:-Release}
 extra=()

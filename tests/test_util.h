@@ -4,6 +4,9 @@
 #include <doctest/doctest.h>
 #include <nlohmann/json.hpp>
 
+#include <unistd.h>
+
+#include <filesystem>
 #include <fstream>
 #include <stdexcept>
 #include <string>
@@ -13,6 +16,16 @@ namespace twins::test {
 
 inline std::string reference_path(const std::string& name) {
   return std::string(TWINS_TEST_REFERENCE_DIR) + "/" + name;
+}
+
+/// An empty folder under the system's temporary directory, unique to this process, `group` and
+/// `name` (emptied first if a previous run left it).
+inline std::filesystem::path fresh_dir(const std::string& group, const std::string& name) {
+  const std::filesystem::path p =
+      std::filesystem::temp_directory_path() / ("twins_" + group + "_" + std::to_string(::getpid()) + "_" + name);
+  std::filesystem::remove_all(p);
+  std::filesystem::create_directories(p);
+  return p;
 }
 
 inline nlohmann::json read_json(const std::string& path) {

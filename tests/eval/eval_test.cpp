@@ -1,5 +1,4 @@
 #include <ATen/ATen.h>
-#include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
@@ -24,12 +23,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-fs::path temp_dir(const std::string& name) {
-  const fs::path p = fs::temp_directory_path() / ("twins_eval_" + std::to_string(::getpid()) + "_" + name);
-  fs::remove_all(p);
-  fs::create_directories(p);
-  return p;
-}
+fs::path temp_dir(const std::string& name) { return twins::test::fresh_dir("eval", name); }
 
 // Gaussian blobs: class c centred at 4 e_c in 16 dimensions (linearly separable).
 Features blobs(int64_t n, int64_t classes, uint64_t seed) {

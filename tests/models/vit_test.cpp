@@ -2,7 +2,6 @@
 // tiny torchvision ViT (float64 weights, vit_tiny.safetensors) and its outputs (vit_golden.json).
 #include <ATen/ATen.h>
 #include <torch/nn/module.h>
-#include <unistd.h>
 
 #include <filesystem>
 #include <nlohmann/json.hpp>
@@ -56,14 +55,6 @@ std::shared_ptr<Network> reference_vit(const std::string& pool = "cls") {
   }
   net->eval();
   return net;
-}
-
-fs::path temp_dir() {
-  static int counter = 0;
-  const fs::path d =
-      fs::temp_directory_path() / ("twins_vit_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-  fs::create_directories(d);
-  return d;
 }
 
 }  // namespace
@@ -197,7 +188,7 @@ TEST_CASE("vit: stochastic depth drops whole samples in training only") {
 }
 
 TEST_CASE("vit: torchvision files import, twins files round-trip, heads are inferred for the standard family") {
-  const fs::path dir = temp_dir();
+  const fs::path dir = twins::test::fresh_dir("vit", "files");
   // The torchvision file is 16 wide: its heads cannot be inferred, and the message says what to do.
   check_throws_with<std::runtime_error>([] { read_backbone(twins::test::reference_path("vit_tiny.safetensors")); },
                                         "twins_backbone");

@@ -87,6 +87,24 @@ std::vector<json> read_lines(const fs::path& file) {
   return out;
 }
 
+// Feeds a golden file's gradients ("grads"[step][param]) to `opt` for 3 steps; the largest
+// absolute difference of the parameters from the golden "after"[step][param].
+double replay_lars_golden(LARS& opt, std::vector<at::Tensor>& params, const json& g) {
+  double worst = 0;
+  for (size_t step = 0; step < 3; ++step) {
+    for (size_t i = 0; i < params.size(); ++i)
+      params[i].mutable_grad() =
+          at::tensor(g["grads"][step][i].get<std::vector<double>>(), at::kDouble).view(params[i].sizes());
+    opt.step();
+    for (size_t i = 0; i < params.size(); ++i) {
+      const at::Tensor expected =
+          at::tensor(g["after"][step][i].get<std::vector<double>>(), at::kDouble).view(params[i].sizes());
+      worst = std::max(worst, (params[i].detach() - expected).abs().max().item<double>());
+    }
+  }
+  return worst;
+}
+
 PretrainOptions quiet(const fs::path& out) {
   PretrainOptions o;
   o.out_dir = out.string();
@@ -106,18 +124,7 @@ TEST_CASE("train: LARS matches the official VICReg LARS step for step") {
   }
   LARS opt(params,
            LARSOptions(g["lr"].get<double>()).weight_decay(g["weight_decay"]).momentum(g["momentum"]).eta(g["eta"]));
-  double worst = 0;
-  for (size_t step = 0; step < 3; ++step) {
-    for (size_t i = 0; i < 3; ++i)
-      params[i].mutable_grad() =
-          at::tensor(g["grads"][step][i].get<std::vector<double>>(), at::kDouble).view(params[i].sizes());
-    opt.step();
-    for (size_t i = 0; i < 3; ++i) {
-      const at::Tensor expected =
-          at::tensor(g["after"][step][i].get<std::vector<double>>(), at::kDouble).view(params[i].sizes());
-      worst = std::max(worst, (params[i].detach() - expected).abs().max().item<double>());
-    }
-  }
+  const double worst = replay_lars_golden(opt, params, g);
   MESSAGE("LARS worst absolute difference over 3 steps: ", worst);
   CHECK(worst < 1e-13);
 }
@@ -469,18 +476,7 @@ TEST_CASE("train: LARS in solo-learn's and lightly's form matches their code ste
     groups.emplace_back(std::vector<at::Tensor>{params[1]},
                         std::make_unique<LARSOptions>(LARSOptions(o).weight_decay(g["bias_weight_decay"])));
     LARS opt(std::move(groups), o);
-    double worst = 0;
-    for (size_t step = 0; step < 3; ++step) {
-      for (size_t i = 0; i < 3; ++i)
-        params[i].mutable_grad() =
-            at::tensor(g["grads"][step][i].get<std::vector<double>>(), at::kDouble).view(params[i].sizes());
-      opt.step();
-      for (size_t i = 0; i < 3; ++i) {
-        const at::Tensor expected =
-            at::tensor(g["after"][step][i].get<std::vector<double>>(), at::kDouble).view(params[i].sizes());
-        worst = std::max(worst, (params[i].detach() - expected).abs().max().item<double>());
-      }
-    }
+    const double worst = replay_lars_golden(opt, params, g);
     MESSAGE(g["name"].get<std::string>(), " LARS worst absolute difference over 3 steps: ", worst);
     CHECK(worst < 1e-13);
   }
