@@ -49,7 +49,7 @@ case "$dataset" in
   cifar10)
     eval_cfg=configs/eval/cifar10.json
     root=${CIFAR_ROOT:-../shared/data/cifar10/cifar-10-batches-bin}
-    data_sets=(--set "data.root=$root" --set "online_probe.eval_data.root=$root")
+    data_sets=(--set "data.root=$root")
     [ -n "$methods" ] || methods=$(ls configs/*_cifar10.json | xargs -n1 basename | sed 's/_cifar10\.json$//' | tr '\n' ' ') ;;
   *) echo "bench/accuracy.sh: unknown dataset '$dataset' (fashion_mnist or cifar10)" >&2; exit 2 ;;
 esac

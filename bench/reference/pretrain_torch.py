@@ -151,8 +151,10 @@ class Trainer:
             self.loss = lambda a, b: barlow_twins_loss(a, b, bn, lc["lambda"], lc["scale"])
         lr = oc["base_lr"] * batch_size / 256
         if oc["type"] == "adamw":  # biases, norms, class token and position embedding without decay
-            flat = [p for p in params if p.ndim <= 1 or p.shape[:2] == (1, 1) or p.shape[0] == 1]
-            rest = [p for p in params if all(p is not q for q in flat)]
+            no_decay = {id(p) for n, p in self.online.named_parameters()
+                        if n.endswith(("class_token", "pos_embedding"))}
+            flat = [p for p in params if p.ndim <= 1 or id(p) in no_decay]
+            rest = [p for p in params if p.ndim > 1 and id(p) not in no_decay]
             self.optimizer = torch.optim.AdamW([dict(params=rest), dict(params=flat, weight_decay=0.0)], lr=lr,
                                                betas=tuple(oc.get("betas", (0.9, 0.999))),
                                                weight_decay=oc["weight_decay"])
