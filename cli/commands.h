@@ -11,6 +11,7 @@ using Command = std::function<int()>;
 Command add_list(CLI::App& app);
 Command add_preview(CLI::App& app);
 Command add_bench(CLI::App& app);
+Command add_shards(CLI::App& app);
 Command add_pretrain(CLI::App& app);
 Command add_linear_probe(CLI::App& app);
 Command add_knn(CLI::App& app);

@@ -47,6 +47,7 @@ int main(int argc, char** argv) {
   add(twins::cli::add_list);
   add(twins::cli::add_preview);
   add(twins::cli::add_bench);
+  add(twins::cli::add_shards);
 
   try {
     app.parse(argc, argv);

@@ -20,6 +20,7 @@
 #include "twins/data/csv.h"
 #include "twins/data/dataset.h"
 #include "twins/data/image_io.h"
+#include "twins/data/shards.h"
 #include "twins/registry.h"
 
 #include <cerrno>
@@ -523,6 +524,7 @@ const Registry<Dataset>& registry() {
     r.add("fashion_mnist", [](const json& s, const std::string& p) { return make_idx(s, p, true); });
     r.add("image_folder", make_image_folder);
     r.add("csv", make_csv);
+    r.add("shards", open_shards);
     return r;
   }();
   return r;

@@ -26,7 +26,8 @@ struct Loader::State {
   bool stop = false;
   uint64_t generation = 0;  // bumped by start_epoch: workers drop stale results
   int64_t epoch = -1;
-  std::vector<int64_t> order;
+  std::vector<int64_t> order;  // dataset indices, or stream positions for a streaming dataset
+  std::shared_ptr<EpochStream> stream;
   int64_t num_batches = 0, claim = 0, deliver = 0;
   struct Result {
     std::optional<Batch> batch;
@@ -35,36 +36,87 @@ struct Loader::State {
   std::map<int64_t, Result> ready;
   std::vector<std::thread> threads;
 
-  // Builds batch b of the current epoch (indices copied under the lock by the caller).
-  Batch build(int64_t epoch_, int64_t b, const std::vector<int64_t>& indices) {
-    const int64_t n = static_cast<int64_t>(indices.size());
+  // The image, label and dataset index of entry j of a batch: `key` is a dataset index, or a
+  // position of the epoch's stream for streaming datasets.
+  struct Item {
+    at::Tensor image;
+    int64_t label = -1, index = -1;
+  };
+
+  Item read_indexed(int64_t index) {
+    for (int64_t tries = 0;; ++tries) {
+      try {
+        Item it;
+        it.image = dataset->image(index);
+        it.label = dataset->label(index);
+        it.index = index;
+        return it;
+      } catch (const BadSample& e) {
+        if (dataset->on_bad_sample == OnBadSample::error || tries + 1 >= dataset->size())
+          throw std::runtime_error("sample " + std::to_string(index) + ": " + e.what() +
+                                   " (set on_bad_sample to \"skip\" to replace bad samples)");
+        skipped.fetch_add(1);
+        index = (index + 1) % dataset->size();  // deterministic replacement
+      }
+    }
+  }
+
+  // A stream's samples of one batch. A bad one (with on_bad_sample "skip") is replaced by the
+  // nearest good sample of the same batch, augmented with the bad one's random stream.
+  std::vector<Item> read_streamed(EpochStream& stream, const std::vector<int64_t>& positions) {
+    std::vector<Item> items(positions.size());
+    std::vector<bool> bad(positions.size(), false);
+    for (size_t j = 0; j < positions.size(); ++j) {
+      try {
+        EpochStream::Sample s = stream.take(positions[j]);
+        items[j] = Item{std::move(s.image), s.label, s.index};
+      } catch (const BadSample& e) {
+        if (dataset->on_bad_sample == OnBadSample::error)
+          throw std::runtime_error(std::string(e.what()) + " (set on_bad_sample to \"skip\" to skip bad samples)");
+        skipped.fetch_add(1);
+        bad[j] = true;
+      }
+    }
+    for (size_t j = 0; j < items.size(); ++j) {
+      if (!bad[j]) continue;
+      size_t good = items.size();
+      for (size_t d = 1; d < items.size() && good == items.size(); ++d) {
+        if (j >= d && !bad[j - d])
+          good = j - d;
+        else if (j + d < items.size() && !bad[j + d])
+          good = j + d;
+      }
+      if (good == items.size())
+        throw std::runtime_error("every sample of a batch (stream positions " + std::to_string(positions.front()) +
+                                 " to " + std::to_string(positions.back()) + ") is bad");
+      items[j] = items[good];
+    }
+    return items;
+  }
+
+  // Builds batch b of the current epoch (keys copied under the lock by the caller).
+  Batch build(int64_t epoch_, int64_t b, const std::vector<int64_t>& keys, const std::shared_ptr<EpochStream>& stream) {
+    const int64_t n = static_cast<int64_t>(keys.size());
     Batch batch;
     batch.epoch = epoch_, batch.index = b;
     batch.labels = at::empty({n}, at::kLong);
     batch.indices = at::empty({n}, at::kLong);
     batch.views.resize(views.size());
+    std::vector<Item> streamed;
+    if (stream) streamed = read_streamed(*stream, keys);
     for (int64_t j = 0; j < n; ++j) {
-      int64_t index = indices[static_cast<size_t>(j)];
-      at::Tensor img;
-      for (int64_t tries = 0;; ++tries) {
-        try {
-          img = dataset->image(index);
-          break;
-        } catch (const BadSample& e) {
-          if (dataset->on_bad_sample == OnBadSample::error || tries + 1 >= dataset->size())
-            throw std::runtime_error("sample " + std::to_string(index) + ": " + e.what() +
-                                     " (set on_bad_sample to \"skip\" to replace bad samples)");
-          skipped.fetch_add(1);
-          index = (index + 1) % dataset->size();  // deterministic replacement
-        }
-      }
+      Item item = stream ? std::move(streamed[static_cast<size_t>(j)]) : read_indexed(keys[static_cast<size_t>(j)]);
+      const int64_t index = item.index;
+      // The views' random stream: the dataset index, or for streams the position in the epoch
+      // (a sample read twice in one epoch gets other views the second time).
+      const auto stream_id = static_cast<uint64_t>(stream ? keys[static_cast<size_t>(j)] : index);
       try {
-        img = augment::functional::to_channels(img, options.channels);
-        batch.labels[j] = dataset->label(index);
+        const at::Tensor img = augment::functional::to_channels(item.image, options.channels);
+        batch.labels[j] = item.label;
         batch.indices[j] = index;
         for (size_t v = 0; v < views.size(); ++v) {
-          const at::Tensor out = views[v].apply(
-              img, augment::Rng(options.seed, static_cast<uint64_t>(epoch_), static_cast<uint64_t>(index), v));
+          const at::Tensor out =
+              views[v].apply(img, augment::Rng(options.seed, static_cast<uint64_t>(epoch_), stream_id, v));
           if (!batch.views[v].defined()) {
             auto opts = at::TensorOptions().dtype(at::kByte);
             if (options.pin_memory) opts = opts.pinned_memory(true);
@@ -102,10 +154,11 @@ struct Loader::State {
       const uint64_t gen = generation;
       const int64_t e = epoch;
       const std::vector<int64_t> indices = batch_indices(b);
+      const std::shared_ptr<EpochStream> st = stream;
       lock.unlock();
       Result r;
       try {
-        r.batch = build(e, b, indices);
+        r.batch = build(e, b, indices, st);
       } catch (...) {
         r.error = std::current_exception();
       }
@@ -157,6 +210,7 @@ Loader::~Loader() {
   {
     std::lock_guard<std::mutex> lock(state_->mutex);
     state_->stop = true;
+    if (state_->stream) state_->stream->cancel();  // wakes workers waiting for streamed samples
   }
   state_->work_cv.notify_all();
   for (auto& t : state_->threads) t.join();
@@ -165,6 +219,12 @@ Loader::~Loader() {
 std::vector<int64_t> Loader::epoch_indices(int64_t epoch) const {
   const auto& o = state_->options;
   const int64_t n = state_->dataset->size();
+  if (state_->dataset->streaming()) {
+    StreamPlan plan;
+    plan.seed = o.seed, plan.epoch = epoch, plan.rank = o.rank, plan.world_size = o.world_size,
+    plan.shuffle = o.shuffle;
+    return state_->dataset->stream_order(plan);
+  }
   std::vector<int64_t> all(static_cast<size_t>(n));
   if (o.shuffle)  // the epoch's own stream (the view streams use view ids >= 0)
     all = augment::permutation(n, augment::Rng(o.seed, static_cast<uint64_t>(epoch), ~uint64_t(0), ~uint64_t(0)));
@@ -188,16 +248,38 @@ int64_t Loader::batches_per_epoch() const {
 
 void Loader::start_epoch(int64_t epoch, int64_t first) {
   auto& s = *state_;
-  std::vector<int64_t> order = epoch_indices(epoch);
+  const auto& o = s.options;
   const int64_t batches = batches_per_epoch();
   if (first < 0 || first > batches)
     throw std::invalid_argument("loader: batch " + std::to_string(first) + " outside the epoch's " +
                                 std::to_string(batches));
+  std::vector<int64_t> order;
+  std::shared_ptr<EpochStream> stream;
+  if (s.dataset->streaming()) {
+    // Positions of this rank's stream; the dataset knows which sample each one holds.
+    order.resize(static_cast<size_t>((s.dataset->size() + o.world_size - 1) / o.world_size));
+    std::iota(order.begin(), order.end(), int64_t{0});
+    StreamPlan plan;
+    plan.seed = o.seed, plan.epoch = epoch, plan.rank = o.rank, plan.world_size = o.world_size,
+    plan.shuffle = o.shuffle;
+    plan.first = first * o.batch_size;
+    plan.read_ahead = (static_cast<int64_t>(o.prefetch) * std::max(1, o.workers) + 1) * o.batch_size;
+    {
+      std::lock_guard<std::mutex> lock(s.mutex);  // the old epoch's readers stop first
+      if (s.stream) s.stream->cancel();
+      s.stream.reset();
+      s.claim = s.num_batches;  // no worker starts a batch of the old epoch meanwhile
+    }
+    stream = s.dataset->open_epoch(plan);
+  } else {
+    order = epoch_indices(epoch);
+  }
   {
     std::lock_guard<std::mutex> lock(s.mutex);
     ++s.generation;
     s.ready.clear();
     s.epoch = epoch;
+    s.stream = std::move(stream);
     s.order = std::move(order);
     s.num_batches = batches;
     s.claim = s.deliver = first;
@@ -214,9 +296,10 @@ std::optional<Batch> Loader::next() {
   State::Result r;
   if (s.threads.empty()) {
     const std::vector<int64_t> indices = s.batch_indices(b);
+    const std::shared_ptr<EpochStream> stream = s.stream;
     s.claim = b + 1;
     lock.unlock();
-    r.batch = s.build(s.epoch, b, indices);  // throws straight to the caller
+    r.batch = s.build(s.epoch, b, indices, stream);  // throws straight to the caller
     lock.lock();
   } else {
     s.ready_cv.wait(lock, [&] { return s.ready.count(b) != 0; });

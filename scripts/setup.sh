@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 # libopenblas0-pthread: LibTorch's matrix products go through libblas.so.3, which is the slow
 # reference BLAS unless OpenBLAS provides it (kNN 15x, small-model training 2.5x faster here).
-packages=(libtorch-dev libgloo-dev libopencv-dev libcli11-dev nlohmann-json3-dev doctest-dev libopenblas0-pthread
+packages=(libtorch-dev libgloo-dev libopencv-dev libarchive-dev libcli11-dev nlohmann-json3-dev doctest-dev libopenblas0-pthread
           cmake ninja-build g++ dataset-fashion-mnist)
 scripts/install-packages.sh setup "${packages[@]}"
 

@@ -264,7 +264,7 @@ TEST_CASE("data: image folders, CSV lists, bad samples") {
       [&] {
         create_dataset({{"type", "imagenet"}, {"root", "x"}});
       },
-      "valid types: cifar10 cifar100 csv fashion_mnist image_folder mnist stl10");
+      "valid types: cifar10 cifar100 csv fashion_mnist image_folder mnist shards stl10");
 }
 
 TEST_CASE("data: loader batches are identical for any number of workers and ranks") {

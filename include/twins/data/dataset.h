@@ -6,7 +6,8 @@
 // (root/<class>/**/*.jpg|png|..., classes from sorted folder names; a flat folder is unlabeled)
 // and csv (RFC 4180 rows "path[,label]", paths relative to the CSV file's folder unless
 // absolute). Image files larger than "max_image_pixels" (default: PIL's limit, ~89.5 Mpx) are
-// refused from their header, before decoding: a bad sample (see on_bad_sample).
+// refused from their header, before decoding: a bad sample (see on_bad_sample). shards: tar
+// shards read as streams (twins/data/shards.h).
 #include <ATen/core/Tensor.h>
 #include <nlohmann/json_fwd.hpp>
 
@@ -26,6 +27,34 @@ class BadSample : public std::runtime_error {
 };
 
 enum class OnBadSample { error, skip };
+
+/// Which part of an epoch a rank reads from a streaming dataset (see Dataset::streaming).
+struct StreamPlan {
+  uint64_t seed = 0;
+  int64_t epoch = 0, rank = 0, world_size = 1;
+  bool shuffle = true;
+  /// The first position taken (0, or where a resumed run stopped).
+  int64_t first = 0;
+  /// How many positions past the highest one asked for may be read ahead.
+  int64_t read_ahead = 256;
+};
+
+/// One rank's epoch of a streaming dataset, read in the background from the moment it exists.
+class EpochStream {
+ public:
+  struct Sample {
+    at::Tensor image;  ///< uint8 [H, W, C]
+    int64_t label = -1, index = -1;
+  };
+  virtual ~EpochStream() = default;
+  /// The sample at `position` of this rank's epoch order, decoded in the calling thread; blocks
+  /// until its bytes are read. Any thread; each position at most once. Throws BadSample naming
+  /// the source and member (a corrupt or lost member, an undecodable image, no label) and
+  /// std::runtime_error once cancel() was called.
+  virtual Sample take(int64_t position) = 0;
+  /// Wakes every take() (which then throws) and stops reading.
+  virtual void cancel() = 0;
+};
 
 /// Contract for a dataset.
 /// Represents: a fixed, indexed list of images with optional integer labels.
@@ -48,6 +77,18 @@ class Dataset {
   /// {height, width} of every image when the format fixes one size (CIFAR, STL-10, MNIST),
   /// {0, 0} when images may differ (files).
   virtual std::pair<int, int> image_size() const { return {0, 0}; }
+  /// Whether samples can only be read as a stream, in an order the dataset decides (tar shards):
+  /// then image() and label() are not available and the loader reads through open_epoch().
+  virtual bool streaming() const { return false; }
+  /// A streaming dataset's epoch order for one rank: the dataset indices, ceil(size() /
+  /// world_size) of them (plan.first is ignored).
+  virtual std::vector<int64_t> stream_order(const StreamPlan&) const {
+    throw std::logic_error("stream_order: not a streaming dataset");
+  }
+  /// Starts reading a rank's epoch from position plan.first.
+  virtual std::unique_ptr<EpochStream> open_epoch(const StreamPlan&) const {
+    throw std::logic_error("open_epoch: not a streaming dataset");
+  }
   /// What to do with a sample whose image() throws BadSample.
   OnBadSample on_bad_sample = OnBadSample::error;
 };
