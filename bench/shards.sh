@@ -4,7 +4,9 @@
 # to show that reading several shards at once (data.shards_in_flight) hides a slow store.
 #   bench/shards.sh [image folder] [seconds] [threads]
 # Default folder: ../shared/data/imagewoof-320-bench/train (1,000 JPEGs, 320 px); the recipe is
-# configs/vicreg_imagenet.json (224 px views). Run it alone on the machine.
+# configs/vicreg_imagenet.json (224 px views); shuffle buffer 100 (this folder is only 1,000 images:
+# a larger buffer would make each epoch wait for most of its shards before the first batch).
+# Run it alone on the machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 folder=${1:-../shared/data/imagewoof-320-bench/train}
@@ -24,11 +26,11 @@ rate() {  # data block -> loader views/s per core
 }
 printf '%-44s %22s\n' source "loader views/s/core"
 printf '%-44s %22.1f\n' "image folder" "$(rate "{\"type\": \"image_folder\", \"root\": \"$folder\"}")"
-printf '%-44s %22.1f\n' "shards, local files" "$(rate "{\"type\": \"shards\", \"urls\": \"$urls\", \"index\": \"$work/train-index.json\"}")"
+printf '%-44s %22.1f\n' "shards, local files" "$(rate "{\"type\": \"shards\", \"urls\": \"$urls\", \"index\": \"$work/train-index.json\", \"shuffle_buffer\": 100}")"
 # Each shard through its own throttled pipe (2 MB/s, about 80 images/s of these JPEGs).
 index="$work/pipe-index.json"
 sed "s|\"url\": \"$work/|\"url\": \"pipe:pv -q -L 2m $work/|" "$work/train-index.json" | grep -v '"bytes"' > "$index"
 for k in 1 4 10; do
   printf '%-44s %22.1f\n' "pipe:pv -L 2m, shards_in_flight $k" \
-    "$(rate "{\"type\": \"shards\", \"urls\": \"pipe:pv -q -L 2m $urls\", \"index\": \"$index\", \"shards_in_flight\": $k}")"
+    "$(rate "{\"type\": \"shards\", \"urls\": \"pipe:pv -q -L 2m $urls\", \"index\": \"$index\", \"shards_in_flight\": $k, \"shuffle_buffer\": 100}")"
 done

@@ -21,17 +21,24 @@ $twins bench views --config configs/byol_imagenet.json --set "data.root=$images"
   --workers "$threads" --seconds "$((seconds / 3))" > "$out/tv_cifar.json"
 /usr/bin/python3 bench/reference/views_torchvision.py --pipeline byol --root "$images" \
   --workers "$threads" --seconds "$((seconds / 3))" > "$out/tv_byol.json"
+# The same pipeline with PIL's blur, as the official VICReg/Barlow Twins code, solo-learn and lightly run it.
+/usr/bin/python3 bench/reference/views_torchvision.py --pipeline byol --root "$images" --blur pil \
+  --workers "$threads" --seconds "$((seconds / 3))" > "$out/pil_byol.json"
 
 /usr/bin/python3 - "$out" "$threads" <<'PY'
 import json, sys
 out, threads = sys.argv[1], sys.argv[2]
-print(f"views per second per core, {threads} thread(s)/worker(s)")
-print(f"{'pipeline':10} {'':22} {'twins':>10} {'torchvision':>12} {'ratio':>7}")
+print(f"views per second per core, {threads} thread(s)/worker(s); torchvision: T.GaussianBlur(23) (torchvision's "
+      f"recipes), PIL blur: ImageFilter.GaussianBlur (official VICReg/Barlow Twins code, solo-learn, lightly)")
+print(f"{'pipeline':10} {'':24} {'twins':>8} {'torchvision':>12} {'ratio':>7} {'PIL blur':>9} {'ratio':>7}")
 for p in ["cifar", "byol"]:
     t = json.load(open(f"{out}/twins_{p}.json")); r = json.load(open(f"{out}/tv_{p}.json"))
-    rows = [("augmentation (no decode)", t["augment_views_per_s_per_core"], r["augment_views_per_s_per_core"]),
-            ("decode, images/s/core", t["decode_images_per_s_per_core"], r["decode_images_per_s"]),
-            ("loader, end to end", t["loader_views_per_s_per_core"], r["loader_views_per_s_per_core"])]
-    for name, a, b in rows:
-        print(f"{p:10} {name:22} {a:10.0f} {b:12.0f} {a / b:6.1f}x")
+    q = json.load(open(f"{out}/pil_{p}.json")) if p == "byol" else None  # CIFAR's recipe has no blur
+    rows = [("augmentation (no decode)", "augment_views_per_s_per_core", "augment_views_per_s_per_core"),
+            ("decode, images/s/core", "decode_images_per_s_per_core", "decode_images_per_s"),
+            ("loader, end to end", "loader_views_per_s_per_core", "loader_views_per_s_per_core")]
+    for name, tk, rk in rows:
+        a, b = t[tk], r[rk]
+        pil = f"{q[rk]:9.0f} {a / q[rk]:6.1f}x" if q else f"{'-':>9} {'-':>7}"
+        print(f"{p:10} {name:24} {a:8.0f} {b:12.0f} {a / b:6.1f}x {pil}")
 PY

@@ -60,7 +60,8 @@ int main(int argc, char** argv) {
     if (show_version) {
       std::cout << "twins " << twins::version() << "\n"
                 << "LibTorch " << twins::torch_version() << "\n"
-                << "CUDA " << (twins::cuda_available() ? "available" : "not available") << "\n";
+                << "CUDA " << (twins::cuda_available() ? "available (" + twins::cuda_summary() + ")" : "not available")
+                << "\n";
       return 0;
     }
     for (auto& [sub, run] : commands)

@@ -165,6 +165,9 @@ LoadedBackbone read_backbone(const std::string& given) {
   } else if (f.contains("conv_proj.weight") && f.contains("class_token")) {
     spec = infer_vit(f, path);
     if (out.info.provenance.empty()) out.info.provenance = "inferred from tensor names (torchvision ViT)";
+    // Without metadata, a ViT's own size is the one its position embeddings hold (224 for the
+    // torchvision family, 32 for a CIFAR ViT): embedding at it needs no interpolation.
+    if (out.info.image_size <= 0) out.info.image_size = spec.at("image_size").get<int>();
   } else {
     spec = infer_resnet(f, path);
     if (out.info.provenance.empty()) out.info.provenance = "inferred from tensor names (torchvision ResNet)";

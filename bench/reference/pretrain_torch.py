@@ -64,6 +64,11 @@ def resnet18_cifar():
 def backbone(spec):
     """The recipe's backbone and its feature size: the CIFAR ResNet-18, or torchvision's
     VisionTransformer (heads removed) for the ViT recipes."""
+    if spec["type"] in ("resnet18", "resnet34", "resnet50") and not spec.get("cifar_stem", False):
+        net = getattr(torchvision.models, spec["type"])()  # the ImageNet recipes' torchvision ResNet
+        feat_dim = net.fc.in_features
+        net.fc = nn.Identity()
+        return net, feat_dim
     if not spec["type"].startswith("vit"):
         return resnet18_cifar(), 512
     hidden, heads = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}[spec["type"]]
@@ -132,23 +137,37 @@ class LARS(torch.optim.Optimizer):
 
 
 class Trainer:
-    """twins' training step: both views through the online network, loss, LARS, EMA, probe."""
-    def __init__(self, cfg, batch_size):
+    """twins' training step: both views through the online network, loss, LARS, EMA, probe.
+    device: where it runs; bf16: autocast to bfloat16; channels_last: NHWC weights and inputs;
+    compile: torch.compile of the networks (PyTorch >= 2.0)."""
+    def __init__(self, cfg, batch_size, device="cpu", bf16=False, channels_last=False, compile=False):
         self.method, model, lc, oc = cfg["method"], cfg["model"], cfg["loss"], cfg["optimizer"]
+        self.device, self.bf16 = torch.device(device), bf16
         net, feat_dim = backbone(model["backbone"])
         self.online = nn.Sequential(net, head(model["projector"], feat_dim))
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.online.to(self.device, memory_format=fmt)
         out_dim = self.online[1][-1].out_features
         params = list(self.online.parameters())
         if self.method == "byol":
-            self.predictor = head(model["predictor"], out_dim)
+            self.predictor = head(model["predictor"], out_dim).to(self.device)
             params += list(self.predictor.parameters())
             self.target = copy.deepcopy(self.online).requires_grad_(False)
             self.tau = cfg["byol"]["tau_base"]
         elif self.method == "vicreg":
             self.loss = lambda a, b: vicreg_loss(a, b, lc["sim_coeff"], lc["std_coeff"], lc["cov_coeff"])
         else:
-            bn = nn.BatchNorm1d(out_dim, affine=False)
+            bn = nn.BatchNorm1d(out_dim, affine=False).to(self.device)
             self.loss = lambda a, b: barlow_twins_loss(a, b, bn, lc["lambda"], lc["scale"])
+        # The networks the step calls (compiled or not); the parameters stay those of self.online.
+        self.net, self.proj = self.online[0], self.online[1]
+        self.target_net = self.target if self.method == "byol" else None
+        if compile:
+            if not hasattr(torch, "compile"):
+                raise SystemExit(f"--compile needs PyTorch >= 2.0 (this is {torch.__version__})")
+            self.net, self.proj = torch.compile(self.net), torch.compile(self.proj)
+            if self.target_net is not None:
+                self.target_net = torch.compile(self.target_net)
         lr = oc["base_lr"] * batch_size / 256
         if oc["type"] == "adamw":  # biases, norms, class token and position embedding without decay
             no_decay = {id(p) for n, p in self.online.named_parameters()
@@ -160,18 +179,22 @@ class Trainer:
                                                weight_decay=oc["weight_decay"])
         else:
             self.optimizer = LARS(params, lr, oc["weight_decay"], oc["momentum"], oc["eta"], oc.get("clip", False))
-        self.probe = nn.Linear(feat_dim, 10)
+        self.probe = nn.Linear(feat_dim, 10).to(self.device)
         self.probe_optimizer = torch.optim.SGD(self.probe.parameters(), lr=cfg["online_probe"]["lr"], momentum=0.9)
 
     def step(self, x1, x2, labels):
-        feats = self.online[0](x1)
-        z1, z2 = self.online[1](feats), self.online[1](self.online[0](x2))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            feats = self.net(x1)
+            z1, z2 = self.proj(feats), self.proj(self.net(x2))
+            if self.method == "byol":
+                with torch.no_grad():
+                    t1, t2 = self.target_net(x1), self.target_net(x2)
+                p1, p2 = self.predictor(z1), self.predictor(z2)
+        # The losses in fp32, as twins computes them.
         if self.method == "byol":
-            with torch.no_grad():
-                t1, t2 = self.target(x1), self.target(x2)
-            loss = byol_loss(self.predictor(z1), self.predictor(z2), t1, t2)
+            loss = byol_loss(p1.float(), p2.float(), t1.float(), t2.float())
         else:
-            loss = self.loss(z1, z2)
+            loss = self.loss(z1.float(), z2.float())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -180,7 +203,7 @@ class Trainer:
                 for t, o in zip([*self.target.parameters(), *self.target.buffers()],
                                 [*self.online.parameters(), *self.online.buffers()]):
                     t.lerp_(o, 1 - self.tau) if t.is_floating_point() else t.copy_(o)  # tau t + (1-tau) o
-        probe_loss = F.cross_entropy(self.probe(feats.detach()), labels)
+        probe_loss = F.cross_entropy(self.probe(feats.detach().float()), labels)
         self.probe_optimizer.zero_grad(set_to_none=True)
         probe_loss.backward()
         self.probe_optimizer.step()
@@ -188,14 +211,19 @@ class Trainer:
 
 def run_steps(trainer, batches, steps, warmup):
     """warmup + steps training steps; (seconds of the timed steps, seconds of those waiting for data)."""
+    cuda = trainer.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     start = wait = 0.0
     for i in range(warmup + steps):
         if i == warmup:
+            sync()
             start, wait = time.perf_counter(), 0.0
         t0 = time.perf_counter()
         x1, x2, labels = next(batches)
+        x1, x2, labels = (t.to(trainer.device, non_blocking=True) for t in (x1, x2, labels))
         wait += time.perf_counter() - t0
         trainer.step(x1, x2, labels)
+    sync()
     return time.perf_counter() - start, wait
 
 
@@ -211,6 +239,10 @@ def main():
     for name, default in [("--workers", 2), ("--threads", 2), ("--steps", 3), ("--warmup", 1)]:
         ap.add_argument(name, type=int, default=default)
     ap.add_argument("--mode", choices=["end_to_end", "step", "both"], default="both")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    ap.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the networks (PyTorch >= 2.0)")
     ap.add_argument("--config", help="a twins recipe (default: configs/<method>_cifar10.json); step mode only for "
                                      "recipes other than CIFAR-10's")
     args = ap.parse_args()
@@ -223,10 +255,17 @@ def main():
     batch = args.batch_size or cfg["train"]["batch_size"]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    trainer = Trainer(cfg, batch)
+    trainer = Trainer(cfg, batch, args.device, args.bf16, args.channels_last, args.compile)
+    if trainer.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats()
     for mode in (["step", "end_to_end"] if args.mode == "both" else [args.mode]):
         if mode == "step":
-            x = (torch.randn(batch, 3, size, size), torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,)))
+            channels = cfg["model"]["backbone"].get("in_channels", 3)
+            fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+            x = tuple(t.to(trainer.device) for t in (torch.randn(batch, channels, size, size).to(memory_format=fmt),
+                                                     torch.randn(batch, channels, size, size).to(memory_format=fmt),
+                                                     torch.randint(0, 10, (batch,))))
             batches = iter(lambda: x, None)
         else:
             views = [T.Compose([t for op in v for t in VIEW_OPS[op["type"]](op)]) for v in views_spec]
@@ -236,6 +275,10 @@ def main():
             batches = itertools.chain.from_iterable(itertools.repeat(loader))  # epoch after epoch
         seconds, wait = run_steps(trainer, batches, args.steps, args.warmup)
         extra = {"data_wait": round(wait / seconds, 4)} if mode == "end_to_end" else {}
+        if trainer.device.type == "cuda":
+            extra["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        extra.update(device=str(trainer.device), bf16=args.bf16, channels_last=args.channels_last,
+                     compile=args.compile)
         print(json.dumps(dict(method=args.method, mode=mode, batch_size=batch, steps=args.steps,
                               images_per_s=round(batch * args.steps / seconds, 2), **extra,
                               threads=args.threads, workers=args.workers, torch=torch.__version__)), flush=True)

@@ -22,7 +22,7 @@ import argparse, json, math, os, random, time
 import numpy as np
 import torch
 import torchvision
-from PIL import Image, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 
 BICUBIC = T.InterpolationMode.BICUBIC
@@ -39,12 +39,29 @@ class Solarization:
         return ImageOps.solarize(img) if random.random() < self.p else img
 
 
+class PilBlur:
+    """The official VICReg / Barlow Twins code's blur (solo-learn's and lightly's too): PIL's
+    ImageFilter.GaussianBlur with sigma uniform in [0.1, 2.0], with probability p."""
+    def __init__(self, p):
+        self.p = p
+
+    def __call__(self, img):
+        if random.random() < self.p:
+            return img.filter(ImageFilter.GaussianBlur(random.random() * 1.9 + 0.1))
+        return img
+
+
+BLUR = "torchvision"  # or "pil" (--blur)
+
+
 def view(size, scale, mean, std, blur_p, solarize_p):
     ops = [T.RandomResizedCrop(size, scale=scale, interpolation=BICUBIC),
            T.RandomHorizontalFlip(0.5),
            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
            T.RandomGrayscale(0.2)]
-    if blur_p is not None:
+    if blur_p is not None and BLUR == "pil":
+        ops.append(PilBlur(blur_p))
+    elif blur_p is not None:
         ops.append(T.RandomApply([T.GaussianBlur(kernel_size=23, sigma=(0.1, 2.0))], p=blur_p))
     ops += [Solarization(solarize_p), T.ToTensor(), T.Normalize(mean, std)]
     return T.Compose(ops)
@@ -103,7 +120,12 @@ def main():
     p.add_argument("--root", required=True)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--blur", choices=["torchvision", "pil"], default="torchvision",
+                   help="T.GaussianBlur(23) (torchvision's recipes) or PIL's ImageFilter.GaussianBlur (the official "
+                        "VICReg/Barlow Twins code, solo-learn, lightly)")
     a = p.parse_args()
+    global BLUR
+    BLUR = a.blur
     torch.set_num_threads(1)
     ds = TwoViews(a.pipeline, a.root)
     counter = iter(range(1 << 62))

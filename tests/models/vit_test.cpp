@@ -217,6 +217,7 @@ TEST_CASE("vit: torchvision files import, twins files round-trip, heads are infe
   CHECK(plain.network->to_json()["heads"] == 1);
   CHECK(plain.network->to_json()["mlp"] == 96);
   CHECK(plain.info.provenance.find("ViT") != std::string::npos);
+  CHECK(plain.info.image_size == 16);  // the size its position embeddings were trained at: embed's default
   const at::Tensor x = at::randn({2, 3, 16, 16});
   at::NoGradGuard no_grad;
   CHECK(at::allclose(plain.network->forward(x), net->forward(x), 1e-6, 1e-6));
