@@ -10,6 +10,9 @@
 #                                CLI11, json and doctest (default: .gpu-kit, see README "On a GPU machine")
 #   bench/gpu.sh --dry-run       the same steps on this CPU with Debian's LibTorch and tiny sizes,
 #                                so that GPU time is spent running the script, not debugging it
+# Device calls are limited (10 minutes each): STAGES="build test" then STAGES=bench splits the
+# work (a warm machine keeps build-gpu/ between calls); METHODS="vicreg byol" and
+# SIZES="vicreg_cifar10 512" narrow the benchmark; STEPS/WARMUP set its length (30/10).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dry=0
@@ -20,6 +23,7 @@ log() { echo "== $*" | tee -a "$out/summary.txt"; }
 : > "$out/summary.txt"
 start=$(date +%s)
 
+stages=${STAGES:-build test bench}
 if ((dry)); then
   build=build
   device=cpu
@@ -30,7 +34,6 @@ if ((dry)); then
   python=/usr/bin/python3
   precision=(fp32)  # bf16 autocast is a CUDA path
   ctest_args=(-R "shards|losses")
-  scripts/setup.sh > "$out/build.log" 2>&1
 else
   build=build-gpu
   device=cuda
@@ -41,19 +44,30 @@ else
   python=python3
   precision=(bf16 --bf16)
   ctest_args=()
-  TWINS_TORCH=python TWINS_PREFIX=${TWINS_PREFIX:-$PWD/.gpu-kit} TWINS_BUILD_DIR=$build \
-    TWINS_CMAKE_ARGS=${TWINS_CMAKE_ARGS:--DCMAKE_CUDA_ARCHITECTURES=90} scripts/setup.sh > "$out/build.log" 2>&1
 fi
-rc=$?
-log "build: exit $rc ($(( $(date +%s) - start )) s), $out/build.log"
-((rc == 0)) || { tail -30 "$out/build.log"; exit 1; }
+[ -n "${METHODS:-}" ] && read -r -a methods <<< "$METHODS"
+[ -n "${SIZES:-}" ] && sizes=("$SIZES")
+if [[ $stages == *build* ]]; then
+  if ((dry)); then
+    scripts/setup.sh > "$out/build.log" 2>&1
+  else
+    TWINS_TORCH=python TWINS_PREFIX=${TWINS_PREFIX:-$PWD/.gpu-kit} TWINS_BUILD_DIR=$build \
+      TWINS_CMAKE_ARGS=${TWINS_CMAKE_ARGS:--DCMAKE_CUDA_ARCHITECTURES=90} scripts/setup.sh > "$out/build.log" 2>&1
+  fi
+  rc=$?
+  log "build: exit $rc ($(( $(date +%s) - start )) s), $out/build.log"
+  ((rc == 0)) || { tail -30 "$out/build.log"; exit 1; }
+fi
 twins=$build/cli/twins
 "$twins" --version | tee "$out/version.txt"
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$out/version.txt"
 
-t=$(date +%s)
-ctest --test-dir "$build" -j "$(nproc)" --timeout 900 --output-on-failure "${ctest_args[@]}" > "$out/ctest.log" 2>&1
-log "ctest: exit $? ($(( $(date +%s) - t )) s): $(grep -E 'tests passed|tests failed' "$out/ctest.log" | tail -1)"
+if [[ $stages == *test* ]]; then
+  t=$(date +%s)
+  ctest --test-dir "$build" -j "$(nproc)" --timeout 900 --output-on-failure "${ctest_args[@]}" > "$out/ctest.log" 2>&1
+  log "ctest: exit $? ($(( $(date +%s) - t )) s): $(grep -E 'tests passed|tests failed' "$out/ctest.log" | tail -1)"
+fi
+[[ $stages == *bench* ]] || { log "done in $(( $(date +%s) - start )) s"; exit 0; }
 
 # The step: twins, PyTorch eager, PyTorch compiled; images/s and peak memory.
 : > "$out/step.jsonl"
@@ -72,7 +86,9 @@ for size in "${sizes[@]}"; do
     e=$("${ref[@]}" 2>> "$out/step.err" | tee -a "$out/step.jsonl" | ips)
     c=$("${ref[@]}" --compile 2>> "$out/step.err" | tee -a "$out/step.jsonl" | ips)
     ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a > 0 && b > 0) printf "%.2fx", a / b; else printf "-" }'; }
-    printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$method" "$recipe" "$batch" "${a:--}" "${e:--}" "${c:--}" \
+    num() { awk -v x="$1" 'BEGIN { if (x > 0) printf "%.1f", x; else printf "-" }'; }
+    printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$method" "$(basename "$cfg" .json)" "$batch" "$(num "${a:-0}")" \
+      "$(num "${e:-0}")" "$(num "${c:-0}")" \
       "$(ratio "${a:-0}" "${e:-0}")" "$(ratio "${a:-0}" "${c:-0}")" | tee -a "$out/step.md"
   done
 done
