@@ -27,8 +27,10 @@ if [ -n "$torch" ]; then
   if [ "$torch" = python ]; then
     torch=$(python3 -c "import torch; print(torch.utils.cmake_prefix_path)") ||
       { echo "setup: TWINS_TORCH=python but python3 cannot import torch" >&2; exit 1; }
-  elif [ -d "$torch/share/cmake/Torch" ]; then
-    torch=$torch/share/cmake
+  else  # a LibTorch folder (share/cmake/Torch), or any folder holding Torch/TorchConfig.cmake
+    for sub in share/cmake lib/cmake cmake; do
+      if [ -f "$torch/$sub/Torch/TorchConfig.cmake" ]; then torch=$torch/$sub; break; fi
+    done
   fi
   [ -f "$torch/Torch/TorchConfig.cmake" ] ||
     { echo "setup: no Torch/TorchConfig.cmake under $torch (TWINS_TORCH: python or a LibTorch folder)" >&2; exit 1; }
