@@ -196,7 +196,14 @@ class TarReader {
     archive_read_support_filter_bzip2(a_);
     archive_read_support_filter_xz(a_);
     archive_read_support_filter_zstd(a_);
-    if (archive_read_open(a_, this, nullptr, &TarReader::read_cb, nullptr) != ARCHIVE_OK) fail("cannot open");
+    if (archive_read_open(a_, this, nullptr, &TarReader::read_cb, nullptr) != ARCHIVE_OK) {
+      try {  // the destructor does not run for a constructor that throws
+        fail("cannot open");
+      } catch (...) {
+        archive_read_free(a_);
+        throw;
+      }
+    }
   }
   ~TarReader() { archive_read_free(a_); }
   TarReader(const TarReader&) = delete;
@@ -706,7 +713,14 @@ class TarWriter {
     if (!a_) throw std::bad_alloc();
     archive_write_set_format_pax_restricted(a_);
     archive_write_set_bytes_in_last_block(a_, 1);  // no padding of the last block to 10 KiB
-    if (archive_write_open_filename(a_, temp_.c_str()) != ARCHIVE_OK) fail("cannot create");
+    if (archive_write_open_filename(a_, temp_.c_str()) != ARCHIVE_OK) {
+      try {  // the destructor does not run for a constructor that throws
+        fail("cannot create");
+      } catch (...) {
+        archive_write_free(a_);
+        throw;
+      }
+    }
   }
   ~TarWriter() {
     if (a_) {
