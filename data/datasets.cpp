@@ -33,8 +33,6 @@ using nlohmann::json;
 namespace {
 
 constexpr size_t kMaxCsvBytes = size_t{1} << 30;
-// More classes than any dataset has (ImageNet-21k: 21,841): a larger label is a corrupt file.
-constexpr int64_t kMaxClasses = 1000000;
 
 // A read-only memory map of a whole file, or an owned buffer (decompressed .gz).
 class Bytes {
@@ -417,12 +415,7 @@ class FileDataset : public Dataset {
   int64_t classes_, max_pixels_;
 };
 
-bool is_image_file(const fs::path& p) {
-  std::string ext = p.extension().string();
-  std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char ch) { return std::tolower(ch); });
-  static const char* known[] = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".pnm", ".webp", ".tif", ".tiff"};
-  return std::find(std::begin(known), std::end(known), ext) != std::end(known);
-}
+bool is_image_file(const fs::path& p) { return is_image_extension(p.extension().string()); }
 
 std::vector<std::string> images_under(const fs::path& dir) {
   std::vector<std::string> out;

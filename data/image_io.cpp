@@ -4,6 +4,7 @@
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
 
+#include <algorithm>
 #include <cctype>
 #include <csetjmp>
 #include <cstdint>
@@ -21,6 +22,13 @@
 #endif
 
 namespace twins::data {
+
+bool is_image_extension(std::string e) {
+  if (!e.empty() && e[0] == '.') e.erase(0, 1);
+  std::transform(e.begin(), e.end(), e.begin(), [](unsigned char c) { return std::tolower(c); });
+  static const char* const known[] = {"jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "pnm", "tif", "tiff"};
+  return std::find(std::begin(known), std::end(known), e) != std::end(known);
+}
 namespace {
 
 at::Tensor from_mat(const cv::Mat& decoded, const std::string& name) {

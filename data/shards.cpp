@@ -44,14 +44,7 @@ using nlohmann::json;
 namespace {
 
 constexpr int64_t kMaxMemberBytes = int64_t{1} << 30;
-constexpr int64_t kMaxLabel = 1000000;
 constexpr size_t kMaxUrls = 10000000;
-
-const char* const kImageExts[] = {"jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "pnm", "tif", "tiff"};
-
-bool is_image_ext(const std::string& ext) {
-  return std::find(std::begin(kImageExts), std::end(kImageExts), ext) != std::end(kImageExts);
-}
 
 std::string lower(std::string s) {
   std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::tolower(c); });
@@ -236,7 +229,7 @@ class TarReader {
       out.key = key;
       pending_ = false;
       last_member_ = pending_name_;
-      const bool image = out.image.empty() && is_image_ext(ext);
+      const bool image = out.image.empty() && is_image_extension(ext);
       const bool cls = ext == "cls", js = want_json_ && ext == "json";
       if (!image && !cls && !js) continue;  // libarchive skips unread data itself
       if (pending_size_ > kMaxMemberBytes)
@@ -301,9 +294,9 @@ class TarReader {
 // The label of a sample, -1 if it has none (the caller decides whether that is an error).
 int64_t parse_label(const RawSample& s, const LabelSource& label, const std::string& where) {
   auto check = [&](long long v) {
-    if (v < 0 || v >= kMaxLabel)
-      throw std::runtime_error(where + ": label " + std::to_string(v) + " is not in [0, " + std::to_string(kMaxLabel) +
-                               ")");
+    if (v < 0 || v >= kMaxClasses)
+      throw std::runtime_error(where + ": label " + std::to_string(v) + " is not in [0, " +
+                               std::to_string(kMaxClasses) + ")");
     return static_cast<int64_t>(v);
   };
   if (label.json_key.empty()) {
@@ -875,7 +868,7 @@ ShardIndex ShardIndex::from_json(const json& j, const std::string& path) {
     }
     if (x.samples != j.at("samples").get<int64_t>())
       throw std::runtime_error("\"samples\" is not the sum over the shards");
-    if (x.num_classes < 0 || x.num_classes > kMaxLabel) throw std::runtime_error("bad num_classes");
+    if (x.num_classes < 0 || x.num_classes > kMaxClasses) throw std::runtime_error("bad num_classes");
   } catch (const json::exception& e) {
     throw std::runtime_error(path + ": malformed shard index (" + e.what() + ")");
   } catch (const std::runtime_error& e) {
@@ -1112,7 +1105,7 @@ CreatedShards create_shards(const Dataset& dataset, const CreateShardsOptions& o
       ext = lower(fs::path(id).extension().string());
       if (!ext.empty()) ext.erase(0, 1);
       if (ext == "jpeg") ext = "jpg";
-      if (is_image_ext(ext)) {
+      if (is_image_extension(ext)) {
         std::ifstream in(id, std::ios::binary);
         bytes.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
         if (!in.good() && !in.eof()) throw std::runtime_error(id + ": cannot read");

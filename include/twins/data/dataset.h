@@ -28,6 +28,9 @@ class BadSample : public std::runtime_error {
 
 enum class OnBadSample { error, skip };
 
+/// More classes than any dataset has (ImageNet-21k: 21,841): a larger label is a corrupt file.
+inline constexpr int64_t kMaxClasses = 1000000;
+
 /// Which part of an epoch a rank reads from a streaming dataset (see Dataset::streaming).
 struct StreamPlan {
   uint64_t seed = 0;

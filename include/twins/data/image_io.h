@@ -12,6 +12,10 @@ namespace twins::data {
 /// PIL's decompression-bomb threshold (Image.MAX_IMAGE_PIXELS): about 89.5 million pixels.
 inline constexpr int64_t kDefaultMaxImagePixels = 89478485;
 
+/// Whether a file extension ("jpg", ".JPG", "tiff", ...) is one of the image formats twins
+/// decodes: JPEG, PNG, WebP, BMP, PPM/PGM/PNM, TIFF.
+bool is_image_extension(std::string extension);
+
 /// Width and height as an image file's header declares them, for the formats twins decodes
 /// (JPEG, PNG, BMP, PPM/PGM/PBM, WebP, TIFF); {0, 0} when the bytes are none of them or the
 /// header is cut short.
