@@ -3,16 +3,20 @@
 # it runs on, run the whole test suite, then the training step of each method beside the same
 # recipe in the machine's PyTorch, eager and torch.compile (bench/reference/pretrain_torch.py), in
 # bf16 + channels_last (fp32 in the dry run): CIFAR-10 ResNet-18 at batch 256 and 512, ResNet-50 at 224 px at 128 and
-# 256. Everything it writes goes to $OUT (default runs/gpu): build.log, version.txt, ctest.log,
-# step.jsonl (one line per measurement) and step.md (the table).
+# 256; then `twins pretrain` end to end and a short accuracy run. Everything it writes goes to $OUT
+# (default runs/gpu): summary.txt, build.log, version.txt, ctest.log, step.jsonl (one line per
+# measurement) and step.md (the table), e2e.md, accuracy-cifar10.{md,json,svg}.
 #
 #   bench/gpu.sh                 on the GPU machine: TWINS_PREFIX names the folder holding OpenCV,
 #                                CLI11, json and doctest (default: .gpu-kit, see README "On a GPU machine")
 #   bench/gpu.sh --dry-run       the same steps on this CPU with Debian's LibTorch and tiny sizes,
 #                                so that GPU time is spent running the script, not debugging it
-# Device calls are limited (10 minutes each): STAGES="build test" then STAGES=bench splits the
-# work (a warm machine keeps build-gpu/ between calls); METHODS="vicreg byol" and
-# SIZES="vicreg_cifar10 512" narrow the benchmark; STEPS/WARMUP set its length (30/10).
+# Stages (STAGES, default all): build, test, bench (the step table), e2e (`twins pretrain` end to
+# end on CIFAR-10 and 224-px JPEGs: data wait, the headline epoch time), accuracy (a VICReg
+# CIFAR-10 run, linear probe and kNN). Device calls are limited (10 minutes each): STAGES="build
+# test", then STAGES=bench, ... splits the work (a warm machine keeps build-gpu/ between calls);
+# METHODS="vicreg byol" and SIZES="vicreg_cifar10 512" narrow the benchmark; STEPS/WARMUP set its
+# length (30/10).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dry=0
@@ -23,7 +27,7 @@ log() { echo "== $*" | tee -a "$out/summary.txt"; }
 : > "$out/summary.txt"
 start=$(date +%s)
 
-stages=${STAGES:-build test bench}
+stages=${STAGES:-build test bench e2e accuracy}
 if ((dry)); then
   build=build
   device=cpu
@@ -67,8 +71,7 @@ if [[ $stages == *test* ]]; then
   ctest --test-dir "$build" -j "$(nproc)" --timeout 900 --output-on-failure "${ctest_args[@]}" > "$out/ctest.log" 2>&1
   log "ctest: exit $? ($(( $(date +%s) - t )) s): $(grep -E 'tests passed|tests failed' "$out/ctest.log" | tail -1)"
 fi
-[[ $stages == *bench* ]] || { log "done in $(( $(date +%s) - start )) s"; exit 0; }
-
+if [[ $stages == *bench* ]]; then
 # The step: twins, PyTorch eager, PyTorch compiled; images/s and peak memory.
 : > "$out/step.jsonl"
 ips() { sed -n 's/.*"images_per_s": \([0-9.e+-]*\).*/\1/p' | tail -1; }
@@ -92,4 +95,79 @@ for size in "${sizes[@]}"; do
       "$(ratio "${a:-0}" "${e:-0}")" "$(ratio "${a:-0}" "${c:-0}")" | tee -a "$out/step.md"
   done
 done
-log "done in $(( $(date +%s) - start )) s; $out/step.md"
+log "step table: $out/step.md"
+fi
+
+# End to end through `twins pretrain`: real data decoded and augmented by the machine's cores
+# (train.workers = every core), bf16 + channels_last, as a user runs it. Per run: images/s, the
+# data-wait fraction and the last epoch's seconds from metrics.jsonl, beside the model-only step
+# of the same method and batch from step.jsonl when the bench stage ran. The CIFAR-10 VICReg row's
+# epoch time is the headline (one epoch of 50,000 images at batch 512). E2E_EPOCHS (3) and
+# WOOF_STEPS (60) set the lengths.
+if [[ $stages == *e2e* ]]; then
+  cifar=${CIFAR_ROOT:-../shared/data/cifar10/cifar-10-batches-bin}
+  woof=${WOOF_ROOT:-../shared/data/imagewoof-320-bench/train}
+  if ((dry)); then
+    runs=("cifar10 8 --set train.max_steps=4" "imagewoof 2 --set train.max_steps=2")
+  else
+    runs=("cifar10 512 --set train.epochs=${E2E_EPOCHS:-3}" "imagewoof 128 --set train.max_steps=${WOOF_STEPS:-60}")
+  fi
+  printf '| method | data | batch | images/s end to end | model-only step | end to end / step | data wait | last epoch s |\n|---|---|---:|---:|---:|---:|---:|---:|\n' > "$out/e2e.md"
+  for run in "${runs[@]}"; do
+    read -r data batch limit <<< "$run"
+    for method in "${methods[@]}"; do
+      if [ "$data" = cifar10 ]; then
+        cfg=configs/${method}_cifar10.json data_sets=(--set "data.root=$cifar")
+      else
+        cfg=configs/${method}_imagenet.json data_sets=(--set "data.root=$woof")
+      fi
+      dir=$out/e2e-$method-$data
+      rm -rf "$dir"
+      t=$(date +%s)
+      "$twins" pretrain --config "$cfg" --out "$dir" --device "$device" "${data_sets[@]}" --set "train.batch_size=$batch" \
+        --set "train.precision=${precision[0]}" --set train.channels_last=true --set "train.workers=$(nproc)" \
+        --set online_probe.eval_data=null $limit > "$dir.log" 2>&1
+      rc=$?
+      ((rc == 0)) || { log "e2e $method $data: exit $rc, $dir.log"; tail -5 "$dir.log"; continue; }
+      "$python" - "$dir/metrics.jsonl" "$out/step.jsonl" "$cfg" "$batch" "$method" "$data" >> "$out/e2e.md" <<'PY'
+import json, os, sys
+metrics, steps, cfg, batch, method, data = sys.argv[1:]
+lines = [json.loads(l) for l in open(metrics) if l.strip()]
+summary = [l for l in lines if l.get("summary")][-1]
+epochs = [l["epoch_seconds"] for l in lines if "epoch_seconds" in l]
+step = None
+if os.path.exists(steps):  # twins' own line of the bench stage: it has "config", PyTorch's has "method"
+    for l in open(steps):
+        try:
+            j = json.loads(l)
+        except ValueError:
+            continue
+        if j.get("config") == cfg and str(j.get("batch_size")) == batch:
+            step = j["images_per_s"]
+e2e = summary["images_per_s"]
+print("| %s | %s | %s | %.1f | %s | %s | %.1f%% | %s |" % (
+    method, data, batch, e2e, "%.1f" % step if step else "-", "%.0f%%" % (100 * e2e / step) if step else "-",
+    100 * summary["data_wait"], "%.2f" % epochs[-1] if epochs else "-"))
+PY
+      log "e2e $method $data: $(tail -1 "$out/e2e.md") ($(( $(date +%s) - t )) s)"
+    done
+  done
+  log "end-to-end table: $out/e2e.md"
+fi
+
+# A real run (issue 12, part 4): VICReg CIFAR-10 ResNet-18 for ACC_EPOCHS (20) on the GPU, then the
+# linear probe and kNN on the GPU, through bench/accuracy.sh (its table lands in $out). The dry run
+# trains the Fashion-MNIST quickstart for 3 steps instead.
+if [[ $stages == *accuracy* ]]; then
+  t=$(date +%s)
+  if ((dry)); then
+    acc=(--dataset fashion_mnist --set train.max_steps=3)
+  else
+    acc=(--dataset cifar10 --set "train.epochs=${ACC_EPOCHS:-20}" --set "train.precision=${precision[0]}"
+         --set train.channels_last=true --set "train.workers=$(nproc)")
+  fi
+  TWINS_BIN=$twins bench/accuracy.sh "${acc[@]}" --methods "${ACC_METHODS:-vicreg}" --runs "$out/accuracy" \
+    --results "$out" > "$out/accuracy.log" 2>&1
+  log "accuracy: exit $? ($(( $(date +%s) - t )) s): $(ls "$out"/accuracy-*.md 2>/dev/null | head -1)"
+fi
+log "done in $(( $(date +%s) - start )) s"

@@ -136,12 +136,13 @@ struct BenchStepArgs {
 int run_bench_step(const BenchStepArgs& a) {
   const nlohmann::json cfg = config::load_config(a.config, a.set);
   const auto r = train::bench_step(cfg, a.steps, a.warmup, a.device);
-  const nlohmann::json out = {{"config", a.config},
-                              {"device", r.device},
-                              {"batch_size", r.batch_size},
-                              {"steps", r.steps},
-                              {"seconds_per_step", r.seconds_per_step},
-                              {"images_per_s", r.images_per_second}};
+  nlohmann::json out = {{"config", a.config},
+                        {"device", r.device},
+                        {"batch_size", r.batch_size},
+                        {"steps", r.steps},
+                        {"seconds_per_step", r.seconds_per_step},
+                        {"images_per_s", r.images_per_second}};
+  if (r.peak_memory_gib > 0) out["peak_memory_gib"] = r.peak_memory_gib;  // the key pretrain_torch.py prints
   if (a.json)
     std::cout << out.dump(2) << "\n";
   else

@@ -9,7 +9,7 @@
 #include <c10/core/TensorImpl.h>
 
 #include <cmath>
-
+#include <cstdlib>
 #include <sstream>
 #include <string>
 #include <type_traits>
@@ -93,8 +93,15 @@ inline at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::
 #endif
 }
 
-/// Deterministic algorithms on or off (errors, not warnings, for nondeterministic ops).
-inline void set_deterministic(bool on) { at::globalContext().setDeterministicAlgorithms(on, /*warn_only=*/false); }
+/// Deterministic algorithms on or off (errors, not warnings, for nondeterministic ops), cuDNN's
+/// deterministic convolutions included. On CUDA, cuBLAS is deterministic only with a fixed
+/// workspace: CUBLAS_WORKSPACE_CONFIG=:4096:8 is set unless the user set it (PyTorch otherwise
+/// refuses every matmul in deterministic mode). Call it before the first cuBLAS call.
+inline void set_deterministic(bool on) {
+  if (on) ::setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8", /*overwrite=*/0);
+  at::globalContext().setDeterministicCuDNN(on);
+  at::globalContext().setDeterministicAlgorithms(on, /*warn_only=*/false);
+}
 
 /// The key of a parameter in torch::optim::Optimizer::state(): LibTorch 1.13 uses the
 /// TensorImpl address printed as a string, LibTorch 2.x the address itself. Chosen from the map's

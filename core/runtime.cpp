@@ -13,6 +13,11 @@
 
 #include "core/compat.h"
 
+// A CUDA build (CMake found LibTorch's CUDA libraries) can ask the CUDA allocator for its peak.
+#ifdef TWINS_WITH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
+
 namespace twins {
 
 c10::Device resolve_device(const std::string& name, const std::string& what) {
@@ -44,6 +49,29 @@ int set_compute_threads(int n) {
   }
   at::set_num_threads(n);
   return at::get_num_threads();
+}
+
+void configure_compute(int threads, bool deterministic, const c10::Device& device) {
+  set_compute_threads(threads);
+  compat::set_deterministic(deterministic);
+  // The autotuner picks by timing, so two runs may pick different kernels: off when deterministic.
+  at::globalContext().setBenchmarkCuDNN(device.is_cuda() && !deterministic);
+}
+
+int64_t peak_device_memory_bytes(const c10::Device& device) {
+#ifdef TWINS_WITH_CUDA
+  if (device.is_cuda())
+    return c10::cuda::CUDACachingAllocator::getDeviceStats(device.index()).allocated_bytes[0].peak;  // 0: all pools
+#endif
+  (void)device;
+  return 0;
+}
+
+void reset_peak_device_memory(const c10::Device& device) {
+#ifdef TWINS_WITH_CUDA
+  if (device.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
+#endif
+  (void)device;
 }
 
 bool tune_allocator() {

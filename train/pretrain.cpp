@@ -11,7 +11,6 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
-#include "core/compat.h"
 #include "train/checkpoint_store.h"
 #include "train/run_log.h"
 #include "twins/augment/pipeline.h"
@@ -50,7 +49,7 @@ StepBenchmark bench_step(const json& config, int64_t steps, int64_t warmup, cons
   const Recipe recipe = Recipe::parse(config);
   const TrainConfig& tc = recipe.train;
   const at::Device device = resolve_device(device_name.empty() ? tc.device : device_name, "train.device");
-  set_compute_threads(tc.threads);
+  configure_compute(tc.threads, tc.deterministic, device);
   const int64_t classes = 10;
   at::manual_seed(tc.seed);
   TrainerOptions to;
@@ -68,6 +67,7 @@ StepBenchmark bench_step(const json& config, int64_t steps, int64_t warmup, cons
     }
     b.labels = at::randint(0, classes, {tc.batch_size}, at::TensorOptions().dtype(at::kLong).device(device));
   }
+  reset_peak_device_memory(device);
   for (int64_t i = 0; i < warmup; ++i) trainer.step(batches);
   const auto start = Clock::now();
   for (int64_t i = 0; i < steps; ++i) trainer.step(batches);  // its loss read-back synchronises the device
@@ -75,6 +75,7 @@ StepBenchmark bench_step(const json& config, int64_t steps, int64_t warmup, cons
   r.batch_size = tc.batch_size * tc.grad_accumulation, r.steps = steps, r.device = device.str();
   r.seconds_per_step = seconds_since(start) / static_cast<double>(std::max<int64_t>(1, steps));
   r.images_per_second = static_cast<double>(r.batch_size) / r.seconds_per_step;
+  r.peak_memory_gib = static_cast<double>(peak_device_memory_bytes(device)) / (1 << 30);
   return r;
 }
 
@@ -196,9 +197,7 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
   const detail::CheckpointStore store(out_dir / "checkpoints", tc.keep_checkpoints);
   const Job job = join_job(tc, options.device.empty() ? tc.device : options.device);
   if (job.main_rank) io::check_writable(store.dir().string());  // before the training time is spent
-  set_compute_threads(tc.threads);
-  if (tc.deterministic) compat::set_deterministic(true);
-  if (job.device.is_cuda() && !tc.deterministic) at::globalContext().setBenchmarkCuDNN(true);  // fixed shapes
+  configure_compute(tc.threads, tc.deterministic, job.device);
 
   const auto dataset = data::create_dataset(recipe.data, "data");
   const auto views = augment::parse_views(recipe.views, "views");

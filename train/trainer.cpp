@@ -193,12 +193,13 @@ StepResult Trainer::step(const std::vector<data::Batch>& micro_batches, bool sto
   }
   if (m.reducer) m.reducer->finish();
   if (m.precision == Precision::fp16) {  // unscale; skip the update and halve the scale on overflow
-    bool finite = true;
+    std::vector<at::Tensor> finite_parts;  // one device-to-host read for all parameters
     for (auto& p : m.model->online_parameters())
       if (p.grad().defined()) {
         p.grad().div_(m.fp16_scale);
-        finite = finite && p.grad().isfinite().all().item<bool>();
+        finite_parts.push_back(p.grad().isfinite().all().reshape({1}));
       }
+    const bool finite = finite_parts.empty() || at::cat(finite_parts).all().item<bool>();
     result.skipped = !finite;
     if (!finite)
       m.fp16_scale /= 2, m.fp16_good = 0;

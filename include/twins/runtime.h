@@ -2,6 +2,7 @@
 // Process-wide settings of the compute runtime, and the one way a device name becomes a device.
 #include <c10/core/Device.h>
 
+#include <cstdint>
 #include <string>
 
 namespace twins {
@@ -17,6 +18,17 @@ c10::Device resolve_device(const std::string& name, const std::string& what = "d
 /// among them, otherwise start with one thread.) Returns the number in effect.
 int set_compute_threads(int n);
 
+/// The compute settings of a training run, applied alike by `twins pretrain` and `twins bench
+/// step` so that the benchmark times the step a run takes: LibTorch's threads (as
+/// set_compute_threads), deterministic algorithms on or off as asked, and cuDNN's autotuner on
+/// CUDA unless deterministic (the shapes of a run are fixed, so each convolution is tuned once).
+/// Process-wide: the last run configured rules.
+void configure_compute(int threads, bool deterministic, const c10::Device& device);
+/// The most bytes of tensors the CUDA caching allocator held on `device` since the last
+/// reset_peak_device_memory() (torch.cuda.max_memory_allocated); 0 for the CPU, and in a build
+/// without CUDA.
+int64_t peak_device_memory_bytes(const c10::Device& device);
+void reset_peak_device_memory(const c10::Device& device);
 /// Keeps freed tensor memory in the process for reuse (glibc: no mmap for large blocks, no trim),
 /// instead of returning it to the system and page-faulting it back on every allocation: on the CPU
 /// this makes a ResNet-18 training step ~1.6x faster. Process-wide, so programs opt in (the twins

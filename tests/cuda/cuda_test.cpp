@@ -5,14 +5,25 @@
 #include <doctest/doctest.h>
 #include <torch/cuda.h>
 
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "core/compat.h"
 #include "tests/test_util.h"
+#include "tests/train/tiny_run.h"
 #include "twins/config.h"
+#include "twins/data/image_io.h"
+#include "twins/distributed/communicator.h"
+#include "twins/embed.h"
 #include "twins/losses.h"
 #include "twins/models/network.h"
+#include "twins/models/safetensors.h"
 #include "twins/train/pretrain.h"
+#include "twins/train/trainer.h"
 
 using nlohmann::json;
 using namespace twins;
@@ -32,6 +43,81 @@ bool have_cuda() {
 
 double rel_error(const at::Tensor& gpu, const at::Tensor& cpu) {
   return twins::test::max_rel_error(gpu.cpu().to(at::kDouble), cpu.to(at::kDouble), 1e-3);
+}
+
+// |a - b| / |b| in the 2-norm: "close" for reduced precision, where single elements near zero
+// carry no meaning.
+double norm_rel_error(const at::Tensor& a, const at::Tensor& b) {
+  const at::Tensor ad = a.cpu().to(at::kDouble), bd = b.cpu().to(at::kDouble);
+  return (ad - bd).norm().item<double>() / std::max(bd.norm().item<double>(), 1e-12);
+}
+
+// The floating-point tensors of two safetensors files (model weights, BatchNorm statistics;
+// not the optimizer's bytes), compared name by name: the worst error of `error`.
+template <class ErrorF>
+double worst_file_error(const std::filesystem::path& a, const std::filesystem::path& b, ErrorF error) {
+  const auto fa = models::load_safetensors(a.string()), fb = models::load_safetensors(b.string());
+  REQUIRE(fa.tensors.size() == fb.tensors.size());
+  double worst = 0;
+  for (const auto& entry : fa.tensors) {
+    if (!at::isFloatingType(entry.second.scalar_type())) continue;
+    const at::Tensor other = fb.at(entry.first);
+    REQUIRE(other.sizes() == entry.second.sizes());
+    const double e = error(entry.second, other);
+    if (e > worst) MESSAGE("  " << entry.first << ": " << e);
+    worst = std::max(worst, e);
+  }
+  return worst;
+}
+
+// A tiny run of `method` (tests/train/tiny_run.h) on `device`: `steps` steps, a checkpoint each.
+json tiny_run(const std::string& method, const std::filesystem::path& data, const std::string& device, int64_t steps,
+              const std::string& precision = "fp32") {
+  json cfg = test::tiny_recipe(method, data);
+  cfg["train"]["device"] = device;
+  cfg["train"]["precision"] = precision;
+  cfg["train"]["max_steps"] = steps;
+  cfg["train"]["checkpoint_every_steps"] = 1;
+  return cfg;
+}
+
+std::filesystem::path last_checkpoint(const std::filesystem::path& run, int64_t step) {
+  char name[64];
+  std::snprintf(name, sizeof name, "step-%08lld.safetensors", static_cast<long long>(step));
+  return run / "checkpoints" / name;
+}
+
+// A uint8 batch of two views [n, 1, 12, 12] with labels 0..3, as the loader gives it.
+data::Batch tiny_batch(int64_t n, uint64_t seed) {
+  at::manual_seed(seed);
+  data::Batch b;
+  for (int v = 0; v < 2; ++v) b.views.push_back(at::randint(0, 256, {n, 1, 12, 12}, at::kByte));
+  b.labels = at::arange(n, at::kLong).remainder(4);
+  b.indices = at::arange(n, at::kLong);
+  return b;
+}
+
+std::vector<at::Tensor> backbone_parameters(train::Trainer& trainer) {
+  std::vector<at::Tensor> out;
+  for (const auto& p : trainer.backbone().parameters()) out.push_back(p.detach().cpu().clone());
+  return out;
+}
+
+// A .npy file of float32 (what `twins embed` writes) as a tensor [rows, cols].
+at::Tensor read_float_npy(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  REQUIRE(bytes.size() > 10);
+  REQUIRE(std::memcmp(bytes.data(), "\x93NUMPY", 6) == 0);
+  const size_t header = static_cast<uint8_t>(bytes[8]) | (static_cast<size_t>(static_cast<uint8_t>(bytes[9])) << 8);
+  const std::string dict(bytes.data() + 10, header);
+  REQUIRE(dict.find("'<f4'") != std::string::npos);
+  const size_t open = dict.find("'shape': ("), comma = dict.find(',', open);
+  const int64_t rows = std::stoll(dict.substr(open + 10, comma - open - 10));
+  const size_t data = 10 + header;
+  const int64_t count = static_cast<int64_t>((bytes.size() - data) / 4);
+  REQUIRE(rows > 0);
+  return at::from_blob(bytes.data() + data, {count}, at::kFloat).clone().view({rows, count / rows});
 }
 
 }  // namespace
@@ -113,4 +199,163 @@ TEST_CASE("cuda: the training step of every method runs on the GPU in fp32 and b
       CHECK(r.images_per_second > 0);
     }
   }
+}
+
+TEST_CASE("cuda: one training step of each method equals the CPU's in fp32 (TF32 off); bf16 is finite and close") {
+  if (!have_cuda()) return;
+  test::TinyData data(48);
+  for (const char* method : {"vicreg", "barlow_twins", "byol"}) {
+    CAPTURE(method);
+    const auto run = [&](const std::string& device, const std::string& precision) {
+      const auto dir = data.dir / (std::string(method) + "-" + device + "-" + precision);
+      train::pretrain(tiny_run(method, data.dir, device, 2, precision), test::quiet(dir));
+      return last_checkpoint(dir, 2);
+    };
+    const auto cpu = run("cpu", "fp32");
+    // Every model tensor of the checkpoint after 2 steps: online network, heads, BYOL's target,
+    // BatchNorm statistics, the online probe.
+    const double fp32 = worst_file_error(run("cuda", "fp32"), cpu, rel_error);
+    MESSAGE(method << ": fp32 CUDA vs CPU after 2 steps, largest relative error " << fp32);
+    CHECK(fp32 < 1e-4);
+    const double bf16 = worst_file_error(run("cuda", "bf16"), cpu, norm_rel_error);
+    MESSAGE(method << ": bf16 CUDA vs fp32 CPU after 2 steps, largest norm-relative error " << bf16);
+    CHECK(bf16 < 2e-2);  // NaN fails too
+  }
+}
+
+TEST_CASE("cuda: fp16 with the gradient scaler: an overflowing step is skipped and halves the scale") {
+  if (!have_cuda()) return;
+  test::TinyData data(16);
+  json cfg = test::tiny_recipe("vicreg", data.dir);
+  cfg["train"]["precision"] = "fp16";
+  const auto recipe = train::Recipe::parse(cfg);
+  train::TrainerOptions o;
+  o.device = at::Device(at::kCUDA, 0), o.num_classes = 4, o.steps_per_epoch = 3, o.total_steps = 9;
+  at::manual_seed(0);
+  train::Trainer trainer(recipe, o);
+  CHECK(trainer.precision() == train::Precision::fp16);
+  const auto first = trainer.step(tiny_batch(16, 1));
+  CHECK_FALSE(first.skipped);
+  CHECK(std::isfinite(first.loss));
+  CHECK(trainer.state_info()["fp16_scale"].get<double>() == 65536.0);
+
+  // Set the scale so large that the scaled gradients overflow in fp16.
+  const auto file = std::filesystem::path(data.dir) / "state.safetensors";
+  models::save_safetensors(file.string(), trainer.state());
+  json info = trainer.state_info();
+  info["fp16_scale"] = 1e38;
+  trainer.load_state(models::load_safetensors(file.string()), info);
+  const auto before = backbone_parameters(trainer);
+  const auto overflow = trainer.step(tiny_batch(16, 2));
+  CHECK(overflow.skipped);
+  CHECK(std::isfinite(overflow.loss));  // the loss itself is unscaled
+  CHECK(trainer.state_info()["fp16_scale"].get<double>() == doctest::Approx(5e37));
+  const auto after = backbone_parameters(trainer);
+  for (size_t k = 0; k < before.size(); ++k) CHECK(at::equal(before[k], after[k]));
+
+  // Back to a sane scale: the next step updates, with finite weights.
+  info["fp16_scale"] = 1024.0;
+  trainer.load_state(models::load_safetensors(file.string()), info);
+  const auto good = trainer.step(tiny_batch(16, 3));
+  CHECK_FALSE(good.skipped);
+  const auto updated = backbone_parameters(trainer);
+  bool changed = false;
+  for (size_t k = 0; k < updated.size(); ++k) {
+    CHECK(updated[k].isfinite().all().item<bool>());
+    changed = changed || !at::equal(updated[k], before[k]);
+  }
+  CHECK(changed);
+}
+
+TEST_CASE(
+    "cuda: NCCL at world size 1: all-reduce, the gradient reducer and SyncBatchNorm give the single-process step") {
+  if (!have_cuda()) return;
+  distributed::Environment env;
+  env.launcher = "torchrun";
+  env.master_port = 20000 + static_cast<int>(::getpid() % 20000);
+  distributed::CommunicatorOptions co;
+  co.backend = "nccl";
+  const auto comm = distributed::Communicator::create(env, at::Device(at::kCUDA, 0), co);
+  CHECK(comm->backend() == "nccl");
+  CHECK(comm->world_size() == 1);
+  at::Tensor x = at::arange(6, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA));
+  comm->all_reduce(x);
+  CHECK(at::equal(x.cpu(), at::arange(6, at::kFloat)));
+
+  test::TinyData data(16);
+  for (bool sync_bn : {false, true}) {
+    CAPTURE(sync_bn);
+    json cfg = test::tiny_recipe("byol", data.dir);
+    cfg["train"]["sync_batchnorm"] = sync_bn;
+    const auto recipe = train::Recipe::parse(cfg);
+    train::TrainerOptions o;
+    o.device = at::Device(at::kCUDA, 0), o.num_classes = 4, o.steps_per_epoch = 3, o.total_steps = 9;
+    at::manual_seed(0);
+    train::Trainer alone(recipe, o);
+    o.communicator = comm;
+    at::manual_seed(0);
+    train::Trainer ranked(recipe, o);
+    for (uint64_t step = 0; step < 2; ++step) {
+      const auto a = alone.step(tiny_batch(16, 10 + step)), b = ranked.step(tiny_batch(16, 10 + step));
+      CHECK(b.loss == doctest::Approx(a.loss).epsilon(1e-5));
+    }
+    const auto pa = backbone_parameters(alone), pb = backbone_parameters(ranked);
+    double worst = 0;
+    for (size_t k = 0; k < pa.size(); ++k) worst = std::max(worst, rel_error(pb[k], pa[k]));
+    MESSAGE("NCCL world 1" << (sync_bn ? " with SyncBatchNorm" : "") << " vs one process, relative error " << worst);
+    CHECK(worst < 1e-4);
+  }
+}
+
+TEST_CASE("cuda: resume in deterministic mode is bit-identical (N + M steps == N, resume, M)") {
+  if (!have_cuda()) return;
+  test::TinyData data(48);
+  json cfg = tiny_run("byol", data.dir, "cuda", 0);
+  cfg["train"]["epochs"] = 2;  // 3 steps per epoch
+  CHECK(cfg["train"]["deterministic"].get<bool>());
+  const auto full = train::pretrain(cfg, test::quiet(data.dir / "full"));
+  REQUIRE(full.steps == 6);
+  auto part = test::quiet(data.dir / "part");
+  part.stop_after = 4;
+  CHECK(train::pretrain(cfg, part).interrupted);
+  auto rest = test::quiet(data.dir / "part");
+  rest.resume = true;
+  CHECK(train::pretrain(json::object(), rest).steps == 6);
+  const double worst =
+      worst_file_error(last_checkpoint(data.dir / "full", 6), last_checkpoint(data.dir / "part", 6),
+                       [](const at::Tensor& a, const at::Tensor& b) { return at::equal(a, b) ? 0.0 : 1.0; });
+  CHECK(worst == 0);
+}
+
+TEST_CASE("cuda: the Embedder and `twins embed` on CUDA equal the CPU within 1e-4") {
+  if (!have_cuda()) return;
+  test::TinyData data(48);
+  const auto run = data.dir / "run";
+  train::pretrain(tiny_run("vicreg", data.dir, "cpu", 2), test::quiet(run));
+  const std::string backbone = (run / "backbone.safetensors").string();
+  at::manual_seed(5);
+  const at::Tensor images = at::randint(0, 256, {10, 1, 16, 16}, at::kByte);
+  EmbedderOptions co, go;
+  co.device = "cpu", go.device = "cuda";
+  const at::Tensor cpu = Embedder(backbone, co).embed(images), gpu = Embedder(backbone, go).embed(images);
+  REQUIRE(cpu.sizes() == gpu.sizes());
+  MESSAGE("Embedder CUDA vs CPU, relative error " << rel_error(gpu, cpu));
+  CHECK(rel_error(gpu, cpu) < 1e-4);
+#ifdef TWINS_CLI_PATH
+  const auto folder = data.dir / "images";
+  std::filesystem::create_directories(folder / "a");
+  for (int64_t i = 0; i < images.size(0); ++i)
+    data::write_image((folder / "a" / ("img" + std::to_string(i) + ".png")).string(), images[i].permute({1, 2, 0}));
+  for (const char* device : {"cpu", "cuda"}) {
+    const std::string command = std::string(TWINS_CLI_PATH) + " embed --backbone " + backbone + " --input " +
+                                folder.string() + " --device " + device + " --output " +
+                                (data.dir / (std::string(device) + ".npy")).string() + " > /dev/null 2>&1";
+    REQUIRE(std::system(command.c_str()) == 0);
+  }
+  const at::Tensor cli_cpu = read_float_npy(data.dir / "cpu.npy"), cli_gpu = read_float_npy(data.dir / "cuda.npy");
+  REQUIRE(cli_cpu.sizes() == cli_gpu.sizes());
+  CHECK(cli_cpu.size(0) == images.size(0));
+  MESSAGE("twins embed --device cuda vs cpu, relative error " << rel_error(cli_gpu, cli_cpu));
+  CHECK(rel_error(cli_gpu, cli_cpu) < 1e-4);
+#endif
 }

@@ -55,6 +55,8 @@ PretrainResult pretrain(const nlohmann::json& config, const PretrainOptions& opt
 struct StepBenchmark {
   int64_t batch_size = 0, steps = 0;
   double seconds_per_step = 0, images_per_second = 0;
+  /// CUDA: the most memory tensors took over warm-up and timed steps (0 on the CPU).
+  double peak_memory_gib = 0;
   std::string device;
 };
 
