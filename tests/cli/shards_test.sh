@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Tar shards end to end, as a user would: `twins shards create` from a dataset JSON file,
 # `twins shards index`, then `twins pretrain` on the shards with 2 CPU ranks, stopped and resumed,
-# and on one rank through `pipe:cat` commands.
+# on one rank through `pipe:cat` commands, and `twins knn`, `linear-probe` and `embed` on the shards.
 set -euo pipefail
 twins=$1
 quickstart=$2
@@ -71,3 +71,31 @@ rc=0
 grep -q "pipe:cat $dir/missing.tar" "$dir/err4" || { cat "$dir/err4"; exit 1; }
 grep -q "exited with status 1" "$dir/err4" || { cat "$dir/err4"; exit 1; }
 echo "shards: pipe: sources ok"
+
+# 6. Evaluation reads shards too: kNN on the shards equals kNN on the same PNG files unpacked into
+#    an image folder (features do not depend on the order), and the linear probe and embed run on
+#    them. (Not the IDX files: images read from files are resized before the centre crop.)
+mkdir -p "$dir/unpacked"
+for t in "$dir"/shards/train-*.tar; do tar xf "$t" -C "$dir/unpacked"; done
+for f in "$dir"/unpacked/*.png; do
+  c=$(cat "${f%.png}.cls"); mkdir -p "$dir/folder/$c"; mv "$f" "$dir/folder/$c/"
+done
+eval_json() {  # $1: the data block of both splits
+  echo "{\"train_data\": $1, \"test_data\": $1, \"image_size\": 28, \"normalize\": {\"mean\": [0.286], \"std\": [0.353]},
+         \"probe\": {\"epochs\": 3}, \"knn\": {\"k\": [5]}, \"batch_size\": 64, \"workers\": 1}"
+}
+eval_json "$data" > "$dir/eval_shards.json"
+eval_json "{\"type\": \"image_folder\", \"root\": \"$dir/folder\"}" > "$dir/eval_folder.json"
+knn_top1() { sed -n 's/.*top-1 \([0-9.]*\)%.*/\1/p' "$1" | head -1; }
+"$twins" knn --backbone "$dir/run" --config "$dir/eval_shards.json" --out "$dir/eval_s" > "$dir/knn_s" 2>&1 || { cat "$dir/knn_s"; exit 1; }
+"$twins" knn --backbone "$dir/run" --config "$dir/eval_folder.json" --out "$dir/eval_i" > "$dir/knn_i" 2>&1 || { cat "$dir/knn_i"; exit 1; }
+[ -n "$(knn_top1 "$dir/knn_s")" ] && [ "$(knn_top1 "$dir/knn_s")" = "$(knn_top1 "$dir/knn_i")" ] \
+  || { echo "kNN on shards $(knn_top1 "$dir/knn_s") vs folder $(knn_top1 "$dir/knn_i")"; cat "$dir/knn_s"; exit 1; }
+"$twins" linear-probe --backbone "$dir/run" --config "$dir/eval_shards.json" --out "$dir/eval_s" > "$dir/probe_s" 2>&1 \
+  || { cat "$dir/probe_s"; exit 1; }
+grep -q '"top1"' "$dir/eval_s/probe.json" || { cat "$dir/probe_s"; exit 1; }
+echo "$data" > "$dir/shards.json"
+"$twins" embed --backbone "$dir/run" --input "$dir/shards.json" --output "$dir/emb.npy" > "$dir/embed_s" 2>&1 \
+  || { cat "$dir/embed_s"; exit 1; }
+[ "$(wc -l < "$dir/emb.ids.txt")" -eq 256 ] || { cat "$dir/embed_s"; head "$dir/emb.ids.txt"; exit 1; }
+echo "shards: knn (top-1 $(knn_top1 "$dir/knn_s")% as on the unpacked files), linear-probe and embed ok"
