@@ -3,7 +3,7 @@
 # corpus (tests/fuzz/corpus/<harness>), with ASan + UBSan. Prints the executions per harness and
 # exits non-zero on any finding (a crash, a sanitizer report, a leak, an out-of-memory, a
 # timeout); the input that caused it is kept in build-asan/fuzz-findings/.
-#   scripts/fuzz.sh [seconds] [harness ...]     (harnesses: config safetensors checkpoint idx cifar csv image)
+#   scripts/fuzz.sh [seconds] [harness ...]     (harnesses: config safetensors checkpoint idx cifar csv image shards)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-30}
@@ -11,6 +11,8 @@ shift || true
 harnesses=("$@")
 ((${#harnesses[@]})) || harnesses=(config safetensors checkpoint idx cifar csv image)
 scripts/sanitize.sh --build-only > /dev/null
+# The shard reader's harness exists when the build found libarchive.
+if ((! $#)) && [ -x build-asan/tests/fuzz/fuzz_shards ]; then harnesses+=(shards); fi
 source scripts/sanitizer-env.sh
 findings=build-asan/fuzz-findings
 mkdir -p "$findings"

@@ -4,7 +4,7 @@
 set -euo pipefail
 twins=$(realpath "$1")
 cd "$(dirname "$0")"
-rm -rf corpus && mkdir -p corpus/{config,safetensors,checkpoint,idx,cifar,csv,image}
+rm -rf corpus && mkdir -p corpus/{config,safetensors,checkpoint,idx,cifar,csv,image,shards}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
@@ -59,4 +59,12 @@ cp ../reference/augment/jpeg_grey.jpg corpus/image/grey.jpg
 printf 'BM\x46\x00\x00\x00\x00\x00\x00\x00\x36\x00\x00\x00\x28\x00\x00\x00\x02\x00\x00\x00\x02\x00\x00\x00\x01\x00\x18\x00' > corpus/image/tiny.bmp
 printf '\x00\x00\x00\x00\x10\x00\x00\x00\x13\x0b\x00\x00\x13\x0b\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00' >> corpus/image/tiny.bmp
 printf '\xff\x00\x00\x00\xff\x00\x00\x00\x00\x00\xff\xff\xff\xff\x00\x00' >> corpus/image/tiny.bmp
+# shards: a tar of 3 samples (png + cls) from `twins shards create`, the same gzipped, its index,
+# a brace pattern.
+echo "{\"type\": \"mnist\", \"root\": \"$tmp\"}" > "$tmp/mnist.json"
+"$twins" shards create --input "$tmp/mnist.json" --output "$tmp/shards/s-%02d.tar" --max-count 3 > /dev/null 2>&1
+cp "$tmp/shards/s-00.tar" corpus/shards/three.tar
+gzip -c "$tmp/shards/s-00.tar" > corpus/shards/three.tar.gz
+cp "$tmp/shards/s-index.json" corpus/shards/index.json
+printf 'train-{000..012}-{a,b}.tar\n' > corpus/shards/pattern
 ls -la corpus/*/ | awk '{print $5, $9}' | grep -v '^ *$'
