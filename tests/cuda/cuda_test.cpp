@@ -273,11 +273,11 @@ TEST_CASE("cuda: fp16 with the gradient scaler: an overflowing step is skipped a
   trainer.load_state(models::load_safetensors(file.string()), info);
   const auto good = trainer.step(tiny_batch(16, 31));
   CHECK_FALSE(good.skipped);
-  const auto updated = backbone_parameters(trainer);
+  const auto stepped = backbone_parameters(trainer);
   bool changed = false;
-  for (size_t k = 0; k < updated.size(); ++k) {
-    CHECK(updated[k].isfinite().all().item<bool>());
-    changed = changed || !at::equal(updated[k], before[k]);
+  for (size_t k = 0; k < stepped.size(); ++k) {
+    CHECK(stepped[k].isfinite().all().item<bool>());
+    changed = changed || !at::equal(stepped[k], before[k]);
   }
   CHECK(changed);
 }
