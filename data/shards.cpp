@@ -24,6 +24,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <numeric>
@@ -182,23 +183,14 @@ struct RawSample {
 class TarReader {
  public:
   TarReader(Source& source, bool want_json) : source_(source), want_json_(want_json), buffer_(1 << 16) {
-    a_ = archive_read_new();
     if (!a_) throw std::bad_alloc();
-    archive_read_support_format_tar(a_);
-    archive_read_support_filter_gzip(a_);
-    archive_read_support_filter_bzip2(a_);
-    archive_read_support_filter_xz(a_);
-    archive_read_support_filter_zstd(a_);
-    if (archive_read_open(a_, this, nullptr, &TarReader::read_cb, nullptr) != ARCHIVE_OK) {
-      try {  // the destructor does not run for a constructor that throws
-        fail("cannot open");
-      } catch (...) {
-        archive_read_free(a_);
-        throw;
-      }
-    }
+    archive_read_support_format_tar(a_.get());
+    archive_read_support_filter_gzip(a_.get());
+    archive_read_support_filter_bzip2(a_.get());
+    archive_read_support_filter_xz(a_.get());
+    archive_read_support_filter_zstd(a_.get());
+    if (archive_read_open(a_.get(), this, nullptr, &TarReader::read_cb, nullptr) != ARCHIVE_OK) fail("cannot open");
   }
-  ~TarReader() { archive_read_free(a_); }
   TarReader(const TarReader&) = delete;
   TarReader& operator=(const TarReader&) = delete;
 
@@ -210,7 +202,7 @@ class TarReader {
       if (!pending_) {
         if (eof_) return !out.key.empty();
         archive_entry* entry = nullptr;
-        const int r = archive_read_next_header(a_, &entry);
+        const int r = archive_read_next_header(a_.get(), &entry);
         if (r == ARCHIVE_EOF) {
           eof_ = true;
           return !out.key.empty();
@@ -237,7 +229,7 @@ class TarReader {
       std::vector<uint8_t> data(static_cast<size_t>(std::max<int64_t>(pending_size_, 0)));
       size_t got = 0;
       while (got < data.size()) {
-        const la_ssize_t n = archive_read_data(a_, data.data() + got, data.size() - got);
+        const la_ssize_t n = archive_read_data(a_.get(), data.data() + got, data.size() - got);
         if (n < 0) fail("in member " + pending_name_);
         if (n == 0) break;
         got += static_cast<size_t>(n);
@@ -263,7 +255,7 @@ class TarReader {
   }
   [[noreturn]] void fail(const std::string& where) {
     if (error_) std::rethrow_exception(error_);
-    const char* why = archive_error_string(a_);
+    const char* why = archive_error_string(a_.get());
     throw std::runtime_error(source_.url() + ": corrupt or truncated tar " + where + " (" +
                              (why ? why : "unknown error") + ")");
   }
@@ -271,7 +263,8 @@ class TarReader {
   Source& source_;
   bool want_json_;
   std::vector<uint8_t> buffer_;
-  archive* a_ = nullptr;
+  // Owned here, so that a constructor that throws frees it too.
+  std::unique_ptr<archive, int (*)(archive*)> a_{archive_read_new(), &archive_read_free};
   std::exception_ptr error_;
   bool pending_ = false, eof_ = false;
   std::string pending_name_, last_member_;
@@ -702,22 +695,14 @@ int64_t local_size(const std::string& url) {
 class TarWriter {
  public:
   explicit TarWriter(const std::string& path) : path_(path), temp_(io::temporary_name(path)) {
-    a_ = archive_write_new();
     if (!a_) throw std::bad_alloc();
-    archive_write_set_format_pax_restricted(a_);
-    archive_write_set_bytes_in_last_block(a_, 1);  // no padding of the last block to 10 KiB
-    if (archive_write_open_filename(a_, temp_.c_str()) != ARCHIVE_OK) {
-      try {  // the destructor does not run for a constructor that throws
-        fail("cannot create");
-      } catch (...) {
-        archive_write_free(a_);
-        throw;
-      }
-    }
+    archive_write_set_format_pax_restricted(a_.get());
+    archive_write_set_bytes_in_last_block(a_.get(), 1);  // no padding of the last block to 10 KiB
+    if (archive_write_open_filename(a_.get(), temp_.c_str()) != ARCHIVE_OK) fail("cannot create");
   }
   ~TarWriter() {
-    if (a_) {
-      archive_write_free(a_);
+    if (a_) {  // not finished: the temporary goes
+      a_.reset();
       std::error_code ec;
       fs::remove(temp_, ec);
     }
@@ -729,18 +714,17 @@ class TarWriter {
     archive_entry_set_filetype(e, AE_IFREG);
     archive_entry_set_perm(e, 0644);
     archive_entry_set_mtime(e, 0, 0);  // the same bytes for the same input
-    const int r = archive_write_header(a_, e);
+    const int r = archive_write_header(a_.get(), e);
     archive_entry_free(e);
     if (r != ARCHIVE_OK) fail("cannot write member " + name + " to");
-    if (size > 0 && archive_write_data(a_, data, size) != static_cast<la_ssize_t>(size))
+    if (size > 0 && archive_write_data(a_.get(), data, size) != static_cast<la_ssize_t>(size))
       fail("cannot write member " + name + " to");
     bytes_ += 512 + static_cast<int64_t>((size + 511) / 512 * 512);
   }
   // Completes the tar and renames it into place (fsync first: whole or absent after a crash).
   void finish() {
-    if (archive_write_close(a_) != ARCHIVE_OK) fail("cannot complete");
-    archive_write_free(a_);
-    a_ = nullptr;
+    if (archive_write_close(a_.get()) != ARCHIVE_OK) fail("cannot complete");
+    a_.reset();
     const int fd = ::open(temp_.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0 || ::fsync(fd) != 0) {
       const int err = errno;
@@ -754,11 +738,12 @@ class TarWriter {
 
  private:
   [[noreturn]] void fail(const std::string& what) {
-    const char* why = archive_error_string(a_);
+    const char* why = archive_error_string(a_.get());
     throw std::runtime_error(what + " " + path_ + " (" + (why ? why : io::describe_errno(errno)) + ")");
   }
   std::string path_, temp_;
-  archive* a_ = nullptr;
+  // Owned here, so that a constructor that throws frees it too.
+  std::unique_ptr<archive, int (*)(archive*)> a_{archive_write_new(), &archive_write_free};
   int64_t bytes_ = 1024;  // the end-of-archive blocks
 };
 
