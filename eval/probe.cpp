@@ -1,6 +1,7 @@
 #include "twins/eval/probe.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/nn/functional/loss.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/optim/sgd.h>
@@ -31,6 +32,25 @@ void check(const Features& f, const char* what) {
   if (!f.features.defined() || f.features.dim() != 2 || f.labels.dim() != 1 || f.labels.size(0) != f.features.size(0))
     throw std::invalid_argument(std::string(what) + ": expected features [N, D] and labels [N]");
 }
+
+// For a small problem on the CPU, LibTorch's intra-op threads while it lives: a step of the
+// cached-feature probe (batch x features x classes, e.g. 256 x 192 x 10) is a few microseconds of
+// arithmetic, and handing each of its ~20 ops to the thread pool costs more than the ops (Fashion-
+// MNIST, 100 epochs: 4 s on one thread, 19-34 s on two). Large problems keep every thread.
+class FewThreadsForSmallSteps {
+ public:
+  FewThreadsForSmallSteps(const at::Device& device, int64_t macs_per_step) : before_(at::get_num_threads()) {
+    if (device.is_cpu() && macs_per_step < (int64_t{1} << 24) && before_ > 1) at::set_num_threads(1);
+  }
+  ~FewThreadsForSmallSteps() {
+    if (at::get_num_threads() != before_) at::set_num_threads(before_);
+  }
+  FewThreadsForSmallSteps(const FewThreadsForSmallSteps&) = delete;
+  FewThreadsForSmallSteps& operator=(const FewThreadsForSmallSteps&) = delete;
+
+ private:
+  int before_;
+};
 
 // Labelled rows only.
 Features labelled(const Features& f) {
@@ -67,13 +87,21 @@ ProbeHead::ProbeHead(const at::Tensor& mean, const at::Tensor& std, int64_t num_
 ProbeHead::~ProbeHead() = default;
 
 void ProbeHead::step(const at::Tensor& features, const at::Tensor& labels_all) {
-  auto& m = *impl_;
-  const at::Tensor labels = labels_all.to(m.device);
+  const at::Tensor labels = labels_all.to(impl_->device);
   const at::Tensor keep = labels.ge(0);
+  if (!keep.any().item<bool>()) {
+    ++impl_->done;  // the schedule moves on as if the batch had been used
+    return;
+  }
+  step_standardised(standardise(features).index({keep}), labels.index({keep}));
+}
+
+at::Tensor ProbeHead::standardise(const at::Tensor& features) const { return impl_->standardise(features); }
+
+void ProbeHead::step_standardised(const at::Tensor& x, const at::Tensor& y) {
+  auto& m = *impl_;
   const double lr = warmup_cosine_lr(m.done++, m.total, 0, m.options.lr, 0.0);
   for (auto& g : m.sgd->param_groups()) g.options().set_lr(lr);
-  if (!keep.any().item<bool>()) return;
-  const at::Tensor x = m.standardise(features).index({keep}), y = labels.index({keep});
   const at::Tensor loss = torch::nn::functional::cross_entropy(m.linear->forward(x), y);
   m.sgd->zero_grad();
   loss.backward();
@@ -95,13 +123,15 @@ LinearProbeResult linear_probe(const Features& train_all, const Features& test_a
   const int64_t n = train.labels.size(0);
   const int64_t batches = (n + o.batch_size - 1) / o.batch_size;
   ProbeHead head(train.features.mean(0), train.features.std(0), num_classes, o, batches * o.epochs, device);
-  const at::Tensor x = train.features.to(device), y = train.labels.to(device);
+  // Standardised once: the same rows, bit for bit, as standardising each batch.
+  const at::Tensor x = head.standardise(train.features), y = train.labels.to(device);
+  const FewThreadsForSmallSteps threads(device, o.batch_size * x.size(1) * num_classes);
   for (int64_t e = 0; e < o.epochs; ++e) {
     const at::Tensor perm =
         at::tensor(augment::permutation(n, augment::Rng(o.seed, static_cast<uint64_t>(e), 0, 0)), at::kLong).to(device);
     for (int64_t b = 0; b < batches; ++b) {
       const at::Tensor idx = perm.slice(0, b * o.batch_size, std::min(n, (b + 1) * o.batch_size));
-      head.step(x.index_select(0, idx), y.index_select(0, idx));
+      head.step_standardised(x.index_select(0, idx), y.index_select(0, idx));
     }
   }
   LinearProbeResult r;

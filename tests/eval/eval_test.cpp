@@ -1,4 +1,5 @@
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <filesystem>
 #include <fstream>
@@ -53,6 +54,41 @@ TEST_CASE("eval: linear probe separates separable features and not shuffled labe
         linear_probe({train.features, train.labels * 0 - 1}, test, 10, o, at::kCPU);
       },
       "no labels");
+}
+
+TEST_CASE("eval: the cached-feature probe is ProbeHead::step batch by batch, and keeps the thread count") {
+  // linear_probe standardises the features once and steps without filtering, on one thread for a
+  // problem this small: the same classifier as the head fed batch by batch (unlabelled rows mixed
+  // in and filtered by step()), on one thread too for the same summation order.
+  // Overlapping classes, so that top-1 sits far from 100% and a different classifier shows.
+  auto noisy = [](Features f) { return Features{f.features / 4 + at::randn(f.features.sizes()), f.labels}; };
+  const Features train = noisy(blobs(600, 10, 3)), test = noisy(blobs(400, 10, 4));
+  LinearProbeOptions o;
+  o.epochs = 3, o.batch_size = 64;
+  const int threads = at::get_num_threads();
+  const auto r = linear_probe(train, test, 10, o, at::kCPU);
+  CHECK(at::get_num_threads() == threads);
+
+  at::set_num_threads(1);
+  const int64_t n = 600, batches = (n + o.batch_size - 1) / o.batch_size;
+  ProbeHead head(train.features.mean(0), train.features.std(0), 10, o, batches * o.epochs, at::kCPU);
+  for (int64_t e = 0; e < o.epochs; ++e) {
+    const at::Tensor perm = at::tensor(
+        twins::augment::permutation(n, twins::augment::Rng(o.seed, static_cast<uint64_t>(e), 0, 0)), at::kLong);
+    for (int64_t b = 0; b < batches; ++b) {
+      const at::Tensor idx = perm.slice(0, b * o.batch_size, std::min(n, (b + 1) * o.batch_size));
+      const at::Tensor noise = at::randn({5, 16});  // unlabelled rows: left out by step()
+      head.step(at::cat({train.features.index_select(0, idx), noise}),
+                at::cat({train.labels.index_select(0, idx), at::full({5}, -1, at::kLong)}));
+    }
+  }
+  at::set_num_threads(threads);
+  const Accuracy by_step = head.score(test), by_step_train = head.score(train);
+  MESSAGE("test top-1 ", r.test.top1, " and ", by_step.top1);
+  CHECK(r.test.top1 < 90.0);
+  CHECK(r.test.top1 == by_step.top1);
+  CHECK(r.test.top5 == by_step.top5);
+  CHECK(r.train.top1 == by_step_train.top1);
 }
 
 TEST_CASE("eval: kNN equals a brute-force reference") {

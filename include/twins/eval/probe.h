@@ -59,6 +59,11 @@ class ProbeHead {
   ~ProbeHead();
   /// One SGD step on features [B, D] and labels [B] (rows with label < 0 are left out).
   void step(const at::Tensor& features, const at::Tensor& labels);
+  /// Features standardised with the head's statistics, as float on its device.
+  at::Tensor standardise(const at::Tensor& features) const;
+  /// step() for rows already standardised and all labelled (labels >= 0 on the head's device):
+  /// the same update without the per-step filtering and conversion (the cached-feature probe).
+  void step_standardised(const at::Tensor& standardised, const at::Tensor& labels);
   /// Top-1/top-5 on stored features (labelled rows only).
   Accuracy score(const Features& features);
 
