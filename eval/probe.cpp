@@ -33,20 +33,20 @@ void check(const Features& f, const char* what) {
     throw std::invalid_argument(std::string(what) + ": expected features [N, D] and labels [N]");
 }
 
-// For a small problem on the CPU, LibTorch's intra-op threads while it lives: a step of the
+// One LibTorch intra-op thread while it lives, for a small problem on the CPU: a step of the
 // cached-feature probe (batch x features x classes, e.g. 256 x 192 x 10) is a few microseconds of
 // arithmetic, and handing each of its ~20 ops to the thread pool costs more than the ops (Fashion-
-// MNIST, 100 epochs: 4 s on one thread, 19-34 s on two). Large problems keep every thread.
-class FewThreadsForSmallSteps {
+// MNIST, 100 epochs: 5 s on one thread, 19-34 s on two). Large problems keep every thread.
+class OneThreadForSmallSteps {
  public:
-  FewThreadsForSmallSteps(const at::Device& device, int64_t macs_per_step) : before_(at::get_num_threads()) {
+  OneThreadForSmallSteps(const at::Device& device, int64_t macs_per_step) : before_(at::get_num_threads()) {
     if (device.is_cpu() && macs_per_step < (int64_t{1} << 24) && before_ > 1) at::set_num_threads(1);
   }
-  ~FewThreadsForSmallSteps() {
+  ~OneThreadForSmallSteps() {
     if (at::get_num_threads() != before_) at::set_num_threads(before_);
   }
-  FewThreadsForSmallSteps(const FewThreadsForSmallSteps&) = delete;
-  FewThreadsForSmallSteps& operator=(const FewThreadsForSmallSteps&) = delete;
+  OneThreadForSmallSteps(const OneThreadForSmallSteps&) = delete;
+  OneThreadForSmallSteps& operator=(const OneThreadForSmallSteps&) = delete;
 
  private:
   int before_;
@@ -93,10 +93,12 @@ void ProbeHead::step(const at::Tensor& features, const at::Tensor& labels_all) {
     ++impl_->done;  // the schedule moves on as if the batch had been used
     return;
   }
-  step_standardised(standardise(features).index({keep}), labels.index({keep}));
+  at::Tensor x = features.to(impl_->device, at::kFloat).index({keep});
+  standardise_(x);
+  step_standardised(x, labels.index({keep}));
 }
 
-at::Tensor ProbeHead::standardise(const at::Tensor& features) const { return impl_->standardise(features); }
+void ProbeHead::standardise_(at::Tensor& features) const { features.sub_(impl_->mean).div_(impl_->std); }
 
 void ProbeHead::step_standardised(const at::Tensor& x, const at::Tensor& y) {
   auto& m = *impl_;
@@ -123,9 +125,12 @@ LinearProbeResult linear_probe(const Features& train_all, const Features& test_a
   const int64_t n = train.labels.size(0);
   const int64_t batches = (n + o.batch_size - 1) / o.batch_size;
   ProbeHead head(train.features.mean(0), train.features.std(0), num_classes, o, batches * o.epochs, device);
-  // Standardised once: the same rows, bit for bit, as standardising each batch.
-  const at::Tensor x = head.standardise(train.features), y = train.labels.to(device);
-  const FewThreadsForSmallSteps threads(device, o.batch_size * x.size(1) * num_classes);
+  // Standardised once, in place (`train` is this function's own copy; no second copy of a large
+  // feature set): the same rows, bit for bit, as standardising each batch.
+  at::Tensor x = train.features.to(device, at::kFloat);
+  head.standardise_(x);
+  const at::Tensor y = train.labels.to(device);
+  const OneThreadForSmallSteps threads(device, o.batch_size * x.size(1) * num_classes);
   for (int64_t e = 0; e < o.epochs; ++e) {
     const at::Tensor perm =
         at::tensor(augment::permutation(n, augment::Rng(o.seed, static_cast<uint64_t>(e), 0, 0)), at::kLong).to(device);

@@ -59,8 +59,8 @@ class ProbeHead {
   ~ProbeHead();
   /// One SGD step on features [B, D] and labels [B] (rows with label < 0 are left out).
   void step(const at::Tensor& features, const at::Tensor& labels);
-  /// Features standardised with the head's statistics, as float on its device.
-  at::Tensor standardise(const at::Tensor& features) const;
+  /// Standardises float features on the head's device in place, with the head's statistics.
+  void standardise_(at::Tensor& features) const;
   /// step() for rows already standardised and all labelled (labels >= 0 on the head's device):
   /// the same update without the per-step filtering and conversion (the cached-feature probe).
   void step_standardised(const at::Tensor& standardised, const at::Tensor& labels);
