@@ -67,7 +67,6 @@ struct ProbeHead::Impl {
   LinearProbeOptions options;
   int64_t total = 1, done = 0;
   at::Device device{at::kCPU};
-  at::Tensor standardise(const at::Tensor& f) const { return (f.to(device, at::kFloat) - mean) / std; }
 };
 
 ProbeHead::ProbeHead(const at::Tensor& mean, const at::Tensor& std, int64_t num_classes, const LinearProbeOptions& o,
@@ -112,8 +111,10 @@ void ProbeHead::step_standardised(const at::Tensor& x, const at::Tensor& y) {
 
 Accuracy ProbeHead::score(const Features& all) {
   at::NoGradGuard no_grad;
-  const Features f = labelled(all);
-  return accuracy_of(impl_->linear->forward(impl_->standardise(f.features)), f.labels.to(impl_->device));
+  const Features f = labelled(all);  // its own copy: standardised in place
+  at::Tensor x = f.features.to(impl_->device, at::kFloat);
+  standardise_(x);
+  return accuracy_of(impl_->linear->forward(x), f.labels.to(impl_->device));
 }
 
 LinearProbeResult linear_probe(const Features& train_all, const Features& test_all, int64_t num_classes,
