@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 #if defined(__GLIBC__)
+#include <dlfcn.h>
 #include <malloc.h>
 #endif
 #include <stdexcept>
@@ -42,13 +43,44 @@ c10::Device resolve_device(const std::string& name, const std::string& what) {
   return d;
 }
 
+namespace {
+
+// OpenBLAS's own thread-count functions when this process has OpenBLAS loaded (Debian's LibTorch
+// does its matrix products there), else null. Looked up at run time: twins does not link OpenBLAS.
+template <typename Fn>
+Fn openblas_function(const char* name) {
+#if defined(__GLIBC__)
+  return reinterpret_cast<Fn>(dlsym(RTLD_DEFAULT, name));
+#else
+  (void)name;
+  return nullptr;
+#endif
+}
+
+// One OpenBLAS thread, unless the user set OpenBLAS's own variables. LibTorch's threads do the
+// parallel work; OpenBLAS's pthread pool is separate from them (at::set_num_threads does not reach
+// it), and after each matrix product its threads busy-wait on the cores LibTorch's next kernel
+// needs: the quickstart's training step ran at ~400 images/s with it and ~477 with one thread.
+void set_blas_threads() {
+  if (std::getenv("OPENBLAS_NUM_THREADS") || std::getenv("GOTO_NUM_THREADS")) return;
+  if (auto set = openblas_function<void (*)(int)>("openblas_set_num_threads")) set(1);
+}
+
+}  // namespace
+
 int set_compute_threads(int n) {
+  set_blas_threads();
   if (n <= 0) {
     if (std::getenv("OMP_NUM_THREADS") || std::getenv("MKL_NUM_THREADS")) return at::get_num_threads();
     n = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   }
   at::set_num_threads(n);
   return at::get_num_threads();
+}
+
+int blas_threads() {
+  if (auto get = openblas_function<int (*)()>("openblas_get_num_threads")) return get();
+  return 0;
 }
 
 void configure_compute(int threads, bool deterministic, const c10::Device& device) {

@@ -15,8 +15,13 @@ c10::Device resolve_device(const std::string& name, const std::string& what = "d
 
 /// Sets LibTorch's intra-op threads: n > 0 as given; 0 = every core of the machine, unless
 /// OMP_NUM_THREADS or MKL_NUM_THREADS is set, which then rules. (Some LibTorch builds, Debian's
-/// among them, otherwise start with one thread.) Returns the number in effect.
+/// among them, otherwise start with one thread.) Also gives OpenBLAS, when the process has it
+/// (Debian's LibTorch multiplies matrices there), one thread of its own unless OPENBLAS_NUM_THREADS
+/// or GOTO_NUM_THREADS is set: its thread pool is not LibTorch's, and two pools on the same cores
+/// slow training (~16% on the quickstart's step). Returns LibTorch's thread count in effect.
 int set_compute_threads(int n);
+/// OpenBLAS's own thread count when this process has OpenBLAS loaded, else 0.
+int blas_threads();
 
 /// The compute settings of a training run, applied alike by `twins pretrain` and `twins bench
 /// step` so that the benchmark times the step a run takes: LibTorch's threads (as
