@@ -5,9 +5,10 @@
 # Both sides use the same BLAS (libblas.so.3: OpenBLAS when installed by scripts/setup.sh) and the
 # same number of threads. "step": the full training step on synthetic batches (model only);
 # "end to end": real CIFAR-10 through each side's loader and augmentations.
-# PyTorch runs twice: with glibc's default allocator settings, and with the settings the twins
-# command gives itself (core/runtime.cpp, tune_allocator: MALLOC_MMAP_MAX_=0, no trimming), so the
-# part of the difference that is the allocator shows as such. Everything is measured `repeats`
+# PyTorch runs twice: with its defaults, and with the settings the twins command gives itself
+# (core/runtime.cpp: tune_allocator's MALLOC_MMAP_MAX_=0 and no trimming; set_compute_threads's one
+# OpenBLAS thread beside LibTorch's), so the part of the difference that is those settings shows
+# as such. Everything is measured `repeats`
 # times (default 2), interleaved, and each cell shows the lowest and highest value.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +37,8 @@ for ((r = 0; r < repeats; r++)); do
     echo "$method end_to_end twins $e2e" >> "$out/all"
     for alloc in default same; do
       env=()
-      [ "$alloc" = same ] && env=(MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 MALLOC_TOP_PAD_=1073741824)
+      [ "$alloc" = same ] && env=(MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 MALLOC_TOP_PAD_=1073741824
+                                  OPENBLAS_NUM_THREADS=1)
       env "${env[@]}" /usr/bin/python3 bench/reference/pretrain_torch.py --method "$method" --root "$cifar" \
         --batch-size "$batch" --steps "$steps" --warmup 1 --mode both --threads "$threads" --workers 2 |
         sed -n "s/.*\"mode\": \"\([a-z_]*\)\".*\"images_per_s\": \([0-9.e+-]*\).*/$method \1 pytorch_$alloc \2/p" >> "$out/all"
@@ -53,7 +55,7 @@ for line in open(path):
 span = lambda xs: f"{min(xs):.1f}-{max(xs):.1f}" if len(xs) > 1 else f"{xs[0]:.1f}"
 ratio = lambda a, b: f"{min(a) / max(b):.2f}-{max(a) / min(b):.2f}x" if len(a) > 1 else f"{a[0] / b[0]:.2f}x"
 print(f"images/s, {threads} threads, batch {batch}, {steps} timed steps, {repeats} repeats (lowest-highest)")
-print("| method | mode | twins | PyTorch | twins / PyTorch | PyTorch, twins' allocator settings | twins / that |")
+print("| method | mode | twins | PyTorch | twins / PyTorch | PyTorch, twins' allocator and BLAS threads | twins / that |")
 print("|---|---|---:|---:|---:|---:|---:|")
 for method in ["vicreg", "barlow_twins", "byol"]:
     for mode in ["step", "end_to_end"]:

@@ -2,7 +2,8 @@
 # ViT-S/16 training step (224 px, both views forward and backward, loss, AdamW, online probe) on
 # synthetic batches: twins (`twins bench step`, the step `pretrain` runs) beside the same model in
 # plain PyTorch (bench/reference/pretrain_torch.py: torchvision's VisionTransformer), same machine,
-# same threads, same allocator settings (the ones twins' CLI sets for itself), in one run.
+# same threads, same allocator settings and one OpenBLAS thread (what twins' CLI sets for itself),
+# in one run.
 #   bench/vit.sh [steps] [batch] [methods]       (needs scripts/setup-reference.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +12,7 @@ batch=${2:-16}
 methods=${3:-"vicreg barlow_twins byol"}
 threads=$(nproc)
 twins=build/cli/twins
-export MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 MALLOC_TOP_PAD_=1073741824
+export MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 MALLOC_TOP_PAD_=1073741824 OPENBLAS_NUM_THREADS=1
 printf '%-13s %6s %12s %12s %7s\n' method batch twins pytorch ratio
 for method in $methods; do
   cfg=configs/${method}_vit_small_imagenet.json
