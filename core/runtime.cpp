@@ -60,7 +60,7 @@ Fn openblas_function(const char* name) {
 // One OpenBLAS thread, unless the user set OpenBLAS's own variables. LibTorch's threads do the
 // parallel work; OpenBLAS's pthread pool is separate from them (at::set_num_threads does not reach
 // it), and after each matrix product its threads busy-wait on the cores LibTorch's next kernel
-// needs: the quickstart's training step ran at ~400 images/s with it and ~477 with one thread.
+// needs: the quickstart's training step ran at 329-349 images/s with two and 448-500 with one.
 void set_blas_threads() {
   if (std::getenv("OPENBLAS_NUM_THREADS") || std::getenv("GOTO_NUM_THREADS")) return;
   if (auto set = openblas_function<void (*)(int)>("openblas_set_num_threads")) set(1);

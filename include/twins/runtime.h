@@ -18,7 +18,7 @@ c10::Device resolve_device(const std::string& name, const std::string& what = "d
 /// among them, otherwise start with one thread.) Also gives OpenBLAS, when the process has it
 /// (Debian's LibTorch multiplies matrices there), one thread of its own unless OPENBLAS_NUM_THREADS
 /// or GOTO_NUM_THREADS is set: its thread pool is not LibTorch's, and two pools on the same cores
-/// slow training (~16% on the quickstart's step). Returns LibTorch's thread count in effect.
+/// slow training (1.4x on the quickstart's step). Returns LibTorch's thread count in effect.
 int set_compute_threads(int n);
 /// OpenBLAS's own thread count when this process has OpenBLAS loaded, else 0.
 int blas_threads();
