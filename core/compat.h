@@ -7,6 +7,7 @@
 #include <ATen/Context.h>
 #include <ATen/autocast_mode.h>
 #include <c10/core/TensorImpl.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <cmath>
 #include <cstdlib>
@@ -47,36 +48,73 @@ inline std::string torch_version_string() {
          std::to_string(TORCH_VERSION_PATCH);
 }
 
-/// Autocast of CUDA ops to `dtype` while alive (bf16 or fp16 mixed precision).
-class CudaAutocast {
- public:
-  CudaAutocast(bool enabled, at::ScalarType dtype) : enabled_(enabled) {
-    if (!enabled_) return;
+/// Whether autocast is on for `device`'s ops.
+inline bool autocast_enabled(at::DeviceType device) {
 #if TWINS_TORCH_AT_LEAST(2, 4)
-    previous_ = at::autocast::is_autocast_enabled(at::kCUDA);
-    at::autocast::set_autocast_dtype(at::kCUDA, dtype);
-    at::autocast::set_autocast_enabled(at::kCUDA, true);
+  return at::autocast::is_autocast_enabled(device);
 #else
-    previous_ = at::autocast::is_enabled();
-    at::autocast::set_autocast_gpu_dtype(dtype);
-    at::autocast::set_enabled(true);
+  return device == at::kCPU ? at::autocast::is_cpu_enabled() : at::autocast::is_enabled();
+#endif
+}
+
+/// Autocast of `device`'s ops (CUDA or CPU) to `dtype` while alive: bf16 or fp16 mixed
+/// precision. LibTorch 2.4 keys autocast's state by device type; 1.13 has one call per device.
+class Autocast {
+ public:
+  Autocast(at::DeviceType device, bool enabled, at::ScalarType dtype) : device_(device), enabled_(enabled) {
+    if (!enabled_) return;
+    previous_ = autocast_enabled(device_);
+#if TWINS_TORCH_AT_LEAST(2, 4)
+    previous_dtype_ = at::autocast::get_autocast_dtype(device_);
+    at::autocast::set_autocast_dtype(device_, dtype);
+    at::autocast::set_autocast_enabled(device_, true);
+#else
+    if (device_ == at::kCPU) {
+      previous_dtype_ = at::autocast::get_autocast_cpu_dtype();
+      at::autocast::set_autocast_cpu_dtype(dtype);
+      at::autocast::set_cpu_enabled(true);
+    } else {
+      previous_dtype_ = at::autocast::get_autocast_gpu_dtype();
+      at::autocast::set_autocast_gpu_dtype(dtype);
+      at::autocast::set_enabled(true);
+    }
 #endif
   }
-  ~CudaAutocast() {
+  ~Autocast() {
     if (!enabled_) return;
 #if TWINS_TORCH_AT_LEAST(2, 4)
-    at::autocast::set_autocast_enabled(at::kCUDA, previous_);
+    at::autocast::set_autocast_enabled(device_, previous_);
+    at::autocast::set_autocast_dtype(device_, previous_dtype_);
 #else
-    at::autocast::set_enabled(previous_);
+    if (device_ == at::kCPU) {
+      at::autocast::set_cpu_enabled(previous_);
+      at::autocast::set_autocast_cpu_dtype(previous_dtype_);
+    } else {
+      at::autocast::set_enabled(previous_);
+      at::autocast::set_autocast_gpu_dtype(previous_dtype_);
+    }
 #endif
     at::autocast::clear_cache();
   }
-  CudaAutocast(const CudaAutocast&) = delete;
-  CudaAutocast& operator=(const CudaAutocast&) = delete;
+  Autocast(const Autocast&) = delete;
+  Autocast& operator=(const Autocast&) = delete;
 
  private:
+  at::DeviceType device_;
   bool enabled_;
   bool previous_ = false;
+  at::ScalarType previous_dtype_ = at::kFloat;
+};
+
+/// Ops run at their inputs' own precision while alive, inside an Autocast scope too (what
+/// autocast's kernels do for themselves): for computations, such as the losses, that must stay
+/// in fp32.
+class NoAutocast {
+ public:
+  NoAutocast() : guard_(c10::autocast_dispatch_keyset) {}
+
+ private:
+  c10::impl::ExcludeDispatchKeyGuard guard_;
 };
 
 /// softmax(q k^T / sqrt(d)) v over the last two dimensions of [..., L, d] tensors, with dropout p

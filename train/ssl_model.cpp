@@ -4,6 +4,7 @@
 
 #include <stdexcept>
 
+#include "core/compat.h"
 #include "twins/distributed/data_parallel.h"
 
 namespace twins::train::detail {
@@ -68,6 +69,12 @@ SSLModel::Output SSLModel::forward(const std::vector<at::Tensor>& views) {
       e[v].target_projection = target_projector->forward(target_backbone->forward(views[v]));
     }
   }
+  // The losses run in fp32 even under mixed precision: their batch statistics (variances,
+  // cross-correlation and covariance matrices) lose too much in bf16 or fp16.
+  const compat::NoAutocast fp32_loss;
+  for (auto& v : e)
+    for (at::Tensor* t : {&v.projection, &v.prediction, &v.target_projection})
+      if (t->defined() && t->scalar_type() != at::kFloat) *t = t->to(at::kFloat);
   if (views.size() == 2) {
     out.loss = loss->compute(e[0], e[1]);
     return out;

@@ -79,9 +79,8 @@ Trainer::Trainer(const Recipe& recipe, TrainerOptions options) : impl_(new Impl)
   m.options = std::move(options);
   const TrainConfig& tc = recipe.train;
   m.precision = resolve_precision(tc.precision, m.cuda());
-  if (!m.cuda() && m.precision != Precision::fp32)
-    throw std::invalid_argument(std::string("train.precision: ") + to_string(m.precision) +
-                                " needs a CUDA device; use fp32 on the CPU");
+  if (!m.cuda() && m.precision == Precision::fp16)
+    throw std::invalid_argument("train.precision: fp16 needs a CUDA device; use bf16 or fp32 on the CPU");
   if (m.options.steps_per_epoch < 1 || m.options.total_steps < 1)
     throw std::invalid_argument("Trainer: steps_per_epoch and total_steps must be >= 1");
   for (const auto& v : augment::parse_views(recipe.views, "views")) m.normalizations.push_back(v.normalization);
@@ -148,8 +147,8 @@ StepResult Trainer::step(const std::vector<data::Batch>& micro_batches, bool sto
     if (comm && !m.recipe.train.sync_batchnorm) m.model->broadcast_buffers(*comm);
     detail::SSLModel::Output out;
     {
-      compat::CudaAutocast autocast(m.cuda() && m.precision != Precision::fp32,
-                                    m.precision == Precision::fp16 ? at::kHalf : at::kBFloat16);
+      compat::Autocast autocast(m.options.device.type(), m.precision != Precision::fp32,
+                                m.precision == Precision::fp16 ? at::kHalf : at::kBFloat16);
       out = m.model->forward(xs);
     }
     step_total = micro == 0 ? out.loss.total.detach() * weight : step_total + out.loss.total.detach() * weight;
@@ -192,7 +191,7 @@ StepResult Trainer::step(const std::vector<data::Batch>& micro_batches, bool sto
                         std::to_string(result.loss) + ";" + terms + ")");
   }
   if (m.reducer) m.reducer->finish();
-  if (m.precision == Precision::fp16) {  // unscale; skip the update and halve the scale on overflow
+  if (m.precision == Precision::fp16) {    // unscale; skip the update and halve the scale on overflow
     std::vector<at::Tensor> finite_parts;  // one device-to-host read for all parameters
     for (auto& p : m.model->online_parameters())
       if (p.grad().defined()) {

@@ -138,7 +138,7 @@ TEST_CASE("cuda: every loss and its gradients equal the CPU's (fp32), and stay c
       for (const auto& t : cpu_inputs) x.push_back(t.to(device).requires_grad_(true));
       at::Tensor total;
       {
-        compat::CudaAutocast autocast(bf16, at::kBFloat16);
+        compat::Autocast autocast(at::kCUDA, bf16, at::kBFloat16);
         total = loss->compute(losses::ViewEmbeddings{x[0], x[1], x[2]}, losses::ViewEmbeddings{x[3], x[4], x[5]}).total;
       }
       total.backward();

@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "core/compat.h"
 #include "tests/test_util.h"
 #include "tests/train/tiny_run.h"
 #include "train/ssl_model.h"
@@ -222,6 +223,55 @@ TEST_CASE("train: a non-finite loss stops the run naming the step and the term")
     CHECK(what.find("step ") == 0);
     CHECK(what.find("invariance=") != std::string::npos);
   }
+}
+
+TEST_CASE("train: bf16 on the CPU: convolutions in bf16, the loss in fp32, and every method trains") {
+  TinyData data(64);
+  {
+    const Recipe r = Recipe::parse(tiny_recipe("vicreg", data.dir));
+    twins::train::detail::SSLModel m(r, 0);
+    m.train();
+    at::manual_seed(3);
+    const std::vector<at::Tensor> views{at::randn({16, 1, 12, 12}), at::randn({16, 1, 12, 12})};
+    const auto fp32 = m.forward(views);
+    twins::train::detail::SSLModel::Output bf16;
+    {
+      const twins::compat::Autocast autocast(at::kCPU, true, at::kBFloat16);
+      bf16 = m.forward(views);
+    }
+    CHECK((fp32.features.scalar_type() == at::kFloat));
+    CHECK((bf16.features.scalar_type() == at::kBFloat16));
+    CHECK((bf16.loss.total.scalar_type() == at::kFloat));
+    for (const auto& term : bf16.loss.terms) CHECK((term.second.scalar_type() == at::kFloat));
+    const double a = fp32.loss.total.item<double>(), b = bf16.loss.total.item<double>();
+    CHECK(std::abs(a - b) < 0.05 * std::abs(a));
+    bf16.loss.total.backward();
+    for (const auto& p : m.backbone->parameters()) {
+      REQUIRE(p.grad().defined());
+      CHECK((p.grad().scalar_type() == at::kFloat));
+      CHECK(p.grad().isfinite().all().item<bool>());
+    }
+  }
+  // The scope restores the state it found.
+  CHECK_FALSE(twins::compat::autocast_enabled(at::kCPU));
+  for (const std::string& method : twins::losses::loss_names()) {
+    CAPTURE(method);
+    json cfg = tiny_recipe(method, data.dir);
+    cfg["train"]["epochs"] = 4;
+    cfg["train"]["precision"] = "bf16";
+    const auto result = pretrain(cfg, quiet(data.dir / ("bf16_" + method)));
+    CHECK(result.steps == 16);
+    std::vector<double> losses;
+    for (const auto& l : read_lines(data.dir / ("bf16_" + method) / "metrics.jsonl"))
+      if (l.contains("loss")) losses.push_back(l["loss"]);
+    REQUIRE(losses.size() == 16);
+    for (double v : losses) CHECK(std::isfinite(v));
+    CHECK((losses[13] + losses[14] + losses[15]) < (losses[0] + losses[1] + losses[2]));
+  }
+  json cfg = tiny_recipe("vicreg", data.dir);
+  cfg["train"]["precision"] = "fp16";
+  check_throws_with<std::invalid_argument>([&] { pretrain(cfg, quiet(data.dir / "fp16")); },
+                                           "train.precision: fp16 needs a CUDA device");
 }
 
 TEST_CASE("train: strict recipes") {

@@ -24,11 +24,11 @@
 
 namespace twins::train {
 
-/// Mixed precision of the training step.
+/// Mixed precision of the training step. The losses always run in fp32.
 enum class Precision {
   automatic,  ///< bf16 autocast on CUDA, fp32 on the CPU
   fp32,
-  bf16,  ///< bf16 autocast (CUDA)
+  bf16,  ///< bf16 autocast (CUDA, or CPU: faster on CPUs with AVX512-BF16 or AMX)
   fp16,  ///< fp16 autocast with a dynamic gradient scaler (CUDA)
 };
 /// "auto", "fp32", "bf16", "fp16"; anything else throws std::invalid_argument naming `path`.
@@ -103,7 +103,8 @@ struct TrainConfig {
   int keep_checkpoints = 2;
   /// Deterministic algorithms (bit-identical resume on the CPU).
   bool deterministic = false;
-  /// auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16, fp16 (with a gradient scaler).
+  /// auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 (CUDA or CPU), fp16 (CUDA, with a
+  /// gradient scaler).
   Precision precision = Precision::automatic;
   bool channels_last = false;
   /// Intra-op threads for the model (0: every core, or OMP_NUM_THREADS when set).
