@@ -61,6 +61,9 @@ int main(int argc, char** argv) {
       std::cout << "twins " << twins::version() << "\n"
                 << "LibTorch " << twins::torch_version() << "\n"
                 << "CUDA " << (twins::cuda_available() ? "available (" + twins::cuda_summary() + ")" : "not available")
+                << "\n"
+                << "CPU bf16 "
+                << (twins::cpu_has_native_bf16() ? "native" : "emulated (bf16 training may be slower than fp32)")
                 << "\n";
       return 0;
     }

@@ -5,10 +5,12 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #if defined(__GLIBC__)
 #include <dlfcn.h>
 #include <malloc.h>
 #endif
+#include <sstream>
 #include <stdexcept>
 #include <thread>
 
@@ -81,6 +83,18 @@ int set_compute_threads(int n) {
 int blas_threads() {
   if (auto get = openblas_function<int (*)()>("openblas_get_num_threads")) return get();
   return 0;
+}
+
+bool cpu_has_native_bf16() {
+  std::ifstream in("/proc/cpuinfo");
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind("flags", 0) != 0 && line.rfind("Features", 0) != 0) continue;
+    std::istringstream words(line.substr(line.find(':') == std::string::npos ? 0 : line.find(':') + 1));
+    for (std::string w; words >> w;)
+      if (w == "avx512_bf16" || w == "amx_bf16" || w == "bf16") return true;
+    return false;  // every core lists the same flags
+  }
+  return false;
 }
 
 void configure_compute(int threads, bool deterministic, const c10::Device& device) {

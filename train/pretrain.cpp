@@ -255,6 +255,10 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
       << to_string(trainer.precision()) << ")";
     log.say(s.str());
   }
+  if (job.main_rank && job.device.is_cpu() && trainer.precision() == Precision::bf16 && !cpu_has_native_bf16())
+    warn(
+        "train.precision: bf16 on a CPU without AVX512-BF16 or AMX is emulated and may be slower than fp32 (compare "
+        "with twins bench step)");
 
   PretrainResult result;
   const int64_t start_step = trainer.steps_taken();

@@ -69,12 +69,12 @@ SSLModel::Output SSLModel::forward(const std::vector<at::Tensor>& views) {
       e[v].target_projection = target_projector->forward(target_backbone->forward(views[v]));
     }
   }
-  // The losses run in fp32 even under mixed precision: their batch statistics (variances,
+  // The losses run in fp32 (or the model's own fp64) even under mixed precision: their batch statistics (variances,
   // cross-correlation and covariance matrices) lose too much in bf16 or fp16.
   const compat::NoAutocast fp32_loss;
   for (auto& v : e)
     for (at::Tensor* t : {&v.projection, &v.prediction, &v.target_projection})
-      if (t->defined() && t->scalar_type() != at::kFloat) *t = t->to(at::kFloat);
+      if (t->defined() && (t->scalar_type() == at::kBFloat16 || t->scalar_type() == at::kHalf)) *t = t->to(at::kFloat);
   if (views.size() == 2) {
     out.loss = loss->compute(e[0], e[1]);
     return out;

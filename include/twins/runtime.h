@@ -23,6 +23,11 @@ int set_compute_threads(int n);
 /// OpenBLAS's own thread count when this process has OpenBLAS loaded, else 0.
 int blas_threads();
 
+/// Whether this CPU multiplies bf16 natively (x86 AVX512-BF16 or AMX-BF16, Arm BF16), read from
+/// /proc/cpuinfo; false where that cannot be read. Without it bf16 autocast on the CPU is emulated
+/// and may be slower than fp32.
+bool cpu_has_native_bf16();
+
 /// The compute settings of a training run, applied alike by `twins pretrain` and `twins bench
 /// step` so that the benchmark times the step a run takes: LibTorch's threads (as
 /// set_compute_threads), deterministic algorithms on or off as asked, and cuDNN's autotuner on

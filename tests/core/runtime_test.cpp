@@ -5,6 +5,10 @@
 #include <ATen/Parallel.h>
 
 #include <cstdlib>
+#include <fstream>
+#include <iterator>
+#include <regex>
+#include <string>
 
 #include "tests/test_util.h"
 
@@ -28,4 +32,13 @@ TEST_CASE("runtime: device names") {
   CHECK(twins::resolve_device("auto").type() == (twins::cuda_available() ? c10::kCUDA : c10::kCPU));
   check_throws_with<std::invalid_argument>([] { twins::resolve_device("tpu", "train.device"); },
                                            "train.device: \"tpu\" is not a device");
+}
+
+TEST_CASE("runtime: native bf16 is what /proc/cpuinfo's flags say") {
+  // An independent reading: the whole file as one string, the flag as a whole word.
+  std::ifstream in("/proc/cpuinfo");
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const bool expected = std::regex_search(text, std::regex(R"((^|\s)(avx512_bf16|amx_bf16|bf16)(\s|$))"));
+  MESSAGE("native bf16: ", expected);
+  CHECK(twins::cpu_has_native_bf16() == expected);
 }
