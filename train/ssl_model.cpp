@@ -69,8 +69,8 @@ SSLModel::Output SSLModel::forward(const std::vector<at::Tensor>& views) {
       e[v].target_projection = target_projector->forward(target_backbone->forward(views[v]));
     }
   }
-  // The losses run in fp32 (or the model's own fp64) even under mixed precision: their batch statistics (variances,
-  // cross-correlation and covariance matrices) lose too much in bf16 or fp16.
+  // The losses run in fp32 (or the model's own fp64) even under mixed precision: their batch
+  // statistics (variances, cross-correlation and covariance matrices) lose too much in bf16 or fp16.
   const compat::NoAutocast fp32_loss;
   for (auto& v : e)
     for (at::Tensor* t : {&v.projection, &v.prediction, &v.target_projection})
