@@ -13,8 +13,16 @@ baseline=runs/quickstart-random-init
 rm -rf "$run" "$baseline"
 mkdir -p "$baseline"
 
+# The recipe trains under bf16 autocast, which is fast only where the CPU multiplies bf16 itself
+# (AVX512-BF16, AMX) or on a GPU; elsewhere fp32 is faster.
+precision=()
+if $twins --version | grep -q '^CUDA not available' && ! $twins --version | grep -q '^CPU bf16 native'; then
+  echo "(this CPU has no native bf16: pretraining in fp32, which takes longer)"
+  precision=(--set train.precision=fp32)
+fi
+
 echo "== pretraining (VICReg, Fashion-MNIST, small ResNet; a few minutes on 2 cores)"
-$twins pretrain --config configs/quickstart.json --out "$run"
+$twins pretrain --config configs/quickstart.json --out "$run" "${precision[@]}"
 train_done=$(date +%s)
 $twins preview --config configs/quickstart.json --out "$run/views.png" --count 8 >/dev/null
 
