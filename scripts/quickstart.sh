@@ -16,7 +16,8 @@ mkdir -p "$baseline"
 # The recipe trains under bf16 autocast, which is fast only where the CPU multiplies bf16 itself
 # (AVX512-BF16, AMX) or on a GPU; elsewhere fp32 is faster.
 precision=()
-if $twins --version | grep -q '^CUDA not available' && ! $twins --version | grep -q '^CPU bf16 native'; then
+version=$($twins --version)
+if grep -q '^CUDA not available' <<<"$version" && ! grep -q '^CPU bf16 native' <<<"$version"; then
   echo "(this CPU has no native bf16: pretraining in fp32, which takes longer)"
   precision=(--set train.precision=fp32)
 fi

@@ -36,6 +36,14 @@ std::vector<json> read_lines(const fs::path& file) {
   return out;
 }
 
+// The "loss" of each step a run logged in `dir`/metrics.jsonl.
+std::vector<double> logged_losses(const fs::path& dir) {
+  std::vector<double> out;
+  for (const auto& l : read_lines(dir / "metrics.jsonl"))
+    if (l.contains("loss")) out.push_back(l["loss"]);
+  return out;
+}
+
 // Feeds a golden file's gradients ("grads"[step][param]) to `opt` for 3 steps; the largest
 // absolute difference of the parameters from the golden "after"[step][param].
 double replay_lars_golden(LARS& opt, std::vector<at::Tensor>& params, const json& g) {
@@ -261,9 +269,7 @@ TEST_CASE("train: bf16 on the CPU: convolutions in bf16, the loss in fp32, and e
     cfg["train"]["precision"] = "bf16";
     const auto result = pretrain(cfg, quiet(data.dir / ("bf16_" + method)));
     CHECK(result.steps == 16);
-    std::vector<double> losses;
-    for (const auto& l : read_lines(data.dir / ("bf16_" + method) / "metrics.jsonl"))
-      if (l.contains("loss")) losses.push_back(l["loss"]);
+    const std::vector<double> losses = logged_losses(data.dir / ("bf16_" + method));
     REQUIRE(losses.size() == 16);
     for (double v : losses) CHECK(std::isfinite(v));
     CHECK((losses[13] + losses[14] + losses[15]) < (losses[0] + losses[1] + losses[2]));
@@ -507,9 +513,7 @@ TEST_CASE("train: every method trains a tiny ViT, and resume with stochastic dep
     cfg["train"]["epochs"] = 5;  // 3 steps per epoch
     const auto result = pretrain(cfg, quiet(data.dir / ("vit_" + method)));
     REQUIRE(result.steps == 15);
-    std::vector<double> losses;
-    for (const auto& l : read_lines(data.dir / ("vit_" + method) / "metrics.jsonl"))
-      if (l.contains("loss")) losses.push_back(l["loss"]);
+    const std::vector<double> losses = logged_losses(data.dir / ("vit_" + method));
     REQUIRE(losses.size() == 15);
     const double first = (losses[0] + losses[1] + losses[2]) / 3, last = (losses[12] + losses[13] + losses[14]) / 3;
     MESSAGE(method, " ViT: loss ", first, " -> ", last);
