@@ -444,10 +444,7 @@ std::vector<View> parse_views(const json& views, const std::string& path) {
   return out;
 }
 
-at::Tensor normalize_batch(const at::Tensor& batch, const Normalization& n, const at::Device& device,
-                           at::ScalarType dtype) {
-  TORCH_CHECK(batch.dim() == 4 && batch.scalar_type() == at::kByte, "normalize_batch: expected uint8 [N, C, H, W]");
-  const int64_t c = batch.size(1);
+std::pair<at::Tensor, at::Tensor> normalization_affine(const Normalization& n, int64_t c) {
   TORCH_CHECK(static_cast<int64_t>(n.mean.size()) == c || n.mean.size() == 1 || n.mean.size() == 3,
               "normalize_batch: ", n.mean.size(), " means for ", c, " channels");
   // One channel with RGB statistics (a grey dataset with ImageNet numbers): use their average.
@@ -461,12 +458,17 @@ at::Tensor normalize_batch(const at::Tensor& batch, const Normalization& n, cons
     scale[i] = 1.0 / (255.0 * s);
     shift[i] = -m / s;
   }
+  return {at::tensor(scale, at::kDouble).view({1, c, 1, 1}), at::tensor(shift, at::kDouble).view({1, c, 1, 1})};
+}
+
+at::Tensor normalize_batch(const at::Tensor& batch, const Normalization& n, const at::Device& device,
+                           at::ScalarType dtype) {
+  TORCH_CHECK(batch.dim() == 4 && batch.scalar_type() == at::kByte, "normalize_batch: expected uint8 [N, C, H, W]");
+  const auto [scale, shift] = normalization_affine(n, batch.size(1));
   const bool non_blocking = batch.is_pinned();
   const at::Tensor x = batch.to(device, /*non_blocking=*/non_blocking);
   const auto opts = at::TensorOptions().dtype(dtype).device(device);
-  const at::Tensor a = at::tensor(scale, at::kDouble).to(opts).view({1, c, 1, 1});
-  const at::Tensor b = at::tensor(shift, at::kDouble).to(opts).view({1, c, 1, 1});
-  return at::addcmul(b, x.to(dtype), a);
+  return at::addcmul(shift.to(opts), x.to(dtype), scale.to(opts));
 }
 
 }  // namespace twins::augment

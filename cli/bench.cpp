@@ -141,14 +141,15 @@ int run_bench_step(const BenchStepArgs& a) {
                         {"batch_size", r.batch_size},
                         {"steps", r.steps},
                         {"seconds_per_step", r.seconds_per_step},
-                        {"images_per_s", r.images_per_second}};
+                        {"images_per_s", r.images_per_second},
+                        {"cuda_graph", r.cuda_graph}};
   if (r.peak_memory_gib > 0) out["peak_memory_gib"] = r.peak_memory_gib;  // the key pretrain_torch.py prints
   if (a.json)
     std::cout << out.dump(2) << "\n";
   else
     std::cout << std::fixed << std::setprecision(2) << "training step of " << a.config << " on " << r.device << ": "
               << r.seconds_per_step << " s/step, " << std::setprecision(1) << r.images_per_second << " images/s (batch "
-              << r.batch_size << ", model only, no loader)\n";
+              << r.batch_size << ", model only, no loader" << (r.cuda_graph ? ", CUDA graph" : "") << ")\n";
   return 0;
 }
 

@@ -141,6 +141,21 @@ inline void set_deterministic(bool on) {
   at::globalContext().setDeterministicAlgorithms(on, /*warn_only=*/false);
 }
 
+/// Begins capturing a CUDA graph (`graph` an at::cuda::CUDAGraph) in the mode where only the
+/// calling thread's unsafe CUDA calls break the capture, so that the loader's threads may go on
+/// pinning memory meanwhile. LibTorch 2.x takes the mode (`thread_local_mode`,
+/// cudaStreamCaptureModeThreadLocal); 1.13 captures in global mode only. A template, so this
+/// header needs no CUDA header.
+template <class Graph, class Mode>
+void capture_begin(Graph& graph, Mode thread_local_mode) {
+#if TWINS_TORCH_AT_LEAST(2, 0)
+  graph.capture_begin({0, 0}, thread_local_mode);
+#else
+  (void)thread_local_mode;
+  graph.capture_begin();
+#endif
+}
+
 /// The key of a parameter in torch::optim::Optimizer::state(): LibTorch 1.13 uses the
 /// TensorImpl address printed as a string, LibTorch 2.x the address itself. Chosen from the map's
 /// key type, so either works without naming versions.

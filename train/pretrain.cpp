@@ -65,8 +65,10 @@ StepBenchmark bench_step(const json& config, int64_t steps, int64_t warmup, cons
       b.views.push_back(at::randint(0, 256, {tc.batch_size, trainer.in_channels(), h, w},
                                     at::TensorOptions().dtype(at::kByte).device(device)));
     }
-    b.labels = at::randint(0, classes, {tc.batch_size}, at::TensorOptions().dtype(at::kLong).device(device));
+    b.labels = at::randint(0, classes, {tc.batch_size}, at::kLong);  // the loader's are on the CPU
   }
+  // A CUDA graph is captured after three eager steps: none of those four is timed.
+  if (trainer.cuda_graph()) warmup = std::max<int64_t>(warmup, 4);
   reset_peak_device_memory(device);
   for (int64_t i = 0; i < warmup; ++i) trainer.step(batches);
   const auto start = Clock::now();
@@ -76,6 +78,7 @@ StepBenchmark bench_step(const json& config, int64_t steps, int64_t warmup, cons
   r.seconds_per_step = seconds_since(start) / static_cast<double>(std::max<int64_t>(1, steps));
   r.images_per_second = static_cast<double>(r.batch_size) / r.seconds_per_step;
   r.peak_memory_gib = static_cast<double>(peak_device_memory_bytes(device)) / (1 << 30);
+  r.cuda_graph = trainer.cuda_graph();
   return r;
 }
 
@@ -252,9 +255,11 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
       << (job.comm ? " x " + std::to_string(job.world) + " ranks (" + job.comm->backend() + ")" : "")
       << (accumulate > 1 ? " x " + std::to_string(accumulate) + " accumulated" : "") << ", lr "
       << trainer.base_learning_rates().first << ", device " << job.device.str() << " ("
-      << to_string(trainer.precision()) << ")";
+      << to_string(trainer.precision()) << (trainer.cuda_graph() ? ", CUDA graph" : "") << ")";
     log.say(s.str());
   }
+  if (job.main_rank && !trainer.cuda_graph_note().empty())
+    warn("train.cuda_graph: the step runs eagerly: " + trainer.cuda_graph_note());
   if (job.main_rank && job.device.is_cpu() && trainer.precision() == Precision::bf16 && !cpu_has_native_bf16())
     warn(
         "train.precision: bf16 on a CPU without AVX512-BF16 or AMX is emulated and may be slower than fp32 (compare "

@@ -176,6 +176,7 @@ Recipe Recipe::parse(const json& root) {
     t.get("dist_timeout_s", c.dist_timeout_s);
     t.get("bucket_mb", c.bucket_mb);
     t.get("grad_accumulation", c.grad_accumulation);
+    t.get("cuda_graph", c.cuda_graph);
     t.finish();
     // Ranges that keep every step count of the run far inside 64 bits.
     require(c.epochs >= 1 && c.epochs <= 1000000, "train.epochs", "must be in [1, 10^6]");

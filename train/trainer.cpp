@@ -7,9 +7,12 @@
 #include <torch/optim/sgd.h>
 
 #include <cmath>
+#include <iostream>
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "core/compat.h"
+#include "train/cuda_graph.h"
 #include "train/ssl_model.h"
 #include "twins/augment/pipeline.h"
 #include "twins/distributed/communicator.h"
@@ -32,44 +35,147 @@ struct Trainer::Impl {
   double lr = 0, bias_lr = 0;
   int64_t warmup_steps = 0;
   int64_t step = 0;
-  ProbeCounts probe;
+  // The online probe's correct predictions, counted on the device (no read-back per step), and
+  // its labelled samples, counted on the host.
+  at::Tensor probe_correct;
+  int64_t probe_seen = 0;
+  // Per view, the normalization as x * scale + shift, on the device (made at the first step).
+  std::vector<std::pair<at::Tensor, at::Tensor>> affine;
   // Dynamic loss scaling for fp16 (torch.cuda.amp.GradScaler's defaults).
   double fp16_scale = 65536.0;
   int64_t fp16_good = 0;
 
+  // What one micro-batch's forward and backward leaves: the loss and its terms, detached and
+  // weighted.
+  struct Pass {
+    at::Tensor total;
+    std::vector<std::pair<std::string, at::Tensor>> terms;
+  };
+
+  // train.cuda_graph: after `warmup` eager steps the forward and backward of a step are captured
+  // (inputs copied into `views` and `labels`, outputs in `out`, the gradients the capture left in
+  // `grads`) and replayed by every later step of the same shape.
+  struct Graph {
+    std::unique_ptr<detail::CudaGraph> cuda;
+    int64_t warmup = 3;
+    std::vector<at::Tensor> views;
+    at::Tensor labels, loss_scale;
+    Pass out;
+    std::vector<at::Tensor> params, grads;  // online and probe parameters, and their gradients
+  };
+  std::optional<Graph> graph;
+  std::string graph_note;  // why train.cuda_graph is off, when it was asked for
+
   bool cuda() const { return options.device.is_cuda(); }
 
-  std::vector<at::Tensor> inputs(const data::Batch& batch) const {
-    if (batch.views.size() != normalizations.size())
-      throw std::invalid_argument("Trainer::step: a batch with " + std::to_string(batch.views.size()) +
+  // A view's uint8 images (any device) as the network's normalized float input.
+  at::Tensor input(size_t v, const at::Tensor& images) {
+    auto& [scale, shift] = affine[v];
+    if (!scale.defined()) {
+      auto [a, b] = augment::normalization_affine(normalizations[v], images.size(1));
+      const auto opts = at::TensorOptions().dtype(at::kFloat).device(options.device);
+      scale = a.to(opts), shift = b.to(opts);
+    }
+    at::Tensor x =
+        at::addcmul(shift, images.to(options.device, /*non_blocking=*/images.is_pinned()).to(at::kFloat), scale);
+    if (recipe.train.channels_last) x = x.contiguous(at::MemoryFormat::ChannelsLast);
+    return x;
+  }
+
+  // Forward of every view under the recipe's precision, the loss, and backward of the loss x
+  // `weight` (x the fp16 scale: `scale` on the device, else fp16_scale); with `labels` (on the
+  // device), the probe's forward and backward too. Device work only, nothing read back: what a
+  // CUDA graph captures.
+  Pass forward_backward(const std::vector<at::Tensor>& views, const at::Tensor& labels, double weight,
+                        const at::Tensor& scale) {
+    if (views.size() != normalizations.size())
+      throw std::invalid_argument("Trainer::step: a batch with " + std::to_string(views.size()) +
                                   " views for a recipe with " + std::to_string(normalizations.size()));
     std::vector<at::Tensor> xs;
-    for (size_t v = 0; v < batch.views.size(); ++v) {
-      at::Tensor x = augment::normalize_batch(batch.views[v], normalizations[v], options.device, at::kFloat);
-      if (recipe.train.channels_last) x = x.contiguous(at::MemoryFormat::ChannelsLast);
-      xs.push_back(std::move(x));
+    for (size_t v = 0; v < views.size(); ++v) xs.push_back(input(v, views[v]));
+    detail::SSLModel::Output out;
+    {
+      compat::Autocast autocast(options.device.type(), precision != Precision::fp32,
+                                precision == Precision::fp16 ? at::kHalf : at::kBFloat16);
+      out = model->forward(xs);
     }
-    return xs;
+    Pass pass;
+    pass.total = out.loss.total.detach() * weight;
+    for (const auto& [name, value] : out.loss.terms) pass.terms.emplace_back(name, value.detach() * weight);
+    at::Tensor objective = out.loss.total.to(at::kFloat) * weight;
+    if (precision == Precision::fp16) objective = scale.defined() ? objective * scale : objective * fp16_scale;
+    objective.backward();
+    if (labels.defined()) probe_backward(out.features, labels);
+    return pass;
   }
 
   // The probe learns from the (detached) backbone features of view 0, labelled samples only
-  // (unlabelled ones are -1). Under data parallelism every rank steps the probe, even without
-  // labels in its batch, so the collectives stay matched.
-  void probe_step(const at::Tensor& features, const at::Tensor& batch_labels) {
-    const at::Tensor labels = batch_labels.to(options.device);
+  // (unlabelled ones are -1); its correct predictions are added up on the device.
+  void probe_backward(const at::Tensor& features, const at::Tensor& labels) {
     const at::Tensor valid = labels.ge(0);
-    const int64_t labelled = valid.sum().item<int64_t>();
-    if (labelled == 0 && !probe_reducer) return;
     const at::Tensor logits = model->probe->forward(features.detach().to(at::kFloat));
     const at::Tensor per_sample = torch::nn::functional::cross_entropy(
         logits, labels.clamp_min(0), torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));
-    const at::Tensor loss = (per_sample * valid).sum() / static_cast<double>(std::max<int64_t>(1, labelled));
-    probe_optimizer->zero_grad();
+    const at::Tensor loss = (per_sample * valid).sum() / valid.sum().clamp_min(1);
     loss.backward();
+    probe_correct.add_((logits.argmax(1).eq(labels) * valid).sum());
+  }
+
+  // The probe's update. Under data parallelism every rank steps the probe, even without labels
+  // in its batch, so the collectives stay matched.
+  void probe_update(int64_t labelled) {
+    if (labelled == 0 && !probe_reducer) return;
     if (probe_reducer) probe_reducer->finish();
     probe_optimizer->step();
-    probe.correct += (logits.argmax(1).eq(labels) * valid).sum().item<int64_t>();
-    probe.seen += labelled;
+  }
+
+  // The step's forward and backward through the CUDA graph, or nothing when the step runs
+  // eagerly: during the warm-up, for a batch of another shape than the captured one, and for the
+  // rest of the run when the capture failed (with a warning).
+  std::optional<Pass> graphed(const data::Batch& batch) {
+    Graph& g = *graph;
+    if (g.warmup > 0) {
+      --g.warmup;
+      return std::nullopt;
+    }
+    const bool probing = static_cast<bool>(model->probe);
+    if (g.cuda->captured()) {
+      if (batch.views.size() != g.views.size()) return std::nullopt;
+      for (size_t v = 0; v < g.views.size(); ++v)
+        if (batch.views[v].sizes() != g.views[v].sizes()) return std::nullopt;
+    } else {  // the tensors the graph reads and writes, made before it
+      g.views.clear();
+      for (const auto& x : batch.views)
+        g.views.push_back(at::empty(x.sizes(), at::TensorOptions().dtype(at::kByte).device(options.device)));
+      if (probing)
+        g.labels = at::empty({batch.labels.size(0)}, at::TensorOptions().dtype(at::kLong).device(options.device));
+      g.loss_scale = at::empty({}, at::TensorOptions().dtype(at::kFloat).device(options.device));
+    }
+    for (size_t v = 0; v < g.views.size(); ++v)
+      g.views[v].copy_(batch.views[v], /*non_blocking=*/batch.views[v].is_pinned());
+    if (probing) g.labels.copy_(batch.labels, /*non_blocking=*/batch.labels.is_pinned());
+    g.loss_scale.fill_(fp16_scale);
+    if (!g.cuda->captured()) {
+      // The gradients are made by the captured backward (not accumulated into old ones), so
+      // that every replay leaves the step's own gradients in them.
+      g.params = model->online_parameters();
+      if (probing)
+        for (const auto& p : model->probe->parameters()) g.params.push_back(p);
+      for (auto& p : g.params) p.mutable_grad() = at::Tensor();
+      try {
+        g.cuda->capture([&] { g.out = forward_backward(g.views, g.labels, 1.0, g.loss_scale); });
+      } catch (const std::exception& e) {
+        std::cerr << "warning: train.cuda_graph: the step could not be captured, so it runs eagerly: " << e.what()
+                  << "\n";
+        graph.reset();
+        return std::nullopt;
+      }
+      g.grads.clear();
+      for (const auto& p : g.params) g.grads.push_back(p.grad());
+    }
+    g.cuda->replay();
+    for (size_t i = 0; i < g.params.size(); ++i) g.params[i].mutable_grad() = g.grads[i];  // after an eager step
+    return g.out;
   }
 };
 
@@ -84,6 +190,7 @@ Trainer::Trainer(const Recipe& recipe, TrainerOptions options) : impl_(new Impl)
   if (m.options.steps_per_epoch < 1 || m.options.total_steps < 1)
     throw std::invalid_argument("Trainer: steps_per_epoch and total_steps must be >= 1");
   for (const auto& v : augment::parse_views(recipe.views, "views")) m.normalizations.push_back(v.normalization);
+  m.affine.resize(m.normalizations.size());
   const auto& comm = m.options.communicator;
   m.world = comm ? comm->world_size() : 1;
 
@@ -101,6 +208,19 @@ Trainer::Trainer(const Recipe& recipe, TrainerOptions options) : impl_(new Impl)
     m.probe_optimizer = std::make_unique<torch::optim::SGD>(
         m.model->probe->parameters(),
         torch::optim::SGDOptions(recipe.probe.lr).momentum(0.9).weight_decay(recipe.probe.weight_decay));
+  if (m.model->probe) m.probe_correct = at::zeros({}, at::TensorOptions().dtype(at::kLong).device(m.options.device));
+  if (tc.cuda_graph) {
+    if (!m.cuda())
+      m.graph_note = "the device is the CPU";
+    else if (comm)
+      m.graph_note = "data parallelism (its collectives are not captured)";
+    else if (tc.grad_accumulation > 1)
+      m.graph_note = "train.grad_accumulation > 1";
+    else if (!detail::CudaGraph::supported())
+      m.graph_note = "this build's LibTorch has no CUDA";
+    else
+      m.graph.emplace().cuda = std::make_unique<detail::CudaGraph>(m.options.device);
+  }
   if (comm) {  // every rank starts from rank 0's state
     m.model->distribute(comm, tc.sync_batchnorm);
     distributed::GradientReducerOptions ro;
@@ -134,38 +254,54 @@ StepResult Trainer::step(const std::vector<data::Batch>& micro_batches, bool sto
                   static_cast<uint64_t>(m.step) * 0xBF58476D1CE4E5B9ULL + rank * 0x94D049BB133111EBULL);
   const double lr = scheduled(m.lr);
   detail::set_learning_rates(*m.optimizer, {lr, scheduled(m.bias_lr)});
-  m.optimizer->zero_grad();
+  // With a CUDA graph, every step's work (eager or replayed) runs on the graph's side stream.
+  std::optional<detail::CudaGraph::SideStream> side;
+  if (m.graph) side.emplace(*m.graph->cuda);
 
   StepResult result;
   // The loss and its terms of this step (summed over micro-batches, each weighted 1/accumulate).
   at::Tensor step_total;
   std::vector<at::Tensor> step_terms;
-  const double weight = 1.0 / static_cast<double>(accumulate);
-  for (int64_t micro = 0; micro < accumulate; ++micro) {
-    const data::Batch& batch = micro_batches[static_cast<size_t>(micro)];
-    const std::vector<at::Tensor> xs = m.inputs(batch);
-    if (comm && !m.recipe.train.sync_batchnorm) m.model->broadcast_buffers(*comm);
-    detail::SSLModel::Output out;
-    {
-      compat::Autocast autocast(m.options.device.type(), m.precision != Precision::fp32,
-                                m.precision == Precision::fp16 ? at::kHalf : at::kBFloat16);
-      out = m.model->forward(xs);
-    }
-    step_total = micro == 0 ? out.loss.total.detach() * weight : step_total + out.loss.total.detach() * weight;
-    for (size_t k = 0; k < out.loss.terms.size(); ++k) {
-      const at::Tensor t = out.loss.terms[k].second.detach() * weight;
-      if (micro == 0)
-        step_terms.push_back(t), result.terms.emplace_back(out.loss.terms[k].first, 0.0);
+  auto add = [&](const Impl::Pass& pass) {
+    const bool first = !step_total.defined();
+    step_total = first ? pass.total : step_total + pass.total;
+    for (size_t k = 0; k < pass.terms.size(); ++k) {
+      if (first)
+        step_terms.push_back(pass.terms[k].second), result.terms.emplace_back(pass.terms[k].first, 0.0);
       else
-        step_terms[k] = step_terms[k] + t;
+        step_terms[k] = step_terms[k] + pass.terms[k].second;
     }
-    // Only the last micro-batch's backward averages gradients over ranks.
-    if (m.reducer) m.reducer->set_sync(micro + 1 == accumulate);
-    at::Tensor objective = out.loss.total.to(at::kFloat) * weight;
-    if (m.precision == Precision::fp16) objective = objective * m.fp16_scale;
-    objective.backward();
-    if (m.model->probe) m.probe_step(out.features, batch.labels);
-    result.images += batch.views[0].size(0) * m.world;
+  };
+  // Labelled samples per micro-batch, counted where the labels are (the loader's are on the CPU).
+  std::vector<int64_t> labelled(static_cast<size_t>(accumulate), 0);
+  if (m.model->probe)
+    for (int64_t micro = 0; micro < accumulate; ++micro)
+      labelled[static_cast<size_t>(micro)] =
+          micro_batches[static_cast<size_t>(micro)].labels.ge(0).sum().item<int64_t>();
+
+  std::optional<Impl::Pass> replayed;
+  if (m.graph && accumulate == 1) replayed = m.graphed(micro_batches[0]);
+  if (replayed) {
+    add(*replayed);
+    if (m.model->probe) m.probe_update(labelled[0]);
+  } else {
+    m.optimizer->zero_grad();
+    const double weight = 1.0 / static_cast<double>(accumulate);
+    for (int64_t micro = 0; micro < accumulate; ++micro) {
+      const data::Batch& batch = micro_batches[static_cast<size_t>(micro)];
+      if (comm && !m.recipe.train.sync_batchnorm) m.model->broadcast_buffers(*comm);
+      // Only the last micro-batch's backward averages gradients over ranks.
+      if (m.reducer) m.reducer->set_sync(micro + 1 == accumulate);
+      const bool probe = m.model->probe && (labelled[static_cast<size_t>(micro)] > 0 || m.probe_reducer);
+      if (probe) m.probe_optimizer->zero_grad();
+      add(m.forward_backward(batch.views, probe ? batch.labels.to(m.options.device) : at::Tensor(), weight,
+                             at::Tensor()));
+      if (probe) m.probe_update(labelled[static_cast<size_t>(micro)]);
+    }
+  }
+  for (int64_t micro = 0; micro < accumulate; ++micro) {
+    result.images += micro_batches[static_cast<size_t>(micro)].views.at(0).size(0) * m.world;
+    m.probe_seen += labelled[static_cast<size_t>(micro)];
   }
 
   // The loss and its terms averaged over ranks (what one process over the global batch
@@ -219,20 +355,25 @@ int64_t Trainer::steps_taken() const { return impl_->step; }
 Precision Trainer::precision() const { return impl_->precision; }
 const c10::Device& Trainer::device() const { return impl_->options.device; }
 std::pair<double, double> Trainer::base_learning_rates() const { return {impl_->lr, impl_->bias_lr}; }
+bool Trainer::cuda_graph() const { return impl_->graph.has_value(); }
+const std::string& Trainer::cuda_graph_note() const { return impl_->graph_note; }
 int Trainer::in_channels() const { return impl_->model->in_channels; }
 models::Network& Trainer::backbone() { return *impl_->model->backbone; }
 bool Trainer::probing() const { return static_cast<bool>(impl_->model->probe); }
 
 Trainer::ProbeCounts Trainer::end_probe_epoch() {
   auto& m = *impl_;
-  ProbeCounts c = m.probe;
+  ProbeCounts c;
+  if (m.probe_correct.defined()) c.correct = m.probe_correct.item<int64_t>();
+  c.seen = m.probe_seen;
   if (m.options.communicator) {  // the probe's accuracy over every rank's samples
     at::Tensor counts = at::tensor({c.correct, c.seen}, at::kLong).to(m.options.device);
     m.options.communicator->all_reduce(counts);
     counts = counts.to(at::kCPU);
     c.correct = counts[0].item<int64_t>(), c.seen = counts[1].item<int64_t>();
   }
-  m.probe = {};
+  if (m.probe_correct.defined()) m.probe_correct.zero_();
+  m.probe_seen = 0;
   return c;
 }
 
@@ -261,8 +402,8 @@ models::NamedTensors Trainer::state() const {
 json Trainer::state_info() const {
   const auto& m = *impl_;
   return {{"step", m.step},
-          {"probe_correct", m.probe.correct},
-          {"probe_seen", m.probe.seen},
+          {"probe_correct", m.probe_correct.defined() ? m.probe_correct.item<int64_t>() : int64_t{0}},
+          {"probe_seen", m.probe_seen},
           {"fp16_scale", m.fp16_scale},
           {"fp16_good", m.fp16_good}};
 }
@@ -274,7 +415,8 @@ void Trainer::load_state(const models::SafeTensorsFile& file, const json& info) 
   if (m.probe_optimizer && file.contains("probe_optimizer_state"))
     detail::load_optimizer(*m.probe_optimizer, file.at("probe_optimizer_state"));
   m.step = info.at("step").get<int64_t>();
-  m.probe.correct = info.value("probe_correct", int64_t{0}), m.probe.seen = info.value("probe_seen", int64_t{0});
+  if (m.probe_correct.defined()) m.probe_correct.fill_(info.value("probe_correct", int64_t{0}));
+  m.probe_seen = info.value("probe_seen", int64_t{0});
   m.fp16_scale = info.value("fp16_scale", m.fp16_scale);
   m.fp16_good = info.value("fp16_good", int64_t{0});
 }

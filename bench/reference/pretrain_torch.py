@@ -142,8 +142,10 @@ class LARS(torch.optim.Optimizer):
 class Trainer:
     """twins' training step: both views through the online network, loss, LARS, EMA, probe.
     device: where it runs; bf16: autocast to bfloat16; channels_last: NHWC weights and inputs;
-    compile: torch.compile of the networks (PyTorch >= 2.0)."""
-    def __init__(self, cfg, batch_size, device="cpu", bf16=False, channels_last=False, compile=False):
+    compile: torch.compile of the networks (PyTorch >= 2.0), in compile_mode ("default",
+    "reduce-overhead": with CUDA graphs, "max-autotune", ...)."""
+    def __init__(self, cfg, batch_size, device="cpu", bf16=False, channels_last=False, compile=False,
+                 compile_mode="default"):
         self.method, model, lc, oc = cfg["method"], cfg["model"], cfg["loss"], cfg["optimizer"]
         self.device, self.bf16 = torch.device(device), bf16
         net, feat_dim = backbone(model["backbone"])
@@ -168,9 +170,9 @@ class Trainer:
         if compile:
             if not hasattr(torch, "compile"):
                 raise SystemExit(f"--compile needs PyTorch >= 2.0 (this is {torch.__version__})")
-            self.net, self.proj = torch.compile(self.net), torch.compile(self.proj)
+            self.net, self.proj = (torch.compile(m, mode=compile_mode) for m in (self.net, self.proj))
             if self.target_net is not None:
-                self.target_net = torch.compile(self.target_net)
+                self.target_net = torch.compile(self.target_net, mode=compile_mode)
         lr = oc["base_lr"] * batch_size / 256
         if oc["type"] == "adamw":  # biases, norms, class token and position embedding without decay
             no_decay = {id(p) for n, p in self.online.named_parameters()
@@ -246,6 +248,8 @@ def main():
     ap.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile the networks (PyTorch >= 2.0)")
+    ap.add_argument("--compile-mode", default="default",
+                    help="torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune, ...")
     ap.add_argument("--config", help="a twins recipe (default: configs/<method>_cifar10.json); step mode only for "
                                      "recipes other than CIFAR-10's")
     args = ap.parse_args()
@@ -258,7 +262,7 @@ def main():
     batch = args.batch_size or cfg["train"]["batch_size"]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    trainer = Trainer(cfg, batch, args.device, args.bf16, args.channels_last, args.compile)
+    trainer = Trainer(cfg, batch, args.device, args.bf16, args.channels_last, args.compile, args.compile_mode)
     if trainer.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats()
@@ -281,7 +285,7 @@ def main():
         if trainer.device.type == "cuda":
             extra["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         extra.update(device=str(trainer.device), bf16=args.bf16, channels_last=args.channels_last,
-                     compile=args.compile)
+                     compile=args.compile, **({"compile_mode": args.compile_mode} if args.compile else {}))
         print(json.dumps(dict(method=args.method, mode=mode, batch_size=batch, steps=args.steps,
                               images_per_s=round(batch * args.steps / seconds, 2), **extra,
                               threads=args.threads, workers=args.workers, torch=torch.__version__)), flush=True)

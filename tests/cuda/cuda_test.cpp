@@ -322,6 +322,58 @@ TEST_CASE(
   }
 }
 
+TEST_CASE("cuda: a step replayed from a CUDA graph equals the eager step (train.cuda_graph) in fp32, bf16 and fp16") {
+  if (!have_cuda()) return;
+  test::TinyData data(16);
+  for (const char* method : {"vicreg", "barlow_twins", "byol"}) {
+    for (const char* precision : {"fp32", "bf16", "fp16"}) {
+      CAPTURE(method);
+      CAPTURE(precision);
+      json cfg = test::tiny_recipe(method, data.dir);
+      cfg["train"]["precision"] = precision;
+      train::TrainerOptions o;
+      o.device = at::Device(at::kCUDA, 0), o.num_classes = 4, o.steps_per_epoch = 4, o.total_steps = 12;
+      at::manual_seed(0);
+      train::Trainer eager(train::Recipe::parse(cfg), o);
+      cfg["train"]["cuda_graph"] = true;
+      at::manual_seed(0);
+      train::Trainer graphed(train::Recipe::parse(cfg), o);
+      REQUIRE(graphed.cuda_graph());
+      // Three eager warm-up steps, the capture, replays, a smaller batch (eager), replays again.
+      const int64_t sizes[] = {16, 16, 16, 16, 16, 16, 8, 16, 16};
+      uint64_t seed = 100;
+      for (const int64_t n : sizes) {
+        const data::Batch batch = tiny_batch(n, seed++);
+        const auto a = eager.step(batch), b = graphed.step(batch);
+        CAPTURE(seed);
+        CHECK(b.loss == doctest::Approx(a.loss).epsilon(1e-5));
+        CHECK(b.skipped == a.skipped);
+      }
+      CHECK(graphed.cuda_graph());  // the capture did not fail over to eager steps
+      const auto ea = eager.state(), ga = graphed.state();
+      REQUIRE(ea.size() == ga.size());
+      double worst = 0;
+      for (size_t k = 0; k < ea.size(); ++k)
+        if (at::isFloatingType(ea[k].second.scalar_type()))
+          worst = std::max(worst, norm_rel_error(ga[k].second, ea[k].second));
+      MESSAGE(method << " " << precision << ": graphed vs eager after 9 steps, largest norm-relative error " << worst);
+      CHECK(worst < (std::string(precision) == "fp32" ? 1e-5 : 1e-3));
+      const auto pe = eager.end_probe_epoch(), pg = graphed.end_probe_epoch();
+      CHECK(pg.seen == pe.seen);
+      CHECK(std::abs(pg.correct - pe.correct) <= 1);
+    }
+  }
+  // `twins bench step` times the replayed step.
+  json cfg = config::load_config(std::string(TWINS_TEST_REFERENCE_DIR) + "/../../configs/vicreg_cifar10.json");
+  cfg["train"]["batch_size"] = 32;
+  cfg["train"]["precision"] = "bf16";
+  cfg["train"]["channels_last"] = true;
+  cfg["train"]["cuda_graph"] = true;
+  const auto r = train::bench_step(cfg, 3, 1, "cuda");
+  CHECK(r.cuda_graph);
+  CHECK(r.images_per_second > 0);
+}
+
 TEST_CASE("cuda: resume in deterministic mode is bit-identical (N + M steps == N, resume, M)") {
   if (!have_cuda()) return;
   test::TinyData data(48);

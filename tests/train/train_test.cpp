@@ -18,6 +18,7 @@
 #include "twins/train/pretrain.h"
 #include "twins/train/recipe.h"
 #include "twins/train/schedule.h"
+#include "twins/train/trainer.h"
 
 using namespace twins::train;
 using nlohmann::json;
@@ -278,6 +279,41 @@ TEST_CASE("train: bf16 on the CPU: convolutions in bf16, the loss in fp32, and e
   cfg["train"]["precision"] = "fp16";
   check_throws_with<std::invalid_argument>([&] { pretrain(cfg, quiet(data.dir / "fp16")); },
                                            "train.precision: fp16 needs a CUDA device");
+}
+
+TEST_CASE("train: train.cuda_graph on the CPU keeps the eager step and says why; the probe counts labelled samples") {
+  TinyData data(16);
+  json cfg = tiny_recipe("vicreg", data.dir);
+  TrainerOptions o;
+  o.num_classes = 4, o.steps_per_epoch = 4, o.total_steps = 8;
+  at::manual_seed(0);
+  Trainer eager(Recipe::parse(cfg), o);
+  cfg["train"]["cuda_graph"] = true;
+  at::manual_seed(0);
+  Trainer asked(Recipe::parse(cfg), o);
+  CHECK_FALSE(asked.cuda_graph());
+  CHECK(asked.cuda_graph_note() == "the device is the CPU");
+  CHECK(eager.cuda_graph_note().empty());
+  // Half the samples unlabelled (-1): the probe learns from and counts the other half.
+  twins::data::Batch batch;
+  at::manual_seed(5);
+  for (int v = 0; v < 2; ++v) batch.views.push_back(at::randint(0, 256, {8, 1, 12, 12}, at::kByte));
+  batch.labels = at::tensor({0, 1, 2, 3, -1, -1, -1, -1}, at::kLong);
+  for (int i = 0; i < 3; ++i) CHECK(eager.step(batch).loss == asked.step(batch).loss);
+  CHECK(asked.state_info()["probe_seen"] == 12);
+  const auto counts = asked.end_probe_epoch();
+  CHECK(counts.seen == 12);
+  CHECK(counts.correct >= 0);
+  CHECK(counts.correct <= 12);
+  CHECK(counts.correct == eager.end_probe_epoch().correct);
+  CHECK(asked.end_probe_epoch().seen == 0);  // reset
+  const auto a = eager.state(), b = asked.state();
+  REQUIRE(a.size() == b.size());
+  for (size_t k = 0; k < a.size(); ++k) {
+    CAPTURE(a[k].first);
+    if (a[k].first.find("optimizer_state") == std::string::npos)  // archives keyed by tensor addresses
+      CHECK(at::equal(a[k].second, b[k].second));
+  }
 }
 
 TEST_CASE("train: strict recipes") {

@@ -10,6 +10,7 @@
 
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "twins/augment/random.h"
@@ -76,5 +77,8 @@ std::vector<View> parse_views(const nlohmann::json& views, const std::string& pa
 /// in one fused step on the device (the copy is of uint8, 4x smaller than float).
 at::Tensor normalize_batch(const at::Tensor& batch, const Normalization& n, const at::Device& device,
                            at::ScalarType dtype);
+/// normalize_batch as an affine map of the float image x: x * scale + shift, per channel
+/// ({scale, shift}, float64 [1, C, 1, 1] on the CPU), for callers that keep them on the device.
+std::pair<at::Tensor, at::Tensor> normalization_affine(const Normalization& n, int64_t channels);
 
 }  // namespace twins::augment

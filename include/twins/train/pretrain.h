@@ -58,6 +58,8 @@ struct StepBenchmark {
   /// CUDA: the most memory tensors took over warm-up and timed steps (0 on the CPU).
   double peak_memory_gib = 0;
   std::string device;
+  /// The timed steps replayed a CUDA graph (train.cuda_graph).
+  bool cuda_graph = false;
 };
 
 /// Times Trainer::step, the step pretrain() runs (forward of all views, loss, backward, the fp16

@@ -14,7 +14,7 @@
 //   "train": {"epochs", "max_steps", "batch_size", "workers", "device", "seed", "log_every",
 //             "checkpoint_every_steps", "checkpoint_every_epochs", "keep_checkpoints",
 //             "deterministic", "precision", "channels_last", "threads", "sync_batchnorm",
-//             "dist_backend", "dist_timeout_s", "bucket_mb", "grad_accumulation"}
+//             "dist_backend", "dist_timeout_s", "bucket_mb", "grad_accumulation", "cuda_graph"}
 // }
 // Keys starting with "_" (e.g. "_comment") are ignored everywhere at the top level.
 #include <nlohmann/json.hpp>
@@ -120,6 +120,10 @@ struct TrainConfig {
   int64_t grad_accumulation = 1;
   /// Gradient all-reduce bucket size (DDP's bucket_cap_mb).
   double bucket_mb = 25;
+  /// CUDA only: capture the step's forward and backward in a CUDA graph after three eager
+  /// steps and replay it (one launch per step instead of one per kernel). For one process per
+  /// job without gradient accumulation; otherwise, and on the CPU, the step stays eager.
+  bool cuda_graph = false;
 };
 
 struct Recipe {
