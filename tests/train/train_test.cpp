@@ -515,6 +515,60 @@ TEST_CASE("train: LARS in solo-learn's and lightly's form matches their code ste
   }
 }
 
+TEST_CASE("train: the multi-tensor LARS equals the per-parameter formulas bit for bit on the CPU") {
+  // The per-parameter form of both variants (what LARS::step computed before it went multi-tensor).
+  auto reference = [](std::vector<at::Tensor>& ps, std::vector<at::Tensor>& mus, const std::vector<at::Tensor>& gs,
+                      const LARSOptions& o) {
+    for (size_t i = 0; i < ps.size(); ++i) {
+      const at::Tensor& p = ps[i];
+      at::Tensor d = gs[i];
+      auto clip = [&](const at::Tensor& q) {
+        if (!o.clip()) return q;
+        return o.lr() > 0 ? at::clamp_max(q / o.lr(), 1.0) : at::ones_like(q);
+      };
+      if (o.exclude_1d() && p.dim() == 1) {
+      } else if (o.variant() == LARSVariant::official) {
+        if (o.weight_decay() != 0) d = d.add(p, o.weight_decay());
+        const at::Tensor pn = p.norm(), un = d.norm(), one = at::ones_like(pn);
+        d = d.mul(clip(at::where(pn > 0., at::where(un > 0, o.eta() * pn / un, one), one)));
+      } else {
+        const at::Tensor pn = p.norm(), gn = d.norm();
+        const at::Tensor q = o.eta() * pn / (gn + o.weight_decay() * pn + o.eps());
+        d = at::where(at::logical_and(pn > 0, gn > 0), d.add(p, o.weight_decay()).mul(clip(q)), d);
+      }
+      mus[i].mul_(o.momentum()).add_(d);
+      p.add_(mus[i], -o.lr());
+    }
+  };
+  for (const auto variant : {LARSVariant::official, LARSVariant::solo_learn})
+    for (const bool clip : {false, true})
+      for (const double lr : {0.0, 0.3}) {
+        CAPTURE(static_cast<int>(variant));
+        CAPTURE(clip);
+        CAPTURE(lr);
+        at::manual_seed(11);
+        // A weight, a conv weight, a bias (1-D: excluded), an all-zero weight, one with a zero gradient.
+        std::vector<at::Tensor> a{at::randn({8, 5}), at::randn({4, 3, 3, 3}), at::randn({8}), at::zeros({6, 2}),
+                                  at::randn({3, 3})};
+        std::vector<at::Tensor> b, mus;
+        for (auto& t : a) {
+          b.push_back(t.clone());
+          mus.push_back(at::zeros_like(t));
+          t.set_requires_grad(true);
+        }
+        const auto o = LARSOptions(lr).weight_decay(1e-2).momentum(0.9).eta(0.02).clip(clip).variant(variant);
+        LARS opt(a, o);
+        for (int step = 0; step < 3; ++step) {
+          std::vector<at::Tensor> gs;
+          for (size_t i = 0; i < a.size(); ++i) gs.push_back(i == 4 ? at::zeros_like(a[i]) : at::randn_like(a[i]));
+          for (size_t i = 0; i < a.size(); ++i) a[i].mutable_grad() = gs[i].clone();
+          opt.step();
+          reference(b, mus, gs, o);
+          for (size_t i = 0; i < a.size(); ++i) CHECK(at::equal(a[i].detach(), b[i]));
+        }
+      }
+}
+
 TEST_CASE("train: LARS clipping at lr 0 takes the limit, so the first warm-up step stores the whole update") {
   // At lr 0, min(q / lr, 1) -> 1: the momentum buffer gets d, as solo-learn's warm-up from 3e-5
   // gives, not q d (the adaptation skipped because of the zero lr).
