@@ -5,8 +5,12 @@
 #ifdef TWINS_WITH_CUDA
 #include <ATen/cuda/CUDAEvent.h>
 #include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include <optional>
 
 #include "core/compat.h"
 #endif
@@ -21,26 +25,26 @@ struct CudaGraph::Impl {
   explicit Impl(const c10::Device& d) : device(d), side(c10::cuda::getStreamFromPool(false, d.index())) {}
   c10::Device device;
   c10::cuda::CUDAStream side;
+  at::cuda::CUDAEvent queued, done;  // reused by every SideStream
   std::unique_ptr<at::cuda::CUDAGraph> graph;
 };
 
 struct CudaGraph::SideStream::State {
   explicit State(CudaGraph::Impl& g)
-      : device_guard(g.device), caller(c10::cuda::getCurrentCUDAStream(g.device.index())), side(g.side) {
-    at::cuda::CUDAEvent queued;  // the side stream starts after what the caller queued
-    queued.record(caller);
-    queued.block(side);
-    stream_guard.emplace(side);
+      : graph(g), device_guard(g.device), caller(c10::cuda::getCurrentCUDAStream(g.device.index())) {
+    graph.queued.record(caller);  // the side stream starts after what the caller queued
+    graph.queued.block(graph.side);
+    stream_guard.emplace(graph.side);
   }
   ~State() {
     stream_guard.reset();
-    at::cuda::CUDAEvent done;  // the caller's later work waits for the side stream's
-    done.record(side);
-    done.block(caller);
+    graph.done.record(graph.side);  // the caller's later work waits for the side stream's
+    graph.done.block(caller);
   }
+  CudaGraph::Impl& graph;
   c10::cuda::CUDAGuard device_guard;
-  c10::cuda::CUDAStream caller, side;
-  c10::optional<c10::cuda::CUDAStreamGuard> stream_guard;
+  c10::cuda::CUDAStream caller;
+  std::optional<c10::cuda::CUDAStreamGuard> stream_guard;
 };
 
 CudaGraph::CudaGraph(const c10::Device& device) {
@@ -51,12 +55,17 @@ CudaGraph::CudaGraph(const c10::Device& device) {
 CudaGraph::SideStream::SideStream(CudaGraph& graph) : state_(std::make_unique<State>(*graph.impl_)) {}
 
 void CudaGraph::capture(const std::function<void()>& work) {
+  if (impl_->graph) throw std::logic_error("CudaGraph::capture: already captured");
+  // As torch.cuda.graph: the warm-up's cached blocks go back to the device first, so that the
+  // graph's private pool does not come on top of them.
+  c10::cuda::device_synchronize();
+  c10::cuda::CUDACachingAllocator::emptyCache();
   auto graph = std::make_unique<at::cuda::CUDAGraph>();
   compat::capture_begin(*graph, cudaStreamCaptureModeThreadLocal);
   try {
     work();
   } catch (...) {
-    try {  // end the stream's capture so that the stream is usable again; the graph is dropped
+    try {  // end the stream's capture; what LibTorch cleans up after a failed capture varies
       graph->capture_end();
     } catch (...) {
     }

@@ -47,8 +47,9 @@ class CudaGraph {
     std::unique_ptr<State> state_;
   };
 
-  /// Records `work` into the graph (inside a SideStream). If `work` throws, or CUDA refuses to
-  /// capture it, the capture is abandoned, the graph stays empty and the error is rethrown.
+  /// Records `work` into the graph (inside a SideStream), once. If `work` throws, or CUDA refuses
+  /// to capture it, the error is rethrown; LibTorch 2.x does not fully recover from a failed
+  /// capture (its RNG and allocator may stay in capture mode), so callers treat it as fatal.
   void capture(const std::function<void()>& work);
   /// Runs the captured kernels once (inside a SideStream).
   void replay();

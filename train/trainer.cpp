@@ -52,12 +52,15 @@ struct Trainer::Impl {
     std::vector<std::pair<std::string, at::Tensor>> terms;
   };
 
-  // train.cuda_graph: after `warmup` eager steps the forward and backward of a step are captured
-  // (inputs copied into `views` and `labels`, outputs in `out`, the gradients the capture left in
-  // `grads`) and replayed by every later step of the same shape.
+  // train.cuda_graph: after `warmup` eager steps of one shape (cuDNN's autotuning and cuBLAS's
+  // workspaces done) the forward and backward of a step of that shape are captured (inputs copied
+  // into `views` and `labels`, outputs in `out`, the gradients the capture left in `grads`) and
+  // replayed by every later step of that shape.
   struct Graph {
     std::unique_ptr<detail::CudaGraph> cuda;
-    int64_t warmup = 3;
+    static constexpr int64_t kWarmup = 3;
+    int64_t warmup = kWarmup;
+    std::vector<std::vector<int64_t>> shapes;  // of the views, during the warm-up
     std::vector<at::Tensor> views;
     at::Tensor labels, loss_scale;
     Pass out;
@@ -130,13 +133,17 @@ struct Trainer::Impl {
   }
 
   // The step's forward and backward through the CUDA graph, or nothing when the step runs
-  // eagerly: during the warm-up, for a batch of another shape than the captured one, and for the
-  // rest of the run when the capture failed (with a warning).
+  // eagerly: during the warm-up, and for a batch of another shape than the captured one.
   std::optional<Pass> graphed(const data::Batch& batch) {
     Graph& g = *graph;
-    if (g.warmup > 0) {
-      --g.warmup;
-      return std::nullopt;
+    if (!g.cuda->captured()) {  // warm up on kWarmup steps of the shape to capture
+      std::vector<std::vector<int64_t>> shapes;
+      for (const auto& x : batch.views) shapes.push_back(x.sizes().vec());
+      if (shapes != g.shapes) g.shapes = std::move(shapes), g.warmup = Graph::kWarmup;
+      if (g.warmup > 0) {
+        --g.warmup;
+        return std::nullopt;
+      }
     }
     const bool probing = static_cast<bool>(model->probe);
     if (g.cuda->captured()) {
@@ -165,10 +172,10 @@ struct Trainer::Impl {
       try {
         g.cuda->capture([&] { g.out = forward_backward(g.views, g.labels, 1.0, g.loss_scale); });
       } catch (const std::exception& e) {
-        std::cerr << "warning: train.cuda_graph: the step could not be captured, so it runs eagerly: " << e.what()
-                  << "\n";
-        graph.reset();
-        return std::nullopt;
+        throw std::runtime_error(
+            std::string("train.cuda_graph: the step could not be captured in a CUDA graph (set train.cuda_graph to "
+                        "false to train eagerly): ") +
+            e.what());
       }
       g.grads.clear();
       for (const auto& p : g.params) g.grads.push_back(p.grad());
@@ -254,7 +261,7 @@ StepResult Trainer::step(const std::vector<data::Batch>& micro_batches, bool sto
                   static_cast<uint64_t>(m.step) * 0xBF58476D1CE4E5B9ULL + rank * 0x94D049BB133111EBULL);
   const double lr = scheduled(m.lr);
   detail::set_learning_rates(*m.optimizer, {lr, scheduled(m.bias_lr)});
-  // With a CUDA graph, every step's work (eager or replayed) runs on the graph's side stream.
+  // With a CUDA graph, every step's work (warm-up, capture, replay, eager) runs on its side stream.
   std::optional<detail::CudaGraph::SideStream> side;
   if (m.graph) side.emplace(*m.graph->cuda);
 

@@ -96,8 +96,9 @@ class Trainer {
   /// Learning rates of the weights' and the 1-D parameters' groups at step 0 of the schedule
   /// (base lr scaled by the global batch).
   std::pair<double, double> base_learning_rates() const;
-  /// train.cuda_graph: whether steps replay a CUDA graph (false again after a failed capture),
-  /// and why not when it was asked for and cannot be used ("" otherwise).
+  /// train.cuda_graph: whether steps replay a CUDA graph (a step whose capture fails throws
+  /// std::runtime_error naming train.cuda_graph), and why not when it was asked for and cannot
+  /// be used ("" otherwise).
   bool cuda_graph() const;
   const std::string& cuda_graph_note() const;
   /// Input channels of the backbone.
