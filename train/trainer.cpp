@@ -57,6 +57,7 @@ struct Trainer::Impl {
   // into `views` and `labels`, outputs in `out`, the gradients the capture left in `grads`) and
   // replayed by every later step of that shape.
   struct Graph {
+    explicit Graph(const c10::Device& device) : cuda(std::make_unique<detail::CudaGraph>(device)) {}
     std::unique_ptr<detail::CudaGraph> cuda;
     static constexpr int64_t kWarmup = 3;
     int64_t warmup = kWarmup;
@@ -226,7 +227,7 @@ Trainer::Trainer(const Recipe& recipe, TrainerOptions options) : impl_(new Impl)
     else if (!detail::CudaGraph::supported())
       m.graph_note = "this build's LibTorch has no CUDA";
     else
-      m.graph.emplace().cuda = std::make_unique<detail::CudaGraph>(m.options.device);
+      m.graph.emplace(m.options.device);
   }
   if (comm) {  // every rank starts from rank 0's state
     m.model->distribute(comm, tc.sync_batchnorm);
