@@ -4,10 +4,16 @@
 #include <torch/optim/sgd.h>
 #include <torch/serialize/archive.h>
 
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
 
+#include "core/compat.h"
+#include "train/multi_tensor_adamw.h"
 #include "train/ssl_model.h"
 #include "twins/registry.h"
 #include "twins/train/lars.h"
@@ -67,7 +73,7 @@ const OptimizerRegistry& registry() {
       const auto o =
           torch::optim::AdamWOptions(g.lr).weight_decay(c.weight_decay).betas({c.betas[0], c.betas[1]}).eps(c.eps);
       const auto flat = torch::optim::AdamWOptions(o).lr(g.bias_lr).weight_decay(c.exclude_1d ? 0.0 : c.weight_decay);
-      return std::make_shared<torch::optim::AdamW>(groups_of(g, o, flat), o);
+      return std::make_shared<MultiTensorAdamW>(groups_of(g, o, flat), o);
     });
     return r;
   }();
@@ -75,6 +81,60 @@ const OptimizerRegistry& registry() {
 }
 
 }  // namespace
+
+at::Tensor MultiTensorAdamW::step(LossClosure closure) {
+  at::NoGradGuard no_grad;
+  at::Tensor loss;
+  if (closure) {
+    at::AutoGradMode enable(true);
+    loss = closure();
+  }
+  for (auto& group : param_groups_) {
+    const auto& o = static_cast<const torch::optim::AdamWOptions&>(group.options());
+    // Parameters by their step count (one set unless some skipped steps without gradients):
+    // the bias corrections are per count.
+    struct Set {
+      std::vector<at::Tensor> params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq;
+    };
+    std::map<int64_t, Set> sets;
+    for (auto& p : group.params()) {
+      if (!p.grad().defined()) continue;
+      TORCH_CHECK(!p.grad().is_sparse(), "AdamW does not support sparse gradients");
+      auto& slot = state_[compat::optimizer_state_key(state_, p)];
+      if (!slot) {
+        auto s = std::make_unique<torch::optim::AdamWParamState>();
+        s->step(0);
+        s->exp_avg(at::zeros_like(p, at::MemoryFormat::Preserve));
+        s->exp_avg_sq(at::zeros_like(p, at::MemoryFormat::Preserve));
+        if (o.amsgrad()) s->max_exp_avg_sq(at::zeros_like(p, at::MemoryFormat::Preserve));
+        slot = std::move(s);
+      }
+      auto& s = static_cast<torch::optim::AdamWParamState&>(*slot);
+      s.step(s.step() + 1);
+      Set& set = sets[s.step()];
+      set.params.push_back(p), set.grads.push_back(p.grad());
+      set.exp_avg.push_back(s.exp_avg()), set.exp_avg_sq.push_back(s.exp_avg_sq());
+      if (o.amsgrad()) set.max_exp_avg_sq.push_back(s.max_exp_avg_sq());
+    }
+    const double beta1 = std::get<0>(o.betas()), beta2 = std::get<1>(o.betas());
+    for (auto& [step, set] : sets) {
+      if (o.weight_decay() != 0) at::_foreach_mul_(set.params, 1 - o.lr() * o.weight_decay());
+      const double correction1 = 1 - std::pow(beta1, step), correction2 = 1 - std::pow(beta2, step);
+      at::_foreach_mul_(set.exp_avg, beta1);
+      at::_foreach_add_(set.exp_avg, set.grads, 1 - beta1);
+      at::_foreach_mul_(set.exp_avg_sq, beta2);
+      at::_foreach_addcmul_(set.exp_avg_sq, set.grads, set.grads, 1 - beta2);
+      if (o.amsgrad())
+        for (size_t i = 0; i < set.max_exp_avg_sq.size(); ++i)
+          at::max_out(set.max_exp_avg_sq[i], set.exp_avg_sq[i], set.max_exp_avg_sq[i]);
+      std::vector<at::Tensor> denom = at::_foreach_sqrt(o.amsgrad() ? set.max_exp_avg_sq : set.exp_avg_sq);
+      at::_foreach_div_(denom, std::sqrt(correction2));
+      at::_foreach_add_(denom, o.eps());
+      at::_foreach_addcdiv_(set.params, set.exp_avg, denom, -(o.lr() / correction1));
+    }
+  }
+  return loss;
+}
 
 std::shared_ptr<torch::optim::Optimizer> make_optimizer(const OptimizerConfig& c, const SSLModel& model, double lr,
                                                         double bias_lr) {

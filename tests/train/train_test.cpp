@@ -1,5 +1,6 @@
 #include <ATen/ATen.h>
 #include <torch/nn/module.h>
+#include <torch/optim/adamw.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -9,6 +10,7 @@
 #include "core/compat.h"
 #include "tests/test_util.h"
 #include "tests/train/tiny_run.h"
+#include "train/multi_tensor_adamw.h"
 #include "train/ssl_model.h"
 #include "twins/config.h"
 #include "twins/io.h"
@@ -569,6 +571,41 @@ TEST_CASE("train: the multi-tensor LARS equals the per-parameter formulas bit fo
       }
 }
 
+TEST_CASE("train: the multi-tensor AdamW equals LibTorch's AdamW bit for bit on the CPU") {
+  for (const bool amsgrad : {false, true}) {
+    CAPTURE(amsgrad);
+    at::manual_seed(21);
+    std::vector<at::Tensor> a{at::randn({8, 5}), at::randn({4, 3, 3, 3}), at::randn({8}), at::randn({3, 3})};
+    std::vector<at::Tensor> b;
+    for (auto& t : a) {
+      b.push_back(t.clone());
+      t.set_requires_grad(true);
+      b.back().set_requires_grad(true);
+    }
+    const auto o = torch::optim::AdamWOptions(3e-3).weight_decay(0.05).betas({0.9, 0.95}).eps(1e-8).amsgrad(amsgrad);
+    auto groups = [&](std::vector<at::Tensor>& ps) {  // decayed weights; the rest without decay
+      std::vector<torch::optim::OptimizerParamGroup> out;
+      out.emplace_back(std::vector<at::Tensor>{ps[0], ps[1], ps[3]}, std::make_unique<torch::optim::AdamWOptions>(o));
+      out.emplace_back(std::vector<at::Tensor>{ps[2]},
+                       std::make_unique<torch::optim::AdamWOptions>(torch::optim::AdamWOptions(o).weight_decay(0.0)));
+      return out;
+    };
+    twins::train::detail::MultiTensorAdamW mine(groups(a), o);
+    torch::optim::AdamW theirs(groups(b), o);
+    for (int step = 0; step < 4; ++step) {
+      for (size_t i = 0; i < a.size(); ++i) {
+        // The last weight has no gradient at step 1, so its step count lags the others'.
+        const at::Tensor g = (step == 1 && i == 3) ? at::Tensor() : at::randn_like(a[i]);
+        a[i].mutable_grad() = g.defined() ? g.clone() : at::Tensor();
+        b[i].mutable_grad() = g.defined() ? g.clone() : at::Tensor();
+      }
+      mine.step();
+      theirs.step();
+      for (size_t i = 0; i < a.size(); ++i) CHECK(at::equal(a[i].detach(), b[i].detach()));
+    }
+  }
+}
+
 TEST_CASE("train: LARS clipping at lr 0 takes the limit, so the first warm-up step stores the whole update") {
   // At lr 0, min(q / lr, 1) -> 1: the momentum buffer gets d, as solo-learn's warm-up from 3e-5
   // gives, not q d (the adaptation skipped because of the zero lr).
@@ -591,7 +628,7 @@ TEST_CASE("train: LARS clipping at lr 0 takes the limit, so the first warm-up st
   CHECK(warmup_cosine_lr(100, 100, 10, 2.0, 0.0, 3e-5) == doctest::Approx(0.0));
 }
 
-TEST_CASE("train: every method trains a tiny ViT, and resume with stochastic depth is bit-identical") {
+TEST_CASE("train: every method trains a tiny ViT, and resume with stochastic depth and AdamW is bit-identical") {
   TinyData data(48);
   const json vit = {{"type", "vit"}, {"image_size", 12}, {"patch_size", 4}, {"in_channels", 1}, {"depth", 2},
                     {"hidden", 16},  {"heads", 2},       {"mlp", 32},       {"drop_path", 0.2}};
@@ -612,9 +649,11 @@ TEST_CASE("train: every method trains a tiny ViT, and resume with stochastic dep
         twins::models::load_safetensors((data.dir / ("vit_" + method) / "backbone.safetensors").string());
     CHECK(backbone.contains("encoder.layers.encoder_layer_1.self_attention.in_proj_weight"));
   }
-  // Stochastic depth draws from (seed, step): stopping and resuming changes nothing.
+  // Stochastic depth draws from (seed, step): stopping and resuming changes nothing, with AdamW
+  // (the ViT recipes' optimizer) restoring its moments and step counts.
   json cfg = tiny_recipe("vicreg", data.dir);
   cfg["model"]["backbone"] = vit;
+  cfg["optimizer"] = {{"type", "adamw"}, {"base_lr", 1e-3}, {"weight_decay", 0.05}};
   cfg["train"]["checkpoint_every_steps"] = 1;
   const auto full = pretrain(cfg, quiet(data.dir / "vit_full"));
   PretrainOptions part = quiet(data.dir / "vit_part");
