@@ -27,12 +27,18 @@ std::pair<int, int> read_size(ConfigReader& r, const json& spec, const std::stri
   r.allow(key);
   if (!spec.contains(key)) return value;
   const json& s = spec.at(key);
+  // Read wide and clamped, so that 4294967328 is refused below rather than wrapped to 32.
+  const auto side = [](const json& v) {
+    if (v.is_number_unsigned()) return static_cast<int>(std::min<uint64_t>(v.get<uint64_t>(), 1 << 20));
+    return static_cast<int>(std::clamp<int64_t>(v.get<int64_t>(), -1, 1 << 20));
+  };
   if (s.is_number_integer())
-    value = {s.get<int>(), s.get<int>()};
+    value = {side(s), side(s)};
   else if (s.is_array() && s.size() == 2 && s[0].is_number_integer() && s[1].is_number_integer())
-    value = {s[0].get<int>(), s[1].get<int>()};
+    value = {side(s[0]), side(s[1])};
   else
     throw std::invalid_argument(r.path_of(key) + ": expected an integer or [h, w], got " + s.dump());
+  config::require(value.first <= (1 << 16) && value.second <= (1 << 16), r.path_of(key), "must be at most 65536");
   config::require(value.first > 0 && value.second > 0, r.path_of(key), "must be positive");
   return value;
 }

@@ -835,23 +835,34 @@ json ShardIndex::to_json() const {
           {"shards", std::move(list)}};
 }
 
+namespace {
+// A count of the index: a JSON integer within int64 (a float such as 1e93, or an integer beyond
+// int64, is an error rather than an undefined conversion).
+int64_t index_integer(const json& v, const std::string& key) {
+  if (!v.is_number_integer() || (v.is_number_unsigned() && v.get<uint64_t>() > uint64_t{INT64_MAX}))
+    throw std::runtime_error("\"" + key + "\" is not an integer in int64's range: " + v.dump().substr(0, 40));
+  return v.get<int64_t>();
+}
+}  // namespace
+
 ShardIndex ShardIndex::from_json(const json& j, const std::string& path) {
   ShardIndex x;
   try {
     if (!j.is_object() || j.value("format", "") != "twins-shard-index/1")
       throw std::runtime_error("not a twins shard index (format twins-shard-index/1)");
-    x.num_classes = j.at("num_classes").get<int64_t>();
+    x.num_classes = index_integer(j.at("num_classes"), "num_classes");
     x.label = j.value("label", "cls");
     for (const auto& s : j.at("shards")) {
       Shard sh;
       sh.url = s.at("url").get<std::string>();
-      sh.samples = s.at("samples").get<int64_t>();
-      sh.bytes = s.value("bytes", int64_t{-1});
+      sh.samples = index_integer(s.at("samples"), "samples");
+      sh.bytes = s.contains("bytes") ? index_integer(s.at("bytes"), "bytes") : -1;
       if (sh.samples < 0) throw std::runtime_error(sh.url + ": negative sample count");
+      if (sh.samples > INT64_MAX - x.samples) throw std::runtime_error(sh.url + ": the sample counts overflow");
       x.samples += sh.samples;
       x.shards.push_back(std::move(sh));
     }
-    if (x.samples != j.at("samples").get<int64_t>())
+    if (x.samples != index_integer(j.at("samples"), "samples"))
       throw std::runtime_error("\"samples\" is not the sum over the shards");
     if (x.num_classes < 0 || x.num_classes > kMaxClasses) throw std::runtime_error("bad num_classes");
   } catch (const json::exception& e) {

@@ -175,6 +175,13 @@ TEST_CASE("augment: config errors name the op and key") {
       [] { parse_views(json::parse(R"([[{"type": "normalize"}, {"type": "random_horizontal_flip"}]])")); },
       "normalize must be the last op");
   check_throws_with<std::invalid_argument>([] { parse_views(json::array()); }, "non-empty list");
+  // 2^32 + 32 would wrap to 32 as an int: refused, as is anything beyond 65536.
+  check_throws_with<std::invalid_argument>(
+      [] { parse_views(json::parse(R"([[{"type": "random_resized_crop", "size": 4294967328}]])")); },
+      "views[0][0].size: must be at most 65536");
+  check_throws_with<std::invalid_argument>(
+      [] { parse_views(json::parse(R"([[{"type": "center_crop", "size": [32, -4294967296]}]])")); },
+      "views[0][0].size: must be positive");
   CHECK(op_names().size() == 10);
 }
 

@@ -25,6 +25,31 @@ using nlohmann::json;
 using namespace twins::data;
 using twins::test::check_throws_with;
 
+TEST_CASE("shards: an index with counts that are not int64 integers is an error naming the key") {
+  const json shard = {{"url", "s-00.tar"}, {"samples", 3}, {"bytes", 7168}};
+  auto index = [&](const json& changed_shard, const json& samples) {
+    return json{{"format", "twins-shard-index/1"},
+                {"label", "cls"},
+                {"num_classes", 10},
+                {"samples", samples},
+                {"shards", {shard, changed_shard}}};
+  };
+  CHECK(ShardIndex::from_json(index(shard, 6), "i.json").samples == 6);
+  json huge = shard;
+  huge["bytes"] = json::parse("9" + std::string(92, '9'));  // a float (1e93) in JSON's eyes
+  check_throws_with<std::runtime_error>([&] { ShardIndex::from_json(index(huge, 6), "i.json"); },
+                                        "i.json: \"bytes\" is not an integer in int64's range");
+  json beyond = shard;
+  beyond["samples"] = uint64_t{1} << 63;
+  check_throws_with<std::runtime_error>([&] { ShardIndex::from_json(index(beyond, 3), "i.json"); }, "\"samples\"");
+  json fraction = shard;
+  fraction["samples"] = 2.5;
+  check_throws_with<std::runtime_error>([&] { ShardIndex::from_json(index(fraction, 5.5), "i.json"); }, "\"samples\"");
+  json overflow = shard;
+  overflow["samples"] = INT64_MAX;
+  check_throws_with<std::runtime_error>([&] { ShardIndex::from_json(index(overflow, 3), "i.json"); }, "overflow");
+}
+
 TEST_CASE("shards: brace patterns and sizes") {
   CHECK(expand_urls({"a-{008..011}.tar"}) ==
         std::vector<std::string>{"a-008.tar", "a-009.tar", "a-010.tar", "a-011.tar"});
