@@ -157,13 +157,9 @@ TEST_CASE("cuda: every loss and its gradients equal the CPU's (fp32), and stay c
   }
 }
 
-TEST_CASE("cuda: ResNet-18 forward and backward equal the CPU's; channels_last equals contiguous") {
+TEST_CASE(
+    "cuda: ResNet-18/50 and the MLP heads forward and backward equal the CPU's; channels_last equals contiguous") {
   if (!have_cuda()) return;
-  at::manual_seed(1);
-  auto cpu_net = models::create_backbone(json{{"type", "resnet18"}, {"cifar_stem", true}});
-  auto gpu_net = cpu_net->copy();
-  gpu_net->to(at::Device(at::kCUDA, 0));
-  const at::Tensor x = at::randn({8, 3, 32, 32});
   auto run = [&](models::Network& net, const at::Tensor& input) {
     net.train();
     net.zero_grad();
@@ -173,17 +169,46 @@ TEST_CASE("cuda: ResNet-18 forward and backward equal the CPU's; channels_last e
     for (const auto& p : net.parameters()) out.push_back(p.grad().cpu());
     return out;
   };
-  const auto cpu = run(*cpu_net, x);
-  const auto gpu = run(*gpu_net, x.cuda());
-  REQUIRE(cpu.size() == gpu.size());
-  double worst = 0;
-  for (size_t k = 0; k < cpu.size(); ++k) worst = std::max(worst, rel_error(gpu[k], cpu[k]));
-  MESSAGE("ResNet-18 CUDA vs CPU, largest relative error over output and gradients: " << worst);
-  CHECK(worst < 1e-3);
-  auto nhwc_net = cpu_net->copy();
-  nhwc_net->to(at::Device(at::kCUDA, 0));
-  const auto nhwc = run(*nhwc_net, x.cuda().contiguous(at::MemoryFormat::ChannelsLast));
-  CHECK(rel_error(nhwc[0], gpu[0]) < 1e-4);
+  auto worst_error = [](const std::vector<at::Tensor>& gpu, const std::vector<at::Tensor>& cpu) {
+    REQUIRE(cpu.size() == gpu.size());
+    double worst = 0;
+    for (size_t k = 0; k < cpu.size(); ++k) worst = std::max(worst, rel_error(gpu[k], cpu[k]));
+    return worst;
+  };
+  struct Case {
+    const char* name;
+    std::shared_ptr<models::Network> net;
+    at::Tensor input;
+    bool image;
+  };
+  at::manual_seed(1);
+  std::vector<Case> cases;
+  cases.push_back({"resnet18 (CIFAR stem, 32 px)",
+                   models::create_backbone(json{{"type", "resnet18"}, {"cifar_stem", true}}), at::randn({8, 3, 32, 32}),
+                   true});
+  cases.push_back(
+      {"resnet50 (224 px)", models::create_backbone(json{{"type", "resnet50"}}), at::randn({4, 3, 224, 224}), true});
+  cases.push_back({"vicreg_projector", models::create_head("vicreg_projector", 512), at::randn({16, 512}), false});
+  cases.push_back(
+      {"barlow_twins_projector", models::create_head("barlow_twins_projector", 512), at::randn({16, 512}), false});
+  cases.push_back({"byol_predictor", models::create_head("byol_predictor", 256), at::randn({16, 256}), false});
+  for (auto& c : cases) {
+    CAPTURE(c.name);
+    auto gpu_net = c.net->copy();
+    gpu_net->to(at::Device(at::kCUDA, 0));
+    const auto cpu = run(*c.net, c.input);
+    const auto gpu = run(*gpu_net, c.input.cuda());
+    const double worst = worst_error(gpu, cpu);
+    MESSAGE(c.name << " CUDA vs CPU, largest relative error over output and gradients: " << worst);
+    CHECK(worst < 1e-3);
+    if (!c.image) continue;
+    auto nhwc_net = c.net->copy();
+    nhwc_net->to(at::Device(at::kCUDA, 0));
+    const auto nhwc = run(*nhwc_net, c.input.cuda().contiguous(at::MemoryFormat::ChannelsLast));
+    const double layout = rel_error(nhwc[0], gpu[0]);
+    MESSAGE(c.name << " channels_last vs contiguous on CUDA, output relative error: " << layout);
+    CHECK(layout < 1e-4);
+  }
 }
 
 TEST_CASE("cuda: the training step of every method runs on the GPU in fp32 and bf16 with finite speed") {
