@@ -14,6 +14,7 @@
 #include <sstream>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 // c10d's process groups: in LibTorch 1.13 ProcessGroupGloo/NCCL derive from ProcessGroup; from
 // 2.0 on they derive from Backend (ProcessGroup became a dispatcher over backends). Declared
@@ -168,6 +169,27 @@ auto optimizer_state_key(const StateMap&, const TensorT& param) {
     return s.str();
   } else {
     return static_cast<Key>(param.unsafeGetTensorImpl());
+  }
+}
+
+/// TCPStoreOptions::useLibUV (LibTorch 2.2 on, true by default from 2.4): whether the rendezvous
+/// store runs on libuv. A LibTorch built without libuv (Debian 13's 2.6) refuses true; before 2.2
+/// there is no such choice and this does nothing. Returns whether the options have the field.
+namespace detail {
+template <class T, class = void>
+struct HasUseLibUV : std::false_type {};
+template <class T>
+struct HasUseLibUV<T, std::void_t<decltype(std::declval<T&>().useLibUV)>> : std::true_type {};
+}  // namespace detail
+
+template <class Options>
+bool set_store_libuv(Options& options, bool on) {
+  if constexpr (detail::HasUseLibUV<Options>::value) {
+    options.useLibUV = on;
+    return true;
+  } else {
+    (void)options, (void)on;
+    return false;
   }
 }
 

@@ -207,7 +207,14 @@ std::shared_ptr<Communicator> Communicator::create(const Environment& e, const a
   so.waitWorkers = true;
   so.timeout = to_ms(options.timeout_s);
   try {
-    impl->store = c10::make_intrusive<c10d::TCPStore>(e.master_addr, so);
+    try {
+      impl->store = c10::make_intrusive<c10d::TCPStore>(e.master_addr, so);
+    } catch (const std::exception& ex) {
+      // LibTorch 2.4+ asks for the libuv store by default, which builds without libuv refuse
+      // ("use_libuv was requested but PyTorch was build without libuv support"): the classic one.
+      if (std::string(ex.what()).find("libuv") == std::string::npos || !compat::set_store_libuv(so, false)) throw;
+      impl->store = c10::make_intrusive<c10d::TCPStore>(e.master_addr, so);
+    }
   } catch (const std::exception& ex) {
     throw std::runtime_error("rank " + std::to_string(e.rank) + ": rendezvous at " + e.master_addr + ":" +
                              std::to_string(e.master_port) +

@@ -14,7 +14,9 @@ using nlohmann::json;
 
 namespace {
 
-const json& section(const json& root, const std::string& key) {
+// A config section, or an empty object. `key` is a char* so that no temporary std::string is passed
+// (gcc 14's -Wdangling-reference suspects the returned reference of outliving one).
+const json& section(const json& root, const char* key) {
   static const json empty = json::object();
   return root.contains(key) ? root.at(key) : empty;
 }
