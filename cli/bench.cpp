@@ -16,6 +16,7 @@
 #include "twins/config.h"
 #include "twins/data/dataset.h"
 #include "twins/data/loader.h"
+#include "twins/runtime.h"
 #include "twins/train/pretrain.h"
 
 namespace twins::cli {
@@ -136,6 +137,8 @@ struct BenchStepArgs {
 int run_bench_step(const BenchStepArgs& a) {
   const nlohmann::json cfg = config::load_config(a.config, a.set);
   const auto r = train::bench_step(cfg, a.steps, a.warmup, a.device);
+  if (r.device == "cpu" && !twins::ensure_correct_cpu_convolutions().empty())  // checked by the Trainer
+    std::cerr << "warning: " << twins::ensure_correct_cpu_convolutions() << "\n";
   nlohmann::json out = {{"config", a.config},
                         {"device", r.device},
                         {"batch_size", r.batch_size},

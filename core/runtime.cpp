@@ -1,8 +1,11 @@
 #include "twins/runtime.h"
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/cuda.h>
 
+#include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -13,6 +16,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <thread>
+#include <vector>
 
 #include "core/compat.h"
 
@@ -95,6 +99,56 @@ bool cpu_has_native_bf16() {
     return false;  // every core lists the same flags
   }
   return false;
+}
+
+CpuConvolutionErrors measure_cpu_convolutions() {
+  const compat::NoAutocast no_autocast;
+  const at::AutoGradMode grad_mode(true);  // the gradient is measured, whatever the caller's mode
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  // Smooth, sign-changing values without the random generator (a draw would change a run's).
+  auto wave = [&](at::IntArrayRef shape, double step) {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    return at::arange(n, f32).mul(step).sin().reshape(shape);
+  };
+  auto rel = [](const at::Tensor& a, const at::Tensor& exact) {
+    return (a.to(at::kDouble) - exact).norm().item<double>() / std::max(exact.norm().item<double>(), 1e-300);
+  };
+  CpuConvolutionErrors e;
+  // Shapes of a small ResNet's convolutions (3x3, padding 1), where the broken builds go wrong.
+  for (const auto& [n, c, size, out] : std::vector<std::array<int64_t, 4>>{{16, 4, 12, 8}, {4, 16, 10, 16}}) {
+    const at::Tensor x = wave({n, c, size, size}, 0.37), w = wave({out, c, 3, 3}, 0.91).mul(0.2),
+                     upstream = wave({n, out, size, size}, 0.53);
+    at::Tensor xf = x.clone().requires_grad_(true), xd = x.to(at::kDouble).requires_grad_(true);
+    at::conv2d(xf, w, {}, 1, 1).mul(upstream).sum().backward();
+    const at::Tensor exact = at::conv2d(xd, w.to(at::kDouble), {}, 1, 1);
+    exact.mul(upstream.to(at::kDouble)).sum().backward();
+    e.fp32_input_gradient = std::max(e.fp32_input_gradient, rel(xf.grad(), xd.grad()));
+    at::NoGradGuard no_grad;
+    const at::Tensor bf16 = at::conv2d(x.to(at::kBFloat16), w.to(at::kBFloat16), {}, 1, 1);
+    e.bf16_output = std::max(e.bf16_output, rel(bf16, exact.detach()));
+  }
+  return e;
+}
+
+const std::string& ensure_correct_cpu_convolutions() {
+  static const std::string note = [] {
+    const CpuConvolutionErrors with = measure_cpu_convolutions();
+    if (!with.wrong()) return std::string();
+    std::ostringstream s;
+    s << "this LibTorch's CPU convolutions are wrong against fp64 (fp32 input gradients off by "
+      << with.fp32_input_gradient << ", bf16 outputs by " << with.bf16_output << ")";
+    if (!at::globalContext().userEnabledMkldnn()) throw std::runtime_error(s.str() + "; use another LibTorch");
+    at::globalContext().setUserEnabledMkldnn(false);
+    const CpuConvolutionErrors without = measure_cpu_convolutions();
+    if (without.wrong())
+      throw std::runtime_error(s.str() + ", with and without oneDNN (" + std::to_string(without.fp32_input_gradient) +
+                               ", " + std::to_string(without.bf16_output) + "); use another LibTorch");
+    s << " with oneDNN (mkldnn): twins turned oneDNN off for this process (LibTorch's own kernels are right, "
+         "and slower); a LibTorch with a working oneDNN trains faster";
+    return s.str();
+  }();
+  return note;
 }
 
 void configure_compute(int threads, bool deterministic, const c10::Device& device) {

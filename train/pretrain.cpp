@@ -260,6 +260,8 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
   }
   if (job.main_rank && !trainer.cuda_graph_note().empty())
     warn("train.cuda_graph: the step runs eagerly: " + trainer.cuda_graph_note());
+  if (job.main_rank && job.device.is_cpu() && !ensure_correct_cpu_convolutions().empty())  // checked by the Trainer
+    warn(ensure_correct_cpu_convolutions());
   if (job.main_rank && job.device.is_cpu() && trainer.precision() == Precision::bf16 && !cpu_has_native_bf16())
     warn(
         "train.precision: bf16 on a CPU without AVX512-BF16 or AMX is emulated and may be slower than fp32 (compare "

@@ -17,6 +17,7 @@
 #include "twins/augment/pipeline.h"
 #include "twins/distributed/communicator.h"
 #include "twins/distributed/data_parallel.h"
+#include "twins/runtime.h"
 #include "twins/train/schedule.h"
 
 namespace twins::train {
@@ -195,6 +196,7 @@ Trainer::Trainer(const Recipe& recipe, TrainerOptions options) : impl_(new Impl)
   m.precision = resolve_precision(tc.precision, m.cuda());
   if (!m.cuda() && m.precision == Precision::fp16)
     throw std::invalid_argument("train.precision: fp16 needs a CUDA device; use bf16 or fp32 on the CPU");
+  if (!m.cuda()) ensure_correct_cpu_convolutions();
   if (m.options.steps_per_epoch < 1 || m.options.total_steps < 1)
     throw std::invalid_argument("Trainer: steps_per_epoch and total_steps must be >= 1");
   for (const auto& v : augment::parse_views(recipe.views, "views")) m.normalizations.push_back(v.normalization);

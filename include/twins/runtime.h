@@ -27,6 +27,23 @@ int blas_threads();
 /// /proc/cpuinfo; false where that cannot be read. Without it bf16 autocast on the CPU is emulated
 /// and may be slower than fp32.
 bool cpu_has_native_bf16();
+/// How far this LibTorch's CPU convolutions are from an fp64 reference, with its settings as they
+/// are, on small fixed cases (relative errors in norm; about 1e-7 and 0.005 where they are right):
+/// the fp32 gradient with respect to the input, and the bf16 output. Draws no random numbers.
+struct CpuConvolutionErrors {
+  double fp32_input_gradient = 0;
+  double bf16_output = 0;
+  bool wrong() const { return fp32_input_gradient > 1e-4 || bf16_output > 0.05; }
+};
+CpuConvolutionErrors measure_cpu_convolutions();
+/// Makes sure the CPU convolutions a training run uses compute what they should. Some LibTorch
+/// builds do not: Debian 13's 2.6, built on the system's oneDNN 3.7, returns input gradients off
+/// by 40-200% and bf16 outputs off by 30-75% here, so training would silently learn from noise.
+/// When measure_cpu_convolutions() finds them wrong, oneDNN (mkldnn) is turned off for the process
+/// (LibTorch's own kernels: right, slower) and a warning is returned; empty when all is well.
+/// Throws std::runtime_error when they are still wrong without oneDNN. Checked once per process;
+/// the Trainer calls it for CPU runs.
+const std::string& ensure_correct_cpu_convolutions();
 
 /// The compute settings of a training run, applied alike by `twins pretrain` and `twins bench
 /// step` so that the benchmark times the step a run takes: LibTorch's threads (as

@@ -4,6 +4,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <fstream>
 #include <iterator>
@@ -41,4 +42,28 @@ TEST_CASE("runtime: native bf16 is what /proc/cpuinfo's flags say") {
   const bool expected = std::regex_search(text, std::regex(R"((^|\s)(avx512_bf16|amx_bf16|bf16)(\s|$))"));
   MESSAGE("native bf16: ", expected);
   CHECK(twins::cpu_has_native_bf16() == expected);
+}
+
+TEST_CASE("runtime: the CPU convolution check measures against fp64, draws no random numbers, and leaves them right") {
+  at::manual_seed(11);
+  const at::Tensor before = at::rand({4});
+  at::manual_seed(11);
+  // (tests/main.cpp made the check already: measure as LibTorch was found, oneDNN on.)
+  const std::string note = twins::ensure_correct_cpu_convolutions();
+  const bool turned_off = !note.empty();
+  if (turned_off) at::globalContext().setUserEnabledMkldnn(true);
+  const twins::CpuConvolutionErrors measured = twins::measure_cpu_convolutions();
+  if (turned_off) at::globalContext().setUserEnabledMkldnn(false);
+  CHECK(at::equal(at::rand({4}), before));
+  MESSAGE("this LibTorch's CPU convolutions against fp64: fp32 input gradient "
+          << measured.fp32_input_gradient << ", bf16 output " << measured.bf16_output);
+  CHECK(std::isfinite(measured.fp32_input_gradient));
+  CHECK(measured.bf16_output > 1e-4);  // bf16 rounds: never exact on these cases
+  // Right as found (no note), or oneDNN turned off and right since (the note says so).
+  CHECK(turned_off == measured.wrong());
+  if (turned_off) MESSAGE(note);
+  const twins::CpuConvolutionErrors now = twins::measure_cpu_convolutions();
+  CHECK_FALSE(now.wrong());
+  CHECK(now.fp32_input_gradient < 1e-5);
+  CHECK(now.bf16_output < 0.02);
 }
