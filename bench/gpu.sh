@@ -1,33 +1,77 @@
 #!/usr/bin/env bash
 # One go on a GPU machine (issue 12): build twins against the machine's CUDA LibTorch, print what
-# it runs on, run the whole test suite, then the training step of each method beside the same
-# recipe in the machine's PyTorch, eager and torch.compile (bench/reference/pretrain_torch.py), twins
-# eager and replaying a CUDA graph (train.cuda_graph), in
-# bf16 + channels_last (fp32 in the dry run): CIFAR-10 ResNet-18 at batch 256 and 512, ResNet-50 at 224 px at 128 and
-# 256; then `twins pretrain` end to end and a short accuracy run. Everything it writes goes to $OUT
-# (default runs/gpu): summary.txt, build.log, version.txt, ctest.log, step.jsonl (one line per
-# measurement) and step.md (the table), e2e.md, accuracy-cifar10.{md,json,svg}.
+# it runs on, run the test suite, then the training step of each method beside the same recipe in
+# the machine's PyTorch, eager and torch.compile (bench/reference/pretrain_torch.py), twins eager
+# and replaying a CUDA graph (train.cuda_graph), in bf16 + channels_last (fp32 in the dry run):
+# CIFAR-10 ResNet-18 at batch 256 and 512, ResNet-50 at 224 px at 128 and 256; then `twins
+# pretrain` end to end and a short accuracy run. Everything it writes goes to $OUT (default
+# runs/gpu), as it goes, so that a call cut short still returns what it measured: summary.txt,
+# build.log, version.txt, ctest*.log, step.jsonl (one line per measurement) and step.md (the
+# table), e2e.md, accuracy-cifar10.{md,json,svg}.
 #
 #   bench/gpu.sh                 on the GPU machine: TWINS_PREFIX names the folder holding OpenCV,
 #                                CLI11, json and doctest (default: .gpu-kit, see README "On a GPU machine")
 #   bench/gpu.sh --dry-run       the same steps on this CPU with Debian's LibTorch and tiny sizes,
 #                                so that GPU time is spent running the script, not debugging it
-# Stages (STAGES, default all): build, test, bench (the step table), e2e (`twins pretrain` end to
-# end on CIFAR-10 and 224-px JPEGs: data wait, the headline epoch time), accuracy (a VICReg
-# CIFAR-10 run, linear probe and kNN). Device calls are limited (10 minutes each): STAGES="build
-# test", then STAGES=bench, ... splits the work (a warm machine keeps build-gpu/ between calls);
-# METHODS="vicreg byol" and SIZES="vicreg_cifar10 512" narrow the benchmark; STEPS/WARMUP set its
+#
+# Stages (STAGES, run in the order given; default "build test bench e2e accuracy"):
+#   build      twins against the machine's CUDA LibTorch (TWINS_TORCH=python), deps from TWINS_PREFIX
+#   cudatest   the tests/cuda cases only (CUDA against the CPU), first
+#   headline   the VICReg CIFAR-10 step at batch 512 (four columns) and its end-to-end run
+#   test       the rest of ctest (all of it when cudatest did not run)
+#   bench      the step table (rows the headline measured are not measured again)
+#   e2e        `twins pretrain` end to end on CIFAR-10 and 224-px JPEGs
+#   accuracy   a VICReg CIFAR-10 run, then the linear probe and kNN (needs all of CIFAR-10)
+# BUDGET_S (seconds, default unlimited) bounds the whole call: a stage or row that would not fit
+# is skipped and said so, and every command runs under a timeout ending at the budget. For a
+# 10-minute device call with a cold machine:
+#   BUDGET_S=540 STAGES="build cudatest headline test bench e2e" bench/gpu.sh
+# METHODS="vicreg byol" and SIZES="vicreg_cifar10 512,vicreg_imagenet 128" narrow the benchmark; STEPS/WARMUP set its
 # length (30/10); COMPILE_MODE sets torch.compile's mode (default; reduce-overhead is the fair
 # match for twins' CUDA graph column, as both replay graphs).
+#
+# Data: the machine cannot read ../shared/data; bench/gpu-data.sh packs it into .gpu-data/ in
+# pieces a device call can carry, and this script unpacks whatever a call brought (into
+# .gpu-data/unpacked/, kept on a warm machine between calls). With only some CIFAR-10 training
+# files there, the end-to-end rows cycle them to 50,000 records an epoch (and say so); CIFAR_ROOT
+# and WOOF_ROOT name other folders.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 dry=0
 [ "${1:-}" = "--dry-run" ] && dry=1
-out=${OUT:-runs/gpu}
-mkdir -p "$out"
-log() { echo "== $*" | tee -a "$out/summary.txt"; }
-: > "$out/summary.txt"
+# Results accumulate in runs/gpu (RESULTS), which a warm machine keeps between calls: CONTINUE=1
+# keeps an earlier call's rows (and does not measure them again), else the folder starts empty.
+# When $OUT names another folder (the device tool's), the results are copied there after every
+# stage and row (tables, logs and metrics; not checkpoints).
+out=${RESULTS:-runs/gpu}
+publish_to=${OUT:-$out}
+((${CONTINUE:-0})) || rm -rf "$out"
+mkdir -p "$out" "$publish_to"
+publish() {
+  [ "$(cd "$out" && pwd -P)" = "$(cd "$publish_to" && pwd -P)" ] && return
+  (cd "$out" && find . -maxdepth 2 -type f \( -name '*.md' -o -name '*.txt' -o -name '*.log' -o -name '*.err' \
+     -o -name '*.jsonl' -o -name '*.json' -o -name '*.svg' \) ! -path './accuracy/*' -print0 |
+     xargs -0 -r cp --parents -t "$publish_to")
+}
+log() {
+  echo "== $*" | tee -a "$out/summary.txt"
+  publish
+}
+echo "== $(date -u +%FT%TZ) STAGES=\"${STAGES:-}\" BUDGET_S=${BUDGET_S:-}" >> "$out/summary.txt"
 start=$(date +%s)
+budget=${BUDGET_S:-0}
+# Seconds left of BUDGET_S (a large number without one).
+left() {
+  if ((budget > 0)); then echo $((budget - ($(date +%s) - start))); else echo 999999; fi
+}
+# fits N WHAT: whether N more seconds fit in the budget; says what is skipped when not.
+fits() {
+  (($(left) >= $1)) && return 0
+  log "skipped (budget: $(left) s left, about $1 s needed): $2"
+  return 1
+}
+# A command under a timeout ending at the budget (the exit status 124 says it was cut).
+limited() { timeout --kill-after=10 "$(left)" "$@"; }
 
 stages=${STAGES:-build test bench e2e accuracy}
 if ((dry)); then
@@ -36,130 +80,210 @@ if ((dry)); then
   steps=1
   warmup=1
   sizes=("vicreg_cifar10 8" "vicreg_imagenet 2")
+  headline_size="vicreg_cifar10 8"
   methods=(vicreg byol)
   python=/usr/bin/python3
   precision=(fp32)  # bf16 autocast is a CUDA path
-  ctest_args=(-R "shards|losses")
+  ctest_args=(-R "shards|losses|cuda")
+  cifar_runs=("8 --set train.max_steps=4")
+  woof_runs=("2 --set train.max_steps=2")
 else
-  build=build-gpu
+  build="build-gpu"
   device=cuda
   steps=${STEPS:-30}
   warmup=${WARMUP:-10}
   sizes=("vicreg_cifar10 256" "vicreg_cifar10 512" "vicreg_imagenet 128" "vicreg_imagenet 256")
+  headline_size="vicreg_cifar10 512"
   methods=(vicreg barlow_twins byol)
   python=python3
   precision=(bf16 --bf16)
   ctest_args=()
+  cifar_runs=("512 --set train.epochs=${E2E_EPOCHS:-3}")
+  woof_runs=("128 --set train.max_steps=${WOOF_STEPS:-60}")
 fi
 compile_mode=${COMPILE_MODE:-default}
 [ -n "${METHODS:-}" ] && read -r -a methods <<< "$METHODS"
-[ -n "${SIZES:-}" ] && sizes=("$SIZES")
-if [[ $stages == *build* ]]; then
+[ -n "${SIZES:-}" ] && IFS=',' read -r -a sizes <<< "$SIZES"
+twins=$build/cli/twins
+
+# --- data carried in pieces (bench/gpu-data.sh): unpack what is new, check it against the sums.
+unpack() {
+  local packed=.gpu-data dest=.gpu-data/unpacked f name
+  [ -f "$packed/SHA256SUMS" ] || return 0
+  mkdir -p "$dest/cifar10" "$dest/imagewoof"
+  for f in "$packed"/cifar10-*.bin.xz; do
+    [ -f "$f" ] || continue
+    name=$(basename "$f" .xz) name=${name#cifar10-}
+    [ -f "$dest/cifar10/$name" ] && continue
+    "$python" -c 'import lzma, shutil, sys
+with lzma.open(sys.argv[1]) as src, open(sys.argv[2], "wb") as dst: shutil.copyfileobj(src, dst)' \
+      "$f" "$dest/cifar10/$name.tmp" && mv "$dest/cifar10/$name.tmp" "$dest/cifar10/$name"
+  done
+  if [ -f "$packed/imagewoof.tar" ] && [ ! -d "$dest/imagewoof/train" ]; then
+    rm -rf "$dest/imagewoof.tmp" && mkdir -p "$dest/imagewoof.tmp" &&
+      tar -C "$dest/imagewoof.tmp" -xf "$packed/imagewoof.tar" && mv "$dest/imagewoof.tmp/train" "$dest/imagewoof/train"
+  fi
+  # Check what is there (and only that) against the sums.
+  local bad
+  bad=$(cd "$dest" && awk 'NR == FNR { have[$0] = 1; next } ($2 in have)' <(find cifar10 imagewoof -type f | sort) \
+          ../SHA256SUMS | sha256sum -c --quiet - 2>&1)
+  if [ -n "$bad" ]; then
+    log "data: checksum mismatch in .gpu-data/unpacked: $bad"
+    return 1
+  fi
+  log "data: .gpu-data/unpacked has $(ls "$dest/cifar10" | wc -l) CIFAR-10 files$([ -d "$dest/imagewoof/train" ] && echo ", imagewoof")"
+}
+
+# The CIFAR-10 folder for the end-to-end rows: CIFAR_ROOT, else the shared data, else the unpacked
+# pieces; with only some training files there, a folder that cycles them as the five batch files
+# (each epoch still 50,000 records). Prints the folder, then a note on a second line.
+cifar_root() {
+  if [ -n "${CIFAR_ROOT:-}" ]; then printf '%s\n\n' "$CIFAR_ROOT"; return; fi
+  local d
+  for d in ../shared/data/cifar10/cifar-10-batches-bin .gpu-data/unpacked/cifar10; do
+    if [ -f "$d/data_batch_1.bin" ] && [ -f "$d/data_batch_5.bin" ]; then printf '%s\n\n' "$d"; return; fi
+  done
+  local have=(.gpu-data/unpacked/cifar10/data_batch_*.bin)
+  [ -f "${have[0]}" ] || return 1
+  local cycled=.gpu-data/unpacked/cifar10-cycled i
+  rm -rf "$cycled" && mkdir -p "$cycled"
+  for i in 1 2 3 4 5; do
+    ln -s "$PWD/${have[$(((i - 1) % ${#have[@]}))]}" "$cycled/data_batch_$i.bin"
+  done
+  ln -s "$PWD/${have[0]}" "$cycled/test_batch.bin"
+  printf '%s\n%s\n' "$cycled" "$((${#have[@]} * 10000)) distinct images cycled to 50,000 an epoch"
+}
+
+woof_root() {
+  if [ -n "${WOOF_ROOT:-}" ]; then echo "$WOOF_ROOT"; return; fi
+  local d
+  for d in ../shared/data/imagewoof-320-bench/train .gpu-data/unpacked/imagewoof/train; do
+    [ -d "$d" ] && { echo "$d"; return; }
+  done
+  return 1
+}
+
+stage_build() {
+  fits 60 build || exit 1
+  local t rc
+  t=$(date +%s)
   if ((dry)); then
-    scripts/setup.sh > "$out/build.log" 2>&1
+    limited scripts/setup.sh > "$out/build.log" 2>&1
   else
     TWINS_TORCH=python TWINS_PREFIX=${TWINS_PREFIX:-$PWD/.gpu-kit} TWINS_BUILD_DIR=$build \
-      TWINS_CMAKE_ARGS=${TWINS_CMAKE_ARGS:--DCMAKE_CUDA_ARCHITECTURES=90} scripts/setup.sh > "$out/build.log" 2>&1
+      TWINS_CMAKE_ARGS=${TWINS_CMAKE_ARGS:--DCMAKE_CUDA_ARCHITECTURES=90} limited scripts/setup.sh > "$out/build.log" 2>&1
   fi
   rc=$?
-  log "build: exit $rc ($(( $(date +%s) - start )) s), $out/build.log"
+  log "build: exit $rc ($(($(date +%s) - t)) s), $out/build.log"
   ((rc == 0)) || { tail -30 "$out/build.log"; exit 1; }
-fi
-twins=$build/cli/twins
-"$twins" --version | tee "$out/version.txt"
-command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$out/version.txt"
+}
 
-if [[ $stages == *test* ]]; then
+version() {
+  [ -x "$twins" ] || { log "no $twins: run the build stage"; exit 1; }
+  "$twins" --version | tee "$out/version.txt"
+  command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$out/version.txt"
+}
+
+# ctest_run NAME ARGS...: ctest into $out/NAME.log, under the budget.
+ctest_run() {
+  local name=$1 t
+  shift
   t=$(date +%s)
-  ctest --test-dir "$build" -j "$(nproc)" --timeout 900 --output-on-failure "${ctest_args[@]}" > "$out/ctest.log" 2>&1
-  log "ctest: exit $? ($(( $(date +%s) - t )) s): $(grep -E 'tests passed|tests failed' "$out/ctest.log" | tail -1)"
-fi
-if [[ $stages == *bench* ]]; then
-# The step: twins, PyTorch eager, PyTorch compiled; images/s and peak memory.
-: > "$out/step.jsonl"
-ips() { sed -n 's/.*"images_per_s": \([0-9.e+-]*\).*/\1/p' | tail -1; }
-printf '| method | recipe | batch | twins img/s | twins + CUDA graph | PyTorch eager | torch.compile (%s) | best twins / eager | best twins / compile |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n' "$compile_mode" > "$out/step.md"
-for size in "${sizes[@]}"; do
-  read -r recipe batch <<< "$size"
-  for method in "${methods[@]}"; do
-    cfg=configs/${recipe/vicreg/$method}.json
-    twins_step=("$twins" bench step --config "$cfg" --set "train.batch_size=$batch" --set "train.precision=${precision[0]}"
-                --set train.channels_last=true --device "$device" --steps "$steps" --warmup "$warmup" --json)
-    a=$("${twins_step[@]}" 2>> "$out/step.err" | tr -d '\n' | tee -a "$out/step.jsonl" | ips)
-    echo >> "$out/step.jsonl"
-    # The same step replayed from a CUDA graph (train.cuda_graph); "-" where the capture failed.
-    g=$("${twins_step[@]}" --set train.cuda_graph=true 2>> "$out/step.err" | tr -d '\n' | tee -a "$out/step.jsonl" |
-        grep '"cuda_graph": true' | ips)
-    echo >> "$out/step.jsonl"
-    ref=("$python" bench/reference/pretrain_torch.py --method "$method" --config "$cfg" --mode step --batch-size "$batch"
-         --device "$device" "${precision[@]:1}" --channels-last --steps "$steps" --warmup "$warmup" --threads "$(nproc)")
-    e=$("${ref[@]}" 2>> "$out/step.err" | tee -a "$out/step.jsonl" | ips)
-    c=$("${ref[@]}" --compile --compile-mode "$compile_mode" 2>> "$out/step.err" | tee -a "$out/step.jsonl" | ips)
-    ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a > 0 && b > 0) printf "%.2fx", a / b; else printf "-" }'; }
-    num() { awk -v x="$1" 'BEGIN { if (x > 0) printf "%.1f", x; else printf "-" }'; }
-    best=$(awk -v a="${a:-0}" -v g="${g:-0}" 'BEGIN { print (g > a ? g : a) }')
-    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$method" "$(basename "$cfg" .json)" "$batch" \
-      "$(num "${a:-0}")" "$(num "${g:-0}")" "$(num "${e:-0}")" "$(num "${c:-0}")" \
-      "$(ratio "$best" "${e:-0}")" "$(ratio "$best" "${c:-0}")" | tee -a "$out/step.md"
-  done
-done
-log "step table: $out/step.md"
-fi
+  limited ctest --test-dir "$build" -j "$(nproc)" --timeout 900 --output-on-failure "$@" > "$out/$name.log" 2>&1
+  log "$name: exit $? ($(($(date +%s) - t)) s): $(grep -E 'tests passed|tests failed|No tests were found' "$out/$name.log" | tail -1)"
+}
 
-# End to end through `twins pretrain`: real data decoded and augmented by the machine's cores
+# --- the step table: twins eager and graphed, PyTorch eager and compiled; images/s and peak memory.
+declare -A step_done
+ips() { sed -n 's/.*"images_per_s": \([0-9.e+-]*\).*/\1/p' | tail -1; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a > 0 && b > 0) printf "%.2fx", a / b; else printf "-" }'; }
+num() { awk -v x="$1" 'BEGIN { if (x > 0) printf "%.1f", x; else printf "-" }'; }
+step_table_header() {
+  [ -f "$out/step.md" ] && return
+  : > "$out/step.jsonl"
+  printf '| method | recipe | batch | twins img/s | twins + CUDA graph | PyTorch eager | torch.compile (%s) | best twins / eager | best twins / compile |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n' "$compile_mode" > "$out/step.md"
+}
+step_row() {  # step_row METHOD RECIPE BATCH
+  local method=$1 recipe=$2 batch=$3 cfg a g e c best
+  cfg=configs/${recipe/vicreg/$method}.json
+  [ -n "${step_done[$cfg $batch]:-}" ] && return
+  grep -q "^| $method | $(basename "$cfg" .json) | $batch |" "$out/step.md" 2> /dev/null && return
+  fits 150 "step $method $recipe $batch" || return
+  step_done[$cfg $batch]=1
+  step_table_header
+  local twins_step=("$twins" bench step --config "$cfg" --set "train.batch_size=$batch" --set "train.precision=${precision[0]}"
+                    --set train.channels_last=true --device "$device" --steps "$steps" --warmup "$warmup" --json)
+  a=$(limited "${twins_step[@]}" 2>> "$out/step.err" | tr -d '\n' | tee -a "$out/step.jsonl" | ips)
+  echo >> "$out/step.jsonl"
+  # The same step replayed from a CUDA graph (train.cuda_graph); "-" where the capture failed.
+  g=$(limited "${twins_step[@]}" --set train.cuda_graph=true 2>> "$out/step.err" | tr -d '\n' |
+      tee -a "$out/step.jsonl" | grep '"cuda_graph": true' | ips)
+  echo >> "$out/step.jsonl"
+  local ref=("$python" bench/reference/pretrain_torch.py --method "$method" --config "$cfg" --mode step --batch-size "$batch"
+             --device "$device" "${precision[@]:1}" --channels-last --steps "$steps" --warmup "$warmup" --threads "$(nproc)")
+  e=$(limited "${ref[@]}" 2>> "$out/step.err" | tee -a "$out/step.jsonl" | ips)
+  c=$(limited "${ref[@]}" --compile --compile-mode "$compile_mode" 2>> "$out/step.err" | tee -a "$out/step.jsonl" | ips)
+  best=$(awk -v a="${a:-0}" -v g="${g:-0}" 'BEGIN { print (g > a ? g : a) }')
+  printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$method" "$(basename "$cfg" .json)" "$batch" \
+    "$(num "${a:-0}")" "$(num "${g:-0}")" "$(num "${e:-0}")" "$(num "${c:-0}")" \
+    "$(ratio "$best" "${e:-0}")" "$(ratio "$best" "${c:-0}")" | tee -a "$out/step.md"
+}
+
+# --- end to end through `twins pretrain`: real data decoded and augmented by the machine's cores
 # (train.workers = every core), bf16 + channels_last, as a user runs it. Per run: images/s, the
 # data-wait fraction and the last epoch's seconds from metrics.jsonl, beside the model-only step
-# of the same method and batch from step.jsonl when the bench stage ran. The CIFAR-10 VICReg row's
-# epoch time is the headline (one epoch of 50,000 images at batch 512). E2E_EPOCHS (3) and
+# of the same method and batch from step.jsonl when the step table has it. The CIFAR-10 VICReg
+# row's epoch time is the headline (one epoch of 50,000 images at batch 512). E2E_EPOCHS (3) and
 # WOOF_STEPS (60) set the lengths; E2E_GRAPH (1 on the GPU) trains with train.cuda_graph, compared
-# with the bench stage's step of the same kind.
-if [[ $stages == *e2e* ]]; then
-  cifar=${CIFAR_ROOT:-../shared/data/cifar10/cifar-10-batches-bin}
-  woof=${WOOF_ROOT:-../shared/data/imagewoof-320-bench/train}
-  if ((dry)); then
-    runs=("cifar10 8 --set train.max_steps=4" "imagewoof 2 --set train.max_steps=2")
+# with the step of the same kind.
+declare -A e2e_done
+graph_flag=false
+((${E2E_GRAPH:-$((1 - dry))})) && graph_flag=true
+e2e_row() {  # e2e_row METHOD cifar10|imagewoof BATCH LIMIT...
+  local method=$1 data=$2 batch=$3 cfg root note="" dir t rc graphed
+  shift 3
+  [ -n "${e2e_done[$method $data $batch]:-}" ] && return
+  grep -q "^| $method | $data | $batch |" "$out/e2e.md" 2> /dev/null && return
+  fits 120 "e2e $method $data $batch" || return
+  e2e_done[$method $data $batch]=1
+  if [ "$data" = cifar10 ]; then
+    local r
+    r=$(cifar_root) || { log "e2e $method $data: no CIFAR-10 here (bench/gpu-data.sh, or CIFAR_ROOT)"; return; }
+    root=$(sed -n 1p <<< "$r") note=$(sed -n 2p <<< "$r")
+    cfg=configs/${method}_cifar10.json
   else
-    runs=("cifar10 512 --set train.epochs=${E2E_EPOCHS:-3}" "imagewoof 128 --set train.max_steps=${WOOF_STEPS:-60}")
+    root=$(woof_root) || { log "e2e $method $data: no imagewoof folder here (bench/gpu-data.sh, or WOOF_ROOT)"; return; }
+    cfg=configs/${method}_imagenet.json
   fi
-  graph=${E2E_GRAPH:-$((1 - dry))}
-  graph_flag=false
-  ((graph)) && graph_flag=true
-  printf '| method | data | batch | CUDA graph | images/s end to end | model-only step | end to end / step | data wait | last epoch s |\n|---|---|---:|---|---:|---:|---:|---:|---:|\n' > "$out/e2e.md"
-  for run in "${runs[@]}"; do
-    read -r data batch limit <<< "$run"
-    for method in "${methods[@]}"; do
-      if [ "$data" = cifar10 ]; then
-        cfg=configs/${method}_cifar10.json data_sets=(--set "data.root=$cifar")
-      else
-        cfg=configs/${method}_imagenet.json data_sets=(--set "data.root=$woof")
-      fi
-      dir=$out/e2e-$method-$data
-      rm -rf "$dir"
-      t=$(date +%s)
-      "$twins" pretrain --config "$cfg" --out "$dir" --device "$device" "${data_sets[@]}" --set "train.batch_size=$batch" \
-        --set "train.precision=${precision[0]}" --set train.channels_last=true --set "train.workers=$(nproc)" \
-        --set online_probe.eval_data=null --set "train.cuda_graph=$graph_flag" $limit > "$dir.log" 2>&1
-      rc=$?
-      if ((rc != 0)) && [ "$graph_flag" = true ]; then  # a failed capture: the same run eagerly
-        log "e2e $method $data: exit $rc with train.cuda_graph, $dir.log; again without"
-        tail -3 "$dir.log"
-        rm -rf "$dir"
-        "$twins" pretrain --config "$cfg" --out "$dir" --device "$device" "${data_sets[@]}" \
-          --set "train.batch_size=$batch" --set "train.precision=${precision[0]}" --set train.channels_last=true \
-          --set "train.workers=$(nproc)" --set online_probe.eval_data=null $limit > "$dir.log" 2>&1
-        rc=$?
-      fi
-      ((rc == 0)) || { log "e2e $method $data: exit $rc, $dir.log"; tail -5 "$dir.log"; continue; }
-      graphed=false
-      grep -q "CUDA graph)" "$dir.log" && graphed=true
-      "$python" - "$dir/metrics.jsonl" "$out/step.jsonl" "$cfg" "$batch" "$method" "$data" "$graphed" >> "$out/e2e.md" <<'PY'
+  [ -f "$out/e2e.md" ] ||
+    printf '| method | data | batch | CUDA graph | images/s end to end | model-only step | end to end / step | data wait | last epoch s |\n|---|---|---:|---|---:|---:|---:|---:|---:|\n' > "$out/e2e.md"
+  dir=$out/e2e-$method-$data
+  local run=("$twins" pretrain --config "$cfg" --out "$dir" --device "$device" --set "data.root=$root"
+             --set "train.batch_size=$batch" --set "train.precision=${precision[0]}" --set train.channels_last=true
+             --set "train.workers=$(nproc)" --set online_probe.eval_data=null "$@")
+  rm -rf "$dir"
+  t=$(date +%s)
+  limited "${run[@]}" --set "train.cuda_graph=$graph_flag" > "$dir.log" 2>&1
+  rc=$?
+  if ((rc != 0 && rc != 124)) && [ "$graph_flag" = true ] && fits 60 "e2e $method $data eagerly"; then
+    log "e2e $method $data: exit $rc with train.cuda_graph, $dir.log; again without"
+    tail -3 "$dir.log"
+    mv "$dir.log" "$dir-graph.log"
+    rm -rf "$dir"
+    limited "${run[@]}" > "$dir.log" 2>&1
+    rc=$?
+  fi
+  ((rc == 0)) || { log "e2e $method $data: exit $rc, $dir.log"; tail -5 "$dir.log"; return; }
+  graphed=false
+  grep -q "CUDA graph)" "$dir.log" && graphed=true
+  "$python" - "$dir/metrics.jsonl" "$out/step.jsonl" "$cfg" "$batch" "$method" "$data" "$graphed" >> "$out/e2e.md" <<'PY'
 import json, os, sys
 metrics, steps, cfg, batch, method, data, graphed = sys.argv[1:]
 lines = [json.loads(l) for l in open(metrics) if l.strip()]
 summary = [l for l in lines if l.get("summary")][-1]
 epochs = [l["epoch_seconds"] for l in lines if "epoch_seconds" in l]
 step = None
-if os.path.exists(steps):  # twins' own line of the bench stage: it has "config", PyTorch's has "method"
+if os.path.exists(steps):  # twins' own line of the step table: it has "config", PyTorch's has "method"
     for l in open(steps):
         try:
             j = json.loads(l)
@@ -173,25 +297,80 @@ print("| %s | %s | %s | %s | %.1f | %s | %s | %.1f%% | %s |" % (
     method, data, batch, "yes" if graphed == "true" else "no", e2e, "%.1f" % step if step else "-", "%.0f%%" % (100 * e2e / step) if step else "-",
     100 * summary["data_wait"], "%.2f" % epochs[-1] if epochs else "-"))
 PY
-      log "e2e $method $data: $(tail -1 "$out/e2e.md") ($(( $(date +%s) - t )) s)"
-    done
-  done
-  log "end-to-end table: $out/e2e.md"
-fi
+  log "e2e $method $data: $(tail -1 "$out/e2e.md") ($(($(date +%s) - t)) s)${note:+; data: $note}"
+}
 
-# A real run (issue 12, part 4): VICReg CIFAR-10 ResNet-18 for ACC_EPOCHS (20) on the GPU, then the
-# linear probe and kNN on the GPU, through bench/accuracy.sh (its table lands in $out). The dry run
-# trains the Fashion-MNIST quickstart for 3 steps instead.
-if [[ $stages == *accuracy* ]]; then
+# --- a real run (issue 12, part 4): VICReg CIFAR-10 ResNet-18 for ACC_EPOCHS (20) on the GPU, then
+# the linear probe and kNN on the GPU, through bench/accuracy.sh (its table lands in $out). The
+# dry run trains the Fashion-MNIST quickstart for 3 steps instead.
+stage_accuracy() {
+  fits 300 accuracy || return
+  local t acc root
   t=$(date +%s)
   if ((dry)); then
     acc=(--dataset fashion_mnist --set train.max_steps=3)
   else
-    acc=(--dataset cifar10 --set "train.epochs=${ACC_EPOCHS:-20}" --set "train.precision=${precision[0]}"
+    root=$(cifar_root | sed -n 1p)
+    if [ -z "$root" ] || [ ! -f "$root/test_batch.bin" ] || [[ $root == *cycled* ]]; then
+      log "accuracy: needs all of CIFAR-10 (bench/gpu-data.sh: calls 1-4, or CIFAR_ROOT)"
+      return
+    fi
+    acc=(--dataset cifar10 --set "data.root=$root" --set "train.epochs=${ACC_EPOCHS:-20}" --set "train.precision=${precision[0]}"
          --set train.channels_last=true --set "train.workers=$(nproc)" --set "train.cuda_graph=${ACC_GRAPH:-true}")
   fi
-  TWINS_BIN=$twins bench/accuracy.sh "${acc[@]}" --methods "${ACC_METHODS:-vicreg}" --runs "$out/accuracy" \
+  TWINS_BIN=$twins limited bench/accuracy.sh "${acc[@]}" --methods "${ACC_METHODS:-vicreg}" --runs "$out/accuracy" \
     --results "$out" > "$out/accuracy.log" 2>&1
-  log "accuracy: exit $? ($(( $(date +%s) - t )) s): $(ls "$out"/accuracy-*.md 2>/dev/null | head -1)"
-fi
-log "done in $(( $(date +%s) - start )) s"
+  log "accuracy: exit $? ($(($(date +%s) - t)) s): $(ls "$out"/accuracy-*.md 2>/dev/null | head -1)"
+}
+
+((dry)) && scripts/setup-reference.sh  # the machine's PyTorch for the reference columns
+unpack || exit 1
+cudatest_ran=0
+for stage in $stages; do
+  [ "$stage" = build ] || [ -x "$twins" ] || stage_build
+  case $stage in
+    build) stage_build && version ;;
+    cudatest)
+      [ -f "$out/version.txt" ] || version
+      fits 60 cudatest && ctest_run ctest-cuda -R "^cuda:" && cudatest_ran=1 ;;
+    headline)
+      [ -f "$out/version.txt" ] || version
+      read -r recipe batch <<< "$headline_size"
+      step_row vicreg "$recipe" "$batch"
+      read -r batch limit <<< "${cifar_runs[0]}"
+      # shellcheck disable=SC2086
+      e2e_row vicreg cifar10 "$batch" $limit ;;
+    test)
+      [ -f "$out/version.txt" ] || version
+      if ((cudatest_ran)); then
+        fits 90 test && ctest_run ctest -E "^cuda:" "${ctest_args[@]}"
+      else
+        fits 90 test && ctest_run ctest "${ctest_args[@]}"
+      fi ;;
+    bench)
+      for size in "${sizes[@]}"; do
+        read -r recipe batch <<< "$size"
+        for method in "${methods[@]}"; do step_row "$method" "$recipe" "$batch"; done
+      done
+      [ -f "$out/step.md" ] && log "step table: $out/step.md" ;;
+    e2e)
+      for method in "${methods[@]}"; do
+        for r in "${cifar_runs[@]}"; do
+          read -r batch limit <<< "$r"
+          # shellcheck disable=SC2086
+          e2e_row "$method" cifar10 "$batch" $limit
+        done
+      done
+      for method in "${methods[@]}"; do
+        for r in "${woof_runs[@]}"; do
+          read -r batch limit <<< "$r"
+          # shellcheck disable=SC2086
+          e2e_row "$method" imagewoof "$batch" $limit
+        done
+      done
+      [ -f "$out/e2e.md" ] && log "end-to-end table: $out/e2e.md" ;;
+    accuracy) stage_accuracy ;;
+    *) log "unknown stage $stage (build cudatest headline test bench e2e accuracy)"; exit 2 ;;
+  esac
+done
+log "done in $(($(date +%s) - start)) s"
