@@ -38,7 +38,8 @@ struct CpuConvolutionErrors {
 CpuConvolutionErrors measure_cpu_convolutions();
 /// Makes sure the CPU convolutions a training run uses compute what they should. Some LibTorch
 /// builds do not: Debian 13's 2.6, built on the system's oneDNN 3.7, returns input gradients off
-/// by 40-200% and bf16 outputs off by 30-75% here, so training would silently learn from noise.
+/// by 40-200% and bf16 outputs off by 30-75% on an AMD EPYC with AVX512-BF16, so training there
+/// would silently learn from noise.
 /// When measure_cpu_convolutions() finds them wrong, oneDNN (mkldnn) is turned off for the process
 /// (LibTorch's own kernels: right, slower) and a warning is returned; empty when all is well.
 /// Throws std::runtime_error when they are still wrong without oneDNN. Checked once per process;
