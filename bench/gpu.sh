@@ -85,8 +85,7 @@ if ((dry)); then
   python=/usr/bin/python3
   precision=(fp32)  # bf16 autocast is a CUDA path
   ctest_args=(-R "shards|losses|cuda")
-  cifar_runs=("8 --set train.max_steps=4")
-  woof_runs=("2 --set train.max_steps=2")
+  e2e_runs=("cifar10 8 --set train.max_steps=4" "imagewoof 2 --set train.max_steps=2")
 else
   build="build-gpu"
   device=cuda
@@ -98,8 +97,7 @@ else
   python=python3
   precision=(bf16 --bf16)
   ctest_args=()
-  cifar_runs=("512 --set train.epochs=${E2E_EPOCHS:-3}")
-  woof_runs=("128 --set train.max_steps=${WOOF_STEPS:-60}")
+  e2e_runs=("cifar10 512 --set train.epochs=${E2E_EPOCHS:-3}" "imagewoof 128 --set train.max_steps=${WOOF_STEPS:-60}")
 fi
 compile_mode=${COMPILE_MODE:-default}
 [ -n "${METHODS:-}" ] && read -r -a methods <<< "$METHODS"
@@ -337,9 +335,9 @@ for stage in $stages; do
       [ -f "$out/version.txt" ] || version
       read -r recipe batch <<< "$headline_size"
       step_row vicreg "$recipe" "$batch"
-      read -r batch limit <<< "${cifar_runs[0]}"
+      read -r data batch limit <<< "${e2e_runs[0]}"  # CIFAR-10
       # shellcheck disable=SC2086
-      e2e_row vicreg cifar10 "$batch" $limit ;;
+      e2e_row vicreg "$data" "$batch" $limit ;;
     test)
       [ -f "$out/version.txt" ] || version
       if ((cudatest_ran)); then
@@ -354,18 +352,11 @@ for stage in $stages; do
       done
       [ -f "$out/step.md" ] && log "step table: $out/step.md" ;;
     e2e)
-      for method in "${methods[@]}"; do
-        for r in "${cifar_runs[@]}"; do
-          read -r batch limit <<< "$r"
+      for r in "${e2e_runs[@]}"; do
+        read -r data batch limit <<< "$r"
+        for method in "${methods[@]}"; do
           # shellcheck disable=SC2086
-          e2e_row "$method" cifar10 "$batch" $limit
-        done
-      done
-      for method in "${methods[@]}"; do
-        for r in "${woof_runs[@]}"; do
-          read -r batch limit <<< "$r"
-          # shellcheck disable=SC2086
-          e2e_row "$method" imagewoof "$batch" $limit
+          e2e_row "$method" "$data" "$batch" $limit
         done
       done
       [ -f "$out/e2e.md" ] && log "end-to-end table: $out/e2e.md" ;;
