@@ -30,6 +30,9 @@ case $mode in
       debootstrap --variant=minbase --include=libtorch-dev,libgloo-dev,libopencv-dev,libarchive-dev,libcli11-dev,nlohmann-json3-dev,doctest-dev,libopenblas0-pthread,cmake,ninja-build,g++,python3-numpy \
         trixie "$root" "$mirror"
     fi
+    # (python3-numpy: one test loads twins' .npy files with NumPy; a chroot made before it was listed)
+    chroot "$root" bash -c 'dpkg -s python3-numpy > /dev/null 2>&1 ||
+      { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-numpy > /dev/null; }'
     mkdir -p "$root/src" "$root/proc" "$root/dev"
     mountpoint -q "$root/src" || mount --bind "$src" "$root/src"
     mountpoint -q "$root/proc" || mount -t proc proc "$root/proc"
