@@ -46,6 +46,7 @@ namespace {
 
 constexpr int64_t kMaxMemberBytes = int64_t{1} << 30;
 constexpr size_t kMaxUrls = 10000000;
+constexpr size_t kMaxUrlBytes = size_t{128} << 20;  // of names from one pattern (1.3M shards: ~80 MB)
 
 std::string lower(std::string s) {
   std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::tolower(c); });
@@ -321,43 +322,88 @@ int64_t parse_label(const RawSample& s, const LabelSource& label, const std::str
 
 // ---------------------------------------------------------------------------------------------
 // Brace expansion.
-void expand_one(const std::string& pattern, const std::string& whole, std::vector<std::string>& out) {
-  const size_t open = pattern.find('{');
-  if (open == std::string::npos) {
-    out.push_back(pattern);
-    if (out.size() > kMaxUrls) throw std::invalid_argument(whole + ": expands to more than 10 million names");
-    return;
+// A pattern is literal text and brace groups, each a comma list ({train,val}) or a range of
+// non-negative integers ({000..127}, zero-padded to the first bound's width). Groups do not nest.
+// The names' number and total size are known before any is made, so that a hostile pattern (a
+// product of groups) is refused at once rather than after filling memory.
+struct BraceGroup {
+  std::string before;              // literal text before the group
+  std::vector<std::string> items;  // a comma list, or
+  long long lo = 0, hi = -1;       // a range
+  size_t width = 0;
+  bool range() const { return hi >= lo; }
+  size_t size() const { return range() ? static_cast<size_t>(hi - lo + 1) : items.size(); }
+  std::string at(size_t i) const {
+    if (!range()) return items[i];
+    std::string num = std::to_string(lo + static_cast<long long>(i));
+    if (num.size() < width) num.insert(0, width - num.size(), '0');
+    return num;
   }
-  const size_t close = pattern.find('}', open);
-  if (close == std::string::npos) throw std::invalid_argument(whole + ": '{' without a closing '}'");
-  const std::string body = pattern.substr(open + 1, close - open - 1);
-  const std::string head = pattern.substr(0, open), tail = pattern.substr(close + 1);
-  const size_t dots = body.find("..");
-  if (dots != std::string::npos) {
-    const std::string a = body.substr(0, dots), b = body.substr(dots + 2);
-    auto digits = [](const std::string& t) {
-      return !t.empty() && t.size() <= 18 &&
-             std::all_of(t.begin(), t.end(), [](unsigned char c) { return std::isdigit(c); });
-    };
-    if (!digits(a) || !digits(b))
-      throw std::invalid_argument(whole + ": {" + body + "} is not a range of non-negative integers");
-    const long long lo = std::stoll(a), hi = std::stoll(b);
-    if (hi < lo) throw std::invalid_argument(whole + ": {" + body + "} runs backwards");
-    if (static_cast<unsigned long long>(hi - lo) >= kMaxUrls)
-      throw std::invalid_argument(whole + ": expands to more than 10 million names");
-    for (long long v = lo; v <= hi; ++v) {
-      std::string num = std::to_string(v);
-      if (num.size() < a.size()) num.insert(0, a.size() - num.size(), '0');
-      expand_one(head + num + tail, whole, out);
+  size_t longest() const {
+    if (range()) return std::max(width, std::to_string(hi).size());
+    size_t n = 0;
+    for (const auto& item : items) n = std::max(n, item.size());
+    return n;
+  }
+};
+
+void expand_one(const std::string& pattern, std::vector<std::string>& out) {
+  std::vector<BraceGroup> groups;
+  std::string rest = pattern;
+  for (size_t open; (open = rest.find('{')) != std::string::npos;) {
+    const size_t close = rest.find('}', open);
+    if (close == std::string::npos) throw std::invalid_argument(pattern + ": '{' without a closing '}'");
+    BraceGroup g;
+    g.before = rest.substr(0, open);
+    const std::string body = rest.substr(open + 1, close - open - 1);
+    if (body.find('{') != std::string::npos) throw std::invalid_argument(pattern + ": braces do not nest");
+    rest = rest.substr(close + 1);
+    const size_t dots = body.find("..");
+    if (dots != std::string::npos) {
+      const std::string a = body.substr(0, dots), b = body.substr(dots + 2);
+      auto digits = [](const std::string& t) {
+        return !t.empty() && t.size() <= 18 &&
+               std::all_of(t.begin(), t.end(), [](unsigned char c) { return std::isdigit(c); });
+      };
+      if (!digits(a) || !digits(b))
+        throw std::invalid_argument(pattern + ": {" + body + "} is not a range of non-negative integers");
+      g.lo = std::stoll(a), g.hi = std::stoll(b), g.width = a.size();
+      if (g.hi < g.lo) throw std::invalid_argument(pattern + ": {" + body + "} runs backwards");
+      if (static_cast<unsigned long long>(g.hi - g.lo) >= kMaxUrls)
+        throw std::invalid_argument(pattern + ": expands to more than 10 million names");
+    } else {
+      for (size_t start = 0;;) {
+        const size_t comma = body.find(',', start);
+        g.items.push_back(body.substr(start, comma - start));
+        if (comma == std::string::npos) break;
+        start = comma + 1;
+      }
     }
-    return;
+    groups.push_back(std::move(g));
   }
-  size_t start = 0;
-  while (true) {
-    const size_t comma = body.find(',', start);
-    expand_one(head + body.substr(start, comma - start) + tail, whole, out);
-    if (comma == std::string::npos) break;
-    start = comma + 1;
+  // How many names, and at most how many bytes, before making them.
+  size_t count = 1, longest = rest.size();
+  for (const auto& g : groups) {
+    if (count > kMaxUrls / g.size()) throw std::invalid_argument(pattern + ": expands to more than 10 million names");
+    count *= g.size();
+    longest += g.before.size() + g.longest();
+  }
+  if (out.size() + count > kMaxUrls) throw std::invalid_argument(pattern + ": expands to more than 10 million names");
+  if (count > kMaxUrlBytes / std::max<size_t>(longest, 1))
+    throw std::invalid_argument(pattern + ": expands to more than " + std::to_string(kMaxUrlBytes >> 20) +
+                                " MiB of names");
+  // Every combination, the last group varying fastest (as a shell's brace expansion).
+  std::vector<size_t> index(groups.size(), 0);
+  out.reserve(out.size() + count);
+  for (size_t n = 0; n < count; ++n) {
+    std::string name;
+    name.reserve(longest);
+    for (size_t i = 0; i < groups.size(); ++i) name += groups[i].before + groups[i].at(index[i]);
+    out.push_back(name + rest);
+    for (size_t i = groups.size(); i-- > 0;) {
+      if (++index[i] < groups[i].size()) break;
+      index[i] = 0;
+    }
   }
 }
 
@@ -807,7 +853,7 @@ struct ShardPattern {
 
 std::vector<std::string> expand_urls(const std::vector<std::string>& patterns) {
   std::vector<std::string> out;
-  for (const auto& p : patterns) expand_one(p, p, out);
+  for (const auto& p : patterns) expand_one(p, out);
   return out;
 }
 
