@@ -180,6 +180,13 @@ version() {
   [ -x "$twins" ] || { log "no $twins: run the build stage"; exit 1; }
   "$twins" --version | tee "$out/version.txt"
   command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$out/version.txt"
+  # The PyTorch columns: without torchvision the reference builds its own copy of its ResNets.
+  "$python" -c 'import torch
+try:
+    import torchvision; tv = torchvision.__version__
+except ImportError:
+    tv = "absent (the reference builds its own copy of its ResNets)"
+print("reference: PyTorch", torch.__version__, "torchvision", tv)' >> "$out/version.txt" 2>&1
 }
 
 # ctest_run NAME ARGS...: ctest into $out/NAME.log, under the budget.

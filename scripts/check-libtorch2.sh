@@ -5,7 +5,8 @@
 #
 #   scripts/check-libtorch2.sh cpu    a Debian 13 chroot (debootstrap) with its LibTorch 2.6 (CPU):
 #                                     builds twins there and runs the whole ctest (about 25 minutes
-#                                     on 2 cores the first time)
+#                                     on 2 cores the first time); TWINS_CHECK_SUITE=sid takes
+#                                     Debian unstable instead (LibTorch 2.14 in November 2026)
 #   scripts/check-libtorch2.sh cuda   builds twins against Debian 13's CUDA LibTorch 2.6 headers and
 #                                     libraries (contrib, extracted, not installed) and this
 #                                     machine's CUDA toolkit (CUDA_HOME, default /usr/local/cuda):
@@ -24,11 +25,12 @@ mirror=http://deb.debian.org/debian
 mkdir -p "$work"
 case $mode in
   cpu)
-    root=$work/trixie
+    suite=${TWINS_CHECK_SUITE:-trixie}
+    root=$work/$suite
     scripts/install-packages.sh check-libtorch2 debootstrap
     if [ ! -x "$root/usr/bin/cmake" ]; then
       debootstrap --variant=minbase --include=libtorch-dev,libgloo-dev,libopencv-dev,libarchive-dev,libcli11-dev,nlohmann-json3-dev,doctest-dev,libopenblas0-pthread,cmake,ninja-build,g++,python3-numpy \
-        trixie "$root" "$mirror"
+        "$suite" "$root" "$mirror"
     fi
     # (python3-numpy: one test loads twins' .npy files with NumPy; a chroot made before it was listed)
     chroot "$root" bash -c 'dpkg -s python3-numpy > /dev/null 2>&1 ||

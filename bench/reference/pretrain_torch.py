@@ -9,6 +9,9 @@ Modes (one JSON line each; images_per_s = batch_size * steps / seconds after --w
   end_to_end  the same step fed by DataLoader(shuffle, drop_last, persistent_workers, one
               torch thread per worker) over CIFAR-10's data_batch_1..5.bin with PIL views;
               data_wait: fraction of the timed span spent waiting for the next batch.
+Only step mode runs without torchvision and Pillow (a bare PyTorch install, as on some GPU
+machines): its ResNets are then this file's own copy of torchvision's (same modules, names,
+initialisation and forward; the JSON line says "models": "own").
 Run with Debian's Python (it has torch), e.g.
   /usr/bin/python3 bench/reference/pretrain_torch.py --method vicreg --mode both \
       --root ../shared/data/cifar10/cifar-10-batches-bin --threads 2 --workers 2 --steps 3
@@ -20,9 +23,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
-from PIL import Image
-from torchvision import transforms as T
+
+try:  # end_to_end mode and the ViT recipes need them; step mode with ResNets does not
+    import torchvision
+    from PIL import Image
+    from torchvision import transforms as T
+except ImportError as e:
+    torchvision = Image = T = None
+    MISSING = str(e)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -54,26 +62,99 @@ class Cifar10Views(torch.utils.data.Dataset):
         return self.views[0](img), self.views[1](img), self.labels[i]
 
 
-def resnet18_cifar(stem_padding=1):
+class _Block(nn.Module):
+    """torchvision's BasicBlock (expansion 1) or Bottleneck (expansion 4, stride on the 3x3)."""
+    def __init__(self, bottleneck, inplanes, planes, stride):
+        super().__init__()
+        self.expansion = 4 if bottleneck else 1
+        out = planes * self.expansion
+        conv = lambda i, o, k, s=1: nn.Conv2d(i, o, k, stride=s, padding=k // 2, bias=False)
+        if bottleneck:
+            self.conv1, self.bn1 = conv(inplanes, planes, 1), nn.BatchNorm2d(planes)
+            self.conv2, self.bn2 = conv(planes, planes, 3, stride), nn.BatchNorm2d(planes)
+            self.conv3, self.bn3 = conv(planes, out, 1), nn.BatchNorm2d(out)
+        else:
+            self.conv1, self.bn1 = conv(inplanes, planes, 3, stride), nn.BatchNorm2d(planes)
+            self.conv2, self.bn2 = conv(planes, planes, 3), nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = (nn.Sequential(conv(inplanes, out, 1, stride), nn.BatchNorm2d(out))
+                           if stride != 1 or inplanes != out else None)
+        self.bottleneck = bottleneck
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        if self.bottleneck:
+            y = self.bn3(self.conv3(self.relu(y)))
+        return self.relu(y + identity)
+
+
+class _ResNet(nn.Module):
+    """torchvision.models.resnet18/34/50 (v1.5) rebuilt for machines without torchvision: the
+    same module names (state dicts load either way), initialisation and forward."""
+    def __init__(self, kind, zero_init_residual=False):
+        super().__init__()
+        bottleneck, counts = {"resnet18": (False, [2, 2, 2, 2]), "resnet34": (False, [3, 4, 6, 3]),
+                              "resnet50": (True, [3, 4, 6, 3])}[kind]
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1, self.relu = nn.BatchNorm2d(64), nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        inplanes = 64
+        for i, (planes, n) in enumerate(zip([64, 128, 256, 512], counts)):
+            blocks = []
+            for j in range(n):
+                blocks.append(_Block(bottleneck, inplanes, planes, 2 if i > 0 and j == 0 else 1))
+                inplanes = planes * blocks[-1].expansion
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(inplanes, 1000)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, _Block):
+                    nn.init.constant_((m.bn3 if m.bottleneck else m.bn2).weight, 0)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def resnet(kind, zero_init_residual=False, own=False):
+    """torchvision's ResNet, or this file's copy when torchvision is absent or `own`."""
+    if own or torchvision is None:
+        return _ResNet(kind, zero_init_residual)
+    return getattr(torchvision.models, kind)(zero_init_residual=zero_init_residual)
+
+
+def resnet18_cifar(stem_padding=1, own=False):
     """The CIFAR ResNet-18: a 3x3 stride-1 stem without max-pool. The recipes that follow
     solo-learn pad the stem by 2 (34x34 maps after it, ~1.2x the FLOPs of padding 1)."""
-    net = torchvision.models.resnet18(zero_init_residual=True)
+    net = resnet("resnet18", zero_init_residual=True, own=own)
     net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=stem_padding, bias=False)
     net.maxpool, net.fc = nn.Identity(), nn.Identity()
     return net
 
 
-def backbone(spec):
+def backbone(spec, own=False):
     """The recipe's backbone and its feature size: the CIFAR ResNet-18, or torchvision's
     VisionTransformer (heads removed) for the ViT recipes."""
     if spec["type"] in ("resnet18", "resnet34", "resnet50") and not spec.get("cifar_stem", False):
-        net = getattr(torchvision.models, spec["type"])()  # the ImageNet recipes' torchvision ResNet
+        net = resnet(spec["type"], own=own)  # the ImageNet recipes' torchvision ResNet
         feat_dim = net.fc.in_features
         net.fc = nn.Identity()
         return net, feat_dim
     if not spec["type"].startswith("vit"):
         padding = spec.get("stem_padding", -1)
-        return resnet18_cifar(1 if padding < 0 else padding), 512
+        return resnet18_cifar(1 if padding < 0 else padding, own), 512
+    if torchvision is None:
+        raise SystemExit(f"the ViT recipes need torchvision ({MISSING})")
     hidden, heads = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}[spec["type"]]
     net = torchvision.models.VisionTransformer(spec.get("image_size", 224), spec.get("patch_size", 16), 12, heads,
                                                hidden, 4 * hidden)
@@ -145,10 +226,10 @@ class Trainer:
     compile: torch.compile of the networks (PyTorch >= 2.0), in compile_mode ("default",
     "reduce-overhead": with CUDA graphs, "max-autotune", ...)."""
     def __init__(self, cfg, batch_size, device="cpu", bf16=False, channels_last=False, compile=False,
-                 compile_mode="default"):
+                 compile_mode="default", own_models=False):
         self.method, model, lc, oc = cfg["method"], cfg["model"], cfg["loss"], cfg["optimizer"]
         self.device, self.bf16 = torch.device(device), bf16
-        net, feat_dim = backbone(model["backbone"])
+        net, feat_dim = backbone(model["backbone"], own_models)
         self.online = nn.Sequential(net, head(model["projector"], feat_dim))
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.online.to(self.device, memory_format=fmt)
@@ -250,11 +331,15 @@ def main():
     ap.add_argument("--compile", action="store_true", help="torch.compile the networks (PyTorch >= 2.0)")
     ap.add_argument("--compile-mode", default="default",
                     help="torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune, ...")
+    ap.add_argument("--own-models", action="store_true",
+                    help="build the ResNets with this file's copy of torchvision's (the default without torchvision)")
     ap.add_argument("--config", help="a twins recipe (default: configs/<method>_cifar10.json); step mode only for "
                                      "recipes other than CIFAR-10's")
     args = ap.parse_args()
     if args.mode != "step" and not args.root:
         ap.error("--root is needed for end_to_end")
+    if args.mode != "step" and torchvision is None:
+        ap.error(f"end_to_end needs torchvision and Pillow for its views ({MISSING}); step mode runs without")
     read_json = lambda name: json.loads(Path(CONFIGS, name).read_text())
     cfg = json.loads(Path(args.config).read_text()) if args.config else read_json(f"{args.method}_cifar10.json")
     views_spec = read_json(cfg["views"]) if isinstance(cfg["views"], str) else cfg["views"]
@@ -262,7 +347,8 @@ def main():
     batch = args.batch_size or cfg["train"]["batch_size"]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    trainer = Trainer(cfg, batch, args.device, args.bf16, args.channels_last, args.compile, args.compile_mode)
+    own = args.own_models or torchvision is None
+    trainer = Trainer(cfg, batch, args.device, args.bf16, args.channels_last, args.compile, args.compile_mode, own)
     if trainer.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats()
@@ -284,7 +370,8 @@ def main():
         extra = {"data_wait": round(wait / seconds, 4)} if mode == "end_to_end" else {}
         if trainer.device.type == "cuda":
             extra["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-        extra.update(device=str(trainer.device), bf16=args.bf16, channels_last=args.channels_last,
+        extra.update(device=str(trainer.device), models="own" if own else "torchvision",
+                     bf16=args.bf16, channels_last=args.channels_last,
                      compile=args.compile, **({"compile_mode": args.compile_mode} if args.compile else {}))
         print(json.dumps(dict(method=args.method, mode=mode, batch_size=batch, steps=args.steps,
                               images_per_s=round(batch * args.steps / seconds, 2), **extra,
