@@ -172,6 +172,20 @@ auto optimizer_state_key(const StateMap&, const TensorT& param) {
   }
 }
 
+/// Puts each parameter group's own options back into `optimizer`, built from `groups`. Newer
+/// LibTorch (2.14 has it; PyTorch #161825) rebuilds a group's options from the optimizer's
+/// defaults when it is added: a custom optimizer's (LARS) group options become the defaults
+/// outright, and a built-in one's keep only the fields that differ from its options class's own
+/// defaults (SGD's weight decay 0 for the 1-D group is taken for "not set" and replaced by the
+/// decay of the weights). twins' groups mean what they say; where LibTorch kept them (1.13) this
+/// changes nothing. A template, so this header needs no optimizer header.
+template <class Optimizer, class Groups>
+void keep_group_options(Optimizer& optimizer, const Groups& groups) {
+  auto& built = optimizer.param_groups();
+  for (size_t i = 0; i < groups.size() && i < built.size(); ++i)
+    if (groups[i].has_options()) built[i].set_options(groups[i].options().clone());
+}
+
 /// TCPStoreOptions::useLibUV (LibTorch 2.2 on, true by default from 2.4): whether the rendezvous
 /// store runs on libuv. A LibTorch built without libuv (Debian 13's 2.6) refuses true; before 2.2
 /// there is no such choice and this does nothing. Returns whether the options have the field.

@@ -46,7 +46,8 @@ void LARSParamState::serialize(torch::serialize::InputArchive& archive) {
 }
 
 LARS::LARS(std::vector<torch::optim::OptimizerParamGroup> param_groups, LARSOptions defaults)
-    : Optimizer(std::move(param_groups), std::make_unique<LARSOptions>(defaults)) {
+    : Optimizer(param_groups, std::make_unique<LARSOptions>(defaults)) {
+  compat::keep_group_options(*this, param_groups);  // newer LibTorch replaced them by `defaults`
   TORCH_CHECK(defaults.lr() >= 0, "LARS: invalid learning rate ", defaults.lr());
   TORCH_CHECK(defaults.momentum() >= 0, "LARS: invalid momentum ", defaults.momentum());
   TORCH_CHECK(defaults.weight_decay() >= 0, "LARS: invalid weight_decay ", defaults.weight_decay());

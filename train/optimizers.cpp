@@ -40,6 +40,15 @@ std::vector<torch::optim::OptimizerParamGroup> groups_of(const ParameterGroups& 
   return out;
 }
 
+// An optimizer over `groups`, each keeping its own options on every LibTorch version.
+template <class Optimizer, class Options>
+std::shared_ptr<Optimizer> over_groups(const std::vector<torch::optim::OptimizerParamGroup>& groups,
+                                       const Options& defaults) {
+  auto optimizer = std::make_shared<Optimizer>(groups, defaults);
+  compat::keep_group_options(*optimizer, groups);
+  return optimizer;
+}
+
 using OptimizerRegistry = Registry<torch::optim::Optimizer, const OptimizerConfig&, const ParameterGroups&>;
 
 const OptimizerRegistry& registry() {
@@ -62,18 +71,18 @@ const OptimizerRegistry& registry() {
       // excluded as a group: weight decay 0 marks it.
       auto flat = LARSOptions(o).lr(g.bias_lr);
       if (c.exclude_1d) flat.weight_decay(0.0).exclude_1d(false).exclude_zero_weight_decay(true);
-      return std::make_shared<LARS>(groups_of(g, o, flat), o);
+      return over_groups<LARS>(groups_of(g, o, flat), o);
     });
     r.add("sgd", [](const nlohmann::json&, const std::string&, const OptimizerConfig& c, const ParameterGroups& g) {
       const auto o = torch::optim::SGDOptions(g.lr).momentum(c.momentum).weight_decay(c.weight_decay);
       const auto flat = torch::optim::SGDOptions(o).lr(g.bias_lr).weight_decay(c.exclude_1d ? 0.0 : c.weight_decay);
-      return std::make_shared<torch::optim::SGD>(groups_of(g, o, flat), o);
+      return over_groups<torch::optim::SGD>(groups_of(g, o, flat), o);
     });
     r.add("adamw", [](const nlohmann::json&, const std::string&, const OptimizerConfig& c, const ParameterGroups& g) {
       const auto o =
           torch::optim::AdamWOptions(g.lr).weight_decay(c.weight_decay).betas({c.betas[0], c.betas[1]}).eps(c.eps);
       const auto flat = torch::optim::AdamWOptions(o).lr(g.bias_lr).weight_decay(c.exclude_1d ? 0.0 : c.weight_decay);
-      return std::make_shared<MultiTensorAdamW>(groups_of(g, o, flat), o);
+      return over_groups<MultiTensorAdamW>(groups_of(g, o, flat), o);
     });
     return r;
   }();

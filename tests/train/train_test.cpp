@@ -1,6 +1,7 @@
 #include <ATen/ATen.h>
 #include <torch/nn/module.h>
 #include <torch/optim/adamw.h>
+#include <torch/optim/sgd.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -514,6 +515,37 @@ TEST_CASE("train: LARS in solo-learn's and lightly's form matches their code ste
     const double worst = replay_lars_golden(opt, params, g);
     MESSAGE(g["name"].get<std::string>(), " LARS worst absolute difference over 3 steps: ", worst);
     CHECK(worst < 1e-13);
+  }
+}
+
+TEST_CASE("train: each parameter group keeps its own options (newer LibTorch rebuilds them from the defaults)") {
+  // LibTorch 2.14 replaced LARS's 1-D group options by the defaults (decay and adaptation on biases
+  // and norms) and SGD's weight decay 0 by the weights' decay; compat::keep_group_options undoes it.
+  TinyData data(8);
+  for (const std::string type : {"lars", "lars zero_weight_decay", "sgd", "adamw"}) {
+    CAPTURE(type);
+    json config = twins::test::tiny_recipe("vicreg", data.dir);
+    config["optimizer"] = {{"type", type.substr(0, type.find(' '))}, {"base_lr", 0.3}, {"weight_decay", 0.05}};
+    if (type == "lars zero_weight_decay") config["optimizer"]["lars_exclude"] = "zero_weight_decay";
+    const auto recipe = Recipe::parse(config);
+    const twins::train::detail::SSLModel model(recipe, 0);
+    const auto optimizer = twins::train::detail::make_optimizer(recipe.optimizer, model, 0.3, 0.1);
+    const auto& groups = optimizer->param_groups();
+    REQUIRE(groups.size() == 2);
+    CHECK(groups[0].options().get_lr() == 0.3);
+    CHECK(groups[1].options().get_lr() == 0.1);
+    auto decay = [&](const torch::optim::OptimizerOptions& o) {
+      if (type == "sgd") return static_cast<const torch::optim::SGDOptions&>(o).weight_decay();
+      if (type == "adamw") return static_cast<const torch::optim::AdamWOptions&>(o).weight_decay();
+      return static_cast<const LARSOptions&>(o).weight_decay();
+    };
+    CHECK(decay(groups[0].options()) == 0.05);
+    CHECK(decay(groups[1].options()) == 0.0);
+    if (type.rfind("lars", 0) == 0) {
+      const auto& flat = static_cast<const LARSOptions&>(groups[1].options());
+      CHECK(flat.exclude_zero_weight_decay());
+      CHECK_FALSE(flat.exclude_1d());
+    }
   }
 }
 
