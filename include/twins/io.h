@@ -4,6 +4,7 @@
 // checked; a full disk (ENOSPC) or a file-size limit (EFBIG) is an error naming the file, never a
 // truncated file and an exit code of 0. The `twins` command ignores SIGXFSZ, so a size limit
 // reaches these checks instead of killing the process.
+#include <initializer_list>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -15,6 +16,11 @@ namespace twins::io {
 void write_file_atomic(const std::string& path, const std::vector<std::string_view>& parts);
 inline void write_file_atomic(const std::string& path, std::string_view data) {
   write_file_atomic(path, std::vector<std::string_view>{data});
+}
+/// write_file_atomic(path, {"a", "b"}): C++20's string_view also takes {"a", "b"} (an iterator
+/// pair), which would make that call ambiguous without this overload.
+inline void write_file_atomic(const std::string& path, std::initializer_list<std::string_view> parts) {
+  write_file_atomic(path, std::vector<std::string_view>(parts));
 }
 
 /// A file appended to (created if absent), each append written whole or an exception.

@@ -413,7 +413,9 @@ TEST_CASE("data: hostile IDX files: overflowing headers, gzip bombs, truncation,
         "decompresses to more than the 32 bytes its header declares");
     fs::remove(dir / "train-images-idx3-ubyte.gz");
   }
-  // A truncated .gz: the message is readable (it was read after zlib freed it).
+  // A truncated .gz: the message is readable (it was read after zlib freed it). zlib up to 1.3.1
+  // reports the truncation; 1.3.2 (Debian unstable) returns the partial data without an error,
+  // and the IDX size check names the file instead.
   write_idx(dir.path.string(), "train", 300, 28, 28, true);
   fs::resize_file(dir / "train-images-idx3-ubyte.gz", fs::file_size(dir / "train-images-idx3-ubyte.gz") / 2);
   try {
@@ -421,7 +423,11 @@ TEST_CASE("data: hostile IDX files: overflowing headers, gzip bombs, truncation,
     FAIL("a truncated gzip file was accepted");
   } catch (const std::runtime_error& e) {
     const std::string what = e.what();
-    CHECK(what.find("corrupt or truncated gzip file (") != std::string::npos);
+    INFO(what);
+    CHECK(
+        (what.find("corrupt or truncated gzip file (") != std::string::npos ||
+         what.find("train-images-idx3-ubyte.gz: 16 header bytes + 300 images of 28x28 must be 235216 bytes, found ") !=
+             std::string::npos));
     for (char c : what) CHECK(((c >= 32 && c < 127) || c == '\n'));  // no garbled bytes
   }
   fs::remove(dir / "train-images-idx3-ubyte.gz");
