@@ -11,6 +11,12 @@
 #                                     libraries (contrib, extracted, not installed) and this
 #                                     machine's CUDA toolkit (CUDA_HOME, default /usr/local/cuda):
 #                                     every source compiles and links; nothing runs (no GPU)
+#   scripts/check-libtorch2.sh headers  after `cuda`: every source, the CUDA ones included, compiled
+#                                     (syntax only) against the headers of the newest LibTorch
+#                                     Debian has (TWINS_CHECK_SUITE, default sid: 2.14 in November
+#                                     2026; its CPU libtorch-dev ships the ATen/c10 CUDA and NCCL
+#                                     headers too), in the C++ standard it asks for: a newer
+#                                     LibTorch's API changes show up here before a GPU run
 # Work folder: TWINS_CHECK_DIR (default /tmp/twins-libtorch2). Notes from the first runs
 # (2026-11-29): the CPU LibTorch 2.6 there is built on the system's oneDNN 3.7, whose fp32
 # convolution input gradients and bf16 outputs are wrong on our AMD EPYC (AVX512-BF16) machines;
@@ -51,7 +57,7 @@ case $mode in
     if [ ! -f "$lt/usr/lib/x86_64-linux-gnu/libtorch_cuda.so.2.6.0" ]; then
       curl -fsS -o "$work/contrib.xz" "$mirror/dists/trixie/contrib/binary-amd64/Packages.xz"
       for p in libtorch-cuda-dev libtorch-cuda-2.6; do
-        f=$(xzcat "$work/contrib.xz" | awk -v p="$p" '$1 == "Package:" { hit = ($2 == p) } hit && $1 == "Filename:" { print $2; exit }')
+        f=$(xzcat "$work/contrib.xz" | awk -v p="$p" '$1 == "Package:" { hit = ($2 == p) } hit && $1 == "Filename:" && f == "" { f = $2 } END { print f }')
         curl -fsS -o "$work/$p.deb" "$mirror/$f"
         dpkg -x "$work/$p.deb" "$lt"
       done
@@ -83,8 +89,58 @@ endif()' > "$work/nvtx.cmake"
     done
     echo "check-libtorch2 cuda: every source compiled and linked against LibTorch 2.6 + CUDA ($("$cuda/bin/nvcc" --version | tail -1))"
     ;;
+  headers)
+    cuda=${CUDA_HOME:-/usr/local/cuda}
+    cdir=$work/build-cuda
+    [ -f "$cdir/build.ninja" ] || { echo "check-libtorch2 headers: run scripts/check-libtorch2.sh cuda first" >&2; exit 1; }
+    suite=${TWINS_CHECK_SUITE:-sid}
+    new=$work/libtorch-dev-$suite
+    if [ ! -d "$new/usr/include/ATen" ]; then
+      curl -fsS -o "$work/main-$suite.xz" "$mirror/dists/$suite/main/binary-amd64/Packages.xz"
+      f=$(xzcat "$work/main-$suite.xz" | awk '$1 == "Package:" { hit = ($2 == "libtorch-dev") } hit && $1 == "Filename:" && f == "" { f = $2 } END { print f }')
+      curl -fsS -o "$work/libtorch-dev-$suite.deb" "$mirror/$f"
+      dpkg -x "$work/libtorch-dev-$suite.deb" "$new"
+    fi
+    # Generated only by CUDA builds of LibTorch; what it says for a shared-library build.
+    mkdir -p "$work/stub/c10/cuda/impl"
+    printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' > "$work/stub/c10/cuda/impl/cuda_cmake_macros.h"
+    std=$(sed -n 's/.*CXX_STANDARD \([0-9][0-9]*\).*/\1/p' "$new"/usr/lib/*/cmake/Torch/TorchConfig.cmake | head -1)
+    version=$(dpkg-deb -f "$work/libtorch-dev-$suite.deb" Version)
+    ninja -C "$cdir" -t compdb > "$work/compdb.json"
+    python3 - "$work/compdb.json" "$work/libtorch-cuda/usr" "$new/usr" "$work/stub" "${std:-17}" "$(nproc)" "$cdir" <<'PY'
+import json, shlex, subprocess, sys
+from concurrent.futures import ThreadPoolExecutor
+compdb, old, new, stub, std, jobs, cdir = sys.argv[1:]
+commands = []
+for entry in json.load(open(compdb)):
+    if not entry["file"].endswith(".cpp"):
+        continue
+    words, args = shlex.split(entry["command"].replace(old + "/lib/../include", new + "/include").replace(old, new)), []
+    words = words[1:] if words[0].endswith("ccache") else words
+    skip = 0
+    for w in words:
+        if skip:
+            skip -= 1
+        elif w in ("-o", "-MT", "-MF"):
+            skip = 1
+        elif w not in ("-MD", "-c"):
+            args.append("-std=c++" + std if w.startswith("-std=") else w)
+    commands.append((entry["file"], args[:1] + ["-isystem", stub] + args[1:] + ["-fsyntax-only"]))
+def check(item):
+    return item[0], subprocess.run(item[1], capture_output=True, text=True, cwd=cdir)
+failed = 0
+with ThreadPoolExecutor(int(jobs)) as pool:
+    for name, result in pool.map(check, commands):
+        if result.returncode:
+            failed += 1
+            print(f"FAILED {name}\n" + "\n".join(result.stderr.splitlines()[:40]))
+print(f"{len(commands) - failed} of {len(commands)} sources compile against these headers")
+sys.exit(1 if failed else 0)
+PY
+    echo "check-libtorch2 headers: LibTorch ${version:-?} headers ($suite), C++${std:-17}, CUDA $("$cuda/bin/nvcc" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')"
+    ;;
   *)
-    echo "usage: scripts/check-libtorch2.sh cpu|cuda" >&2
+    echo "usage: scripts/check-libtorch2.sh cpu|cuda|headers" >&2
     exit 2
     ;;
 esac
