@@ -2,8 +2,10 @@
 #include <unistd.h>
 #include <zlib.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <set>
 
 #include "tests/test_util.h"
@@ -501,8 +503,9 @@ TEST_CASE("data: image headers are checked before decoding, and every undecodabl
   check_throws_with<std::runtime_error>([&] { decode_image(png, "bomb.png"); },
                                         "bomb.png: 60000x60000 pixels, above the limit of 89478485");
   // A tiny JPEG whose frame header claims 20000 x 20000: refused before libjpeg allocates.
-  std::vector<uint8_t> jpeg = {0xFF, 0xD8, 0xFF, 0xC0, 0x00, 0x11, 0x08, 0x4E, 0x20, 0x4E, 0x20, 0x03};
-  jpeg.resize(64, 0);
+  const uint8_t frame[] = {0xFF, 0xD8, 0xFF, 0xC0, 0x00, 0x11, 0x08, 0x4E, 0x20, 0x4E, 0x20, 0x03};
+  std::vector<uint8_t> jpeg(64, 0);  // (not resize(): g++ 16 warns about its inlined memset)
+  std::copy(std::begin(frame), std::end(frame), jpeg.begin());
   CHECK(image_header_size(jpeg.data(), jpeg.size()) == std::pair<int64_t, int64_t>{20000, 20000});
   check_throws_with<std::runtime_error>([&] { decode_image(jpeg, "claims.jpg"); },
                                         "20000x20000 pixels, above the limit");
