@@ -4,7 +4,8 @@
 # 2.x, so this is how a 2.x break shows up before GPU time is spent on it.
 #
 #   scripts/check-libtorch2.sh cpu    a Debian 13 chroot (debootstrap) with its LibTorch 2.6 (CPU):
-#                                     builds twins there and runs the whole ctest (about 25 minutes
+#                                     builds twins there, runs the whole ctest and the install
+#                                     check (find_package(twins) from tests/consumer) (about 25 minutes
 #                                     on 2 cores the first time); TWINS_CHECK_SUITE=sid takes
 #                                     Debian unstable instead (LibTorch 2.14 in November 2026)
 #   scripts/check-libtorch2.sh cuda   builds twins against Debian 13's CUDA LibTorch 2.6 headers and
@@ -48,7 +49,11 @@ case $mode in
     trap 'umount "$root/dev" "$root/proc" "$root/src" 2> /dev/null || true' EXIT
     chroot "$root" bash -c 'cmake -S /src -B /build -G Ninja -DCMAKE_BUILD_TYPE=Release > /dev/null &&
       cmake --build /build -j "$(nproc)" && /build/cli/twins --version &&
-      ctest --test-dir /build -j "$(nproc)" --timeout 900 --output-on-failure'
+      ctest --test-dir /build -j "$(nproc)" --timeout 900 --output-on-failure &&
+      rm -rf /tmp/prefix /tmp/consumer && cmake --install /build --prefix /tmp/prefix > /dev/null &&
+      cmake -S /src/tests/consumer -B /tmp/consumer -G Ninja -DCMAKE_PREFIX_PATH=/tmp/prefix > /dev/null &&
+      cmake --build /tmp/consumer && /tmp/prefix/bin/twins export --out /tmp/consumer/backbone.safetensors \
+        --backbone "random:{\"type\": \"resnet18\", \"width\": 8}" && /tmp/consumer/twins_consumer /tmp/consumer/backbone.safetensors'
     ;;
   cuda)
     cuda=${CUDA_HOME:-/usr/local/cuda}
