@@ -371,8 +371,6 @@ void expand_one(const std::string& pattern, std::vector<std::string>& out) {
         throw std::invalid_argument(pattern + ": {" + body + "} is not a range of non-negative integers");
       g.lo = std::stoll(a), g.hi = std::stoll(b), g.width = a.size();
       if (g.hi < g.lo) throw std::invalid_argument(pattern + ": {" + body + "} runs backwards");
-      if (static_cast<unsigned long long>(g.hi - g.lo) >= kMaxUrls)
-        throw std::invalid_argument(pattern + ": expands to more than 10 million names");
     } else {
       for (size_t start = 0;;) {
         const size_t comma = body.find(',', start);
@@ -400,8 +398,8 @@ void expand_one(const std::string& pattern, std::vector<std::string>& out) {
   for (size_t n = 0; n < count; ++n) {
     std::string name;
     name.reserve(longest);
-    for (size_t i = 0; i < groups.size(); ++i) name += groups[i].before + groups[i].at(index[i]);
-    out.push_back(name + rest);
+    for (size_t i = 0; i < groups.size(); ++i) name.append(groups[i].before).append(groups[i].at(index[i]));
+    out.push_back(std::move(name.append(rest)));
     for (size_t i = groups.size(); i-- > 0;) {
       if (++index[i] < groups[i].size()) break;
       index[i] = 0;

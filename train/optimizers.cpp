@@ -40,7 +40,7 @@ std::vector<torch::optim::OptimizerParamGroup> groups_of(const ParameterGroups& 
   return out;
 }
 
-// An optimizer over `groups`, each keeping its own options on every LibTorch version.
+// A LibTorch optimizer over `groups`, each keeping its own options on every LibTorch version.
 template <class Optimizer, class Options>
 std::shared_ptr<Optimizer> over_groups(const std::vector<torch::optim::OptimizerParamGroup>& groups,
                                        const Options& defaults) {
@@ -71,7 +71,7 @@ const OptimizerRegistry& registry() {
       // excluded as a group: weight decay 0 marks it.
       auto flat = LARSOptions(o).lr(g.bias_lr);
       if (c.exclude_1d) flat.weight_decay(0.0).exclude_1d(false).exclude_zero_weight_decay(true);
-      return over_groups<LARS>(groups_of(g, o, flat), o);
+      return std::make_shared<LARS>(groups_of(g, o, flat), o);  // keeps its groups' options itself
     });
     r.add("sgd", [](const nlohmann::json&, const std::string&, const OptimizerConfig& c, const ParameterGroups& g) {
       const auto o = torch::optim::SGDOptions(g.lr).momentum(c.momentum).weight_decay(c.weight_decay);
