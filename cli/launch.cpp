@@ -149,8 +149,9 @@ int launch_local(int nproc, double grace_seconds) {
           if (!ok && first_failure < 0) {
             first_failure = r;
             if (alive > 0) {
-              std::cerr << "error: rank " << r << " failed (" << describe(status) << "); stopping the other " << alive
-                        << " rank(s)\n";
+              // One write per line: the ranks print to the same stderr meanwhile.
+              std::cerr << ("error: rank " + std::to_string(r) + " failed (" + describe(status) +
+                            "); stopping the other " + std::to_string(alive) + " rank(s)\n");
               signal_all(SIGTERM);
               stopping = true;
               kill_at = Clock::now() + std::chrono::milliseconds(static_cast<int64_t>(grace_seconds * 1000));
@@ -167,7 +168,7 @@ int launch_local(int nproc, double grace_seconds) {
   }
   if (first_failure < 0) return 0;
   const int s = statuses[static_cast<size_t>(first_failure)];
-  std::cerr << "error: rank " << first_failure << " failed first (" << describe(s) << ")\n";
+  std::cerr << ("error: rank " + std::to_string(first_failure) + " failed first (" + describe(s) + ")\n");
   return WIFEXITED(s) ? WEXITSTATUS(s) : 128 + WTERMSIG(s);
 }
 

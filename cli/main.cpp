@@ -72,10 +72,10 @@ int main(int argc, char** argv) {
     std::cout << app.help();
     return 0;
   } catch (const std::invalid_argument& e) {
-    std::cerr << "error: " << rank_prefix(e.what()) << e.what() << "\n";
+    std::cerr << ("error: " + rank_prefix(e.what()) + e.what() + "\n");  // one write: ranks share stderr
     return 2;
   } catch (const std::exception& e) {
-    std::cerr << "error: " << rank_prefix(e.what()) << e.what() << "\n";
+    std::cerr << ("error: " + rank_prefix(e.what()) + e.what() + "\n");  // one write: ranks share stderr
     return 1;
   }
 }
