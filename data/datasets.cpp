@@ -531,6 +531,41 @@ std::shared_ptr<Dataset> create_dataset(const json& spec, const std::string& pat
 
 std::vector<std::string> dataset_names() { return registry().names(); }
 
+namespace {
+class SubsetDataset : public Dataset {
+ public:
+  SubsetDataset(std::shared_ptr<const Dataset> base, std::vector<int64_t> indices)
+      : base_(std::move(base)), indices_(std::move(indices)) {
+    on_bad_sample = base_->on_bad_sample;
+  }
+  int64_t size() const override { return static_cast<int64_t>(indices_.size()); }
+  at::Tensor image(int64_t index) const override { return base_->image(at(index)); }
+  int64_t label(int64_t index) const override { return base_->label(at(index)); }
+  std::string id(int64_t index) const override { return base_->id(at(index)); }
+  int64_t num_classes() const override { return base_->num_classes(); }
+  bool in_memory() const override { return base_->in_memory(); }
+  std::pair<int, int> image_size() const override { return base_->image_size(); }
+
+ private:
+  int64_t at(int64_t index) const { return indices_.at(static_cast<size_t>(index)); }
+  std::shared_ptr<const Dataset> base_;
+  std::vector<int64_t> indices_;
+};
+}  // namespace
+
+std::shared_ptr<Dataset> subset(std::shared_ptr<const Dataset> dataset, std::vector<int64_t> indices) {
+  if (!dataset) throw std::invalid_argument("subset: no dataset");
+  if (dataset->streaming())
+    throw std::invalid_argument(
+        "subset: a streaming dataset (tar shards) is read in its own order; a subset needs "
+        "indexed access (an image folder, a list or a binary dataset)");
+  for (const int64_t i : indices)
+    if (i < 0 || i >= dataset->size())
+      throw std::invalid_argument("subset: index " + std::to_string(i) + " outside the dataset's " +
+                                  std::to_string(dataset->size()) + " samples");
+  return std::make_shared<SubsetDataset>(std::move(dataset), std::move(indices));
+}
+
 std::shared_ptr<Dataset> open_images(const std::string& input, const std::string& path) {
   if (fs::is_directory(input)) return create_dataset({{"type", "image_folder"}, {"root", input}}, path);
   if (fs::path(input).extension() == ".json") return create_dataset(config::read_json_file(input), path);

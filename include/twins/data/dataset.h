@@ -102,6 +102,12 @@ class Dataset {
 std::shared_ptr<Dataset> create_dataset(const nlohmann::json& spec, const std::string& path = "data");
 std::vector<std::string> dataset_names();
 
+/// The samples `indices` of `dataset`, in that order, as a dataset of their own (images and labels
+/// read from `dataset`; its ids, classes and bad-sample policy). Throws std::invalid_argument for
+/// an index outside [0, dataset->size()) and for a streaming dataset (tar shards are read in their
+/// own order; a subset needs indexed access).
+std::shared_ptr<Dataset> subset(std::shared_ptr<const Dataset> dataset, std::vector<int64_t> indices);
+
 /// Images given by one path, as `twins embed --input` takes them: an image folder (classes
 /// from subfolders, if any), a dataset JSON file, or a list file (CSV: path[,label] per line).
 /// `path` names the input in messages.
