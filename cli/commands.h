@@ -15,6 +15,7 @@ Command add_shards(CLI::App& app);
 Command add_pretrain(CLI::App& app);
 Command add_linear_probe(CLI::App& app);
 Command add_knn(CLI::App& app);
+Command add_finetune(CLI::App& app);
 Command add_embed(CLI::App& app);
 Command add_export(CLI::App& app);
 Command add_plot(CLI::App& app);

@@ -1,14 +1,20 @@
-// twins linear-probe and twins knn: the standard measures of a frozen backbone.
+// twins linear-probe and twins knn: the standard measures of a frozen backbone; twins finetune:
+// the backbone trained with a classifier on (a part of) the labels.
 #include <filesystem>
 #include <fstream>
 #include <iomanip>
 #include <iostream>
+#include <optional>
+#include <sstream>
 
 #include "cli/commands.h"
 #include "twins/config.h"
 #include "twins/eval/evaluate.h"
 #include "twins/eval/plots.h"
 #include "twins/io.h"
+#include "twins/models/safetensors.h"
+#include "twins/models/weights.h"
+#include "twins/version.h"
 
 namespace twins::cli {
 namespace {
@@ -17,6 +23,8 @@ namespace fs = std::filesystem;
 struct EvalArgs {
   std::string backbone, config, out;
   std::vector<std::string> set;
+  std::optional<double> train_percent;  // twins finetune's --train-percent
+  std::string subset;                   // and --subset
 };
 
 // probe.json / knn.json go to --out, else the run folder, else the backbone file's folder.
@@ -79,6 +87,55 @@ int run_knn(const EvalArgs& a) {
   return 0;
 }
 
+int run_finetune(const EvalArgs& a) {
+  std::vector<std::string> set = a.set;
+  if (a.train_percent) {
+    std::ostringstream v;
+    v << std::setprecision(17) << *a.train_percent;
+    set.push_back("finetune.train_percent=" + v.str());
+  }
+  if (!a.subset.empty()) set.push_back("finetune.subset=" + nlohmann::json(a.subset).dump());
+  const auto cfg = eval::EvalConfig::parse(config::load_config(a.config, set));
+  const std::string out = output_dir(a);
+  std::cerr << "finetune of " << a.backbone << "\n";
+  const auto run = eval::run_finetune(a.backbone, cfg);
+  const auto& o = cfg.finetune;
+  fs::create_directories(out);
+  const fs::path backbone_file = fs::path(out) / "finetuned-backbone.safetensors";
+  const fs::path head_file = fs::path(out) / "finetune-head.safetensors";
+  models::BackboneInfo info;
+  info.image_size = cfg.image_size;
+  info.mean = cfg.normalization.mean, info.std = cfg.normalization.std;
+  info.version = TWINS_VERSION_STRING;
+  info.provenance = "twins " + std::string(TWINS_VERSION_STRING) + " finetune of " + a.backbone + ": " + run.protocol;
+  models::save_backbone(backbone_file.string(), *run.backbone, info);
+  models::save_safetensors(head_file.string(), {{"weight", run.head_weight}, {"bias", run.head_bias}});
+  const nlohmann::json result = {{"backbone", a.backbone},
+                                 {"config", a.config},
+                                 {"protocol", run.protocol},
+                                 {"num_classes", run.num_classes},
+                                 {"feature_dim", run.feature_dim},
+                                 {"train_samples", run.train_samples},
+                                 {"train_percent", o.subset.empty() ? nlohmann::json(o.train_percent) : nullptr},
+                                 {"subset", o.subset.empty() ? nlohmann::json(nullptr) : nlohmann::json(o.subset)},
+                                 {"test_samples", run.test_samples},
+                                 {"epochs", o.epochs},
+                                 {"lr_backbone", o.lr_backbone},
+                                 {"lr_head", o.lr_head},
+                                 {"weight_decay", o.weight_decay},
+                                 {"epoch_loss", run.epoch_loss},
+                                 {"top1", run.test.top1},
+                                 {"top5", run.test.top5},
+                                 {"seconds", run.seconds},
+                                 {"finetuned_backbone", backbone_file.string()},
+                                 {"head", head_file.string()}};
+  io::write_file_atomic((fs::path(out) / "finetune.json").string(), result.dump(2) + "\n");
+  std::cout << std::fixed << std::setprecision(2) << "finetune: top-1 " << run.test.top1 << "%, top-5 " << run.test.top5
+            << "% (" << run.protocol << ", " << std::setprecision(0) << run.seconds << " s); written to "
+            << (fs::path(out) / "finetune.json").string() << "\n";
+  return 0;
+}
+
 void add_common(CLI::App* sub, EvalArgs& a) {
   sub->add_option("--backbone", a.backbone,
                   "backbone.safetensors, a run folder, a torchvision ResNet in safetensors, or random:<backbone json>")
@@ -94,6 +151,21 @@ Command add_linear_probe(CLI::App& app) {
   auto a = std::make_shared<EvalArgs>();
   add_common(app.add_subcommand("linear-probe", "Linear classifier on frozen features: top-1/top-5, probe.json"), *a);
   return [a] { return run_linear_probe(*a); };
+}
+
+Command add_finetune(CLI::App& app) {
+  auto a = std::make_shared<EvalArgs>();
+  auto* sub = app.add_subcommand(
+      "finetune",
+      "Backbone + linear classifier trained on (a part of) the labels, as the official semi-supervised "
+      "evaluation: finetune.json");
+  add_common(sub, *a);
+  sub->add_option("--train-percent", a->train_percent,
+                  "Percent of each class's labelled training samples (finetune.train_percent; 1 and 10 are the "
+                  "semi-supervised benchmarks)");
+  sub->add_option("--subset", a->subset,
+                  "File naming the training samples, one per line (e.g. SimCLR's imagenet_subsets/1percent.txt)");
+  return [a] { return run_finetune(*a); };
 }
 
 Command add_knn(CLI::App& app) {

@@ -41,6 +41,7 @@ int main(int argc, char** argv) {
   add(twins::cli::add_pretrain);
   add(twins::cli::add_linear_probe);
   add(twins::cli::add_knn);
+  add(twins::cli::add_finetune);
   add(twins::cli::add_embed);
   add(twins::cli::add_export);
   add(twins::cli::add_plot);

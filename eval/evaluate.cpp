@@ -75,6 +75,36 @@ EvalConfig EvalConfig::parse(const json& root) {
     config::require(c.knn.temperature > 0, "knn.temperature", "must be > 0");
     config::require(c.knn.chunk >= 1 && c.knn.chunk <= (1 << 20), "knn.chunk", "must be in [1, 2^20]");
   }
+  r.allow("finetune");
+  if (root.contains("finetune")) {
+    config::ConfigReader f(root["finetune"], "finetune");
+    auto& o = c.finetune;
+    f.get("epochs", o.epochs);
+    f.get("batch_size", o.batch_size);
+    f.get("lr_backbone", o.lr_backbone);
+    f.get("lr_head", o.lr_head);
+    f.get("weight_decay", o.weight_decay);
+    f.get("momentum", o.momentum);
+    f.get("train_percent", o.train_percent);
+    f.get("subset", o.subset);
+    f.get("crop_scale", o.crop_scale);
+    f.get("precision", o.precision);
+    f.get("seed", o.seed);
+    f.finish();
+    config::require(o.epochs >= 1 && o.epochs <= 100000, "finetune.epochs", "must be in [1, 10^5]");
+    config::require(o.batch_size >= 1 && o.batch_size <= (1 << 20), "finetune.batch_size", "must be in [1, 2^20]");
+    config::require(o.lr_backbone >= 0 && o.lr_backbone <= 1e3, "finetune.lr_backbone",
+                    "must be in [0, 1000] (0 freezes the backbone)");
+    config::require(o.lr_head > 0 && o.lr_head <= 1e3, "finetune.lr_head", "must be in (0, 1000]");
+    config::require(o.weight_decay >= 0 && o.weight_decay <= 1, "finetune.weight_decay", "must be in [0, 1]");
+    config::require(o.momentum >= 0 && o.momentum < 1, "finetune.momentum", "must be in [0, 1)");
+    config::require(o.train_percent > 0 && o.train_percent <= 100, "finetune.train_percent", "must be in (0, 100]");
+    config::require(
+        o.crop_scale.size() == 2 && o.crop_scale[0] > 0 && o.crop_scale[0] <= o.crop_scale[1] && o.crop_scale[1] <= 1,
+        "finetune.crop_scale", "expected [min, max] with 0 < min <= max <= 1");
+    config::require(o.precision == "auto" || o.precision == "fp32" || o.precision == "bf16", "finetune.precision",
+                    "must be auto, fp32 or bf16");
+  }
   r.get("batch_size", c.batch_size);
   r.get("workers", c.workers);
   r.get("device", c.device);

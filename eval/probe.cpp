@@ -14,7 +14,6 @@
 #include "twins/schedule.h"
 
 namespace twins::eval {
-namespace {
 
 Accuracy accuracy_of(const at::Tensor& logits, const at::Tensor& labels) {
   Accuracy a;
@@ -27,6 +26,8 @@ Accuracy accuracy_of(const at::Tensor& logits, const at::Tensor& labels) {
   a.top5 = 100.0 * hit.any(1).sum().item<double>() / static_cast<double>(n);
   return a;
 }
+
+namespace {
 
 void check(const Features& f, const char* what) {
   if (!f.features.defined() || f.features.dim() != 2 || f.labels.dim() != 1 || f.labels.size(0) != f.features.size(0))

@@ -6,6 +6,9 @@
 //  "probe": {"epochs": 100, "batch_size": 256, "lr": 0.1, "weight_decay": 0, "augment": false,
 //            "crop_scale": [0.08, 1.0]},
 //  "knn": {"k": [10, 20, 100, 200], "temperature": 0.07, "variant": "dino" | "lightly"},
+//  "finetune": {"epochs": 20, "batch_size": 256, "lr_backbone": 0.03, "lr_head": 0.08,
+//               "weight_decay": 0, "momentum": 0.9, "train_percent": 100, "subset": "<file>",
+//               "crop_scale": [0.08, 1.0], "precision": "auto", "seed": 0},
 //  "batch_size": 256, "workers": 2, "device": "auto"}
 // Features are extracted once per backbone and split and cached in the output folder
 // (features-<split>-<key>.safetensors), so linear-probe and knn on the same backbone share them.
@@ -14,6 +17,7 @@
 #include <memory>
 #include <string>
 
+#include "twins/eval/finetune.h"
 #include "twins/eval/probe.h"
 #include "twins/models/network.h"
 
@@ -25,6 +29,7 @@ struct EvalConfig {
   augment::Normalization normalization;
   LinearProbeOptions probe;
   KnnOptions knn;
+  FinetuneOptions finetune;
   int64_t batch_size = 256;
   int workers = 2;
   std::string device = "auto";

@@ -22,6 +22,9 @@ struct Accuracy {
   double top1 = 0, top5 = 0;  ///< percentages
 };
 
+/// Top-1 and top-5 accuracy of logits [N, C] for labels [N] (top-5 is top-C when C < 5).
+Accuracy accuracy_of(const at::Tensor& logits, const at::Tensor& labels);
+
 struct LinearProbeOptions {
   int64_t epochs = 100;
   int64_t batch_size = 256;

@@ -1,0 +1,76 @@
+#pragma once
+// Fine-tuning evaluation (`twins finetune`): the backbone and a new linear classifier trained
+// together on labelled images, as the official VICReg and Barlow Twins evaluate.py do with
+// `--weights finetune`; with `train_percent` 1 or 10 (or a file list such as SimCLR's ImageNet
+// 1%/10% subsets) it is their semi-supervised evaluation.
+//
+// The protocol (official evaluate.py): random resized crop + horizontal flip of the training
+// images, the backbone in training mode (BatchNorm statistics of the batch), a Linear head
+// initialised N(0, 0.01) with zero bias, cross-entropy, SGD with momentum over two parameter
+// groups (head at lr_head, backbone at lr_backbone), both decayed by a cosine over epochs
+// (PyTorch's CosineAnnealingLR stepped once per epoch); scored on the test set's centre crops
+// (the evaluation transform of <twins/eval/transform.h>) after the last epoch.
+// lr_backbone = 0 freezes the backbone (evaluation mode, no gradients): the official
+// `--weights freeze` linear evaluation, with its unstandardised features.
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "twins/eval/probe.h"
+#include "twins/models/network.h"
+
+namespace twins::data {
+class Dataset;
+}
+
+namespace twins::eval {
+
+struct EvalConfig;
+
+struct FinetuneOptions {
+  int64_t epochs = 20;
+  int64_t batch_size = 256;
+  /// The defaults are VICReg's ImageNet 1% settings (its README).
+  double lr_backbone = 0.03;
+  double lr_head = 0.08;
+  double weight_decay = 0.0;
+  double momentum = 0.9;
+  /// Percentage of each class's labelled training samples used (at least one per class).
+  double train_percent = 100;
+  /// A file naming the training samples to use, one per line (an image's file name, as
+  /// SimCLR's imagenet_subsets/1percent.txt, or a sample id as `twins embed` writes them);
+  /// replaces train_percent.
+  std::string subset;
+  std::vector<double> crop_scale{0.08, 1.0};
+  /// "auto" (bf16 autocast on CUDA, fp32 on the CPU), "fp32" or "bf16".
+  std::string precision = "auto";
+  uint64_t seed = 0;
+};
+
+/// The training samples fine-tuning uses, as sorted indices of `dataset`: with `subset_file`,
+/// those whose id, or whose id's file name, is listed (every listed name must match exactly one
+/// sample); else round(train_percent% of each class's labelled samples), at least one per class,
+/// drawn with `seed`. Unlabelled samples are never chosen. Errors name the file or the value.
+std::vector<int64_t> select_train_samples(const data::Dataset& dataset, double train_percent,
+                                          const std::string& subset_file, uint64_t seed);
+
+struct FinetuneRun {
+  Accuracy test;
+  /// Loss averaged over each epoch's batches.
+  std::vector<double> epoch_loss;
+  int64_t num_classes = 0, feature_dim = 0, train_samples = 0, test_samples = 0;
+  double seconds = 0;
+  /// What produced the numbers, for finetune.json and the output.
+  std::string protocol;
+  /// The fine-tuned backbone (evaluation mode, on the CPU) and the classifier's weight [C, D]
+  /// and bias [C] (CPU, float32).
+  std::shared_ptr<models::Network> backbone;
+  at::Tensor head_weight, head_bias;
+};
+
+/// `twins finetune` as a library call. `backbone`: a file, a run folder, or random:<...> (the
+/// same protocol from random initialisation: the supervised baseline on the same labels).
+FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& config);
+
+}  // namespace twins::eval

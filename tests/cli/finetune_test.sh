@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# `twins finetune` as a user runs it: 10% of the labels through --train-percent, a file list
+# through --subset, the files it writes (the fine-tuned backbone loads in `twins knn`), and its
+# errors (a value out of range: exit 2; a list naming no sample: exit 1, naming the line).
+set -euo pipefail
+twins=$1
+quickstart=$2
+dir=$(mktemp -d)
+trap 'rm -rf "$dir"' EXIT
+
+# Random 28x28 grey images, labels 0-9 (sample i has label i % 10), as uncompressed IDX files:
+# 200 for training, 50 for testing.
+byte() { printf '%b' "\\x$(printf %02x "$1")"; }
+idx() {  # prefix count (< 256)
+  { printf '\x00\x00\x08\x03\x00\x00\x00'; byte "$2"; printf '\x00\x00\x00\x1c\x00\x00\x00\x1c'
+    head -c $(($2 * 784)) /dev/urandom; } > "$dir/$1-images-idx3-ubyte"
+  { printf '\x00\x00\x08\x01\x00\x00\x00'; byte "$2"
+    for ((i = 0; i < $2; i++)); do byte $((i % 10)); done; } > "$dir/$1-labels-idx1-ubyte"
+}
+idx train 200
+idx t10k 50
+cat > "$dir/eval.json" <<JSON
+{"train_data": {"type": "fashion_mnist", "root": "$dir", "split": "train"},
+ "test_data": {"type": "fashion_mnist", "root": "$dir", "split": "test"},
+ "image_size": 28, "normalize": {"mean": [0.5], "std": [0.3]},
+ "finetune": {"epochs": 2, "batch_size": 8, "lr_backbone": 0.01, "lr_head": 0.05},
+ "knn": {"k": [5]}, "batch_size": 32, "workers": 1, "device": "cpu"}
+JSON
+
+# 1. 10% of each class: 2 of the 20 samples of each of the 10 classes.
+"$twins" finetune --backbone "random:$quickstart" --config "$dir/eval.json" --train-percent 10 --out "$dir/ft" \
+  > "$dir/out1" 2> "$dir/err1" || { cat "$dir/out1" "$dir/err1"; exit 1; }
+grep -q "^finetune: top-1 [0-9.]*%, top-5 [0-9.]*% (fine-tuned backbone, 20 training samples (10% of each class)" \
+  "$dir/out1" || { cat "$dir/out1" "$dir/err1"; exit 1; }
+for key in '"train_samples": 20' '"train_percent": 10' '"test_samples": 50' '"epochs": 2' '"top1":' '"epoch_loss":'; do
+  grep -q "$key" "$dir/ft/finetune.json" || { echo "finetune.json lacks $key"; cat "$dir/ft/finetune.json"; exit 1; }
+done
+[ -s "$dir/ft/finetune-head.safetensors" ] || { echo "no finetune-head.safetensors"; exit 1; }
+# The fine-tuned backbone is a backbone file like any other.
+"$twins" knn --backbone "$dir/ft/finetuned-backbone.safetensors" --config "$dir/eval.json" --out "$dir/knn" \
+  > "$dir/knn.out" 2>&1 || { cat "$dir/knn.out"; exit 1; }
+grep -q "^kNN k=5" "$dir/knn.out" || { cat "$dir/knn.out"; exit 1; }
+
+# 2. The samples a file names (ids as `twins embed` writes them, or their file names).
+printf '%s\n' "train-images-idx3-ubyte#0" "train-images-idx3-ubyte#11" "$dir/train-images-idx3-ubyte#22" > "$dir/list.txt"
+"$twins" finetune --backbone "random:$quickstart" --config "$dir/eval.json" --subset "$dir/list.txt" \
+  --set finetune.epochs=1 --out "$dir/ft_list" > "$dir/out2" 2> "$dir/err2" || { cat "$dir/out2" "$dir/err2"; exit 1; }
+grep -q '"train_samples": 3' "$dir/ft_list/finetune.json" || { cat "$dir/ft_list/finetune.json"; exit 1; }
+
+# 3. Errors.
+status=0
+"$twins" finetune --backbone "random:$quickstart" --config "$dir/eval.json" --train-percent 0 --out "$dir/bad" \
+  > /dev/null 2> "$dir/err3" || status=$?
+if [ "$status" != 2 ] || ! grep -q "finetune.train_percent" "$dir/err3"; then echo "exit $status"; cat "$dir/err3"; exit 1; fi
+printf 'train-images-idx3-ubyte#0\nno-such-image.png\n' > "$dir/bad.txt"
+status=0
+"$twins" finetune --backbone "random:$quickstart" --config "$dir/eval.json" --subset "$dir/bad.txt" --out "$dir/bad" \
+  > /dev/null 2> "$dir/err4" || status=$?
+if [ "$status" != 1 ] || ! grep -q "bad.txt line 2: \"no-such-image.png\" names no training sample" "$dir/err4"; then
+  echo "exit $status"; cat "$dir/err4"; exit 1
+fi
+[ ! -e "$dir/bad/finetune.json" ] || { echo "a failed finetune wrote finetune.json"; exit 1; }
+echo "finetune: --train-percent, --subset, the written files and the errors ok"

@@ -1,0 +1,182 @@
+// Fine-tuning evaluation (twins finetune): which samples it trains on, that it learns, that
+// lr_backbone 0 leaves the backbone exactly as it was, and its configuration errors.
+#include <ATen/ATen.h>
+
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <set>
+
+#include "tests/test_util.h"
+#include "twins/data/dataset.h"
+#include "twins/data/image_io.h"
+#include "twins/eval/evaluate.h"
+#include "twins/eval/finetune.h"
+#include "twins/models/resnet.h"
+#include "twins/models/weights.h"
+
+using namespace twins::eval;
+using twins::test::check_throws_with;
+namespace fs = std::filesystem;
+
+namespace {
+
+// Samples with the given labels; ids as an image folder's ("root/c<label>/img_<i>.png"), except
+// the names in `ids` where given.
+class LabelledSamples : public twins::data::Dataset {
+ public:
+  explicit LabelledSamples(std::vector<int64_t> labels, std::map<int64_t, std::string> ids = {})
+      : labels_(std::move(labels)), ids_(std::move(ids)) {}
+  int64_t size() const override { return static_cast<int64_t>(labels_.size()); }
+  at::Tensor image(int64_t i) const override { return at::full({4, 4, 3}, i % 256, at::kByte); }
+  int64_t label(int64_t i) const override { return labels_.at(static_cast<size_t>(i)); }
+  std::string id(int64_t i) const override {
+    if (const auto it = ids_.find(i); it != ids_.end()) return it->second;
+    return "root/c" + std::to_string(label(i)) + "/img_" + std::to_string(i) + ".png";
+  }
+  int64_t num_classes() const override { return 3; }
+
+ private:
+  std::vector<int64_t> labels_;
+  std::map<int64_t, std::string> ids_;
+};
+
+std::vector<int64_t> labels_50_30_3_unlabelled_5() {
+  std::vector<int64_t> labels;
+  for (int i = 0; i < 88; ++i) labels.push_back(i < 50 ? 0 : i < 80 ? 1 : i < 83 ? 2 : -1);
+  return labels;
+}
+
+// Two classes told apart by colour (reddish and bluish noise), 16 x 16 PNGs in class folders.
+void write_colour_folder(const fs::path& root, int per_class, uint64_t seed) {
+  at::manual_seed(seed);
+  for (int c = 0; c < 2; ++c) {
+    fs::create_directories(root / ("class" + std::to_string(c)));
+    for (int i = 0; i < per_class; ++i) {
+      at::Tensor img = at::randint(0, 100, {16, 16, 3}, at::kInt);
+      img.select(2, c == 0 ? 0 : 2).add_(150);
+      twins::data::write_image((root / ("class" + std::to_string(c)) / ("img" + std::to_string(i) + ".png")).string(),
+                               img.to(at::kByte));
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("eval: fine-tuning takes its percentage of every class, or the samples a file names") {
+  const LabelledSamples d(labels_50_30_3_unlabelled_5());
+  auto class_counts = [&](const std::vector<int64_t>& chosen) {
+    std::map<int64_t, int> counts;
+    for (int64_t i : chosen) ++counts[d.label(i)];
+    return counts;
+  };
+  const auto ten = select_train_samples(d, 10, "", 0);
+  CHECK(class_counts(ten) == std::map<int64_t, int>{{0, 5}, {1, 3}, {2, 1}});  // 0.3 of a sample: one
+  CHECK(std::is_sorted(ten.begin(), ten.end()));
+  CHECK(std::set<int64_t>(ten.begin(), ten.end()).size() == ten.size());
+  CHECK(select_train_samples(d, 10, "", 0) == ten);  // a function of the seed
+  CHECK(select_train_samples(d, 10, "", 1) != ten);
+  CHECK(select_train_samples(d, 100, "", 0).size() == 83);  // every labelled sample, no unlabelled one
+  check_throws_with<std::invalid_argument>([&] { select_train_samples(d, 0, "", 0); }, "finetune.train_percent");
+
+  const fs::path dir = twins::test::fresh_dir("finetune", "subset");
+  const fs::path list = dir / "subset.txt";
+  std::ofstream(list) << "img_3.png\r\n\nroot/c1/img_60.png\nimg_81.png  \nimg_3.png\n";
+  CHECK(select_train_samples(d, 10, list.string(), 0) == std::vector<int64_t>{3, 60, 81});
+  std::ofstream(dir / "unknown.txt") << "img_3.png\nimg_999.png\n";
+  check_throws_with<std::runtime_error>([&] { select_train_samples(d, 10, (dir / "unknown.txt").string(), 0); },
+                                        "unknown.txt line 2: \"img_999.png\" names no training sample");
+  std::ofstream(dir / "unlabelled.txt") << "img_85.png\n";
+  check_throws_with<std::runtime_error>([&] { select_train_samples(d, 10, (dir / "unlabelled.txt").string(), 0); },
+                                        "has no label");
+  const LabelledSamples twins_names({0, 1}, {{0, "a/c0/same.png"}, {1, "a/c1/same.png"}});
+  std::ofstream(dir / "ambiguous.txt") << "same.png\n";
+  check_throws_with<std::runtime_error>(
+      [&] { select_train_samples(twins_names, 10, (dir / "ambiguous.txt").string(), 0); }, "names several");
+  std::ofstream(dir / "ids.txt") << "a/c1/same.png\n";
+  CHECK(select_train_samples(twins_names, 10, (dir / "ids.txt").string(), 0) == std::vector<int64_t>{1});
+  check_throws_with<std::runtime_error>([&] { select_train_samples(d, 10, (dir / "none.txt").string(), 0); },
+                                        "cannot open");
+
+  // The subset as a dataset: the base's samples, in the order given.
+  auto base = std::make_shared<LabelledSamples>(labels_50_30_3_unlabelled_5());
+  const auto sub = twins::data::subset(base, {60, 3});
+  REQUIRE(sub->size() == 2);
+  CHECK(sub->label(0) == 1);
+  CHECK(sub->id(1) == "root/c0/img_3.png");
+  CHECK(at::equal(sub->image(0), base->image(60)));
+  CHECK(sub->num_classes() == 3);
+  check_throws_with<std::invalid_argument>([&] { twins::data::subset(base, {88}); }, "index 88 outside");
+  fs::remove_all(dir);
+}
+
+TEST_CASE("eval: fine-tuning learns, and with lr_backbone 0 leaves the backbone untouched") {
+  const fs::path dir = twins::test::fresh_dir("finetune", "learn");
+  write_colour_folder(dir / "train", 16, 1);
+  write_colour_folder(dir / "test", 8, 2);
+  twins::models::ResNetOptions ro = twins::models::resnet_options("resnet18");
+  ro.width = 8, ro.cifar_stem = true;
+  at::manual_seed(3);
+  const auto original = std::make_shared<twins::models::ResNet>(ro);
+  const std::string backbone = (dir / "backbone.safetensors").string();
+  twins::models::save_backbone(backbone, *original, twins::models::BackboneInfo{});
+  nlohmann::json config = {
+      {"train_data", {{"type", "image_folder"}, {"root", (dir / "train").string()}}},
+      {"test_data", {{"type", "image_folder"}, {"root", (dir / "test").string()}}},
+      {"image_size", 16},
+      {"normalize", {{"mean", {0.5, 0.5, 0.5}}, {"std", {0.25, 0.25, 0.25}}}},
+      {"finetune", {{"epochs", 4}, {"batch_size", 8}, {"lr_backbone", 0.02}, {"lr_head", 0.2}, {"train_percent", 50}}},
+      {"batch_size", 8},
+      {"workers", 1},
+      {"device", "cpu"}};
+  const auto before = twins::models::backbone_state(*original);
+  auto same_as_before = [&](const twins::models::Network& net) {
+    const auto after = twins::models::backbone_state(net);
+    REQUIRE(after.size() == before.size());
+    for (size_t i = 0; i < before.size(); ++i)
+      if (!at::equal(after[i].second, before[i].second)) return false;
+    return true;
+  };
+
+  const FinetuneRun tuned = run_finetune(backbone, EvalConfig::parse(config));
+  CHECK(tuned.train_samples == 16);  // 50% of 16 per class
+  CHECK(tuned.test_samples == 16);
+  CHECK(tuned.num_classes == 2);
+  CHECK(tuned.feature_dim == original->output_dim());
+  REQUIRE(tuned.epoch_loss.size() == 4);
+  INFO("losses ", tuned.epoch_loss[0], " ... ", tuned.epoch_loss[3], ", top-1 ", tuned.test.top1);
+  CHECK(tuned.epoch_loss[3] < tuned.epoch_loss[0]);
+  CHECK(tuned.test.top1 >= 87.5);
+  CHECK(tuned.head_weight.sizes() == at::IntArrayRef{2, original->output_dim()});
+  CHECK_FALSE(same_as_before(*tuned.backbone));
+  CHECK(tuned.protocol.find("fine-tuned backbone, 16 training samples (50% of each class)") == 0);
+
+  config["finetune"]["lr_backbone"] = 0.0;
+  const FinetuneRun frozen = run_finetune(backbone, EvalConfig::parse(config));
+  CHECK(same_as_before(*frozen.backbone));  // weights and BatchNorm statistics
+  CHECK(frozen.test.top1 >= 87.5);
+  CHECK(frozen.protocol.find("frozen backbone") == 0);
+  fs::remove_all(dir);
+}
+
+TEST_CASE("eval: the finetune block of an eval config is checked key by key") {
+  const nlohmann::json base = {{"train_data", {{"type", "cifar10"}}}, {"test_data", {{"type", "cifar10"}}}};
+  const EvalConfig defaults = EvalConfig::parse(base);
+  CHECK(defaults.finetune.epochs == 20);  // VICReg's ImageNet 1% settings
+  CHECK(defaults.finetune.lr_backbone == doctest::Approx(0.03));
+  CHECK(defaults.finetune.lr_head == doctest::Approx(0.08));
+  CHECK(defaults.finetune.train_percent == 100);
+  auto with = [&](const nlohmann::json& finetune) {
+    nlohmann::json c = base;
+    c["finetune"] = finetune;
+    return EvalConfig::parse(c);
+  };
+  CHECK(with({{"train_percent", 10}, {"subset", "s.txt"}}).finetune.subset == "s.txt");
+  check_throws_with<std::invalid_argument>([&] { with({{"train_percent", 0}}); }, "finetune.train_percent");
+  check_throws_with<std::invalid_argument>([&] { with({{"train_percent", 101}}); }, "finetune.train_percent");
+  check_throws_with<std::invalid_argument>([&] { with({{"lr_backbone", -1}}); }, "finetune.lr_backbone");
+  check_throws_with<std::invalid_argument>([&] { with({{"lr_head", 0}}); }, "finetune.lr_head");
+  check_throws_with<std::invalid_argument>([&] { with({{"precision", "fp16"}}); }, "finetune.precision");
+  check_throws_with<std::invalid_argument>([&] { with({{"crop_scale", {0.5, 0.2}}}); }, "finetune.crop_scale");
+  check_throws_with<std::invalid_argument>([&] { with({{"lr", 0.1}}); }, "finetune.lr");
+}
