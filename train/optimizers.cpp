@@ -2,7 +2,6 @@
 // built once here, the type's options from OptimizerConfig.
 #include <torch/optim/adamw.h>
 #include <torch/optim/sgd.h>
-#include <torch/serialize/archive.h>
 
 #include <ATen/ATen.h>
 
@@ -10,7 +9,6 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <set>
-#include <sstream>
 
 #include "core/compat.h"
 #include "train/multi_tensor_adamw.h"
@@ -166,24 +164,6 @@ std::shared_ptr<torch::optim::Optimizer> make_optimizer(const OptimizerConfig& c
 void set_learning_rates(torch::optim::Optimizer& optimizer, const std::vector<double>& lrs) {
   auto& groups = optimizer.param_groups();
   for (size_t g = 0; g < groups.size() && g < lrs.size(); ++g) groups[g].options().set_lr(lrs[g]);
-}
-
-std::vector<uint8_t> save_optimizer(const torch::optim::Optimizer& optimizer) {
-  torch::serialize::OutputArchive archive;
-  optimizer.save(archive);
-  std::ostringstream s;
-  archive.save_to(s);
-  const std::string bytes = s.str();
-  return std::vector<uint8_t>(bytes.begin(), bytes.end());
-}
-
-void load_optimizer(torch::optim::Optimizer& optimizer, const at::Tensor& bytes) {
-  const at::Tensor b = bytes.contiguous();
-  std::istringstream s(
-      std::string(reinterpret_cast<const char*>(b.data_ptr<uint8_t>()), static_cast<size_t>(b.numel())));
-  torch::serialize::InputArchive archive;
-  archive.load_from(s);
-  optimizer.load(archive);
 }
 
 }  // namespace detail

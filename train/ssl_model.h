@@ -79,8 +79,4 @@ std::shared_ptr<torch::optim::Optimizer> make_optimizer(const OptimizerConfig& c
 /// theirs: the fixed-lr predictor).
 void set_learning_rates(torch::optim::Optimizer& optimizer, const std::vector<double>& lrs);
 
-/// The optimizer's state as bytes (LibTorch's archive format), and back.
-std::vector<uint8_t> save_optimizer(const torch::optim::Optimizer& optimizer);
-void load_optimizer(torch::optim::Optimizer& optimizer, const at::Tensor& bytes);
-
 }  // namespace twins::train::detail

@@ -12,6 +12,7 @@
 #include <optional>
 
 #include "core/compat.h"
+#include "core/optimizer_state.h"
 #include "train/cuda_graph.h"
 #include "train/ssl_model.h"
 #include "twins/augment/pipeline.h"
@@ -403,9 +404,9 @@ models::NamedTensors Trainer::state() const {
   auto bytes_tensor = [](const std::vector<uint8_t>& b) {
     return at::from_blob(const_cast<uint8_t*>(b.data()), {static_cast<int64_t>(b.size())}, at::kByte).clone();
   };
-  tensors.emplace_back("optimizer_state", bytes_tensor(detail::save_optimizer(*m.optimizer)));
+  tensors.emplace_back("optimizer_state", bytes_tensor(save_optimizer_state(*m.optimizer)));
   if (m.probe_optimizer)
-    tensors.emplace_back("probe_optimizer_state", bytes_tensor(detail::save_optimizer(*m.probe_optimizer)));
+    tensors.emplace_back("probe_optimizer_state", bytes_tensor(save_optimizer_state(*m.probe_optimizer)));
   return tensors;
 }
 
@@ -421,9 +422,9 @@ json Trainer::state_info() const {
 void Trainer::load_state(const models::SafeTensorsFile& file, const json& info) {
   auto& m = *impl_;
   m.model->load_state(file);
-  detail::load_optimizer(*m.optimizer, file.at("optimizer_state"));
+  load_optimizer_state(*m.optimizer, file.at("optimizer_state"));
   if (m.probe_optimizer && file.contains("probe_optimizer_state"))
-    detail::load_optimizer(*m.probe_optimizer, file.at("probe_optimizer_state"));
+    load_optimizer_state(*m.probe_optimizer, file.at("probe_optimizer_state"));
   m.step = info.at("step").get<int64_t>();
   if (m.probe_correct.defined()) m.probe_correct.fill_(info.value("probe_correct", int64_t{0}));
   m.probe_seen = info.value("probe_seen", int64_t{0});
