@@ -25,9 +25,11 @@ struct EvalArgs {
   std::vector<std::string> set;
   std::optional<double> train_percent;  // twins finetune's --train-percent
   std::string subset;                   // and --subset
+  int64_t stop_after_epochs = 0;        // and --stop-after-epochs
 };
 
-// probe.json / knn.json go to --out, else the run folder, else the backbone file's folder.
+// probe.json / knn.json / finetune.json (and the fine-tuned network) go to --out, else the run
+// folder, else the backbone file's folder.
 std::string output_dir(const EvalArgs& a) {
   if (!a.out.empty()) return a.out;
   if (a.backbone.rfind("random:", 0) == 0) return "runs/random-init";
@@ -98,12 +100,21 @@ int run_finetune(const EvalArgs& a) {
   const auto cfg = eval::EvalConfig::parse(config::load_config(a.config, set));
   const std::string out = output_dir(a);
   std::cerr << "finetune of " << a.backbone << "\n";
-  const auto run = eval::run_finetune(a.backbone, cfg);
-  const auto& o = cfg.finetune;
   fs::create_directories(out);
+  eval::FinetuneControl control;
+  control.checkpoint = (fs::path(out) / "finetune-checkpoint.safetensors").string();
+  control.stop_after_epochs = a.stop_after_epochs;
+  const auto run = eval::run_finetune(a.backbone, cfg, control);
+  const auto& o = cfg.finetune;
+  if (!run.finished) {
+    std::cout << "finetune: stopped after epoch " << run.epochs_done << " of " << o.epochs << " (state in "
+              << control.checkpoint << "); the same command continues it\n";
+    return 0;
+  }
   const fs::path backbone_file = fs::path(out) / "finetuned-backbone.safetensors";
   const fs::path head_file = fs::path(out) / "finetune-head.safetensors";
   models::BackboneInfo info;
+  if (a.backbone.rfind("random:", 0) != 0) info.method = models::read_backbone(a.backbone).info.method;
   info.image_size = cfg.image_size;
   info.mean = cfg.normalization.mean, info.std = cfg.normalization.std;
   info.version = TWINS_VERSION_STRING;
@@ -120,6 +131,7 @@ int run_finetune(const EvalArgs& a) {
                                  {"subset", o.subset.empty() ? nlohmann::json(nullptr) : nlohmann::json(o.subset)},
                                  {"test_samples", run.test_samples},
                                  {"epochs", o.epochs},
+                                 {"resumed_from_epoch", run.start_epoch},
                                  {"lr_backbone", o.lr_backbone},
                                  {"lr_head", o.lr_head},
                                  {"weight_decay", o.weight_decay},
@@ -130,6 +142,7 @@ int run_finetune(const EvalArgs& a) {
                                  {"finetuned_backbone", backbone_file.string()},
                                  {"head", head_file.string()}};
   io::write_file_atomic((fs::path(out) / "finetune.json").string(), result.dump(2) + "\n");
+  fs::remove(control.checkpoint);  // its work is kept
   std::cout << std::fixed << std::setprecision(2) << "finetune: top-1 " << run.test.top1 << "%, top-5 " << run.test.top5
             << "% (" << run.protocol << ", " << std::setprecision(0) << run.seconds << " s); written to "
             << (fs::path(out) / "finetune.json").string() << "\n";
@@ -163,6 +176,10 @@ Command add_finetune(CLI::App& app) {
   sub->add_option("--train-percent", a->train_percent,
                   "Percent of each class's labelled training samples (finetune.train_percent; 1 and 10 are the "
                   "semi-supervised benchmarks)");
+  sub->add_option("--stop-after-epochs", a->stop_after_epochs,
+                  "Stop after N epochs of this call, keeping the state in finetune-checkpoint.safetensors; the same "
+                  "command continues from there (as after a crash)")
+      ->check(CLI::Range(int64_t{1}, int64_t{1000000}));
   sub->add_option("--subset", a->subset,
                   "File naming the training samples, one per line (e.g. SimCLR's imagenet_subsets/1percent.txt)");
   return [a] { return run_finetune(*a); };

@@ -104,6 +104,8 @@ EvalConfig EvalConfig::parse(const json& root) {
         "finetune.crop_scale", "expected [min, max] with 0 < min <= max <= 1");
     config::require(o.precision == "auto" || o.precision == "fp32" || o.precision == "bf16", "finetune.precision",
                     "must be auto, fp32 or bf16");
+    config::require(o.subset.empty() || o.train_percent == 100, "finetune.subset",
+                    "names the samples itself; give it or finetune.train_percent (--train-percent), not both");
   }
   r.get("batch_size", c.batch_size);
   r.get("workers", c.workers);
@@ -115,6 +117,16 @@ EvalConfig EvalConfig::parse(const json& root) {
 }
 
 at::Device resolve_eval_device(const std::string& name) { return resolve_device(name, "device"); }
+
+uint32_t backbone_checksum(const models::Network& net) {
+  uLong crc = crc32(0L, Z_NULL, 0);
+  for (const auto& [name, t] : models::backbone_state(net)) {
+    const at::Tensor cpu = t.to(at::kCPU).contiguous();
+    crc = crc32(crc, reinterpret_cast<const Bytef*>(name.data()), static_cast<uInt>(name.size()));
+    crc = crc32(crc, static_cast<const Bytef*>(cpu.data_ptr()), static_cast<uInt>(cpu.numel() * cpu.element_size()));
+  }
+  return static_cast<uint32_t>(crc);
+}
 
 std::shared_ptr<models::Network> open_backbone(const std::string& backbone) {
   if (backbone.rfind("random:", 0) == 0) {
@@ -149,12 +161,7 @@ std::pair<Features, Features> eval_features(models::Network& net, const EvalConf
   net.to(device);
   const int channels = static_cast<int>(net.to_json().value("in_channels", 3));
   // Cache key: the backbone's weights, the data and the evaluation transform.
-  uLong crc = crc32(0L, Z_NULL, 0);
-  for (const auto& [name, t] : models::backbone_state(net)) {
-    const at::Tensor cpu = t.to(at::kCPU).contiguous();
-    crc = crc32(crc, reinterpret_cast<const Bytef*>(name.data()), static_cast<uInt>(name.size()));
-    crc = crc32(crc, static_cast<const Bytef*>(cpu.data_ptr()), static_cast<uInt>(cpu.numel() * cpu.element_size()));
-  }
+  const uLong crc = backbone_checksum(net);
   auto extract = [&](const json& spec, const std::string& split) {
     auto dataset = data::create_dataset(spec, split == "train" ? "train_data" : "test_data");
     if (num_classes) *num_classes = std::max(*num_classes, dataset->num_classes());

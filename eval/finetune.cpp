@@ -12,55 +12,115 @@
 #include <fstream>
 #include <iostream>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <sstream>
 #include <stdexcept>
+#include <unordered_map>
 
 #include "core/compat.h"
+#include "core/optimizer_state.h"
 #include "twins/augment/random.h"
 #include "twins/data/loader.h"
 #include "twins/eval/evaluate.h"
 #include "twins/eval/features.h"
+#include "twins/models/safetensors.h"
+#include "twins/models/weights.h"
 #include "twins/runtime.h"
 
 namespace twins::eval {
 namespace fs = std::filesystem;
+using nlohmann::json;
 
 namespace {
+
+// The fine-tuning checkpoint's metadata keys.
+constexpr const char* kSettingsKey = "twins_finetune_settings";
+constexpr const char* kEpochsKey = "twins_finetune_epochs_done";
+constexpr const char* kLossKey = "twins_finetune_epoch_loss";
+
+json to_json(const FinetuneOptions& o) {
+  return {{"epochs", o.epochs},
+          {"batch_size", o.batch_size},
+          {"lr_backbone", o.lr_backbone},
+          {"lr_head", o.lr_head},
+          {"weight_decay", o.weight_decay},
+          {"momentum", o.momentum},
+          {"train_percent", o.train_percent},
+          {"subset", o.subset},
+          {"crop_scale", o.crop_scale},
+          {"precision", o.precision},
+          {"seed", o.seed}};
+}
+
+// The module's parameters and buffers under "<prefix><name>".
+models::NamedTensors module_state(const torch::nn::Module& module, const std::string& prefix) {
+  models::NamedTensors out;
+  for (const auto& p : module.named_parameters()) out.emplace_back(prefix + p.key(), p.value().detach());
+  for (const auto& b : module.named_buffers()) out.emplace_back(prefix + b.key(), b.value());
+  return out;
+}
+
+void load_module_state(torch::nn::Module& module, const std::string& prefix, const models::SafeTensorsFile& file,
+                       const std::string& path) {
+  at::NoGradGuard no_grad;
+  for (auto& [name, tensor] : module_state(module, prefix)) {
+    if (!file.contains(name)) throw std::runtime_error("finetune: " + path + " lacks " + name);
+    const at::Tensor& src = file.at(name);
+    if (src.sizes() != tensor.sizes() || src.scalar_type() != tensor.scalar_type())
+      throw std::runtime_error("finetune: " + path + ": " + name + " has another shape or type than the network's");
+    at::Tensor dst = tensor;
+    dst.copy_(src);
+  }
+}
 
 std::vector<int64_t> listed_samples(const data::Dataset& dataset, const std::string& file) {
   std::ifstream in(file);
   if (!in) throw std::runtime_error("finetune.subset: cannot open " + file);
-  // Every sample under its id and under its id's file name; a name two samples share is
-  // ambiguous (-1).
-  std::map<std::string, int64_t> by_name;
-  auto add = [&](const std::string& name, int64_t i) {
-    const auto [it, inserted] = by_name.emplace(name, i);
-    if (!inserted && it->second != i) it->second = -1;
+  // The names listed, then one pass over the dataset: memory grows with the list, not with the
+  // dataset. A name is a sample's id (taken first) or its id's file name.
+  struct Wanted {
+    int64_t line = 0;
+    int64_t by_id = -1, by_name = -1;
+    bool ambiguous = false;  // a file name two samples share
   };
-  for (int64_t i = 0; i < dataset.size(); ++i) {
-    const std::string id = dataset.id(i);
-    add(id, i);
-    add(fs::path(id).filename().string(), i);
-  }
-  std::vector<int64_t> chosen;
-  std::vector<bool> taken(static_cast<size_t>(dataset.size()), false);
+  std::unordered_map<std::string, Wanted> wanted;
+  std::vector<std::string> order;
   std::string line;
   for (int64_t number = 1; std::getline(in, line); ++number) {
     while (!line.empty() && (line.back() == '\r' || line.back() == ' ' || line.back() == '\t')) line.pop_back();
-    if (line.empty()) continue;
-    const std::string where = file + " line " + std::to_string(number) + ": \"" + line + "\"";
-    const auto it = by_name.find(line);
-    if (it == by_name.end()) throw std::runtime_error("finetune.subset: " + where + " names no training sample");
-    if (it->second < 0)
-      throw std::runtime_error("finetune.subset: " + where + " names several training samples; give their ids");
-    if (dataset.label(it->second) < 0) throw std::runtime_error("finetune.subset: " + where + " has no label");
-    if (!taken[static_cast<size_t>(it->second)]) chosen.push_back(it->second);
-    taken[static_cast<size_t>(it->second)] = true;
+    if (line.empty() || wanted.count(line)) continue;  // a name listed twice counts once
+    wanted[line].line = number;
+    order.push_back(line);
   }
   if (in.bad()) throw std::runtime_error("finetune.subset: cannot read " + file);
-  if (chosen.empty()) throw std::runtime_error("finetune.subset: " + file + " names no sample");
+  if (order.empty()) throw std::runtime_error("finetune.subset: " + file + " names no sample");
+  for (int64_t i = 0; i < dataset.size(); ++i) {
+    const std::string id = dataset.id(i);
+    if (const auto it = wanted.find(id); it != wanted.end()) {
+      if (it->second.by_id >= 0) it->second.ambiguous = true;
+      it->second.by_id = i;
+    }
+    const std::string name = fs::path(id).filename().string();
+    if (name == id) continue;
+    if (const auto it = wanted.find(name); it != wanted.end()) {
+      if (it->second.by_name >= 0) it->second.ambiguous = true;
+      it->second.by_name = i;
+    }
+  }
+  std::vector<int64_t> chosen;
+  for (const std::string& name : order) {
+    const Wanted& w = wanted.at(name);
+    const std::string where = file + " line " + std::to_string(w.line) + ": \"" + name + "\"";
+    if (w.by_id < 0 && w.ambiguous)
+      throw std::runtime_error("finetune.subset: " + where + " names several training samples; give their ids");
+    const int64_t i = w.by_id >= 0 ? w.by_id : w.by_name;
+    if (i < 0) throw std::runtime_error("finetune.subset: " + where + " names no sample of train_data");
+    if (dataset.label(i) < 0) throw std::runtime_error("finetune.subset: " + where + " has no label");
+    chosen.push_back(i);
+  }
   std::sort(chosen.begin(), chosen.end());
+  chosen.erase(std::unique(chosen.begin(), chosen.end()), chosen.end());
   return chosen;
 }
 
@@ -79,7 +139,7 @@ std::vector<int64_t> select_train_samples(const data::Dataset& dataset, double t
   std::map<int64_t, std::vector<int64_t>> by_class;
   for (int64_t i = 0; i < dataset.size(); ++i)
     if (const int64_t label = dataset.label(i); label >= 0) by_class[label].push_back(i);
-  if (by_class.empty()) throw std::runtime_error("finetune: the training set has no labelled sample");
+  if (by_class.empty()) throw std::runtime_error("finetune: train_data has no labelled sample");
   std::vector<int64_t> chosen;
   for (const auto& [label, members] : by_class) {
     const auto n = static_cast<int64_t>(members.size());
@@ -88,14 +148,15 @@ std::vector<int64_t> select_train_samples(const data::Dataset& dataset, double t
       chosen.insert(chosen.end(), members.begin(), members.end());
       continue;
     }
-    const auto order = augment::permutation(n, augment::Rng(seed, static_cast<uint64_t>(label), 0, 0));
+    // A stream of its own (index ~1), apart from the views' (seed, epoch, sample, view) streams.
+    const auto order = augment::permutation(n, augment::Rng(seed, static_cast<uint64_t>(label), ~uint64_t{1}, 0));
     for (int64_t k = 0; k < take; ++k) chosen.push_back(members[static_cast<size_t>(order[static_cast<size_t>(k)])]);
   }
   std::sort(chosen.begin(), chosen.end());
   return chosen;
 }
 
-FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c) {
+FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const FinetuneControl& control) {
   const auto start = std::chrono::steady_clock::now();
   const FinetuneOptions& o = c.finetune;
   const at::Device device = resolve_eval_device(c.device);
@@ -104,10 +165,17 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c) {
     if (const std::string& warning = ensure_correct_cpu_convolutions(); !warning.empty())
       std::cerr << "warning: " << warning << "\n";
   const bool frozen = o.lr_backbone == 0;
-  const bool bf16 = o.precision == "bf16" || (o.precision == "auto" && device.is_cuda());
+  const bool bf16 = o.precision == "bf16" || (o.precision == "auto" && device.is_cuda());  // default fp32
   FinetuneRun run;
 
   std::shared_ptr<models::Network> net = open_backbone(backbone);
+  // What a checkpoint must have been written for to be resumed.
+  const json settings = {{"backbone", backbone},
+                         {"weights_crc32", backbone_checksum(*net)},
+                         {"train_data", c.train_data},
+                         {"image_size", c.image_size},
+                         {"normalize", {{"mean", c.normalization.mean}, {"std", c.normalization.std}}},
+                         {"finetune", to_json(o)}};
   net->to(device);
   const int channels = static_cast<int>(net->to_json().value("in_channels", 3));
   auto train_all = data::create_dataset(c.train_data, "train_data");
@@ -140,8 +208,7 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c) {
     head->bias.zero_();
   }
   head->to(device);
-  std::vector<at::Tensor> backbone_parameters = net->parameters();
-  for (auto& p : backbone_parameters) p.set_requires_grad(!frozen);
+  const std::vector<at::Tensor> backbone_parameters = net->parameters();  // frozen: run under NoGradGuard
   std::vector<torch::optim::OptimizerParamGroup> groups;
   groups.emplace_back(head->parameters(), std::make_unique<torch::optim::SGDOptions>(o.lr_head));
   if (!frozen) groups.emplace_back(backbone_parameters, std::make_unique<torch::optim::SGDOptions>(o.lr_backbone));
@@ -165,12 +232,51 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c) {
   view.normalization = c.normalization;
   data::LoaderOptions lo;
   lo.batch_size = o.batch_size, lo.workers = c.workers, lo.seed = o.seed, lo.channels = channels;
-  // A batch of one would leave BatchNorm without statistics: the last incomplete batch is dropped
-  // unless it is the only one.
-  lo.drop_last = run.train_samples > o.batch_size;
+  lo.drop_last = false;  // every labelled sample, each epoch, as the official script
   lo.pin_memory = device.is_cuda();
   data::Loader loader(train, {view}, lo);
   const int64_t batches = loader.batches_per_epoch();
+
+  // Resume from the checkpoint's last epoch.
+  int64_t first_epoch = 0;
+  const std::string& checkpoint = control.checkpoint;
+  if (!checkpoint.empty() && fs::exists(checkpoint)) {
+    const models::SafeTensorsFile file = models::load_safetensors(checkpoint);  // its checksum checked
+    const auto meta = [&](const char* key) {
+      const auto it = file.metadata.find(key);
+      if (it == file.metadata.end()) throw std::runtime_error("finetune: " + checkpoint + " lacks its " + key);
+      return it->second;
+    };
+    if (json::parse(meta(kSettingsKey), nullptr, false) != settings)
+      throw std::runtime_error("finetune: " + checkpoint +
+                               " was written for another backbone or other settings; remove it to start over, or "
+                               "write to another folder (--out)");
+    const json epochs_done = json::parse(meta(kEpochsKey), nullptr, false);
+    const json losses = json::parse(meta(kLossKey), nullptr, false);
+    if (!epochs_done.is_number_integer() || epochs_done.get<int64_t>() < 1 || epochs_done.get<int64_t>() > o.epochs ||
+        !losses.is_array() || static_cast<int64_t>(losses.size()) != epochs_done.get<int64_t>())
+      throw std::runtime_error("finetune: " + checkpoint + ": malformed " + kEpochsKey + " or " + kLossKey);
+    first_epoch = epochs_done.get<int64_t>();
+    for (const auto& l : losses) run.epoch_loss.push_back(l.is_number() ? l.get<double>() : 0.0);
+    load_module_state(*net, "backbone.", file, checkpoint);
+    load_module_state(*head, "head.", file, checkpoint);
+    load_optimizer_state(sgd, file.at("optimizer_state"));
+    std::cerr << "  resuming from " << checkpoint << " after epoch " << first_epoch << " of " << o.epochs << "\n";
+  }
+  run.start_epoch = first_epoch;
+  auto save_checkpoint = [&](int64_t epochs_done) {
+    models::NamedTensors tensors = module_state(*net, "backbone.");
+    for (auto& t : module_state(*head, "head.")) tensors.push_back(std::move(t));
+    const std::vector<uint8_t> bytes = save_optimizer_state(sgd);
+    tensors.emplace_back(
+        "optimizer_state",
+        at::from_blob(const_cast<uint8_t*>(bytes.data()), {static_cast<int64_t>(bytes.size())}, at::kByte).clone());
+    if (const fs::path parent = fs::path(checkpoint).parent_path(); !parent.empty()) fs::create_directories(parent);
+    models::save_safetensors(checkpoint, tensors,
+                             {{kSettingsKey, settings.dump()},
+                              {kEpochsKey, std::to_string(epochs_done)},
+                              {kLossKey, json(run.epoch_loss).dump()}});
+  };
 
   std::ostringstream protocol;
   protocol << (frozen ? "frozen backbone (lr_backbone 0)" : "fine-tuned backbone") << ", " << run.train_samples
@@ -185,7 +291,16 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c) {
   std::cerr << "  " << run.protocol << "\n";
 
   auto last = start;
-  for (int64_t epoch = 0; epoch < o.epochs; ++epoch) {
+  for (int64_t epoch = first_epoch; epoch < o.epochs; ++epoch) {
+    if (control.stop_after_epochs > 0 && epoch - first_epoch == control.stop_after_epochs) {
+      std::cerr << "  finetune: stopped after epoch " << epoch << " of " << o.epochs
+                << (checkpoint.empty() ? std::string() : ", state in " + checkpoint) << "\n";
+      run.epochs_done = epoch;
+      return run;
+    }
+    // Random ops inside the network (stochastic depth) draw from (seed, epoch), so that a resumed
+    // run draws what an uninterrupted one would.
+    at::manual_seed(o.seed * 0x9E3779B97F4A7C15ULL + static_cast<uint64_t>(epoch) + 1);
     set_lr(epoch);
     net->train(!frozen);  // frozen: BatchNorm keeps its statistics (the official `--weights freeze`)
     head->train();
@@ -203,16 +318,17 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c) {
         const at::Tensor k = keep.to(device);
         x = x.index({k}), y = y.index({k});
       }
-      at::Tensor logits;
+      // A last batch of one image is left out when fine-tuning: BatchNorm in training mode cannot
+      // normalise one value per channel (a backbone whose last maps are 1 x 1).
+      if (!frozen && x.size(0) == 1 && used > 0) continue;
+      at::Tensor features;
       {
         compat::Autocast autocast(device.type(), bf16, at::kBFloat16);
         std::optional<at::NoGradGuard> no_grad;
         if (frozen) no_grad.emplace();
-        at::Tensor features = net->forward(x);
-        no_grad.reset();
-        logits = head->forward(features.to(at::kFloat));
+        features = net->forward(x).to(at::kFloat);
       }
-      const at::Tensor loss = torch::nn::functional::cross_entropy(logits.to(at::kFloat), y);
+      const at::Tensor loss = torch::nn::functional::cross_entropy(head->forward(features), y);
       sgd.zero_grad();
       loss.backward();
       sgd.step();
@@ -227,17 +343,22 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c) {
         last = now;
       }
     }
-    const double mean_loss = used ? loss_sum.item<double>() / static_cast<double>(used) : 0.0;
+    if (used == 0)
+      throw std::runtime_error("finetune: epoch " + std::to_string(epoch + 1) +
+                               " found no labelled sample in train_data");
+    const double mean_loss = loss_sum.item<double>() / static_cast<double>(used);
     if (!std::isfinite(mean_loss))
       throw std::runtime_error("finetune: the loss is not finite in epoch " + std::to_string(epoch + 1) +
                                " (lower finetune.lr_backbone or finetune.lr_head)");
     run.epoch_loss.push_back(mean_loss);
     std::cerr << "  finetune: epoch " << epoch + 1 << "/" << o.epochs << " loss " << mean_loss << " (lr head "
               << cosine(o.lr_head, epoch, o.epochs) << ", backbone " << cosine(o.lr_backbone, epoch, o.epochs) << ")\n";
+    if (!checkpoint.empty()) save_checkpoint(epoch + 1);
   }
+  run.epochs_done = o.epochs;
+  run.finished = true;
 
   // Scored on the test set's centre crops, backbone in evaluation mode.
-  for (auto& p : backbone_parameters) p.set_requires_grad(true);
   net->eval();
   head->eval();
   ExtractOptions xo;
@@ -246,6 +367,7 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c) {
   {
     at::NoGradGuard no_grad;
     const at::Tensor mask = f.labels.ge(0);
+    if (!mask.any().item<bool>()) throw std::runtime_error("finetune: test_data has no labelled sample");
     const at::Tensor logits = head->forward(f.features.index({mask}).to(device, at::kFloat));
     run.test = accuracy_of(logits, f.labels.index({mask}).to(device));
     run.test_samples = mask.sum().item<int64_t>();

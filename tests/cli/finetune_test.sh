@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `twins finetune` as a user runs it: 10% of the labels through --train-percent, a file list
-# through --subset, the files it writes (the fine-tuned backbone loads in `twins knn`), and its
-# errors (a value out of range: exit 2; a list naming no sample: exit 1, naming the line).
+# through --subset, the files it writes (the fine-tuned backbone loads in `twins knn`), a stopped
+# run continued by the same command, and its errors (a value out of range: exit 2; a list naming no sample: exit 1, naming the line).
 set -euo pipefail
 twins=$1
 quickstart=$2
@@ -32,7 +32,7 @@ JSON
   > "$dir/out1" 2> "$dir/err1" || { cat "$dir/out1" "$dir/err1"; exit 1; }
 grep -q "^finetune: top-1 [0-9.]*%, top-5 [0-9.]*% (fine-tuned backbone, 20 training samples (10% of each class)" \
   "$dir/out1" || { cat "$dir/out1" "$dir/err1"; exit 1; }
-for key in '"train_samples": 20' '"train_percent": 10' '"test_samples": 50' '"epochs": 2' '"top1":' '"epoch_loss":'; do
+for key in '"train_samples": 20' '"train_percent": 10.0' '"test_samples": 50' '"epochs": 2' '"top1":' '"epoch_loss":'; do
   grep -q "$key" "$dir/ft/finetune.json" || { echo "finetune.json lacks $key"; cat "$dir/ft/finetune.json"; exit 1; }
 done
 [ -s "$dir/ft/finetune-head.safetensors" ] || { echo "no finetune-head.safetensors"; exit 1; }
@@ -47,7 +47,18 @@ printf '%s\n' "train-images-idx3-ubyte#0" "train-images-idx3-ubyte#11" "$dir/tra
   --set finetune.epochs=1 --out "$dir/ft_list" > "$dir/out2" 2> "$dir/err2" || { cat "$dir/out2" "$dir/err2"; exit 1; }
 grep -q '"train_samples": 3' "$dir/ft_list/finetune.json" || { cat "$dir/ft_list/finetune.json"; exit 1; }
 
-# 3. Errors.
+# 3. Stopped after an epoch, then the same command again: it resumes, finishes, and removes its
+#    checkpoint.
+resume=(finetune --backbone "random:$quickstart" --config "$dir/eval.json" --train-percent 10 --out "$dir/ft_resume")
+"$twins" "${resume[@]}" --stop-after-epochs 1 > "$dir/out5" 2> "$dir/err5" || { cat "$dir/out5" "$dir/err5"; exit 1; }
+if ! grep -q "stopped after epoch 1 of 2" "$dir/out5" || [ ! -s "$dir/ft_resume/finetune-checkpoint.safetensors" ] \
+  || [ -e "$dir/ft_resume/finetune.json" ]; then cat "$dir/out5" "$dir/err5"; ls "$dir/ft_resume"; exit 1; fi
+"$twins" "${resume[@]}" > "$dir/out6" 2> "$dir/err6" || { cat "$dir/out6" "$dir/err6"; exit 1; }
+if ! grep -q "resuming from .*finetune-checkpoint.safetensors after epoch 1 of 2" "$dir/err6" \
+  || ! grep -q '"resumed_from_epoch": 1' "$dir/ft_resume/finetune.json" \
+  || [ -e "$dir/ft_resume/finetune-checkpoint.safetensors" ]; then cat "$dir/out6" "$dir/err6"; exit 1; fi
+
+# 4. Errors.
 status=0
 "$twins" finetune --backbone "random:$quickstart" --config "$dir/eval.json" --train-percent 0 --out "$dir/bad" \
   > /dev/null 2> "$dir/err3" || status=$?
@@ -56,7 +67,7 @@ printf 'train-images-idx3-ubyte#0\nno-such-image.png\n' > "$dir/bad.txt"
 status=0
 "$twins" finetune --backbone "random:$quickstart" --config "$dir/eval.json" --subset "$dir/bad.txt" --out "$dir/bad" \
   > /dev/null 2> "$dir/err4" || status=$?
-if [ "$status" != 1 ] || ! grep -q "bad.txt line 2: \"no-such-image.png\" names no training sample" "$dir/err4"; then
+if [ "$status" != 1 ] || ! grep -q "bad.txt line 2: \"no-such-image.png\" names no sample of train_data" "$dir/err4"; then
   echo "exit $status"; cat "$dir/err4"; exit 1
 fi
 [ ! -e "$dir/bad/finetune.json" ] || { echo "a failed finetune wrote finetune.json"; exit 1; }

@@ -85,7 +85,7 @@ TEST_CASE("eval: fine-tuning takes its percentage of every class, or the samples
   CHECK(select_train_samples(d, 10, list.string(), 0) == std::vector<int64_t>{3, 60, 81});
   std::ofstream(dir / "unknown.txt") << "img_3.png\nimg_999.png\n";
   check_throws_with<std::runtime_error>([&] { select_train_samples(d, 10, (dir / "unknown.txt").string(), 0); },
-                                        "unknown.txt line 2: \"img_999.png\" names no training sample");
+                                        "unknown.txt line 2: \"img_999.png\" names no sample of train_data");
   std::ofstream(dir / "unlabelled.txt") << "img_85.png\n";
   check_throws_with<std::runtime_error>([&] { select_train_samples(d, 10, (dir / "unlabelled.txt").string(), 0); },
                                         "has no label");
@@ -95,6 +95,9 @@ TEST_CASE("eval: fine-tuning takes its percentage of every class, or the samples
       [&] { select_train_samples(twins_names, 10, (dir / "ambiguous.txt").string(), 0); }, "names several");
   std::ofstream(dir / "ids.txt") << "a/c1/same.png\n";
   CHECK(select_train_samples(twins_names, 10, (dir / "ids.txt").string(), 0) == std::vector<int64_t>{1});
+  // An exact id goes before a file name, even one that other samples share.
+  const LabelledSamples bare({0, 1, 1}, {{0, "same.png"}, {1, "a/c1/same.png"}, {2, "b/c1/same.png"}});
+  CHECK(select_train_samples(bare, 10, (dir / "ambiguous.txt").string(), 0) == std::vector<int64_t>{0});
   check_throws_with<std::runtime_error>([&] { select_train_samples(d, 10, (dir / "none.txt").string(), 0); },
                                         "cannot open");
 
@@ -112,7 +115,7 @@ TEST_CASE("eval: fine-tuning takes its percentage of every class, or the samples
 
 TEST_CASE("eval: fine-tuning learns, and with lr_backbone 0 leaves the backbone untouched") {
   const fs::path dir = twins::test::fresh_dir("finetune", "learn");
-  write_colour_folder(dir / "train", 16, 1);
+  write_colour_folder(dir / "train", 32, 1);
   write_colour_folder(dir / "test", 8, 2);
   twins::models::ResNetOptions ro = twins::models::resnet_options("resnet18");
   ro.width = 8, ro.cifar_stem = true;
@@ -139,23 +142,71 @@ TEST_CASE("eval: fine-tuning learns, and with lr_backbone 0 leaves the backbone 
   };
 
   const FinetuneRun tuned = run_finetune(backbone, EvalConfig::parse(config));
-  CHECK(tuned.train_samples == 16);  // 50% of 16 per class
+  CHECK(tuned.train_samples == 32);  // 50% of 32 per class
   CHECK(tuned.test_samples == 16);
   CHECK(tuned.num_classes == 2);
   CHECK(tuned.feature_dim == original->output_dim());
   REQUIRE(tuned.epoch_loss.size() == 4);
   INFO("losses ", tuned.epoch_loss[0], " ... ", tuned.epoch_loss[3], ", top-1 ", tuned.test.top1);
-  CHECK(tuned.epoch_loss[3] < tuned.epoch_loss[0]);
-  CHECK(tuned.test.top1 >= 87.5);
+  CHECK(tuned.epoch_loss[2] + tuned.epoch_loss[3] < 2 * tuned.epoch_loss[0]);
+  CHECK(tuned.test.top1 >= 75);
   CHECK(tuned.head_weight.sizes() == at::IntArrayRef{2, original->output_dim()});
   CHECK_FALSE(same_as_before(*tuned.backbone));
-  CHECK(tuned.protocol.find("fine-tuned backbone, 16 training samples (50% of each class)") == 0);
+  CHECK(tuned.protocol.find("fine-tuned backbone, 32 training samples (50% of each class)") == 0);
 
   config["finetune"]["lr_backbone"] = 0.0;
   const FinetuneRun frozen = run_finetune(backbone, EvalConfig::parse(config));
   CHECK(same_as_before(*frozen.backbone));  // weights and BatchNorm statistics
   CHECK(frozen.test.top1 >= 87.5);
   CHECK(frozen.protocol.find("frozen backbone") == 0);
+  fs::remove_all(dir);
+}
+
+TEST_CASE("eval: fine-tuning resumed from its checkpoint gives the uninterrupted result") {
+  const fs::path dir = twins::test::fresh_dir("finetune", "resume");
+  write_colour_folder(dir / "train", 8, 5);
+  write_colour_folder(dir / "test", 4, 6);
+  twins::models::ResNetOptions ro = twins::models::resnet_options("resnet18");
+  ro.width = 8, ro.cifar_stem = true;
+  at::manual_seed(7);
+  const std::string backbone = (dir / "backbone.safetensors").string();
+  twins::models::save_backbone(backbone, twins::models::ResNet(ro), twins::models::BackboneInfo{});
+  nlohmann::json config = {{"train_data", {{"type", "image_folder"}, {"root", (dir / "train").string()}}},
+                           {"test_data", {{"type", "image_folder"}, {"root", (dir / "test").string()}}},
+                           {"image_size", 16},
+                           {"finetune", {{"epochs", 3}, {"batch_size", 4}, {"lr_backbone", 0.02}, {"lr_head", 0.2}}},
+                           {"batch_size", 8},
+                           {"workers", 2},
+                           {"device", "cpu"}};
+  const EvalConfig cfg = EvalConfig::parse(config);
+  const FinetuneRun whole = run_finetune(backbone, cfg);
+  CHECK(whole.finished);
+
+  FinetuneControl control;
+  control.checkpoint = (dir / "out" / "finetune-checkpoint.safetensors").string();
+  control.stop_after_epochs = 2;
+  const FinetuneRun first = run_finetune(backbone, cfg, control);
+  CHECK_FALSE(first.finished);
+  CHECK(first.epochs_done == 2);
+  REQUIRE(fs::exists(control.checkpoint));
+  control.stop_after_epochs = 0;
+  const FinetuneRun resumed = run_finetune(backbone, cfg, control);
+  CHECK(resumed.finished);
+  CHECK(resumed.start_epoch == 2);
+  CHECK(resumed.epoch_loss == whole.epoch_loss);
+  CHECK(at::equal(resumed.head_weight, whole.head_weight));
+  const auto a = twins::models::backbone_state(*whole.backbone), b = twins::models::backbone_state(*resumed.backbone);
+  REQUIRE(a.size() == b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    INFO(a[i].first);
+    CHECK(at::equal(a[i].second, b[i].second));
+  }
+  CHECK(resumed.test.top1 == whole.test.top1);
+
+  // A checkpoint from other settings is not taken for this run's.
+  config["finetune"]["lr_head"] = 0.1;
+  check_throws_with<std::runtime_error>([&] { run_finetune(backbone, EvalConfig::parse(config), control); },
+                                        "was written for another backbone or other settings");
   fs::remove_all(dir);
 }
 
@@ -171,7 +222,7 @@ TEST_CASE("eval: the finetune block of an eval config is checked key by key") {
     c["finetune"] = finetune;
     return EvalConfig::parse(c);
   };
-  CHECK(with({{"train_percent", 10}, {"subset", "s.txt"}}).finetune.subset == "s.txt");
+  CHECK(with({{"subset", "s.txt"}}).finetune.subset == "s.txt");
   check_throws_with<std::invalid_argument>([&] { with({{"train_percent", 0}}); }, "finetune.train_percent");
   check_throws_with<std::invalid_argument>([&] { with({{"train_percent", 101}}); }, "finetune.train_percent");
   check_throws_with<std::invalid_argument>([&] { with({{"lr_backbone", -1}}); }, "finetune.lr_backbone");
@@ -179,4 +230,9 @@ TEST_CASE("eval: the finetune block of an eval config is checked key by key") {
   check_throws_with<std::invalid_argument>([&] { with({{"precision", "fp16"}}); }, "finetune.precision");
   check_throws_with<std::invalid_argument>([&] { with({{"crop_scale", {0.5, 0.2}}}); }, "finetune.crop_scale");
   check_throws_with<std::invalid_argument>([&] { with({{"lr", 0.1}}); }, "finetune.lr");
+  check_throws_with<std::invalid_argument>(
+      [&] {
+        with({{"train_percent", 10}, {"subset", "s.txt"}});
+      },
+      "finetune.subset");
 }

@@ -8,7 +8,7 @@
 //  "knn": {"k": [10, 20, 100, 200], "temperature": 0.07, "variant": "dino" | "lightly"},
 //  "finetune": {"epochs": 20, "batch_size": 256, "lr_backbone": 0.03, "lr_head": 0.08,
 //               "weight_decay": 0, "momentum": 0.9, "train_percent": 100, "subset": "<file>",
-//               "crop_scale": [0.08, 1.0], "precision": "auto", "seed": 0},
+//               "crop_scale": [0.08, 1.0], "precision": "fp32", "seed": 0},
 //  "batch_size": 256, "workers": 2, "device": "auto"}
 // Features are extracted once per backbone and split and cached in the output folder
 // (features-<split>-<key>.safetensors), so linear-probe and knn on the same backbone share them.
@@ -60,6 +60,10 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
 /// Loads a backbone path, or builds "random:<backbone JSON>" or "random:<recipe file>" (its
 /// model.backbone) with seed 0: the random-initialisation baseline.
 std::shared_ptr<models::Network> open_backbone(const std::string& backbone);
+
+/// CRC-32 of a backbone's tensors and their names: what identifies its weights in the feature
+/// cache and in fine-tuning checkpoints.
+uint32_t backbone_checksum(const models::Network& backbone);
 
 /// twins::resolve_device(name, "device").
 at::Device resolve_eval_device(const std::string& name);

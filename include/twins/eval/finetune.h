@@ -43,8 +43,9 @@ struct FinetuneOptions {
   /// replaces train_percent.
   std::string subset;
   std::vector<double> crop_scale{0.08, 1.0};
-  /// "auto" (bf16 autocast on CUDA, fp32 on the CPU), "fp32" or "bf16".
-  std::string precision = "auto";
+  /// "fp32" (the official script's), "bf16" (autocast for the backbone; the head and the loss
+  /// in fp32) or "auto" (bf16 on CUDA, fp32 on the CPU).
+  std::string precision = "fp32";
   uint64_t seed = 0;
 };
 
@@ -55,9 +56,26 @@ struct FinetuneOptions {
 std::vector<int64_t> select_train_samples(const data::Dataset& dataset, double train_percent,
                                           const std::string& subset_file, uint64_t seed);
 
+/// How one call of run_finetune runs (not part of the protocol).
+struct FinetuneControl {
+  /// Where the state is kept after every epoch (weights, classifier, optimizer; written
+  /// atomically); empty: nowhere. A file there from the same backbone and settings is resumed
+  /// from its last epoch, with the result an uninterrupted run gives; one from other settings is
+  /// an error naming it. The caller removes it once it has kept the results.
+  std::string checkpoint;
+  /// Stop after this many epochs of this call, checkpointed (0: run to the end).
+  int64_t stop_after_epochs = 0;
+};
+
 struct FinetuneRun {
+  /// False when stopped by FinetuneControl::stop_after_epochs before the last epoch: then
+  /// nothing was scored.
+  bool finished = false;
+  /// The epoch this call started from (0, or the checkpoint's), and the epochs done in all.
+  int64_t start_epoch = 0, epochs_done = 0;
   Accuracy test;
-  /// Loss averaged over each epoch's batches.
+  /// Loss averaged over each epoch's batches (the epochs of this call and, resumed, the
+  /// checkpoint's).
   std::vector<double> epoch_loss;
   int64_t num_classes = 0, feature_dim = 0, train_samples = 0, test_samples = 0;
   double seconds = 0;
@@ -71,6 +89,9 @@ struct FinetuneRun {
 
 /// `twins finetune` as a library call. `backbone`: a file, a run folder, or random:<...> (the
 /// same protocol from random initialisation: the supervised baseline on the same labels).
-FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& config);
+/// Applies the process-wide compute settings of a training run (configure_compute: every core,
+/// cuDNN's autotuner on CUDA). Every labelled training sample is used each epoch (no sample is
+/// dropped), except a last batch of a single image when fine-tuning, which BatchNorm cannot take.
+FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& config, const FinetuneControl& control = {});
 
 }  // namespace twins::eval
