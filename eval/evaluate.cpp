@@ -9,9 +9,11 @@
 #include <sstream>
 #include <tuple>
 
+#include "eval/progress.h"
 #include "twins/config.h"
 #include "twins/data/dataset.h"
 #include "twins/data/loader.h"
+#include "twins/eval/transform.h"
 #include "twins/models/safetensors.h"
 #include "twins/models/weights.h"
 #include "twins/runtime.h"
@@ -211,13 +213,7 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
   // through the frozen backbone (BatchNorm in evaluation mode), into the classifier.
   const auto start = std::chrono::steady_clock::now();
   auto dataset = data::create_dataset(c.train_data, "train_data");
-  augment::View view;
-  view.ops.push_back(augment::create_op(
-      {{"type", "random_resized_crop"}, {"size", c.image_size}, {"scale", o.crop_scale}, {"interpolation", "bilinear"}},
-      "probe.augment"));
-  view.ops.push_back(augment::create_op({{"type", "random_horizontal_flip"}}, "probe.augment"));
-  view.size = {c.image_size, c.image_size};
-  view.normalization = c.normalization;
+  const augment::View view = random_crop_flip_view(c.image_size, o.crop_scale, c.normalization);
   data::LoaderOptions lo;
   lo.batch_size = o.batch_size, lo.workers = c.workers, lo.seed = o.seed, lo.drop_last = false;
   lo.channels = static_cast<int>(net->to_json().value("in_channels", 3));
@@ -227,7 +223,7 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
   ProbeHead head(labelled_train.features.mean(0), labelled_train.features.std(0), run.num_classes, o,
                  batches * o.epochs, device);
   net->eval();
-  auto last = start;
+  detail::EpochProgress progress("augmented probe", 0, o.epochs, batches);
   for (int64_t epoch = 0; epoch < o.epochs; ++epoch) {
     loader.start_epoch(epoch);
     int64_t done = 0;
@@ -238,15 +234,7 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
         features = net->forward(augment::normalize_batch(batch->views[0], view.normalization, device, at::kFloat));
       }
       head.step(features, batch->labels);
-      ++done;
-      const auto now = std::chrono::steady_clock::now();
-      if (std::chrono::duration<double>(now - last).count() > 10) {
-        const double elapsed = std::chrono::duration<double>(now - start).count();
-        const double fraction = static_cast<double>(epoch * batches + done) / static_cast<double>(batches * o.epochs);
-        std::cerr << "  augmented probe: epoch " << epoch + 1 << "/" << o.epochs << ", batch " << done << "/" << batches
-                  << ", ETA " << static_cast<int64_t>(elapsed / std::max(1e-9, fraction) - elapsed) << " s\n";
-        last = now;
-      }
+      progress.batch_done(epoch, ++done);
     }
   }
   run.result.num_classes = run.num_classes;

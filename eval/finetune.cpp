@@ -20,10 +20,12 @@
 
 #include "core/compat.h"
 #include "core/optimizer_state.h"
+#include "eval/progress.h"
 #include "twins/augment/random.h"
 #include "twins/data/loader.h"
 #include "twins/eval/evaluate.h"
 #include "twins/eval/features.h"
+#include "twins/eval/transform.h"
 #include "twins/models/safetensors.h"
 #include "twins/models/weights.h"
 #include "twins/runtime.h"
@@ -223,13 +225,7 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
     }
   };
 
-  augment::View view;
-  view.ops.push_back(augment::create_op(
-      {{"type", "random_resized_crop"}, {"size", c.image_size}, {"scale", o.crop_scale}, {"interpolation", "bilinear"}},
-      "finetune"));
-  view.ops.push_back(augment::create_op({{"type", "random_horizontal_flip"}}, "finetune"));
-  view.size = {c.image_size, c.image_size};
-  view.normalization = c.normalization;
+  const augment::View view = random_crop_flip_view(c.image_size, o.crop_scale, c.normalization);
   data::LoaderOptions lo;
   lo.batch_size = o.batch_size, lo.workers = c.workers, lo.seed = o.seed, lo.channels = channels;
   lo.drop_last = false;  // every labelled sample, each epoch, as the official script
@@ -290,7 +286,7 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
   run.protocol = protocol.str();
   std::cerr << "  " << run.protocol << "\n";
 
-  auto last = start;
+  detail::EpochProgress progress("finetune", first_epoch, o.epochs, batches);
   for (int64_t epoch = first_epoch; epoch < o.epochs; ++epoch) {
     if (control.stop_after_epochs > 0 && epoch - first_epoch == control.stop_after_epochs) {
       std::cerr << "  finetune: stopped after epoch " << epoch << " of " << o.epochs
@@ -334,14 +330,7 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
       sgd.step();
       loss_sum.add_(loss.detach());
       ++used;
-      const auto now = std::chrono::steady_clock::now();
-      if (std::chrono::duration<double>(now - last).count() > 10) {
-        const double elapsed = std::chrono::duration<double>(now - start).count();
-        const double fraction = static_cast<double>(epoch * batches + done) / static_cast<double>(batches * o.epochs);
-        std::cerr << "  finetune: epoch " << epoch + 1 << "/" << o.epochs << ", batch " << done << "/" << batches
-                  << ", ETA " << static_cast<int64_t>(elapsed / std::max(1e-9, fraction) - elapsed) << " s\n";
-        last = now;
-      }
+      progress.batch_done(epoch, done);
     }
     if (used == 0)
       throw std::runtime_error("finetune: epoch " + std::to_string(epoch + 1) +

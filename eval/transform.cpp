@@ -7,6 +7,18 @@
 
 namespace twins::eval {
 
+augment::View random_crop_flip_view(int size, const std::vector<double>& scale,
+                                    const augment::Normalization& normalization) {
+  augment::View view;
+  view.ops.push_back(augment::create_op(
+      {{"type", "random_resized_crop"}, {"size", size}, {"scale", scale}, {"interpolation", "bilinear"}},
+      "random_crop_flip_view"));
+  view.ops.push_back(augment::create_op({{"type", "random_horizontal_flip"}}, "random_crop_flip_view"));
+  view.size = {size, size};
+  view.normalization = normalization;
+  return view;
+}
+
 EvalTransform EvalTransform::standard(int image_size, const augment::Normalization& normalization) {
   if (image_size < 1)
     throw std::invalid_argument("EvalTransform: image_size must be >= 1, got " + std::to_string(image_size));

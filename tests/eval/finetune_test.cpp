@@ -162,6 +162,32 @@ TEST_CASE("eval: fine-tuning learns, and with lr_backbone 0 leaves the backbone 
   fs::remove_all(dir);
 }
 
+TEST_CASE("eval: the augmented linear probe (probe.augment) learns through the frozen backbone") {
+  const fs::path dir = twins::test::fresh_dir("finetune", "augmented_probe");
+  write_colour_folder(dir / "train", 16, 8);
+  write_colour_folder(dir / "test", 8, 9);
+  twins::models::ResNetOptions ro = twins::models::resnet_options("resnet18");
+  ro.width = 8, ro.cifar_stem = true;
+  at::manual_seed(3);
+  const std::string backbone = (dir / "backbone.safetensors").string();
+  twins::models::save_backbone(backbone, twins::models::ResNet(ro), twins::models::BackboneInfo{});
+  const nlohmann::json config = {
+      {"train_data", {{"type", "image_folder"}, {"root", (dir / "train").string()}}},
+      {"test_data", {{"type", "image_folder"}, {"root", (dir / "test").string()}}},
+      {"image_size", 16},
+      {"normalize", {{"mean", {0.5, 0.5, 0.5}}, {"std", {0.25, 0.25, 0.25}}}},
+      {"probe", {{"augment", true}, {"epochs", 5}, {"batch_size", 8}, {"crop_scale", {0.3, 1.0}}}},
+      {"batch_size", 8},
+      {"workers", 1},
+      {"device", "cpu"}};
+  const LinearProbeRun run = run_linear_probe(backbone, EvalConfig::parse(config), "");
+  CHECK(run.protocol.find("augmented: random resized crop [0.3, 1] + flip") == 0);
+  CHECK(run.num_classes == 2);
+  INFO("top-1 ", run.result.test.top1);
+  CHECK(run.result.test.top1 >= 75);
+  fs::remove_all(dir);
+}
+
 TEST_CASE("eval: fine-tuning resumed from its checkpoint gives the uninterrupted result") {
   const fs::path dir = twins::test::fresh_dir("finetune", "resume");
   write_colour_folder(dir / "train", 8, 5);

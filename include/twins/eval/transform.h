@@ -40,4 +40,10 @@ struct EvalTransform {
   augment::View view() const;
 };
 
+/// The training view of the published evaluation protocols (the official evaluate.py,
+/// solo-learn): torchvision's RandomResizedCrop(size, scale, bilinear) then RandomHorizontalFlip;
+/// `normalization` is left to augment::normalize_batch.
+augment::View random_crop_flip_view(int size, const std::vector<double>& scale,
+                                    const augment::Normalization& normalization);
+
 }  // namespace twins::eval
