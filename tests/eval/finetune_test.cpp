@@ -61,6 +61,36 @@ void write_colour_folder(const fs::path& root, int per_class, uint64_t seed) {
   }
 }
 
+// A colour-folder task in a fresh folder: train/ and test/ image folders, a small random ResNet
+// saved as backbone.safetensors (seed `seed`), and an eval config for them without its probe or
+// finetune block.
+struct ColourTask {
+  fs::path dir;
+  std::string backbone;
+  std::shared_ptr<twins::models::ResNet> network;
+  nlohmann::json config;
+};
+ColourTask colour_task(const std::string& name, int train_per_class, int test_per_class, uint64_t seed) {
+  ColourTask t;
+  t.dir = twins::test::fresh_dir("finetune", name);
+  write_colour_folder(t.dir / "train", train_per_class, seed);
+  write_colour_folder(t.dir / "test", test_per_class, seed + 1);
+  twins::models::ResNetOptions ro = twins::models::resnet_options("resnet18");
+  ro.width = 8, ro.cifar_stem = true;
+  at::manual_seed(seed);
+  t.network = std::make_shared<twins::models::ResNet>(ro);
+  t.backbone = (t.dir / "backbone.safetensors").string();
+  twins::models::save_backbone(t.backbone, *t.network, twins::models::BackboneInfo{});
+  t.config = {{"train_data", {{"type", "image_folder"}, {"root", (t.dir / "train").string()}}},
+              {"test_data", {{"type", "image_folder"}, {"root", (t.dir / "test").string()}}},
+              {"image_size", 16},
+              {"normalize", {{"mean", {0.5, 0.5, 0.5}}, {"std", {0.25, 0.25, 0.25}}}},
+              {"batch_size", 8},
+              {"workers", 1},
+              {"device", "cpu"}};
+  return t;
+}
+
 }  // namespace
 
 TEST_CASE("eval: fine-tuning takes its percentage of every class, or the samples a file names") {
@@ -114,24 +144,13 @@ TEST_CASE("eval: fine-tuning takes its percentage of every class, or the samples
 }
 
 TEST_CASE("eval: fine-tuning learns, and with lr_backbone 0 leaves the backbone untouched") {
-  const fs::path dir = twins::test::fresh_dir("finetune", "learn");
-  write_colour_folder(dir / "train", 32, 1);
-  write_colour_folder(dir / "test", 8, 2);
-  twins::models::ResNetOptions ro = twins::models::resnet_options("resnet18");
-  ro.width = 8, ro.cifar_stem = true;
-  at::manual_seed(3);
-  const auto original = std::make_shared<twins::models::ResNet>(ro);
-  const std::string backbone = (dir / "backbone.safetensors").string();
-  twins::models::save_backbone(backbone, *original, twins::models::BackboneInfo{});
-  nlohmann::json config = {
-      {"train_data", {{"type", "image_folder"}, {"root", (dir / "train").string()}}},
-      {"test_data", {{"type", "image_folder"}, {"root", (dir / "test").string()}}},
-      {"image_size", 16},
-      {"normalize", {{"mean", {0.5, 0.5, 0.5}}, {"std", {0.25, 0.25, 0.25}}}},
-      {"finetune", {{"epochs", 4}, {"batch_size", 8}, {"lr_backbone", 0.02}, {"lr_head", 0.2}, {"train_percent", 50}}},
-      {"batch_size", 8},
-      {"workers", 1},
-      {"device", "cpu"}};
+  ColourTask task = colour_task("learn", 32, 8, 1);
+  const fs::path& dir = task.dir;
+  const auto& original = task.network;
+  const std::string& backbone = task.backbone;
+  nlohmann::json& config = task.config;
+  config["finetune"] = {
+      {"epochs", 4}, {"batch_size", 8}, {"lr_backbone", 0.02}, {"lr_head", 0.2}, {"train_percent", 50}};
   const auto before = twins::models::backbone_state(*original);
   auto same_as_before = [&](const twins::models::Network& net) {
     const auto after = twins::models::backbone_state(net);
@@ -163,23 +182,11 @@ TEST_CASE("eval: fine-tuning learns, and with lr_backbone 0 leaves the backbone 
 }
 
 TEST_CASE("eval: the augmented linear probe (probe.augment) learns through the frozen backbone") {
-  const fs::path dir = twins::test::fresh_dir("finetune", "augmented_probe");
-  write_colour_folder(dir / "train", 16, 8);
-  write_colour_folder(dir / "test", 8, 9);
-  twins::models::ResNetOptions ro = twins::models::resnet_options("resnet18");
-  ro.width = 8, ro.cifar_stem = true;
-  at::manual_seed(3);
-  const std::string backbone = (dir / "backbone.safetensors").string();
-  twins::models::save_backbone(backbone, twins::models::ResNet(ro), twins::models::BackboneInfo{});
-  const nlohmann::json config = {
-      {"train_data", {{"type", "image_folder"}, {"root", (dir / "train").string()}}},
-      {"test_data", {{"type", "image_folder"}, {"root", (dir / "test").string()}}},
-      {"image_size", 16},
-      {"normalize", {{"mean", {0.5, 0.5, 0.5}}, {"std", {0.25, 0.25, 0.25}}}},
-      {"probe", {{"augment", true}, {"epochs", 5}, {"batch_size", 8}, {"crop_scale", {0.3, 1.0}}}},
-      {"batch_size", 8},
-      {"workers", 1},
-      {"device", "cpu"}};
+  ColourTask task = colour_task("augmented_probe", 16, 8, 8);
+  const fs::path& dir = task.dir;
+  const std::string& backbone = task.backbone;
+  nlohmann::json& config = task.config;
+  config["probe"] = {{"augment", true}, {"epochs", 5}, {"batch_size", 8}, {"crop_scale", {0.3, 1.0}}};
   const LinearProbeRun run = run_linear_probe(backbone, EvalConfig::parse(config), "");
   CHECK(run.protocol.find("augmented: random resized crop [0.3, 1] + flip") == 0);
   CHECK(run.num_classes == 2);
@@ -189,21 +196,12 @@ TEST_CASE("eval: the augmented linear probe (probe.augment) learns through the f
 }
 
 TEST_CASE("eval: fine-tuning resumed from its checkpoint gives the uninterrupted result") {
-  const fs::path dir = twins::test::fresh_dir("finetune", "resume");
-  write_colour_folder(dir / "train", 8, 5);
-  write_colour_folder(dir / "test", 4, 6);
-  twins::models::ResNetOptions ro = twins::models::resnet_options("resnet18");
-  ro.width = 8, ro.cifar_stem = true;
-  at::manual_seed(7);
-  const std::string backbone = (dir / "backbone.safetensors").string();
-  twins::models::save_backbone(backbone, twins::models::ResNet(ro), twins::models::BackboneInfo{});
-  nlohmann::json config = {{"train_data", {{"type", "image_folder"}, {"root", (dir / "train").string()}}},
-                           {"test_data", {{"type", "image_folder"}, {"root", (dir / "test").string()}}},
-                           {"image_size", 16},
-                           {"finetune", {{"epochs", 3}, {"batch_size", 4}, {"lr_backbone", 0.02}, {"lr_head", 0.2}}},
-                           {"batch_size", 8},
-                           {"workers", 2},
-                           {"device", "cpu"}};
+  ColourTask task = colour_task("resume", 8, 4, 5);
+  const fs::path& dir = task.dir;
+  const std::string& backbone = task.backbone;
+  nlohmann::json& config = task.config;
+  config["finetune"] = {{"epochs", 3}, {"batch_size", 4}, {"lr_backbone", 0.02}, {"lr_head", 0.2}};
+  config["workers"] = 2;
   const EvalConfig cfg = EvalConfig::parse(config);
   const FinetuneRun whole = run_finetune(backbone, cfg);
   CHECK(whole.finished);
