@@ -55,27 +55,6 @@ json to_json(const FinetuneOptions& o) {
           {"seed", o.seed}};
 }
 
-// The module's parameters and buffers under "<prefix><name>".
-models::NamedTensors module_state(const torch::nn::Module& module, const std::string& prefix) {
-  models::NamedTensors out;
-  for (const auto& p : module.named_parameters()) out.emplace_back(prefix + p.key(), p.value().detach());
-  for (const auto& b : module.named_buffers()) out.emplace_back(prefix + b.key(), b.value());
-  return out;
-}
-
-void load_module_state(torch::nn::Module& module, const std::string& prefix, const models::SafeTensorsFile& file,
-                       const std::string& path) {
-  at::NoGradGuard no_grad;
-  for (auto& [name, tensor] : module_state(module, prefix)) {
-    if (!file.contains(name)) throw std::runtime_error("finetune: " + path + " lacks " + name);
-    const at::Tensor& src = file.at(name);
-    if (src.sizes() != tensor.sizes() || src.scalar_type() != tensor.scalar_type())
-      throw std::runtime_error("finetune: " + path + ": " + name + " has another shape or type than the network's");
-    at::Tensor dst = tensor;
-    dst.copy_(src);
-  }
-}
-
 std::vector<int64_t> listed_samples(const data::Dataset& dataset, const std::string& file) {
   std::ifstream in(file);
   if (!in) throw std::runtime_error("finetune.subset: cannot open " + file);
@@ -254,15 +233,15 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
       throw std::runtime_error("finetune: " + checkpoint + ": malformed " + kEpochsKey + " or " + kLossKey);
     first_epoch = epochs_done.get<int64_t>();
     for (const auto& l : losses) run.epoch_loss.push_back(l.is_number() ? l.get<double>() : 0.0);
-    load_module_state(*net, "backbone.", file, checkpoint);
-    load_module_state(*head, "head.", file, checkpoint);
+    models::load_module_state(*net, file, "finetune: " + checkpoint, "backbone.");
+    models::load_module_state(*head, file, "finetune: " + checkpoint, "head.");
     load_optimizer_state(sgd, file.at("optimizer_state"));
     std::cerr << "  resuming from " << checkpoint << " after epoch " << first_epoch << " of " << o.epochs << "\n";
   }
   run.start_epoch = first_epoch;
   auto save_checkpoint = [&](int64_t epochs_done) {
-    models::NamedTensors tensors = module_state(*net, "backbone.");
-    for (auto& t : module_state(*head, "head.")) tensors.push_back(std::move(t));
+    models::NamedTensors tensors = models::module_state(*net, "backbone.");
+    for (auto& t : models::module_state(*head, "head.")) tensors.push_back(std::move(t));
     const std::vector<uint8_t> bytes = save_optimizer_state(sgd);
     tensors.emplace_back(
         "optimizer_state",

@@ -77,12 +77,27 @@ bool is_classifier(const std::string& name) { return name.rfind("fc.", 0) == 0 |
 
 }  // namespace
 
-NamedTensors backbone_state(const Network& backbone) {
+NamedTensors module_state(const torch::nn::Module& module, const std::string& prefix) {
   NamedTensors out;
-  for (const auto& p : backbone.named_parameters()) out.emplace_back(p.key(), p.value());
-  for (const auto& b : backbone.named_buffers()) out.emplace_back(b.key(), b.value());
+  for (const auto& p : module.named_parameters()) out.emplace_back(prefix + p.key(), p.value());
+  for (const auto& b : module.named_buffers()) out.emplace_back(prefix + b.key(), b.value());
   return out;
 }
+
+void load_module_state(torch::nn::Module& module, const SafeTensorsFile& file, const std::string& what,
+                       const std::string& prefix) {
+  at::NoGradGuard no_grad;
+  for (auto& [name, tensor] : module_state(module, prefix)) {
+    if (!file.contains(name)) throw std::runtime_error(what + " lacks " + name);
+    const at::Tensor& src = file.at(name);
+    if (src.sizes() != tensor.sizes() || src.scalar_type() != tensor.scalar_type())
+      throw std::runtime_error(what + " entry " + name + " has another shape or type than the model's");
+    at::Tensor dst = tensor;
+    dst.copy_(src);
+  }
+}
+
+NamedTensors backbone_state(const Network& backbone) { return module_state(backbone); }
 
 std::map<std::string, std::string> BackboneInfo::to_metadata() const {
   std::map<std::string, std::string> m;

@@ -7,6 +7,7 @@
 
 #include "core/compat.h"
 #include "twins/distributed/data_parallel.h"
+#include "twins/models/weights.h"
 
 namespace twins::train::detail {
 
@@ -122,24 +123,9 @@ void SSLModel::ema_update(double tau) {
   at::_foreach_add_(targets, sources, 1.0 - tau);
 }
 
-models::NamedTensors SSLModel::state() const {
-  models::NamedTensors out;
-  for (const auto& p : named_parameters()) out.emplace_back(p.key(), p.value());
-  for (const auto& b : named_buffers()) out.emplace_back(b.key(), b.value());
-  return out;
-}
+models::NamedTensors SSLModel::state() const { return models::module_state(*this); }
 
-void SSLModel::load_state(const models::SafeTensorsFile& file) {
-  at::NoGradGuard no_grad;
-  for (auto& [name, tensor] : state()) {
-    if (!file.contains(name)) throw std::runtime_error("checkpoint lacks " + name);
-    const at::Tensor& src = file.at(name);
-    if (src.sizes() != tensor.sizes() || src.scalar_type() != tensor.scalar_type())
-      throw std::runtime_error("checkpoint entry " + name + " has another shape or type than the model's");
-    at::Tensor dst = tensor;
-    dst.copy_(src);
-  }
-}
+void SSLModel::load_state(const models::SafeTensorsFile& file) { models::load_module_state(*this, file, "checkpoint"); }
 
 std::shared_ptr<torch::nn::Module> SSLModel::clone(const c10::optional<c10::Device>& device) const {
   auto copy = std::make_shared<SSLModel>(recipe_, num_classes_);

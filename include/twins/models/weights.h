@@ -61,6 +61,15 @@ LoadedBackbone read_backbone(const std::string& path);
 /// read_backbone(path).network.
 std::shared_ptr<Network> load_backbone(const std::string& path);
 
+/// Every parameter and buffer of `module` under "<prefix><name>" (the tensors themselves, not
+/// copies).
+NamedTensors module_state(const torch::nn::Module& module, const std::string& prefix = "");
+/// Copies each of module_state(module, prefix)'s tensors from `file`'s tensor of that name.
+/// Throws std::runtime_error naming `what` (e.g. the file) and the entry when one is missing or
+/// has another shape or dtype; other entries of `file` are ignored.
+void load_module_state(torch::nn::Module& module, const SafeTensorsFile& file, const std::string& what,
+                       const std::string& prefix = "");
+
 /// The backbone's parameters and buffers under their (torchvision) names.
 NamedTensors backbone_state(const Network& backbone);
 
