@@ -148,6 +148,9 @@ namespace {
 
 class VICRegLoss final : public Loss {
  public:
+  LossNeeds needs() const override {
+    return {/*predictor=*/false, /*momentum_target=*/false, /*batch_statistics=*/true};
+  }
   VICRegLoss(const nlohmann::json& spec, const std::string& path) {
     config::ConfigReader r(spec, path);
     r.allow("type");
@@ -182,6 +185,9 @@ class VICRegLoss final : public Loss {
 
 class BarlowTwinsLoss final : public Loss {
  public:
+  LossNeeds needs() const override {
+    return {/*predictor=*/false, /*momentum_target=*/false, /*batch_statistics=*/true};
+  }
   BarlowTwinsLoss(const nlohmann::json& spec, const std::string& path) {
     config::ConfigReader r(spec, path);
     r.allow("type");

@@ -21,6 +21,7 @@
 #include "twins/eval/plots.h"
 #include "twins/eval/transform.h"
 #include "twins/io.h"
+#include "twins/losses.h"
 #include "twins/models/weights.h"
 #include "twins/runtime.h"
 #include "twins/train/recipe.h"
@@ -253,11 +254,17 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
       << steps_per_epoch << " steps/epoch, " << tc.epochs << " epochs"
       << (tc.max_steps ? " (max_steps " + std::to_string(tc.max_steps) + ")" : "") << ", batch " << tc.batch_size
       << (job.comm ? " x " + std::to_string(job.world) + " ranks (" + job.comm->backend() + ")" : "")
-      << (accumulate > 1 ? " x " + std::to_string(accumulate) + " accumulated" : "") << ", lr "
-      << trainer.base_learning_rates().first << ", device " << job.device.str() << " ("
+      << (accumulate > 1 ? " x " + std::to_string(accumulate) + " accumulated" + (tc.grad_cache ? " (grad cache)" : "")
+                         : "")
+      << ", lr " << trainer.base_learning_rates().first << ", device " << job.device.str() << " ("
       << to_string(trainer.precision()) << (trainer.cuda_graph() ? ", CUDA graph" : "") << ")";
     log.say(s.str());
   }
+  if (job.main_rank && accumulate > 1 && !tc.grad_cache && losses::create_loss(recipe.loss)->needs().batch_statistics)
+    warn("train.grad_accumulation: " + recipe.method + "'s batch statistics are taken over each batch of " +
+         std::to_string(tc.batch_size * job.world) + ", not over the step's " +
+         std::to_string(tc.batch_size * job.world * accumulate) +
+         "; train.grad_cache: true takes the loss over the whole step (one more forward per batch)");
   if (job.main_rank && !trainer.cuda_graph_note().empty())
     warn("train.cuda_graph: the step runs eagerly: " + trainer.cuda_graph_note());
   if (job.main_rank && job.device.is_cpu() && !ensure_correct_cpu_convolutions().empty())  // checked by the Trainer

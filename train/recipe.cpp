@@ -178,6 +178,7 @@ Recipe Recipe::parse(const json& root) {
     t.get("dist_timeout_s", c.dist_timeout_s);
     t.get("bucket_mb", c.bucket_mb);
     t.get("grad_accumulation", c.grad_accumulation);
+    t.get("grad_cache", c.grad_cache);
     t.get("cuda_graph", c.cuda_graph);
     t.finish();
     // Ranges that keep every step count of the run far inside 64 bits.

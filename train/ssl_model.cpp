@@ -58,44 +58,60 @@ std::vector<at::Tensor> SSLModel::online_parameters() const {
   return out;
 }
 
+std::vector<at::Tensor> SSLModel::online_buffers() const {
+  std::vector<at::Tensor> out;
+  for (const auto* n : {&backbone, &projector, &predictor})
+    if (*n)
+      for (const auto& b : (*n)->buffers()) out.push_back(b);
+  return out;
+}
+
 SSLModel::Output SSLModel::forward(const std::vector<at::Tensor>& views) {
-  std::vector<losses::ViewEmbeddings> e(views.size());
-  Output out;
+  Embedded e = embed(views);
+  return {loss_of(e.views), e.features};
+}
+
+SSLModel::Embedded SSLModel::embed(const std::vector<at::Tensor>& views, bool with_target) {
+  Embedded out;
+  out.views.resize(views.size());
   for (size_t v = 0; v < views.size(); ++v) {
     const at::Tensor f = backbone->forward(views[v]);
     if (v == 0) out.features = f;
-    e[v].projection = projector->forward(f);
-    if (predictor) e[v].prediction = predictor->forward(e[v].projection);
-    if (target_backbone) {
-      at::NoGradGuard no_grad;
-      e[v].target_projection = target_projector->forward(target_backbone->forward(views[v]));
-    }
+    out.views[v].projection = projector->forward(f);
+    if (predictor) out.views[v].prediction = predictor->forward(out.views[v].projection);
+  }
+  if (target_backbone && with_target) {
+    at::NoGradGuard no_grad;
+    for (size_t v = 0; v < views.size(); ++v)
+      out.views[v].target_projection = target_projector->forward(target_backbone->forward(views[v]));
   }
   // The losses run in fp32 (or the model's own fp64) even under mixed precision: their batch
   // statistics (variances, cross-correlation and covariance matrices) lose too much in bf16 or fp16.
   const compat::NoAutocast fp32_loss;
-  for (auto& v : e)
+  for (auto& v : out.views)
     for (at::Tensor* t : {&v.projection, &v.prediction, &v.target_projection})
       if (t->defined() && (t->scalar_type() == at::kBFloat16 || t->scalar_type() == at::kHalf)) *t = t->to(at::kFloat);
-  if (views.size() == 2) {
-    out.loss = loss->compute(e[0], e[1]);
-    return out;
-  }
+  return out;
+}
+
+losses::LossOutput SSLModel::loss_of(const std::vector<losses::ViewEmbeddings>& e) const {
+  const compat::NoAutocast fp32_loss;
+  if (e.size() == 2) return loss->compute(e[0], e[1]);
   // Multi-crop: every pair with a global view (0 or 1), averaged.
+  losses::LossOutput out;
   int pairs = 0;
-  for (size_t i = 0; i < 2 && i < views.size(); ++i)
-    for (size_t j = i + 1; j < views.size(); ++j) {
+  for (size_t i = 0; i < 2 && i < e.size(); ++i)
+    for (size_t j = i + 1; j < e.size(); ++j) {
       losses::LossOutput l = loss->compute(e[i], e[j]);
       if (pairs++ == 0) {
-        out.loss = l;
+        out = l;
         continue;
       }
-      out.loss.total = out.loss.total + l.total;
-      for (size_t t = 0; t < l.terms.size(); ++t)
-        out.loss.terms[t].second = out.loss.terms[t].second + l.terms[t].second;
+      out.total = out.total + l.total;
+      for (size_t t = 0; t < l.terms.size(); ++t) out.terms[t].second = out.terms[t].second + l.terms[t].second;
     }
-  out.loss.total = out.loss.total / pairs;
-  for (auto& t : out.loss.terms) t.second = t.second / pairs;
+  out.total = out.total / pairs;
+  for (auto& t : out.terms) t.second = t.second / pairs;
   return out;
 }
 

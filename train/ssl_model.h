@@ -51,8 +51,21 @@ class SSLModel : public torch::nn::Module {
     at::Tensor features;  ///< backbone features of view 0 (for the online probe)
   };
   /// Forward of all views and the loss: pairs of views (0, j) and (1, j) beyond two views are
-  /// averaged (multi-crop); with two views this is the method's loss.
+  /// averaged (multi-crop); with two views this is the method's loss. loss_of(embed(views)).
   Output forward(const std::vector<at::Tensor>& views);
+
+  struct Embedded {
+    std::vector<losses::ViewEmbeddings> views;  ///< in fp32 (or the model's fp64), whatever the autocast
+    at::Tensor features;                        ///< backbone features of view 0
+  };
+  /// The online networks on every view, in view order, then (`with_target`) the momentum target
+  /// on every view, without gradients: random ops (stochastic depth) draw in that order, so
+  /// the online part draws the same with or without the target.
+  Embedded embed(const std::vector<at::Tensor>& views, bool with_target = true);
+  /// The loss of embed()'s embeddings (multi-crop pairs averaged), in fp32 under any autocast.
+  losses::LossOutput loss_of(const std::vector<losses::ViewEmbeddings>& embeddings) const;
+  /// The online networks' buffers (BatchNorm statistics), for a forward that must leave no trace.
+  std::vector<at::Tensor> online_buffers() const;
   /// Momentum target <- tau target + (1 - tau) online, parameters and buffers alike.
   void ema_update(double tau);
 

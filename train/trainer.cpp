@@ -3,10 +3,12 @@
 #include "twins/train/trainer.h"
 
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/nn/functional/loss.h>
 #include <torch/optim/sgd.h>
 
 #include <cmath>
+#include <functional>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -25,6 +27,7 @@ namespace twins::train {
 using nlohmann::json;
 
 struct Trainer::Impl {
+  using Embedded = detail::SSLModel::Embedded;
   Recipe recipe;
   TrainerOptions options;
   std::vector<augment::Normalization> normalizations;  // one per view
@@ -94,17 +97,8 @@ struct Trainer::Impl {
   // CUDA graph captures.
   Pass forward_backward(const std::vector<at::Tensor>& views, const at::Tensor& labels, double weight,
                         const at::Tensor& scale) {
-    if (views.size() != normalizations.size())
-      throw std::invalid_argument("Trainer::step: a batch with " + std::to_string(views.size()) +
-                                  " views for a recipe with " + std::to_string(normalizations.size()));
-    std::vector<at::Tensor> xs;
-    for (size_t v = 0; v < views.size(); ++v) xs.push_back(input(v, views[v]));
-    detail::SSLModel::Output out;
-    {
-      compat::Autocast autocast(options.device.type(), precision != Precision::fp32,
-                                precision == Precision::fp16 ? at::kHalf : at::kBFloat16);
-      out = model->forward(xs);
-    }
+    const Embedded e = embed(views, /*with_target=*/true);
+    detail::SSLModel::Output out{model->loss_of(e.views), e.features};
     Pass pass;
     pass.total = out.loss.total.detach() * weight;
     for (const auto& [name, value] : out.loss.terms) pass.terms.emplace_back(name, value.detach() * weight);
@@ -113,6 +107,89 @@ struct Trainer::Impl {
     objective.backward();
     if (labels.defined()) probe_backward(out.features, labels);
     return pass;
+  }
+
+  // train.grad_cache: the loss over the whole step's batch. First every micro-batch's embeddings
+  // without the autograd graph (the online networks' buffers restored afterwards, so BatchNorm's
+  // statistics move once per micro-batch as without the cache), then the loss over all of them
+  // and its gradient with respect to the embeddings, then each micro-batch's forward again with
+  // the graph, backpropagating its slice of that gradient (and the probe's). `seed(i)` seeds
+  // micro-batch i's random ops, so both forwards draw the same.
+  Pass cached_forward_backward(const std::vector<data::Batch>& micro_batches, const std::vector<int64_t>& labelled,
+                               const std::function<void(size_t)>& seed) {
+    const auto& comm = options.communicator;
+    const size_t k = micro_batches.size();
+    std::vector<std::vector<losses::ViewEmbeddings>> parts(k);
+    {
+      std::vector<at::Tensor> buffers = model->online_buffers(), saved;
+      for (const auto& b : buffers) saved.push_back(b.clone());
+      at::NoGradGuard no_grad;
+      for (size_t i = 0; i < k; ++i) {
+        seed(i);
+        parts[i] = embed(micro_batches[i].views, /*with_target=*/true).views;
+      }
+      for (size_t b = 0; b < buffers.size(); ++b) buffers[b].copy_(saved[b]);
+    }
+    // The step's embeddings, leaves of the loss's graph: view v's field = the micro-batches' rows.
+    std::vector<losses::ViewEmbeddings> whole(parts[0].size());
+    auto join = [&](size_t v, at::Tensor losses::ViewEmbeddings::*field, bool leaf) {
+      std::vector<at::Tensor> rows;
+      for (const auto& p : parts) rows.push_back(p[v].*field);
+      if (!rows[0].defined()) return;
+      whole[v].*field = at::cat(rows);
+      if (leaf) (whole[v].*field).requires_grad_(true);
+    };
+    for (size_t v = 0; v < whole.size(); ++v) {
+      join(v, &losses::ViewEmbeddings::projection, true);
+      join(v, &losses::ViewEmbeddings::prediction, true);
+      join(v, &losses::ViewEmbeddings::target_projection, false);
+    }
+    parts.clear();
+    const losses::LossOutput loss = model->loss_of(whole);
+    Pass pass;
+    pass.total = loss.total.detach();
+    for (const auto& [name, value] : loss.terms) pass.terms.emplace_back(name, value.detach());
+    at::Tensor objective = loss.total.to(at::kFloat);
+    if (precision == Precision::fp16) objective = objective * fp16_scale;
+    objective.backward();
+
+    int64_t row = 0;
+    for (size_t i = 0; i < k; ++i) {
+      const data::Batch& batch = micro_batches[i];
+      if (comm && !recipe.train.sync_batchnorm) model->broadcast_buffers(*comm);
+      if (reducer) reducer->set_sync(i + 1 == k);
+      seed(i);
+      const Embedded e = embed(batch.views, /*with_target=*/false);
+      const int64_t n = batch.views.at(0).size(0);
+      std::vector<at::Tensor> outputs, grads;
+      for (size_t v = 0; v < e.views.size(); ++v)
+        for (auto field : {&losses::ViewEmbeddings::projection, &losses::ViewEmbeddings::prediction}) {
+          const at::Tensor& leaf = whole[v].*field;
+          if (!leaf.defined() || !leaf.grad().defined()) continue;  // (SimSiam's projections: detached targets)
+          outputs.push_back(e.views[v].*field);
+          grads.push_back(leaf.grad().narrow(0, row, n));
+        }
+      if (!outputs.empty()) torch::autograd::backward(outputs, grads);
+      row += n;
+      if (model->probe && (labelled[i] > 0 || probe_reducer)) {
+        probe_optimizer->zero_grad();
+        probe_backward(e.features, batch.labels.to(options.device));
+        probe_update(labelled[i]);
+      }
+    }
+    return pass;
+  }
+
+  // The online (and target) embeddings of one micro-batch's views under the recipe's precision.
+  Embedded embed(const std::vector<at::Tensor>& views, bool with_target) {
+    if (views.size() != normalizations.size())
+      throw std::invalid_argument("Trainer::step: a batch with " + std::to_string(views.size()) +
+                                  " views for a recipe with " + std::to_string(normalizations.size()));
+    std::vector<at::Tensor> xs;
+    for (size_t v = 0; v < views.size(); ++v) xs.push_back(input(v, views[v]));
+    compat::Autocast autocast(options.device.type(), precision != Precision::fp32,
+                              precision == Precision::fp16 ? at::kHalf : at::kBFloat16);
+    return model->embed(xs, with_target);
   }
 
   // The probe learns from the (detached) backbone features of view 0, labelled samples only
@@ -260,9 +337,13 @@ StepResult Trainer::step(const std::vector<data::Batch>& micro_batches, bool sto
   };
   // Random ops inside the networks (stochastic depth, dropout) draw from torch's generator: seeded
   // from (seed, step, rank) here, so a resumed run draws what an uninterrupted one would.
+  // Micro-batch i of the step reseeds with i (its random draws do not depend on how many the
+  // previous ones made: the same with train.grad_cache's two forwards).
   const uint64_t rank = comm ? static_cast<uint64_t>(comm->rank()) : 0;
-  at::manual_seed(static_cast<uint64_t>(m.recipe.train.seed) * 0x9E3779B97F4A7C15ULL +
-                  static_cast<uint64_t>(m.step) * 0xBF58476D1CE4E5B9ULL + rank * 0x94D049BB133111EBULL);
+  const uint64_t step_seed = static_cast<uint64_t>(m.recipe.train.seed) * 0x9E3779B97F4A7C15ULL +
+                             static_cast<uint64_t>(m.step) * 0xBF58476D1CE4E5B9ULL + rank * 0x94D049BB133111EBULL;
+  auto seed = [step_seed](size_t micro) { at::manual_seed(step_seed + micro * 0xD6E8FEB86659FD93ULL); };
+  seed(0);
   const double lr = scheduled(m.lr);
   detail::set_learning_rates(*m.optimizer, {lr, scheduled(m.bias_lr)});
   // With a CUDA graph, every step's work (warm-up, capture, replay, eager) runs on its side stream.
@@ -295,11 +376,15 @@ StepResult Trainer::step(const std::vector<data::Batch>& micro_batches, bool sto
   if (replayed) {
     add(*replayed);
     if (m.model->probe) m.probe_update(labelled[0]);
+  } else if (m.recipe.train.grad_cache && accumulate > 1) {
+    m.optimizer->zero_grad();
+    add(m.cached_forward_backward(micro_batches, labelled, seed));
   } else {
     m.optimizer->zero_grad();
     const double weight = 1.0 / static_cast<double>(accumulate);
     for (int64_t micro = 0; micro < accumulate; ++micro) {
       const data::Batch& batch = micro_batches[static_cast<size_t>(micro)];
+      seed(static_cast<size_t>(micro));
       if (comm && !m.recipe.train.sync_batchnorm) m.model->broadcast_buffers(*comm);
       // Only the last micro-batch's backward averages gradients over ranks.
       if (m.reducer) m.reducer->set_sync(micro + 1 == accumulate);

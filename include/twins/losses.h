@@ -98,6 +98,9 @@ struct LossNeeds {
   bool predictor = false;
   /// A momentum (EMA) copy of backbone and projector (ViewEmbeddings::target_projection).
   bool momentum_target = false;
+  /// The loss of a sample depends on the other samples of the batch (variances, covariance or
+  /// cross-correlation matrices): a larger batch is a different loss, not an average of losses.
+  bool batch_statistics = false;
 };
 
 /// A loss chosen by name from JSON, and with it the method: a new method is a Loss in its own

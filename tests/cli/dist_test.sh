@@ -37,6 +37,9 @@ grep -q "interrupted at step 2" "$dir/err1" || { cat "$dir/err1"; exit 1; }
 grep -q "resume with: twins pretrain --out $dir/run --resume --nproc-per-node 2" "$dir/err1" || { cat "$dir/err1"; exit 1; }
 grep -q "x 2 ranks (gloo) x 2 accumulated" "$dir/err1" || { cat "$dir/err1"; exit 1; }
 grep -q "4 steps/epoch" "$dir/err1" || { cat "$dir/err1"; exit 1; }
+# VICReg's batch statistics per batch of 64 (2 ranks x 32), not per step: said, with the way out.
+grep -q "not over the step's 128; train.grad_cache: true takes the loss over the whole step" "$dir/err1" ||
+  { cat "$dir/err1"; exit 1; }
 [ "$(ls "$dir/run/checkpoints")" = "step-00000002.safetensors" ] || { ls "$dir/run/checkpoints"; exit 1; }
 cp -r "$dir/run" "$dir/run1"
 "$twins" pretrain --resume --out "$dir/run" --nproc-per-node 2 > "$dir/out2" 2> "$dir/err2"
@@ -51,6 +54,15 @@ grep -q '"epochs_completed":1' "$dir/run/metrics.jsonl" || { cat "$dir/run/metri
 grep -q "written by 2 rank(s), resuming with 1" "$dir/err3" || { cat "$dir/err3"; exit 1; }
 [ -f "$dir/run1/backbone.safetensors" ] || { cat "$dir/err3"; exit 1; }
 echo "launch and resume ok"
+
+# The same with train.grad_cache (the loss over each step's 128 samples), stopped and resumed.
+"$twins" pretrain "${common[@]}" --set train.max_steps=3 --set train.grad_accumulation=2 --set train.grad_cache=true \
+  --out "$dir/cache" --nproc-per-node 2 --stop-after 1 > /dev/null 2> "$dir/err4"
+grep -q "x 2 accumulated (grad cache)" "$dir/err4" || { cat "$dir/err4"; exit 1; }
+if grep -q "train.grad_cache: true takes" "$dir/err4"; then cat "$dir/err4"; exit 1; fi
+"$twins" pretrain --resume --out "$dir/cache" --nproc-per-node 2 > /dev/null 2> "$dir/err5"
+grep -q '"steps":3' "$dir/cache/metrics.jsonl" || { cat "$dir/err5"; exit 1; }
+echo "grad cache ok"
 
 # The pid of rank $2 among the children of launcher $1, once it is up.
 rank_pid() {

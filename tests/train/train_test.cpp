@@ -702,3 +702,138 @@ TEST_CASE("train: every method trains a tiny ViT, and resume with stochastic dep
     CHECK(at::equal(entry.second, b.at(name)));
   }
 }
+
+namespace {
+
+// A step's data: `n` samples of two 12x12 grey views and labels 0-3.
+twins::data::Batch random_batch(int64_t n, uint64_t seed) {
+  at::manual_seed(seed);
+  twins::data::Batch b;
+  for (int v = 0; v < 2; ++v) b.views.push_back(at::randint(0, 256, {n, 1, 12, 12}, at::kByte));
+  b.labels = at::arange(n, at::kLong).remainder(4);
+  return b;
+}
+
+twins::data::Batch joined(const std::vector<twins::data::Batch>& parts) {
+  twins::data::Batch b;
+  for (size_t v = 0; v < parts[0].views.size(); ++v) {
+    std::vector<at::Tensor> rows;
+    for (const auto& p : parts) rows.push_back(p.views[v]);
+    b.views.push_back(at::cat(rows));
+  }
+  std::vector<at::Tensor> labels;
+  for (const auto& p : parts) labels.push_back(p.labels);
+  b.labels = at::cat(labels);
+  return b;
+}
+
+struct Stepped {
+  std::vector<double> losses;
+  twins::models::NamedTensors state;  // without the optimizers' archives
+};
+
+// Two steps of `cfg` (same initialisation for every call) over `batches` accumulated.
+Stepped two_steps(json cfg, const std::vector<twins::data::Batch>& batches, bool cache) {
+  cfg["train"]["batch_size"] = batches[0].views[0].size(0);
+  cfg["train"]["grad_accumulation"] = static_cast<int64_t>(batches.size());
+  cfg["train"]["grad_cache"] = cache;
+  TrainerOptions o;
+  o.num_classes = 4, o.steps_per_epoch = 2, o.total_steps = 2;
+  at::manual_seed(0);
+  Trainer trainer(Recipe::parse(cfg), o);
+  Stepped s;
+  for (int i = 0; i < 2; ++i) s.losses.push_back(trainer.step(batches).loss);
+  for (auto& [name, t] : trainer.state())
+    if (name.find("optimizer_state") == std::string::npos) s.state.emplace_back(name, t);
+  return s;
+}
+
+// max |a - b| / max |b| over the tensors whose names start with one of `prefixes`.
+double state_error(const Stepped& a, const Stepped& b, const std::vector<std::string>& prefixes) {
+  double num = 0, den = 0;
+  REQUIRE(a.state.size() == b.state.size());
+  for (size_t i = 0; i < a.state.size(); ++i) {
+    REQUIRE(a.state[i].first == b.state[i].first);
+    bool wanted = false;
+    for (const auto& p : prefixes) wanted = wanted || a.state[i].first.rfind(p, 0) == 0;
+    if (!wanted || !a.state[i].second.is_floating_point()) continue;
+    num = std::max(num, (a.state[i].second - b.state[i].second).abs().max().item<double>());
+    den = std::max(den, b.state[i].second.abs().max().item<double>());
+  }
+  return num / std::max(den, 1e-30);
+}
+
+}  // namespace
+
+TEST_CASE("train: train.grad_cache takes the loss over the step's whole batch") {
+  TinyData data(8);
+  const std::vector<twins::data::Batch> parts{random_batch(8, 1), random_batch(8, 2)};
+  const std::vector<twins::data::Batch> whole{joined(parts)};
+  const std::vector<std::string> online{"backbone.", "projector.", "predictor.", "target_"};
+  // Per-sample networks (a ViT, heads without BatchNorm): accumulating two batches of 8 with
+  // the cache is one step over 16, for every method; without it, only the per-sample losses are.
+  const json vit = {{"type", "vit"}, {"image_size", 12}, {"patch_size", 4}, {"in_channels", 1}, {"depth", 1},
+                    {"hidden", 16},  {"heads", 2},       {"mlp", 32},       {"drop_path", 0.0}};
+  const json head = {{"type", "mlp"}, {"spec", "32-16"}, {"batch_norm", false}};
+  for (const std::string& method : twins::losses::loss_names()) {
+    CAPTURE(method);
+    json cfg = tiny_recipe(method, data.dir);
+    cfg["model"]["backbone"] = vit;
+    cfg["model"]["projector"] = head;
+    if (cfg["model"].contains("predictor")) cfg["model"]["predictor"] = head;
+    const Stepped one = two_steps(cfg, whole, false), cached = two_steps(cfg, parts, true),
+                  summed = two_steps(cfg, parts, false);
+    const double cached_error = state_error(cached, one, online), summed_error = state_error(summed, one, online);
+    MESSAGE(method, ": loss ", one.losses[1], " (one batch of 16), ", cached.losses[1], " (2 x 8 cached), ",
+            summed.losses[1], " (2 x 8 summed); weights off by ", cached_error, " cached, ", summed_error, " summed");
+    for (int i = 0; i < 2; ++i) CHECK(cached.losses[i] == doctest::Approx(one.losses[i]).epsilon(1e-5));
+    CHECK(cached_error < 1e-5);
+    if (twins::losses::create_loss(method)->needs().batch_statistics) {
+      CHECK(std::abs(summed.losses[0] - one.losses[0]) > 1e-3 * std::abs(one.losses[0]));
+      CHECK(summed_error > 1e-3);
+    } else {
+      CHECK(summed_error < 1e-5);
+    }
+  }
+  // With BatchNorm (the ResNet and the heads), each batch's forward normalises by its own
+  // statistics either way, and the running statistics move once per batch with or without the
+  // cache: equal after the first step, whose forwards are the same.
+  json cfg = tiny_recipe("vicreg", data.dir);
+  auto first_step = [&](bool cache) {
+    json c = cfg;
+    c["train"]["batch_size"] = 8, c["train"]["grad_accumulation"] = 2, c["train"]["grad_cache"] = cache;
+    TrainerOptions o;
+    o.num_classes = 4, o.steps_per_epoch = 1, o.total_steps = 1;
+    at::manual_seed(0);
+    Trainer trainer(Recipe::parse(c), o);
+    const double loss = trainer.step(parts).loss;
+    return std::make_pair(loss, trainer.state());
+  };
+  const auto [cached_loss, cached_state] = first_step(true);
+  const auto [summed_loss, summed_state] = first_step(false);
+  CHECK(cached_loss != summed_loss);
+  int buffers = 0;
+  for (size_t i = 0; i < cached_state.size(); ++i)
+    if (cached_state[i].first.find("running_") != std::string::npos ||
+        cached_state[i].first.find("num_batches_tracked") != std::string::npos) {
+      CAPTURE(cached_state[i].first);
+      CHECK(at::equal(cached_state[i].second, summed_state[i].second));
+      ++buffers;
+    }
+  CHECK(buffers > 10);
+  // BYOL (a per-sample loss) with BatchNorm, stochastic depth and the momentum target: the
+  // cache's second forward draws what the first drew, so it equals the summed gradients.
+  json byol = tiny_recipe("byol", data.dir);
+  byol["model"]["backbone"] = vit;
+  byol["model"]["backbone"]["drop_path"] = 0.3;
+  byol["model"]["backbone"]["depth"] = 2;  // (the first block never drops)
+  const Stepped cached = two_steps(byol, parts, true), summed = two_steps(byol, parts, false);
+  const double error = state_error(cached, summed, {"backbone.", "projector.", "predictor.", "target_", "probe."});
+  MESSAGE("BYOL with stochastic depth: cached and summed off by ", error);
+  CHECK(error < 1e-5);
+  CHECK(cached.losses[1] == doctest::Approx(summed.losses[1]).epsilon(1e-5));
+  // The key is checked as a boolean.
+  json bad = tiny_recipe("vicreg", data.dir);
+  bad["train"]["grad_cache"] = 1;
+  CHECK_THROWS_AS(Recipe::parse(bad), std::invalid_argument);
+}

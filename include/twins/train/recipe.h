@@ -14,7 +14,8 @@
 //   "train": {"epochs", "max_steps", "batch_size", "workers", "device", "seed", "log_every",
 //             "checkpoint_every_steps", "checkpoint_every_epochs", "keep_checkpoints",
 //             "deterministic", "precision", "channels_last", "threads", "sync_batchnorm",
-//             "dist_backend", "dist_timeout_s", "bucket_mb", "grad_accumulation", "cuda_graph"}
+//             "dist_backend", "dist_timeout_s", "bucket_mb", "grad_accumulation", "grad_cache",
+//             "cuda_graph"}
 // }
 // Keys starting with "_" (e.g. "_comment") are ignored everywhere at the top level.
 #include <nlohmann/json.hpp>
@@ -116,8 +117,16 @@ struct TrainConfig {
   /// A rank that does not answer a collective within this time fails the job.
   double dist_timeout_s = 1800;
   /// Loader batches per optimizer step (gradients summed locally, averaged over ranks once).
-  /// The losses' batch statistics stay those of one batch_size x world size batch.
+  /// Without grad_cache the losses' batch statistics stay those of one batch_size x world size
+  /// batch.
   int64_t grad_accumulation = 1;
+  /// With grad_accumulation > 1: the loss over the step's whole batch (GradCache, Gao et al.
+  /// 2021): every batch's embeddings first without the autograd graph, the loss and its
+  /// gradient over all of them, then each batch again with the graph, backpropagating its share
+  /// of that gradient. VICReg's and Barlow Twins' batch statistics are then those of the
+  /// batch_size x grad_accumulation x world size batch (BatchNorm's stay per batch); costs one
+  /// more forward per batch. Per-sample losses (BYOL, SimSiam) get the same result either way.
+  bool grad_cache = false;
   /// Gradient all-reduce bucket size (DDP's bucket_cap_mb).
   double bucket_mb = 25;
   /// CUDA only: capture the step's forward and backward in a CUDA graph after three eager
