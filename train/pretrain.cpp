@@ -158,6 +158,7 @@ std::string write_results(Trainer& trainer, const Recipe& recipe, const augment:
   info.method = recipe.method;
   info.version = TWINS_VERSION_STRING;
   info.provenance = "twins " + std::string(TWINS_VERSION_STRING) + " pretrain, " + std::to_string(steps) + " steps";
+  if (!recipe.backbone_init.empty()) info.provenance += ", from " + recipe.backbone_init;
   models::save_backbone(path, trainer.backbone(), info);
   try {
     eval::write_training_curves((out_dir / "metrics.jsonl").string(), (out_dir / "curves.svg").string());
@@ -234,6 +235,7 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
   TrainerOptions to;
   to.device = job.device, to.num_classes = dataset->num_classes(), to.communicator = job.comm;
   to.steps_per_epoch = steps_per_epoch, to.total_steps = total_steps;
+  if (!resume_from) to.backbone_init = recipe.backbone_init;  // a resumed run has its weights
   Trainer trainer(recipe, to);
   Position at;
   if (resume_from) at = restore(trainer, *resume_from, job, accumulate, epoch_batches), resume_from.reset();

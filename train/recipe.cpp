@@ -73,6 +73,7 @@ Recipe Recipe::parse(const json& root) {
 
   ConfigReader model(root.at("model"), "model");
   model.allow("backbone"), model.allow("projector"), model.allow("predictor");
+  model.get("backbone_init", r.backbone_init);
   model.finish();
   require(root["model"].contains("backbone"), "model.backbone", "required");
   require(root["model"].contains("projector"), "model.projector", "required");

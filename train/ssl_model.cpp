@@ -2,6 +2,8 @@
 
 #include <ATen/ATen.h>
 
+#include <map>
+#include <sstream>
 #include <stdexcept>
 #include <vector>
 
@@ -31,6 +33,47 @@ SSLModel::SSLModel(const Recipe& recipe, int64_t num_classes) : recipe_(recipe),
     for (auto& p : target_projector->parameters()) p.set_requires_grad(false);
   }
   if (num_classes > 0) probe = register_module("probe", torch::nn::Linear(backbone->output_dim(), num_classes));
+}
+
+void SSLModel::init_backbone(const std::string& path) {
+  models::LoadedBackbone loaded;
+  try {
+    loaded = models::read_backbone(path);
+  } catch (const std::runtime_error& e) {
+    throw std::runtime_error("model.backbone_init: " + std::string(e.what()));
+  }
+  const models::NamedTensors from = models::backbone_state(*loaded.network);
+  std::map<std::string, at::Tensor> by_name(from.begin(), from.end());
+  std::vector<std::string> problems;
+  const models::NamedTensors into = models::backbone_state(*backbone);
+  for (const auto& [name, tensor] : into) {
+    const auto it = by_name.find(name);
+    if (it == by_name.end()) {
+      problems.push_back("missing " + name);
+      continue;
+    }
+    if (it->second.sizes() != tensor.sizes()) {
+      std::ostringstream s;
+      s << "shape of " << name << ": file " << it->second.sizes() << ", model.backbone " << tensor.sizes();
+      problems.push_back(s.str());
+    }
+    by_name.erase(it);
+  }
+  for (const auto& [name, tensor] : by_name) problems.push_back("unexpected " + name);
+  if (!problems.empty()) {
+    std::string message = "model.backbone_init: " + loaded.path + " holds another network than model.backbone " +
+                          recipe_.backbone.dump() + " (" + std::to_string(problems.size()) + " differences):";
+    for (size_t i = 0; i < problems.size() && i < 8; ++i) message += "\n  " + problems[i];
+    if (problems.size() > 8) message += "\n  ...";
+    throw std::invalid_argument(message);
+  }
+  at::NoGradGuard no_grad;
+  const std::map<std::string, at::Tensor> source(from.begin(), from.end());
+  for (const auto& [name, tensor] : into) {
+    at::Tensor dst = tensor;
+    dst.copy_(source.at(name));
+  }
+  if (target_backbone) models::copy_state(*backbone, *target_backbone);
 }
 
 void SSLModel::set_channels_last() {

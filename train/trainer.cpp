@@ -283,6 +283,7 @@ Trainer::Trainer(const Recipe& recipe, TrainerOptions options) : impl_(new Impl)
   m.world = comm ? comm->world_size() : 1;
 
   m.model = std::make_shared<detail::SSLModel>(recipe, recipe.probe.enabled ? m.options.num_classes : 0);
+  if (!m.options.backbone_init.empty() && (!comm || comm->rank() == 0)) m.model->init_backbone(m.options.backbone_init);
   m.model->to(m.options.device);
   if (tc.channels_last) m.model->set_channels_last();
   m.model->train(true);

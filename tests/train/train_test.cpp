@@ -17,6 +17,7 @@
 #include "twins/io.h"
 #include "twins/losses.h"
 #include "twins/models/safetensors.h"
+#include "twins/models/weights.h"
 #include "twins/train/lars.h"
 #include "twins/train/pretrain.h"
 #include "twins/train/recipe.h"
@@ -836,4 +837,70 @@ TEST_CASE("train: train.grad_cache takes the loss over the step's whole batch") 
   json bad = tiny_recipe("vicreg", data.dir);
   bad["train"]["grad_cache"] = 1;
   CHECK_THROWS_AS(Recipe::parse(bad), std::invalid_argument);
+}
+
+TEST_CASE("train: model.backbone_init starts the backbone, and BYOL's target, from a backbone file") {
+  TinyData data(48);
+  json cfg = tiny_recipe("byol", data.dir);
+  cfg["train"]["epochs"] = 1;
+  pretrain(cfg, quiet(data.dir / "source"));
+  const fs::path file = data.dir / "init.safetensors";
+  fs::copy_file(data.dir / "source" / "backbone.safetensors", file);
+  const auto weights = twins::models::load_safetensors(file.string());
+
+  // The trainer's backbone and momentum target hold the file's tensors (a run folder works too).
+  TrainerOptions o;
+  o.steps_per_epoch = 3, o.total_steps = 3;
+  for (const fs::path& given : {file, data.dir / "source"}) {
+    o.backbone_init = given.string();
+    at::manual_seed(1);
+    Trainer trainer(Recipe::parse(cfg), o);
+    int compared = 0;
+    for (const auto& [name, t] : twins::models::backbone_state(trainer.backbone())) {
+      CAPTURE(name);
+      CHECK(at::equal(t, weights.at(name)));
+      ++compared;
+    }
+    CHECK(compared == static_cast<int>(weights.tensors.size()));
+    std::map<std::string, at::Tensor> state;
+    for (const auto& [name, t] : trainer.state()) state[name] = t;
+    for (const auto& [name, t] : state)
+      if (name.rfind("target_backbone.", 0) == 0) CHECK(at::equal(t, state.at(name.substr(7))));
+  }
+  // Another network, or no file: errors naming the key, the file and what differs.
+  json wider = cfg;
+  wider["model"]["backbone"]["width"] = 8;
+  o.backbone_init = file.string();
+  check_throws_with<std::invalid_argument>([&] { Trainer t(Recipe::parse(wider), o); },
+                                           "model.backbone_init: " + file.string() + " holds another network");
+  check_throws_with<std::invalid_argument>([&] { Trainer t(Recipe::parse(wider), o); }, "shape of conv1.weight");
+  o.backbone_init = (data.dir / "absent.safetensors").string();
+  check_throws_with<std::runtime_error>([&] { Trainer t(Recipe::parse(cfg), o); }, "absent.safetensors");
+  json bad = cfg;
+  bad["model"]["backbone_init"] = 3;
+  CHECK_THROWS_AS(Recipe::parse(bad), std::invalid_argument);
+
+  // pretrain reads the file when the run starts, not when it resumes: the file may be gone by
+  // then, and the resumed run ends where the uninterrupted one does.
+  cfg["model"]["backbone_init"] = file.string();
+  cfg["train"]["checkpoint_every_steps"] = 1;
+  pretrain(cfg, quiet(data.dir / "full"));
+  PretrainOptions part = quiet(data.dir / "part");
+  part.stop_after = 1;
+  pretrain(cfg, part);
+  fs::remove(file);
+  PretrainOptions rest = quiet(data.dir / "part");
+  rest.resume = true;
+  pretrain(json::object(), rest);
+  const auto full = twins::models::load_safetensors((data.dir / "full/backbone.safetensors").string());
+  const auto resumed = twins::models::load_safetensors((data.dir / "part/backbone.safetensors").string());
+  const auto random = twins::models::load_safetensors((data.dir / "source/backbone.safetensors").string());
+  bool differs_from_source = false;
+  for (const auto& [name, t] : full.tensors) {
+    CAPTURE(name);
+    CHECK(at::equal(t, resumed.at(name)));
+    differs_from_source = differs_from_source || !at::equal(t, random.at(name));
+  }
+  CHECK(differs_from_source);  // it trained on
+  CHECK(full.metadata.at("twins_provenance").find("from " + file.string()) != std::string::npos);
 }

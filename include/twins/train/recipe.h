@@ -4,7 +4,8 @@
 // {
 //   "method": a loss type (optional: an alias of loss.type, which names the method),
 //   "data": {dataset, see <twins/data/dataset.h>},   "views": [views] or "views/<preset>.json",
-//   "model": {"backbone": {...}, "projector": {...}, "predictor": {...}  (when the loss needs one)},
+//   "model": {"backbone": {...}, "projector": {...}, "predictor": {...}  (when the loss needs one),
+//             "backbone_init": "a backbone file or run folder" (optional)},
 //   "loss": {"type": ..., ...},     "byol": {"tau_base": 0.996}  (any loss with a momentum target),
 //   "optimizer": {"type": "lars" | "sgd" | "adamw", "base_lr", "bias_base_lr", "weight_decay",
 //                 "momentum", "eta", "clip", "exclude_1d", "betas", "eps", "fixed_predictor_lr",
@@ -139,6 +140,9 @@ struct Recipe {
   /// The method: loss.type ("method" in the JSON is an alias that must agree with it).
   std::string method;
   nlohmann::json data, views, backbone, projector, predictor, loss;
+  /// model.backbone_init: a backbone file or run folder (twins' or torchvision's names) whose
+  /// weights start the backbone instead of a random initialisation ("": random).
+  std::string backbone_init;
   double tau_base = 0.996;
   OptimizerConfig optimizer;
   ScheduleConfig schedule;

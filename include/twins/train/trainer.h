@@ -43,6 +43,10 @@ struct TrainerOptions {
   int64_t total_steps = 1;
   /// The ranks of a data-parallel job; null: this process holds the whole batch.
   std::shared_ptr<distributed::Communicator> communicator;
+  /// A backbone file or run folder (model.backbone_init) whose weights replace the backbone's
+  /// random initialisation, and the momentum target's; read by rank 0 only (every rank starts
+  /// from rank 0's state). `pretrain` sets it when a run starts, not when it resumes.
+  std::string backbone_init;
 };
 
 /// What one step did, identical on every rank.
