@@ -240,7 +240,7 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
   Position at;
   if (resume_from) at = restore(trainer, *resume_from, job, accumulate, epoch_batches), resume_from.reset();
 
-  detail::RunLog log(out_dir, job.main_rank, options.progress);
+  detail::RunLog log(out_dir, job.main_rank, options.progress, tc.tensorboard);
   log.write_config(config);
   auto save_checkpoint = [&] {
     if (!job.main_rank) return store.path_of(trainer.steps_taken());  // every rank holds the same state

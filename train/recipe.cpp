@@ -181,6 +181,7 @@ Recipe Recipe::parse(const json& root) {
     t.get("grad_accumulation", c.grad_accumulation);
     t.get("grad_cache", c.grad_cache);
     t.get("cuda_graph", c.cuda_graph);
+    t.get("tensorboard", c.tensorboard);
     t.finish();
     // Ranges that keep every step count of the run far inside 64 bits.
     require(c.epochs >= 1 && c.epochs <= 1000000, "train.epochs", "must be in [1, 10^6]");

@@ -7,6 +7,8 @@
 #include <iostream>
 #include <sstream>
 
+#include "train/tensorboard.h"
+
 namespace twins::train::detail {
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -26,7 +28,7 @@ std::string format_duration(double s) {
   return o.str();
 }
 
-RunLog::RunLog(fs::path out_dir, bool writer, bool progress)
+RunLog::RunLog(fs::path out_dir, bool writer, bool progress, bool tensorboard)
     : out_dir_(std::move(out_dir)),
       writer_(writer),
       progress_(progress && writer),
@@ -36,18 +38,30 @@ RunLog::RunLog(fs::path out_dir, bool writer, bool progress)
   if (!writer_) return;
   fs::create_directories(out_dir_);
   metrics_ = std::make_unique<io::AppendFile>((out_dir_ / "metrics.jsonl").string());
+  if (tensorboard) events_ = std::make_unique<EventFile>(out_dir_.string());
 }
+
+RunLog::~RunLog() = default;
 
 void RunLog::write_config(const json& config) const {
   if (writer_) io::write_file_atomic((out_dir_ / "config.json").string(), config.dump(2) + "\n");
 }
 
 void RunLog::append(const json& line) {
-  if (writer_) metrics_->append(line.dump() + "\n");
+  if (!writer_) return;
+  metrics_->append(line.dump() + "\n");
+  if (!events_ || !line.contains("step") || !line["step"].is_number_integer()) return;
+  const std::string group = line.contains("epoch_seconds") ? "epoch/" : "train/";
+  std::vector<std::pair<std::string, double>> scalars;
+  for (const auto& [key, value] : line.items())
+    if (key != "step" && value.is_number()) scalars.emplace_back(group + key, value.get<double>());
+  events_->scalars(line["step"].get<int64_t>(), scalars);
 }
 
 void RunLog::sync() {
-  if (writer_) metrics_->sync();
+  if (!writer_) return;
+  metrics_->sync();
+  if (events_) events_->sync();
 }
 
 void RunLog::count(int64_t images, double data_wait_seconds, int64_t skipped) {

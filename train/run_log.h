@@ -24,16 +24,22 @@ struct RunPosition {
   int64_t step = 0, max_steps = 1, start_step = 0;
 };
 
+class EventFile;
+
 class RunLog {
  public:
-  /// `writer`: this process writes the run folder; `progress`: print progress on stderr.
-  RunLog(std::filesystem::path out_dir, bool writer, bool progress);
+  /// `writer`: this process writes the run folder; `progress`: print progress on stderr;
+  /// `tensorboard`: also a TensorBoard events file in the run folder, with the numbers of every
+  /// step line ("train/<key>") and epoch line ("epoch/<key>") at their step.
+  RunLog(std::filesystem::path out_dir, bool writer, bool progress, bool tensorboard = false);
+  ~RunLog();
 
   /// config.json (replaced atomically).
   void write_config(const nlohmann::json& config) const;
-  /// Appends one line to metrics.jsonl, every write checked (a full disk is an error).
+  /// Appends one line to metrics.jsonl, every write checked (a full disk is an error), and its
+  /// numbers to the events file when the line has a step.
   void append(const nlohmann::json& line);
-  /// Forces metrics.jsonl to the disk (at checkpoints, so both agree after a crash).
+  /// Forces metrics.jsonl (and the events file) to the disk (at checkpoints, so both agree after a crash).
   void sync();
 
   /// Counts a step's images and the seconds spent waiting for its data; `skipped`: bad samples
@@ -58,6 +64,7 @@ class RunLog {
   std::filesystem::path out_dir_;
   bool writer_, progress_, tty_ = false, line_open_ = false;
   std::unique_ptr<io::AppendFile> metrics_;
+  std::unique_ptr<EventFile> events_;
   std::chrono::steady_clock::time_point start_, window_start_;
   int64_t images_ = 0, window_images_ = 0, skipped_ = 0;
   double wait_ = 0, window_wait_ = 0;

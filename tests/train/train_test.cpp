@@ -1,4 +1,5 @@
 #include <ATen/ATen.h>
+#include <sys/wait.h>
 #include <torch/nn/module.h>
 #include <torch/optim/adamw.h>
 #include <torch/optim/sgd.h>
@@ -13,6 +14,7 @@
 #include "tests/train/tiny_run.h"
 #include "train/multi_tensor_adamw.h"
 #include "train/ssl_model.h"
+#include "train/tensorboard.h"
 #include "twins/config.h"
 #include "twins/io.h"
 #include "twins/losses.h"
@@ -903,4 +905,31 @@ TEST_CASE("train: model.backbone_init starts the backbone, and BYOL's target, fr
   }
   CHECK(differs_from_source);  // it trained on
   CHECK(full.metadata.at("twins_provenance").find("from " + file.string()) != std::string::npos);
+}
+
+TEST_CASE("train: the run folder's TensorBoard events file holds metrics.jsonl's numbers") {
+  CHECK(twins::train::detail::crc32c("123456789") == 0xE3069283u);  // the CRC-32C check value
+  CHECK(twins::train::detail::crc32c("") == 0u);
+  TinyData data(48);
+  json cfg = tiny_recipe("vicreg", data.dir);
+  cfg["train"]["epochs"] = 2;
+  pretrain(cfg, quiet(data.dir / "tb"));
+  std::vector<fs::path> events;
+  for (const auto& entry : fs::directory_iterator(data.dir / "tb"))
+    if (entry.path().filename().string().find("tfevents") != std::string::npos) events.push_back(entry.path());
+  REQUIRE(events.size() == 1);
+  CHECK(events[0].filename().string().rfind("events.out.tfevents.", 0) == 0);
+  // Decoded by the protobuf library, framing checked with the crc32c package.
+  const std::string cmd = "/usr/bin/python3 " + std::string(TWINS_TEST_REFERENCE_DIR) + "/tfevents_check.py '" +
+                          events[0].string() + "' '" + (data.dir / "tb" / "metrics.jsonl").string() + "'";
+  const int status = std::system(cmd.c_str());
+  const int code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  if (code == 77)
+    MESSAGE("skipped the protobuf check: python3-protobuf or python3-crc32c is not installed");
+  else
+    CHECK(code == 0);
+  cfg["train"]["tensorboard"] = false;
+  pretrain(cfg, quiet(data.dir / "no_tb"));
+  for (const auto& entry : fs::directory_iterator(data.dir / "no_tb"))
+    CHECK(entry.path().filename().string().find("tfevents") == std::string::npos);
 }

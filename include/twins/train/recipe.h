@@ -16,7 +16,7 @@
 //             "checkpoint_every_steps", "checkpoint_every_epochs", "keep_checkpoints",
 //             "deterministic", "precision", "channels_last", "threads", "sync_batchnorm",
 //             "dist_backend", "dist_timeout_s", "bucket_mb", "grad_accumulation", "grad_cache",
-//             "cuda_graph"}
+//             "cuda_graph", "tensorboard"}
 // }
 // Keys starting with "_" (e.g. "_comment") are ignored everywhere at the top level.
 #include <nlohmann/json.hpp>
@@ -134,6 +134,8 @@ struct TrainConfig {
   /// steps and replay it (one launch per step instead of one per kernel). For one process per
   /// job without gradient accumulation; otherwise, and on the CPU, the step stays eager.
   bool cuda_graph = false;
+  /// A TensorBoard events file in the run folder beside metrics.jsonl (the same numbers).
+  bool tensorboard = true;
 };
 
 struct Recipe {

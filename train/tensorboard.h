@@ -1,0 +1,40 @@
+#pragma once
+// TensorBoard's event files (`tensorboard --logdir runs/`), scalars only, written without
+// TensorFlow or protobuf: a TFRecord stream (length, masked CRC-32C, data, masked CRC-32C) of
+// Event protocol buffers {wall_time = 1 (double), step = 2 (int64), file_version = 3 (string),
+// summary = 5 {repeated value = 1 {tag = 1 (string), simple_value = 2 (float)}}}.
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "twins/io.h"
+
+namespace twins::train::detail {
+
+/// CRC-32C (Castagnoli), as TFRecord frames use it; crc32c("123456789") == 0xE3069283.
+uint32_t crc32c(std::string_view bytes);
+
+/// One TFRecord frame around `data`.
+std::string tfrecord(std::string_view data);
+
+/// An Event holding scalars at `step`, serialised.
+std::string scalar_event(double wall_time, int64_t step, const std::vector<std::pair<std::string, double>>& scalars);
+
+/// An events file in `dir` (events.out.tfevents.<seconds>.<host>.<pid>.twins, a new one per
+/// process, as TensorBoard's own writers do); every append checked like metrics.jsonl's.
+class EventFile {
+ public:
+  explicit EventFile(const std::string& dir);
+  void scalars(int64_t step, const std::vector<std::pair<std::string, double>>& values);
+  void sync() { file_->sync(); }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+  std::unique_ptr<io::AppendFile> file_;
+};
+
+}  // namespace twins::train::detail
