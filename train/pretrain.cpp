@@ -240,7 +240,7 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
   Position at;
   if (resume_from) at = restore(trainer, *resume_from, job, accumulate, epoch_batches), resume_from.reset();
 
-  detail::RunLog log(out_dir, job.main_rank, options.progress, tc.tensorboard);
+  detail::RunLog log(out_dir, job.main_rank, options.progress, tc.tensorboard, trainer.steps_taken() + 1);
   log.write_config(config);
   auto save_checkpoint = [&] {
     if (!job.main_rank) return store.path_of(trainer.steps_taken());  // every rank holds the same state
@@ -263,10 +263,14 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
     log.say(s.str());
   }
   if (job.main_rank && accumulate > 1 && !tc.grad_cache && losses::create_loss(recipe.loss)->needs().batch_statistics)
-    warn("train.grad_accumulation: " + recipe.method + "'s batch statistics are taken over each batch of " +
-         std::to_string(tc.batch_size * job.world) + ", not over the step's " +
+    warn("train.grad_accumulation: " + recipe.method + "'s batch statistics are taken over each of the " +
+         std::to_string(accumulate) + " accumulated batches, not over the step's " +
          std::to_string(tc.batch_size * job.world * accumulate) +
-         "; train.grad_cache: true takes the loss over the whole step (one more forward per batch)");
+         " samples together; train.grad_cache: true takes the loss over the whole step (one more forward per batch)");
+  if (job.main_rank && accumulate == 1 && tc.grad_cache)
+    warn(
+        "train.grad_cache: nothing to do with train.grad_accumulation 1 (it takes the loss over the accumulated "
+        "batches of a step)");
   if (job.main_rank && !trainer.cuda_graph_note().empty())
     warn("train.cuda_graph: the step runs eagerly: " + trainer.cuda_graph_note());
   if (job.main_rank && job.device.is_cpu() && !ensure_correct_cpu_convolutions().empty())  // checked by the Trainer

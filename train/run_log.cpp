@@ -28,7 +28,7 @@ std::string format_duration(double s) {
   return o.str();
 }
 
-RunLog::RunLog(fs::path out_dir, bool writer, bool progress, bool tensorboard)
+RunLog::RunLog(fs::path out_dir, bool writer, bool progress, bool tensorboard, int64_t first_step)
     : out_dir_(std::move(out_dir)),
       writer_(writer),
       progress_(progress && writer),
@@ -38,7 +38,7 @@ RunLog::RunLog(fs::path out_dir, bool writer, bool progress, bool tensorboard)
   if (!writer_) return;
   fs::create_directories(out_dir_);
   metrics_ = std::make_unique<io::AppendFile>((out_dir_ / "metrics.jsonl").string());
-  if (tensorboard) events_ = std::make_unique<EventFile>(out_dir_.string());
+  if (tensorboard) events_ = std::make_unique<EventFile>(out_dir_.string(), first_step);
 }
 
 RunLog::~RunLog() = default;

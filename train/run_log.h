@@ -31,7 +31,8 @@ class RunLog {
   /// `writer`: this process writes the run folder; `progress`: print progress on stderr;
   /// `tensorboard`: also a TensorBoard events file in the run folder, with the numbers of every
   /// step line ("train/<key>") and epoch line ("epoch/<key>") at their step.
-  RunLog(std::filesystem::path out_dir, bool writer, bool progress, bool tensorboard = false);
+  /// `first_step`: the first step this run will log (a resumed run's checkpoint step + 1).
+  RunLog(std::filesystem::path out_dir, bool writer, bool progress, bool tensorboard = false, int64_t first_step = 1);
   ~RunLog();
 
   /// config.json (replaced atomically).

@@ -39,12 +39,23 @@ void SSLModel::init_backbone(const std::string& path) {
   models::LoadedBackbone loaded;
   try {
     loaded = models::read_backbone(path);
+  } catch (const std::invalid_argument& e) {  // the file's architecture metadata
+    throw std::invalid_argument("model.backbone_init: " + std::string(e.what()));
   } catch (const std::runtime_error& e) {
     throw std::runtime_error("model.backbone_init: " + std::string(e.what()));
   }
   const models::NamedTensors from = models::backbone_state(*loaded.network);
   std::map<std::string, at::Tensor> by_name(from.begin(), from.end());
   std::vector<std::string> problems;
+  // Settings that change the function without changing a shape (a ViT's heads, its pooling);
+  // those of training or initialisation only may differ.
+  nlohmann::json theirs = loaded.network->to_json(), ours = backbone->to_json();
+  for (const char* key : {"num_classes", "zero_init_residual", "dropout", "attention_dropout", "drop_path"})
+    theirs.erase(key), ours.erase(key);
+  for (const auto& [key, value] : ours.items())
+    if (theirs.value(key, nlohmann::json()) != value)
+      problems.push_back(key + ": file " + theirs.value(key, nlohmann::json()).dump() + ", model.backbone " +
+                         value.dump());
   const models::NamedTensors into = models::backbone_state(*backbone);
   for (const auto& [name, tensor] : into) {
     const auto it = by_name.find(name);

@@ -5,6 +5,7 @@
 #include <array>
 #include <chrono>
 #include <cstring>
+#include <limits>
 
 namespace twins::train::detail {
 namespace {
@@ -94,7 +95,12 @@ std::string scalar_event(double wall_time, int64_t step, const std::vector<std::
   for (const auto& [tag, value] : scalars) {
     std::string v;
     put_bytes(v, 1, tag);
-    put_float(v, 2, static_cast<float>(value));
+    // Beyond float's range: the infinity of its sign (a plain conversion would be undefined).
+    const double limit = std::numeric_limits<float>::max();
+    put_float(v, 2,
+              value > limit    ? std::numeric_limits<float>::infinity()
+              : value < -limit ? -std::numeric_limits<float>::infinity()
+                               : static_cast<float>(value));
     put_bytes(summary, 1, v);
   }
   std::string e = event_header(wall_time, step);
@@ -102,7 +108,7 @@ std::string scalar_event(double wall_time, int64_t step, const std::vector<std::
   return e;
 }
 
-EventFile::EventFile(const std::string& dir) {
+EventFile::EventFile(const std::string& dir, int64_t first_step) {
   char host[256] = {0};
   if (::gethostname(host, sizeof host - 1) != 0 || !host[0]) std::strcpy(host, "localhost");
   const double t = now();
@@ -111,7 +117,13 @@ EventFile::EventFile(const std::string& dir) {
   file_ = std::make_unique<io::AppendFile>(path_);
   std::string first = event_header(t, 0);
   put_bytes(first, 3, "brain.Event:2");
-  file_->append(tfrecord(first));
+  // SessionLog{status: START}: TensorBoard drops what earlier files logged from first_step on
+  // (the steps a crashed run logged after its last checkpoint, which a resumed run logs again).
+  std::string start = event_header(t, first_step), session;
+  put_key(session, 1, 0);
+  put_varint(session, 1);
+  put_bytes(start, 7, session);
+  file_->append(tfrecord(first) + tfrecord(start));
 }
 
 void EventFile::scalars(int64_t step, const std::vector<std::pair<std::string, double>>& values) {

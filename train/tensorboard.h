@@ -2,7 +2,8 @@
 // TensorBoard's event files (`tensorboard --logdir runs/`), scalars only, written without
 // TensorFlow or protobuf: a TFRecord stream (length, masked CRC-32C, data, masked CRC-32C) of
 // Event protocol buffers {wall_time = 1 (double), step = 2 (int64), file_version = 3 (string),
-// summary = 5 {repeated value = 1 {tag = 1 (string), simple_value = 2 (float)}}}.
+// summary = 5 {repeated value = 1 {tag = 1 (string), simple_value = 2 (float)}},
+// session_log = 7 {status = 1 (START = 1)}}.
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -24,10 +25,11 @@ std::string tfrecord(std::string_view data);
 std::string scalar_event(double wall_time, int64_t step, const std::vector<std::pair<std::string, double>>& scalars);
 
 /// An events file in `dir` (events.out.tfevents.<seconds>.<host>.<pid>.twins, a new one per
-/// process, as TensorBoard's own writers do); every append checked like metrics.jsonl's.
+/// process, as TensorBoard's own writers do) whose scalars start at `first_step`; every append
+/// checked like metrics.jsonl's.
 class EventFile {
  public:
-  explicit EventFile(const std::string& dir);
+  EventFile(const std::string& dir, int64_t first_step);
   void scalars(int64_t step, const std::vector<std::pair<std::string, double>>& values);
   void sync() { file_->sync(); }
   const std::string& path() const { return path_; }

@@ -8,6 +8,7 @@
 #include <torch/optim/sgd.h>
 
 #include <cmath>
+#include <exception>
 #include <functional>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -121,14 +122,21 @@ struct Trainer::Impl {
     const size_t k = micro_batches.size();
     std::vector<std::vector<losses::ViewEmbeddings>> parts(k);
     {
-      std::vector<at::Tensor> buffers = model->online_buffers(), saved;
-      for (const auto& b : buffers) saved.push_back(b.clone());
+      // The buffers come back however this block ends (an error leaves the step undone).
+      struct Restore {
+        std::vector<at::Tensor> buffers, saved;
+        ~Restore() {
+          at::NoGradGuard no_grad;
+          for (size_t b = 0; b < buffers.size(); ++b) buffers[b].copy_(saved[b]);
+        }
+      } restore;
+      restore.buffers = model->online_buffers();
+      for (const auto& b : restore.buffers) restore.saved.push_back(b.clone());
       at::NoGradGuard no_grad;
       for (size_t i = 0; i < k; ++i) {
         seed(i);
         parts[i] = embed(micro_batches[i].views, /*with_target=*/true).views;
       }
-      for (size_t b = 0; b < buffers.size(); ++b) buffers[b].copy_(saved[b]);
     }
     // The step's embeddings, leaves of the loss's graph: view v's field = the micro-batches' rows.
     std::vector<losses::ViewEmbeddings> whole(parts[0].size());
@@ -283,7 +291,21 @@ Trainer::Trainer(const Recipe& recipe, TrainerOptions options) : impl_(new Impl)
   m.world = comm ? comm->world_size() : 1;
 
   m.model = std::make_shared<detail::SSLModel>(recipe, recipe.probe.enabled ? m.options.num_classes : 0);
-  if (!m.options.backbone_init.empty() && (!comm || comm->rank() == 0)) m.model->init_backbone(m.options.backbone_init);
+  if (!m.options.backbone_init.empty()) {
+    // Rank 0 reads the file (distribute() below gives every rank its state); when it cannot,
+    // the others hear so at once rather than waiting for its broadcast until the timeout.
+    std::exception_ptr failed;
+    if (!comm || comm->rank() == 0) try {
+        m.model->init_backbone(m.options.backbone_init);
+      } catch (...) {
+        failed = std::current_exception();
+      }
+    if (comm && comm->any(static_cast<bool>(failed)) && !failed)
+      throw std::runtime_error("rank " + std::to_string(comm->rank()) +
+                               ": rank 0 could not start from model.backbone_init " + m.options.backbone_init +
+                               " (its error says why)");
+    if (failed) std::rethrow_exception(failed);
+  }
   m.model->to(m.options.device);
   if (tc.channels_last) m.model->set_channels_last();
   m.model->train(true);

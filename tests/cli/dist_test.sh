@@ -37,8 +37,8 @@ grep -q "interrupted at step 2" "$dir/err1" || { cat "$dir/err1"; exit 1; }
 grep -q "resume with: twins pretrain --out $dir/run --resume --nproc-per-node 2" "$dir/err1" || { cat "$dir/err1"; exit 1; }
 grep -q "x 2 ranks (gloo) x 2 accumulated" "$dir/err1" || { cat "$dir/err1"; exit 1; }
 grep -q "4 steps/epoch" "$dir/err1" || { cat "$dir/err1"; exit 1; }
-# VICReg's batch statistics per batch of 64 (2 ranks x 32), not per step: said, with the way out.
-grep -q "not over the step's 128; train.grad_cache: true takes the loss over the whole step" "$dir/err1" ||
+# VICReg's batch statistics per accumulated batch, not per step: said, with the way out.
+grep -q "each of the 2 accumulated batches, not over the step's 128 samples together; train.grad_cache: true" "$dir/err1" ||
   { cat "$dir/err1"; exit 1; }
 [ "$(ls "$dir/run/checkpoints")" = "step-00000002.safetensors" ] || { ls "$dir/run/checkpoints"; exit 1; }
 cp -r "$dir/run" "$dir/run1"

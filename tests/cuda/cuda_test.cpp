@@ -253,6 +253,28 @@ TEST_CASE("cuda: one training step of each method equals the CPU's in fp32 (TF32
   }
 }
 
+TEST_CASE("cuda: train.grad_cache steps equal the CPU's in fp32 (TF32 off), and bf16 ones are close") {
+  if (!have_cuda()) return;
+  test::TinyData data(48);
+  for (const char* method : {"vicreg", "byol"}) {
+    CAPTURE(method);
+    const auto run = [&](const std::string& device, const std::string& precision) {
+      json cfg = tiny_run(method, data.dir, device, 2, precision);
+      cfg["train"]["batch_size"] = 8, cfg["train"]["grad_accumulation"] = 2, cfg["train"]["grad_cache"] = true;
+      const auto dir = data.dir / ("cache-" + std::string(method) + "-" + device + "-" + precision);
+      train::pretrain(cfg, test::quiet(dir));
+      return last_checkpoint(dir, 2);
+    };
+    const auto cpu = run("cpu", "fp32");
+    const double fp32 = worst_file_error(run("cuda", "fp32"), cpu, rel_error);
+    MESSAGE(method << ": grad_cache fp32 CUDA vs CPU after 2 steps, largest relative error " << fp32);
+    CHECK(fp32 < 1e-4);
+    const double bf16 = worst_file_error(run("cuda", "bf16"), cpu, norm_rel_error, /*running_stats=*/false);
+    MESSAGE(method << ": grad_cache bf16 CUDA vs fp32 CPU after 2 steps, largest norm-relative error " << bf16);
+    CHECK(bf16 < 5e-2);
+  }
+}
+
 TEST_CASE("cuda: fp16 with the gradient scaler: an overflowing step is skipped and halves the scale") {
   if (!have_cuda()) return;
   test::TinyData data(16);

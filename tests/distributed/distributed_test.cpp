@@ -18,6 +18,7 @@
 #include "twins/losses.h"
 #include "twins/models/network.h"
 #include "twins/models/safetensors.h"
+#include "twins/models/weights.h"
 #include "twins/train/recipe.h"
 #include "twins/train/trainer.h"
 
@@ -462,6 +463,49 @@ TEST_CASE("dist: train.grad_cache over ranks equals one process over the union b
     const double error = relative_error(a, b);
     MESSAGE(method, " W=2 x 2 cached batches against one process: weights off by ", error);
     CHECK(error < 1e-5);
+  }
+  std::filesystem::remove(file);
+}
+
+TEST_CASE("dist: model.backbone_init read by rank 0 reaches every rank; its failure stops every rank at once") {
+  const int world = 2;
+  json cfg = small_recipe("vicreg");
+  const train::Recipe recipe = train::Recipe::parse(cfg);
+  at::manual_seed(42);
+  auto source = models::create_backbone(recipe.backbone);
+  const std::string file =
+      (std::filesystem::temp_directory_path() / ("twins_init_" + std::to_string(::getpid()) + ".safetensors")).string();
+  models::save_backbone(file, *source, models::BackboneInfo{});
+  const models::NamedTensors expected = models::backbone_state(*source);
+  for (const std::string& path : {file, file + ".absent"}) {
+    CAPTURE(path);
+    auto comms = distributed::Communicator::create_local_group(world);
+    std::vector<std::string> errors(world);
+    std::vector<models::NamedTensors> got(world);
+    std::vector<std::thread> threads;
+    for (int r = 0; r < world; ++r)
+      threads.emplace_back([&, r] {
+        try {
+          train::TrainerOptions o;
+          o.communicator = comms[static_cast<size_t>(r)];
+          o.backbone_init = path;
+          train::Trainer trainer(recipe, o);
+          for (const auto& [name, t] : models::backbone_state(trainer.backbone())) got[r].emplace_back(name, t.clone());
+        } catch (const std::exception& e) {
+          errors[r] = e.what();
+        }
+      });
+    for (auto& t : threads) t.join();
+    if (path == file) {
+      for (int r = 0; r < world; ++r) {
+        CHECK(errors[r].empty());
+        REQUIRE(got[r].size() == expected.size());
+        for (size_t k = 0; k < expected.size(); ++k) CHECK(at::equal(got[r][k].second, expected[k].second));
+      }
+    } else {
+      CHECK(errors[0].find("model.backbone_init: " + path) != std::string::npos);
+      CHECK(errors[1].find("rank 1: rank 0 could not start from model.backbone_init") != std::string::npos);
+    }
   }
   std::filesystem::remove(file);
 }

@@ -13,6 +13,7 @@
 #include "tests/test_util.h"
 #include "tests/train/tiny_run.h"
 #include "train/multi_tensor_adamw.h"
+#include "train/run_log.h"
 #include "train/ssl_model.h"
 #include "train/tensorboard.h"
 #include "twins/config.h"
@@ -876,6 +877,21 @@ TEST_CASE("train: model.backbone_init starts the backbone, and BYOL's target, fr
   check_throws_with<std::invalid_argument>([&] { Trainer t(Recipe::parse(wider), o); },
                                            "model.backbone_init: " + file.string() + " holds another network");
   check_throws_with<std::invalid_argument>([&] { Trainer t(Recipe::parse(wider), o); }, "shape of conv1.weight");
+  // The same shapes, another function: a ViT of other heads is refused; training-only settings
+  // (stochastic depth) may differ.
+  const json vit = {{"type", "vit"}, {"image_size", 12}, {"patch_size", 4}, {"in_channels", 1}, {"depth", 1},
+                    {"hidden", 16},  {"heads", 2},       {"mlp", 32}};
+  twins::models::save_backbone((data.dir / "vit.safetensors").string(), *twins::models::create_backbone(vit),
+                               twins::models::BackboneInfo{});
+  json other_heads = cfg;
+  other_heads["model"]["backbone"] = vit;
+  other_heads["model"]["backbone"]["heads"] = 4;
+  o.backbone_init = (data.dir / "vit.safetensors").string();
+  check_throws_with<std::invalid_argument>([&] { Trainer t(Recipe::parse(other_heads), o); },
+                                           "heads: file 2, model.backbone 4");
+  other_heads["model"]["backbone"]["heads"] = 2;
+  other_heads["model"]["backbone"]["drop_path"] = 0.1;
+  CHECK_NOTHROW(Trainer(Recipe::parse(other_heads), o));
   o.backbone_init = (data.dir / "absent.safetensors").string();
   check_throws_with<std::runtime_error>([&] { Trainer t(Recipe::parse(cfg), o); }, "absent.safetensors");
   json bad = cfg;
@@ -928,6 +944,23 @@ TEST_CASE("train: the run folder's TensorBoard events file holds metrics.jsonl's
     MESSAGE("skipped the protobuf check: python3-protobuf or python3-crc32c is not installed");
   else
     CHECK(code == 0);
+  // Steps of many varint bytes and a negative one, values beyond float's range, NaN and infinity.
+  {
+    twins::train::detail::RunLog log(data.dir / "edge", true, false, true, -1);
+    log.append({{"step", -1}, {"a", 1.5}});
+    log.append({{"step", 300}, {"loss", 2.25}, {"nan", std::nan("")}, {"inf", HUGE_VAL}, {"note", "text"}});
+    log.append({{"step", int64_t{1} << 40}, {"epoch_seconds", 3.0}, {"big", 1e300}, {"neg", -1e300}, {"flag", true}});
+    log.append({{"summary", true}, {"steps", 3}});
+  }
+  std::string edge;
+  for (const auto& entry : fs::directory_iterator(data.dir / "edge"))
+    if (entry.path().filename().string().find("tfevents") != std::string::npos) edge = entry.path().string();
+  REQUIRE(!edge.empty());
+  const std::string edge_cmd = "/usr/bin/python3 " + std::string(TWINS_TEST_REFERENCE_DIR) + "/tfevents_check.py '" +
+                               edge + "' '" + (data.dir / "edge" / "metrics.jsonl").string() + "'";
+  const int edge_status = std::system(edge_cmd.c_str());
+  if (code != 77) CHECK((WIFEXITED(edge_status) ? WEXITSTATUS(edge_status) : -1) == 0);
+
   cfg["train"]["tensorboard"] = false;
   pretrain(cfg, quiet(data.dir / "no_tb"));
   for (const auto& entry : fs::directory_iterator(data.dir / "no_tb"))
