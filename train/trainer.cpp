@@ -127,7 +127,10 @@ struct Trainer::Impl {
         std::vector<at::Tensor> buffers, saved;
         ~Restore() {
           at::NoGradGuard no_grad;
-          for (size_t b = 0; b < buffers.size(); ++b) buffers[b].copy_(saved[b]);
+          try {
+            for (size_t b = 0; b < buffers.size(); ++b) buffers[b].copy_(saved[b]);
+          } catch (...) {  // only after another error (a failing device), which propagates
+          }
         }
       } restore;
       restore.buffers = model->online_buffers();
