@@ -158,7 +158,7 @@ TEST_CASE("cuda: every loss and its gradients equal the CPU's (fp32), and stay c
 }
 
 TEST_CASE(
-    "cuda: ResNet-18/50 and the MLP heads forward and backward equal the CPU's; channels_last equals contiguous") {
+    "cuda: ResNet-18/50 and the MLP heads forward and backward equal the CPU's, and channels_last equals contiguous") {
   if (!have_cuda()) return;
   auto run = [&](models::Network& net, const at::Tensor& input) {
     net.train();
@@ -229,7 +229,7 @@ TEST_CASE("cuda: the training step of every method runs on the GPU in fp32 and b
   }
 }
 
-TEST_CASE("cuda: one training step of each method equals the CPU's in fp32 (TF32 off); bf16 is finite and close") {
+TEST_CASE("cuda: one training step of each method equals the CPU's in fp32 (TF32 off), and bf16 is finite and close") {
   if (!have_cuda()) return;
   test::TinyData data(48);
   for (const char* method : {"vicreg", "barlow_twins", "byol"}) {

@@ -181,7 +181,7 @@ TEST_CASE("shards: folder -> shards -> the same samples and labels, by file and 
 }
 
 TEST_CASE(
-    "shards: 2 ranks x 2 workers read every sample once per epoch; the order depends on neither workers nor timing") {
+    "shards: 2 ranks x 2 workers read every sample once per epoch, in an order that depends on neither workers nor timing") {
   const auto dir = twins::test::fresh_dir("shards", "split");
   const CreatedShards made = make_shards(dir, 40, 4, 5, true);  // 8 shards of 5
   const json spec = {{"type", "shards"},

@@ -467,7 +467,7 @@ TEST_CASE("dist: train.grad_cache over ranks equals one process over the union b
   std::filesystem::remove(file);
 }
 
-TEST_CASE("dist: model.backbone_init read by rank 0 reaches every rank; its failure stops every rank at once") {
+TEST_CASE("dist: model.backbone_init read by rank 0 reaches every rank, and its failure stops every rank at once") {
   const int world = 2;
   json cfg = small_recipe("vicreg");
   const train::Recipe recipe = train::Recipe::parse(cfg);

@@ -288,7 +288,7 @@ TEST_CASE("train: bf16 on the CPU: convolutions in bf16, the loss in fp32, and e
                                            "train.precision: fp16 needs a CUDA device");
 }
 
-TEST_CASE("train: train.cuda_graph on the CPU keeps the eager step and says why; the probe counts labelled samples") {
+TEST_CASE("train: train.cuda_graph on the CPU keeps the eager step and says why, and the probe counts labelled samples") {
   TinyData data(16);
   json cfg = tiny_recipe("vicreg", data.dir);
   TrainerOptions o;
