@@ -288,7 +288,8 @@ TEST_CASE("train: bf16 on the CPU: convolutions in bf16, the loss in fp32, and e
                                            "train.precision: fp16 needs a CUDA device");
 }
 
-TEST_CASE("train: train.cuda_graph on the CPU keeps the eager step and says why, and the probe counts labelled samples") {
+TEST_CASE(
+    "train: train.cuda_graph on the CPU keeps the eager step and says why, and the probe counts labelled samples") {
   TinyData data(16);
   json cfg = tiny_recipe("vicreg", data.dir);
   TrainerOptions o;
@@ -813,8 +814,10 @@ TEST_CASE("train: train.grad_cache takes the loss over the step's whole batch") 
     const double loss = trainer.step(parts).loss;
     return std::make_pair(loss, trainer.state());
   };
-  const auto [cached_loss, cached_state] = first_step(true);
-  const auto [summed_loss, summed_state] = first_step(false);
+  // (Not structured bindings: CAPTURE's lambda cannot name them in C++17 with clang.)
+  const auto cached_run = first_step(true), summed_run = first_step(false);
+  const double cached_loss = cached_run.first, summed_loss = summed_run.first;
+  const auto &cached_state = cached_run.second, &summed_state = summed_run.second;
   CHECK(cached_loss != summed_loss);
   int buffers = 0;
   for (size_t i = 0; i < cached_state.size(); ++i)
@@ -859,9 +862,10 @@ TEST_CASE("train: model.backbone_init starts the backbone, and BYOL's target, fr
     at::manual_seed(1);
     Trainer trainer(Recipe::parse(cfg), o);
     int compared = 0;
-    for (const auto& [name, t] : twins::models::backbone_state(trainer.backbone())) {
+    for (const auto& entry : twins::models::backbone_state(trainer.backbone())) {
+      const std::string& name = entry.first;
       CAPTURE(name);
-      CHECK(at::equal(t, weights.at(name)));
+      CHECK(at::equal(entry.second, weights.at(name)));
       ++compared;
     }
     CHECK(compared == static_cast<int>(weights.tensors.size()));
@@ -879,8 +883,8 @@ TEST_CASE("train: model.backbone_init starts the backbone, and BYOL's target, fr
   check_throws_with<std::invalid_argument>([&] { Trainer t(Recipe::parse(wider), o); }, "shape of conv1.weight");
   // The same shapes, another function: a ViT of other heads is refused; training-only settings
   // (stochastic depth) may differ.
-  const json vit = {{"type", "vit"}, {"image_size", 12}, {"patch_size", 4}, {"in_channels", 1}, {"depth", 1},
-                    {"hidden", 16},  {"heads", 2},       {"mlp", 32}};
+  const json vit = {{"type", "vit"}, {"image_size", 12}, {"patch_size", 4}, {"in_channels", 1},
+                    {"depth", 1},    {"hidden", 16},     {"heads", 2},      {"mlp", 32}};
   twins::models::save_backbone((data.dir / "vit.safetensors").string(), *twins::models::create_backbone(vit),
                                twins::models::BackboneInfo{});
   json other_heads = cfg;
@@ -914,7 +918,9 @@ TEST_CASE("train: model.backbone_init starts the backbone, and BYOL's target, fr
   const auto resumed = twins::models::load_safetensors((data.dir / "part/backbone.safetensors").string());
   const auto random = twins::models::load_safetensors((data.dir / "source/backbone.safetensors").string());
   bool differs_from_source = false;
-  for (const auto& [name, t] : full.tensors) {
+  for (const auto& entry : full.tensors) {
+    const std::string& name = entry.first;
+    const at::Tensor& t = entry.second;
     CAPTURE(name);
     CHECK(at::equal(t, resumed.at(name)));
     differs_from_source = differs_from_source || !at::equal(t, random.at(name));
