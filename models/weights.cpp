@@ -99,6 +99,48 @@ void load_module_state(torch::nn::Module& module, const SafeTensorsFile& file, c
 
 NamedTensors backbone_state(const Network& backbone) { return module_state(backbone); }
 
+std::vector<std::string> state_differences(const NamedTensors& into, const NamedTensors& from,
+                                           const std::string& into_label, const std::string& from_label,
+                                           bool (*ignored)(const std::string&)) {
+  std::map<std::string, const at::Tensor*> unmatched;
+  for (const auto& [name, tensor] : from) unmatched.emplace(name, &tensor);
+  std::vector<std::string> problems;
+  for (const auto& [name, tensor] : into) {
+    const auto it = unmatched.find(name);
+    if (it == unmatched.end()) {
+      problems.push_back("missing " + name);
+      continue;
+    }
+    if (it->second->sizes() != tensor.sizes()) {
+      std::ostringstream s;
+      s << "shape of " << name << ": " << from_label << " " << it->second->sizes() << ", " << into_label << " "
+        << tensor.sizes();
+      problems.push_back(s.str());
+    }
+    unmatched.erase(it);
+  }
+  for (const auto& [name, tensor] : from)
+    if (unmatched.count(name) && !(ignored && ignored(name))) problems.push_back("unexpected " + name);
+  return problems;
+}
+
+void copy_state_by_name(const NamedTensors& into, const NamedTensors& from) {
+  const std::map<std::string, at::Tensor> source(from.begin(), from.end());
+  at::NoGradGuard no_grad;
+  for (const auto& [name, tensor] : into) {
+    at::Tensor dst = tensor;
+    dst.copy_(source.at(name));
+  }
+}
+
+std::string list_problems(const std::string& head, const std::vector<std::string>& problems) {
+  std::string message =
+      head + " (" + std::to_string(problems.size()) + (problems.size() == 1 ? " difference):" : " differences):");
+  for (size_t i = 0; i < problems.size() && i < 8; ++i) message += "\n  " + problems[i];
+  if (problems.size() > 8) message += "\n  ...";
+  return message;
+}
+
 std::map<std::string, std::string> BackboneInfo::to_metadata() const {
   std::map<std::string, std::string> m;
   if (image_size > 0) m[metadata_key::image_size] = std::to_string(image_size);
@@ -200,34 +242,11 @@ LoadedBackbone read_backbone(const std::string& given) {
                              " values, but the file holds " + std::to_string(held) + ": the weights do not fit it");
   auto net = create_backbone(spec, where);
   // Match names and shapes both ways; list the first mismatches.
-  std::vector<std::string> problems;
-  std::set<std::string> expected;
-  at::NoGradGuard no_grad;
-  for (auto& [name, tensor] : backbone_state(*net)) {
-    expected.insert(name);
-    if (!f.contains(name)) {
-      problems.push_back("missing " + name);
-      continue;
-    }
-    const at::Tensor& src = f.at(name);
-    if (src.sizes() != tensor.sizes()) {
-      std::ostringstream s;
-      s << "shape of " << name << ": file " << src.sizes() << ", model " << tensor.sizes();
-      problems.push_back(s.str());
-      continue;
-    }
-    at::Tensor dst = tensor;
-    dst.copy_(src);
-  }
-  for (const auto& [name, t] : f.tensors)
-    if (!expected.count(name) && !is_classifier(name)) problems.push_back("unexpected " + name);
-  if (!problems.empty()) {
-    std::string message =
-        path + ": the weights do not fit " + spec.dump() + " (" + std::to_string(problems.size()) + " problems):";
-    for (size_t i = 0; i < problems.size() && i < 8; ++i) message += "\n  " + problems[i];
-    if (problems.size() > 8) message += "\n  ...";
-    throw std::runtime_error(message);
-  }
+  const NamedTensors into = backbone_state(*net);
+  const std::vector<std::string> problems = state_differences(into, f.tensors, "model", "file", is_classifier);
+  if (!problems.empty())
+    throw std::runtime_error(list_problems(path + ": the weights do not fit " + spec.dump(), problems));
+  copy_state_by_name(into, f.tensors);
   net->eval();
   out.network = net;
   return out;

@@ -45,7 +45,7 @@ void SSLModel::init_backbone(const std::string& path) {
     throw std::runtime_error("model.backbone_init: " + std::string(e.what()));
   }
   const models::NamedTensors from = models::backbone_state(*loaded.network);
-  std::map<std::string, at::Tensor> by_name(from.begin(), from.end());
+  const models::NamedTensors into = models::backbone_state(*backbone);
   std::vector<std::string> problems;
   // Settings that change the function without changing a shape (a ViT's heads, its pooling);
   // those of training or initialisation only may differ.
@@ -56,34 +56,12 @@ void SSLModel::init_backbone(const std::string& path) {
     if (theirs.value(key, nlohmann::json()) != value)
       problems.push_back(key + ": file " + theirs.value(key, nlohmann::json()).dump() + ", model.backbone " +
                          value.dump());
-  const models::NamedTensors into = models::backbone_state(*backbone);
-  for (const auto& [name, tensor] : into) {
-    const auto it = by_name.find(name);
-    if (it == by_name.end()) {
-      problems.push_back("missing " + name);
-      continue;
-    }
-    if (it->second.sizes() != tensor.sizes()) {
-      std::ostringstream s;
-      s << "shape of " << name << ": file " << it->second.sizes() << ", model.backbone " << tensor.sizes();
-      problems.push_back(s.str());
-    }
-    by_name.erase(it);
-  }
-  for (const auto& [name, tensor] : by_name) problems.push_back("unexpected " + name);
-  if (!problems.empty()) {
-    std::string message = "model.backbone_init: " + loaded.path + " holds another network than model.backbone " +
-                          recipe_.backbone.dump() + " (" + std::to_string(problems.size()) + " differences):";
-    for (size_t i = 0; i < problems.size() && i < 8; ++i) message += "\n  " + problems[i];
-    if (problems.size() > 8) message += "\n  ...";
-    throw std::invalid_argument(message);
-  }
-  at::NoGradGuard no_grad;
-  const std::map<std::string, at::Tensor> source(from.begin(), from.end());
-  for (const auto& [name, tensor] : into) {
-    at::Tensor dst = tensor;
-    dst.copy_(source.at(name));
-  }
+  for (auto& p : models::state_differences(into, from, "model.backbone", "file")) problems.push_back(std::move(p));
+  if (!problems.empty())
+    throw std::invalid_argument(models::list_problems(
+        "model.backbone_init: " + loaded.path + " holds another network than model.backbone " + recipe_.backbone.dump(),
+        problems));
+  models::copy_state_by_name(into, from);
   if (target_backbone) models::copy_state(*backbone, *target_backbone);
 }
 

@@ -73,6 +73,18 @@ void load_module_state(torch::nn::Module& module, const SafeTensorsFile& file, c
 /// The backbone's parameters and buffers under their (torchvision) names.
 NamedTensors backbone_state(const Network& backbone);
 
+/// How `from`'s names and shapes differ from `into`'s: "missing <name>" (only in `into`), "shape
+/// of <name>: <from_label> [..], <into_label> [..]", "unexpected <name>" (only in `from`, unless
+/// `ignored(name)`); in `into`'s order, then `from`'s. Empty: copy_state_by_name may copy.
+std::vector<std::string> state_differences(const NamedTensors& into, const NamedTensors& from,
+                                           const std::string& into_label, const std::string& from_label,
+                                           bool (*ignored)(const std::string&) = nullptr);
+/// Copies into each of `into`'s tensors the tensor of that name in `from` (which must hold it, of
+/// that shape: check with state_differences first).
+void copy_state_by_name(const NamedTensors& into, const NamedTensors& from);
+/// `head`, then the number of `problems` and the first 8 of them, one per line.
+std::string list_problems(const std::string& head, const std::vector<std::string>& problems);
+
 /// Writes `backbone` as safetensors with torchvision names, its architecture and `info`.
 void save_backbone(const std::string& path, const Network& backbone, const BackboneInfo& info);
 /// The same with metadata entries given directly (keys of metadata_key, or others).
