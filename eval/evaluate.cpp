@@ -64,18 +64,8 @@ EvalConfig EvalConfig::parse(const json& root) {
   r.allow("knn");
   if (root.contains("knn")) {
     config::ConfigReader k(root["knn"], "knn");
-    std::string variant = "dino";
-    k.get("variant", variant);
-    config::require(variant == "dino" || variant == "lightly", "knn.variant", "must be dino or lightly");
-    if (variant == "lightly") c.knn.k = {200}, c.knn.temperature = 0.1;
-    k.get("k", c.knn.k);
-    k.get("temperature", c.knn.temperature);
-    k.get("chunk", c.knn.chunk);
+    read_knn_options(k, c.knn);
     k.finish();
-    config::require(!c.knn.k.empty() && c.knn.k.size() <= 64, "knn.k", "needs 1 to 64 values");
-    for (int64_t k : c.knn.k) config::require(k >= 1 && k <= 1000000, "knn.k", "values must be in [1, 10^6]");
-    config::require(c.knn.temperature > 0, "knn.temperature", "must be > 0");
-    config::require(c.knn.chunk >= 1 && c.knn.chunk <= (1 << 20), "knn.chunk", "must be in [1, 2^20]");
   }
   r.allow("finetune");
   if (root.contains("finetune")) {
@@ -247,6 +237,28 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
     << "backbone, " << o.epochs << " epochs";
   run.protocol = p.str();
   return run;
+}
+
+void read_knn_options(config::ConfigReader& k, KnnOptions& options) {
+  std::string variant = "dino";
+  k.get("variant", variant);
+  config::require(variant == "dino" || variant == "lightly", k.path_of("variant"), "must be dino or lightly");
+  if (variant == "lightly") options.k = {200}, options.temperature = 0.1;
+  nlohmann::json given_k;
+  k.get("k", given_k);
+  if (given_k.is_number()) {  // one k
+    int64_t one = 0;
+    k.get("k", one);
+    options.k = {one};
+  } else if (!given_k.is_null()) {
+    k.get("k", options.k);
+  }
+  k.get("temperature", options.temperature);
+  k.get("chunk", options.chunk);
+  config::require(!options.k.empty() && options.k.size() <= 64, k.path_of("k"), "needs 1 to 64 values");
+  for (int64_t v : options.k) config::require(v >= 1 && v <= 1000000, k.path_of("k"), "values must be in [1, 10^6]");
+  config::require(options.temperature > 0, k.path_of("temperature"), "must be > 0");
+  config::require(options.chunk >= 1 && options.chunk <= (1 << 20), k.path_of("chunk"), "must be in [1, 2^20]");
 }
 
 }  // namespace twins::eval

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "twins/eval/features.h"
+#include "twins/eval/knn_options.h"
 
 namespace twins::eval {
 
@@ -73,13 +74,6 @@ class ProbeHead {
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;
-};
-
-struct KnnOptions {
-  std::vector<int64_t> k{10, 20, 100, 200};
-  double temperature = 0.07;
-  /// Test samples per similarity block: chunk x N_train floats in memory at once.
-  int64_t chunk = 256;
 };
 
 /// Top-1/top-5 for each k (k larger than the training set is clamped to it).
