@@ -52,6 +52,7 @@ int run_pretrain(const PretrainArgs& a) {
       std::cerr << "resume with: " << command << "\n";
   }
   if (!r.interrupted && r.online_probe_top1) std::cout << "online probe top-1: " << *r.online_probe_top1 << "%\n";
+  if (!r.interrupted && r.online_knn_top1) std::cout << "online kNN top-1: " << *r.online_knn_top1 << "%\n";
   std::cout << "run folder: " << out << "\n";
   return 0;
 }

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <iomanip>
@@ -14,11 +15,13 @@
 #include "train/checkpoint_store.h"
 #include "train/run_log.h"
 #include "twins/augment/pipeline.h"
+#include "twins/augment/random.h"
 #include "twins/data/dataset.h"
 #include "twins/data/loader.h"
 #include "twins/distributed/communicator.h"
 #include "twins/eval/features.h"
 #include "twins/eval/plots.h"
+#include "twins/eval/probe.h"
 #include "twins/eval/transform.h"
 #include "twins/io.h"
 #include "twins/losses.h"
@@ -132,19 +135,48 @@ Position restore(Trainer& trainer, const detail::CheckpointStore::Checkpoint& k,
   return p;
 }
 
-// The online probe's top-1 on online_probe.eval_data with the evaluation transform (rank 0).
-double probe_eval_accuracy(Trainer& trainer, const Recipe& recipe, const augment::View& train_view,
-                           const at::Device& device, std::optional<eval::Features>& features) {
-  auto eval_set = data::create_dataset(recipe.probe.eval_data, "online_probe.eval_data");
-  const auto transform =
-      eval::EvalTransform::for_dataset(*eval_set, train_view.output_side(), train_view.normalization);
+// Features of online_probe.eval_data (or of the kNN monitor's bank) under the evaluation
+// transform, on rank 0; `classes` grows to the dataset's number of classes.
+eval::Features eval_transform_features(Trainer& trainer, const Recipe& recipe, const augment::View& train_view,
+                                       const at::Device& device, std::shared_ptr<const data::Dataset> set,
+                                       const std::string& what, bool progress, int64_t& classes) {
+  const auto transform = eval::EvalTransform::for_dataset(*set, train_view.output_side(), train_view.normalization);
   eval::ExtractOptions eo;
-  eo.workers = recipe.train.workers, eo.channels = trainer.in_channels(), eo.progress = false;
-  features = eval::extract_features(trainer.backbone(), eval_set, transform.view(), device, eo);
-  const at::Tensor pred = trainer.probe_logits(features->features).argmax(1);
-  const at::Tensor mask = features->labels.ge(0);
-  return 100.0 * pred.index({mask}).eq(features->labels.index({mask})).sum().item<double>() /
+  eo.workers = recipe.train.workers, eo.channels = trainer.in_channels(), eo.progress = progress, eo.what = what;
+  classes = std::max(classes, set->num_classes());
+  return eval::extract_features(trainer.backbone(), std::move(set), transform.view(), device, eo);
+}
+
+// The online probe's top-1 on stored features (labelled rows).
+double probe_accuracy(Trainer& trainer, const eval::Features& features) {
+  const at::Tensor pred = trainer.probe_logits(features.features).argmax(1);
+  const at::Tensor mask = features.labels.ge(0);
+  return 100.0 * pred.index({mask}).eq(features.labels.index({mask})).sum().item<double>() /
          static_cast<double>(std::max<int64_t>(1, mask.sum().item<int64_t>()));
+}
+
+// The kNN monitor's bank: online_probe.knn.bank_data or the training data, labelled, and of it
+// bank_size samples drawn at random with `seed` (the same every epoch; in the data's order).
+std::shared_ptr<const data::Dataset> open_knn_bank(const KnnMonitorConfig& knn,
+                                                   std::shared_ptr<const data::Dataset> training, uint64_t seed) {
+  const bool own = !knn.bank_data.is_null();
+  std::shared_ptr<const data::Dataset> bank =
+      own ? data::create_dataset(knn.bank_data, "online_probe.knn.bank_data") : std::move(training);
+  const std::string key = own ? "online_probe.knn.bank_data" : "data";
+  if (bank->num_classes() <= 0)
+    throw std::invalid_argument("online_probe.knn: " + key +
+                                " has no labels, and the kNN bank needs them (give online_probe.knn.bank_data, e.g. "
+                                "the labelled training split)");
+  if (knn.bank_size == 0 || knn.bank_size >= bank->size()) return bank;
+  std::vector<int64_t> indices = augment::permutation(bank->size(), augment::Rng(seed));
+  indices.resize(static_cast<size_t>(knn.bank_size));
+  std::sort(indices.begin(), indices.end());
+  try {
+    return data::subset(bank, std::move(indices));
+  } catch (const std::invalid_argument& e) {
+    throw std::invalid_argument("online_probe.knn.bank_size: " + std::string(e.what()) + " (bank_size 0 takes all of " +
+                                key + ")");
+  }
 }
 
 // backbone.safetensors with what it was trained on, and the pictures (whose failure never
@@ -283,8 +315,11 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
   PretrainResult result;
   const int64_t start_step = trainer.steps_taken();
   bool stop = false;
-  std::optional<double> last_probe;
+  std::optional<double> last_probe, last_knn;
   std::optional<eval::Features> eval_features;
+  // The kNN monitor's bank, checked before any training (only rank 0 scores it).
+  std::shared_ptr<const data::Dataset> knn_bank;
+  if (recipe.probe.knn.enabled) knn_bank = open_knn_bank(recipe.probe.knn, dataset, tc.seed);
   while (!stop && at.epoch < tc.epochs && trainer.steps_taken() < max_steps) {
     loader.start_epoch(at.epoch, at.batch);
     const auto epoch_start = Clock::now();
@@ -322,18 +357,44 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
     // End of an epoch: the online probe's accuracy, a checkpoint, and whether any rank was
     // asked to stop meanwhile (a collective: all ranks get the same answer).
     json line = {{"epoch", at.epoch}, {"step", trainer.steps_taken()}, {"epoch_seconds", seconds_since(epoch_start)}};
-    if (trainer.probing()) {
+    if (trainer.probing()) {  // summed over ranks: every rank takes part
       last_probe = trainer.end_probe_epoch().top1();
       line["online_probe_train_top1"] = *last_probe;
-      const bool on_eval_data = !recipe.probe.eval_data.is_null() && job.main_rank;
-      if (on_eval_data)
-        line["online_probe_eval_top1"] =
-            *(last_probe = probe_eval_accuracy(trainer, recipe, views[0], job.device, eval_features));
-      std::ostringstream s;
-      s << "epoch " << at.epoch + 1 << ": online probe " << std::fixed << std::setprecision(2) << *last_probe
-        << "% top-1" << (on_eval_data ? " (eval data)" : " (training views)");
-      log.say(s.str());
     }
+    const bool knn_now = knn_bank && ((at.epoch + 1) % recipe.probe.knn.every_epochs == 0 || at.epoch + 1 == tc.epochs);
+    const bool on_eval_data = !recipe.probe.eval_data.is_null() && job.main_rank && (trainer.probing() || knn_now);
+    auto percent = [](double v) {
+      std::ostringstream s;
+      s << std::fixed << std::setprecision(2) << v << "% top-1";
+      return s.str();
+    };
+    std::string said;  // the epoch's line on the console
+    if (on_eval_data) {
+      const auto eval_start = Clock::now();
+      int64_t classes = 0;
+      eval_features = eval_transform_features(trainer, recipe, views[0], job.device,
+                                              data::create_dataset(recipe.probe.eval_data, "online_probe.eval_data"),
+                                              "online_probe.eval_data", false, classes);
+      if (trainer.probing()) line["online_probe_eval_top1"] = *(last_probe = probe_accuracy(trainer, *eval_features));
+      if (knn_now) {
+        const auto knn_start = Clock::now();
+        const auto bank = eval_transform_features(trainer, recipe, views[0], job.device, knn_bank, "online kNN bank",
+                                                  options.progress, classes);
+        const auto scores = eval::knn(bank, *eval_features, classes, recipe.probe.knn.options, job.device);
+        for (const auto& [k, a] : scores) {
+          line["online_knn_k" + std::to_string(k) + "_top1"] = a.top1;
+          line["online_knn_k" + std::to_string(k) + "_top5"] = a.top5;
+        }
+        line["online_knn_seconds"] = seconds_since(knn_start);
+        const int64_t first_k = recipe.probe.knn.options.k.front();
+        last_knn = scores.count(first_k) ? scores.at(first_k).top1 : scores.begin()->second.top1;
+        said = ", kNN (k=" + std::to_string(first_k) + ") " + percent(*last_knn) + " (eval data)";
+      }
+      log.leave_out(seconds_since(eval_start));  // images per second are the training's
+    }
+    if (trainer.probing())
+      said = ", online probe " + percent(*last_probe) + (on_eval_data ? " (eval data)" : " (training views)") + said;
+    if (!said.empty()) log.say("epoch " + std::to_string(at.epoch + 1) + ":" + said.substr(1));
     log.append(line);
     ++at.epoch, at.batch = 0;
     result.epochs_completed = at.epoch;
@@ -351,6 +412,7 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
   const double train_seconds = log.seconds();
   result.images_per_second = static_cast<double>(log.images()) / std::max(1e-9, train_seconds);
   result.online_probe_top1 = last_probe;
+  result.online_knn_top1 = last_knn;
   result.skipped_samples = job.comm ? job.comm->sum(loader.skipped()) : loader.skipped();
   if (!stop && job.main_rank)
     result.backbone_path = write_results(trainer, recipe, views[0], out_dir, result.steps, eval_features);
@@ -367,6 +429,7 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
                   {"peak_rss_mb", detail::RunLog::peak_rss_mb()}};
   if (job.device.is_cuda()) summary["gpu_hours"] = train_seconds / 3600.0;
   if (last_probe) summary["online_probe_top1"] = *last_probe;
+  if (last_knn) summary["online_knn_top1"] = *last_knn;
   summary["skipped_samples"] = result.skipped_samples;
   log.append(summary);
   if (result.skipped_samples > 0)

@@ -150,9 +150,26 @@ Recipe Recipe::parse(const json& root) {
     p.get("lr", r.probe.lr);
     p.get("weight_decay", r.probe.weight_decay);
     p.allow("eval_data");
+    p.allow("knn");
     p.finish();
     if (j.contains("eval_data")) r.probe.eval_data = j.at("eval_data");
     require(r.probe.lr > 0, "online_probe.lr", "must be > 0");
+    if (j.contains("knn")) {
+      KnnMonitorConfig& m = r.probe.knn;
+      ConfigReader k(j.at("knn"), "online_probe.knn");
+      m.enabled = true;
+      k.get("enabled", m.enabled);
+      eval::read_knn_options(k, m.options);
+      k.get("every_epochs", m.every_epochs);
+      k.get("bank_size", m.bank_size);
+      k.allow("bank_data");
+      k.finish();
+      if (j.at("knn").contains("bank_data")) m.bank_data = j.at("knn").at("bank_data");
+      require(m.every_epochs >= 1, "online_probe.knn.every_epochs", "must be >= 1");
+      require(m.bank_size >= 0, "online_probe.knn.bank_size", "must be >= 0 (0: all of the bank data)");
+      require(!m.enabled || !r.probe.eval_data.is_null(), "online_probe.knn",
+              "needs online_probe.eval_data, the labelled data it classifies (e.g. the test split)");
+    }
   }
   top.allow("train");
   {

@@ -70,7 +70,12 @@ void RunLog::count(int64_t images, double data_wait_seconds, int64_t skipped) {
   wait_ += data_wait_seconds, window_wait_ += data_wait_seconds;
 }
 
-double RunLog::seconds() const { return since(start_); }
+double RunLog::seconds() const { return since(start_) - left_out_; }
+
+void RunLog::leave_out(double seconds) {
+  left_out_ += seconds;
+  window_start_ += std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+}
 double RunLog::data_wait_fraction() const { return wait_ / std::max(1e-9, seconds()); }
 
 double RunLog::peak_rss_mb() {

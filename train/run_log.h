@@ -54,7 +54,12 @@ class RunLog {
   /// A line for the user (stderr, when printing progress).
   void say(const std::string& text);
 
-  /// Seconds since construction, images counted, and the fraction of it spent waiting for data.
+  /// Leaves `seconds` just spent on something else than training (the evaluation at an epoch's
+  /// end) out of seconds(), the images per second and the ETA.
+  void leave_out(double seconds);
+
+  /// Seconds since construction (less those left out), images counted, and the fraction of it
+  /// spent waiting for data.
   double seconds() const;
   int64_t images() const { return images_; }
   double data_wait_fraction() const;
@@ -68,7 +73,7 @@ class RunLog {
   std::unique_ptr<EventFile> events_;
   std::chrono::steady_clock::time_point start_, window_start_;
   int64_t images_ = 0, window_images_ = 0, skipped_ = 0;
-  double wait_ = 0, window_wait_ = 0;
+  double wait_ = 0, window_wait_ = 0, left_out_ = 0;
 };
 
 /// "1h05m" or "4m07s".

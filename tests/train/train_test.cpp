@@ -5,6 +5,7 @@
 #include <torch/optim/sgd.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -16,7 +17,10 @@
 #include "train/run_log.h"
 #include "train/ssl_model.h"
 #include "train/tensorboard.h"
+#include "twins/augment/random.h"
 #include "twins/config.h"
+#include "twins/eval/evaluate.h"
+#include "twins/eval/probe.h"
 #include "twins/io.h"
 #include "twins/losses.h"
 #include "twins/models/safetensors.h"
@@ -971,4 +975,85 @@ TEST_CASE("train: the run folder's TensorBoard events file holds metrics.jsonl's
   pretrain(cfg, quiet(data.dir / "no_tb"));
   for (const auto& entry : fs::directory_iterator(data.dir / "no_tb"))
     CHECK(entry.path().filename().string().find("tfevents") == std::string::npos);
+}
+
+TEST_CASE("train: online_probe.knn scores eval_data as twins knn would, without changing the training") {
+  TinyData data(48);  // labels i % 4
+  const json spec = {{"type", "mnist"}, {"root", data.dir.string()}};
+  json plain = tiny_recipe("vicreg", data.dir);
+  plain["online_probe"] = {{"eval_data", spec}};
+  json cfg = plain;
+  cfg["online_probe"]["knn"] = {{"k", {1, 5}}, {"every_epochs", 2}};
+  const auto without = pretrain(plain, quiet(data.dir / "plain"));
+  const auto with = pretrain(cfg, quiet(data.dir / "knn"));
+  REQUIRE(with.online_knn_top1);
+  CHECK_FALSE(without.online_knn_top1);
+  // Monitoring leaves the weights alone.
+  const auto a = twins::models::load_safetensors((data.dir / "plain/backbone.safetensors").string());
+  const auto b = twins::models::load_safetensors((data.dir / "knn/backbone.safetensors").string());
+  for (const auto& entry : a.tensors) {
+    CAPTURE(entry.first);
+    CHECK(at::equal(entry.second, b.at(entry.first)));
+  }
+  // Scored after epochs 2 and 3 (every 2, and the last), each k's top-1 and top-5.
+  std::vector<json> epochs;
+  for (const auto& l : read_lines(data.dir / "knn/metrics.jsonl"))
+    if (l.contains("epoch_seconds")) epochs.push_back(l);
+  REQUIRE(epochs.size() == 3);
+  CHECK_FALSE(epochs[0].contains("online_knn_k1_top1"));
+  CHECK(epochs[1].contains("online_knn_k5_top5"));
+  CHECK(epochs[2].contains("online_probe_eval_top1"));
+  // The bank is the eval data itself here: each sample is its own nearest neighbour.
+  CHECK(epochs[2]["online_knn_k1_top1"].get<double>() == 100.0);
+  CHECK(*with.online_knn_top1 == 100.0);
+  CHECK(read_lines(data.dir / "knn/metrics.jsonl").back()["online_knn_top1"].get<double>() == 100.0);
+
+  // The same numbers as the evaluation library's kNN on the finished backbone (the eval
+  // transform of the training views' size and normalisation).
+  const auto eval_config = twins::eval::EvalConfig::parse({{"train_data", spec},
+                                                           {"test_data", spec},
+                                                           {"image_size", 12},
+                                                           {"normalize", {{"mean", {0.5}}, {"std", {0.25}}}},
+                                                           {"device", "cpu"}});
+  int64_t classes = 0;
+  const auto features =
+      twins::eval::eval_features((data.dir / "knn/backbone.safetensors").string(), eval_config, "", &classes);
+  twins::eval::KnnOptions ko;
+  ko.k = {1, 5};
+  const auto offline = twins::eval::knn(features.first, features.second, classes, ko, at::kCPU);
+  CHECK(epochs[2]["online_knn_k5_top1"].get<double>() == doctest::Approx(offline.at(5).top1).epsilon(1e-12));
+  CHECK(epochs[2]["online_knn_k5_top5"].get<double>() == doctest::Approx(offline.at(5).top5).epsilon(1e-12));
+
+  // A bank of 12 samples drawn with train.seed, and the monitor without the probe.
+  cfg["online_probe"]["enabled"] = false;
+  cfg["online_probe"]["knn"]["bank_size"] = 12;
+  const auto sampled = pretrain(cfg, quiet(data.dir / "sampled"));
+  const json last = read_lines(data.dir / "sampled/metrics.jsonl").back();
+  CHECK_FALSE(last.contains("online_probe_top1"));
+  std::vector<int64_t> picked = twins::augment::permutation(48, twins::augment::Rng(uint64_t{7}));
+  picked.resize(12);
+  std::sort(picked.begin(), picked.end());
+  const auto again =
+      twins::eval::eval_features((data.dir / "sampled/backbone.safetensors").string(), eval_config, "", &classes);
+  const twins::eval::Features bank{again.first.features.index_select(0, at::tensor(picked)),
+                                   again.first.labels.index_select(0, at::tensor(picked))};
+  const auto small = twins::eval::knn(bank, again.second, classes, ko, at::kCPU);
+  REQUIRE(sampled.online_knn_top1);
+  CHECK(*sampled.online_knn_top1 == doctest::Approx(small.at(1).top1).epsilon(1e-12));
+  CHECK(*sampled.online_knn_top1 < 100.0);
+
+  // Its keys are checked as the eval config's are.
+  cfg = plain;
+  cfg["online_probe"]["knn"] = {{"k", 0}};
+  check_throws_with<std::invalid_argument>([&] { Recipe::parse(cfg); },
+                                           "online_probe.knn.k: values must be in [1, 10^6]");
+  cfg["online_probe"]["knn"] = {{"bank_sise", 10}};
+  check_throws_with<std::invalid_argument>([&] { Recipe::parse(cfg); },
+                                           "online_probe.knn.bank_sise: unknown key; did you mean bank_size?");
+  cfg["online_probe"]["knn"] = {{"k", 20}};
+  cfg["online_probe"].erase("eval_data");
+  check_throws_with<std::invalid_argument>([&] { Recipe::parse(cfg); },
+                                           "online_probe.knn: needs online_probe.eval_data");
+  cfg["online_probe"]["knn"]["enabled"] = false;
+  CHECK_NOTHROW(Recipe::parse(cfg));
 }

@@ -45,6 +45,8 @@ struct PretrainResult {
   int64_t skipped_samples = 0;
   /// Online-probe accuracy of the last epoch (on eval_data if given, else on training views).
   std::optional<double> online_probe_top1;
+  /// The kNN monitor's top-1 (its first k) on eval_data at its last scoring (online_probe.knn).
+  std::optional<double> online_knn_top1;
 };
 
 /// Trains: a loop over Trainer::step (<twins/train/trainer.h>). Throws std::invalid_argument

@@ -11,7 +11,9 @@
 //                 "momentum", "eta", "clip", "exclude_1d", "betas", "eps", "fixed_predictor_lr",
 //                 "lars_variant", "lars_eps", "lars_exclude"},
 //   "schedule": {"warmup_epochs": 10, "final_lr_ratio": 0.001, "warmup_start_lr": 0},
-//   "online_probe": {"enabled": true, "lr": 0.1, "eval_data": {dataset} (optional)},
+//   "online_probe": {"enabled": true, "lr": 0.1, "eval_data": {dataset} (optional),
+//                    "knn": {"k": 20, "temperature": 0.07, "every_epochs": 1, "bank_size": 0,
+//                            "bank_data": {dataset}} (optional: a kNN monitor on eval_data)},
 //   "train": {"epochs", "max_steps", "batch_size", "workers", "device", "seed", "log_every",
 //             "checkpoint_every_steps", "checkpoint_every_epochs", "keep_checkpoints",
 //             "deterministic", "precision", "channels_last", "threads", "sync_batchnorm",
@@ -23,6 +25,8 @@
 
 #include <string>
 #include <vector>
+
+#include "twins/eval/knn_options.h"
 
 namespace twins::train {
 
@@ -81,12 +85,28 @@ struct ScheduleConfig {
   double warmup_start_lr = 0.0;
 };
 
+/// online_probe.knn: the kNN classifier (DINO's protocol, as `twins knn`) scored on
+/// online_probe.eval_data during pretraining, its bank the training data's features under the
+/// evaluation transform (solo-learn's and lightly's kNN monitors).
+struct KnnMonitorConfig {
+  bool enabled = false;  ///< true when the recipe has online_probe.knn (and its "enabled" is not false)
+  eval::KnnOptions options{{20}, 0.07};
+  /// Scored after every this many epochs, and after the last.
+  int64_t every_epochs = 1;
+  /// Samples of the bank, drawn at random (with train.seed, the same every epoch) from the bank
+  /// data (0: all of it).
+  int64_t bank_size = 0;
+  /// The bank's labelled dataset; null: the training data ("data").
+  nlohmann::json bank_data;
+};
+
 struct ProbeConfig {
   bool enabled = true;
   double lr = 0.1;
   double weight_decay = 0.0;
   /// A labelled dataset evaluated at the end of every epoch (e.g. the test split); null: none.
   nlohmann::json eval_data;
+  KnnMonitorConfig knn;
 };
 
 struct TrainConfig {
