@@ -3,6 +3,7 @@
 #include <CLI/CLI.hpp>
 
 #include <functional>
+#include <string>
 
 namespace twins::cli {
 
@@ -20,8 +21,22 @@ Command add_embed(CLI::App& app);
 Command add_export(CLI::App& app);
 Command add_plot(CLI::App& app);
 
-/// Runs this command as `nproc` local ranks (see cli/launch.cpp); returns the job's exit code.
-/// A failed rank's peers get SIGTERM, then SIGKILL after `grace_seconds`.
-int launch_local(int nproc, double grace_seconds);
+/// Where this machine's ranks sit in the job: torchrun's flags (--nproc-per-node, --nnodes,
+/// --node-rank, --master-addr, --master-port).
+struct LaunchPlan {
+  int nproc_per_node = 0;  ///< 0: no launch (this process is the rank, or a launcher started it)
+  int nnodes = 1, node_rank = 0;
+  std::string master_addr;  ///< empty: 127.0.0.1 (one node only)
+  int master_port = 0;      ///< 0: MASTER_PORT, else a free port (one node only)
+  /// Adds the flags to a subcommand.
+  void add_options(CLI::App& sub);
+  /// The flags to give again to resume (this node's --node-rank), or "" without a launch.
+  std::string resume_flags() const;
+};
+
+/// Runs this command as the plan's local ranks (see cli/launch.cpp); returns the job's exit
+/// code. A failed rank's peers on this machine get SIGTERM, then SIGKILL after `grace_seconds`;
+/// those on other machines fail in their next collective (train.dist_timeout_s at most).
+int launch_local(const LaunchPlan& plan, double grace_seconds);
 
 }  // namespace twins::cli

@@ -1,6 +1,8 @@
 // `--nproc-per-node N`: starts N ranks of this same command on this machine, as torchrun does
 // (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), forwards SIGINT/SIGTERM to them,
-// and when one fails stops the others, so that no rank outlives the job.
+// and when one fails stops the others, so that no rank outlives the job. With `--nnodes M
+// --node-rank i --master-addr host --master-port p` on each of M machines, machine i's ranks
+// are i x N ... i x N + N - 1 of M x N (torchrun's static rendezvous, without Python).
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <signal.h>
@@ -30,7 +32,10 @@ namespace {
 volatile std::sig_atomic_t g_signal = 0;
 void on_launcher_signal(int sig) { g_signal = sig; }
 
-// This process's arguments, without `--nproc-per-node N` / `--nproc-per-node=N`.
+// The launcher's own flags, each with a value: the ranks get the other arguments.
+const char* const kLaunchFlags[] = {"--nproc-per-node", "--nnodes", "--node-rank", "--master-addr", "--master-port"};
+
+// This process's arguments, without the launcher's flags (`--flag value` or `--flag=value`).
 std::vector<std::string> child_arguments() {
   std::ifstream in("/proc/self/cmdline", std::ios::binary);
   const std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
@@ -42,12 +47,19 @@ std::vector<std::string> child_arguments() {
   }
   std::vector<std::string> out;
   for (size_t i = 0; i < args.size(); ++i) {
-    if (args[i] == "--nproc-per-node") {
-      ++i;
-      continue;
+    bool launcher_flag = false;
+    for (const char* flag : kLaunchFlags) {
+      if (args[i] == flag) {
+        ++i;  // and its value
+        launcher_flag = true;
+        break;
+      }
+      if (args[i].rfind(std::string(flag) + "=", 0) == 0) {
+        launcher_flag = true;
+        break;
+      }
     }
-    if (args[i].rfind("--nproc-per-node=", 0) == 0) continue;
-    out.push_back(args[i]);
+    if (!launcher_flag) out.push_back(args[i]);
   }
   return out;
 }
@@ -79,16 +91,56 @@ std::string describe(int status) {
 
 }  // namespace
 
-int launch_local(int nproc, double grace_seconds) {
+void LaunchPlan::add_options(CLI::App& sub) {
+  sub.add_option("--nproc-per-node", nproc_per_node,
+                 "Start N ranks on this machine (data parallel: one per GPU, or N CPU ranks with Gloo)")
+      ->check(CLI::Range(1, 1024));
+  sub.add_option("--nnodes", nnodes, "Machines in the job, each running this command with its --node-rank")
+      ->check(CLI::Range(1, 65536));
+  sub.add_option("--node-rank", node_rank, "This machine's place among --nnodes (0: the one at --master-addr)")
+      ->check(CLI::Range(0, 65535));
+  sub.add_option("--master-addr", master_addr, "Host of node 0, where the ranks meet (several nodes)");
+  sub.add_option("--master-port", master_port, "A free port on --master-addr (several nodes)")
+      ->check(CLI::Range(1, 65535));
+}
+
+std::string LaunchPlan::resume_flags() const {
+  if (nproc_per_node <= 0) return "";
+  std::string flags = "--nproc-per-node " + std::to_string(nproc_per_node);
+  if (nnodes > 1)
+    flags += " --nnodes " + std::to_string(nnodes) + " --node-rank " + std::to_string(node_rank) + " --master-addr " +
+             master_addr + " --master-port " + std::to_string(master_port);
+  return flags;
+}
+
+int launch_local(const LaunchPlan& plan, double grace_seconds) {
+  const int nproc = plan.nproc_per_node;
   if (nproc < 1) throw std::invalid_argument("--nproc-per-node: must be >= 1");
+  if (plan.node_rank >= plan.nnodes)
+    throw std::invalid_argument("--node-rank: " + std::to_string(plan.node_rank) + " is not below --nnodes " +
+                                std::to_string(plan.nnodes));
+  if (plan.nnodes > 1 && (plan.master_addr.empty() || plan.master_port == 0))
+    throw std::invalid_argument(
+        "--nnodes " + std::to_string(plan.nnodes) +
+        ": every node needs the same --master-addr (the host of node 0) and --master-port (a free port there)");
   const auto env = distributed::detect_environment();
   if (env.launcher != "none")
     throw std::invalid_argument("--nproc-per-node: this process is already rank " + std::to_string(env.rank) +
                                 " of a " + env.launcher + " job; use either a launcher or --nproc-per-node");
   const std::vector<std::string> args = child_arguments();
   const char* port_env = std::getenv("MASTER_PORT");
-  const std::string port = port_env && *port_env ? port_env : std::to_string(free_port());
-  std::cerr << "launching " << nproc << " ranks on this machine (rendezvous 127.0.0.1:" << port << ")\n";
+  const std::string port = plan.master_port > 0    ? std::to_string(plan.master_port)
+                           : port_env && *port_env ? port_env
+                                                   : std::to_string(free_port());
+  const std::string host = plan.master_addr.empty() ? "127.0.0.1" : plan.master_addr;
+  const int world = plan.nnodes * nproc, first_rank = plan.node_rank * nproc;
+  if (plan.nnodes > 1)
+    std::cerr << "launching ranks " << first_rank << "-" << first_rank + nproc - 1 << " of " << world
+              << " on this machine, node " << plan.node_rank << " of " << plan.nnodes << " (rendezvous " << host << ":"
+              << port << ")\n";
+  else
+    std::cerr << "launching " << nproc << " ranks on this machine (rendezvous " << host << ":" << port << ")\n";
+  const std::string resume_flags = plan.resume_flags();
 
   struct sigaction sa {};
   sa.sa_handler = on_launcher_signal;
@@ -107,18 +159,20 @@ int launch_local(int nproc, double grace_seconds) {
       if (::getppid() != launcher) ::_exit(1);
       ::signal(SIGINT, SIG_DFL);
       ::signal(SIGTERM, SIG_DFL);
-      ::setenv("RANK", std::to_string(r).c_str(), 1);
+      ::setenv("RANK", std::to_string(first_rank + r).c_str(), 1);
       ::setenv("LOCAL_RANK", std::to_string(r).c_str(), 1);
-      ::setenv("WORLD_SIZE", std::to_string(nproc).c_str(), 1);
+      ::setenv("WORLD_SIZE", std::to_string(world).c_str(), 1);
       ::setenv("LOCAL_WORLD_SIZE", std::to_string(nproc).c_str(), 1);
-      ::setenv("MASTER_ADDR", "127.0.0.1", 1);
+      ::setenv("GROUP_RANK", std::to_string(plan.node_rank).c_str(), 1);
+      ::setenv("MASTER_ADDR", host.c_str(), 1);
       ::setenv("MASTER_PORT", port.c_str(), 1);
-      ::setenv("TWINS_NPROC_PER_NODE", std::to_string(nproc).c_str(), 1);  // for the resume command
+      ::setenv("TWINS_RESUME_FLAGS", resume_flags.c_str(), 1);  // for the resume command
       std::vector<char*> argv;
       for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
       argv.push_back(nullptr);
       ::execv("/proc/self/exe", argv.data());
-      std::cerr << "error: rank " << r << ": cannot start /proc/self/exe: " << std::strerror(errno) << "\n";
+      std::cerr << "error: rank " << first_rank + r << ": cannot start /proc/self/exe: " << std::strerror(errno)
+                << "\n";
       ::_exit(127);
     }
     pids[static_cast<size_t>(r)] = pid;
@@ -150,7 +204,7 @@ int launch_local(int nproc, double grace_seconds) {
             first_failure = r;
             if (alive > 0) {
               // One write per line: the ranks print to the same stderr meanwhile.
-              std::cerr << ("error: rank " + std::to_string(r) + " failed (" + describe(status) +
+              std::cerr << ("error: rank " + std::to_string(first_rank + r) + " failed (" + describe(status) +
                             "); stopping the other " + std::to_string(alive) + " rank(s)\n");
               signal_all(SIGTERM);
               stopping = true;
@@ -168,7 +222,7 @@ int launch_local(int nproc, double grace_seconds) {
   }
   if (first_failure < 0) return 0;
   const int s = statuses[static_cast<size_t>(first_failure)];
-  std::cerr << ("error: rank " + std::to_string(first_failure) + " failed first (" + describe(s) + ")\n");
+  std::cerr << ("error: rank " + std::to_string(first_rank + first_failure) + " failed first (" + describe(s) + ")\n");
   return WIFEXITED(s) ? WEXITSTATUS(s) : 128 + WTERMSIG(s);
 }
 

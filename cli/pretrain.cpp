@@ -19,14 +19,15 @@ struct PretrainArgs {
   std::vector<std::string> set;
   bool resume = false;
   int64_t stop_after = 0;
-  int nproc_per_node = 0;
+  LaunchPlan launch;
 };
 
 void on_signal(int) { train::request_stop(); }
 
 int run_pretrain(const PretrainArgs& a) {
   namespace fs = std::filesystem;
-  if (a.nproc_per_node > 0) return launch_local(a.nproc_per_node, 5.0);
+  if (a.launch.nproc_per_node > 0) return launch_local(a.launch, 5.0);
+  if (a.launch.nnodes > 1) throw std::invalid_argument("--nnodes: give --nproc-per-node too (ranks per node)");
   if (a.config.empty() && !a.resume) throw std::invalid_argument("--config is required (or --resume with --out)");
   const std::string out = !a.out.empty() ? a.out : "runs/" + fs::path(a.config).stem().string();
   nlohmann::json cfg = a.config.empty() ? nlohmann::json::object() : config::load_config(a.config, a.set);
@@ -42,10 +43,12 @@ int run_pretrain(const PretrainArgs& a) {
   if (!r.main_rank) return 0;  // rank 0 speaks for the job
   if (r.interrupted) {
     // The same launcher again: ours passes its rank count down; others are the user's command.
-    const char* nproc = std::getenv("TWINS_NPROC_PER_NODE");
+    const char* flags = std::getenv("TWINS_RESUME_FLAGS");
     const std::string command = "twins pretrain --out " + out + " --resume";
-    if (nproc)
-      std::cerr << "resume with: " << command << " --nproc-per-node " << nproc << "\n";
+    if (flags && std::string(flags).find("--nnodes") != std::string::npos)
+      std::cerr << "resume with, on each node (its own --node-rank): " << command << " " << flags << "\n";
+    else if (flags && *flags)
+      std::cerr << "resume with: " << command << " " << flags << "\n";
     else if (distributed::detect_environment().launcher != "none")
       std::cerr << "resume with the same launcher and: " << command << "\n";
     else
@@ -69,9 +72,7 @@ Command add_pretrain(CLI::App& app) {
   sub->add_option("--device", a->device, "auto, cpu, cuda or cuda:N (overrides train.device)");
   sub->add_option("--stop-after", a->stop_after, "Stop (checkpoint, resumable) after N steps of this invocation")
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 40));
-  sub->add_option("--nproc-per-node", a->nproc_per_node,
-                  "Start N ranks on this machine (data parallel: one per GPU, or N CPU ranks with Gloo)")
-      ->check(CLI::Range(1, 1024));
+  a->launch.add_options(*sub);
   return [a] { return run_pretrain(*a); };
 }
 

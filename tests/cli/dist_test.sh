@@ -73,6 +73,37 @@ grep -q '"online_knn_k5_top1"' "$dir/knn/metrics.jsonl" || { cat "$dir/knn/metri
 grep -q "online kNN top-1" "$dir/out6" || { cat "$dir/out6"; exit 1; }
 echo "kNN monitor ok"
 
+# Two "nodes" on this machine, one rank each, meeting at node 0's address and port (what
+# torchrun --nnodes does, without Python); stopped, and resumed with the printed flags.
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' 2>/dev/null ||
+       echo $((20000 + RANDOM % 20000)))
+nodes=(--nnodes 2 --master-addr 127.0.0.1 --master-port "$port" --nproc-per-node 1)
+"$twins" pretrain "${common[@]}" --set train.max_steps=6 "${nodes[@]}" --node-rank 1 --out "$dir/nodes" --stop-after 2 \
+  > /dev/null 2> "$dir/err7" &
+node1=$!
+pids_to_reap+=("$node1")
+"$twins" pretrain "${common[@]}" --set train.max_steps=6 "${nodes[@]}" --node-rank 0 --out "$dir/nodes" --stop-after 2 \
+  > /dev/null 2> "$dir/err8"
+wait "$node1" || { cat "$dir/err7"; exit 1; }
+grep -q "launching ranks 1-1 of 2 on this machine, node 1 of 2" "$dir/err7" || { cat "$dir/err7"; exit 1; }
+grep -q "x 2 ranks (gloo)" "$dir/err8" || { cat "$dir/err8"; exit 1; }
+grep -q "resume with, on each node (its own --node-rank): twins pretrain --out $dir/nodes --resume --nproc-per-node 1 --nnodes 2 --node-rank 0 --master-addr 127.0.0.1 --master-port $port" "$dir/err8" ||
+  { cat "$dir/err8"; exit 1; }
+"$twins" pretrain --out "$dir/nodes" --resume "${nodes[@]}" --node-rank 1 > /dev/null 2> "$dir/err9" &
+node1=$!
+pids_to_reap+=("$node1")
+"$twins" pretrain --out "$dir/nodes" --resume "${nodes[@]}" --node-rank 0 > /dev/null 2> "$dir/err10"
+wait "$node1" || { cat "$dir/err9"; exit 1; }
+grep -q '"steps":6' "$dir/nodes/metrics.jsonl" || { cat "$dir/err10"; exit 1; }
+# Flags that cannot make a job are refused before anything starts.
+if "$twins" pretrain "${common[@]}" --nnodes 2 --nproc-per-node 1 --node-rank 1 --out "$dir/bad" 2> "$dir/err11"; then
+  exit 1
+fi
+grep -q "every node needs the same --master-addr" "$dir/err11" || { cat "$dir/err11"; exit 1; }
+if "$twins" pretrain "${common[@]}" "${nodes[@]}" --node-rank 2 --out "$dir/bad" 2> "$dir/err12"; then exit 1; fi
+grep -q -- "--node-rank: 2 is not below --nnodes 2" "$dir/err12" || { cat "$dir/err12"; exit 1; }
+echo "two nodes ok"
+
 # The pid of rank $2 among the children of launcher $1, once it is up.
 rank_pid() {
   for _ in $(seq 1 200); do
