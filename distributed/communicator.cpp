@@ -14,9 +14,13 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdlib>
+#include <future>
+#include <iostream>
 #include <map>
 #include <mutex>
+#include <sstream>
 #include <stdexcept>
 #include <thread>
 
@@ -107,6 +111,123 @@ Environment detect_environment() {
   return e;
 }
 
+namespace {
+
+std::string beat_key(int rank) { return "twins_heartbeat/" + std::to_string(rank); }
+
+// A thread that posts "<count> <progress>" under beat_key(rank) every interval, through a store
+// client of its own (the process group's may be busy in a long wait).
+class Heartbeat {
+ public:
+  Heartbeat(c10::intrusive_ptr<c10d::Store> store, int rank, double interval_s)
+      : store_(std::move(store)), rank_(rank), interval_(to_ms(interval_s)), thread_([this] { run(); }) {}
+  ~Heartbeat() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    thread_.join();
+  }
+  void note(int64_t progress) { progress_.store(progress); }
+  int64_t progress() const { return progress_.load(); }
+  const c10::intrusive_ptr<c10d::Store>& store() const { return store_; }
+  std::chrono::milliseconds interval() const { return interval_; }
+
+ private:
+  void run() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (int64_t count = 1; !stop_; ++count) {
+      const std::string value = std::to_string(count) + " " + std::to_string(progress_.load());
+      lock.unlock();
+      try {
+        store_->set(beat_key(rank_), std::vector<uint8_t>(value.begin(), value.end()));
+      } catch (const std::exception&) {  // a store that fails shows in the collectives
+      }
+      lock.lock();
+      wake_.wait_for(lock, interval_, [this] { return stop_; });
+    }
+  }
+
+  c10::intrusive_ptr<c10d::Store> store_;
+  int rank_;
+  std::chrono::milliseconds interval_;
+  std::atomic<int64_t> progress_{0};
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  bool stop_ = false;
+  std::thread thread_;  // last: starts once the rest is set
+};
+
+struct Beat {
+  bool seen = false;
+  int64_t count = 0, progress = 0;
+};
+
+std::vector<Beat> read_beats(c10d::Store& store, int world_size) {
+  std::vector<Beat> out(static_cast<size_t>(world_size));
+  for (int r = 0; r < world_size; ++r) {
+    if (!store.check({beat_key(r)})) continue;
+    const std::vector<uint8_t> bytes = store.get(beat_key(r));
+    std::istringstream in(std::string(bytes.begin(), bytes.end()));
+    Beat& b = out[static_cast<size_t>(r)];
+    b.seen = static_cast<bool>(in >> b.count >> b.progress);
+  }
+  return out;
+}
+
+// `names` joined, the first 8 of them.
+std::string first_names(const std::vector<std::string>& names) {
+  std::string out;
+  for (size_t i = 0; i < names.size() && i < 8; ++i) out += (i ? ", " : "") + names[i];
+  if (names.size() > 8) out += " and " + std::to_string(names.size() - 8) + " more";
+  return out;
+}
+
+// What the heartbeats say about the other ranks: those silent for 2.5 intervals, and those
+// alive at an earlier step than this rank's. Bounded in time: a store that does not answer
+// (rank 0, its host, stopped) is said so.
+std::string diagnose(const Heartbeat& heartbeat, int rank, int world_size) {
+  auto result = std::make_shared<std::promise<std::string>>();
+  std::future<std::string> answer = result->get_future();
+  const auto settle = heartbeat.interval() * 5 / 2;
+  std::thread([result, store = heartbeat.store(), settle, rank, world_size, mine = heartbeat.progress()] {
+    try {
+      const std::vector<Beat> before = read_beats(*store, world_size);
+      std::this_thread::sleep_for(settle);
+      const std::vector<Beat> after = read_beats(*store, world_size);
+      std::vector<std::string> silent, behind;
+      for (int r = 0; r < world_size; ++r) {
+        const Beat &a = before[static_cast<size_t>(r)], &b = after[static_cast<size_t>(r)];
+        if (r == rank) continue;
+        if (!b.seen)
+          silent.push_back("rank " + std::to_string(r) + " (never)");
+        else if (a.seen && a.count == b.count)
+          silent.push_back("rank " + std::to_string(r) + " (last at step " + std::to_string(b.progress) + ")");
+        else if (b.progress < mine)
+          behind.push_back("rank " + std::to_string(r) + " at step " + std::to_string(b.progress));
+      }
+      std::string text;
+      if (!silent.empty())
+        text = "no heartbeat from " + first_names(silent) + ": stopped, killed, or its machine unreachable";
+      if (!behind.empty())
+        text += (text.empty() ? "" : "; ") + first_names(behind) + " alive but behind this rank's step " +
+                std::to_string(mine) + ": stuck before this collective (its data, or a deadlock)";
+      if (text.empty())
+        text = "every rank is alive at step " + std::to_string(mine) +
+               " or later: they called different collectives (diverged), or one is busy outside the steps";
+      result->set_value(text);
+    } catch (const std::exception& e) {
+      result->set_value(std::string("the heartbeats could not be read: ") + e.what());
+    }
+  }).detach();  // may stay blocked on a store that never answers; it owns what it uses
+  if (answer.wait_for(settle + std::chrono::seconds(10)) != std::future_status::ready)
+    return "the rendezvous store on rank 0 does not answer: rank 0 (or its machine) stopped";
+  return answer.get();
+}
+
+}  // namespace
+
 struct Communicator::Impl {
   int rank = 0, world_size = 1;
   std::string backend;
@@ -115,15 +236,17 @@ struct Communicator::Impl {
   int64_t id = 0;
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<compat::ProcessGroupBackend> group;
+  std::unique_ptr<Heartbeat> heartbeat;  // none at world size 1 or heartbeat_s 0
 
   // Waits for `work`, turning a failure into an error that says where to look.
   void wait(const c10::intrusive_ptr<c10d::Work>& work, const char* op) const {
     try {
       work->wait();
     } catch (const std::exception& e) {
+      const std::string heartbeats = heartbeat ? "; heartbeats: " + diagnose(*heartbeat, rank, world_size) : "";
       throw std::runtime_error("rank " + std::to_string(rank) + " of " + std::to_string(world_size) + ": " + op +
                                " failed: another rank died, hung or diverged (timeout " +
-                               std::to_string(static_cast<int64_t>(timeout_s)) + " s): " + e.what());
+                               std::to_string(static_cast<int64_t>(timeout_s)) + " s)" + heartbeats + ": " + e.what());
     }
   }
 };
@@ -228,6 +351,16 @@ std::shared_ptr<Communicator> Communicator::create(const Environment& e, const a
     throw std::runtime_error("rank " + std::to_string(e.rank) + ": could not form the " + impl->backend + " group of " +
                              std::to_string(e.world_size) + " ranks: " + ex.what());
   }
+  if (options.heartbeat_s > 0 && e.world_size > 1) {
+    c10d::TCPStoreOptions client = so;
+    client.isServer = false, client.numWorkers = c10::nullopt, client.waitWorkers = false;
+    try {
+      impl->heartbeat = std::make_unique<Heartbeat>(c10::make_intrusive<c10d::TCPStore>(e.master_addr, client), e.rank,
+                                                    options.heartbeat_s);
+    } catch (const std::exception& ex) {  // the job runs; only its failures are told less well
+      std::cerr << "warning: rank " << e.rank << ": no heartbeat store client: " << ex.what() << "\n";
+    }
+  }
   return registered(std::shared_ptr<Communicator>(new Communicator(std::move(impl))));
 }
 
@@ -248,6 +381,8 @@ std::vector<std::shared_ptr<Communicator>> Communicator::create_local_group(int 
         impl->id = g_next_id++;
         impl->store = c10::make_intrusive<c10d::PrefixStore>("local" + std::to_string(group_id), store);
         impl->group = make_group("gloo", impl->store, r, world_size, options.timeout_s, "127.0.0.1");
+        if (options.heartbeat_s > 0 && world_size > 1)
+          impl->heartbeat = std::make_unique<Heartbeat>(impl->store, r, options.heartbeat_s);
         out[static_cast<size_t>(r)] = registered(std::shared_ptr<Communicator>(new Communicator(std::move(impl))));
       } catch (...) {
         errors[static_cast<size_t>(r)] = std::current_exception();
@@ -303,5 +438,9 @@ void Communicator::broadcast(at::Tensor& tensor, int root) {
 }
 
 void Communicator::barrier() { impl_->wait(impl_->group->barrier(), "barrier"); }
+
+void Communicator::note_progress(int64_t step) {
+  if (impl_->heartbeat) impl_->heartbeat->note(step);
+}
 
 }  // namespace twins::distributed

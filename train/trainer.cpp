@@ -356,6 +356,7 @@ StepResult Trainer::step(const std::vector<data::Batch>& micro_batches, bool sto
   const auto& comm = m.options.communicator;
   const int64_t accumulate = static_cast<int64_t>(micro_batches.size());
   if (accumulate < 1) throw std::invalid_argument("Trainer::step: no batch");
+  if (comm) comm->note_progress(m.step + 1);  // named by the other ranks if this one stops
   const auto& total_steps = m.options.total_steps;
   const auto& sc = m.recipe.schedule;
   auto scheduled = [&](double base) {

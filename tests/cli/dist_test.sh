@@ -144,5 +144,5 @@ fail_rank_1() {
 }
 
 fail_rank_1 KILL 20 "rank 1 failed (killed by signal 9"
-fail_rank_1 STOP 20 "rank 0 of 2: .* failed"
+fail_rank_1 STOP 25 "rank 0 of 2: .* failed: .* heartbeats: no heartbeat from rank 1 (last at step [0-9]*): stopped"
 echo "dist cli ok"

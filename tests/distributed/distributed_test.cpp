@@ -509,3 +509,49 @@ TEST_CASE("dist: model.backbone_init read by rank 0 reaches every rank, and its 
   }
   std::filesystem::remove(file);
 }
+
+TEST_CASE("dist: a failed collective names, from the heartbeats, the ranks that stopped or lag behind") {
+  distributed::CommunicatorOptions o;
+  o.timeout_s = 1, o.heartbeat_s = 0.2;
+  // Rank 2 lags: it is alive (beating) at step 4 while ranks 0 and 1 wait in step 5's collective.
+  {
+    auto comms = distributed::Communicator::create_local_group(3, o);
+    for (int r = 0; r < 3; ++r) comms[static_cast<size_t>(r)]->note_progress(r == 2 ? 4 : 5);
+    std::vector<std::string> errors(2);
+    std::vector<std::thread> waiting;
+    for (int r = 0; r < 2; ++r)
+      waiting.emplace_back([&, r] {
+        try {
+          at::Tensor t = at::ones({4});
+          comms[static_cast<size_t>(r)]->all_reduce(t);
+        } catch (const std::exception& e) {
+          errors[static_cast<size_t>(r)] = e.what();
+        }
+      });
+    for (auto& t : waiting) t.join();
+    for (int r = 0; r < 2; ++r) {
+      CAPTURE(errors[static_cast<size_t>(r)]);
+      CHECK(errors[static_cast<size_t>(r)].find("rank " + std::to_string(r) + " of 3: all_reduce failed") == 0);
+      CHECK(errors[static_cast<size_t>(r)].find(
+                "heartbeats: rank 2 at step 4 alive but behind this rank's step 5: stuck before this collective") !=
+            std::string::npos);
+    }
+  }
+  // Rank 1 is gone (its heartbeat stopped at step 7): rank 0's collective names it.
+  {
+    auto comms = distributed::Communicator::create_local_group(2, o);
+    for (auto& c : comms) c->note_progress(7);
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));  // a beat with step 7 posted
+    comms[1].reset();
+    std::string error;
+    try {
+      at::Tensor t = at::ones({4});
+      comms[0]->all_reduce(t);
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+    CAPTURE(error);
+    CHECK(error.find("heartbeats: no heartbeat from rank 1 (last at step 7): stopped, killed, or its machine "
+                     "unreachable") != std::string::npos);
+  }
+}

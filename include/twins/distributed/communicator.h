@@ -5,7 +5,7 @@
 // A job is W processes (ranks), usually one per GPU, on one or several nodes. Every rank calls
 // the same collectives in the same order with tensors of the same shapes; a rank that dies or
 // hangs makes the others' collectives fail within CommunicatorOptions::timeout_s, with an error
-// naming this rank and the operation.
+// naming this rank, the operation, and from the ranks' heartbeats the ones that stopped or lag.
 #include <ATen/core/Tensor.h>
 
 #include <functional>
@@ -45,6 +45,10 @@ struct CommunicatorOptions {
   std::string backend = "auto";
   /// Rendezvous and every collective fail after this long (a dead or hung rank).
   double timeout_s = 1800;
+  /// Every rank posts a heartbeat (and its progress, see Communicator::note_progress) to the
+  /// rendezvous store this often, from a thread of its own, so that a failed collective can name
+  /// the ranks that stopped (no heartbeat) or lag behind (alive, at an earlier step). 0: none.
+  double heartbeat_s = 2;
 };
 
 /// A group of ranks and its collectives. Thread-compatible: one thread issues collectives at a
@@ -86,6 +90,10 @@ class Communicator {
   void broadcast(at::Tensor& tensor, int root = 0);
   /// Returns when every rank has called it.
   void barrier();
+
+  /// Where this rank is (the training step it works on): posted with its heartbeats, and named
+  /// by the others when a collective fails ("rank 3 alive but at step 41, this rank at 42").
+  void note_progress(int64_t step);
 
   /// The communicator whose id() is `id`, if it is still alive (autograd functions hold ids,
   /// not owners). Throws std::runtime_error otherwise.
