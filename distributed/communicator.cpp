@@ -353,7 +353,8 @@ std::shared_ptr<Communicator> Communicator::create(const Environment& e, const a
   }
   if (options.heartbeat_s > 0 && e.world_size > 1) {
     c10d::TCPStoreOptions client = so;
-    client.isServer = false, client.numWorkers = c10::nullopt, client.waitWorkers = false;
+    client.isServer = false, client.waitWorkers = false;
+    client.numWorkers.reset();
     try {
       impl->heartbeat = std::make_unique<Heartbeat>(c10::make_intrusive<c10d::TCPStore>(e.master_addr, client), e.rank,
                                                     options.heartbeat_s);
