@@ -12,10 +12,12 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
+#include <functional>
 #include <future>
 #include <iostream>
 #include <map>
@@ -115,48 +117,67 @@ namespace {
 
 std::string beat_key(int rank) { return "twins_heartbeat/" + std::to_string(rank); }
 
-// A thread that posts "<count> <progress>" under beat_key(rank) every interval, through a store
-// client of its own (the process group's may be busy in a long wait).
+using StoreFactory = std::function<c10::intrusive_ptr<c10d::Store>()>;
+
+// A thread that posts "<count> <progress>" under beat_key(rank) every interval through a store
+// client of its own (the process group's may be busy in a long wait). Its state is shared with
+// the thread, which the destructor leaves behind if it does not end at once (blocked on a store
+// that stopped answering): a failing job must not wait for it.
 class Heartbeat {
  public:
-  Heartbeat(c10::intrusive_ptr<c10d::Store> store, int rank, double interval_s)
-      : store_(std::move(store)), rank_(rank), interval_(to_ms(interval_s)), thread_([this] { run(); }) {}
+  Heartbeat(c10::intrusive_ptr<c10d::Store> store, StoreFactory reader, int rank, double interval_s)
+      : state_(std::make_shared<State>()), reader_(std::move(reader)) {
+    state_->store = std::move(store), state_->rank = rank, state_->interval = to_ms(interval_s);
+    thread_ = std::thread([state = state_] { state->run(); });
+  }
   ~Heartbeat() {
     {
-      std::lock_guard<std::mutex> lock(mutex_);
-      stop_ = true;
+      std::lock_guard<std::mutex> lock(state_->mutex);
+      state_->stop = true;
     }
-    wake_.notify_all();
-    thread_.join();
+    state_->wake.notify_all();
+    std::unique_lock<std::mutex> lock(state_->mutex);
+    const bool ended = state_->wake.wait_for(lock, std::chrono::seconds(2), [this] { return state_->ended; });
+    lock.unlock();
+    if (ended)
+      thread_.join();
+    else
+      thread_.detach();
   }
-  void note(int64_t progress) { progress_.store(progress); }
-  int64_t progress() const { return progress_.load(); }
-  const c10::intrusive_ptr<c10d::Store>& store() const { return store_; }
-  std::chrono::milliseconds interval() const { return interval_; }
+  void note(int64_t progress) { state_->progress.store(progress); }
+  int64_t progress() const { return state_->progress.load(); }
+  std::chrono::milliseconds interval() const { return state_->interval; }
+  /// A store client for reading the beats (a new one for a TCP store).
+  const StoreFactory& reader() const { return reader_; }
 
  private:
-  void run() {
-    std::unique_lock<std::mutex> lock(mutex_);
-    for (int64_t count = 1; !stop_; ++count) {
-      const std::string value = std::to_string(count) + " " + std::to_string(progress_.load());
-      lock.unlock();
-      try {
-        store_->set(beat_key(rank_), std::vector<uint8_t>(value.begin(), value.end()));
-      } catch (const std::exception&) {  // a store that fails shows in the collectives
+  struct State {
+    c10::intrusive_ptr<c10d::Store> store;
+    int rank = 0;
+    std::chrono::milliseconds interval{2000};
+    std::atomic<int64_t> progress{0};
+    std::mutex mutex;
+    std::condition_variable wake;
+    bool stop = false, ended = false;
+    void run() {
+      std::unique_lock<std::mutex> lock(mutex);
+      for (int64_t count = 1; !stop; ++count) {
+        const std::string value = std::to_string(count) + " " + std::to_string(progress.load());
+        lock.unlock();
+        try {
+          store->set(beat_key(rank), std::vector<uint8_t>(value.begin(), value.end()));
+        } catch (const std::exception&) {  // a store that fails shows in the collectives
+        }
+        lock.lock();
+        wake.wait_for(lock, interval, [this] { return stop; });
       }
-      lock.lock();
-      wake_.wait_for(lock, interval_, [this] { return stop_; });
+      ended = true;
+      wake.notify_all();
     }
-  }
-
-  c10::intrusive_ptr<c10d::Store> store_;
-  int rank_;
-  std::chrono::milliseconds interval_;
-  std::atomic<int64_t> progress_{0};
-  std::mutex mutex_;
-  std::condition_variable wake_;
-  bool stop_ = false;
-  std::thread thread_;  // last: starts once the rest is set
+  };
+  std::shared_ptr<State> state_;
+  StoreFactory reader_;
+  std::thread thread_;
 };
 
 struct Beat {
@@ -165,10 +186,13 @@ struct Beat {
 };
 
 std::vector<Beat> read_beats(c10d::Store& store, int world_size) {
+  std::vector<std::string> keys;
+  for (int r = 0; r < world_size; ++r) keys.push_back(beat_key(r));
+  const bool all = store.check(keys);  // one request when every rank has posted
   std::vector<Beat> out(static_cast<size_t>(world_size));
   for (int r = 0; r < world_size; ++r) {
-    if (!store.check({beat_key(r)})) continue;
-    const std::vector<uint8_t> bytes = store.get(beat_key(r));
+    if (!all && !store.check({keys[static_cast<size_t>(r)]})) continue;
+    const std::vector<uint8_t> bytes = store.get(keys[static_cast<size_t>(r)]);
     std::istringstream in(std::string(bytes.begin(), bytes.end()));
     Beat& b = out[static_cast<size_t>(r)];
     b.seen = static_cast<bool>(in >> b.count >> b.progress);
@@ -185,14 +209,16 @@ std::string first_names(const std::vector<std::string>& names) {
 }
 
 // What the heartbeats say about the other ranks: those silent for 2.5 intervals, and those
-// alive at an earlier step than this rank's. Bounded in time: a store that does not answer
-// (rank 0, its host, stopped) is said so.
+// alive at an earlier step than this rank's. Bounded in time: the reading runs on a thread of its
+// own (with its own store client), left behind if the store does not answer.
 std::string diagnose(const Heartbeat& heartbeat, int rank, int world_size) {
   auto result = std::make_shared<std::promise<std::string>>();
   std::future<std::string> answer = result->get_future();
   const auto settle = heartbeat.interval() * 5 / 2;
-  std::thread([result, store = heartbeat.store(), settle, rank, world_size, mine = heartbeat.progress()] {
+  const auto limit = settle + std::chrono::seconds(15);
+  std::thread([result, reader = heartbeat.reader(), settle, rank, world_size, mine = heartbeat.progress()] {
     try {
+      const c10::intrusive_ptr<c10d::Store> store = reader();
       const std::vector<Beat> before = read_beats(*store, world_size);
       std::this_thread::sleep_for(settle);
       const std::vector<Beat> after = read_beats(*store, world_size);
@@ -201,7 +227,7 @@ std::string diagnose(const Heartbeat& heartbeat, int rank, int world_size) {
         const Beat &a = before[static_cast<size_t>(r)], &b = after[static_cast<size_t>(r)];
         if (r == rank) continue;
         if (!b.seen)
-          silent.push_back("rank " + std::to_string(r) + " (never)");
+          silent.push_back("rank " + std::to_string(r) + " (never posted one)");
         else if (a.seen && a.count == b.count)
           silent.push_back("rank " + std::to_string(r) + " (last at step " + std::to_string(b.progress) + ")");
         else if (b.progress < mine)
@@ -220,9 +246,11 @@ std::string diagnose(const Heartbeat& heartbeat, int rank, int world_size) {
     } catch (const std::exception& e) {
       result->set_value(std::string("the heartbeats could not be read: ") + e.what());
     }
-  }).detach();  // may stay blocked on a store that never answers; it owns what it uses
-  if (answer.wait_for(settle + std::chrono::seconds(10)) != std::future_status::ready)
-    return "the rendezvous store on rank 0 does not answer: rank 0 (or its machine) stopped";
+  }).detach();  // owns what it uses
+  if (answer.wait_for(limit) != std::future_status::ready)
+    return "the rendezvous store (rank 0's) did not answer within " +
+           std::to_string(std::chrono::duration_cast<std::chrono::seconds>(limit).count()) +
+           " s: rank 0 or its machine may have stopped";
   return answer.get();
 }
 
@@ -243,7 +271,11 @@ struct Communicator::Impl {
     try {
       work->wait();
     } catch (const std::exception& e) {
-      const std::string heartbeats = heartbeat ? "; heartbeats: " + diagnose(*heartbeat, rank, world_size) : "";
+      std::string heartbeats;
+      try {
+        if (heartbeat) heartbeats = "; heartbeats: " + diagnose(*heartbeat, rank, world_size);
+      } catch (...) {  // the collective's own error matters more
+      }
       throw std::runtime_error("rank " + std::to_string(rank) + " of " + std::to_string(world_size) + ": " + op +
                                " failed: another rank died, hung or diverged (timeout " +
                                std::to_string(static_cast<int64_t>(timeout_s)) + " s)" + heartbeats + ": " + e.what());
@@ -355,9 +387,13 @@ std::shared_ptr<Communicator> Communicator::create(const Environment& e, const a
     c10d::TCPStoreOptions client = so;
     client.isServer = false, client.waitWorkers = false;
     client.numWorkers.reset();
+    client.timeout = std::max(to_ms(10), to_ms(5 * options.heartbeat_s));
+    const std::string host = e.master_addr;
     try {
-      impl->heartbeat = std::make_unique<Heartbeat>(c10::make_intrusive<c10d::TCPStore>(e.master_addr, client), e.rank,
-                                                    options.heartbeat_s);
+      impl->heartbeat = std::make_unique<Heartbeat>(
+          c10::make_intrusive<c10d::TCPStore>(host, client),
+          [host, client] { return c10::intrusive_ptr<c10d::Store>(c10::make_intrusive<c10d::TCPStore>(host, client)); },
+          e.rank, options.heartbeat_s);
     } catch (const std::exception& ex) {  // the job runs; only its failures are told less well
       std::cerr << "warning: rank " << e.rank << ": no heartbeat store client: " << ex.what() << "\n";
     }
@@ -383,7 +419,8 @@ std::vector<std::shared_ptr<Communicator>> Communicator::create_local_group(int 
         impl->store = c10::make_intrusive<c10d::PrefixStore>("local" + std::to_string(group_id), store);
         impl->group = make_group("gloo", impl->store, r, world_size, options.timeout_s, "127.0.0.1");
         if (options.heartbeat_s > 0 && world_size > 1)
-          impl->heartbeat = std::make_unique<Heartbeat>(impl->store, r, options.heartbeat_s);
+          impl->heartbeat = std::make_unique<Heartbeat>(
+              impl->store, [store = impl->store] { return store; }, r, options.heartbeat_s);
         out[static_cast<size_t>(r)] = registered(std::shared_ptr<Communicator>(new Communicator(std::move(impl))));
       } catch (...) {
         errors[static_cast<size_t>(r)] = std::current_exception();

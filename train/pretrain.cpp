@@ -158,7 +158,11 @@ double probe_accuracy(Trainer& trainer, const eval::Features& features) {
 // The kNN monitor's bank: online_probe.knn.bank_data or the training data, labelled, and of it
 // bank_size samples drawn at random with `seed` (the same every epoch; in the data's order).
 std::shared_ptr<const data::Dataset> open_knn_bank(const KnnMonitorConfig& knn,
-                                                   std::shared_ptr<const data::Dataset> training, uint64_t seed) {
+                                                   std::shared_ptr<const data::Dataset> training, uint64_t seed,
+                                                   const json& eval_data) {
+  if (data::create_dataset(eval_data, "online_probe.eval_data")->num_classes() <= 0)
+    throw std::invalid_argument(
+        "online_probe.knn: online_probe.eval_data has no labels to score the kNN classifier on");
   const bool own = !knn.bank_data.is_null();
   std::shared_ptr<const data::Dataset> bank =
       own ? data::create_dataset(knn.bank_data, "online_probe.knn.bank_data") : std::move(training);
@@ -317,9 +321,21 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
   bool stop = false;
   std::optional<double> last_probe, last_knn;
   std::optional<eval::Features> eval_features;
-  // The kNN monitor's bank, checked before any training (only rank 0 scores it).
+  // The kNN monitor's bank and eval data, opened and checked before any training by rank 0, which
+  // alone scores it; its failure stops every rank at once.
   std::shared_ptr<const data::Dataset> knn_bank;
-  if (recipe.probe.knn.enabled) knn_bank = open_knn_bank(recipe.probe.knn, dataset, tc.seed);
+  if (recipe.probe.knn.enabled) {
+    std::exception_ptr failed;
+    try {
+      if (job.main_rank) knn_bank = open_knn_bank(recipe.probe.knn, dataset, tc.seed, recipe.probe.eval_data);
+    } catch (...) {
+      failed = std::current_exception();
+    }
+    if (job.comm && job.comm->any(failed != nullptr) && !failed)
+      throw std::runtime_error("rank " + std::to_string(job.comm->rank()) +
+                               ": rank 0 could not open online_probe.knn's data (its error says why)");
+    if (failed) std::rethrow_exception(failed);
+  }
   while (!stop && at.epoch < tc.epochs && trainer.steps_taken() < max_steps) {
     loader.start_epoch(at.epoch, at.batch);
     const auto epoch_start = Clock::now();
@@ -361,7 +377,8 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
       last_probe = trainer.end_probe_epoch().top1();
       line["online_probe_train_top1"] = *last_probe;
     }
-    const bool knn_now = knn_bank && ((at.epoch + 1) % recipe.probe.knn.every_epochs == 0 || at.epoch + 1 == tc.epochs);
+    const bool knn_now = knn_bank && ((at.epoch + 1) % recipe.probe.knn.every_epochs == 0 ||
+                                      at.epoch + 1 == tc.epochs || trainer.steps_taken() >= max_steps);
     const bool on_eval_data = !recipe.probe.eval_data.is_null() && job.main_rank && (trainer.probing() || knn_now);
     auto percent = [](double v) {
       std::ostringstream s;
@@ -381,13 +398,14 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
         const auto bank = eval_transform_features(trainer, recipe, views[0], job.device, knn_bank, "online kNN bank",
                                                   options.progress, classes);
         const auto scores = eval::knn(bank, *eval_features, classes, recipe.probe.knn.options, job.device);
+        if (scores.empty()) throw std::runtime_error("online_probe.knn: no labelled sample in online_probe.eval_data");
         for (const auto& [k, a] : scores) {
           line["online_knn_k" + std::to_string(k) + "_top1"] = a.top1;
           line["online_knn_k" + std::to_string(k) + "_top5"] = a.top5;
         }
         line["online_knn_seconds"] = seconds_since(knn_start);
         const int64_t first_k = recipe.probe.knn.options.k.front();
-        last_knn = scores.count(first_k) ? scores.at(first_k).top1 : scores.begin()->second.top1;
+        last_knn = scores.at(first_k).top1;
         said = ", kNN (k=" + std::to_string(first_k) + ") " + percent(*last_knn) + " (eval data)";
       }
       log.leave_out(seconds_since(eval_start));  // images per second are the training's

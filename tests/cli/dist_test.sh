@@ -102,6 +102,8 @@ fi
 grep -q "every node needs the same --master-addr" "$dir/err11" || { cat "$dir/err11"; exit 1; }
 if "$twins" pretrain "${common[@]}" "${nodes[@]}" --node-rank 2 --out "$dir/bad" 2> "$dir/err12"; then exit 1; fi
 grep -q -- "--node-rank: 2 is not below --nnodes 2" "$dir/err12" || { cat "$dir/err12"; exit 1; }
+if "$twins" pretrain "${common[@]}" --master-port 29555 --out "$dir/bad" 2> "$dir/err13"; then exit 1; fi
+grep -q "go with --nproc-per-node" "$dir/err13" || { cat "$dir/err13"; exit 1; }
 echo "two nodes ok"
 
 # The pid of rank $2 among the children of launcher $1, once it is up.
