@@ -64,10 +64,11 @@ if grep -q "train.grad_cache: true takes" "$dir/err4"; then cat "$dir/err4"; exi
 grep -q '"steps":3' "$dir/cache/metrics.jsonl" || { cat "$dir/err5"; exit 1; }
 echo "grad cache ok"
 
-# The kNN monitor over 2 ranks: rank 0 scores it at the epoch's end while rank 1 waits.
-"$twins" pretrain "${common[@]}" --set train.epochs=1 --set online_probe.knn.k=5 \
+# The kNN monitor over 2 ranks: rank 0 scores it at the epoch's end while rank 1 waits (in a
+# collective, so under the sanitizers, where scoring takes longer, with a longer timeout).
+"$twins" pretrain "${common[@]}" --set train.epochs=1 --set online_probe.knn.k=5 --set train.dist_timeout_s=120 \
   --set "online_probe.eval_data={\"type\": \"fashion_mnist\", \"root\": \"$dir\", \"split\": \"train\"}" \
-  --out "$dir/knn" --nproc-per-node 2 > "$dir/out6" 2> "$dir/err6"
+  --out "$dir/knn" --nproc-per-node 2 > "$dir/out6" 2> "$dir/err6" || { cat "$dir/err6"; exit 1; }
 grep -q "epoch 1: online probe .* (eval data), kNN (k=5) .* (eval data)" "$dir/err6" || { cat "$dir/err6"; exit 1; }
 grep -q '"online_knn_k5_top1"' "$dir/knn/metrics.jsonl" || { cat "$dir/knn/metrics.jsonl"; exit 1; }
 grep -q "online kNN top-1" "$dir/out6" || { cat "$dir/out6"; exit 1; }
