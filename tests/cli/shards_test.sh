@@ -89,7 +89,11 @@ eval_json "{\"type\": \"image_folder\", \"root\": \"$dir/folder\"}" > "$dir/eval
 knn_top1() { sed -n 's/.*top-1 \([0-9.]*\)%.*/\1/p' "$1" | head -1; }
 "$twins" knn --backbone "$dir/run" --config "$dir/eval_shards.json" --out "$dir/eval_s" > "$dir/knn_s" 2>&1 || { cat "$dir/knn_s"; exit 1; }
 "$twins" knn --backbone "$dir/run" --config "$dir/eval_folder.json" --out "$dir/eval_i" > "$dir/knn_i" 2>&1 || { cat "$dir/knn_i"; exit 1; }
-[ -n "$(knn_top1 "$dir/knn_s")" ] && [ "$(knn_top1 "$dir/knn_s")" = "$(knn_top1 "$dir/knn_i")" ] \
+# Equal up to one test sample of the 256: the same images in other batches can come out of the
+# convolutions a rounding apart, which flips a near tie among the neighbours now and then (seen
+# once under the sanitizers: 68.75 vs 69.14).
+[ -n "$(knn_top1 "$dir/knn_s")" ] &&
+  awk -v a="$(knn_top1 "$dir/knn_s")" -v b="$(knn_top1 "$dir/knn_i")" 'BEGIN { d = a - b; exit !(d * d <= 0.40 * 0.40) }' \
   || { echo "kNN on shards $(knn_top1 "$dir/knn_s") vs folder $(knn_top1 "$dir/knn_i")"; cat "$dir/knn_s"; exit 1; }
 "$twins" linear-probe --backbone "$dir/run" --config "$dir/eval_shards.json" --out "$dir/eval_s" > "$dir/probe_s" 2>&1 \
   || { cat "$dir/probe_s"; exit 1; }
