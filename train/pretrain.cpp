@@ -159,8 +159,8 @@ double probe_accuracy(Trainer& trainer, const eval::Features& features) {
 // bank_size samples drawn at random with `seed` (the same every epoch; in the data's order).
 std::shared_ptr<const data::Dataset> open_knn_bank(const KnnMonitorConfig& knn,
                                                    std::shared_ptr<const data::Dataset> training, uint64_t seed,
-                                                   const json& eval_data) {
-  if (data::create_dataset(eval_data, "online_probe.eval_data")->num_classes() <= 0)
+                                                   const std::shared_ptr<const data::Dataset>& eval_set) {
+  if (eval_set->num_classes() <= 0)
     throw std::invalid_argument(
         "online_probe.knn: online_probe.eval_data has no labels to score the kNN classifier on");
   const bool own = !knn.bank_data.is_null();
@@ -323,11 +323,14 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
   std::optional<eval::Features> eval_features;
   // The kNN monitor's bank and eval data, opened and checked before any training by rank 0, which
   // alone scores it; its failure stops every rank at once.
-  std::shared_ptr<const data::Dataset> knn_bank;
+  std::shared_ptr<const data::Dataset> knn_bank, eval_set;  // eval_set: opened once here, or each epoch
   if (recipe.probe.knn.enabled) {
     std::exception_ptr failed;
     try {
-      if (job.main_rank) knn_bank = open_knn_bank(recipe.probe.knn, dataset, tc.seed, recipe.probe.eval_data);
+      if (job.main_rank) {
+        eval_set = data::create_dataset(recipe.probe.eval_data, "online_probe.eval_data");
+        knn_bank = open_knn_bank(recipe.probe.knn, dataset, tc.seed, eval_set);
+      }
     } catch (...) {
       failed = std::current_exception();
     }
@@ -389,9 +392,10 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
     if (on_eval_data) {
       const auto eval_start = Clock::now();
       int64_t classes = 0;
-      eval_features = eval_transform_features(trainer, recipe, views[0], job.device,
-                                              data::create_dataset(recipe.probe.eval_data, "online_probe.eval_data"),
-                                              "online_probe.eval_data", false, classes);
+      eval_features = eval_transform_features(
+          trainer, recipe, views[0], job.device,
+          eval_set ? eval_set : data::create_dataset(recipe.probe.eval_data, "online_probe.eval_data"),
+          "online_probe.eval_data", false, classes);
       if (trainer.probing()) line["online_probe_eval_top1"] = *(last_probe = probe_accuracy(trainer, *eval_features));
       if (knn_now) {
         const auto knn_start = Clock::now();
