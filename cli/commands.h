@@ -32,6 +32,8 @@ struct LaunchPlan {
   void add_options(CLI::App& sub);
   /// The flags to give again to resume (this node's --node-rank), or "" without a launch.
   std::string resume_flags() const;
+  /// Throws std::invalid_argument when node flags come without --nproc-per-node.
+  void check() const;
 };
 
 /// Runs this command as the plan's local ranks (see cli/launch.cpp); returns the job's exit

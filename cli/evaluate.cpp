@@ -9,6 +9,7 @@
 
 #include "cli/commands.h"
 #include "twins/config.h"
+#include "twins/distributed/communicator.h"
 #include "twins/eval/evaluate.h"
 #include "twins/eval/plots.h"
 #include "twins/io.h"
@@ -26,6 +27,7 @@ struct EvalArgs {
   std::optional<double> train_percent;  // twins finetune's --train-percent
   std::string subset;                   // and --subset
   int64_t stop_after_epochs = 0;        // and --stop-after-epochs
+  LaunchPlan launch;                    // and its data-parallel launch
 };
 
 // probe.json / knn.json / finetune.json (and the fine-tuned network) go to --out, else the run
@@ -89,7 +91,23 @@ int run_knn(const EvalArgs& a) {
   return 0;
 }
 
+// This process's rank of a data-parallel finetune, when a launcher started it: its communicator
+// and device (a GPU each, the local rank's).
+void join_job(const eval::EvalConfig& cfg, eval::FinetuneControl& control) {
+  const distributed::Environment env = distributed::detect_environment();
+  if (env.launcher == "none") return;
+  std::string device = cfg.device;
+  if (eval::resolve_eval_device(device).is_cuda() && (device == "auto" || device == "cuda"))
+    device = "cuda:" + std::to_string(env.local_rank);
+  distributed::CommunicatorOptions co;
+  co.backend = cfg.finetune.dist_backend, co.timeout_s = cfg.finetune.dist_timeout_s;
+  control.communicator = distributed::Communicator::create(env, eval::resolve_eval_device(device), co);
+  control.device = device;
+}
+
 int run_finetune(const EvalArgs& a) {
+  a.launch.check();
+  if (a.launch.nproc_per_node > 0) return launch_local(a.launch, 5.0);
   std::vector<std::string> set = a.set;
   if (a.train_percent) {
     std::ostringstream v;
@@ -99,12 +117,14 @@ int run_finetune(const EvalArgs& a) {
   if (!a.subset.empty()) set.push_back("finetune.subset=" + nlohmann::json(a.subset).dump());
   const auto cfg = eval::EvalConfig::parse(config::load_config(a.config, set));
   const std::string out = output_dir(a);
-  std::cerr << "finetune of " << a.backbone << "\n";
-  fs::create_directories(out);
   eval::FinetuneControl control;
+  join_job(cfg, control);
+  if (!control.communicator || control.communicator->rank() == 0) std::cerr << "finetune of " << a.backbone << "\n";
+  fs::create_directories(out);
   control.checkpoint = (fs::path(out) / "finetune-checkpoint.safetensors").string();
   control.stop_after_epochs = a.stop_after_epochs;
   const auto run = eval::run_finetune(a.backbone, cfg, control);
+  if (!run.main_rank) return 0;  // rank 0 writes and speaks for the run
   const auto& o = cfg.finetune;
   if (!run.finished) {
     std::cout << "finetune: stopped after epoch " << run.epochs_done << " of " << o.epochs << " (state in "
@@ -131,6 +151,8 @@ int run_finetune(const EvalArgs& a) {
                                  {"subset", o.subset.empty() ? nlohmann::json(nullptr) : nlohmann::json(o.subset)},
                                  {"test_samples", run.test_samples},
                                  {"epochs", o.epochs},
+                                 {"batch_size", o.batch_size},
+                                 {"world_size", run.world_size},
                                  {"resumed_from_epoch", run.start_epoch},
                                  {"lr_backbone", o.lr_backbone},
                                  {"lr_head", o.lr_head},
@@ -182,6 +204,7 @@ Command add_finetune(CLI::App& app) {
       ->check(CLI::Range(int64_t{1}, int64_t{1000000}));
   sub->add_option("--subset", a->subset,
                   "File naming the training samples, one per line (e.g. SimCLR's imagenet_subsets/1percent.txt)");
+  a->launch.add_options(*sub);
   return [a] { return run_finetune(*a); };
 }
 

@@ -11,6 +11,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <csignal>
 #include <cstdlib>
@@ -104,6 +105,12 @@ void LaunchPlan::add_options(CLI::App& sub) {
       ->check(CLI::Range(1, 65535));
 }
 
+void LaunchPlan::check() const {
+  if (nproc_per_node <= 0 && (nnodes > 1 || node_rank > 0 || !master_addr.empty() || master_port > 0))
+    throw std::invalid_argument(
+        "--nnodes, --node-rank, --master-addr and --master-port go with --nproc-per-node (ranks per node)");
+}
+
 std::string LaunchPlan::resume_flags() const {
   if (nproc_per_node <= 0) return "";
   std::string flags = "--nproc-per-node " + std::to_string(nproc_per_node);
@@ -134,12 +141,19 @@ int launch_local(const LaunchPlan& plan, double grace_seconds) {
                                                    : std::to_string(free_port());
   const std::string host = plan.master_addr.empty() ? "127.0.0.1" : plan.master_addr;
   const int world = plan.nnodes * nproc, first_rank = plan.node_rank * nproc;
+  // The cores shared out among the ranks (torchrun sets 1 each), unless OMP_NUM_THREADS says.
+  const char* omp = std::getenv("OMP_NUM_THREADS");
+  const std::string threads =
+      omp && *omp ? std::string(omp)
+                  : std::to_string(std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / nproc));
+  const std::string each =
+      " rank(s) of " + threads + " thread(s)" + (omp && *omp ? "" : " (OMP_NUM_THREADS to change)");
   if (plan.nnodes > 1)
     std::cerr << "launching ranks " << first_rank << "-" << first_rank + nproc - 1 << " of " << world
-              << " on this machine, node " << plan.node_rank << " of " << plan.nnodes << " (rendezvous " << host << ":"
-              << port << ")\n";
+              << " on this machine, node " << plan.node_rank << " of " << plan.nnodes << ", " << nproc << each
+              << " (rendezvous " << host << ":" << port << ")\n";
   else
-    std::cerr << "launching " << nproc << " ranks on this machine (rendezvous " << host << ":" << port << ")\n";
+    std::cerr << "launching " << nproc << each << " on this machine (rendezvous " << host << ":" << port << ")\n";
   const std::string resume_flags = plan.resume_flags();
 
   struct sigaction sa {};
@@ -167,6 +181,7 @@ int launch_local(const LaunchPlan& plan, double grace_seconds) {
       ::setenv("MASTER_ADDR", host.c_str(), 1);
       ::setenv("MASTER_PORT", port.c_str(), 1);
       ::setenv("TWINS_RESUME_FLAGS", resume_flags.c_str(), 1);  // for the resume command
+      ::setenv("OMP_NUM_THREADS", threads.c_str(), 1);
       std::vector<char*> argv;
       for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
       argv.push_back(nullptr);

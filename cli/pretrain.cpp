@@ -26,10 +26,8 @@ void on_signal(int) { train::request_stop(); }
 
 int run_pretrain(const PretrainArgs& a) {
   namespace fs = std::filesystem;
+  a.launch.check();
   if (a.launch.nproc_per_node > 0) return launch_local(a.launch, 5.0);
-  if (a.launch.nnodes > 1 || a.launch.node_rank > 0 || !a.launch.master_addr.empty() || a.launch.master_port > 0)
-    throw std::invalid_argument(
-        "--nnodes, --node-rank, --master-addr and --master-port go with --nproc-per-node (ranks per node)");
   if (a.config.empty() && !a.resume) throw std::invalid_argument("--config is required (or --resume with --out)");
   const std::string out = !a.out.empty() ? a.out : "runs/" + fs::path(a.config).stem().string();
   nlohmann::json cfg = a.config.empty() ? nlohmann::json::object() : config::load_config(a.config, a.set);

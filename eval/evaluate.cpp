@@ -82,6 +82,8 @@ EvalConfig EvalConfig::parse(const json& root) {
     f.get("crop_scale", o.crop_scale);
     f.get("precision", o.precision);
     f.get("seed", o.seed);
+    f.get("dist_backend", o.dist_backend);
+    f.get("dist_timeout_s", o.dist_timeout_s);
     f.finish();
     config::require(o.epochs >= 1 && o.epochs <= 100000, "finetune.epochs", "must be in [1, 10^5]");
     config::require(o.batch_size >= 1 && o.batch_size <= (1 << 20), "finetune.batch_size", "must be in [1, 2^20]");
@@ -96,6 +98,10 @@ EvalConfig EvalConfig::parse(const json& root) {
         "finetune.crop_scale", "expected [min, max] with 0 < min <= max <= 1");
     config::require(o.precision == "auto" || o.precision == "fp32" || o.precision == "bf16", "finetune.precision",
                     "must be auto, fp32 or bf16");
+    config::require(o.dist_backend == "auto" || o.dist_backend == "gloo" || o.dist_backend == "nccl",
+                    "finetune.dist_backend", "must be auto, gloo or nccl");
+    config::require(o.dist_timeout_s > 0 && o.dist_timeout_s <= 1e6, "finetune.dist_timeout_s",
+                    "must be in (0, 10^6] seconds");
     config::require(o.subset.empty() || o.train_percent == 100, "finetune.subset",
                     "names the samples itself; give it or finetune.train_percent (--train-percent), not both");
   }

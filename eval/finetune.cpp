@@ -23,6 +23,8 @@
 #include "eval/progress.h"
 #include "twins/augment/random.h"
 #include "twins/data/loader.h"
+#include "twins/distributed/communicator.h"
+#include "twins/distributed/data_parallel.h"
 #include "twins/eval/evaluate.h"
 #include "twins/eval/features.h"
 #include "twins/eval/transform.h"
@@ -140,14 +142,23 @@ std::vector<int64_t> select_train_samples(const data::Dataset& dataset, double t
 FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const FinetuneControl& control) {
   const auto start = std::chrono::steady_clock::now();
   const FinetuneOptions& o = c.finetune;
-  const at::Device device = resolve_eval_device(c.device);
+  // A data-parallel run: this rank's place; rank 0 speaks and writes.
+  const std::shared_ptr<distributed::Communicator>& comm = control.communicator;
+  const int rank = comm ? comm->rank() : 0, world = comm ? comm->world_size() : 1;
+  const bool main_rank = rank == 0;
+  if (o.batch_size % world != 0)
+    throw std::invalid_argument("finetune.batch_size: " + std::to_string(o.batch_size) +
+                                " is the global batch and must divide evenly over the " + std::to_string(world) +
+                                " ranks");
+  const at::Device device = resolve_eval_device(control.device.empty() ? c.device : control.device);
   configure_compute(0, /*deterministic=*/false, device);
   if (device.is_cpu())  // training on the CPU: make sure its convolutions are right first
-    if (const std::string& warning = ensure_correct_cpu_convolutions(); !warning.empty())
+    if (const std::string& warning = ensure_correct_cpu_convolutions(); !warning.empty() && main_rank)
       std::cerr << "warning: " << warning << "\n";
   const bool frozen = o.lr_backbone == 0;
   const bool bf16 = o.precision == "bf16" || (o.precision == "auto" && device.is_cuda());  // default fp32
   FinetuneRun run;
+  run.world_size = world, run.main_rank = main_rank;
 
   std::shared_ptr<models::Network> net = open_backbone(backbone);
   // What a checkpoint must have been written for to be resumed.
@@ -189,7 +200,18 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
     head->bias.zero_();
   }
   head->to(device);
+  if (comm) {  // every rank starts from rank 0's weights (the same by construction; made sure)
+    distributed::broadcast_module(*net, *comm);
+    distributed::broadcast_module(*head, *comm);
+  }
   const std::vector<at::Tensor> backbone_parameters = net->parameters();  // frozen: run under NoGradGuard
+  // Gradients averaged over the ranks, as DDP (the backbone's only when it learns).
+  std::unique_ptr<distributed::GradientReducer> reducer;
+  if (comm) {
+    std::vector<at::Tensor> trained = head->parameters();
+    if (!frozen) trained.insert(trained.end(), backbone_parameters.begin(), backbone_parameters.end());
+    reducer = std::make_unique<distributed::GradientReducer>(std::move(trained), comm);
+  }
   std::vector<torch::optim::OptimizerParamGroup> groups;
   groups.emplace_back(head->parameters(), std::make_unique<torch::optim::SGDOptions>(o.lr_head));
   if (!frozen) groups.emplace_back(backbone_parameters, std::make_unique<torch::optim::SGDOptions>(o.lr_backbone));
@@ -206,8 +228,9 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
 
   const augment::View view = random_crop_flip_view(c.image_size, o.crop_scale, c.normalization);
   data::LoaderOptions lo;
-  lo.batch_size = o.batch_size, lo.workers = c.workers, lo.seed = o.seed, lo.channels = channels;
-  lo.drop_last = false;  // every labelled sample, each epoch, as the official script
+  lo.batch_size = o.batch_size / world, lo.workers = c.workers, lo.seed = o.seed, lo.channels = channels;
+  lo.rank = rank, lo.world_size = world;  // PyTorch's DistributedSampler order
+  lo.drop_last = false;                   // every labelled sample, each epoch, as the official script
   lo.pin_memory = device.is_cuda();
   data::Loader loader(train, {view}, lo);
   const int64_t batches = loader.batches_per_epoch();
@@ -236,7 +259,16 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
     models::load_module_state(*net, file, "finetune: " + checkpoint, "backbone.");
     models::load_module_state(*head, file, "finetune: " + checkpoint, "head.");
     load_optimizer_state(sgd, file.at("optimizer_state"));
-    std::cerr << "  resuming from " << checkpoint << " after epoch " << first_epoch << " of " << o.epochs << "\n";
+    if (main_rank)
+      std::cerr << "  resuming from " << checkpoint << " after epoch " << first_epoch << " of " << o.epochs << "\n";
+  }
+  if (comm) {  // the ranks must resume from the same epoch (the run folder shared by every node)
+    const at::Tensor epochs =
+        comm->all_gather(at::full({1}, first_epoch, at::TensorOptions().dtype(at::kLong).device(device))).cpu();
+    if (!epochs.eq(first_epoch).all().item<bool>())
+      throw std::runtime_error("finetune: the ranks found different checkpoints at " + checkpoint +
+                               " (epochs done per rank: " + at::str(epochs.view({-1})) +
+                               "); every node must see the same output folder");
   }
   run.start_epoch = first_epoch;
   auto save_checkpoint = [&](int64_t epochs_done) {
@@ -262,20 +294,23 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
     protocol << "(listed in " << o.subset << ")";
   protocol << ", random resized crop [" << o.crop_scale[0] << ", " << o.crop_scale[1] << "] + flip, " << o.epochs
            << " epochs, " << (bf16 ? "bf16 autocast" : "fp32");
+  if (world > 1) protocol << ", " << world << " ranks x " << o.batch_size / world << " images per batch";
   run.protocol = protocol.str();
-  std::cerr << "  " << run.protocol << "\n";
+  if (main_rank) std::cerr << "  " << run.protocol << "\n";
 
   detail::EpochProgress progress("finetune", first_epoch, o.epochs, batches);
   for (int64_t epoch = first_epoch; epoch < o.epochs; ++epoch) {
     if (control.stop_after_epochs > 0 && epoch - first_epoch == control.stop_after_epochs) {
-      std::cerr << "  finetune: stopped after epoch " << epoch << " of " << o.epochs
-                << (checkpoint.empty() ? std::string() : ", state in " + checkpoint) << "\n";
+      if (main_rank)
+        std::cerr << "  finetune: stopped after epoch " << epoch << " of " << o.epochs
+                  << (checkpoint.empty() ? std::string() : ", state in " + checkpoint) << "\n";
       run.epochs_done = epoch;
       return run;
     }
-    // Random ops inside the network (stochastic depth) draw from (seed, epoch), so that a resumed
-    // run draws what an uninterrupted one would.
-    at::manual_seed(o.seed * 0x9E3779B97F4A7C15ULL + static_cast<uint64_t>(epoch) + 1);
+    // Random ops inside the network (stochastic depth) draw from (seed, epoch, rank), so that a
+    // resumed run draws what an uninterrupted one would.
+    at::manual_seed(o.seed * 0x9E3779B97F4A7C15ULL + static_cast<uint64_t>(epoch) + 1 +
+                    static_cast<uint64_t>(rank) * 0xD1B54A32D192ED03ULL);
     set_lr(epoch);
     net->train(!frozen);  // frozen: BatchNorm keeps its statistics (the official `--weights freeze`)
     head->train();
@@ -284,18 +319,31 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
     int64_t done = 0, used = 0;
     while (auto batch = loader.next()) {
       ++done;
+      // A last batch of one image is left out when fine-tuning: BatchNorm in training mode cannot
+      // normalise one value per channel (a backbone whose last maps are 1 x 1). Every rank's
+      // batches have the same sizes, so the ranks leave it out together.
+      if (comm && !frozen && batch->views[0].size(0) == 1 && done > 1) continue;
       const at::Tensor keep = batch->labels.ge(0);
       const int64_t labelled = keep.sum().item<int64_t>();
-      if (labelled == 0) continue;
-      at::Tensor x = augment::normalize_batch(batch->views[0], view.normalization, device, at::kFloat);
-      at::Tensor y = batch->labels.to(device, /*non_blocking=*/batch->labels.is_pinned());
-      if (labelled < y.size(0)) {
-        const at::Tensor k = keep.to(device);
-        x = x.index({k}), y = y.index({k});
+      at::Tensor x, y;
+      if (labelled > 0) {
+        x = augment::normalize_batch(batch->views[0], view.normalization, device, at::kFloat);
+        y = batch->labels.to(device, /*non_blocking=*/batch->labels.is_pinned());
+        if (labelled < y.size(0)) {
+          const at::Tensor k = keep.to(device);
+          x = x.index({k}), y = y.index({k});
+        }
       }
-      // A last batch of one image is left out when fine-tuning: BatchNorm in training mode cannot
-      // normalise one value per channel (a backbone whose last maps are 1 x 1).
-      if (!frozen && x.size(0) == 1 && used > 0) continue;
+      if (labelled == 0 || (!frozen && x.size(0) == 1 && used > 0)) {
+        if (!comm) continue;
+        // This rank has nothing to learn from (unlabelled images): it adds zero to the averaged
+        // gradients, and steps with the others.
+        sgd.zero_grad();
+        reducer->finish();
+        sgd.step();
+        if (main_rank) progress.batch_done(epoch, done);
+        continue;
+      }
       at::Tensor features;
       {
         compat::Autocast autocast(device.type(), bf16, at::kBFloat16);
@@ -306,40 +354,80 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
       const at::Tensor loss = torch::nn::functional::cross_entropy(head->forward(features), y);
       sgd.zero_grad();
       loss.backward();
+      if (reducer) reducer->finish();
       sgd.step();
       loss_sum.add_(loss.detach());
       ++used;
-      progress.batch_done(epoch, done);
+      if (main_rank) progress.batch_done(epoch, done);
     }
-    if (used == 0)
+    at::Tensor totals = at::stack({loss_sum, at::full({}, static_cast<double>(used), loss_sum.options())});
+    if (comm) comm->all_reduce(totals);  // the epoch's loss: the mean over every rank's batches
+    totals = totals.cpu();
+    const auto used_everywhere = static_cast<int64_t>(totals[1].item<double>());
+    if (used_everywhere == 0)
       throw std::runtime_error("finetune: epoch " + std::to_string(epoch + 1) +
                                " found no labelled sample in train_data");
-    const double mean_loss = loss_sum.item<double>() / static_cast<double>(used);
+    const double mean_loss = totals[0].item<double>() / static_cast<double>(used_everywhere);
     if (!std::isfinite(mean_loss))
       throw std::runtime_error("finetune: the loss is not finite in epoch " + std::to_string(epoch + 1) +
                                " (lower finetune.lr_backbone or finetune.lr_head)");
     run.epoch_loss.push_back(mean_loss);
-    std::cerr << "  finetune: epoch " << epoch + 1 << "/" << o.epochs << " loss " << mean_loss << " (lr head "
-              << cosine(o.lr_head, epoch, o.epochs) << ", backbone " << cosine(o.lr_backbone, epoch, o.epochs) << ")\n";
-    if (!checkpoint.empty()) save_checkpoint(epoch + 1);
+    if (main_rank)
+      std::cerr << "  finetune: epoch " << epoch + 1 << "/" << o.epochs << " loss " << mean_loss << " (lr head "
+                << cosine(o.lr_head, epoch, o.epochs) << ", backbone " << cosine(o.lr_backbone, epoch, o.epochs)
+                << ")\n";
+    if (!checkpoint.empty()) {  // rank 0 writes; a failure there stops every rank
+      std::string failure;
+      if (main_rank) try {
+          save_checkpoint(epoch + 1);
+        } catch (const std::exception& e) {
+          failure = e.what();
+        }
+      if (comm ? comm->any(!failure.empty()) : !failure.empty())
+        throw std::runtime_error(
+            !failure.empty() ? failure : "finetune: rank 0 could not write " + checkpoint + " (its output says why)");
+    }
   }
   run.epochs_done = o.epochs;
   run.finished = true;
 
-  // Scored on the test set's centre crops, backbone in evaluation mode.
+  // Scored on the test set's centre crops, backbone in evaluation mode with rank 0's BatchNorm
+  // statistics; with several ranks each scores every world-th test sample (a streaming test set:
+  // rank 0 all of it) and the counts are summed.
+  if (comm) distributed::broadcast_buffers(*net, *comm);
   net->eval();
   head->eval();
-  ExtractOptions xo;
-  xo.batch_size = c.batch_size, xo.workers = c.workers, xo.channels = channels, xo.what = "test features";
-  const Features f = extract_features(*net, test, eval_view(*test, c.image_size, c.normalization), device, xo);
-  {
+  std::shared_ptr<const data::Dataset> scored = test;
+  if (world > 1 && !test->streaming()) {
+    std::vector<int64_t> share;
+    for (int64_t i = rank; i < test->size(); i += world) share.push_back(i);
+    scored = share.empty() ? nullptr : data::subset(test, std::move(share));
+  } else if (world > 1 && !main_rank) {
+    scored = nullptr;
+  }
+  int64_t counts[3] = {0, 0, 0};  // labelled samples, top-1 hits, top-5 hits
+  if (scored) {
+    ExtractOptions xo;
+    xo.batch_size = c.batch_size, xo.workers = c.workers, xo.channels = channels, xo.what = "test features";
+    xo.progress = main_rank;
+    const Features f = extract_features(*net, scored, eval_view(*test, c.image_size, c.normalization), device, xo);
     at::NoGradGuard no_grad;
     const at::Tensor mask = f.labels.ge(0);
-    if (!mask.any().item<bool>()) throw std::runtime_error("finetune: test_data has no labelled sample");
-    const at::Tensor logits = head->forward(f.features.index({mask}).to(device, at::kFloat));
-    run.test = accuracy_of(logits, f.labels.index({mask}).to(device));
-    run.test_samples = mask.sum().item<int64_t>();
+    counts[0] = mask.sum().item<int64_t>();
+    if (counts[0] > 0) {
+      const at::Tensor logits = head->forward(f.features.index({mask}).to(device, at::kFloat));
+      const at::Tensor top = std::get<1>(logits.topk(std::min<int64_t>(5, logits.size(1)), 1));
+      const at::Tensor hit = top.eq(f.labels.index({mask}).to(device).view({-1, 1}));
+      counts[1] = hit.select(1, 0).sum().item<int64_t>();
+      counts[2] = hit.any(1).sum().item<int64_t>();
+    }
   }
+  if (comm)
+    for (int64_t& count : counts) count = comm->sum(count);
+  if (counts[0] == 0) throw std::runtime_error("finetune: test_data has no labelled sample");
+  run.test_samples = counts[0];
+  run.test.top1 = 100.0 * static_cast<double>(counts[1]) / static_cast<double>(counts[0]);
+  run.test.top5 = 100.0 * static_cast<double>(counts[2]) / static_cast<double>(counts[0]);
   net->to(at::kCPU);
   run.backbone = net;
   run.head_weight = head->weight.detach().to(at::kCPU).clone();

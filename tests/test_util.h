@@ -6,10 +6,13 @@
 
 #include <unistd.h>
 
+#include <exception>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace twins::test {
@@ -53,6 +56,24 @@ inline double max_rel_error(const at::Tensor& a, const at::Tensor& b, double flo
 }
 
 /// Runs `f`, and checks it throws `E` with `fragment` in its message.
+/// Runs f(0) ... f(n - 1), each on a thread of its own (the ranks of an in-process job, see
+/// Communicator::create_local_group); rethrows the first failure once every thread has ended.
+inline void on_threads(int n, const std::function<void(int)>& f) {
+  std::vector<std::exception_ptr> errors(static_cast<size_t>(n));
+  std::vector<std::thread> threads;
+  for (int r = 0; r < n; ++r)
+    threads.emplace_back([&, r] {
+      try {
+        f(r);
+      } catch (...) {
+        errors[static_cast<size_t>(r)] = std::current_exception();
+      }
+    });
+  for (auto& t : threads) t.join();
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
+}
+
 template <class E, class F>
 void check_throws_with(F&& f, const std::string& fragment) {
   try {

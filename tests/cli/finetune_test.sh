@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `twins finetune` as a user runs it: 10% of the labels through --train-percent, a file list
 # through --subset, the files it writes (the fine-tuned backbone loads in `twins knn`), a stopped
-# run continued by the same command, and its errors (a value out of range: exit 2; a list naming no sample: exit 1, naming the line).
+# run continued by the same command, on 2 data-parallel ranks (--nproc-per-node 2, stopped and
+# continued), and its errors (a value out of range: exit 2; a list naming no sample: exit 1, naming the line).
 set -euo pipefail
 twins=$1
 quickstart=$2
@@ -58,7 +59,25 @@ if ! grep -q "resuming from .*finetune-checkpoint.safetensors after epoch 1 of 2
   || ! grep -q '"resumed_from_epoch": 1' "$dir/ft_resume/finetune.json" \
   || [ -e "$dir/ft_resume/finetune-checkpoint.safetensors" ]; then cat "$dir/out6" "$dir/err6"; exit 1; fi
 
-# 4. Errors.
+# 4. Two data-parallel ranks on this machine (Gloo): stopped after an epoch, then the same
+#    command continues; rank 0 alone prints and writes.
+ranks=(finetune --nproc-per-node 2 --backbone "random:$quickstart" --config "$dir/eval.json" --train-percent 10
+  --set finetune.dist_timeout_s=120 --out "$dir/ft_ranks")
+"$twins" "${ranks[@]}" --stop-after-epochs 1 > "$dir/out7" 2> "$dir/err7" || { cat "$dir/out7" "$dir/err7"; exit 1; }
+if [ "$(grep -c "stopped after epoch 1 of 2" "$dir/out7")" != 1 ] \
+  || [ ! -s "$dir/ft_ranks/finetune-checkpoint.safetensors" ]; then cat "$dir/out7" "$dir/err7"; exit 1; fi
+"$twins" "${ranks[@]}" > "$dir/out8" 2> "$dir/err8" || { cat "$dir/out8" "$dir/err8"; exit 1; }
+if [ "$(grep -c "^finetune: top-1" "$dir/out8")" != 1 ] || ! grep -q "2 ranks x 4 images per batch" "$dir/out8" \
+  || ! grep -q '"world_size": 2' "$dir/ft_ranks/finetune.json" \
+  || ! grep -q '"resumed_from_epoch": 1' "$dir/ft_ranks/finetune.json"; then cat "$dir/out8" "$dir/err8"; exit 1; fi
+status=0
+"$twins" finetune --nproc-per-node 2 --backbone "random:$quickstart" --config "$dir/eval.json" \
+  --set finetune.batch_size=7 --out "$dir/bad" > /dev/null 2> "$dir/err9" || status=$?
+if [ "$status" = 0 ] || ! grep -q "finetune.batch_size: 7 is the global batch" "$dir/err9"; then
+  echo "exit $status"; cat "$dir/err9"; exit 1
+fi
+
+# 5. Errors.
 status=0
 "$twins" finetune --backbone "random:$quickstart" --config "$dir/eval.json" --train-percent 0 --out "$dir/bad" \
   > /dev/null 2> "$dir/err3" || status=$?
@@ -71,4 +90,4 @@ if [ "$status" != 1 ] || ! grep -q "bad.txt line 2: \"no-such-image.png\" names 
   echo "exit $status"; cat "$dir/err4"; exit 1
 fi
 [ ! -e "$dir/bad/finetune.json" ] || { echo "a failed finetune wrote finetune.json"; exit 1; }
-echo "finetune: --train-percent, --subset, the written files and the errors ok"
+echo "finetune: --train-percent, --subset, the written files, 2 ranks and the errors ok"

@@ -30,19 +30,7 @@ namespace {
 
 // Runs f(rank) on every rank's thread; rethrows the first failure.
 void on_ranks(const std::vector<std::shared_ptr<distributed::Communicator>>& comms, const std::function<void(int)>& f) {
-  std::vector<std::exception_ptr> errors(comms.size());
-  std::vector<std::thread> threads;
-  for (size_t r = 0; r < comms.size(); ++r)
-    threads.emplace_back([&, r] {
-      try {
-        f(static_cast<int>(r));
-      } catch (...) {
-        errors[r] = std::current_exception();
-      }
-    });
-  for (auto& t : threads) t.join();
-  for (auto& e : errors)
-    if (e) std::rethrow_exception(e);
+  twins::test::on_threads(static_cast<int>(comms.size()), f);
 }
 
 // Sets (or with nullptr, unsets) environment variables for the scope.

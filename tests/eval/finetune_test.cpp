@@ -10,6 +10,7 @@
 #include "tests/test_util.h"
 #include "twins/data/dataset.h"
 #include "twins/data/image_io.h"
+#include "twins/distributed/communicator.h"
 #include "twins/eval/evaluate.h"
 #include "twins/eval/finetune.h"
 #include "twins/models/resnet.h"
@@ -231,6 +232,77 @@ TEST_CASE("eval: fine-tuning resumed from its checkpoint gives the uninterrupted
   config["finetune"]["lr_head"] = 0.1;
   check_throws_with<std::runtime_error>([&] { run_finetune(backbone, EvalConfig::parse(config), control); },
                                         "was written for another backbone or other settings");
+  fs::remove_all(dir);
+}
+
+TEST_CASE("eval: data-parallel fine-tuning averages the ranks' gradients as one process with the global batch") {
+  ColourTask task = colour_task("data_parallel", 8, 5, 11);
+  const fs::path& dir = task.dir;
+  nlohmann::json& config = task.config;
+  // 16 training images, global batch 8: two steps an epoch, 4 images per rank and step.
+  config["finetune"] = {{"epochs", 2}, {"batch_size", 8}, {"lr_backbone", 0.0}, {"lr_head", 0.2}};
+  auto on_two_ranks = [&](const EvalConfig& cfg, FinetuneControl control) {
+    auto comms = twins::distributed::Communicator::create_local_group(2);
+    std::vector<FinetuneRun> runs(2);
+    twins::test::on_threads(2, [&](int r) {
+      FinetuneControl mine = control;
+      mine.communicator = comms[static_cast<size_t>(r)];
+      runs[static_cast<size_t>(r)] = run_finetune(task.backbone, cfg, mine);
+    });
+    CHECK(runs[0].main_rank);
+    CHECK_FALSE(runs[1].main_rank);
+    CHECK(runs[1].world_size == 2);
+    CHECK(runs[0].finished == runs[1].finished);
+    if (runs[0].finished) CHECK(at::equal(runs[0].head_weight, runs[1].head_weight));  // the ranks stay in step
+    CHECK(runs[0].epoch_loss == runs[1].epoch_loss);
+    CHECK(runs[0].test.top1 == runs[1].test.top1);
+    return runs[0];
+  };
+
+  // Frozen backbone (no BatchNorm batch statistics): the ranks' shares of each global batch are
+  // the one process's batch, so the head learns the same, up to the order of float sums.
+  const EvalConfig frozen = EvalConfig::parse(config);
+  const FinetuneRun one = run_finetune(task.backbone, frozen);
+  const FinetuneRun two = on_two_ranks(frozen, {});
+  INFO("head error ", twins::test::max_rel_error(two.head_weight, one.head_weight));
+  CHECK(twins::test::max_rel_error(two.head_weight, one.head_weight) < 1e-5);
+  CHECK(twins::test::max_rel_error(two.head_bias, one.head_bias) < 1e-5);
+  REQUIRE(two.epoch_loss.size() == 2);
+  CHECK(two.epoch_loss[1] == doctest::Approx(one.epoch_loss[1]).epsilon(1e-5));
+  CHECK(two.test_samples == 10);  // 5 + 5 test images split 5 / 5 and summed
+  CHECK(two.test.top1 == one.test.top1);
+  CHECK(two.test.top5 == one.test.top5);
+  CHECK(two.protocol.find("2 ranks x 4 images per batch") != std::string::npos);
+
+  // Fine-tuned on two ranks, stopped after an epoch and resumed: the uninterrupted run's weights.
+  config["finetune"]["lr_backbone"] = 0.02;
+  const EvalConfig tuned = EvalConfig::parse(config);
+  const FinetuneRun whole = on_two_ranks(tuned, {});
+  FinetuneControl control;
+  control.checkpoint = (dir / "out" / "finetune-checkpoint.safetensors").string();
+  control.stop_after_epochs = 1;
+  const FinetuneRun first = on_two_ranks(tuned, control);
+  CHECK(first.epochs_done == 1);
+  REQUIRE(fs::exists(control.checkpoint));
+  control.stop_after_epochs = 0;
+  const FinetuneRun resumed = on_two_ranks(tuned, control);
+  CHECK(resumed.start_epoch == 1);
+  CHECK(resumed.epoch_loss == whole.epoch_loss);
+  CHECK(at::equal(resumed.head_weight, whole.head_weight));
+  const auto a = twins::models::backbone_state(*whole.backbone), b = twins::models::backbone_state(*resumed.backbone);
+  REQUIRE(a.size() == b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    INFO(a[i].first);
+    CHECK(at::equal(a[i].second, b[i].second));
+  }
+
+  // The global batch must split evenly.
+  config["finetune"]["batch_size"] = 7;
+  FinetuneControl odd;
+  odd.communicator = twins::distributed::Communicator::create_local_group(2)[0];
+  check_throws_with<std::invalid_argument>(
+      [&] { run_finetune(task.backbone, EvalConfig::parse(config), odd); },
+      "finetune.batch_size: 7 is the global batch and must divide evenly over the 2 ranks");
   fs::remove_all(dir);
 }
 

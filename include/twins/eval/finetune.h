@@ -23,6 +23,9 @@
 namespace twins::data {
 class Dataset;
 }
+namespace twins::distributed {
+class Communicator;
+}
 
 namespace twins::eval {
 
@@ -30,6 +33,8 @@ struct EvalConfig;
 
 struct FinetuneOptions {
   int64_t epochs = 20;
+  /// The global batch (the official script's --batch-size): split evenly over the ranks of a
+  /// data-parallel run, which must divide it.
   int64_t batch_size = 256;
   /// The defaults are VICReg's ImageNet 1% settings (its README).
   double lr_backbone = 0.03;
@@ -47,6 +52,11 @@ struct FinetuneOptions {
   /// in fp32) or "auto" (bf16 on CUDA, fp32 on the CPU).
   std::string precision = "fp32";
   uint64_t seed = 0;
+  /// A data-parallel run's backend ("auto": NCCL on CUDA, else Gloo) and the time after which a
+  /// collective waiting for a dead or hung rank fails. Not part of the protocol: a checkpoint
+  /// resumes under other values.
+  std::string dist_backend = "auto";
+  double dist_timeout_s = 1800;
 };
 
 /// The training samples fine-tuning uses, as sorted indices of `dataset`: with `subset_file`,
@@ -65,6 +75,15 @@ struct FinetuneControl {
   std::string checkpoint;
   /// Stop after this many epochs of this call, checkpointed (0: run to the end).
   int64_t stop_after_epochs = 0;
+  /// A data-parallel run: this process is one rank of `communicator` (null: a single process).
+  /// Every rank loads the backbone and trains on its share of each epoch (finetune.batch_size /
+  /// world size per rank, PyTorch's DistributedSampler order); gradients are averaged over the
+  /// ranks (DDP without SyncBatchNorm, as the official script), BatchNorm statistics are rank 0's
+  /// (DDP's broadcast_buffers); rank 0 alone writes the checkpoint, which every rank reads to
+  /// resume; each rank scores its share of the test set and the counts are summed.
+  std::shared_ptr<distributed::Communicator> communicator;
+  /// The device, replacing the config's `device` when not empty (a rank's own GPU, "cuda:3").
+  std::string device;
 };
 
 struct FinetuneRun {
@@ -78,6 +97,10 @@ struct FinetuneRun {
   /// checkpoint's).
   std::vector<double> epoch_loss;
   int64_t num_classes = 0, feature_dim = 0, train_samples = 0, test_samples = 0;
+  /// Ranks of the run (1 without a communicator); whether this process is rank 0, which speaks
+  /// for the run (every rank's result holds the same numbers and weights).
+  int world_size = 1;
+  bool main_rank = true;
   double seconds = 0;
   /// What produced the numbers, for finetune.json and the output.
   std::string protocol;
