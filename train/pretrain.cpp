@@ -321,22 +321,22 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
   bool stop = false;
   std::optional<double> last_probe, last_knn;
   std::optional<eval::Features> eval_features;
-  // The kNN monitor's bank and eval data, opened and checked before any training by rank 0, which
-  // alone scores it; its failure stops every rank at once.
-  std::shared_ptr<const data::Dataset> knn_bank, eval_set;  // eval_set: opened once here, or each epoch
-  if (recipe.probe.knn.enabled) {
+  // The online probe's eval data and the kNN monitor's bank, opened and checked before any
+  // training by rank 0, which alone scores them; its failure stops every rank at once.
+  std::shared_ptr<const data::Dataset> knn_bank, eval_set;
+  if (!recipe.probe.eval_data.is_null() && (trainer.probing() || recipe.probe.knn.enabled)) {
     std::exception_ptr failed;
     try {
       if (job.main_rank) {
         eval_set = data::create_dataset(recipe.probe.eval_data, "online_probe.eval_data");
-        knn_bank = open_knn_bank(recipe.probe.knn, dataset, tc.seed, eval_set);
+        if (recipe.probe.knn.enabled) knn_bank = open_knn_bank(recipe.probe.knn, dataset, tc.seed, eval_set);
       }
     } catch (...) {
       failed = std::current_exception();
     }
     if (job.comm && job.comm->any(failed != nullptr) && !failed)
       throw std::runtime_error("rank " + std::to_string(job.comm->rank()) +
-                               ": rank 0 could not open online_probe.knn's data (its error says why)");
+                               ": rank 0 could not open online_probe's eval data (its error says why)");
     if (failed) std::rethrow_exception(failed);
   }
   while (!stop && at.epoch < tc.epochs && trainer.steps_taken() < max_steps) {
@@ -382,7 +382,7 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
     }
     const bool knn_now = knn_bank && ((at.epoch + 1) % recipe.probe.knn.every_epochs == 0 ||
                                       at.epoch + 1 == tc.epochs || trainer.steps_taken() >= max_steps);
-    const bool on_eval_data = !recipe.probe.eval_data.is_null() && job.main_rank && (trainer.probing() || knn_now);
+    const bool on_eval_data = eval_set && (trainer.probing() || knn_now);
     auto percent = [](double v) {
       std::ostringstream s;
       s << std::fixed << std::setprecision(2) << v << "% top-1";
@@ -392,10 +392,8 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
     if (on_eval_data) {
       const auto eval_start = Clock::now();
       int64_t classes = 0;
-      eval_features = eval_transform_features(
-          trainer, recipe, views[0], job.device,
-          eval_set ? eval_set : data::create_dataset(recipe.probe.eval_data, "online_probe.eval_data"),
-          "online_probe.eval_data", false, classes);
+      eval_features = eval_transform_features(trainer, recipe, views[0], job.device, eval_set, "online_probe.eval_data",
+                                              false, classes);
       if (trainer.probing()) line["online_probe_eval_top1"] = *(last_probe = probe_accuracy(trainer, *eval_features));
       if (knn_now) {
         const auto knn_start = Clock::now();

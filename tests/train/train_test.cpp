@@ -1056,4 +1056,11 @@ TEST_CASE("train: online_probe.knn scores eval_data as twins knn would, without 
                                            "online_probe.knn: needs online_probe.eval_data");
   cfg["online_probe"]["knn"]["enabled"] = false;
   CHECK_NOTHROW(Recipe::parse(cfg));
+
+  // The online probe's eval data is opened before the first step: a wrong path fails at once.
+  cfg = plain;
+  cfg["online_probe"]["eval_data"]["root"] = (data.dir / "nowhere").string();
+  check_throws_with<std::runtime_error>([&] { pretrain(cfg, quiet(data.dir / "no_eval_data")); },
+                                        "online_probe.eval_data");
+  CHECK((!fs::exists(data.dir / "no_eval_data/checkpoints") || fs::is_empty(data.dir / "no_eval_data/checkpoints")));
 }
