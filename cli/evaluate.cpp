@@ -27,7 +27,7 @@ struct EvalArgs {
   std::optional<double> train_percent;  // twins finetune's --train-percent
   std::string subset;                   // and --subset
   int64_t stop_after_epochs = 0;        // and --stop-after-epochs
-  LaunchPlan launch;                    // and its data-parallel launch
+  LaunchPlan launch;                    // the ranks of a data-parallel evaluation
 };
 
 // probe.json / knn.json / finetune.json (and the fine-tuned network) go to --out, else the run
@@ -40,12 +40,36 @@ std::string output_dir(const EvalArgs& a) {
   return parent.empty() ? "." : parent.string();
 }
 
+// This process's rank of a data-parallel evaluation when a launcher started it, else null;
+// `cfg.device` becomes the rank's own GPU (the local rank's) where it names CUDA without an index.
+std::shared_ptr<distributed::Communicator> join_job(eval::EvalConfig& cfg) {
+  const distributed::Environment env = distributed::detect_environment();
+  if (env.launcher == "none") return nullptr;
+  if (eval::resolve_eval_device(cfg.device).is_cuda() && (cfg.device == "auto" || cfg.device == "cuda"))
+    cfg.device = "cuda:" + std::to_string(env.local_rank);
+  distributed::CommunicatorOptions co;
+  co.backend = cfg.dist_backend, co.timeout_s = cfg.dist_timeout_s;
+  return distributed::Communicator::create(env, eval::resolve_eval_device(cfg.device), co);
+}
+
+// The launcher's part of an evaluation command: starts the ranks (--nproc-per-node) and returns
+// the job's exit code, or nullopt when this process is to run the command itself.
+std::optional<int> launch(const EvalArgs& a) {
+  a.launch.check();
+  if (a.launch.nproc_per_node > 0) return launch_local(a.launch, 5.0);
+  return std::nullopt;
+}
+
 int run_linear_probe(const EvalArgs& a) {
-  const auto cfg = eval::EvalConfig::parse(config::load_config(a.config, a.set));
+  if (const auto launched = launch(a)) return *launched;
+  auto cfg = eval::EvalConfig::parse(config::load_config(a.config, a.set));
+  const auto comm = join_job(cfg);
   const std::string out = output_dir(a);
-  std::cerr << "linear probe of " << a.backbone << " (" << (cfg.probe.augment ? "augmented" : "cached features")
-            << ")\n";
-  const auto run = eval::run_linear_probe(a.backbone, cfg, out);
+  if (!comm || comm->rank() == 0)
+    std::cerr << "linear probe of " << a.backbone << " (" << (cfg.probe.augment ? "augmented" : "cached features")
+              << ")\n";
+  const auto run = eval::run_linear_probe(a.backbone, cfg, out, comm);
+  if (!run.main_rank) return 0;  // rank 0 trains the probe and writes
   const auto& r = run.result;
   const nlohmann::json result = {{"backbone", a.backbone},
                                  {"config", a.config},
@@ -70,11 +94,14 @@ int run_linear_probe(const EvalArgs& a) {
 }
 
 int run_knn(const EvalArgs& a) {
-  const auto cfg = eval::EvalConfig::parse(config::load_config(a.config, a.set));
+  if (const auto launched = launch(a)) return *launched;
+  auto cfg = eval::EvalConfig::parse(config::load_config(a.config, a.set));
+  const auto comm = join_job(cfg);
   const std::string out = output_dir(a);
   int64_t classes = 0;
-  std::cerr << "kNN of " << a.backbone << "\n";
-  const auto [train, test] = eval::eval_features(a.backbone, cfg, out, &classes);
+  if (!comm || comm->rank() == 0) std::cerr << "kNN of " << a.backbone << "\n";
+  const auto [train, test] = eval::eval_features(a.backbone, cfg, out, &classes, comm);
+  if (comm && comm->rank() != 0) return 0;  // rank 0 scores the gathered features and writes
   const auto r = eval::knn(train, test, classes, cfg.knn, eval::resolve_eval_device(cfg.device));
   nlohmann::json result = {{"backbone", a.backbone},
                            {"config", a.config},
@@ -91,23 +118,8 @@ int run_knn(const EvalArgs& a) {
   return 0;
 }
 
-// This process's rank of a data-parallel finetune, when a launcher started it: its communicator
-// and device (a GPU each, the local rank's).
-void join_job(const eval::EvalConfig& cfg, eval::FinetuneControl& control) {
-  const distributed::Environment env = distributed::detect_environment();
-  if (env.launcher == "none") return;
-  std::string device = cfg.device;
-  if (eval::resolve_eval_device(device).is_cuda() && (device == "auto" || device == "cuda"))
-    device = "cuda:" + std::to_string(env.local_rank);
-  distributed::CommunicatorOptions co;
-  co.backend = cfg.finetune.dist_backend, co.timeout_s = cfg.finetune.dist_timeout_s;
-  control.communicator = distributed::Communicator::create(env, eval::resolve_eval_device(device), co);
-  control.device = device;
-}
-
 int run_finetune(const EvalArgs& a) {
-  a.launch.check();
-  if (a.launch.nproc_per_node > 0) return launch_local(a.launch, 5.0);
+  if (const auto launched = launch(a)) return *launched;
   std::vector<std::string> set = a.set;
   if (a.train_percent) {
     std::ostringstream v;
@@ -115,10 +127,10 @@ int run_finetune(const EvalArgs& a) {
     set.push_back("finetune.train_percent=" + v.str());
   }
   if (!a.subset.empty()) set.push_back("finetune.subset=" + nlohmann::json(a.subset).dump());
-  const auto cfg = eval::EvalConfig::parse(config::load_config(a.config, set));
+  auto cfg = eval::EvalConfig::parse(config::load_config(a.config, set));
   const std::string out = output_dir(a);
   eval::FinetuneControl control;
-  join_job(cfg, control);
+  control.communicator = join_job(cfg);
   if (!control.communicator || control.communicator->rank() == 0) std::cerr << "finetune of " << a.backbone << "\n";
   fs::create_directories(out);
   control.checkpoint = (fs::path(out) / "finetune-checkpoint.safetensors").string();
@@ -178,6 +190,7 @@ void add_common(CLI::App* sub, EvalArgs& a) {
   sub->add_option("--config", a.config, "Eval JSON (configs/eval/*.json)")->required();
   sub->add_option("--set", a.set, "Override a config key: a.b=value (repeatable)");
   sub->add_option("--out", a.out, "Output folder (default: the run folder or the backbone's folder)");
+  a.launch.add_options(*sub);
 }
 
 }  // namespace
@@ -204,7 +217,6 @@ Command add_finetune(CLI::App& app) {
       ->check(CLI::Range(int64_t{1}, int64_t{1000000}));
   sub->add_option("--subset", a->subset,
                   "File naming the training samples, one per line (e.g. SimCLR's imagenet_subsets/1percent.txt)");
-  a->launch.add_options(*sub);
   return [a] { return run_finetune(*a); };
 }
 

@@ -435,6 +435,7 @@ std::vector<std::shared_ptr<Communicator>> Communicator::create_local_group(int 
 int Communicator::rank() const { return impl_->rank; }
 int Communicator::world_size() const { return impl_->world_size; }
 std::string Communicator::backend() const { return impl_->backend; }
+at::Device Communicator::device() const { return impl_->device; }
 int64_t Communicator::id() const { return impl_->id; }
 
 void Communicator::all_reduce(at::Tensor& tensor) { all_reduce_async(tensor)(); }

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <filesystem>
 #include <iostream>
+#include <optional>
 #include <sstream>
 #include <tuple>
 
@@ -13,6 +14,7 @@
 #include "twins/config.h"
 #include "twins/data/dataset.h"
 #include "twins/data/loader.h"
+#include "twins/distributed/communicator.h"
 #include "twins/eval/transform.h"
 #include "twins/models/safetensors.h"
 #include "twins/models/weights.h"
@@ -82,8 +84,6 @@ EvalConfig EvalConfig::parse(const json& root) {
     f.get("crop_scale", o.crop_scale);
     f.get("precision", o.precision);
     f.get("seed", o.seed);
-    f.get("dist_backend", o.dist_backend);
-    f.get("dist_timeout_s", o.dist_timeout_s);
     f.finish();
     config::require(o.epochs >= 1 && o.epochs <= 100000, "finetune.epochs", "must be in [1, 10^5]");
     config::require(o.batch_size >= 1 && o.batch_size <= (1 << 20), "finetune.batch_size", "must be in [1, 2^20]");
@@ -98,17 +98,18 @@ EvalConfig EvalConfig::parse(const json& root) {
         "finetune.crop_scale", "expected [min, max] with 0 < min <= max <= 1");
     config::require(o.precision == "auto" || o.precision == "fp32" || o.precision == "bf16", "finetune.precision",
                     "must be auto, fp32 or bf16");
-    config::require(o.dist_backend == "auto" || o.dist_backend == "gloo" || o.dist_backend == "nccl",
-                    "finetune.dist_backend", "must be auto, gloo or nccl");
-    config::require(o.dist_timeout_s > 0 && o.dist_timeout_s <= 1e6, "finetune.dist_timeout_s",
-                    "must be in (0, 10^6] seconds");
     config::require(o.subset.empty() || o.train_percent == 100, "finetune.subset",
                     "names the samples itself; give it or finetune.train_percent (--train-percent), not both");
   }
   r.get("batch_size", c.batch_size);
   r.get("workers", c.workers);
   r.get("device", c.device);
+  r.get("dist_backend", c.dist_backend);
+  r.get("dist_timeout_s", c.dist_timeout_s);
   r.finish();
+  config::require(c.dist_backend == "auto" || c.dist_backend == "gloo" || c.dist_backend == "nccl", "dist_backend",
+                  "must be auto, gloo or nccl");
+  config::require(c.dist_timeout_s > 0 && c.dist_timeout_s <= 1e6, "dist_timeout_s", "must be in (0, 10^6] seconds");
   config::require(c.batch_size >= 1 && c.batch_size <= (1 << 20), "batch_size", "must be in [1, 2^20]");
   config::require(c.workers >= 0 && c.workers <= 256, "workers", "must be in [0, 256]");
   return c;
@@ -147,13 +148,16 @@ std::shared_ptr<models::Network> open_backbone(const std::string& backbone) {
 }
 
 std::pair<Features, Features> eval_features(const std::string& backbone, const EvalConfig& c,
-                                            const std::string& cache_dir, int64_t* num_classes) {
+                                            const std::string& cache_dir, int64_t* num_classes,
+                                            const std::shared_ptr<distributed::Communicator>& comm) {
   auto net = open_backbone(backbone);
-  return eval_features(*net, c, cache_dir, num_classes);
+  return eval_features(*net, c, cache_dir, num_classes, comm);
 }
 
 std::pair<Features, Features> eval_features(models::Network& net, const EvalConfig& c, const std::string& cache_dir,
-                                            int64_t* num_classes) {
+                                            int64_t* num_classes,
+                                            const std::shared_ptr<distributed::Communicator>& comm) {
+  const bool main_rank = !comm || comm->rank() == 0;  // looks for and writes the cache, speaks
   set_compute_threads(0);
   const at::Device device = resolve_eval_device(c.device);
   net.to(device);
@@ -169,21 +173,27 @@ std::pair<Features, Features> eval_features(models::Network& net, const EvalConf
         std::to_string(crc32(crc, reinterpret_cast<const Bytef*>(settings.data()), static_cast<uInt>(settings.size())));
     const fs::path cache =
         cache_dir.empty() ? fs::path() : fs::path(cache_dir) / ("features-" + split + "-" + key + ".safetensors");
-    if (!cache.empty() && fs::exists(cache)) {
+    std::optional<Features> cached;
+    if (!cache.empty() && main_rank && fs::exists(cache)) {
       try {
         const auto f = models::load_safetensors(cache.string());
         if (f.at("features").size(0) != dataset->size()) throw std::runtime_error("another number of samples");
         std::cerr << "  " << split << " features from " << cache.string() << "\n";
-        return Features{f.at("features"), f.at("labels")};
+        cached = Features{f.at("features"), f.at("labels")};
       } catch (const std::exception& e) {
         std::cerr << "warning: ignoring feature cache " << cache.string() << ": " << e.what() << "\n";
       }
     }
+    if (comm ? comm->any(cached.has_value()) : cached.has_value()) return cached.value_or(Features{});
     ExtractOptions o;
     o.batch_size = c.batch_size, o.workers = c.workers, o.channels = channels, o.what = split + " features";
-    std::cerr << "  extracting " << split << " features (" << dataset->size() << " images)\n";
-    Features f = extract_features(net, dataset, view, device, o);
-    if (!cache.empty()) {
+    if (main_rank)
+      std::cerr << "  extracting " << split << " features (" << dataset->size() << " images"
+                << (comm && comm->world_size() > 1 ? ", " + std::to_string(comm->world_size()) + " ranks" : "")
+                << ")\n";
+    Features f = comm ? extract_features_shared(net, dataset, view, device, o, *comm)
+                      : extract_features(net, dataset, view, device, o);
+    if (!cache.empty() && main_rank) {
       fs::create_directories(cache.parent_path());
       models::save_safetensors(cache.string(), {{"features", f.features}, {"labels", f.labels}});
     }
@@ -194,10 +204,15 @@ std::pair<Features, Features> eval_features(models::Network& net, const EvalConf
   return {train, test};
 }
 
-LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c, const std::string& cache_dir) {
+LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c, const std::string& cache_dir,
+                                const std::shared_ptr<distributed::Communicator>& comm) {
   auto net = open_backbone(backbone);
   LinearProbeRun run;
-  std::tie(run.train, run.test) = eval_features(*net, c, cache_dir, &run.num_classes);
+  std::tie(run.train, run.test) = eval_features(*net, c, cache_dir, &run.num_classes, comm);
+  if (comm && comm->rank() != 0) {  // rank 0 trains and scores the probe on the gathered features
+    run.main_rank = false;
+    return run;
+  }
   const at::Device device = resolve_eval_device(c.device);
   const auto& o = c.probe;
   if (!o.augment) {

@@ -150,7 +150,7 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
     throw std::invalid_argument("finetune.batch_size: " + std::to_string(o.batch_size) +
                                 " is the global batch and must divide evenly over the " + std::to_string(world) +
                                 " ranks");
-  const at::Device device = resolve_eval_device(control.device.empty() ? c.device : control.device);
+  const at::Device device = resolve_eval_device(c.device);
   configure_compute(0, /*deterministic=*/false, device);
   if (device.is_cpu())  // training on the CPU: make sure its convolutions are right first
     if (const std::string& warning = ensure_correct_cpu_convolutions(); !warning.empty() && main_rank)

@@ -2,7 +2,7 @@
 # `twins finetune` as a user runs it: 10% of the labels through --train-percent, a file list
 # through --subset, the files it writes (the fine-tuned backbone loads in `twins knn`), a stopped
 # run continued by the same command, on 2 data-parallel ranks (--nproc-per-node 2, stopped and
-# continued), and its errors (a value out of range: exit 2; a list naming no sample: exit 1, naming the line).
+# continued; knn and linear-probe too), and its errors (a value out of range: exit 2; a list naming no sample: exit 1, naming the line).
 set -euo pipefail
 twins=$1
 quickstart=$2
@@ -62,7 +62,7 @@ if ! grep -q "resuming from .*finetune-checkpoint.safetensors after epoch 1 of 2
 # 4. Two data-parallel ranks on this machine (Gloo): stopped after an epoch, then the same
 #    command continues; rank 0 alone prints and writes.
 ranks=(finetune --nproc-per-node 2 --backbone "random:$quickstart" --config "$dir/eval.json" --train-percent 10
-  --set finetune.dist_timeout_s=120 --out "$dir/ft_ranks")
+  --set dist_timeout_s=120 --out "$dir/ft_ranks")
 "$twins" "${ranks[@]}" --stop-after-epochs 1 > "$dir/out7" 2> "$dir/err7" || { cat "$dir/out7" "$dir/err7"; exit 1; }
 if [ "$(grep -c "stopped after epoch 1 of 2" "$dir/out7")" != 1 ] \
   || [ ! -s "$dir/ft_ranks/finetune-checkpoint.safetensors" ]; then cat "$dir/out7" "$dir/err7"; exit 1; fi
@@ -70,6 +70,19 @@ if [ "$(grep -c "stopped after epoch 1 of 2" "$dir/out7")" != 1 ] \
 if [ "$(grep -c "^finetune: top-1" "$dir/out8")" != 1 ] || ! grep -q "2 ranks x 4 images per batch" "$dir/out8" \
   || ! grep -q '"world_size": 2' "$dir/ft_ranks/finetune.json" \
   || ! grep -q '"resumed_from_epoch": 1' "$dir/ft_ranks/finetune.json"; then cat "$dir/out8" "$dir/err8"; exit 1; fi
+# kNN and the linear probe on 2 ranks: each extracts half the features, rank 0 scores and writes.
+for cmd in knn linear-probe; do
+  "$twins" "$cmd" --nproc-per-node 2 --backbone "random:$quickstart" --config "$dir/eval.json" \
+    --set dist_timeout_s=120 --set probe.epochs=2 --out "$dir/$cmd-ranks" > "$dir/$cmd.out" 2> "$dir/$cmd.err" \
+    || { cat "$dir/$cmd.out" "$dir/$cmd.err"; exit 1; }
+  if [ "$(grep -c "^kNN k=5\|^linear probe: top-1" "$dir/$cmd.out")" != 1 ] \
+    || ! grep -q "extracting train features (200 images, 2 ranks)" "$dir/$cmd.err"; then
+    cat "$dir/$cmd.out" "$dir/$cmd.err"; exit 1
+  fi
+done
+if [ ! -s "$dir/knn-ranks/knn.json" ] || [ ! -s "$dir/linear-probe-ranks/probe.json" ]; then
+  echo "no knn.json or probe.json"; exit 1
+fi
 status=0
 "$twins" finetune --nproc-per-node 2 --backbone "random:$quickstart" --config "$dir/eval.json" \
   --set finetune.batch_size=7 --out "$dir/bad" > /dev/null 2> "$dir/err9" || status=$?

@@ -12,6 +12,7 @@
 #include "twins/data/image_io.h"
 #include "twins/distributed/communicator.h"
 #include "twins/eval/evaluate.h"
+#include "twins/eval/features.h"
 #include "twins/eval/finetune.h"
 #include "twins/models/resnet.h"
 #include "twins/models/weights.h"
@@ -233,6 +234,43 @@ TEST_CASE("eval: fine-tuning resumed from its checkpoint gives the uninterrupted
   check_throws_with<std::runtime_error>([&] { run_finetune(backbone, EvalConfig::parse(config), control); },
                                         "was written for another backbone or other settings");
   fs::remove_all(dir);
+}
+
+TEST_CASE("eval: features extracted in shares over ranks are gathered on rank 0 in dataset order") {
+  auto network = [] {
+    twins::models::ResNetOptions ro = twins::models::resnet_options("resnet18");
+    ro.width = 8, ro.cifar_stem = true;
+    at::manual_seed(3);
+    return std::make_shared<twins::models::ResNet>(ro);
+  };
+  twins::augment::Normalization norm;
+  norm.mean = {0.5, 0.5, 0.5}, norm.std = {0.25, 0.25, 0.25};
+  ExtractOptions xo;
+  xo.batch_size = 16, xo.workers = 1, xo.progress = false;
+  xo.gather_bytes = 4 * 64 * 3 * 5;  // 5 rows of 64 floats from each of 3 ranks per collective
+  // 88 samples (5 unlabelled) over 3 ranks (30, 29, 29), and 2 samples over 3 (rank 2 has none).
+  for (const int64_t n : {88, 2}) {
+    CAPTURE(n);
+    std::vector<int64_t> labels = labels_50_30_3_unlabelled_5();
+    labels.resize(static_cast<size_t>(n));
+    const auto dataset = std::make_shared<LabelledSamples>(labels);
+    const auto view = eval_view(*dataset, 4, norm);
+    const Features one = extract_features(*network(), dataset, view, at::kCPU, xo);
+    REQUIRE(network()->output_dim() == 64);
+    auto comms = twins::distributed::Communicator::create_local_group(3);
+    std::vector<std::shared_ptr<twins::models::ResNet>> nets{network(), network(), network()};
+    std::vector<Features> got(3);
+    twins::test::on_threads(3, [&](int r) {
+      got[static_cast<size_t>(r)] = extract_features_shared(*nets[static_cast<size_t>(r)], dataset, view, at::kCPU, xo,
+                                                            *comms[static_cast<size_t>(r)]);
+    });
+    REQUIRE(got[0].features.defined());
+    CHECK(got[0].features.sizes() == one.features.sizes());
+    CHECK(at::equal(got[0].labels, one.labels));
+    CHECK(twins::test::max_rel_error(got[0].features, one.features) < 1e-5);
+    CHECK_FALSE(got[1].features.defined());
+    CHECK_FALSE(got[2].labels.defined());
+  }
 }
 
 TEST_CASE("eval: data-parallel fine-tuning averages the ranks' gradients as one process with the global batch") {

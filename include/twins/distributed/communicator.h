@@ -72,6 +72,8 @@ class Communicator {
   int world_size() const;
   /// "gloo" or "nccl".
   std::string backend() const;
+  /// Where the collectives' tensors live: the rank's GPU for NCCL, the CPU for Gloo.
+  at::Device device() const;
   /// A number unique to this communicator within the process.
   int64_t id() const;
 

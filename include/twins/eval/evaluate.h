@@ -9,7 +9,7 @@
 //  "finetune": {"epochs": 20, "batch_size": 256, "lr_backbone": 0.03, "lr_head": 0.08,
 //               "weight_decay": 0, "momentum": 0.9, "train_percent": 100, "subset": "<file>",
 //               "crop_scale": [0.08, 1.0], "precision": "fp32", "seed": 0},
-//  "batch_size": 256, "workers": 2, "device": "auto"}
+//  "batch_size": 256, "workers": 2, "device": "auto", "dist_backend": "auto", "dist_timeout_s": 1800}
 // Features are extracted once per backbone and split and cached in the output folder
 // (features-<split>-<key>.safetensors), so linear-probe and knn on the same backbone share them.
 #include <nlohmann/json.hpp>
@@ -17,6 +17,7 @@
 #include <memory>
 #include <string>
 
+#include "twins/eval/features.h"
 #include "twins/eval/finetune.h"
 #include "twins/eval/probe.h"
 #include "twins/models/network.h"
@@ -33,17 +34,25 @@ struct EvalConfig {
   int64_t batch_size = 256;
   int workers = 2;
   std::string device = "auto";
+  /// With several ranks (--nproc-per-node, torchrun, SLURM): the backend ("auto": NCCL on CUDA,
+  /// else Gloo) and the time after which a collective waiting for a dead or hung rank fails.
+  std::string dist_backend = "auto";
+  double dist_timeout_s = 1800;
   static EvalConfig parse(const nlohmann::json& config);
 };
 
 /// Train and test features of `backbone` (a file, a run folder, or "random:<backbone json>" for
-/// a randomly initialised network), cached in `cache_dir` when not empty.
+/// a randomly initialised network), cached in `cache_dir` when not empty. With a communicator of
+/// several ranks each extracts its share (extract_features_shared) and rank 0 alone gets the
+/// features, looks for and writes the cache; the other ranks get empty Features.
 std::pair<Features, Features> eval_features(const std::string& backbone, const EvalConfig& config,
-                                            const std::string& cache_dir, int64_t* num_classes);
+                                            const std::string& cache_dir, int64_t* num_classes,
+                                            const std::shared_ptr<distributed::Communicator>& communicator = nullptr);
 
 /// The same with a backbone already open.
 std::pair<Features, Features> eval_features(models::Network& backbone, const EvalConfig& config,
-                                            const std::string& cache_dir, int64_t* num_classes);
+                                            const std::string& cache_dir, int64_t* num_classes,
+                                            const std::shared_ptr<distributed::Communicator>& communicator = nullptr);
 
 /// `twins linear-probe` as a library call: features, then the probe by the protocol that
 /// config.probe.augment names.
@@ -54,8 +63,12 @@ struct LinearProbeRun {
   /// The centre-crop features (what the classifier is scored on).
   Features train, test;
   int64_t num_classes = 0;
+  /// false on the ranks other than 0 of a data-parallel run: they extracted their shares of
+  /// the features, and rank 0 alone trains and scores the probe (the rest is empty).
+  bool main_rank = true;
 };
-LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& config, const std::string& cache_dir);
+LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& config, const std::string& cache_dir,
+                                const std::shared_ptr<distributed::Communicator>& communicator = nullptr);
 
 /// Loads a backbone path, or builds "random:<backbone JSON>" or "random:<recipe file>" (its
 /// model.backbone) with seed 0: the random-initialisation baseline.

@@ -10,6 +10,10 @@
 #include "twins/data/dataset.h"
 #include "twins/models/network.h"
 
+namespace twins::distributed {
+class Communicator;
+}
+
 namespace twins::eval {
 
 /// EvalTransform::for_dataset(dataset, size, normalization).view() (see <twins/eval/transform.h>):
@@ -29,10 +33,20 @@ struct ExtractOptions {
   int channels = 3;
   bool progress = true;  ///< a line every few seconds on stderr
   std::string what = "features";
+  /// extract_features_shared: the most bytes of features one collective gathers.
+  int64_t gather_bytes = int64_t{64} << 20;
 };
 
 /// Runs the backbone (in eval mode, no gradients) over the whole dataset in order.
 Features extract_features(models::Network& backbone, std::shared_ptr<const data::Dataset> dataset,
                           const augment::View& view, const at::Device& device, const ExtractOptions& options);
+
+/// The same over the ranks of `communicator`: rank r runs samples r, r + W, r + 2W, ... and rank
+/// 0 gets every sample's features in dataset order (gathered in chunks of options.gather_bytes); the
+/// other ranks get empty Features. A streaming dataset (tar shards, read in its own order) is
+/// run by rank 0 alone. Every rank must call it.
+Features extract_features_shared(models::Network& backbone, std::shared_ptr<const data::Dataset> dataset,
+                                 const augment::View& view, const at::Device& device, const ExtractOptions& options,
+                                 distributed::Communicator& communicator);
 
 }  // namespace twins::eval

@@ -52,11 +52,6 @@ struct FinetuneOptions {
   /// in fp32) or "auto" (bf16 on CUDA, fp32 on the CPU).
   std::string precision = "fp32";
   uint64_t seed = 0;
-  /// A data-parallel run's backend ("auto": NCCL on CUDA, else Gloo) and the time after which a
-  /// collective waiting for a dead or hung rank fails. Not part of the protocol: a checkpoint
-  /// resumes under other values.
-  std::string dist_backend = "auto";
-  double dist_timeout_s = 1800;
 };
 
 /// The training samples fine-tuning uses, as sorted indices of `dataset`: with `subset_file`,
@@ -82,8 +77,6 @@ struct FinetuneControl {
   /// (DDP's broadcast_buffers); rank 0 alone writes the checkpoint, which every rank reads to
   /// resume; each rank scores its share of the test set and the counts are summed.
   std::shared_ptr<distributed::Communicator> communicator;
-  /// The device, replacing the config's `device` when not empty (a rank's own GPU, "cuda:3").
-  std::string device;
 };
 
 struct FinetuneRun {
