@@ -153,33 +153,50 @@ int run_finetune(const EvalArgs& a) {
   info.provenance = "twins " + std::string(TWINS_VERSION_STRING) + " finetune of " + a.backbone + ": " + run.protocol;
   models::save_backbone(backbone_file.string(), *run.backbone, info);
   models::save_safetensors(head_file.string(), {{"weight", run.head_weight}, {"bias", run.head_bias}});
-  const nlohmann::json result = {{"backbone", a.backbone},
-                                 {"config", a.config},
-                                 {"protocol", run.protocol},
-                                 {"num_classes", run.num_classes},
-                                 {"feature_dim", run.feature_dim},
-                                 {"train_samples", run.train_samples},
-                                 {"train_percent", o.subset.empty() ? nlohmann::json(o.train_percent) : nullptr},
-                                 {"subset", o.subset.empty() ? nlohmann::json(nullptr) : nlohmann::json(o.subset)},
-                                 {"test_samples", run.test_samples},
-                                 {"epochs", o.epochs},
-                                 {"batch_size", o.batch_size},
-                                 {"world_size", run.world_size},
-                                 {"resumed_from_epoch", run.start_epoch},
-                                 {"lr_backbone", o.lr_backbone},
-                                 {"lr_head", o.lr_head},
-                                 {"weight_decay", o.weight_decay},
-                                 {"epoch_loss", run.epoch_loss},
-                                 {"top1", run.test.top1},
-                                 {"top5", run.test.top5},
-                                 {"seconds", run.seconds},
-                                 {"finetuned_backbone", backbone_file.string()},
-                                 {"head", head_file.string()}};
+  nlohmann::json result = {{"backbone", a.backbone},
+                           {"config", a.config},
+                           {"protocol", run.protocol},
+                           {"num_classes", run.num_classes},
+                           {"feature_dim", run.feature_dim},
+                           {"train_samples", run.train_samples},
+                           {"train_percent", o.subset.empty() ? nlohmann::json(o.train_percent) : nullptr},
+                           {"subset", o.subset.empty() ? nlohmann::json(nullptr) : nlohmann::json(o.subset)},
+                           {"test_samples", run.test_samples},
+                           {"epochs", o.epochs},
+                           {"batch_size", o.batch_size},
+                           {"world_size", run.world_size},
+                           {"resumed_from_epoch", run.start_epoch},
+                           {"lr_backbone", o.lr_backbone},
+                           {"lr_head", o.lr_head},
+                           {"weight_decay", o.weight_decay},
+                           {"epoch_loss", run.epoch_loss},
+                           {"top1", run.test.top1},
+                           {"top5", run.test.top5},
+                           {"seconds", run.seconds},
+                           {"finetuned_backbone", backbone_file.string()},
+                           {"head", head_file.string()}};
+  // With finetune.eval_every_epochs: every score, and the best one, as the official evaluate.py
+  // reports it (chosen on the test set).
+  std::string best_said;
+  if (!run.test_per_epoch.empty()) {
+    result["test_per_epoch"] = nlohmann::json::array();
+    const eval::FinetuneRun::EpochScore* best = &run.test_per_epoch.front();
+    for (const auto& s : run.test_per_epoch) {
+      result["test_per_epoch"].push_back({{"epoch", s.epoch}, {"top1", s.test.top1}, {"top5", s.test.top5}});
+      if (s.test.top1 > best->test.top1) best = &s;
+    }
+    result["best_top1"] = best->test.top1;
+    result["best_epoch"] = best->epoch;
+    std::ostringstream said;
+    said << std::fixed << std::setprecision(2) << "; best " << best->test.top1 << "% after epoch " << best->epoch
+         << " (chosen on the test set, as the official evaluate.py)";
+    best_said = said.str();
+  }
   io::write_file_atomic((fs::path(out) / "finetune.json").string(), result.dump(2) + "\n");
   fs::remove(control.checkpoint);  // its work is kept
   std::cout << std::fixed << std::setprecision(2) << "finetune: top-1 " << run.test.top1 << "%, top-5 " << run.test.top5
-            << "% (" << run.protocol << ", " << std::setprecision(0) << run.seconds << " s); written to "
-            << (fs::path(out) / "finetune.json").string() << "\n";
+            << "% (" << run.protocol << ", " << std::setprecision(0) << run.seconds << " s)" << best_said
+            << "; written to " << (fs::path(out) / "finetune.json").string() << "\n";
   return 0;
 }
 

@@ -84,8 +84,11 @@ EvalConfig EvalConfig::parse(const json& root) {
     f.get("crop_scale", o.crop_scale);
     f.get("precision", o.precision);
     f.get("seed", o.seed);
+    f.get("eval_every_epochs", o.eval_every_epochs);
     f.finish();
     config::require(o.epochs >= 1 && o.epochs <= 100000, "finetune.epochs", "must be in [1, 10^5]");
+    config::require(o.eval_every_epochs >= 0 && o.eval_every_epochs <= 100000, "finetune.eval_every_epochs",
+                    "must be in [0, 10^5] (0: after the last epoch only)");
     config::require(o.batch_size >= 1 && o.batch_size <= (1 << 20), "finetune.batch_size", "must be in [1, 2^20]");
     config::require(o.lr_backbone >= 0 && o.lr_backbone <= 1e3, "finetune.lr_backbone",
                     "must be in [0, 1000] (0 freezes the backbone)");
@@ -193,9 +196,13 @@ std::pair<Features, Features> eval_features(models::Network& net, const EvalConf
                 << ")\n";
     Features f = comm ? extract_features_shared(net, dataset, view, device, o, *comm)
                       : extract_features(net, dataset, view, device, o);
-    if (!cache.empty() && main_rank) {
-      fs::create_directories(cache.parent_path());
-      models::save_safetensors(cache.string(), {{"features", f.features}, {"labels", f.labels}});
+    if (!cache.empty() && main_rank) {  // a cache that cannot be written costs time, not the result
+      try {
+        fs::create_directories(cache.parent_path());
+        models::save_safetensors(cache.string(), {{"features", f.features}, {"labels", f.labels}});
+      } catch (const std::exception& e) {
+        std::cerr << "warning: cannot write the feature cache " << cache.string() << ": " << e.what() << "\n";
+      }
     }
     return f;
   };

@@ -1,6 +1,7 @@
 #include "twins/eval/finetune.h"
 
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <torch/nn/functional/loss.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/optim/sgd.h>
@@ -42,6 +43,14 @@ namespace {
 constexpr const char* kSettingsKey = "twins_finetune_settings";
 constexpr const char* kEpochsKey = "twins_finetune_epochs_done";
 constexpr const char* kLossKey = "twins_finetune_epoch_loss";
+constexpr const char* kTestKey = "twins_finetune_test_per_epoch";
+constexpr const char* kWorldKey = "twins_finetune_world_size";
+
+json to_json(const std::vector<FinetuneRun::EpochScore>& scores) {
+  json out = json::array();
+  for (const auto& s : scores) out.push_back({{"epoch", s.epoch}, {"top1", s.test.top1}, {"top5", s.test.top5}});
+  return out;
+}
 
 json to_json(const FinetuneOptions& o) {
   return {{"epochs", o.epochs},
@@ -150,6 +159,11 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
     throw std::invalid_argument("finetune.batch_size: " + std::to_string(o.batch_size) +
                                 " is the global batch and must divide evenly over the " + std::to_string(world) +
                                 " ranks");
+  if (o.lr_backbone > 0 && o.batch_size / world < 2)
+    throw std::invalid_argument("finetune.batch_size: " + std::to_string(o.batch_size) + " over " +
+                                std::to_string(world) +
+                                " rank(s) is one image per batch, which BatchNorm cannot normalise in training "
+                                "mode; give at least 2 per rank (or lr_backbone 0, a frozen backbone)");
   const at::Device device = resolve_eval_device(c.device);
   configure_compute(0, /*deterministic=*/false, device);
   if (device.is_cpu())  // training on the CPU: make sure its convolutions are right first
@@ -190,13 +204,19 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
     if (run.train_samples != train_all->size()) train = data::subset(train_all, std::move(indices));
   }
 
-  // The classifier, initialised as the official evaluate.py does.
-  at::manual_seed(o.seed);
+  const bool streaming_train = train->streaming();
+
+  // The classifier, initialised as the official evaluate.py does, from a generator of its own (ranks that are threads
+  // of one process share LibTorch's global one), drawing what the global one seeded with finetune.seed did: Linear's
+  // own initialisation (a uniform draw per weight and per bias), then N(0, 0.01).
   run.feature_dim = net->output_dim();
-  torch::nn::Linear head(run.feature_dim, run.num_classes);
+  torch::nn::Linear head(run.feature_dim, run.num_classes);  // its own initialisation overwritten below
   {
+    at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(o.seed);
     at::NoGradGuard no_grad;
-    head->weight.normal_(0.0, 0.01);
+    at::empty(head->weight.sizes()).uniform_(0, 1, generator);
+    at::empty(head->bias.sizes()).uniform_(0, 1, generator);
+    head->weight.normal_(0.0, 0.01, generator);
     head->bias.zero_();
   }
   head->to(device);
@@ -256,15 +276,31 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
       throw std::runtime_error("finetune: " + checkpoint + ": malformed " + kEpochsKey + " or " + kLossKey);
     first_epoch = epochs_done.get<int64_t>();
     for (const auto& l : losses) run.epoch_loss.push_back(l.is_number() ? l.get<double>() : 0.0);
+    if (const auto it = file.metadata.find(kTestKey); it != file.metadata.end()) {  // absent before eval_every_epochs
+      const json scores = json::parse(it->second, nullptr, false);
+      if (!scores.is_array()) throw std::runtime_error("finetune: " + checkpoint + ": malformed " + kTestKey);
+      for (const auto& e : scores) {
+        if (!e.is_object() || !e.value("epoch", json()).is_number_integer() || !e.value("top1", json()).is_number() ||
+            !e.value("top5", json()).is_number())
+          throw std::runtime_error("finetune: " + checkpoint + ": malformed " + kTestKey);
+        run.test_per_epoch.push_back({e["epoch"].get<int64_t>(), {e["top1"].get<double>(), e["top5"].get<double>()}});
+      }
+    }
     models::load_module_state(*net, file, "finetune: " + checkpoint, "backbone.");
     models::load_module_state(*head, file, "finetune: " + checkpoint, "head.");
     load_optimizer_state(sgd, file.at("optimizer_state"));
     if (main_rank)
       std::cerr << "  resuming from " << checkpoint << " after epoch " << first_epoch << " of " << o.epochs << "\n";
+    const auto saved_world = file.metadata.find(kWorldKey);  // absent: written by one process
+    if (const std::string ranks = saved_world == file.metadata.end() ? "1" : saved_world->second;
+        ranks != std::to_string(world) && main_rank)
+      std::cerr << "warning: finetune: " << checkpoint << " was written by " << ranks << " rank(s), resuming with "
+                << world << ": the same global batches, but BatchNorm's batch statistics now over each rank's "
+                << o.batch_size / world << " images\n";
   }
   if (comm) {  // the ranks must resume from the same epoch (the run folder shared by every node)
     const at::Tensor epochs =
-        comm->all_gather(at::full({1}, first_epoch, at::TensorOptions().dtype(at::kLong).device(device))).cpu();
+        comm->all_gather(at::full({1}, first_epoch, at::TensorOptions().dtype(at::kLong).device(comm->device()))).cpu();
     if (!epochs.eq(first_epoch).all().item<bool>())
       throw std::runtime_error("finetune: the ranks found different checkpoints at " + checkpoint +
                                " (epochs done per rank: " + at::str(epochs.view({-1})) +
@@ -282,7 +318,52 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
     models::save_safetensors(checkpoint, tensors,
                              {{kSettingsKey, settings.dump()},
                               {kEpochsKey, std::to_string(epochs_done)},
-                              {kLossKey, json(run.epoch_loss).dump()}});
+                              {kWorldKey, std::to_string(world)},
+                              {kLossKey, json(run.epoch_loss).dump()},
+                              {kTestKey, to_json(run.test_per_epoch).dump()}});
+  };
+
+  // Scored on the test set's centre crops, backbone in evaluation mode with rank 0's BatchNorm
+  // statistics; with several ranks each scores every world-th test sample (a streaming test set:
+  // rank 0 all of it) and the counts are summed.
+  std::shared_ptr<const data::Dataset> scored = test;
+  if (world > 1 && !test->streaming()) {
+    std::vector<int64_t> share;
+    for (int64_t i = rank; i < test->size(); i += world) share.push_back(i);
+    scored = share.empty() ? nullptr : data::subset(test, std::move(share));
+  } else if (world > 1 && !main_rank) {
+    scored = nullptr;
+  }
+  const augment::View test_view = eval_view(*test, c.image_size, c.normalization);
+  auto score_test = [&]() {
+    if (comm) distributed::broadcast_buffers(*net, *comm);
+    net->eval();
+    head->eval();
+    int64_t counts[3] = {0, 0, 0};  // labelled samples, top-1 hits, top-5 hits
+    if (scored) {
+      ExtractOptions xo;
+      xo.batch_size = c.batch_size, xo.workers = c.workers, xo.channels = channels, xo.what = "test features";
+      xo.progress = main_rank;
+      const Features f = extract_features(*net, scored, test_view, device, xo);
+      at::NoGradGuard no_grad;
+      const at::Tensor mask = f.labels.ge(0);
+      counts[0] = mask.sum().item<int64_t>();
+      if (counts[0] > 0) {
+        const at::Tensor logits = head->forward(f.features.index({mask}).to(device, at::kFloat));
+        const at::Tensor top = std::get<1>(logits.topk(std::min<int64_t>(5, logits.size(1)), 1));
+        const at::Tensor hit = top.eq(f.labels.index({mask}).to(device).view({-1, 1}));
+        counts[1] = hit.select(1, 0).sum().item<int64_t>();
+        counts[2] = hit.any(1).sum().item<int64_t>();
+      }
+    }
+    if (comm)
+      for (int64_t& count : counts) count = comm->sum(count);
+    if (counts[0] == 0) throw std::runtime_error("finetune: test_data has no labelled sample");
+    run.test_samples = counts[0];
+    Accuracy a;
+    a.top1 = 100.0 * static_cast<double>(counts[1]) / static_cast<double>(counts[0]);
+    a.top5 = 100.0 * static_cast<double>(counts[2]) / static_cast<double>(counts[0]);
+    return a;
   };
 
   std::ostringstream protocol;
@@ -322,7 +403,7 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
       // A last batch of one image is left out when fine-tuning: BatchNorm in training mode cannot
       // normalise one value per channel (a backbone whose last maps are 1 x 1). Every rank's
       // batches have the same sizes, so the ranks leave it out together.
-      if (comm && !frozen && batch->views[0].size(0) == 1 && done > 1) continue;
+      if (!frozen && batch->views[0].size(0) == 1 && done == batches && done > 1) continue;
       const at::Tensor keep = batch->labels.ge(0);
       const int64_t labelled = keep.sum().item<int64_t>();
       at::Tensor x, y;
@@ -334,10 +415,13 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
           x = x.index({k}), y = y.index({k});
         }
       }
-      if (labelled == 0 || (!frozen && x.size(0) == 1 && used > 0)) {
-        if (!comm) continue;
-        // This rank has nothing to learn from (unlabelled images): it adds zero to the averaged
-        // gradients, and steps with the others.
+      // Unlabelled images (a stream of shards; subsets hold labelled ones only) may leave nothing
+      // to learn from, or one image, which BatchNorm cannot take after the first; with several
+      // ranks, they agree whether any learns from this batch: if none does, no rank steps (as
+      // one process skips it); else those without add zero to the averaged gradients.
+      const bool learns = labelled > 0 && (frozen || x.size(0) > 1 || used == 0);
+      if ((comm && streaming_train) ? comm->sum(learns ? 1 : 0) == 0 : !learns) continue;
+      if (!learns) {
         sgd.zero_grad();
         reducer->finish();
         sgd.step();
@@ -361,7 +445,10 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
       if (main_rank) progress.batch_done(epoch, done);
     }
     at::Tensor totals = at::stack({loss_sum, at::full({}, static_cast<double>(used), loss_sum.options())});
-    if (comm) comm->all_reduce(totals);  // the epoch's loss: the mean over every rank's batches
+    if (comm) {  // the epoch's loss: the mean over every rank's batches
+      totals = totals.to(comm->device());
+      comm->all_reduce(totals);
+    }
     totals = totals.cpu();
     const auto used_everywhere = static_cast<int64_t>(totals[1].item<double>());
     if (used_everywhere == 0)
@@ -372,10 +459,18 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
       throw std::runtime_error("finetune: the loss is not finite in epoch " + std::to_string(epoch + 1) +
                                " (lower finetune.lr_backbone or finetune.lr_head)");
     run.epoch_loss.push_back(mean_loss);
+    std::string scored_now;
+    if (o.eval_every_epochs > 0 && ((epoch + 1) % o.eval_every_epochs == 0 || epoch + 1 == o.epochs)) {
+      const Accuracy a = score_test();
+      run.test_per_epoch.push_back({epoch + 1, a});
+      std::ostringstream said;
+      said << ", test top-1 " << a.top1 << "%";
+      scored_now = said.str();
+    }
     if (main_rank)
       std::cerr << "  finetune: epoch " << epoch + 1 << "/" << o.epochs << " loss " << mean_loss << " (lr head "
-                << cosine(o.lr_head, epoch, o.epochs) << ", backbone " << cosine(o.lr_backbone, epoch, o.epochs)
-                << ")\n";
+                << cosine(o.lr_head, epoch, o.epochs) << ", backbone " << cosine(o.lr_backbone, epoch, o.epochs) << ")"
+                << scored_now << "\n";
     if (!checkpoint.empty()) {  // rank 0 writes; a failure there stops every rank
       std::string failure;
       if (main_rank) try {
@@ -391,43 +486,10 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
   run.epochs_done = o.epochs;
   run.finished = true;
 
-  // Scored on the test set's centre crops, backbone in evaluation mode with rank 0's BatchNorm
-  // statistics; with several ranks each scores every world-th test sample (a streaming test set:
-  // rank 0 all of it) and the counts are summed.
-  if (comm) distributed::broadcast_buffers(*net, *comm);
-  net->eval();
-  head->eval();
-  std::shared_ptr<const data::Dataset> scored = test;
-  if (world > 1 && !test->streaming()) {
-    std::vector<int64_t> share;
-    for (int64_t i = rank; i < test->size(); i += world) share.push_back(i);
-    scored = share.empty() ? nullptr : data::subset(test, std::move(share));
-  } else if (world > 1 && !main_rank) {
-    scored = nullptr;
-  }
-  int64_t counts[3] = {0, 0, 0};  // labelled samples, top-1 hits, top-5 hits
-  if (scored) {
-    ExtractOptions xo;
-    xo.batch_size = c.batch_size, xo.workers = c.workers, xo.channels = channels, xo.what = "test features";
-    xo.progress = main_rank;
-    const Features f = extract_features(*net, scored, eval_view(*test, c.image_size, c.normalization), device, xo);
-    at::NoGradGuard no_grad;
-    const at::Tensor mask = f.labels.ge(0);
-    counts[0] = mask.sum().item<int64_t>();
-    if (counts[0] > 0) {
-      const at::Tensor logits = head->forward(f.features.index({mask}).to(device, at::kFloat));
-      const at::Tensor top = std::get<1>(logits.topk(std::min<int64_t>(5, logits.size(1)), 1));
-      const at::Tensor hit = top.eq(f.labels.index({mask}).to(device).view({-1, 1}));
-      counts[1] = hit.select(1, 0).sum().item<int64_t>();
-      counts[2] = hit.any(1).sum().item<int64_t>();
-    }
-  }
-  if (comm)
-    for (int64_t& count : counts) count = comm->sum(count);
-  if (counts[0] == 0) throw std::runtime_error("finetune: test_data has no labelled sample");
-  run.test_samples = counts[0];
-  run.test.top1 = 100.0 * static_cast<double>(counts[1]) / static_cast<double>(counts[0]);
-  run.test.top5 = 100.0 * static_cast<double>(counts[2]) / static_cast<double>(counts[0]);
+  if (!run.test_per_epoch.empty() && run.test_per_epoch.back().epoch == o.epochs)
+    run.test = run.test_per_epoch.back().test;  // scored after the last epoch already
+  else
+    run.test = score_test();
   net->to(at::kCPU);
   run.backbone = net;
   run.head_weight = head->weight.detach().to(at::kCPU).clone();

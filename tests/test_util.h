@@ -55,7 +55,6 @@ inline double max_rel_error(const at::Tensor& a, const at::Tensor& b, double flo
   return ((ad - bd).abs() / bd.abs().clamp_min(floor)).max().item<double>();
 }
 
-/// Runs `f`, and checks it throws `E` with `fragment` in its message.
 /// Runs f(0) ... f(n - 1), each on a thread of its own (the ranks of an in-process job, see
 /// Communicator::create_local_group); rethrows the first failure once every thread has ended.
 inline void on_threads(int n, const std::function<void(int)>& f) {
@@ -74,6 +73,7 @@ inline void on_threads(int n, const std::function<void(int)>& f) {
     if (e) std::rethrow_exception(e);
 }
 
+/// Runs `f`, and checks it throws `E` with `fragment` in its message.
 template <class E, class F>
 void check_throws_with(F&& f, const std::string& fragment) {
   try {

@@ -50,13 +50,15 @@ grep -q '"train_samples": 3' "$dir/ft_list/finetune.json" || { cat "$dir/ft_list
 
 # 3. Stopped after an epoch, then the same command again: it resumes, finishes, and removes its
 #    checkpoint.
-resume=(finetune --backbone "random:$quickstart" --config "$dir/eval.json" --train-percent 10 --out "$dir/ft_resume")
+resume=(finetune --backbone "random:$quickstart" --config "$dir/eval.json" --train-percent 10 --out "$dir/ft_resume"
+  --set finetune.eval_every_epochs=1)
 "$twins" "${resume[@]}" --stop-after-epochs 1 > "$dir/out5" 2> "$dir/err5" || { cat "$dir/out5" "$dir/err5"; exit 1; }
 if ! grep -q "stopped after epoch 1 of 2" "$dir/out5" || [ ! -s "$dir/ft_resume/finetune-checkpoint.safetensors" ] \
   || [ -e "$dir/ft_resume/finetune.json" ]; then cat "$dir/out5" "$dir/err5"; ls "$dir/ft_resume"; exit 1; fi
 "$twins" "${resume[@]}" > "$dir/out6" 2> "$dir/err6" || { cat "$dir/out6" "$dir/err6"; exit 1; }
 if ! grep -q "resuming from .*finetune-checkpoint.safetensors after epoch 1 of 2" "$dir/err6" \
   || ! grep -q '"resumed_from_epoch": 1' "$dir/ft_resume/finetune.json" \
+  || ! grep -q '"best_epoch": [12]' "$dir/ft_resume/finetune.json" || ! grep -q "; best [0-9.]*% after epoch" "$dir/out6" \
   || [ -e "$dir/ft_resume/finetune-checkpoint.safetensors" ]; then cat "$dir/out6" "$dir/err6"; exit 1; fi
 
 # 4. Two data-parallel ranks on this machine (Gloo): stopped after an epoch, then the same

@@ -204,9 +204,18 @@ TEST_CASE("eval: fine-tuning resumed from its checkpoint gives the uninterrupted
   nlohmann::json& config = task.config;
   config["finetune"] = {{"epochs", 3}, {"batch_size", 4}, {"lr_backbone", 0.02}, {"lr_head", 0.2}};
   config["workers"] = 2;
+  const FinetuneRun unscored = run_finetune(backbone, EvalConfig::parse(config));
+  CHECK(unscored.test_per_epoch.empty());
+  // Scored after every epoch (the official evaluate.py's best-epoch report): the same training.
+  config["finetune"]["eval_every_epochs"] = 1;
   const EvalConfig cfg = EvalConfig::parse(config);
   const FinetuneRun whole = run_finetune(backbone, cfg);
   CHECK(whole.finished);
+  CHECK(at::equal(whole.head_weight, unscored.head_weight));
+  CHECK(whole.test.top1 == unscored.test.top1);
+  REQUIRE(whole.test_per_epoch.size() == 3);
+  CHECK(whole.test_per_epoch[2].epoch == 3);
+  CHECK(whole.test_per_epoch[2].test.top1 == whole.test.top1);
 
   FinetuneControl control;
   control.checkpoint = (dir / "out" / "finetune-checkpoint.safetensors").string();
@@ -221,6 +230,12 @@ TEST_CASE("eval: fine-tuning resumed from its checkpoint gives the uninterrupted
   CHECK(resumed.start_epoch == 2);
   CHECK(resumed.epoch_loss == whole.epoch_loss);
   CHECK(at::equal(resumed.head_weight, whole.head_weight));
+  REQUIRE(resumed.test_per_epoch.size() == 3);  // the first two from the checkpoint
+  for (size_t e = 0; e < 3; ++e) {
+    CHECK(resumed.test_per_epoch[e].epoch == whole.test_per_epoch[e].epoch);
+    CHECK(resumed.test_per_epoch[e].test.top1 == whole.test_per_epoch[e].test.top1);
+    CHECK(resumed.test_per_epoch[e].test.top5 == whole.test_per_epoch[e].test.top5);
+  }
   const auto a = twins::models::backbone_state(*whole.backbone), b = twins::models::backbone_state(*resumed.backbone);
   REQUIRE(a.size() == b.size());
   for (size_t i = 0; i < a.size(); ++i) {
@@ -278,7 +293,8 @@ TEST_CASE("eval: data-parallel fine-tuning averages the ranks' gradients as one 
   const fs::path& dir = task.dir;
   nlohmann::json& config = task.config;
   // 16 training images, global batch 8: two steps an epoch, 4 images per rank and step.
-  config["finetune"] = {{"epochs", 2}, {"batch_size", 8}, {"lr_backbone", 0.0}, {"lr_head", 0.2}};
+  config["finetune"] = {
+      {"epochs", 2}, {"batch_size", 8}, {"lr_backbone", 0.0}, {"lr_head", 0.2}, {"eval_every_epochs", 1}};
   auto on_two_ranks = [&](const EvalConfig& cfg, FinetuneControl control) {
     auto comms = twins::distributed::Communicator::create_local_group(2);
     std::vector<FinetuneRun> runs(2);
@@ -310,6 +326,8 @@ TEST_CASE("eval: data-parallel fine-tuning averages the ranks' gradients as one 
   CHECK(two.test_samples == 10);  // 5 + 5 test images split 5 / 5 and summed
   CHECK(two.test.top1 == one.test.top1);
   CHECK(two.test.top5 == one.test.top5);
+  REQUIRE(two.test_per_epoch.size() == 2);
+  CHECK(two.test_per_epoch[0].test.top1 == one.test_per_epoch.at(0).test.top1);
   CHECK(two.protocol.find("2 ranks x 4 images per batch") != std::string::npos);
 
   // Fine-tuned on two ranks, stopped after an epoch and resumed: the uninterrupted run's weights.
@@ -334,10 +352,13 @@ TEST_CASE("eval: data-parallel fine-tuning averages the ranks' gradients as one 
     CHECK(at::equal(a[i].second, b[i].second));
   }
 
-  // The global batch must split evenly.
-  config["finetune"]["batch_size"] = 7;
+  // The global batch must split evenly, and leave BatchNorm at least 2 images per rank.
   FinetuneControl odd;
   odd.communicator = twins::distributed::Communicator::create_local_group(2)[0];
+  config["finetune"]["batch_size"] = 2;
+  check_throws_with<std::invalid_argument>([&] { run_finetune(task.backbone, EvalConfig::parse(config), odd); },
+                                           "finetune.batch_size: 2 over 2 rank(s) is one image per batch");
+  config["finetune"]["batch_size"] = 7;
   check_throws_with<std::invalid_argument>(
       [&] { run_finetune(task.backbone, EvalConfig::parse(config), odd); },
       "finetune.batch_size: 7 is the global batch and must divide evenly over the 2 ranks");

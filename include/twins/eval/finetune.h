@@ -52,6 +52,10 @@ struct FinetuneOptions {
   /// in fp32) or "auto" (bf16 on CUDA, fp32 on the CPU).
   std::string precision = "fp32";
   uint64_t seed = 0;
+  /// Also score the test set after every this many epochs (and the last), as the official
+  /// evaluate.py does after each epoch to report the best; 0: after the last epoch only. Not part
+  /// of the protocol's settings (a checkpoint resumes under another value).
+  int64_t eval_every_epochs = 0;
 };
 
 /// The training samples fine-tuning uses, as sorted indices of `dataset`: with `subset_file`,
@@ -89,6 +93,12 @@ struct FinetuneRun {
   /// Loss averaged over each epoch's batches (the epochs of this call and, resumed, the
   /// checkpoint's).
   std::vector<double> epoch_loss;
+  /// With eval_every_epochs: the test accuracy after those epochs (1-based), resumed ones too.
+  struct EpochScore {
+    int64_t epoch = 0;
+    Accuracy test;
+  };
+  std::vector<EpochScore> test_per_epoch;
   int64_t num_classes = 0, feature_dim = 0, train_samples = 0, test_samples = 0;
   /// Ranks of the run (1 without a communicator); whether this process is rank 0, which speaks
   /// for the run (every rank's result holds the same numbers and weights).
