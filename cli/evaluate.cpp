@@ -15,6 +15,7 @@
 #include "twins/io.h"
 #include "twins/models/safetensors.h"
 #include "twins/models/weights.h"
+#include "twins/runtime.h"
 #include "twins/version.h"
 
 namespace twins::cli {
@@ -45,11 +46,11 @@ std::string output_dir(const EvalArgs& a) {
 std::shared_ptr<distributed::Communicator> join_job(eval::EvalConfig& cfg) {
   const distributed::Environment env = distributed::detect_environment();
   if (env.launcher == "none") return nullptr;
-  if (eval::resolve_eval_device(cfg.device).is_cuda() && (cfg.device == "auto" || cfg.device == "cuda"))
-    cfg.device = "cuda:" + std::to_string(env.local_rank);
+  const at::Device device = resolve_rank_device(cfg.device, env.local_rank, "device");
+  cfg.device = device.str();
   distributed::CommunicatorOptions co;
   co.backend = cfg.dist_backend, co.timeout_s = cfg.dist_timeout_s;
-  return distributed::Communicator::create(env, eval::resolve_eval_device(cfg.device), co);
+  return distributed::Communicator::create(env, device, co);
 }
 
 // The launcher's part of an evaluation command: starts the ranks (--nproc-per-node) and returns

@@ -49,6 +49,26 @@ c10::Device resolve_device(const std::string& name, const std::string& what) {
   return d;
 }
 
+c10::Device resolve_rank_device(const std::string& name, int local_rank, const std::string& what) {
+  const c10::Device device = resolve_device(name, what);
+  if (!device.is_cuda()) return device;
+  const auto count = static_cast<int>(torch::cuda::device_count());
+  if (name != "auto" && name != "cuda") {
+    if (local_rank > 0 && count > 1)
+      throw std::invalid_argument(
+          what + ": \"" + name + "\" would put every rank of this node on one GPU (this is local rank " +
+          std::to_string(local_rank) + "); use \"cuda\" or \"auto\": each rank takes the GPU of its local rank");
+    return device;
+  }
+  if (count == 1) return c10::Device(c10::kCUDA, 0);
+  if (local_rank >= count)
+    throw std::runtime_error(what + ": this is local rank " + std::to_string(local_rank) + ", but the process sees " +
+                             std::to_string(count) +
+                             " CUDA devices: start at most one rank per GPU on each node (or give each rank its "
+                             "own GPU through CUDA_VISIBLE_DEVICES)");
+  return c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(local_rank));
+}
+
 namespace {
 
 // OpenBLAS's own thread-count functions when this process has OpenBLAS loaded (Debian's LibTorch

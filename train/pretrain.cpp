@@ -100,10 +100,11 @@ struct Job {
 Job join_job(const TrainConfig& tc, const std::string& device_name) {
   const distributed::Environment env = distributed::detect_environment();
   Job job;
-  job.device = resolve_device(device_name, "train.device");
-  if (env.launcher == "none") return job;
-  if (job.device.is_cuda() && (device_name == "auto" || device_name == "cuda"))
-    job.device = resolve_device("cuda:" + std::to_string(env.local_rank), "train.device");
+  if (env.launcher == "none") {
+    job.device = resolve_device(device_name, "train.device");
+    return job;
+  }
+  job.device = resolve_rank_device(device_name, env.local_rank, "train.device");
   distributed::CommunicatorOptions co;
   co.backend = tc.dist_backend, co.timeout_s = tc.dist_timeout_s;
   job.comm = distributed::Communicator::create(env, job.device, co);

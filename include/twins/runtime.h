@@ -13,6 +13,13 @@ namespace twins {
 /// device this process cannot use (no CUDA in this LibTorch or machine, or N too large).
 c10::Device resolve_device(const std::string& name, const std::string& what = "device");
 
+/// The device of the rank whose index on its node is `local_rank`: "auto" and "cuda" take GPU
+/// `local_rank`, or GPU 0 when the process sees a single one (each rank given its own, as SLURM's
+/// --gpus-per-task 1 or a CUDA_VISIBLE_DEVICES per rank do); more local ranks than visible GPUs is
+/// an error naming both. "cuda:N" is kept, except on a rank other than its node's first when the
+/// process sees several GPUs: every rank of the node would share GPU N (NCCL refuses), an error.
+c10::Device resolve_rank_device(const std::string& name, int local_rank, const std::string& what = "device");
+
 /// Sets LibTorch's intra-op threads: n > 0 as given; 0 = every core of the machine, unless
 /// OMP_NUM_THREADS or MKL_NUM_THREADS is set, which then rules. (Some LibTorch builds, Debian's
 /// among them, otherwise start with one thread.) Also gives OpenBLAS, when the process has it

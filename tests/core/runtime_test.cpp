@@ -3,6 +3,7 @@
 #include "twins/version.h"
 
 #include <ATen/Parallel.h>
+#include <torch/cuda.h>
 
 #include <cmath>
 #include <cstdlib>
@@ -33,6 +34,24 @@ TEST_CASE("runtime: device names") {
   CHECK(twins::resolve_device("auto").type() == (twins::cuda_available() ? c10::kCUDA : c10::kCPU));
   check_throws_with<std::invalid_argument>([] { twins::resolve_device("tpu", "train.device"); },
                                            "train.device: \"tpu\" is not a device");
+  // A rank's device: the CPU stays the CPU; with CUDA, "auto" takes the local rank's GPU, or the
+  // only one the process sees.
+  CHECK(twins::resolve_rank_device("cpu", 3).is_cpu());
+  if (!twins::cuda_available()) {
+    CHECK(twins::resolve_rank_device("auto", 3).is_cpu());
+    return;
+  }
+  const auto gpus = static_cast<int>(torch::cuda::device_count());
+  CHECK(twins::resolve_rank_device("auto", 0) == c10::Device(c10::kCUDA, 0));
+  if (gpus == 1) {  // one GPU per rank (SLURM's --gpus-per-task 1): every local rank takes it
+    CHECK(twins::resolve_rank_device("cuda", 5) == c10::Device(c10::kCUDA, 0));
+    CHECK(twins::resolve_rank_device("cuda:0", 5) == c10::Device(c10::kCUDA, 0));
+  } else {
+    CHECK(twins::resolve_rank_device("cuda", 1) == c10::Device(c10::kCUDA, 1));
+    check_throws_with<std::runtime_error>([&] { twins::resolve_rank_device("auto", gpus); }, "but the process sees");
+    check_throws_with<std::invalid_argument>([] { twins::resolve_rank_device("cuda:0", 1); },
+                                             "would put every rank of this node on one GPU");
+  }
 }
 
 TEST_CASE("runtime: native bf16 is what /proc/cpuinfo's flags say") {
