@@ -49,7 +49,8 @@ std::shared_ptr<distributed::Communicator> join_job(eval::EvalConfig& cfg) {
   const at::Device device = resolve_rank_device(cfg.device, env.local_rank, "device");
   cfg.device = device.str();
   distributed::CommunicatorOptions co;
-  co.backend = cfg.dist_backend, co.timeout_s = cfg.dist_timeout_s;
+  co.backend = cfg.dist_backend, co.timeout_s = cfg.dist_timeout_s,
+  co.heartbeat_timeout_s = cfg.dist_heartbeat_timeout_s;
   return distributed::Communicator::create(env, device, co);
 }
 

@@ -1,6 +1,7 @@
 // The `twins` command: parses the command line, runs one subcommand, and is the only place
 // that turns exceptions into messages and exit codes (2: usage or configuration, 1: runtime).
 #include <csignal>
+#include <cstdlib>
 #include <exception>
 #include <iostream>
 #include <stdexcept>
@@ -27,6 +28,13 @@ int main(int argc, char** argv) {
   // file, instead of killing the process with SIGXFSZ and no word.
   std::signal(SIGXFSZ, SIG_IGN);
   twins::tune_allocator();
+  // A rank of a multi-rank job whose heartbeat watch learns that another rank failed or went
+  // silent ends here at once, from the heartbeat thread: its collectives could only wait for
+  // dist_timeout_s (NCCL's for ever) while the others' checkpoints are already safe on disk.
+  twins::distributed::set_job_failure_handler([](const std::string& reason) {
+    std::cerr << ("error: " + reason + "\n");  // one write: ranks share stderr
+    std::_Exit(1);
+  });
   CLI::App app{"twins: non-contrastive self-supervised learning (VICReg, Barlow Twins, BYOL)"};
   app.require_subcommand(0, 1);
   bool show_version = false;

@@ -27,9 +27,13 @@
 #include <thread>
 
 #include "core/compat.h"
+#include "distributed/heartbeat_watch.h"
 
 namespace twins::distributed {
 namespace {
+
+std::mutex g_handler_mutex;
+std::function<void(const std::string&)> g_job_failure_handler;
 
 const char* env(const char* name) {
   const char* v = std::getenv(name);
@@ -113,27 +117,110 @@ Environment detect_environment() {
   return e;
 }
 
+namespace detail {
+
+std::string format_beat(int64_t count, int64_t progress, bool left) {
+  return std::to_string(count) + " " + std::to_string(progress) + (left ? " left" : "");
+}
+
+Beat parse_beat(const std::string& text) {
+  std::istringstream in(text);
+  Beat b;
+  b.seen = static_cast<bool>(in >> b.count >> b.progress);
+  std::string word;
+  b.left = b.seen && in >> word && word == "left";
+  return b;
+}
+
+SilenceWatch::SilenceWatch(int world_size, int self, double timeout_s, double now_s)
+    : self_(self), timeout_s_(timeout_s), seen_(static_cast<size_t>(world_size)) {
+  for (auto& s : seen_) s.since = now_s;
+}
+
+void SilenceWatch::observe(const std::vector<Beat>& beats, double now_s) {
+  for (size_t r = 0; r < seen_.size() && r < beats.size(); ++r) {
+    Seen& s = seen_[r];
+    const Beat& b = beats[r];
+    if (!b.seen) continue;  // never posted yet: silent since the watch began
+    if (!s.beat.seen || b.count != s.beat.count) s.since = now_s;
+    s.beat = b;
+  }
+}
+
+std::optional<std::string> SilenceWatch::verdict(double now_s) const {
+  for (size_t r = 0; r < seen_.size(); ++r) {
+    const Seen& s = seen_[r];
+    if (static_cast<int>(r) == self_ || s.beat.left || now_s - s.since < timeout_s_) continue;
+    return "rank " + std::to_string(r) + " sent no heartbeat for " +
+           std::to_string(static_cast<int64_t>(now_s - s.since)) + " s " +
+           (s.beat.seen ? "(last at step " + std::to_string(s.beat.progress) + ")" : "(it never sent one)");
+  }
+  return std::nullopt;
+}
+
+}  // namespace detail
+
+void set_job_failure_handler(std::function<void(const std::string& reason)> handler) {
+  std::lock_guard<std::mutex> lock(g_handler_mutex);
+  g_job_failure_handler = std::move(handler);
+}
+
 namespace {
 
 std::string beat_key(int rank) { return "twins_heartbeat/" + std::to_string(rank); }
+// Set by the first rank that fails with an error, or by rank 0 when a rank went silent: why the
+// job cannot go on.
+const char* const kStopKey = "twins_job_stopped";
 
 using StoreFactory = std::function<c10::intrusive_ptr<c10d::Store>()>;
+using detail::Beat;
+
+double seconds_now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+std::vector<Beat> read_beats(c10d::Store& store, int world_size) {
+  std::vector<std::string> keys;
+  for (int r = 0; r < world_size; ++r) keys.push_back(beat_key(r));
+  const bool all = store.check(keys);  // one request when every rank has posted
+  std::vector<Beat> out(static_cast<size_t>(world_size));
+  for (int r = 0; r < world_size; ++r) {
+    if (!all && !store.check({keys[static_cast<size_t>(r)]})) continue;
+    const std::vector<uint8_t> bytes = store.get(keys[static_cast<size_t>(r)]);
+    out[static_cast<size_t>(r)] = detail::parse_beat(std::string(bytes.begin(), bytes.end()));
+  }
+  return out;
+}
+
+// What a rank's heartbeat thread watches besides posting its beats (CommunicatorOptions).
+struct WatchSettings {
+  int world_size = 1;
+  double timeout_s = 0;                          // 0: no watch
+  std::function<void(const std::string&)> stop;  // empty: the watch posts, never acts
+};
 
 // A thread that posts "<count> <progress>" under beat_key(rank) every interval through a store
-// client of its own (the process group's may be busy in a long wait). Its state is shared with
-// the thread, which the destructor leaves behind if it does not end at once (blocked on a store
-// that stopped answering): a failing job must not wait for it.
+// client of its own (the process group's may be busy in a long wait), and watches the job: a
+// stop posted by another rank, on rank 0 the other ranks' silence, elsewhere rank 0's store
+// stopping to answer, call WatchSettings::stop once. Its state is shared with the thread, which
+// the destructor leaves behind if it does not end at once (blocked on a store that stopped
+// answering): a failing job must not wait for it.
 class Heartbeat {
  public:
-  Heartbeat(c10::intrusive_ptr<c10d::Store> store, StoreFactory reader, int rank, double interval_s)
+  Heartbeat(c10::intrusive_ptr<c10d::Store> store, StoreFactory reader, int rank, double interval_s,
+            WatchSettings watch)
       : state_(std::make_shared<State>()), reader_(std::move(reader)) {
     state_->store = std::move(store), state_->rank = rank, state_->interval = to_ms(interval_s);
+    state_->watch = std::move(watch);
     thread_ = std::thread([state = state_] { state->run(); });
   }
+  // Leaving during an exception's unwinding (the rank failed): the others are told to stop;
+  // else the last beat says this rank left, which the watch does not take for silence.
   ~Heartbeat() {
     {
       std::lock_guard<std::mutex> lock(state_->mutex);
       state_->stop = true;
+      state_->failed = std::uncaught_exceptions() > 0;
     }
     state_->wake.notify_all();
     std::unique_lock<std::mutex> lock(state_->mutex);
@@ -155,22 +242,66 @@ class Heartbeat {
     c10::intrusive_ptr<c10d::Store> store;
     int rank = 0;
     std::chrono::milliseconds interval{2000};
+    WatchSettings watch;
     std::atomic<int64_t> progress{0};
     std::mutex mutex;
     std::condition_variable wake;
-    bool stop = false, ended = false;
+    bool stop = false, failed = false, ended = false, stopped_job = false;
+
+    void set(const std::string& key, const std::string& value) {
+      store->set(key, std::vector<uint8_t>(value.begin(), value.end()));
+    }
+    void stop_job(const std::string& why) {
+      if (stopped_job || !watch.stop) return;
+      stopped_job = true;
+      watch.stop("rank " + std::to_string(rank) + " of " + std::to_string(watch.world_size) + ": stopping: " + why);
+    }
     void run() {
+      const double began = seconds_now();
+      std::optional<detail::SilenceWatch> silence;
+      if (watch.timeout_s > 0 && rank == 0) silence.emplace(watch.world_size, rank, watch.timeout_s, began);
+      double answered = began;  // when the store last answered
       std::unique_lock<std::mutex> lock(mutex);
-      for (int64_t count = 1; !stop; ++count) {
-        const std::string value = std::to_string(count) + " " + std::to_string(progress.load());
+      int64_t count = 1;
+      for (; !stop; ++count) {
         lock.unlock();
         try {
-          store->set(beat_key(rank), std::vector<uint8_t>(value.begin(), value.end()));
-        } catch (const std::exception&) {  // a store that fails shows in the collectives
+          set(beat_key(rank), detail::format_beat(count, progress.load(), false));
+          answered = seconds_now();
+          if (watch.timeout_s > 0) {
+            if (store->check({kStopKey})) {
+              const std::vector<uint8_t> why = store->get(kStopKey);
+              stop_job(std::string(why.begin(), why.end()));
+            } else if (silence) {
+              const double now = seconds_now();
+              silence->observe(read_beats(*store, watch.world_size), now);
+              if (auto verdict = silence->verdict(now)) {
+                const std::string why =
+                    *verdict + ": stopped, killed, or its machine unreachable (train.dist_heartbeat_timeout_s)";
+                set(kStopKey, why);
+                stop_job(why);
+              }
+            }
+          }
+        } catch (const std::exception&) {  // a store that fails shows in the collectives, and below
         }
+        if (watch.timeout_s > 0 && rank != 0 && seconds_now() - answered >= watch.timeout_s)
+          stop_job("rank 0's rendezvous store has not answered for " +
+                   std::to_string(static_cast<int64_t>(seconds_now() - answered)) +
+                   " s: rank 0 or its machine stopped, or the network to it failed");
         lock.lock();
         wake.wait_for(lock, interval, [this] { return stop; });
       }
+      const bool left_failed = failed;
+      lock.unlock();
+      try {  // the last word: failed, or left
+        if (left_failed)
+          set(kStopKey, "rank " + std::to_string(rank) + " failed with an error (its own output says which)");
+        else
+          set(beat_key(rank), detail::format_beat(count, progress.load(), true));
+      } catch (const std::exception&) {
+      }
+      lock.lock();
       ended = true;
       wake.notify_all();
     }
@@ -179,26 +310,6 @@ class Heartbeat {
   StoreFactory reader_;
   std::thread thread_;
 };
-
-struct Beat {
-  bool seen = false;
-  int64_t count = 0, progress = 0;
-};
-
-std::vector<Beat> read_beats(c10d::Store& store, int world_size) {
-  std::vector<std::string> keys;
-  for (int r = 0; r < world_size; ++r) keys.push_back(beat_key(r));
-  const bool all = store.check(keys);  // one request when every rank has posted
-  std::vector<Beat> out(static_cast<size_t>(world_size));
-  for (int r = 0; r < world_size; ++r) {
-    if (!all && !store.check({keys[static_cast<size_t>(r)]})) continue;
-    const std::vector<uint8_t> bytes = store.get(keys[static_cast<size_t>(r)]);
-    std::istringstream in(std::string(bytes.begin(), bytes.end()));
-    Beat& b = out[static_cast<size_t>(r)];
-    b.seen = static_cast<bool>(in >> b.count >> b.progress);
-  }
-  return out;
-}
 
 // `names` joined, the first 8 of them.
 std::string first_names(const std::vector<std::string>& names) {
@@ -222,12 +333,14 @@ std::string diagnose(const Heartbeat& heartbeat, int rank, int world_size) {
       const std::vector<Beat> before = read_beats(*store, world_size);
       std::this_thread::sleep_for(settle);
       const std::vector<Beat> after = read_beats(*store, world_size);
-      std::vector<std::string> silent, behind;
+      std::vector<std::string> silent, behind, gone;
       for (int r = 0; r < world_size; ++r) {
         const Beat &a = before[static_cast<size_t>(r)], &b = after[static_cast<size_t>(r)];
         if (r == rank) continue;
         if (!b.seen)
           silent.push_back("rank " + std::to_string(r) + " (never posted one)");
+        else if (b.left)
+          gone.push_back("rank " + std::to_string(r) + " at step " + std::to_string(b.progress));
         else if (a.seen && a.count == b.count)
           silent.push_back("rank " + std::to_string(r) + " (last at step " + std::to_string(b.progress) + ")");
         else if (b.progress < mine)
@@ -239,6 +352,9 @@ std::string diagnose(const Heartbeat& heartbeat, int rank, int world_size) {
       if (!behind.empty())
         text += (text.empty() ? "" : "; ") + first_names(behind) + " alive but behind this rank's step " +
                 std::to_string(mine) + ": stuck before this collective (its data, or a deadlock)";
+      if (!gone.empty())
+        text += (text.empty() ? "" : "; ") + first_names(gone) +
+                " left the job without an error: it finished, or called fewer collectives (diverged)";
       if (text.empty())
         text = "every rank is alive at step " + std::to_string(mine) +
                " or later: they called different collectives (diverged), or one is busy outside the steps";
@@ -321,6 +437,16 @@ c10::intrusive_ptr<compat::ProcessGroupBackend> make_group(const std::string& ba
   throw std::invalid_argument("train.dist_backend: \"" + backend + "\" is not auto, gloo or nccl");
 }
 
+WatchSettings watch_settings(const CommunicatorOptions& o, int world_size) {
+  WatchSettings w;
+  w.world_size = world_size, w.timeout_s = o.heartbeat_timeout_s, w.stop = o.on_job_failure;
+  if (!w.stop) {
+    std::lock_guard<std::mutex> lock(g_handler_mutex);
+    w.stop = g_job_failure_handler;
+  }
+  return w;
+}
+
 }  // namespace
 
 Communicator::Communicator(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -350,6 +476,7 @@ std::shared_ptr<Communicator> Communicator::find(int64_t id) {
 std::shared_ptr<Communicator> Communicator::create(const Environment& e, const at::Device& device,
                                                    const CommunicatorOptions& options) {
   if (options.timeout_s <= 0) throw std::invalid_argument("train.dist_timeout_s: must be > 0");
+  if (options.heartbeat_timeout_s < 0) throw std::invalid_argument("train.dist_heartbeat_timeout_s: must be >= 0");
   auto impl = std::make_unique<Impl>();
   impl->rank = e.rank, impl->world_size = e.world_size, impl->timeout_s = options.timeout_s;
   impl->backend = options.backend == "auto" ? (device.is_cuda() ? "nccl" : "gloo") : options.backend;
@@ -393,7 +520,7 @@ std::shared_ptr<Communicator> Communicator::create(const Environment& e, const a
       impl->heartbeat = std::make_unique<Heartbeat>(
           c10::make_intrusive<c10d::TCPStore>(host, client),
           [host, client] { return c10::intrusive_ptr<c10d::Store>(c10::make_intrusive<c10d::TCPStore>(host, client)); },
-          e.rank, options.heartbeat_s);
+          e.rank, options.heartbeat_s, watch_settings(options, e.world_size));
     } catch (const std::exception& ex) {  // the job runs; only its failures are told less well
       std::cerr << "warning: rank " << e.rank << ": no heartbeat store client: " << ex.what() << "\n";
     }
@@ -420,7 +547,8 @@ std::vector<std::shared_ptr<Communicator>> Communicator::create_local_group(int 
         impl->group = make_group("gloo", impl->store, r, world_size, options.timeout_s, "127.0.0.1");
         if (options.heartbeat_s > 0 && world_size > 1)
           impl->heartbeat = std::make_unique<Heartbeat>(
-              impl->store, [store = impl->store] { return store; }, r, options.heartbeat_s);
+              impl->store, [store = impl->store] { return store; }, r, options.heartbeat_s,
+              watch_settings(options, world_size));
         out[static_cast<size_t>(r)] = registered(std::shared_ptr<Communicator>(new Communicator(std::move(impl))));
       } catch (...) {
         errors[static_cast<size_t>(r)] = std::current_exception();

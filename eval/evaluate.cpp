@@ -109,10 +109,14 @@ EvalConfig EvalConfig::parse(const json& root) {
   r.get("device", c.device);
   r.get("dist_backend", c.dist_backend);
   r.get("dist_timeout_s", c.dist_timeout_s);
+  r.get("dist_heartbeat_timeout_s", c.dist_heartbeat_timeout_s);
   r.finish();
   config::require(c.dist_backend == "auto" || c.dist_backend == "gloo" || c.dist_backend == "nccl", "dist_backend",
                   "must be auto, gloo or nccl");
   config::require(c.dist_timeout_s > 0 && c.dist_timeout_s <= 1e6, "dist_timeout_s", "must be in (0, 10^6] seconds");
+  config::require(
+      c.dist_heartbeat_timeout_s == 0 || (c.dist_heartbeat_timeout_s >= 5 && c.dist_heartbeat_timeout_s <= 1e6),
+      "dist_heartbeat_timeout_s", "must be 0 (off) or in [5, 10^6] seconds (heartbeats come every 2 s)");
   config::require(c.batch_size >= 1 && c.batch_size <= (1 << 20), "batch_size", "must be in [1, 2^20]");
   config::require(c.workers >= 0 && c.workers <= 256, "workers", "must be in [0, 256]");
   return c;

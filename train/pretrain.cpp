@@ -106,7 +106,7 @@ Job join_job(const TrainConfig& tc, const std::string& device_name) {
   }
   job.device = resolve_rank_device(device_name, env.local_rank, "train.device");
   distributed::CommunicatorOptions co;
-  co.backend = tc.dist_backend, co.timeout_s = tc.dist_timeout_s;
+  co.backend = tc.dist_backend, co.timeout_s = tc.dist_timeout_s, co.heartbeat_timeout_s = tc.dist_heartbeat_timeout_s;
   job.comm = distributed::Communicator::create(env, job.device, co);
   job.world = job.comm->world_size();
   job.main_rank = job.comm->rank() == 0;

@@ -194,6 +194,7 @@ Recipe Recipe::parse(const json& root) {
     t.get("sync_batchnorm", c.sync_batchnorm);
     t.get("dist_backend", c.dist_backend);
     t.get("dist_timeout_s", c.dist_timeout_s);
+    t.get("dist_heartbeat_timeout_s", c.dist_heartbeat_timeout_s);
     t.get("bucket_mb", c.bucket_mb);
     t.get("grad_accumulation", c.grad_accumulation);
     t.get("grad_cache", c.grad_cache);
@@ -214,6 +215,8 @@ Recipe Recipe::parse(const json& root) {
     require(c.dist_backend == "auto" || c.dist_backend == "nccl" || c.dist_backend == "gloo", "train.dist_backend",
             "must be auto, nccl or gloo, got \"" + c.dist_backend + "\"");
     require(c.dist_timeout_s > 0 && c.dist_timeout_s <= 1e7, "train.dist_timeout_s", "must be in (0, 10^7]");
+    require(c.dist_heartbeat_timeout_s == 0 || (c.dist_heartbeat_timeout_s >= 5 && c.dist_heartbeat_timeout_s <= 1e7),
+            "train.dist_heartbeat_timeout_s", "must be 0 (off) or in [5, 10^7] seconds (heartbeats come every 2 s)");
     require(c.bucket_mb > 0 && c.bucket_mb <= 1e5, "train.bucket_mb", "must be in (0, 10^5]");
     require(c.grad_accumulation >= 1 && c.grad_accumulation <= 65536, "train.grad_accumulation",
             "must be in [1, 65536]");

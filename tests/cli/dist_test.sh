@@ -4,7 +4,8 @@
 #  1. a few steps, interrupted by --stop-after, then resumed by both ranks: the run finishes;
 #  2. a rank killed mid-run: the job exits non-zero within the timeout, naming the rank, and
 #     leaves no process behind;
-#  3. a hung rank (SIGSTOP): the others give up after train.dist_timeout_s.
+#  3. a hung rank (SIGSTOP): the others give up after train.dist_timeout_s, or sooner when the
+#     heartbeat watch (train.dist_heartbeat_timeout_s) finds it silent.
 set -euo pipefail
 twins=$1
 quickstart=$2
@@ -118,11 +119,13 @@ rank_pid() {
   return 1
 }
 
-# Runs a long job, applies signal $1 to rank 1 after the first logged step, and checks that the
-# job ends non-zero within $2 seconds, with the message $3, and no rank left.
+# Runs a long job (more arguments: its own), applies signal $1 to rank 1 after the first logged
+# step, and checks that the job ends non-zero within $2 seconds, with the message $3, and no rank
+# left; $4 names the case.
 fail_rank_1() {
-  local sig=$1 limit=$2 message=$3 out=$dir/fail-$1
-  "$twins" pretrain "${common[@]}" --set train.max_steps=100000 --out "$out" --nproc-per-node 2 2> "$out.err" &
+  local sig=$1 limit=$2 message=$3 out=$dir/fail-$4
+  shift 4
+  "$twins" pretrain "${common[@]}" --set train.max_steps=100000 "$@" --out "$out" --nproc-per-node 2 2> "$out.err" &
   local launcher=$!
   pids_to_reap+=("$launcher")
   local r0 r1
@@ -146,6 +149,11 @@ fail_rank_1() {
   echo "SIG$sig of rank 1: exit $code after ${took}s"
 }
 
-fail_rank_1 KILL 20 "rank 1 failed (killed by signal 9"
-fail_rank_1 STOP 25 "rank 0 of 2: .* failed: .* heartbeats: no heartbeat from rank 1 (last at step [0-9]*): stopped"
+fail_rank_1 KILL 20 "rank 1 failed (killed by signal 9" killed
+# A frozen rank: the collective's timeout (6 s here) comes before the heartbeat watch (60 s) ...
+fail_rank_1 STOP 25 "rank 0 of 2: .* failed: .* heartbeats: no heartbeat from rank 1 (last at step [0-9]*): stopped" \
+  frozen-timeout
+# ... and with a long collective timeout (an hour), the watch ends the job after 5 s of silence.
+fail_rank_1 STOP 25 "rank 0 of 2: stopping: rank 1 sent no heartbeat for [0-9]* s (last at step [0-9]*): stopped" \
+  frozen-watch --set train.dist_timeout_s=3600 --set train.dist_heartbeat_timeout_s=5
 echo "dist cli ok"

@@ -8,9 +8,11 @@
 #include <cstdlib>
 #include <filesystem>
 #include <functional>
+#include <mutex>
 #include <set>
 #include <thread>
 
+#include "distributed/heartbeat_watch.h"
 #include "tests/test_util.h"
 #include "train/ssl_model.h"
 #include "twins/distributed/communicator.h"
@@ -525,7 +527,8 @@ TEST_CASE("dist: a failed collective names, from the heartbeats, the ranks that 
             std::string::npos);
     }
   }
-  // Rank 1 is gone (its heartbeat stopped at step 7): rank 0's collective names it.
+  // Rank 1 left at step 7 without an error (its last beat says so): rank 0's collective names it.
+  // (A rank whose beats just stop, killed or frozen, is cli_dist's SIGSTOP case.)
   {
     auto comms = distributed::Communicator::create_local_group(2, o);
     for (auto& c : comms) c->note_progress(7);
@@ -539,7 +542,76 @@ TEST_CASE("dist: a failed collective names, from the heartbeats, the ranks that 
       error = e.what();
     }
     CAPTURE(error);
-    CHECK(error.find("heartbeats: no heartbeat from rank 1 (last at step 7): stopped, killed, or its machine "
-                     "unreachable") != std::string::npos);
+    CHECK(error.find("heartbeats: rank 1 at step 7 left the job without an error: it finished, or called fewer "
+                     "collectives (diverged)") != std::string::npos);
   }
+}
+
+TEST_CASE("dist: heartbeats are read back as posted, and the watch names a rank silent for its timeout") {
+  using distributed::detail::Beat;
+  const Beat b = distributed::detail::parse_beat(distributed::detail::format_beat(12, 340, false));
+  CHECK((b.seen && b.count == 12 && b.progress == 340 && !b.left));
+  CHECK(distributed::detail::parse_beat(distributed::detail::format_beat(3, 0, true)).left);
+  CHECK_FALSE(distributed::detail::parse_beat("garbage").seen);
+  CHECK_FALSE(distributed::detail::parse_beat("").seen);
+
+  auto beat = [](int64_t count, int64_t step, bool left = false) {
+    Beat x;
+    x.seen = true, x.count = count, x.progress = step, x.left = left;
+    return x;
+  };
+  // 4 ranks watched by rank 0 with a 10 s timeout: rank 1 beats, rank 2 stops at step 41,
+  // rank 3 leaves (finished); readings every 2 s, one of which failed (not fed).
+  distributed::detail::SilenceWatch watch(4, 0, 10, 100);
+  CHECK_FALSE(watch.verdict(109).has_value());
+  for (int64_t t = 0; t <= 6; ++t) {
+    const double now = 100 + 2.0 * static_cast<double>(t);
+    if (t == 3) continue;  // the store did not answer this time
+    watch.observe({beat(t, 0), beat(t, 40 + t), beat(std::min<int64_t>(t, 2), 41), beat(t, 9, t >= 1)}, now);
+  }
+  // Rank 2's count last changed at the reading of t = 2 (104 s): silent from then on.
+  CHECK_FALSE(watch.verdict(113).has_value());
+  const auto verdict = watch.verdict(114.5);
+  REQUIRE(verdict.has_value());
+  CHECK(*verdict == "rank 2 sent no heartbeat for 10 s (last at step 41)");
+  // A rank that never posted one is silent from the watch's start.
+  distributed::detail::SilenceWatch fresh(2, 0, 5, 0);
+  fresh.observe({beat(1, 0), Beat{}}, 1);
+  CHECK_FALSE(fresh.verdict(4.9).has_value());
+  REQUIRE(fresh.verdict(5).has_value());
+  CHECK(*fresh.verdict(5) == "rank 1 sent no heartbeat for 5 s (it never sent one)");
+  // The watching rank never names itself.
+  distributed::detail::SilenceWatch self(1, 0, 5, 0);
+  CHECK_FALSE(self.verdict(100).has_value());
+}
+
+TEST_CASE("dist: a rank that fails stops the others through the heartbeats, one that finishes does not") {
+  std::mutex mutex;
+  std::vector<std::string> reports;
+  distributed::CommunicatorOptions o;
+  o.heartbeat_s = 0.05, o.heartbeat_timeout_s = 0.5;
+  o.on_job_failure = [&](const std::string& reason) {
+    std::lock_guard<std::mutex> lock(mutex);
+    reports.push_back(reason);
+  };
+  auto comms = distributed::Communicator::create_local_group(3, o);
+  auto reported = [&] {
+    std::lock_guard<std::mutex> lock(mutex);
+    return reports;
+  };
+  // Rank 2 finishes: no one is stopped, long past the timeout.
+  comms[2].reset();
+  std::this_thread::sleep_for(std::chrono::milliseconds(1200));
+  CHECK(reported().empty());
+  // Rank 1 fails (its communicator goes while an error unwinds): rank 0 is told within beats.
+  try {
+    auto failing = std::move(comms[1]);
+    throw std::runtime_error("a bad image in rank 1's share");
+  } catch (const std::runtime_error&) {
+  }
+  for (int i = 0; i < 100 && reported().empty(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // more beats: still one report
+  const auto got = reported();
+  REQUIRE(got.size() == 1);
+  CHECK(got[0] == "rank 0 of 3: stopping: rank 1 failed with an error (its own output says which)");
 }

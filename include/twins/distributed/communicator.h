@@ -5,7 +5,9 @@
 // A job is W processes (ranks), usually one per GPU, on one or several nodes. Every rank calls
 // the same collectives in the same order with tensors of the same shapes; a rank that dies or
 // hangs makes the others' collectives fail within CommunicatorOptions::timeout_s, with an error
-// naming this rank, the operation, and from the ranks' heartbeats the ones that stopped or lag.
+// naming this rank, the operation, and from the ranks' heartbeats the ones that stopped or lag;
+// with a job failure handler, a rank that failed or went silent stops the others within
+// seconds (CommunicatorOptions::heartbeat_timeout_s).
 #include <ATen/core/Tensor.h>
 
 #include <functional>
@@ -49,7 +51,24 @@ struct CommunicatorOptions {
   /// rendezvous store this often, from a thread of its own, so that a failed collective can name
   /// the ranks that stopped (no heartbeat) or lag behind (alive, at an earlier step). 0: none.
   double heartbeat_s = 2;
+  /// The watch over the heartbeats (0: none; needs heartbeat_s > 0). A rank that fails with an
+  /// error (its communicator destroyed while an exception unwinds) posts that it failed; rank 0
+  /// posts it for a rank whose heartbeats stopped for this long (killed, frozen, its machine
+  /// down) and has not left; a rank that cannot reach rank 0's store for this long concludes
+  /// the same of rank 0. Every rank that learns it calls on_job_failure once, within a heartbeat,
+  /// instead of waiting timeout_s in its next collective (NCCL does not see a peer die). A rank
+  /// that leaves without an error (finished, or returned early) is not taken for a silent one.
+  double heartbeat_timeout_s = 60;
+  /// Called from the heartbeat thread with the reason ("rank 2 of 8: stopping: rank 5 failed
+  /// with an error ..."); empty: the process-wide handler (set_job_failure_handler); none at
+  /// all: the watch only posts, and this rank waits for its collectives' timeout.
+  std::function<void(const std::string& reason)> on_job_failure;
 };
+
+/// The process-wide on_job_failure of communicators created afterwards without one of their own.
+/// The twins command sets one that prints the reason and ends the process (status 1), as
+/// torchrun stops the other ranks of a failed one; a library caller chooses its own.
+void set_job_failure_handler(std::function<void(const std::string& reason)> handler);
 
 /// A group of ranks and its collectives. Thread-compatible: one thread issues collectives at a
 /// time (asynchronous ones complete on the backend's own threads).

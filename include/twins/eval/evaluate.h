@@ -9,7 +9,8 @@
 //  "finetune": {"epochs": 20, "batch_size": 256, "lr_backbone": 0.03, "lr_head": 0.08,
 //               "weight_decay": 0, "momentum": 0.9, "train_percent": 100, "subset": "<file>",
 //               "crop_scale": [0.08, 1.0], "precision": "fp32", "seed": 0},
-//  "batch_size": 256, "workers": 2, "device": "auto", "dist_backend": "auto", "dist_timeout_s": 1800}
+//  "batch_size": 256, "workers": 2, "device": "auto", "dist_backend": "auto", "dist_timeout_s": 1800,
+//  "dist_heartbeat_timeout_s": 60}
 // Features are extracted once per backbone and split and cached in the output folder
 // (features-<split>-<key>.safetensors), so linear-probe and knn on the same backbone share them.
 #include <nlohmann/json.hpp>
@@ -38,6 +39,9 @@ struct EvalConfig {
   /// else Gloo) and the time after which a collective waiting for a dead or hung rank fails.
   std::string dist_backend = "auto";
   double dist_timeout_s = 1800;
+  /// A rank that fails, or whose heartbeats stop for this long, stops the others within seconds
+  /// (0: only dist_timeout_s), as train.dist_heartbeat_timeout_s.
+  double dist_heartbeat_timeout_s = 60;
   static EvalConfig parse(const nlohmann::json& config);
 };
 

@@ -17,8 +17,8 @@
 //   "train": {"epochs", "max_steps", "batch_size", "workers", "device", "seed", "log_every",
 //             "checkpoint_every_steps", "checkpoint_every_epochs", "keep_checkpoints",
 //             "deterministic", "precision", "channels_last", "threads", "sync_batchnorm",
-//             "dist_backend", "dist_timeout_s", "bucket_mb", "grad_accumulation", "grad_cache",
-//             "cuda_graph", "tensorboard"}
+//             "dist_backend", "dist_timeout_s", "dist_heartbeat_timeout_s", "bucket_mb", "grad_accumulation",
+//             "grad_cache", "cuda_graph", "tensorboard"}
 // }
 // Keys starting with "_" (e.g. "_comment") are ignored everywhere at the top level.
 #include <nlohmann/json.hpp>
@@ -137,6 +137,10 @@ struct TrainConfig {
   std::string dist_backend = "auto";
   /// A rank that does not answer a collective within this time fails the job.
   double dist_timeout_s = 1800;
+  /// A rank that fails, or whose heartbeats stop for this long, stops the other ranks within a
+  /// few seconds instead of dist_timeout_s (0: only dist_timeout_s); see
+  /// distributed::CommunicatorOptions::heartbeat_timeout_s.
+  double dist_heartbeat_timeout_s = 60;
   /// Loader batches per optimizer step (gradients summed locally, averaged over ranks once).
   /// Without grad_cache the losses' batch statistics stay those of one batch_size x world size
   /// batch.
