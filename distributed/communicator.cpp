@@ -277,7 +277,7 @@ class Heartbeat {
               silence->observe(read_beats(*store, watch.world_size), now);
               if (auto verdict = silence->verdict(now)) {
                 const std::string why =
-                    *verdict + ": stopped, killed, or its machine unreachable (train.dist_heartbeat_timeout_s)";
+                    *verdict + ": stopped, killed, or its machine unreachable (dist_heartbeat_timeout_s)";
                 set(kStopKey, why);
                 stop_job(why);
               }
@@ -523,6 +523,11 @@ std::shared_ptr<Communicator> Communicator::create(const Environment& e, const a
           e.rank, options.heartbeat_s, watch_settings(options, e.world_size));
     } catch (const std::exception& ex) {  // the job runs; only its failures are told less well
       std::cerr << "warning: rank " << e.rank << ": no heartbeat store client: " << ex.what() << "\n";
+      try {  // rank 0's watch must not take a rank without heartbeats for a silent one
+        const std::string beat = detail::format_beat(0, 0, true);
+        impl->store->set(beat_key(e.rank), std::vector<uint8_t>(beat.begin(), beat.end()));
+      } catch (const std::exception&) {
+      }
     }
   }
   return registered(std::shared_ptr<Communicator>(new Communicator(std::move(impl))));

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <filesystem>
 #include <iostream>
+#include <memory>
 #include <optional>
 #include <sstream>
 #include <tuple>
@@ -217,56 +218,80 @@ std::pair<Features, Features> eval_features(models::Network& net, const EvalConf
 
 LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c, const std::string& cache_dir,
                                 const std::shared_ptr<distributed::Communicator>& comm) {
+  const auto& o = c.probe;
+  const int world = comm ? comm->world_size() : 1;
+  if (o.augment && o.batch_size % world != 0)  // before the features' time is spent
+    throw std::invalid_argument("probe.batch_size: " + std::to_string(o.batch_size) +
+                                " is the global batch; it must divide evenly over the " + std::to_string(world) +
+                                " ranks");
   auto net = open_backbone(backbone);
   LinearProbeRun run;
   std::tie(run.train, run.test) = eval_features(*net, c, cache_dir, &run.num_classes, comm);
-  if (comm && comm->rank() != 0) {  // rank 0 trains and scores the probe on the gathered features
-    run.main_rank = false;
-    return run;
-  }
+  run.main_rank = !comm || comm->rank() == 0;
+  // Rank 0 trains and scores the probe on the gathered features; with probe.augment, every rank
+  // takes part in the backbone forwards.
+  if (!run.main_rank && !o.augment) return run;
   const at::Device device = resolve_eval_device(c.device);
-  const auto& o = c.probe;
   if (!o.augment) {
     run.protocol = "cached centre-crop features, " + std::to_string(o.epochs) + " epochs";
     run.result = linear_probe(run.train, run.test, run.num_classes, o, device);
     return run;
   }
   // The published protocol: a random resized crop and flip of every training image each epoch,
-  // through the frozen backbone (BatchNorm in evaluation mode), into the classifier.
+  // through the frozen backbone (BatchNorm in evaluation mode), into the classifier. With several
+  // ranks, each embeds its share of every batch (probe.batch_size / ranks, the loader's
+  // DistributedSampler order) and rank 0 steps the classifier on the whole batch, gathered.
   const auto start = std::chrono::steady_clock::now();
   auto dataset = data::create_dataset(c.train_data, "train_data");
   const augment::View view = random_crop_flip_view(c.image_size, o.crop_scale, c.normalization);
   data::LoaderOptions lo;
-  lo.batch_size = o.batch_size, lo.workers = c.workers, lo.seed = o.seed, lo.drop_last = false;
+  lo.batch_size = o.batch_size / world, lo.workers = c.workers, lo.seed = o.seed, lo.drop_last = false;
   lo.channels = static_cast<int>(net->to_json().value("in_channels", 3));
+  lo.rank = comm ? comm->rank() : 0, lo.world_size = world;
+  lo.pin_memory = device.is_cuda();
   data::Loader loader(dataset, {view}, lo);
   const int64_t batches = loader.batches_per_epoch();
-  const Features labelled_train{run.train.features.index({run.train.labels.ge(0)}), {}};
-  ProbeHead head(labelled_train.features.mean(0), labelled_train.features.std(0), run.num_classes, o,
-                 batches * o.epochs, device);
+  std::unique_ptr<ProbeHead> head;
+  if (run.main_rank) {
+    const Features labelled_train{run.train.features.index({run.train.labels.ge(0)}), {}};
+    head = std::make_unique<ProbeHead>(labelled_train.features.mean(0), labelled_train.features.std(0), run.num_classes,
+                                       o, batches * o.epochs, device);
+  }
   net->eval();
-  detail::EpochProgress progress("augmented probe", 0, o.epochs, batches);
+  std::optional<detail::EpochProgress> progress;
+  if (run.main_rank) progress.emplace("augmented probe", 0, o.epochs, batches);
   for (int64_t epoch = 0; epoch < o.epochs; ++epoch) {
     loader.start_epoch(epoch);
     int64_t done = 0;
     while (auto batch = loader.next()) {
-      at::Tensor features;
+      at::Tensor features, labels = batch->labels;
       {
         at::NoGradGuard no_grad;
-        features = net->forward(augment::normalize_batch(batch->views[0], view.normalization, device, at::kFloat));
+        features = net->forward(augment::normalize_batch(batch->views[0], view.normalization, device, at::kFloat))
+                       .to(at::kFloat);
       }
-      head.step(features, batch->labels);
-      progress.batch_done(epoch, ++done);
+      if (comm && world > 1) {  // rows padded to the per-rank batch (label -1: left out) for the gather
+        const int64_t pad = lo.batch_size - features.size(0);
+        if (pad > 0) {
+          features = at::cat({features, at::zeros({pad, features.size(1)}, features.options())});
+          labels = at::cat({labels, at::full({pad}, -1, labels.options())});
+        }
+        features = comm->all_gather(features.to(comm->device()));
+        labels = comm->all_gather(labels.to(comm->device()));
+      }
+      if (head) head->step(features, labels);
+      if (progress) progress->batch_done(epoch, ++done);
     }
   }
+  if (!run.main_rank) return run;
   run.result.num_classes = run.num_classes;
-  run.result.train = head.score(run.train);
-  run.result.test = head.score(run.test);
+  run.result.train = head->score(run.train);
+  run.result.test = head->score(run.test);
   run.result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   std::ostringstream p;
   p << "augmented: random resized crop [" << o.crop_scale[0] << ", " << o.crop_scale[1]
-    << "] + flip through the frozen "
-    << "backbone, " << o.epochs << " epochs";
+    << "] + flip through the frozen backbone, " << o.epochs << " epochs"
+    << (world > 1 ? ", " + std::to_string(world) + " ranks" : "");
   run.protocol = p.str();
   return run;
 }

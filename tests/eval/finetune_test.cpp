@@ -194,6 +194,33 @@ TEST_CASE("eval: the augmented linear probe (probe.augment) learns through the f
   CHECK(run.num_classes == 2);
   INFO("top-1 ", run.result.test.top1);
   CHECK(run.result.test.top1 >= 75);
+
+  // On 2 ranks (4 images each per batch of 8), rank 0 steps the classifier on the gathered batch:
+  // the same views and the same batches as one process, so the same scores.
+  const EvalConfig cfg = EvalConfig::parse(config);
+  auto comms = twins::distributed::Communicator::create_local_group(2);
+  std::vector<LinearProbeRun> runs(2);
+  twins::test::on_threads(2, [&](int r) {
+    runs[static_cast<size_t>(r)] = run_linear_probe(backbone, cfg, "", comms[static_cast<size_t>(r)]);
+  });
+  CHECK(runs[0].main_rank);
+  CHECK_FALSE(runs[1].main_rank);
+  CHECK(runs[0].protocol == run.protocol + ", 2 ranks");
+  CHECK(runs[0].result.test.top1 == run.result.test.top1);
+  CHECK(runs[0].result.test.top5 == run.result.test.top5);
+  CHECK(runs[0].result.train.top1 == run.result.train.top1);
+  // The global batch must divide over the ranks.
+  config["probe"]["batch_size"] = 7;
+  const EvalConfig odd = EvalConfig::parse(config);
+  std::vector<std::string> errors(2);
+  twins::test::on_threads(2, [&](int r) {
+    try {
+      run_linear_probe(backbone, odd, "", comms[static_cast<size_t>(r)]);
+    } catch (const std::invalid_argument& e) {
+      errors[static_cast<size_t>(r)] = e.what();
+    }
+  });
+  for (const auto& e : errors) CHECK(e.find("probe.batch_size: 7 is the global batch") == 0);
   fs::remove_all(dir);
 }
 
