@@ -30,7 +30,8 @@ int main(int argc, char** argv) {
   twins::tune_allocator();
   // A rank of a multi-rank job whose heartbeat watch learns that another rank failed or went
   // silent ends here at once, from the heartbeat thread: its collectives could only wait for
-  // dist_timeout_s (NCCL's for ever) while the others' checkpoints are already safe on disk.
+  // dist_timeout_s (NCCL's for ever). Checkpoints are written atomically (a partial one is a
+  // temporary file, removed by the next run); metrics since the last flush are lost.
   twins::distributed::set_job_failure_handler([](const std::string& reason) {
     std::cerr << ("error: " + reason + "\n");  // one write: ranks share stderr
     std::_Exit(1);

@@ -119,8 +119,11 @@ Environment detect_environment() {
 
 namespace detail {
 
-std::string format_beat(int64_t count, int64_t progress, bool left) {
-  return std::to_string(count) + " " + std::to_string(progress) + (left ? " left" : "");
+std::string format_beat(int64_t count, int64_t progress, BeatState state) {
+  return std::to_string(count) + " " + std::to_string(progress) +
+         (state == BeatState::left        ? " left"
+          : state == BeatState::unwatched ? " unwatched"
+                                          : "");
 }
 
 Beat parse_beat(const std::string& text) {
@@ -128,16 +131,23 @@ Beat parse_beat(const std::string& text) {
   Beat b;
   b.seen = static_cast<bool>(in >> b.count >> b.progress);
   std::string word;
-  b.left = b.seen && in >> word && word == "left";
+  if (b.seen && in >> word) b.left = word == "left", b.unwatched = word == "unwatched";
   return b;
 }
 
-SilenceWatch::SilenceWatch(int world_size, int self, double timeout_s, double now_s)
-    : self_(self), timeout_s_(timeout_s), seen_(static_cast<size_t>(world_size)) {
+SilenceWatch::SilenceWatch(int world_size, int self, double timeout_s, double now_s, double max_gap_s)
+    : self_(self),
+      timeout_s_(timeout_s),
+      max_gap_s_(max_gap_s),
+      last_reading_(now_s),
+      seen_(static_cast<size_t>(world_size)) {
   for (auto& s : seen_) s.since = now_s;
 }
 
 void SilenceWatch::observe(const std::vector<Beat>& beats, double now_s) {
+  if (now_s - last_reading_ > max_gap_s_)  // this watcher was not watching: no silence is known
+    for (auto& s : seen_) s.since = now_s;
+  last_reading_ = now_s;
   for (size_t r = 0; r < seen_.size() && r < beats.size(); ++r) {
     Seen& s = seen_[r];
     const Beat& b = beats[r];
@@ -150,7 +160,7 @@ void SilenceWatch::observe(const std::vector<Beat>& beats, double now_s) {
 std::optional<std::string> SilenceWatch::verdict(double now_s) const {
   for (size_t r = 0; r < seen_.size(); ++r) {
     const Seen& s = seen_[r];
-    if (static_cast<int>(r) == self_ || s.beat.left || now_s - s.since < timeout_s_) continue;
+    if (static_cast<int>(r) == self_ || s.beat.left || s.beat.unwatched || now_s - s.since < timeout_s_) continue;
     return "rank " + std::to_string(r) + " sent no heartbeat for " +
            std::to_string(static_cast<int64_t>(now_s - s.since)) + " s " +
            (s.beat.seen ? "(last at step " + std::to_string(s.beat.progress) + ")" : "(it never sent one)");
@@ -202,16 +212,16 @@ struct WatchSettings {
 // A thread that posts "<count> <progress>" under beat_key(rank) every interval through a store
 // client of its own (the process group's may be busy in a long wait), and watches the job: a
 // stop posted by another rank, on rank 0 the other ranks' silence, elsewhere rank 0's store
-// stopping to answer, call WatchSettings::stop once. Its state is shared with the thread, which
-// the destructor leaves behind if it does not end at once (blocked on a store that stopped
-// answering): a failing job must not wait for it.
+// stopping to answer, call WatchSettings::stop once (never once this rank is leaving). Its state
+// is shared with the thread, which the destructor leaves behind if it does not end in time
+// (blocked on a store that stopped answering): a failing job must not wait for it.
 class Heartbeat {
  public:
   Heartbeat(c10::intrusive_ptr<c10d::Store> store, StoreFactory reader, int rank, double interval_s,
             WatchSettings watch)
       : state_(std::make_shared<State>()), reader_(std::move(reader)) {
-    state_->store = std::move(store), state_->rank = rank, state_->interval = to_ms(interval_s);
-    state_->watch = std::move(watch);
+    state_->store = std::move(store), state_->reconnect = reader_, state_->rank = rank;
+    state_->interval = to_ms(interval_s), state_->watch = std::move(watch);
     thread_ = std::thread([state = state_] { state->run(); });
   }
   // Leaving during an exception's unwinding (the rank failed): the others are told to stop;
@@ -224,7 +234,8 @@ class Heartbeat {
     }
     state_->wake.notify_all();
     std::unique_lock<std::mutex> lock(state_->mutex);
-    const bool ended = state_->wake.wait_for(lock, std::chrono::seconds(2), [this] { return state_->ended; });
+    const auto limit = std::chrono::seconds(2) + state_->interval * 3;  // rank 0 failing serves its word a while
+    const bool ended = state_->wake.wait_for(lock, limit, [this] { return state_->ended; });
     lock.unlock();
     if (ended)
       thread_.join();
@@ -240,6 +251,7 @@ class Heartbeat {
  private:
   struct State {
     c10::intrusive_ptr<c10d::Store> store;
+    StoreFactory reconnect;  // a new client when the store's connection broke
     int rank = 0;
     std::chrono::milliseconds interval{2000};
     WatchSettings watch;
@@ -251,22 +263,39 @@ class Heartbeat {
     void set(const std::string& key, const std::string& value) {
       store->set(key, std::vector<uint8_t>(value.begin(), value.end()));
     }
+    // Rank 0's store lives in its process: before rank 0 acts (ends), the others get about two
+    // beats to read why from it.
+    void serve_a_while() {
+      if (rank != 0 || watch.world_size < 2) return;
+      std::unique_lock<std::mutex> lock(mutex);
+      wake.wait_for(lock, interval * 5 / 2, [this] { return stop; });
+    }
     void stop_job(const std::string& why) {
       if (stopped_job || !watch.stop) return;
+      {
+        std::lock_guard<std::mutex> lock(mutex);
+        if (stop) return;  // this rank is leaving, with its own error if any
+      }
       stopped_job = true;
-      watch.stop("rank " + std::to_string(rank) + " of " + std::to_string(watch.world_size) + ": stopping: " + why);
+      serve_a_while();
+      try {
+        watch.stop("rank " + std::to_string(rank) + " of " + std::to_string(watch.world_size) + ": stopping: " + why);
+      } catch (...) {  // a handler's own failure must not end the process here
+      }
     }
     void run() {
       const double began = seconds_now();
+      const double interval_s = std::chrono::duration<double>(interval).count();
       std::optional<detail::SilenceWatch> silence;
-      if (watch.timeout_s > 0 && rank == 0) silence.emplace(watch.world_size, rank, watch.timeout_s, began);
+      if (watch.timeout_s > 0 && rank == 0)
+        silence.emplace(watch.world_size, rank, watch.timeout_s, began, std::max(3 * interval_s, watch.timeout_s / 4));
       double answered = began;  // when the store last answered
       std::unique_lock<std::mutex> lock(mutex);
       int64_t count = 1;
       for (; !stop; ++count) {
         lock.unlock();
         try {
-          set(beat_key(rank), detail::format_beat(count, progress.load(), false));
+          set(beat_key(rank), detail::format_beat(count, progress.load()));
           answered = seconds_now();
           if (watch.timeout_s > 0) {
             if (store->check({kStopKey})) {
@@ -284,6 +313,10 @@ class Heartbeat {
             }
           }
         } catch (const std::exception&) {  // a store that fails shows in the collectives, and below
+          try {
+            if (reconnect) store = reconnect();
+          } catch (const std::exception&) {
+          }
         }
         if (watch.timeout_s > 0 && rank != 0 && seconds_now() - answered >= watch.timeout_s)
           stop_job("rank 0's rendezvous store has not answered for " +
@@ -295,10 +328,12 @@ class Heartbeat {
       const bool left_failed = failed;
       lock.unlock();
       try {  // the last word: failed, or left
-        if (left_failed)
+        if (left_failed) {
           set(kStopKey, "rank " + std::to_string(rank) + " failed with an error (its own output says which)");
-        else
-          set(beat_key(rank), detail::format_beat(count, progress.load(), true));
+          if (rank == 0 && watch.world_size > 1) std::this_thread::sleep_for(interval * 5 / 2);  // serve it
+        } else {
+          set(beat_key(rank), detail::format_beat(count, progress.load(), detail::BeatState::left));
+        }
       } catch (const std::exception&) {
       }
       lock.lock();
@@ -341,6 +376,8 @@ std::string diagnose(const Heartbeat& heartbeat, int rank, int world_size) {
           silent.push_back("rank " + std::to_string(r) + " (never posted one)");
         else if (b.left)
           gone.push_back("rank " + std::to_string(r) + " at step " + std::to_string(b.progress));
+        else if (b.unwatched)
+          continue;  // no heartbeats to tell
         else if (a.seen && a.count == b.count)
           silent.push_back("rank " + std::to_string(r) + " (last at step " + std::to_string(b.progress) + ")");
         else if (b.progress < mine)
@@ -524,7 +561,7 @@ std::shared_ptr<Communicator> Communicator::create(const Environment& e, const a
     } catch (const std::exception& ex) {  // the job runs; only its failures are told less well
       std::cerr << "warning: rank " << e.rank << ": no heartbeat store client: " << ex.what() << "\n";
       try {  // rank 0's watch must not take a rank without heartbeats for a silent one
-        const std::string beat = detail::format_beat(0, 0, true);
+        const std::string beat = detail::format_beat(0, 0, detail::BeatState::unwatched);
         impl->store->set(beat_key(e.rank), std::vector<uint8_t>(beat.begin(), beat.end()));
       } catch (const std::exception&) {
       }

@@ -220,7 +220,12 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
                                 const std::shared_ptr<distributed::Communicator>& comm) {
   const auto& o = c.probe;
   const int world = comm ? comm->world_size() : 1;
-  if (o.augment && o.batch_size % world != 0)  // before the features' time is spent
+  // Rank 0 trains and scores the probe on the gathered features; with probe.augment, every rank
+  // takes part in the backbone forwards, except over tar shards (read in their own order by
+  // rank 0 alone, as their features).
+  auto dataset = o.augment ? data::create_dataset(c.train_data, "train_data") : nullptr;
+  const bool shared = comm && world > 1 && dataset && !dataset->streaming();
+  if (shared && o.batch_size % world != 0)  // before the features' time is spent
     throw std::invalid_argument("probe.batch_size: " + std::to_string(o.batch_size) +
                                 " is the global batch; it must divide evenly over the " + std::to_string(world) +
                                 " ranks");
@@ -228,9 +233,7 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
   LinearProbeRun run;
   std::tie(run.train, run.test) = eval_features(*net, c, cache_dir, &run.num_classes, comm);
   run.main_rank = !comm || comm->rank() == 0;
-  // Rank 0 trains and scores the probe on the gathered features; with probe.augment, every rank
-  // takes part in the backbone forwards.
-  if (!run.main_rank && !o.augment) return run;
+  if (!run.main_rank && !shared) return run;
   const at::Device device = resolve_eval_device(c.device);
   if (!o.augment) {
     run.protocol = "cached centre-crop features, " + std::to_string(o.epochs) + " epochs";
@@ -242,12 +245,12 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
   // ranks, each embeds its share of every batch (probe.batch_size / ranks, the loader's
   // DistributedSampler order) and rank 0 steps the classifier on the whole batch, gathered.
   const auto start = std::chrono::steady_clock::now();
-  auto dataset = data::create_dataset(c.train_data, "train_data");
+  const int ranks = shared ? world : 1;
   const augment::View view = random_crop_flip_view(c.image_size, o.crop_scale, c.normalization);
   data::LoaderOptions lo;
-  lo.batch_size = o.batch_size / world, lo.workers = c.workers, lo.seed = o.seed, lo.drop_last = false;
+  lo.batch_size = o.batch_size / ranks, lo.workers = c.workers, lo.seed = o.seed, lo.drop_last = false;
   lo.channels = static_cast<int>(net->to_json().value("in_channels", 3));
-  lo.rank = comm ? comm->rank() : 0, lo.world_size = world;
+  lo.rank = shared ? comm->rank() : 0, lo.world_size = ranks;
   lo.pin_memory = device.is_cuda();
   data::Loader loader(dataset, {view}, lo);
   const int64_t batches = loader.batches_per_epoch();
@@ -270,14 +273,20 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
         features = net->forward(augment::normalize_batch(batch->views[0], view.normalization, device, at::kFloat))
                        .to(at::kFloat);
       }
-      if (comm && world > 1) {  // rows padded to the per-rank batch (label -1: left out) for the gather
-        const int64_t pad = lo.batch_size - features.size(0);
+      if (shared) {  // rows padded to the per-rank batch (label -1: left out) for the gather
+        const int64_t b = lo.batch_size, pad = b - features.size(0), d = features.size(1);
         if (pad > 0) {
-          features = at::cat({features, at::zeros({pad, features.size(1)}, features.options())});
+          features = at::cat({features, at::zeros({pad, d}, features.options())});
           labels = at::cat({labels, at::full({pad}, -1, labels.options())});
         }
         features = comm->all_gather(features.to(comm->device()));
-        labels = comm->all_gather(labels.to(comm->device()));
+        labels = comm->all_gather(labels.to(comm->device())).cpu();
+        // Rank r's row j is sample (index * b + j) * W + r of the epoch's padded order: rows
+        // into one process's order, and the sampler's repeats (past the dataset's end) left out.
+        features = features.view({ranks, b, d}).transpose(0, 1).reshape({ranks * b, d});
+        labels = labels.view({ranks, b}).transpose(0, 1).reshape({ranks * b}).clone();
+        const int64_t first = batch->index * b * ranks;
+        labels.masked_fill_(at::arange(first, first + ranks * b, labels.options()).ge(dataset->size()), -1);
       }
       if (head) head->step(features, labels);
       if (progress) progress->batch_done(epoch, ++done);
@@ -285,13 +294,14 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
   }
   if (!run.main_rank) return run;
   run.result.num_classes = run.num_classes;
+  std::tie(run.head_weight, run.head_bias) = head->parameters();
   run.result.train = head->score(run.train);
   run.result.test = head->score(run.test);
   run.result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   std::ostringstream p;
   p << "augmented: random resized crop [" << o.crop_scale[0] << ", " << o.crop_scale[1]
     << "] + flip through the frozen backbone, " << o.epochs << " epochs"
-    << (world > 1 ? ", " + std::to_string(world) + " ranks" : "");
+    << (shared ? ", " + std::to_string(world) + " ranks" : "");
   run.protocol = p.str();
   return run;
 }

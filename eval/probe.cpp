@@ -110,6 +110,10 @@ void ProbeHead::step_standardised(const at::Tensor& x, const at::Tensor& y) {
   m.sgd->step();
 }
 
+std::pair<at::Tensor, at::Tensor> ProbeHead::parameters() const {
+  return {impl_->linear->weight.detach().cpu().clone(), impl_->linear->bias.detach().cpu().clone()};
+}
+
 Accuracy ProbeHead::score(const Features& all) {
   at::NoGradGuard no_grad;
   const Features f = labelled(all);  // its own copy: standardised in place

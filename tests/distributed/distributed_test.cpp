@@ -549,9 +549,11 @@ TEST_CASE("dist: a failed collective names, from the heartbeats, the ranks that 
 
 TEST_CASE("dist: heartbeats are read back as posted, and the watch names a rank silent for its timeout") {
   using distributed::detail::Beat;
-  const Beat b = distributed::detail::parse_beat(distributed::detail::format_beat(12, 340, false));
-  CHECK((b.seen && b.count == 12 && b.progress == 340 && !b.left));
-  CHECK(distributed::detail::parse_beat(distributed::detail::format_beat(3, 0, true)).left);
+  using distributed::detail::BeatState;
+  const Beat b = distributed::detail::parse_beat(distributed::detail::format_beat(12, 340));
+  CHECK((b.seen && b.count == 12 && b.progress == 340 && !b.left && !b.unwatched));
+  CHECK(distributed::detail::parse_beat(distributed::detail::format_beat(3, 0, BeatState::left)).left);
+  CHECK(distributed::detail::parse_beat(distributed::detail::format_beat(0, 0, BeatState::unwatched)).unwatched);
   CHECK_FALSE(distributed::detail::parse_beat("garbage").seen);
   CHECK_FALSE(distributed::detail::parse_beat("").seen);
 
@@ -562,7 +564,7 @@ TEST_CASE("dist: heartbeats are read back as posted, and the watch names a rank 
   };
   // 4 ranks watched by rank 0 with a 10 s timeout: rank 1 beats, rank 2 stops at step 41,
   // rank 3 leaves (finished); readings every 2 s, one of which failed (not fed).
-  distributed::detail::SilenceWatch watch(4, 0, 10, 100);
+  distributed::detail::SilenceWatch watch(4, 0, 10, 100, 6);
   CHECK_FALSE(watch.verdict(109).has_value());
   for (int64_t t = 0; t <= 6; ++t) {
     const double now = 100 + 2.0 * static_cast<double>(t);
@@ -575,21 +577,36 @@ TEST_CASE("dist: heartbeats are read back as posted, and the watch names a rank 
   REQUIRE(verdict.has_value());
   CHECK(*verdict == "rank 2 sent no heartbeat for 10 s (last at step 41)");
   // A rank that never posted one is silent from the watch's start.
-  distributed::detail::SilenceWatch fresh(2, 0, 5, 0);
+  distributed::detail::SilenceWatch fresh(2, 0, 5, 0, 3);
   fresh.observe({beat(1, 0), Beat{}}, 1);
   CHECK_FALSE(fresh.verdict(4.9).has_value());
   REQUIRE(fresh.verdict(5).has_value());
   CHECK(*fresh.verdict(5) == "rank 1 sent no heartbeat for 5 s (it never sent one)");
-  // The watching rank never names itself.
-  distributed::detail::SilenceWatch self(1, 0, 5, 0);
+  // The watching rank never names itself, nor a rank without heartbeats of its own.
+  Beat unwatched = beat(0, 0);
+  unwatched.unwatched = true;
+  distributed::detail::SilenceWatch self(2, 0, 5, 0, 3);
+  self.observe({beat(1, 0), unwatched}, 1);
   CHECK_FALSE(self.verdict(100).has_value());
+  // The watcher suspended for 19 s (the whole job stopped, then continued): rank 1 has not beaten
+  // again yet at the first reading after, which starts its silence afresh.
+  distributed::detail::SilenceWatch suspended(2, 0, 5, 0, 3);
+  suspended.observe({beat(1, 0), beat(1, 7)}, 0);
+  suspended.observe({beat(2, 0), beat(2, 7)}, 1);
+  suspended.observe({beat(3, 0), beat(2, 7)}, 20);
+  CHECK_FALSE(suspended.verdict(20).has_value());
+  suspended.observe({beat(4, 0), beat(2, 7)}, 22);
+  suspended.observe({beat(5, 0), beat(2, 7)}, 24);
+  CHECK_FALSE(suspended.verdict(24).has_value());
+  suspended.observe({beat(6, 0), beat(2, 7)}, 25.5);
+  CHECK(suspended.verdict(25.5).value_or("") == "rank 1 sent no heartbeat for 5 s (last at step 7)");
 }
 
 TEST_CASE("dist: a rank that fails stops the others through the heartbeats, one that finishes does not") {
   std::mutex mutex;
   std::vector<std::string> reports;
   distributed::CommunicatorOptions o;
-  o.heartbeat_s = 0.05, o.heartbeat_timeout_s = 0.5;
+  o.heartbeat_s = 0.05, o.heartbeat_timeout_s = 1.5;  // 30 beats: a loaded machine's delays are far shorter
   o.on_job_failure = [&](const std::string& reason) {
     std::lock_guard<std::mutex> lock(mutex);
     reports.push_back(reason);
@@ -601,7 +618,7 @@ TEST_CASE("dist: a rank that fails stops the others through the heartbeats, one 
   };
   // Rank 2 finishes: no one is stopped, long past the timeout.
   comms[2].reset();
-  std::this_thread::sleep_for(std::chrono::milliseconds(1200));
+  std::this_thread::sleep_for(std::chrono::milliseconds(2500));
   CHECK(reported().empty());
   // Rank 1 fails (its communicator goes while an error unwinds): rank 0 is told within beats.
   try {

@@ -52,7 +52,10 @@ struct CommunicatorOptions {
   /// the ranks that stopped (no heartbeat) or lag behind (alive, at an earlier step). 0: none.
   double heartbeat_s = 2;
   /// The watch over the heartbeats (0: none; needs heartbeat_s > 0). A rank that fails with an
-  /// error (its communicator destroyed while an exception unwinds) posts that it failed; rank 0
+  /// error posts that it failed: a communicator destroyed while an exception unwinds the thread
+  /// that drops its last reference is taken for a failed rank, one destroyed otherwise for a rank
+  /// that left without an error (a caller that catches a rank's error and carries on must not
+  /// keep the job's communicator: the others would wait for it until timeout_s); rank 0
   /// posts it for a rank whose heartbeats stopped for this long (killed, frozen, its machine
   /// down) and has not left; a rank that cannot reach rank 0's store for this long concludes
   /// the same of rank 0. Every rank that learns it calls on_job_failure once, within a heartbeat,
@@ -60,8 +63,10 @@ struct CommunicatorOptions {
   /// that leaves without an error (finished, or returned early) is not taken for a silent one.
   double heartbeat_timeout_s = 60;
   /// Called from the heartbeat thread with the reason ("rank 2 of 8: stopping: rank 5 failed
-  /// with an error ..."); empty: the process-wide handler (set_job_failure_handler); none at
-  /// all: the watch only posts, and this rank waits for its collectives' timeout.
+  /// with an error ..."), never once this communicator is being destroyed; empty: the
+  /// process-wide handler (set_job_failure_handler); none at all: the watch only posts, and this
+  /// rank waits for its collectives' timeout. It must not throw (what it throws is dropped) and
+  /// what it refers to must outlive the communicator.
   std::function<void(const std::string& reason)> on_job_failure;
 };
 

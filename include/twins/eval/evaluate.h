@@ -70,6 +70,9 @@ struct LinearProbeRun {
   /// false on the ranks other than 0 of a data-parallel run: they extracted their shares of
   /// the features, and rank 0 alone trains and scores the probe (the rest is empty).
   bool main_rank = true;
+  /// probe.augment's classifier: weight [C, D] and bias [C] (CPU, float32) over the features
+  /// standardised with the centre-crop training features' statistics (undefined otherwise).
+  at::Tensor head_weight, head_bias;
 };
 LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& config, const std::string& cache_dir,
                                 const std::shared_ptr<distributed::Communicator>& communicator = nullptr);

@@ -12,6 +12,7 @@
 
 #include <map>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "twins/eval/features.h"
@@ -70,6 +71,8 @@ class ProbeHead {
   void step_standardised(const at::Tensor& standardised, const at::Tensor& labels);
   /// Top-1/top-5 on stored features (labelled rows only).
   Accuracy score(const Features& features);
+  /// The classifier's weight [C, D] and bias [C] (copies on the CPU), over standardised features.
+  std::pair<at::Tensor, at::Tensor> parameters() const;
 
  private:
   struct Impl;
