@@ -108,6 +108,29 @@ if "$twins" pretrain "${common[@]}" --master-port 29555 --out "$dir/bad" 2> "$di
 grep -q "go with --nproc-per-node" "$dir/err13" || { cat "$dir/err13"; exit 1; }
 echo "two nodes ok"
 
+# Ranks started without twins' launcher (as SLURM or OpenMPI start them, which may leave the
+# others running when one fails): rank 0 fails with an error (its data is missing) once the job
+# has formed; rank 1, waiting for it in a collective, learns why from the heartbeats and stops
+# within seconds, not after train.dist_timeout_s (an hour here).
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' 2>/dev/null ||
+       echo $((20000 + RANDOM % 20000)))
+bare=(WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT="$port")
+start=$SECONDS
+env "${bare[@]}" RANK=0 LOCAL_RANK=0 "$twins" pretrain "${common[@]}" --set train.dist_timeout_s=3600 \
+  --set "data.root=$dir/missing" --out "$dir/bare" > /dev/null 2> "$dir/err14" &
+bare0=$!
+env "${bare[@]}" RANK=1 LOCAL_RANK=1 "$twins" pretrain "${common[@]}" --set train.dist_timeout_s=3600 \
+  --out "$dir/bare" > /dev/null 2> "$dir/err15" &
+bare1=$!
+pids_to_reap+=("$bare0" "$bare1")
+if wait "$bare0"; then echo "rank 0 should have failed"; exit 1; fi
+if wait "$bare1"; then echo "rank 1 should have stopped"; exit 1; fi
+took=$((SECONDS - start))
+grep -q "error: rank 0: data.root: $dir/missing" "$dir/err14" || { cat "$dir/err14"; exit 1; }
+grep -q "error: rank 1 of 2: stopping: rank 0 failed with an error" "$dir/err15" || { cat "$dir/err15"; exit 1; }
+[ "$took" -le 40 ] || { echo "took ${took}s"; cat "$dir/err14" "$dir/err15"; exit 1; }
+echo "a failed rank stops a job without launcher: ${took}s"
+
 # The pid of rank $2 among the children of launcher $1, once it is up.
 rank_pid() {
   for _ in $(seq 1 200); do
@@ -151,9 +174,9 @@ fail_rank_1() {
 
 fail_rank_1 KILL 20 "rank 1 failed (killed by signal 9" killed
 # A frozen rank: the collective's timeout (6 s here) comes before the heartbeat watch (60 s) ...
-fail_rank_1 STOP 25 "rank 0 of 2: .* failed: .* heartbeats: no heartbeat from rank 1 (last at step [0-9]*): stopped" \
+fail_rank_1 STOP 45 "rank 0 of 2: .* failed: .* heartbeats: no heartbeat from rank 1 (last at step [0-9]*): stopped" \
   frozen-timeout
 # ... and with a long collective timeout (an hour), the watch ends the job after 5 s of silence.
-fail_rank_1 STOP 25 "rank 0 of 2: stopping: rank 1 sent no heartbeat for [0-9]* s (last at step [0-9]*): stopped" \
+fail_rank_1 STOP 45 "rank 0 of 2: stopping: rank 1 sent no heartbeat for [0-9]* s (last at step [0-9]*): stopped" \
   frozen-watch --set train.dist_timeout_s=3600 --set train.dist_heartbeat_timeout_s=5
 echo "dist cli ok"
