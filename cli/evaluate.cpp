@@ -54,6 +54,9 @@ std::shared_ptr<distributed::Communicator> join_job(eval::EvalConfig& cfg) {
   return distributed::Communicator::create(env, device, co);
 }
 
+// Whether this process speaks for the evaluation: a single process, or rank 0 of the job.
+bool main_rank(const std::shared_ptr<distributed::Communicator>& comm) { return !comm || comm->rank() == 0; }
+
 // The launcher's part of an evaluation command: starts the ranks (--nproc-per-node) and returns
 // the job's exit code, or nullopt when this process is to run the command itself.
 std::optional<int> launch(const EvalArgs& a) {
@@ -67,7 +70,7 @@ int run_linear_probe(const EvalArgs& a) {
   auto cfg = eval::EvalConfig::parse(config::load_config(a.config, a.set));
   const auto comm = join_job(cfg);
   const std::string out = output_dir(a);
-  if (!comm || comm->rank() == 0)
+  if (main_rank(comm))
     std::cerr << "linear probe of " << a.backbone << " (" << (cfg.probe.augment ? "augmented" : "cached features")
               << ")\n";
   const auto run = eval::run_linear_probe(a.backbone, cfg, out, comm);
@@ -101,9 +104,9 @@ int run_knn(const EvalArgs& a) {
   const auto comm = join_job(cfg);
   const std::string out = output_dir(a);
   int64_t classes = 0;
-  if (!comm || comm->rank() == 0) std::cerr << "kNN of " << a.backbone << "\n";
+  if (main_rank(comm)) std::cerr << "kNN of " << a.backbone << "\n";
   const auto [train, test] = eval::eval_features(a.backbone, cfg, out, &classes, comm);
-  if (comm && comm->rank() != 0) return 0;  // rank 0 scores the gathered features and writes
+  if (!main_rank(comm)) return 0;  // rank 0 scores the gathered features and writes
   const auto r = eval::knn(train, test, classes, cfg.knn, eval::resolve_eval_device(cfg.device));
   nlohmann::json result = {{"backbone", a.backbone},
                            {"config", a.config},
@@ -133,7 +136,7 @@ int run_finetune(const EvalArgs& a) {
   const std::string out = output_dir(a);
   eval::FinetuneControl control;
   control.communicator = join_job(cfg);
-  if (!control.communicator || control.communicator->rank() == 0) std::cerr << "finetune of " << a.backbone << "\n";
+  if (main_rank(control.communicator)) std::cerr << "finetune of " << a.backbone << "\n";
   fs::create_directories(out);
   control.checkpoint = (fs::path(out) / "finetune-checkpoint.safetensors").string();
   control.stop_after_epochs = a.stop_after_epochs;
