@@ -66,6 +66,18 @@ int main(int argc, char** argv) {
     const int code = app.exit(e);
     return code == 0 ? 0 : 2;
   }
+  // A rank of a job command that fails before it joined the job tells the ranks waiting for it
+  // (they would wait dist_timeout_s); once joined, its heartbeats tell.
+  bool job_command = false;
+  for (const char* name : {"pretrain", "linear-probe", "knn", "finetune"})
+    job_command = job_command || app.got_subcommand(name);
+  auto tell_the_job = [job_command] {
+    if (!job_command) return;
+    try {
+      twins::distributed::report_failure_before_join(twins::distributed::detect_environment());
+    } catch (const std::exception&) {  // a malformed environment: there is no job to tell
+    }
+  };
   try {
     if (show_version) {
       std::cout << "twins " << twins::version() << "\n"
@@ -83,9 +95,11 @@ int main(int argc, char** argv) {
     return 0;
   } catch (const std::invalid_argument& e) {
     std::cerr << ("error: " + rank_prefix(e.what()) + e.what() + "\n");  // one write: ranks share stderr
+    tell_the_job();
     return 2;
   } catch (const std::exception& e) {
     std::cerr << ("error: " + rank_prefix(e.what()) + e.what() + "\n");  // one write: ranks share stderr
+    tell_the_job();
     return 1;
   }
 }

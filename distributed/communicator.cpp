@@ -354,6 +354,98 @@ std::string first_names(const std::vector<std::string>& names) {
   return out;
 }
 
+// ---- joining the job ---------------------------------------------------------------------------
+// Every rank marks itself under joined_key and counts itself in kJoinedCount once it reached rank
+// 0's store; the process group forms only when all have, so that a rank that fails before it
+// joins can tell the waiting ones (kStopKey) instead of leaving them in c10d's rendezvous until
+// dist_timeout_s. kStopRead counts the other ranks that read (or posted) such a stop: rank 0, whose
+// process hosts the store, serves it until they all have.
+std::string joined_key(int rank) { return "twins_joined/" + std::to_string(rank); }
+const char* const kJoinedCount = "twins_joined_count";
+const char* const kStopRead = "twins_stop_read";
+// This process joined a job (its failures are told by the heartbeats), or learnt that the job
+// stopped before it formed (nothing left to tell).
+std::atomic<bool> g_joined{false}, g_told{false};
+// How long a rank that failed before it joined spends telling the others.
+constexpr double kTellSeconds = 15;
+
+std::string store_text(c10d::Store& store, const std::string& key) {
+  const std::vector<uint8_t> bytes = store.get(key);
+  return std::string(bytes.begin(), bytes.end());
+}
+
+// The ranks not yet marked as joined: "rank 3", "ranks 3, 5 and 6 more".
+std::string ranks_not_joined(c10d::Store& store, int world_size) {
+  std::vector<std::string> missing;
+  for (int r = 0; r < world_size; ++r)
+    if (!store.check({joined_key(r)})) missing.push_back(std::to_string(r));
+  if (missing.empty()) return "no rank";
+  return (missing.size() == 1 ? "rank " : "ranks ") + first_names(missing);
+}
+
+// Rank 0 keeps its store up until the other ranks have read the stop, or `limit_s` passed.
+void serve_stop(c10d::Store& store, int world_size, double limit_s) {
+  const double until = seconds_now() + limit_s;
+  while (seconds_now() < until && store.add(kStopRead, 0) < world_size - 1)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+}
+
+// The job cannot form: a rank failed before it joined, or some never came.
+struct JoinRefused : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Marks this rank as joined and waits until every rank has, or one posted that it failed first,
+// or timeout_s passed. Rank 0 says every minute whom it waits for (a node not started, a wrong
+// MASTER_ADDR); that is what a user of a stuck multi-node job needs to see.
+void join_all(c10d::Store& store, int rank, int world_size, double timeout_s, const std::string& address) {
+  const std::string me = "rank " + std::to_string(rank) + " of " + std::to_string(world_size);
+  store.set(joined_key(rank), std::vector<uint8_t>{'1'});
+  store.add(kJoinedCount, 1);
+  const double began = seconds_now();
+  double next_word = began + 30;
+  auto pause = std::chrono::milliseconds(10);
+  for (;;) {
+    if (store.check({kStopKey})) {
+      const std::string why = store_text(store, kStopKey);
+      g_told = true;
+      if (rank == 0)
+        serve_stop(store, world_size, kTellSeconds);
+      else
+        store.add(kStopRead, 1);
+      throw JoinRefused(me + ": stopping before the job formed: " + why);
+    }
+    if (store.add(kJoinedCount, 0) >= world_size) return;
+    const double now = seconds_now();
+    if (now - began >= timeout_s) {
+      g_told = true;  // nothing to tell those that did not come in all this time
+      throw JoinRefused(me + ": " + ranks_not_joined(store, world_size) + " did not join the job at " + address +
+                        " within " + std::to_string(static_cast<int64_t>(timeout_s)) +
+                        " s (dist_timeout_s): not started, or cannot reach that address (MASTER_ADDR, "
+                        "MASTER_PORT, a firewall)");
+    }
+    if (rank == 0 && now >= next_word) {
+      std::cerr << (me + ": waiting for " + ranks_not_joined(store, world_size) + " to join the job at " + address +
+                    " (" + std::to_string(static_cast<int64_t>(now - began)) + " s so far, dist_timeout_s " +
+                    std::to_string(static_cast<int64_t>(timeout_s)) + ")\n");
+      next_word += 60;
+    }
+    std::this_thread::sleep_for(pause);
+    pause = std::min(pause * 2, std::chrono::milliseconds(250));
+  }
+}
+
+// A TCP store at `host`, the classic one where LibTorch 2.4+'s libuv default is refused ("use_libuv
+// was requested but PyTorch was build without libuv support").
+c10::intrusive_ptr<c10d::Store> tcp_store(const std::string& host, c10d::TCPStoreOptions so) {
+  try {
+    return c10::make_intrusive<c10d::TCPStore>(host, so);
+  } catch (const std::exception& ex) {
+    if (std::string(ex.what()).find("libuv") == std::string::npos || !compat::set_store_libuv(so, false)) throw;
+    return c10::make_intrusive<c10d::TCPStore>(host, so);
+  }
+}
+
 // What the heartbeats say about the other ranks: those silent for 2.5 intervals, and those
 // alive at an earlier step than this rank's. Bounded in time: the reading runs on a thread of its
 // own (with its own store client), left behind if the store does not answer.
@@ -523,21 +615,24 @@ std::shared_ptr<Communicator> Communicator::create(const Environment& e, const a
   so.port = static_cast<uint16_t>(e.master_port);
   so.isServer = e.rank == 0;
   so.numWorkers = e.world_size;
-  so.waitWorkers = true;
+  so.waitWorkers = false;  // join_all waits, and hears of a rank that failed first
   so.timeout = to_ms(options.timeout_s);
+  const std::string address = e.master_addr + ":" + std::to_string(e.master_port);
   try {
-    try {
-      impl->store = c10::make_intrusive<c10d::TCPStore>(e.master_addr, so);
-    } catch (const std::exception& ex) {
-      // LibTorch 2.4+ asks for the libuv store by default, which builds without libuv refuse
-      // ("use_libuv was requested but PyTorch was build without libuv support"): the classic one.
-      if (std::string(ex.what()).find("libuv") == std::string::npos || !compat::set_store_libuv(so, false)) throw;
-      impl->store = c10::make_intrusive<c10d::TCPStore>(e.master_addr, so);
-    }
+    impl->store = tcp_store(e.master_addr, so);
   } catch (const std::exception& ex) {
-    throw std::runtime_error("rank " + std::to_string(e.rank) + ": rendezvous at " + e.master_addr + ":" +
-                             std::to_string(e.master_port) +
+    g_told = true;  // no store to tell the job through
+    throw std::runtime_error("rank " + std::to_string(e.rank) + ": rendezvous at " + address +
                              " failed (is rank 0 up, and the port free?): " + ex.what());
+  }
+  try {
+    join_all(*impl->store, e.rank, e.world_size, options.timeout_s, address);
+  } catch (const JoinRefused&) {
+    throw;
+  } catch (const std::exception& ex) {  // the store stopped answering (rank 0 ended)
+    g_told = true;
+    throw std::runtime_error("rank " + std::to_string(e.rank) + ": rendezvous at " + address +
+                             " failed while the ranks joined: " + ex.what());
   }
   try {
     impl->group = make_group(impl->backend, impl->store, e.rank, e.world_size, options.timeout_s, e.master_addr);
@@ -555,9 +650,8 @@ std::shared_ptr<Communicator> Communicator::create(const Environment& e, const a
     const std::string host = e.master_addr;
     try {
       impl->heartbeat = std::make_unique<Heartbeat>(
-          c10::make_intrusive<c10d::TCPStore>(host, client),
-          [host, client] { return c10::intrusive_ptr<c10d::Store>(c10::make_intrusive<c10d::TCPStore>(host, client)); },
-          e.rank, options.heartbeat_s, watch_settings(options, e.world_size));
+          tcp_store(host, client), [host, client] { return tcp_store(host, client); }, e.rank, options.heartbeat_s,
+          watch_settings(options, e.world_size));
     } catch (const std::exception& ex) {  // the job runs; only its failures are told less well
       std::cerr << "warning: rank " << e.rank << ": no heartbeat store client: " << ex.what() << "\n";
       try {  // rank 0's watch must not take a rank without heartbeats for a silent one
@@ -567,7 +661,31 @@ std::shared_ptr<Communicator> Communicator::create(const Environment& e, const a
       }
     }
   }
+  g_joined = true;
   return registered(std::shared_ptr<Communicator>(new Communicator(std::move(impl))));
+}
+
+void report_failure_before_join(const Environment& e, double wait_s) noexcept {
+  if (e.world_size <= 1 || g_joined.exchange(true) || g_told.exchange(true)) return;
+  try {
+    c10d::TCPStoreOptions so;
+    so.port = static_cast<uint16_t>(e.master_port);
+    so.isServer = e.rank == 0;
+    so.numWorkers = e.world_size;
+    so.waitWorkers = false;
+    so.timeout = to_ms(wait_s);
+    const c10::intrusive_ptr<c10d::Store> store = tcp_store(e.master_addr, so);
+    if (!store->check({kStopKey})) {
+      const std::string why =
+          "rank " + std::to_string(e.rank) + " failed before it joined the job (its own output says why)";
+      store->set(kStopKey, std::vector<uint8_t>(why.begin(), why.end()));
+    }
+    if (e.rank == 0)
+      serve_stop(*store, e.world_size, wait_s);
+    else
+      store->add(kStopRead, 1);
+  } catch (...) {  // rank 0's store unreachable: the others wait for dist_timeout_s, as before
+  }
 }
 
 std::vector<std::shared_ptr<Communicator>> Communicator::create_local_group(int world_size,

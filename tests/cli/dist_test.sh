@@ -131,6 +131,37 @@ grep -q "error: rank 1 of 2: stopping: rank 0 failed with an error" "$dir/err15"
 [ "$took" -le 40 ] || { echo "took ${took}s"; cat "$dir/err14" "$dir/err15"; exit 1; }
 echo "a failed rank stops a job without launcher: ${took}s"
 
+# A rank that fails before it joins the job (its node lacks the config file) while the other
+# waits in the rendezvous (an hour's train.dist_timeout_s): the waiting rank stops within seconds.
+# Rank 1 failing reaches rank 0's store; rank 0 failing hosts its store until rank 1 read why
+# (rank 1 is started first, so that it is trying to reach rank 0 by then).
+for failing in 1 0; do
+  port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' 2>/dev/null ||
+         echo $((20000 + RANDOM % 20000)))
+  bare=(WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT="$port")
+  start=$SECONDS
+  pids=()
+  for rank in 1 0; do
+    config=$quickstart
+    [ "$rank" = "$failing" ] && config=$dir/not-on-this-node.json
+    env "${bare[@]}" RANK=$rank LOCAL_RANK=$rank "$twins" pretrain --config "$config" "${common[@]:2}" \
+      --set train.dist_timeout_s=3600 --out "$dir/early$failing" > /dev/null 2> "$dir/early$failing-$rank.err" &
+    pids[rank]=$!
+    pids_to_reap+=("$!")
+    [ "$rank" = 1 ] && sleep 1
+  done
+  for rank in 0 1; do
+    if wait "${pids[rank]}"; then echo "rank $rank should have stopped"; cat "$dir/early$failing-$rank.err"; exit 1; fi
+  done
+  took=$((SECONDS - start))
+  other=$((1 - failing))
+  grep -q "not-on-this-node.json" "$dir/early$failing-$failing.err" || { cat "$dir/early$failing-$failing.err"; exit 1; }
+  grep -q "error: rank $other of 2: stopping before the job formed: rank $failing failed before it joined the job" \
+    "$dir/early$failing-$other.err" || { cat "$dir/early$failing-$other.err"; exit 1; }
+  [ "$took" -le 40 ] || { echo "took ${took}s"; cat "$dir/early$failing"-*.err; exit 1; }
+  echo "rank $failing failing before the job formed stops rank $other: ${took}s"
+done
+
 # The pid of rank $2 among the children of launcher $1, once it is up.
 rank_pid() {
   for _ in $(seq 1 200); do

@@ -3,6 +3,9 @@
 // parameters of one process over the W x B samples.
 #include <ATen/ATen.h>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <cstdlib>
@@ -631,4 +634,67 @@ TEST_CASE("dist: a rank that fails stops the others through the heartbeats, one 
   const auto got = reported();
   REQUIRE(got.size() == 1);
   CHECK(got[0] == "rank 0 of 3: stopping: rank 1 failed with an error (its own output says which)");
+}
+
+namespace {
+
+// A TCP port free on the loopback now (the kernel's choice).
+int free_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  REQUIRE(fd >= 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET, a.sin_addr.s_addr = htonl(INADDR_LOOPBACK), a.sin_port = 0;
+  socklen_t size = sizeof a;
+  REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
+  REQUIRE(::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &size) == 0);
+  ::close(fd);
+  return ntohs(a.sin_port);
+}
+
+}  // namespace
+
+TEST_CASE("dist: the rendezvous names the ranks that never came, and stops at once when one failed before it joined") {
+  using Clock = std::chrono::steady_clock;
+  distributed::Environment e;
+  e.world_size = 3, e.master_addr = "127.0.0.1", e.launcher = "torchrun";
+  distributed::CommunicatorOptions o;
+  o.heartbeat_s = 0;
+  // Rank 0 fails before it joins (its node lacks the config file, say) while ranks 1 and 2 wait
+  // for it with an hour's timeout: rank 0 hosts the store long enough to tell them, and they stop.
+  e.master_port = free_port();
+  o.timeout_s = 3600;
+  std::vector<std::string> errors(3);
+  std::vector<std::thread> waiting;
+  for (int r : {1, 2})
+    waiting.emplace_back([&, r] {
+      distributed::Environment mine = e;
+      mine.rank = r;
+      try {
+        distributed::Communicator::create(mine, at::kCPU, o);
+        errors[static_cast<size_t>(r)] = "joined";
+      } catch (const std::exception& ex) {
+        errors[static_cast<size_t>(r)] = ex.what();
+      }
+    });
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // they are trying to reach rank 0
+  const auto start = Clock::now();
+  distributed::report_failure_before_join(e, 30);  // e.rank is 0
+  for (auto& t : waiting) t.join();
+  const double took = std::chrono::duration<double>(Clock::now() - start).count();
+  CAPTURE(took);
+  CHECK(took < 20);  // rank 0 left once both had read it, not after its 30 s
+  for (int r : {1, 2})
+    CHECK(errors[static_cast<size_t>(r)] == "rank " + std::to_string(r) +
+                                                " of 3: stopping before the job formed: rank 0 failed before it "
+                                                "joined the job (its own output says why)");
+  // Once told, a process does not tell again (nor serve a store on the port).
+  const auto again = Clock::now();
+  distributed::report_failure_before_join(e, 30);
+  CHECK(std::chrono::duration<double>(Clock::now() - again).count() < 1);
+  // Ranks 1 and 2 never come: rank 0 names them after its timeout.
+  e.master_port = free_port();
+  o.timeout_s = 1;  // after the above: a process that was told still waits for its ranks
+  check_throws_with<std::runtime_error>([&] { distributed::Communicator::create(e, at::kCPU, o); },
+                                        "rank 0 of 3: ranks 1, 2 did not join the job at 127.0.0.1:" +
+                                            std::to_string(e.master_port) + " within 1 s (dist_timeout_s)");
 }

@@ -75,13 +75,25 @@ struct CommunicatorOptions {
 /// torchrun stops the other ranks of a failed one; a library caller chooses its own.
 void set_job_failure_handler(std::function<void(const std::string& reason)> handler);
 
+/// Tells the job that this rank failed before Communicator::create joined it (a missing config
+/// file or device on its node), so that the ranks waiting in the rendezvous stop within a second
+/// or so ("rank 0 of 8: stopping before the job formed: rank 5 failed before it joined the job")
+/// instead of after CommunicatorOptions::timeout_s: a non-zero rank posts it to rank 0's store
+/// (waiting up to wait_s for it to answer); rank 0 hosts its store until the other ranks have
+/// read it, or wait_s passed. Nothing at world size 1, once this process has joined a job (its
+/// heartbeats tell its failures) or already learnt that the job stopped, or after a first call.
+/// The twins command calls it when a job command (pretrain, linear-probe, knn, finetune) fails.
+void report_failure_before_join(const Environment& env, double wait_s = 15) noexcept;
+
 /// A group of ranks and its collectives. Thread-compatible: one thread issues collectives at a
 /// time (asynchronous ones complete on the backend's own threads).
 class Communicator {
  public:
   /// Joins the job `env` describes: rendezvous through a TCP store that rank 0 hosts at
   /// master_addr:master_port, then a process group on `device`'s backend. Blocks until every
-  /// rank has joined or the timeout passes (std::runtime_error naming the address).
+  /// rank has joined; throws std::runtime_error naming the address and the ranks missing when the
+  /// timeout passes, or at once when a rank reported that it failed first
+  /// (report_failure_before_join). Rank 0 says on stderr every minute which ranks it waits for.
   static std::shared_ptr<Communicator> create(const Environment& env, const at::Device& device,
                                               const CommunicatorOptions& options = {});
   /// `world_size` ranks inside this process, sharing an in-memory store, each with its own Gloo
