@@ -132,7 +132,9 @@ Position restore(Trainer& trainer, const detail::CheckpointStore::Checkpoint& k,
            std::to_string(job.world) +
            ": the epoch continues after the same number of samples; steps and schedules follow the new global batch");
   }
-  if (p.batch >= epoch_batches) ++p.epoch, p.batch = 0, trainer.end_probe_epoch();
+  // Stopped at an epoch's last step: its end (the online probe's and kNN's scores, its metrics
+  // line, the per-epoch checkpoint) is still to come, as in a run that was not stopped.
+  p.batch = std::min(p.batch, epoch_batches);
   return p;
 }
 
@@ -340,7 +342,8 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
                                ": rank 0 could not open online_probe's eval data (its error says why)");
     if (failed) std::rethrow_exception(failed);
   }
-  while (!stop && at.epoch < tc.epochs && trainer.steps_taken() < max_steps) {
+  // (An epoch whose steps are all taken may still be to end: resumed after its last step.)
+  while (!stop && at.epoch < tc.epochs && (trainer.steps_taken() < max_steps || at.batch == epoch_batches)) {
     loader.start_epoch(at.epoch, at.batch);
     const auto epoch_start = Clock::now();
     while (!stop && trainer.steps_taken() < max_steps && at.batch < epoch_batches) {

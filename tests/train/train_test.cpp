@@ -231,6 +231,46 @@ TEST_CASE("train: resume is bit-identical, and a corrupt checkpoint falls back t
   CHECK(count == 3);
 }
 
+TEST_CASE("train: a run stopped at an epoch's last step scores that epoch when resumed, as one not stopped") {
+  TinyData data(48);  // 3 steps per epoch
+  json cfg = tiny_recipe("vicreg", data.dir);
+  cfg["train"]["epochs"] = 2;
+  cfg["online_probe"] = {{"eval_data", {{"type", "mnist"}, {"root", data.dir.string()}}}, {"knn", {{"k", {1, 5}}}}};
+  const auto full = pretrain(cfg, quiet(data.dir / "full"));
+  auto epoch_lines = [](const fs::path& metrics) {
+    std::vector<json> out;
+    for (const auto& l : read_lines(metrics))
+      if (l.contains("epoch_seconds")) out.push_back(l);
+    return out;
+  };
+  const std::vector<json> want = epoch_lines(data.dir / "full/metrics.jsonl");
+  REQUIRE(want.size() == 2);
+  // Stopped after the first epoch's last step, and after the run's very last step.
+  for (int64_t stop_after : {3, 6}) {
+    CAPTURE(stop_after);
+    const fs::path dir = data.dir / ("stopped" + std::to_string(stop_after));
+    PretrainOptions part = quiet(dir);
+    part.stop_after = stop_after;
+    REQUIRE(pretrain(cfg, part).interrupted);
+    PretrainOptions rest = quiet(dir);
+    rest.resume = true;
+    const auto resumed = pretrain(json::object(), rest);
+    CHECK(resumed.epochs_completed == 2);
+    REQUIRE(resumed.online_knn_top1);
+    CHECK(*resumed.online_knn_top1 == *full.online_knn_top1);
+    const std::vector<json> got = epoch_lines(dir / "metrics.jsonl");
+    REQUIRE(got.size() == 2);
+    for (size_t e = 0; e < 2; ++e)
+      for (const char* key : {"epoch", "step", "online_probe_train_top1", "online_probe_eval_top1",
+                              "online_knn_k1_top1", "online_knn_k5_top1", "online_knn_k5_top5"}) {
+        CAPTURE(e);
+        CAPTURE(key);
+        REQUIRE(got[e].contains(key));
+        CHECK(got[e][key] == want[e][key]);
+      }
+  }
+}
+
 TEST_CASE("train: a non-finite loss stops the run naming the step and the term") {
   TinyData data(32);
   json cfg = tiny_recipe("vicreg", data.dir);
