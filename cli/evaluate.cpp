@@ -140,6 +140,8 @@ int run_finetune(const EvalArgs& a) {
   fs::create_directories(out);
   control.checkpoint = (fs::path(out) / "finetune-checkpoint.safetensors").string();
   control.stop_after_epochs = a.stop_after_epochs;
+  control.metrics = (fs::path(out) / "finetune-metrics.jsonl").string();
+  control.tensorboard_dir = (fs::path(out) / "finetune").string();  // TensorBoard's run "<out>/finetune"
   const auto run = eval::run_finetune(a.backbone, cfg, control);
   if (!run.main_rank) return 0;  // rank 0 writes and speaks for the run
   const auto& o = cfg.finetune;

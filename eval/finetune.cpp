@@ -21,6 +21,7 @@
 
 #include "core/compat.h"
 #include "core/optimizer_state.h"
+#include "core/tensorboard.h"
 #include "eval/progress.h"
 #include "twins/augment/random.h"
 #include "twins/data/loader.h"
@@ -29,6 +30,7 @@
 #include "twins/eval/evaluate.h"
 #include "twins/eval/features.h"
 #include "twins/eval/transform.h"
+#include "twins/io.h"
 #include "twins/models/safetensors.h"
 #include "twins/models/weights.h"
 #include "twins/runtime.h"
@@ -379,6 +381,31 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
   run.protocol = protocol.str();
   if (main_rank) std::cerr << "  " << run.protocol << "\n";
 
+  // The per-epoch log (rank 0): the lines of epochs after the checkpoint's (a run that died
+  // before it checkpointed) are dropped, as a fresh run's file is emptied.
+  std::unique_ptr<io::AppendFile> metrics;
+  std::unique_ptr<twins::detail::EventFile> events;
+  if (main_rank && !control.metrics.empty()) {
+    std::string kept;
+    if (first_epoch > 0) {
+      std::ifstream in(control.metrics);
+      for (std::string line; std::getline(in, line);) {
+        const json j = json::parse(line, nullptr, false);
+        if (j.is_object() && j.contains("epoch") && j["epoch"].is_number_integer() &&
+            j["epoch"].get<int64_t>() <= first_epoch)
+          kept += line + "\n";
+      }
+    }
+    if (const fs::path parent = fs::path(control.metrics).parent_path(); !parent.empty())
+      fs::create_directories(parent);
+    io::write_file_atomic(control.metrics, kept);
+    metrics = std::make_unique<io::AppendFile>(control.metrics);
+  }
+  if (main_rank && !control.tensorboard_dir.empty()) {
+    fs::create_directories(control.tensorboard_dir);
+    events = std::make_unique<twins::detail::EventFile>(control.tensorboard_dir, first_epoch + 1);
+  }
+
   detail::EpochProgress progress("finetune", first_epoch, o.epochs, batches);
   for (int64_t epoch = first_epoch; epoch < o.epochs; ++epoch) {
     if (control.stop_after_epochs > 0 && epoch - first_epoch == control.stop_after_epochs) {
@@ -393,6 +420,7 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
     at::manual_seed(o.seed * 0x9E3779B97F4A7C15ULL + static_cast<uint64_t>(epoch) + 1 +
                     static_cast<uint64_t>(rank) * 0xD1B54A32D192ED03ULL);
     set_lr(epoch);
+    const auto epoch_start = std::chrono::steady_clock::now();
     net->train(!frozen);  // frozen: BatchNorm keeps its statistics (the official `--weights freeze`)
     head->train();
     loader.start_epoch(epoch);
@@ -459,13 +487,28 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
       throw std::runtime_error("finetune: the loss is not finite in epoch " + std::to_string(epoch + 1) +
                                " (lower finetune.lr_backbone or finetune.lr_head)");
     run.epoch_loss.push_back(mean_loss);
+    const double epoch_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - epoch_start).count();
+    json line = {{"epoch", epoch + 1},
+                 {"epochs", o.epochs},
+                 {"loss", mean_loss},
+                 {"lr_head", cosine(o.lr_head, epoch, o.epochs)},
+                 {"lr_backbone", cosine(o.lr_backbone, epoch, o.epochs)},
+                 {"epoch_seconds", epoch_seconds}};
     std::string scored_now;
     if (o.eval_every_epochs > 0 && ((epoch + 1) % o.eval_every_epochs == 0 || epoch + 1 == o.epochs)) {
       const Accuracy a = score_test();
       run.test_per_epoch.push_back({epoch + 1, a});
+      line["test_top1"] = a.top1, line["test_top5"] = a.top5;
       std::ostringstream said;
       said << ", test top-1 " << a.top1 << "%";
       scored_now = said.str();
+    }
+    if (metrics) metrics->append(line.dump() + "\n");  // before the checkpoint: a resume drops it if need be
+    if (events) {
+      std::vector<std::pair<std::string, double>> scalars;
+      for (const auto& [key, value] : line.items())
+        if (key != "epoch" && key != "epochs") scalars.emplace_back("finetune/" + key, value.get<double>());
+      events->scalars(epoch + 1, scalars);
     }
     if (main_rank)
       std::cerr << "  finetune: epoch " << epoch + 1 << "/" << o.epochs << " loss " << mean_loss << " (lr head "

@@ -7,7 +7,7 @@
 #include <iostream>
 #include <sstream>
 
-#include "train/tensorboard.h"
+#include "core/tensorboard.h"
 
 namespace twins::train::detail {
 namespace fs = std::filesystem;
@@ -38,7 +38,7 @@ RunLog::RunLog(fs::path out_dir, bool writer, bool progress, bool tensorboard, i
   if (!writer_) return;
   fs::create_directories(out_dir_);
   metrics_ = std::make_unique<io::AppendFile>((out_dir_ / "metrics.jsonl").string());
-  if (tensorboard) events_ = std::make_unique<EventFile>(out_dir_.string(), first_step);
+  if (tensorboard) events_ = std::make_unique<::twins::detail::EventFile>(out_dir_.string(), first_step);
 }
 
 RunLog::~RunLog() = default;

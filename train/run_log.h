@@ -13,6 +13,10 @@
 #include "twins/io.h"
 #include "twins/train/trainer.h"
 
+namespace twins::detail {
+class EventFile;
+}  // namespace twins::detail
+
 namespace twins::train::detail {
 
 /// Where a step sits in the run, for the progress line.
@@ -23,8 +27,6 @@ struct RunPosition {
   /// Steps done in the run, of max_steps; start_step: where this invocation started.
   int64_t step = 0, max_steps = 1, start_step = 0;
 };
-
-class EventFile;
 
 class RunLog {
  public:
@@ -70,7 +72,7 @@ class RunLog {
   std::filesystem::path out_dir_;
   bool writer_, progress_, tty_ = false, line_open_ = false;
   std::unique_ptr<io::AppendFile> metrics_;
-  std::unique_ptr<EventFile> events_;
+  std::unique_ptr<::twins::detail::EventFile> events_;
   std::chrono::steady_clock::time_point start_, window_start_;
   int64_t images_ = 0, window_images_ = 0, skipped_ = 0;
   double wait_ = 0, window_wait_ = 0, left_out_ = 0;

@@ -60,6 +60,10 @@ if ! grep -q "resuming from .*finetune-checkpoint.safetensors after epoch 1 of 2
   || ! grep -q '"resumed_from_epoch": 1' "$dir/ft_resume/finetune.json" \
   || ! grep -q '"best_epoch": [12]' "$dir/ft_resume/finetune.json" || ! grep -q "; best [0-9.]*% after epoch" "$dir/out6" \
   || [ -e "$dir/ft_resume/finetune-checkpoint.safetensors" ]; then cat "$dir/out6" "$dir/err6"; exit 1; fi
+# The per-epoch log over both calls, and its TensorBoard run (a folder of its own, a file per call).
+[ "$(grep -c '"test_top1"' "$dir/ft_resume/finetune-metrics.jsonl")" -eq 2 ] || { cat "$dir/ft_resume/finetune-metrics.jsonl"; exit 1; }
+grep -q '^{"epoch":2,' "$dir/ft_resume/finetune-metrics.jsonl" || { cat "$dir/ft_resume/finetune-metrics.jsonl"; exit 1; }
+[ "$(find "$dir/ft_resume/finetune" -name 'events.out.tfevents.*' | wc -l)" -eq 2 ] || { ls -R "$dir/ft_resume"; exit 1; }
 
 # 4. Two data-parallel ranks on this machine (Gloo): stopped after an epoch, then the same
 #    command continues; rank 0 alone prints and writes.

@@ -14,6 +14,7 @@
 #include "twins/eval/evaluate.h"
 #include "twins/eval/features.h"
 #include "twins/eval/finetune.h"
+#include "twins/io.h"
 #include "twins/models/resnet.h"
 #include "twins/models/weights.h"
 
@@ -254,10 +255,15 @@ TEST_CASE("eval: fine-tuning resumed from its checkpoint gives the uninterrupted
   FinetuneControl control;
   control.checkpoint = (dir / "out" / "finetune-checkpoint.safetensors").string();
   control.stop_after_epochs = 2;
+  control.metrics = (dir / "out" / "finetune-metrics.jsonl").string();
+  control.tensorboard_dir = (dir / "out" / "tb").string();
   const FinetuneRun first = run_finetune(backbone, cfg, control);
   CHECK_FALSE(first.finished);
   CHECK(first.epochs_done == 2);
   REQUIRE(fs::exists(control.checkpoint));
+  // As if the run had died after logging epoch 3 but before checkpointing it: the resumed run
+  // drops that line and logs the epoch again.
+  twins::io::AppendFile(control.metrics).append("{\"epoch\":3,\"loss\":99}\n");
   control.stop_after_epochs = 0;
   const FinetuneRun resumed = run_finetune(backbone, cfg, control);
   CHECK(resumed.finished);
@@ -277,6 +283,28 @@ TEST_CASE("eval: fine-tuning resumed from its checkpoint gives the uninterrupted
     CHECK(at::equal(a[i].second, b[i].second));
   }
   CHECK(resumed.test.top1 == whole.test.top1);
+  // The per-epoch log: one line per epoch over both calls, the numbers of the result.
+  std::vector<nlohmann::json> lines;
+  {
+    std::ifstream in(control.metrics);
+    for (std::string line; std::getline(in, line);) lines.push_back(nlohmann::json::parse(line));
+  }
+  REQUIRE(lines.size() == 3);
+  for (size_t e = 0; e < 3; ++e) {
+    CAPTURE(e);
+    CHECK(lines[e]["epoch"] == e + 1);
+    CHECK(lines[e]["epochs"] == 3);
+    CHECK(lines[e]["loss"].get<double>() == whole.epoch_loss[e]);
+    CHECK(lines[e]["test_top1"].get<double>() == whole.test_per_epoch[e].test.top1);
+    CHECK(lines[e]["test_top5"].get<double>() == whole.test_per_epoch[e].test.top5);
+    CHECK(lines[e]["lr_head"].get<double>() <= 0.2);
+    CHECK(lines[e].contains("epoch_seconds"));
+  }
+  CHECK(lines[0]["lr_head"].get<double>() == 0.2);  // the cosine schedule's start
+  int event_files = 0;                              // one per call
+  for (const auto& entry : fs::directory_iterator(control.tensorboard_dir))
+    event_files += entry.path().filename().string().rfind("events.out.tfevents.", 0) == 0 && fs::file_size(entry) > 0;
+  CHECK(event_files == 2);
 
   // A checkpoint from other settings is not taken for this run's.
   config["finetune"]["lr_head"] = 0.1;

@@ -11,12 +11,12 @@
 #include <fstream>
 
 #include "core/compat.h"
+#include "core/tensorboard.h"
 #include "tests/test_util.h"
 #include "tests/train/tiny_run.h"
 #include "train/multi_tensor_adamw.h"
 #include "train/run_log.h"
 #include "train/ssl_model.h"
-#include "train/tensorboard.h"
 #include "twins/augment/random.h"
 #include "twins/config.h"
 #include "twins/eval/evaluate.h"
@@ -974,8 +974,8 @@ TEST_CASE("train: model.backbone_init starts the backbone, and BYOL's target, fr
 }
 
 TEST_CASE("train: the run folder's TensorBoard events file holds metrics.jsonl's numbers") {
-  CHECK(twins::train::detail::crc32c("123456789") == 0xE3069283u);  // the CRC-32C check value
-  CHECK(twins::train::detail::crc32c("") == 0u);
+  CHECK(twins::detail::crc32c("123456789") == 0xE3069283u);  // the CRC-32C check value
+  CHECK(twins::detail::crc32c("") == 0u);
   TinyData data(48);
   json cfg = tiny_recipe("vicreg", data.dir);
   cfg["train"]["epochs"] = 2;

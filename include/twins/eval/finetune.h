@@ -74,6 +74,16 @@ struct FinetuneControl {
   std::string checkpoint;
   /// Stop after this many epochs of this call, checkpointed (0: run to the end).
   int64_t stop_after_epochs = 0;
+  /// Rank 0 appends a line per epoch to this JSON Lines file as the run goes: {"epoch"
+  /// (1-based), "epochs", "loss", "lr_head", "lr_backbone", "epoch_seconds", and "test_top1",
+  /// "test_top5" after a scored epoch}. A run that starts afresh replaces the file; a resumed one
+  /// keeps the lines of the checkpoint's epochs. Empty: none.
+  std::string metrics;
+  /// Rank 0 writes the same numbers (step: the epoch; tags "finetune/<key>") to a TensorBoard
+  /// events file in this folder, a new file per call (a resumed call's supersedes the epochs
+  /// after the checkpoint's). Give the run a folder of its own: TensorBoard shows a folder as
+  /// one run, and a resumed file's restart would hide other writers' later steps. Empty: none.
+  std::string tensorboard_dir;
   /// A data-parallel run: this process is one rank of `communicator` (null: a single process).
   /// Every rank loads the backbone and trains on its share of each epoch (finetune.batch_size /
   /// world size per rank, PyTorch's DistributedSampler order); gradients are averaged over the

@@ -13,7 +13,7 @@
 
 #include "twins/io.h"
 
-namespace twins::train::detail {
+namespace twins::detail {
 
 /// CRC-32C (Castagnoli), as TFRecord frames use it; crc32c("123456789") == 0xE3069283.
 uint32_t crc32c(std::string_view bytes);
@@ -39,4 +39,4 @@ class EventFile {
   std::unique_ptr<io::AppendFile> file_;
 };
 
-}  // namespace twins::train::detail
+}  // namespace twins::detail

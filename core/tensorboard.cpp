@@ -1,4 +1,4 @@
-#include "train/tensorboard.h"
+#include "core/tensorboard.h"
 
 #include <unistd.h>
 
@@ -7,7 +7,7 @@
 #include <cstring>
 #include <limits>
 
-namespace twins::train::detail {
+namespace twins::detail {
 namespace {
 
 const std::array<uint32_t, 256>& crc32c_table() {
@@ -130,4 +130,4 @@ void EventFile::scalars(int64_t step, const std::vector<std::pair<std::string, d
   if (!values.empty()) file_->append(tfrecord(scalar_event(now(), step, values)));
 }
 
-}  // namespace twins::train::detail
+}  // namespace twins::detail
