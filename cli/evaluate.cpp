@@ -73,8 +73,20 @@ int run_linear_probe(const EvalArgs& a) {
   if (main_rank(comm))
     std::cerr << "linear probe of " << a.backbone << " (" << (cfg.probe.augment ? "augmented" : "cached features")
               << ")\n";
-  const auto run = eval::run_linear_probe(a.backbone, cfg, out, comm);
+  if (a.stop_after_epochs > 0 && !cfg.probe.augment)
+    throw std::invalid_argument(
+        "--stop-after-epochs: only probe.augment (the probe through the backbone) keeps its state between calls; the "
+        "probe on cached features starts over");
+  eval::LinearProbeControl control;
+  if (cfg.probe.augment) control.checkpoint = (fs::path(out) / "probe-checkpoint.safetensors").string();
+  control.stop_after_epochs = a.stop_after_epochs;
+  const auto run = eval::run_linear_probe(a.backbone, cfg, out, comm, control);
   if (!run.main_rank) return 0;  // rank 0 trains the probe and writes
+  if (!run.finished) {
+    std::cout << "linear probe: stopped after epoch " << run.epochs_done << " of " << cfg.probe.epochs << " (state in "
+              << control.checkpoint << "); the same command continues it\n";
+    return 0;
+  }
   const auto& r = run.result;
   const nlohmann::json result = {{"backbone", a.backbone},
                                  {"config", a.config},
@@ -87,9 +99,11 @@ int run_linear_probe(const EvalArgs& a) {
                                  {"top1", r.test.top1},
                                  {"top5", r.test.top5},
                                  {"train_top1", r.train.top1},
-                                 {"probe_seconds", r.seconds}};
+                                 {"probe_seconds", r.seconds},
+                                 {"resumed_from_epoch", run.start_epoch}};
   fs::create_directories(out);
   io::write_file_atomic((fs::path(out) / "probe.json").string(), result.dump(2) + "\n");
+  if (!control.checkpoint.empty()) fs::remove(control.checkpoint);  // its results are kept
   eval::write_projection(run.test.features, run.test.labels, (fs::path(out) / "embeddings-test.svg").string(),
                          "test features of " + a.backbone);
   std::cout << std::fixed << std::setprecision(2) << "linear probe: top-1 " << r.test.top1 << "%, top-5 " << r.test.top5
@@ -221,7 +235,12 @@ void add_common(CLI::App* sub, EvalArgs& a) {
 
 Command add_linear_probe(CLI::App& app) {
   auto a = std::make_shared<EvalArgs>();
-  add_common(app.add_subcommand("linear-probe", "Linear classifier on frozen features: top-1/top-5, probe.json"), *a);
+  auto* sub = app.add_subcommand("linear-probe", "Linear classifier on frozen features: top-1/top-5, probe.json");
+  add_common(sub, *a);
+  sub->add_option("--stop-after-epochs", a->stop_after_epochs,
+                  "probe.augment: stop after N epochs of this call, keeping the state in probe-checkpoint.safetensors; "
+                  "the same command continues from there (as after a crash)")
+      ->check(CLI::Range(int64_t{1}, int64_t{1000000}));
   return [a] { return run_linear_probe(*a); };
 }
 

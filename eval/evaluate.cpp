@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <filesystem>
+#include <functional>
 #include <iostream>
 #include <memory>
 #include <optional>
@@ -216,8 +217,14 @@ std::pair<Features, Features> eval_features(models::Network& net, const EvalConf
   return {train, test};
 }
 
+// probe.augment's checkpoint metadata keys.
+constexpr const char* kProbeSettingsKey = "twins_probe_settings";
+constexpr const char* kProbeEpochsKey = "twins_probe_epochs_done";
+constexpr const char* kProbeWorldKey = "twins_probe_world_size";
+
 LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c, const std::string& cache_dir,
-                                const std::shared_ptr<distributed::Communicator>& comm) {
+                                const std::shared_ptr<distributed::Communicator>& comm,
+                                const LinearProbeControl& control) {
   const auto& o = c.probe;
   const int world = comm ? comm->world_size() : 1;
   // Rank 0 trains and scores the probe on the gathered features; with probe.augment, every rank
@@ -261,9 +268,72 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
                                        o, batches * o.epochs, device);
   }
   net->eval();
+
+  // Resumed from the checkpoint's last epoch: rank 0 reads it, the other ranks take its epoch.
+  const nlohmann::json settings = {{"backbone", backbone},
+                                   {"weights_crc32", backbone_checksum(*net)},
+                                   {"train_data", c.train_data},
+                                   {"image_size", c.image_size},
+                                   {"normalize", {{"mean", c.normalization.mean}, {"std", c.normalization.std}}},
+                                   {"probe",
+                                    {{"epochs", o.epochs},
+                                     {"batch_size", o.batch_size},
+                                     {"lr", o.lr},
+                                     {"weight_decay", o.weight_decay},
+                                     {"momentum", o.momentum},
+                                     {"seed", o.seed},
+                                     {"crop_scale", o.crop_scale}}}};
+  const std::string& checkpoint = control.checkpoint;
+  // Rank 0's failure (reading or writing the checkpoint) stops every rank at once.
+  auto on_rank0 = [&](const std::function<void()>& f, const std::string& what) {
+    std::string failure;
+    if (run.main_rank) try {
+        f();
+      } catch (const std::exception& e) {
+        failure = e.what();
+      }
+    if (shared ? comm->any(!failure.empty()) : !failure.empty())
+      throw std::runtime_error(!failure.empty() ? failure : "linear probe: rank 0 could not " + what);
+  };
+  int64_t first_epoch = 0;
+  if (!checkpoint.empty())
+    on_rank0(
+        [&] {
+          if (!fs::exists(checkpoint)) return;
+          const models::SafeTensorsFile file = models::load_safetensors(checkpoint);  // its checksum checked
+          const auto it = file.metadata.find(kProbeSettingsKey);
+          if (it == file.metadata.end() || nlohmann::json::parse(it->second, nullptr, false) != settings)
+            throw std::runtime_error("linear probe: " + checkpoint +
+                                     " was written for another backbone or other settings; remove it to start over, "
+                                     "or write to another folder (--out)");
+          const auto done = file.metadata.find(kProbeEpochsKey);
+          const nlohmann::json epochs =
+              done == file.metadata.end() ? nlohmann::json() : nlohmann::json::parse(done->second, nullptr, false);
+          if (!epochs.is_number_integer() || epochs.get<int64_t>() < 1 || epochs.get<int64_t>() > o.epochs)
+            throw std::runtime_error("linear probe: " + checkpoint + ": malformed " + kProbeEpochsKey);
+          head->load_state(file.tensors);
+          first_epoch = epochs.get<int64_t>();
+          std::cerr << "  resuming from " << checkpoint << " after epoch " << first_epoch << " of " << o.epochs << "\n";
+        },
+        "read " + checkpoint + " (its output says why)");
+  if (shared) {
+    at::Tensor e = at::full({1}, first_epoch, at::TensorOptions().dtype(at::kLong).device(comm->device()));
+    comm->broadcast(e, 0);
+    first_epoch = e.cpu().item<int64_t>();
+  }
+  run.start_epoch = first_epoch;
+
   std::optional<detail::EpochProgress> progress;
-  if (run.main_rank) progress.emplace("augmented probe", 0, o.epochs, batches);
-  for (int64_t epoch = 0; epoch < o.epochs; ++epoch) {
+  if (run.main_rank) progress.emplace("augmented probe", first_epoch, o.epochs, batches);
+  for (int64_t epoch = first_epoch; epoch < o.epochs; ++epoch) {
+    if (control.stop_after_epochs > 0 && epoch - first_epoch == control.stop_after_epochs) {
+      if (run.main_rank)
+        std::cerr << "  linear probe: stopped after epoch " << epoch << " of " << o.epochs
+                  << (checkpoint.empty() ? std::string() : ", state in " + checkpoint) << "\n";
+      run.finished = false;
+      run.epochs_done = epoch;
+      return run;
+    }
     loader.start_epoch(epoch);
     int64_t done = 0;
     while (auto batch = loader.next()) {
@@ -291,7 +361,19 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
       if (head) head->step(features, labels);
       if (progress) progress->batch_done(epoch, ++done);
     }
+    if (!checkpoint.empty() && epoch + 1 < o.epochs)
+      on_rank0(
+          [&] {
+            if (const fs::path parent = fs::path(checkpoint).parent_path(); !parent.empty())
+              fs::create_directories(parent);
+            models::save_safetensors(checkpoint, head->state(),
+                                     {{kProbeSettingsKey, settings.dump()},
+                                      {kProbeEpochsKey, std::to_string(epoch + 1)},
+                                      {kProbeWorldKey, std::to_string(ranks)}});
+          },
+          "write " + checkpoint + " (its output says why)");
   }
+  run.epochs_done = o.epochs;
   if (!run.main_rank) return run;
   run.result.num_classes = run.num_classes;
   std::tie(run.head_weight, run.head_bias) = head->parameters();

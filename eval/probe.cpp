@@ -10,6 +10,7 @@
 #include <cmath>
 #include <stdexcept>
 
+#include "core/optimizer_state.h"
 #include "twins/augment/random.h"
 #include "twins/schedule.h"
 
@@ -112,6 +113,42 @@ void ProbeHead::step_standardised(const at::Tensor& x, const at::Tensor& y) {
 
 std::pair<at::Tensor, at::Tensor> ProbeHead::parameters() const {
   return {impl_->linear->weight.detach().cpu().clone(), impl_->linear->bias.detach().cpu().clone()};
+}
+
+std::vector<std::pair<std::string, at::Tensor>> ProbeHead::state() const {
+  const auto& m = *impl_;
+  const std::vector<uint8_t> bytes = save_optimizer_state(*m.sgd);
+  return {{"probe.weight", m.linear->weight.detach().cpu().clone()},
+          {"probe.bias", m.linear->bias.detach().cpu().clone()},
+          {"probe.optimizer_state",
+           at::from_blob(const_cast<uint8_t*>(bytes.data()), {static_cast<int64_t>(bytes.size())}, at::kByte).clone()},
+          {"probe.steps", at::full({1}, m.done, at::kLong)}};
+}
+
+void ProbeHead::load_state(const std::vector<std::pair<std::string, at::Tensor>>& state) {
+  auto& m = *impl_;
+  auto find = [&](const std::string& name, at::IntArrayRef shape, at::ScalarType type) {
+    for (const auto& [key, t] : state)
+      if (key == name) {
+        if ((!shape.empty() && t.sizes() != shape) || t.scalar_type() != type)
+          throw std::runtime_error("probe state: " + name + " has shape " + at::str(t.sizes()) + " (" +
+                                   std::string(c10::toString(t.scalar_type())) + "), the classifier needs " +
+                                   at::str(shape.empty() ? t.sizes() : shape) + " (" + c10::toString(type) + ")");
+        return t;
+      }
+    throw std::runtime_error("probe state: " + name + " is missing");
+  };
+  const at::Tensor weight = find("probe.weight", m.linear->weight.sizes(), at::kFloat);
+  const at::Tensor bias = find("probe.bias", m.linear->bias.sizes(), at::kFloat);
+  const at::Tensor steps = find("probe.steps", {1}, at::kLong);
+  const at::Tensor bytes = find("probe.optimizer_state", {}, at::kByte);
+  {
+    at::NoGradGuard no_grad;
+    m.linear->weight.copy_(weight);
+    m.linear->bias.copy_(bias);
+  }
+  load_optimizer_state(*m.sgd, bytes);
+  m.done = steps.item<int64_t>();
 }
 
 Accuracy ProbeHead::score(const Features& all) {

@@ -89,6 +89,23 @@ done
 if [ ! -s "$dir/knn-ranks/knn.json" ] || [ ! -s "$dir/linear-probe-ranks/probe.json" ]; then
   echo "no knn.json or probe.json"; exit 1
 fi
+# The augmented linear probe stopped after an epoch on 2 ranks, continued by the same command.
+aug=(linear-probe --nproc-per-node 2 --backbone "random:$quickstart" --config "$dir/eval.json" --set dist_timeout_s=120
+  --set probe.augment=true --set probe.epochs=2 --set probe.batch_size=8 --out "$dir/aug")
+"$twins" "${aug[@]}" --stop-after-epochs 1 > "$dir/aug1.out" 2> "$dir/aug1.err" || { cat "$dir/aug1.out" "$dir/aug1.err"; exit 1; }
+if ! grep -q "linear probe: stopped after epoch 1 of 2" "$dir/aug1.out" || [ -e "$dir/aug/probe.json" ] \
+  || [ ! -s "$dir/aug/probe-checkpoint.safetensors" ]; then cat "$dir/aug1.out" "$dir/aug1.err"; exit 1; fi
+"$twins" "${aug[@]}" > "$dir/aug2.out" 2> "$dir/aug2.err" || { cat "$dir/aug2.out" "$dir/aug2.err"; exit 1; }
+if ! grep -q "resuming from .*probe-checkpoint.safetensors after epoch 1 of 2" "$dir/aug2.err" \
+  || ! grep -q '"resumed_from_epoch": 1' "$dir/aug/probe.json" || [ -e "$dir/aug/probe-checkpoint.safetensors" ]; then
+  cat "$dir/aug2.out" "$dir/aug2.err"; exit 1
+fi
+status=0  # only probe.augment keeps state between calls
+"$twins" linear-probe --backbone "random:$quickstart" --config "$dir/eval.json" --stop-after-epochs 1 --out "$dir/bad" \
+  > /dev/null 2> "$dir/err10" || status=$?
+if [ "$status" != 2 ] || ! grep -q -- "--stop-after-epochs: only probe.augment" "$dir/err10"; then
+  echo "exit $status"; cat "$dir/err10"; exit 1
+fi
 status=0
 "$twins" finetune --nproc-per-node 2 --backbone "random:$quickstart" --config "$dir/eval.json" \
   --set finetune.batch_size=7 --out "$dir/bad" > /dev/null 2> "$dir/err9" || status=$?

@@ -217,6 +217,51 @@ TEST_CASE("eval: the augmented linear probe (probe.augment) learns through the f
   REQUIRE(one.head_weight.defined());
   CHECK(twins::test::max_rel_error(runs[0].head_weight, one.head_weight) < 1e-5);
   CHECK(twins::test::max_rel_error(runs[0].head_bias, one.head_bias) < 1e-5);
+
+  // Stopped after an epoch and resumed from its checkpoint: the uninterrupted classifier, bit for
+  // bit in one process; a checkpoint of 3 ranks resumed by one process, and one process's by 3
+  // ranks, within float rounding.
+  LinearProbeControl control;
+  control.checkpoint = (dir / "probe" / "probe-checkpoint.safetensors").string();
+  control.stop_after_epochs = 1;
+  const LinearProbeRun stopped = run_linear_probe(backbone, cfg, "", nullptr, control);
+  CHECK_FALSE(stopped.finished);
+  CHECK(stopped.epochs_done == 1);
+  REQUIRE(fs::exists(control.checkpoint));
+  control.stop_after_epochs = 0;
+  const LinearProbeRun resumed = run_linear_probe(backbone, cfg, "", nullptr, control);
+  CHECK(resumed.finished);
+  CHECK(resumed.start_epoch == 1);
+  CHECK(at::equal(resumed.head_weight, one.head_weight));
+  CHECK(at::equal(resumed.head_bias, one.head_bias));
+  CHECK(resumed.result.test.top1 == one.result.test.top1);
+  // The last epoch writes no checkpoint: the one after epoch 1 is still there, and resumed again.
+  control.stop_after_epochs = 1;
+  twins::test::on_threads(3, [&](int r) {
+    runs[static_cast<size_t>(r)] = run_linear_probe(backbone, cfg, "", comms[static_cast<size_t>(r)], control);
+  });
+  for (const auto& run3 : runs) {
+    CHECK(run3.finished);  // from epoch 1: nothing left to stop after
+    CHECK(run3.start_epoch == 1);
+  }
+  CHECK(twins::test::max_rel_error(runs[0].head_weight, one.head_weight) < 1e-5);
+  fs::remove(control.checkpoint);
+  twins::test::on_threads(3, [&](int r) {
+    runs[static_cast<size_t>(r)] = run_linear_probe(backbone, cfg, "", comms[static_cast<size_t>(r)], control);
+  });
+  CHECK_FALSE(runs[0].finished);
+  CHECK_FALSE(runs[2].finished);
+  control.stop_after_epochs = 0;
+  const LinearProbeRun from_ranks = run_linear_probe(backbone, cfg, "", nullptr, control);
+  CHECK(from_ranks.start_epoch == 1);
+  CHECK(twins::test::max_rel_error(from_ranks.head_weight, one.head_weight) < 1e-5);
+  // A checkpoint of other settings is refused, naming it.
+  config["probe"]["lr"] = 0.003;
+  check_throws_with<std::runtime_error>(
+      [&] { run_linear_probe(backbone, EvalConfig::parse(config), "", nullptr, control); },
+      control.checkpoint + " was written for another backbone or other settings");
+  config["probe"]["lr"] = 0.002;
+
   // The global batch must divide over the ranks.
   config["probe"]["batch_size"] = 7;
   const EvalConfig odd = EvalConfig::parse(config);

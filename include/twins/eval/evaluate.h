@@ -73,9 +73,28 @@ struct LinearProbeRun {
   /// probe.augment's classifier: weight [C, D] and bias [C] (CPU, float32) over the features
   /// standardised with the centre-crop training features' statistics (undefined otherwise).
   at::Tensor head_weight, head_bias;
+  /// False when LinearProbeControl::stop_after_epochs stopped probe.augment before its last
+  /// epoch (nothing scored); the epoch this call started from (the checkpoint's), and the epochs
+  /// done in all.
+  bool finished = true;
+  int64_t start_epoch = 0, epochs_done = 0;
+};
+
+/// How one call of run_linear_probe runs (not part of the protocol). Only probe.augment keeps
+/// state, its epochs each taking the training set through the backbone; the probe on cached
+/// features takes seconds to minutes and starts over.
+struct LinearProbeControl {
+  /// Where probe.augment's classifier, optimizer and epoch are kept after every epoch (written
+  /// atomically by rank 0); empty: nowhere. A file there from the same backbone and settings is
+  /// resumed from its last epoch, with the result an uninterrupted run gives; one from other
+  /// settings is an error naming it. The caller removes it once it has kept the results.
+  std::string checkpoint;
+  /// Stop probe.augment after this many epochs of this call, checkpointed (0: run to the end).
+  int64_t stop_after_epochs = 0;
 };
 LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& config, const std::string& cache_dir,
-                                const std::shared_ptr<distributed::Communicator>& communicator = nullptr);
+                                const std::shared_ptr<distributed::Communicator>& communicator = nullptr,
+                                const LinearProbeControl& control = {});
 
 /// Loads a backbone path, or builds "random:<backbone JSON>" or "random:<recipe file>" (its
 /// model.backbone) with seed 0: the random-initialisation baseline.

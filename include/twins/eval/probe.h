@@ -73,6 +73,12 @@ class ProbeHead {
   Accuracy score(const Features& features);
   /// The classifier's weight [C, D] and bias [C] (copies on the CPU), over standardised features.
   std::pair<at::Tensor, at::Tensor> parameters() const;
+  /// The classifier, its optimizer's state and its place in the schedule as named tensors (CPU
+  /// copies, "probe.*"), for a checkpoint; load_state() takes them back (throws
+  /// std::runtime_error naming a missing or misshapen one), and the head then steps on as the
+  /// saved one would have.
+  std::vector<std::pair<std::string, at::Tensor>> state() const;
+  void load_state(const std::vector<std::pair<std::string, at::Tensor>>& state);
 
  private:
   struct Impl;
