@@ -383,10 +383,11 @@ std::string ranks_not_joined(c10d::Store& store, int world_size) {
   return (missing.size() == 1 ? "rank " : "ranks ") + first_names(missing);
 }
 
-// Rank 0 keeps its store up until the other ranks have read the stop, or `limit_s` passed.
-void serve_stop(c10d::Store& store, int world_size, double limit_s) {
+// Rank 0 keeps its store up until `readers` other ranks have read the stop (or posted it), or
+// `limit_s` passed.
+void serve_stop(c10d::Store& store, const std::function<int64_t()>& readers, double limit_s) {
   const double until = seconds_now() + limit_s;
-  while (seconds_now() < until && store.add(kStopRead, 0) < world_size - 1)
+  while (seconds_now() < until && store.add(kStopRead, 0) < readers())
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
 }
 
@@ -400,8 +401,17 @@ struct JoinRefused : std::runtime_error {
 // MASTER_ADDR); that is what a user of a stuck multi-node job needs to see.
 void join_all(c10d::Store& store, int rank, int world_size, double timeout_s, const std::string& address) {
   const std::string me = "rank " + std::to_string(rank) + " of " + std::to_string(world_size);
+  // This store must be this job's: a second process of this rank, or another job on this port
+  // (torchrun's default 29500 is common), would otherwise be taken for the ranks of this one.
+  const bool taken = store.check({joined_key(rank)});
   store.set(joined_key(rank), std::vector<uint8_t>{'1'});
-  store.add(kJoinedCount, 1);
+  const int64_t count = store.add(kJoinedCount, 1);
+  if (taken || count > world_size) {
+    g_told = true;  // the job there is not this rank's to stop
+    throw JoinRefused(me + ": the rendezvous at " + address + " already has " +
+                      (taken ? "a rank " + std::to_string(rank) : std::to_string(count - 1) + " ranks") +
+                      ": this rank was started twice, or another job uses that port (set MASTER_PORT)");
+  }
   const double began = seconds_now();
   double next_word = began + 30;
   auto pause = std::chrono::milliseconds(10);
@@ -409,8 +419,9 @@ void join_all(c10d::Store& store, int rank, int world_size, double timeout_s, co
     if (store.check({kStopKey})) {
       const std::string why = store_text(store, kStopKey);
       g_told = true;
-      if (rank == 0)
-        serve_stop(store, world_size, kTellSeconds);
+      if (rank == 0)  // every rank, or those come by then
+        serve_stop(
+            store, [world_size] { return world_size - 1; }, kTellSeconds);
       else
         store.add(kStopRead, 1);
       throw JoinRefused(me + ": stopping before the job formed: " + why);
@@ -419,10 +430,17 @@ void join_all(c10d::Store& store, int rank, int world_size, double timeout_s, co
     const double now = seconds_now();
     if (now - began >= timeout_s) {
       g_told = true;  // nothing to tell those that did not come in all this time
-      throw JoinRefused(me + ": " + ranks_not_joined(store, world_size) + " did not join the job at " + address +
-                        " within " + std::to_string(static_cast<int64_t>(timeout_s)) +
-                        " s (dist_timeout_s): not started, or cannot reach that address (MASTER_ADDR, "
-                        "MASTER_PORT, a firewall)");
+      const std::string why = ranks_not_joined(store, world_size) + " did not join the job at " + address + " within " +
+                              std::to_string(static_cast<int64_t>(timeout_s)) +
+                              " s (dist_timeout_s): not started, or cannot reach that address (MASTER_ADDR, "
+                              "MASTER_PORT, a firewall)";
+      if (rank == 0) {  // the ranks that came read why before the store goes
+        const std::string told = "rank 0 gave up: " + why;
+        store.set(kStopKey, std::vector<uint8_t>(told.begin(), told.end()));
+        serve_stop(
+            store, [&store] { return store.add(kJoinedCount, 0) - 1; }, 5);
+      }
+      throw JoinRefused(me + ": " + why);
     }
     if (rank == 0 && now >= next_word) {
       std::cerr << (me + ": waiting for " + ranks_not_joined(store, world_size) + " to join the job at " + address +
@@ -530,9 +548,14 @@ struct Communicator::Impl {
 
 namespace {
 
-c10::intrusive_ptr<compat::ProcessGroupBackend> make_group(const std::string& backend,
-                                                           const c10::intrusive_ptr<c10d::Store>& store, int rank,
-                                                           int world_size, double timeout_s, const std::string& host) {
+using GroupMaker =
+    std::function<c10::intrusive_ptr<compat::ProcessGroupBackend>(const c10::intrusive_ptr<c10d::Store>&)>;
+
+// The backend's process group, prepared before the ranks join: what can fail on one node alone
+// (the Gloo device of GLOO_SOCKET_IFNAME or of this host's name, a backend this build lacks)
+// fails while that rank can still tell the others (report_failure_before_join).
+GroupMaker prepare_group(const std::string& backend, int rank, int world_size, double timeout_s,
+                         const std::string& host) {
   if (backend == "gloo") {
 #if TWINS_WITH_GLOO
     auto o = c10d::ProcessGroupGloo::Options::create(to_ms(timeout_s));
@@ -544,9 +567,12 @@ c10::intrusive_ptr<compat::ProcessGroupBackend> make_group(const std::string& ba
     else
       o->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
     o->threads = 2;
-    return c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world_size, o);
+    return [o, rank, world_size](const c10::intrusive_ptr<c10d::Store>& store) {
+      return c10::intrusive_ptr<compat::ProcessGroupBackend>(
+          c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world_size, o));
+    };
 #else
-    (void)store, (void)rank, (void)world_size, (void)timeout_s, (void)host;
+    (void)rank, (void)world_size, (void)timeout_s, (void)host;
     throw std::runtime_error(
         "this twins was built without Gloo (CPU collectives): the LibTorch it was built "
         "against has no Gloo headers");
@@ -556,7 +582,10 @@ c10::intrusive_ptr<compat::ProcessGroupBackend> make_group(const std::string& ba
 #if TWINS_WITH_NCCL
     auto o = c10d::ProcessGroupNCCL::Options::create();
     o->timeout = to_ms(timeout_s);
-    return c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world_size, o);
+    return [o, rank, world_size](const c10::intrusive_ptr<c10d::Store>& store) {
+      return c10::intrusive_ptr<compat::ProcessGroupBackend>(
+          c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world_size, o));
+    };
 #else
     throw std::runtime_error(
         "this twins was built without NCCL (GPU collectives): build against a CUDA "
@@ -618,6 +647,15 @@ std::shared_ptr<Communicator> Communicator::create(const Environment& e, const a
   so.waitWorkers = false;  // join_all waits, and hears of a rank that failed first
   so.timeout = to_ms(options.timeout_s);
   const std::string address = e.master_addr + ":" + std::to_string(e.master_port);
+  GroupMaker make_group;
+  try {
+    make_group = prepare_group(impl->backend, e.rank, e.world_size, options.timeout_s, e.master_addr);
+  } catch (const std::invalid_argument&) {
+    throw;
+  } catch (const std::exception& ex) {
+    throw std::runtime_error("rank " + std::to_string(e.rank) + ": cannot prepare the " + impl->backend +
+                             " group: " + ex.what());
+  }
   try {
     impl->store = tcp_store(e.master_addr, so);
   } catch (const std::exception& ex) {
@@ -635,9 +673,7 @@ std::shared_ptr<Communicator> Communicator::create(const Environment& e, const a
                              " failed while the ranks joined: " + ex.what());
   }
   try {
-    impl->group = make_group(impl->backend, impl->store, e.rank, e.world_size, options.timeout_s, e.master_addr);
-  } catch (const std::invalid_argument&) {
-    throw;
+    impl->group = make_group(impl->store);
   } catch (const std::exception& ex) {
     throw std::runtime_error("rank " + std::to_string(e.rank) + ": could not form the " + impl->backend + " group of " +
                              std::to_string(e.world_size) + " ranks: " + ex.what());
@@ -675,13 +711,15 @@ void report_failure_before_join(const Environment& e, double wait_s) noexcept {
     so.waitWorkers = false;
     so.timeout = to_ms(wait_s);
     const c10::intrusive_ptr<c10d::Store> store = tcp_store(e.master_addr, so);
+    if (store->add(kJoinedCount, 0) >= e.world_size) return;  // a job that formed: not this rank's
     if (!store->check({kStopKey})) {
       const std::string why =
           "rank " + std::to_string(e.rank) + " failed before it joined the job (its own output says why)";
       store->set(kStopKey, std::vector<uint8_t>(why.begin(), why.end()));
     }
     if (e.rank == 0)
-      serve_stop(*store, e.world_size, wait_s);
+      serve_stop(
+          *store, [&e] { return e.world_size - 1; }, wait_s);
     else
       store->add(kStopRead, 1);
   } catch (...) {  // rank 0's store unreachable: the others wait for dist_timeout_s, as before
@@ -704,7 +742,7 @@ std::vector<std::shared_ptr<Communicator>> Communicator::create_local_group(int 
         impl->rank = r, impl->world_size = world_size, impl->timeout_s = options.timeout_s, impl->backend = "gloo";
         impl->id = g_next_id++;
         impl->store = c10::make_intrusive<c10d::PrefixStore>("local" + std::to_string(group_id), store);
-        impl->group = make_group("gloo", impl->store, r, world_size, options.timeout_s, "127.0.0.1");
+        impl->group = prepare_group("gloo", r, world_size, options.timeout_s, "127.0.0.1")(impl->store);
         if (options.heartbeat_s > 0 && world_size > 1)
           impl->heartbeat = std::make_unique<Heartbeat>(
               impl->store, [store = impl->store] { return store; }, r, options.heartbeat_s,

@@ -132,7 +132,8 @@ grep -q "error: rank 1 of 2: stopping: rank 0 failed with an error" "$dir/err15"
 echo "a failed rank stops a job without launcher: ${took}s"
 
 # A rank that fails before it joins the job (its node lacks the config file) while the other
-# waits in the rendezvous (an hour's train.dist_timeout_s): the waiting rank stops within seconds.
+# waits in the rendezvous (train.dist_timeout_s 120 s, so that a miss fails rather than hangs):
+# the waiting rank stops within seconds.
 # Rank 1 failing reaches rank 0's store; rank 0 failing hosts its store until rank 1 read why
 # (rank 1 is started first, so that it is trying to reach rank 0 by then).
 for failing in 1 0; do
@@ -145,7 +146,7 @@ for failing in 1 0; do
     config=$quickstart
     [ "$rank" = "$failing" ] && config=$dir/not-on-this-node.json
     env "${bare[@]}" RANK=$rank LOCAL_RANK=$rank "$twins" pretrain --config "$config" "${common[@]:2}" \
-      --set train.dist_timeout_s=3600 --out "$dir/early$failing" > /dev/null 2> "$dir/early$failing-$rank.err" &
+      --set train.dist_timeout_s=120 --out "$dir/early$failing" > /dev/null 2> "$dir/early$failing-$rank.err" &
     pids[rank]=$!
     pids_to_reap+=("$!")
     [ "$rank" = 1 ] && sleep 1

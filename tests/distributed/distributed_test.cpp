@@ -691,10 +691,41 @@ TEST_CASE("dist: the rendezvous names the ranks that never came, and stops at on
   const auto again = Clock::now();
   distributed::report_failure_before_join(e, 30);
   CHECK(std::chrono::duration<double>(Clock::now() - again).count() < 1);
-  // Ranks 1 and 2 never come: rank 0 names them after its timeout.
+  // Rank 2 never comes: rank 0 names it after its timeout, and tells rank 1, which came.
   e.master_port = free_port();
-  o.timeout_s = 1;  // after the above: a process that was told still waits for its ranks
+  std::string rank1;
+  o.timeout_s = 60;  // (a test that failed would not wait an hour)
+  std::thread one([&, patient = o] {
+    distributed::Environment mine = e;
+    mine.rank = 1;
+    try {
+      distributed::Communicator::create(mine, at::kCPU, patient);
+    } catch (const std::exception& ex) {
+      rank1 = ex.what();
+    }
+  });
+  o.timeout_s = 4;  // after the above: a process that was told still waits for its ranks
+  const std::string missing =
+      "rank 2 did not join the job at 127.0.0.1:" + std::to_string(e.master_port) + " within 4 s (dist_timeout_s)";
   check_throws_with<std::runtime_error>([&] { distributed::Communicator::create(e, at::kCPU, o); },
-                                        "rank 0 of 3: ranks 1, 2 did not join the job at 127.0.0.1:" +
-                                            std::to_string(e.master_port) + " within 1 s (dist_timeout_s)");
+                                        "rank 0 of 3: " + missing);
+  one.join();
+  INFO("rank 1: ", rank1);
+  CHECK(rank1.find("rank 1 of 3: stopping before the job formed: rank 0 gave up: " + missing) == 0);
+  // A rank started twice (or another job on the port) is refused; the job itself goes on.
+  e.world_size = 2, e.master_port = free_port();
+  std::vector<std::shared_ptr<distributed::Communicator>> job(2);
+  twins::test::on_threads(2, [&](int r) {
+    distributed::Environment mine = e;
+    mine.rank = r;
+    job[static_cast<size_t>(r)] = distributed::Communicator::create(mine, at::kCPU, o);
+  });
+  distributed::Environment twice = e;
+  twice.rank = 1;
+  check_throws_with<std::runtime_error>([&] { distributed::Communicator::create(twice, at::kCPU, o); },
+                                        "rank 1 of 2: the rendezvous at 127.0.0.1:" + std::to_string(e.master_port) +
+                                            " already has a rank 1: this rank was started twice");
+  std::vector<int64_t> sums(2);
+  twins::test::on_threads(2, [&](int r) { sums[static_cast<size_t>(r)] = job[static_cast<size_t>(r)]->sum(1); });
+  CHECK(sums == std::vector<int64_t>{2, 2});
 }
