@@ -282,8 +282,11 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
   detail::RunLog log(out_dir, job.main_rank, options.progress, tc.tensorboard, trainer.steps_taken() + 1);
   log.write_config(config);
   auto save_checkpoint = [&] {
+    // The online probe's counts so far are every rank's (a collective: every rank saves here).
+    const Trainer::ProbeCounts counts = job.comm && trainer.probing() ? trainer.probe_counts() : Trainer::ProbeCounts{};
     if (!job.main_rank) return store.path_of(trainer.steps_taken());  // every rank holds the same state
     json info = trainer.state_info();
+    if (job.comm && trainer.probing()) info["probe_correct"] = counts.correct, info["probe_seen"] = counts.seen;
     info.update(
         {{"epoch", at.epoch}, {"batch", at.batch}, {"twins_version", TWINS_VERSION_STRING}, {"world_size", job.world}});
     log.sync();  // the metrics up to here survive with the checkpoint
@@ -320,6 +323,7 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
         "with twins bench step)");
 
   PretrainResult result;
+  result.epochs_completed = at.epoch;  // resumed: the checkpoint's, until an epoch ends here
   const int64_t start_step = trainer.steps_taken();
   bool stop = false;
   std::optional<double> last_probe, last_knn;
@@ -344,7 +348,7 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
   }
   // (An epoch whose steps are all taken may still be to end: resumed after its last step.)
   while (!stop && at.epoch < tc.epochs && (trainer.steps_taken() < max_steps || at.batch == epoch_batches)) {
-    loader.start_epoch(at.epoch, at.batch);
+    if (at.batch < epoch_batches) loader.start_epoch(at.epoch, at.batch);  // (else only the epoch's end is left)
     const auto epoch_start = Clock::now();
     while (!stop && trainer.steps_taken() < max_steps && at.batch < epoch_batches) {
       std::vector<data::Batch> micro;

@@ -484,17 +484,23 @@ int Trainer::in_channels() const { return impl_->model->in_channels; }
 models::Network& Trainer::backbone() { return *impl_->model->backbone; }
 bool Trainer::probing() const { return static_cast<bool>(impl_->model->probe); }
 
-Trainer::ProbeCounts Trainer::end_probe_epoch() {
+Trainer::ProbeCounts Trainer::probe_counts() {
   auto& m = *impl_;
   ProbeCounts c;
   if (m.probe_correct.defined()) c.correct = m.probe_correct.item<int64_t>();
   c.seen = m.probe_seen;
   if (m.options.communicator) {  // the probe's accuracy over every rank's samples
-    at::Tensor counts = at::tensor({c.correct, c.seen}, at::kLong).to(m.options.device);
+    at::Tensor counts = at::tensor({c.correct, c.seen}, at::kLong).to(m.options.communicator->device());
     m.options.communicator->all_reduce(counts);
     counts = counts.to(at::kCPU);
     c.correct = counts[0].item<int64_t>(), c.seen = counts[1].item<int64_t>();
   }
+  return c;
+}
+
+Trainer::ProbeCounts Trainer::end_probe_epoch() {
+  auto& m = *impl_;
+  const ProbeCounts c = probe_counts();
   if (m.probe_correct.defined()) m.probe_correct.zero_();
   m.probe_seen = 0;
   return c;
@@ -538,8 +544,9 @@ void Trainer::load_state(const models::SafeTensorsFile& file, const json& info) 
   if (m.probe_optimizer && file.contains("probe_optimizer_state"))
     load_optimizer_state(*m.probe_optimizer, file.at("probe_optimizer_state"));
   m.step = info.at("step").get<int64_t>();
-  if (m.probe_correct.defined()) m.probe_correct.fill_(info.value("probe_correct", int64_t{0}));
-  m.probe_seen = info.value("probe_seen", int64_t{0});
+  const bool counts_here = !m.options.communicator || m.options.communicator->rank() == 0;  // the job's counts
+  if (m.probe_correct.defined()) m.probe_correct.fill_(counts_here ? info.value("probe_correct", int64_t{0}) : 0);
+  m.probe_seen = counts_here ? info.value("probe_seen", int64_t{0}) : 0;
   m.fp16_scale = info.value("fp16_scale", m.fp16_scale);
   m.fp16_good = info.value("fp16_good", int64_t{0});
 }

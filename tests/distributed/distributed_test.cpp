@@ -460,6 +460,51 @@ TEST_CASE("dist: train.grad_cache over ranks equals one process over the union b
   std::filesystem::remove(file);
 }
 
+TEST_CASE("dist: the online probe's counts in a checkpoint are the job's, and resumed ranks count them once") {
+  const int world = 2;
+  at::manual_seed(5);
+  std::vector<data::Batch> shares(world);
+  for (auto& b : shares) {
+    for (int v = 0; v < 2; ++v) b.views.push_back(at::randint(0, 256, {4, 1, 12, 12}, at::kByte));
+    b.labels = at::randint(0, 3, {4}, at::kLong);
+  }
+  const train::Recipe recipe = train::Recipe::parse(small_recipe("vicreg"));
+  train::TrainerOptions o;
+  o.steps_per_epoch = 4, o.total_steps = 4, o.num_classes = 3;
+  auto comms = distributed::Communicator::create_local_group(world);
+  const std::string file =
+      (std::filesystem::temp_directory_path() / ("twins_probe_counts_" + std::to_string(::getpid()) + ".safetensors"))
+          .string();
+  std::vector<train::Trainer::ProbeCounts> before(world), after(world);
+  std::vector<json> infos(world);
+  on_ranks(comms, [&](int r) {
+    train::TrainerOptions ro = o;
+    ro.communicator = comms[static_cast<size_t>(r)];
+    train::Trainer trainer(recipe, ro);
+    REQUIRE(trainer.probing());
+    for (int i = 0; i < 2; ++i) trainer.step({shares[static_cast<size_t>(r)]});
+    before[static_cast<size_t>(r)] = trainer.probe_counts();  // the job's, as pretrain checkpoints them
+    json info = trainer.state_info();
+    info["probe_correct"] = before[static_cast<size_t>(r)].correct,
+    info["probe_seen"] = before[static_cast<size_t>(r)].seen;
+    infos[static_cast<size_t>(r)] = info;
+    if (r == 0) models::save_safetensors(file, trainer.state());
+  });
+  CHECK(before[0].seen == 16);  // 2 steps x 2 ranks x 4 labelled samples
+  CHECK(before[1].seen == before[0].seen);
+  // Resumed on 2 ranks from rank 0's info: the sum over ranks is the saved one, not twice it.
+  on_ranks(comms, [&](int r) {
+    train::TrainerOptions ro = o;
+    ro.communicator = comms[static_cast<size_t>(r)];
+    train::Trainer trainer(recipe, ro);
+    trainer.load_state(models::load_safetensors(file), infos[0]);
+    after[static_cast<size_t>(r)] = trainer.end_probe_epoch();
+  });
+  CHECK(after[0].seen == before[0].seen);
+  CHECK(after[0].correct == before[0].correct);
+  std::filesystem::remove(file);
+}
+
 TEST_CASE("dist: model.backbone_init read by rank 0 reaches every rank, and its failure stops every rank at once") {
   const int world = 2;
   json cfg = small_recipe("vicreg");

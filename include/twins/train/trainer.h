@@ -119,16 +119,20 @@ class Trainer {
   };
   /// Sums the counts over ranks (a collective: every rank calls it), returns and resets them.
   ProbeCounts end_probe_epoch();
+  /// The same sum, the counts left as they are (a collective too).
+  ProbeCounts probe_counts();
   /// Probe logits for features [N, D] (no gradients), on the CPU.
   at::Tensor probe_logits(const at::Tensor& features);
 
   /// Everything a checkpoint holds: model parameters and buffers (prefixed "backbone.",
   /// "projector.", ...), the optimizer states as bytes, and the scalars (`state_info`).
   models::NamedTensors state() const;
-  /// {"step", "probe_correct", "probe_seen", "fp16_scale", "fp16_good"}.
+  /// {"step", "probe_correct", "probe_seen", "fp16_scale", "fp16_good"}; the probe counts are
+  /// this process's: a data-parallel checkpoint holds probe_counts() instead, the job's.
   nlohmann::json state_info() const;
   /// Restores what state() and state_info() saved; throws std::runtime_error naming a missing
-  /// or misshapen entry.
+  /// or misshapen entry. The probe counts are the job's: with a communicator, rank 0 takes them
+  /// and the other ranks start from zero, so that the next sum over ranks counts them once.
   void load_state(const models::SafeTensorsFile& file, const nlohmann::json& info);
 
  private:
