@@ -15,7 +15,8 @@ namespace twins {
 
 std::vector<uint8_t> save_optimizer_state(const torch::optim::Optimizer& optimizer);
 /// `bytes`: a uint8 tensor as save_optimizer_state's bytes were stored; the optimizer must have
-/// the same groups of parameters of the same shapes.
+/// the same groups of parameters of the same shapes. The state is put on the parameters' device,
+/// whichever device it was saved from.
 void load_optimizer_state(torch::optim::Optimizer& optimizer, const at::Tensor& bytes);
 
 }  // namespace twins

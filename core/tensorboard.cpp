@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <limits>
@@ -112,8 +113,11 @@ EventFile::EventFile(const std::string& dir, int64_t first_step) {
   char host[256] = {0};
   if (::gethostname(host, sizeof host - 1) != 0 || !host[0]) std::strcpy(host, "localhost");
   const double t = now();
+  // A number of its own for each file of this process, as TensorBoard's writers add: two files
+  // opened in the same second (a run resumed within a process) must not be one.
+  static std::atomic<int64_t> files{0};
   path_ = dir + "/events.out.tfevents." + std::to_string(static_cast<int64_t>(t)) + "." + host + "." +
-          std::to_string(::getpid()) + ".twins";
+          std::to_string(::getpid()) + "." + std::to_string(files++) + ".twins";
   file_ = std::make_unique<io::AppendFile>(path_);
   std::string first = event_header(t, 0);
   put_bytes(first, 3, "brain.Event:2");

@@ -24,8 +24,8 @@ std::string tfrecord(std::string_view data);
 /// An Event holding scalars at `step`, serialised.
 std::string scalar_event(double wall_time, int64_t step, const std::vector<std::pair<std::string, double>>& scalars);
 
-/// An events file in `dir` (events.out.tfevents.<seconds>.<host>.<pid>.twins, a new one per
-/// process, as TensorBoard's own writers do) whose scalars start at `first_step`; every append
+/// An events file in `dir` (events.out.tfevents.<seconds>.<host>.<pid>.<n>.twins, a new one per
+/// object, as TensorBoard's own writers do) whose scalars start at `first_step`; every append
 /// checked like metrics.jsonl's.
 class EventFile {
  public:

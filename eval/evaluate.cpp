@@ -273,6 +273,8 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
   const nlohmann::json settings = {{"backbone", backbone},
                                    {"weights_crc32", backbone_checksum(*net)},
                                    {"train_data", c.train_data},
+                                   {"train_samples", dataset->size()},  // a folder that gained or lost images
+                                   {"num_classes", run.num_classes},
                                    {"image_size", c.image_size},
                                    {"normalize", {{"mean", c.normalization.mean}, {"std", c.normalization.std}}},
                                    {"probe",
@@ -311,7 +313,11 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
               done == file.metadata.end() ? nlohmann::json() : nlohmann::json::parse(done->second, nullptr, false);
           if (!epochs.is_number_integer() || epochs.get<int64_t>() < 1 || epochs.get<int64_t>() > o.epochs)
             throw std::runtime_error("linear probe: " + checkpoint + ": malformed " + kProbeEpochsKey);
-          head->load_state(file.tensors);
+          try {
+            head->load_state(file.tensors);
+          } catch (const std::exception& e) {
+            throw std::runtime_error("linear probe: " + checkpoint + ": " + e.what());
+          }
           first_epoch = epochs.get<int64_t>();
           std::cerr << "  resuming from " << checkpoint << " after epoch " << first_epoch << " of " << o.epochs << "\n";
         },

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -381,30 +382,47 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
   run.protocol = protocol.str();
   if (main_rank) std::cerr << "  " << run.protocol << "\n";
 
-  // The per-epoch log (rank 0): the lines of epochs after the checkpoint's (a run that died
-  // before it checkpointed) are dropped, as a fresh run's file is emptied.
+  // What rank 0 alone writes (the log, the checkpoint): its failure stops every rank at once.
+  const bool writes = !checkpoint.empty() || !control.metrics.empty() || !control.tensorboard_dir.empty();
+  auto on_rank0 = [&](const std::function<void()>& f) {
+    std::string failure;
+    if (main_rank) try {
+        f();
+      } catch (const std::exception& e) {
+        failure = e.what();
+      }
+    if (comm ? comm->any(!failure.empty()) : !failure.empty())
+      throw std::runtime_error(!failure.empty() ? failure
+                                                : "finetune: rank 0 could not write its log or checkpoint (its "
+                                                  "output says why)");
+  };
+  // The per-epoch log: the lines of epochs after the checkpoint's (a run that died before it
+  // checkpointed) are dropped, as a fresh run's file is emptied.
   std::unique_ptr<io::AppendFile> metrics;
   std::unique_ptr<twins::detail::EventFile> events;
-  if (main_rank && !control.metrics.empty()) {
-    std::string kept;
-    if (first_epoch > 0) {
-      std::ifstream in(control.metrics);
-      for (std::string line; std::getline(in, line);) {
-        const json j = json::parse(line, nullptr, false);
-        if (j.is_object() && j.contains("epoch") && j["epoch"].is_number_integer() &&
-            j["epoch"].get<int64_t>() <= first_epoch)
-          kept += line + "\n";
+  if (writes)
+    on_rank0([&] {
+      if (!control.metrics.empty()) {
+        std::string kept;
+        if (first_epoch > 0) {
+          std::ifstream in(control.metrics);
+          for (std::string line; std::getline(in, line);) {
+            const json j = json::parse(line, nullptr, false);
+            if (j.is_object() && j.contains("epoch") && j["epoch"].is_number_integer() &&
+                j["epoch"].get<int64_t>() <= first_epoch)
+              kept += line + "\n";
+          }
+        }
+        if (const fs::path parent = fs::path(control.metrics).parent_path(); !parent.empty())
+          fs::create_directories(parent);
+        io::write_file_atomic(control.metrics, kept);
+        metrics = std::make_unique<io::AppendFile>(control.metrics);
       }
-    }
-    if (const fs::path parent = fs::path(control.metrics).parent_path(); !parent.empty())
-      fs::create_directories(parent);
-    io::write_file_atomic(control.metrics, kept);
-    metrics = std::make_unique<io::AppendFile>(control.metrics);
-  }
-  if (main_rank && !control.tensorboard_dir.empty()) {
-    fs::create_directories(control.tensorboard_dir);
-    events = std::make_unique<twins::detail::EventFile>(control.tensorboard_dir, first_epoch + 1);
-  }
+      if (!control.tensorboard_dir.empty()) {
+        fs::create_directories(control.tensorboard_dir);
+        events = std::make_unique<twins::detail::EventFile>(control.tensorboard_dir, first_epoch + 1);
+      }
+    });
 
   detail::EpochProgress progress("finetune", first_epoch, o.epochs, batches);
   for (int64_t epoch = first_epoch; epoch < o.epochs; ++epoch) {
@@ -503,28 +521,24 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
       said << ", test top-1 " << a.top1 << "%";
       scored_now = said.str();
     }
-    if (metrics) metrics->append(line.dump() + "\n");  // before the checkpoint: a resume drops it if need be
-    if (events) {
-      std::vector<std::pair<std::string, double>> scalars;
-      for (const auto& [key, value] : line.items())
-        if (key != "epoch" && key != "epochs") scalars.emplace_back("finetune/" + key, value.get<double>());
-      events->scalars(epoch + 1, scalars);
-    }
     if (main_rank)
       std::cerr << "  finetune: epoch " << epoch + 1 << "/" << o.epochs << " loss " << mean_loss << " (lr head "
                 << cosine(o.lr_head, epoch, o.epochs) << ", backbone " << cosine(o.lr_backbone, epoch, o.epochs) << ")"
                 << scored_now << "\n";
-    if (!checkpoint.empty()) {  // rank 0 writes; a failure there stops every rank
-      std::string failure;
-      if (main_rank) try {
-          save_checkpoint(epoch + 1);
-        } catch (const std::exception& e) {
-          failure = e.what();
+    if (writes)
+      on_rank0([&] {
+        // The line before the checkpoint, on the disk: a resume from this checkpoint finds it, and
+        // one from the previous drops it.
+        if (metrics) metrics->append(line.dump() + "\n"), metrics->sync();
+        if (events) {
+          std::vector<std::pair<std::string, double>> scalars;
+          for (const auto& [key, value] : line.items())
+            if (key != "epoch" && key != "epochs") scalars.emplace_back("finetune/" + key, value.get<double>());
+          events->scalars(epoch + 1, scalars);
+          events->sync();
         }
-      if (comm ? comm->any(!failure.empty()) : !failure.empty())
-        throw std::runtime_error(
-            !failure.empty() ? failure : "finetune: rank 0 could not write " + checkpoint + " (its output says why)");
-    }
+        if (!checkpoint.empty()) save_checkpoint(epoch + 1);
+      });
   }
   run.epochs_done = o.epochs;
   run.finished = true;
