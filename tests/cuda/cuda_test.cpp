@@ -448,6 +448,24 @@ TEST_CASE("cuda: resume in deterministic mode is bit-identical (N + M steps == N
   CHECK(worst == 0);
 }
 
+TEST_CASE("cuda: a run stopped on the CPU resumes on the GPU, and one stopped on the GPU resumes on the CPU") {
+  if (!have_cuda()) return;
+  test::TinyData data(48);
+  // LARS's momentum goes to the device the run resumes on, not the one it was saved from.
+  for (const auto& [first, then] : {std::pair<std::string, std::string>{"cpu", "cuda"}, {"cuda", "cpu"}}) {
+    CAPTURE(first);
+    json cfg = tiny_run("byol", data.dir, first, 0);
+    cfg["train"]["epochs"] = 2;  // 3 steps per epoch
+    const std::filesystem::path dir = data.dir / ("from_" + first);
+    auto part = test::quiet(dir);
+    part.stop_after = 2;
+    CHECK(train::pretrain(cfg, part).interrupted);
+    auto rest = test::quiet(dir);
+    rest.resume = true, rest.device = then;
+    CHECK(train::pretrain(json::object(), rest).steps == 6);
+  }
+}
+
 TEST_CASE("cuda: the Embedder and `twins embed` on CUDA equal the CPU within 1e-4") {
   if (!have_cuda()) return;
   test::TinyData data(48);
