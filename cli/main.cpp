@@ -96,10 +96,12 @@ int main(int argc, char** argv) {
   } catch (const std::invalid_argument& e) {
     std::cerr << ("error: " + rank_prefix(e.what()) + e.what() + "\n");  // one write: ranks share stderr
     tell_the_job();
+    twins::distributed::linger_after_failure();
     return 2;
   } catch (const std::exception& e) {
     std::cerr << ("error: " + rank_prefix(e.what()) + e.what() + "\n");  // one write: ranks share stderr
     tell_the_job();
+    twins::distributed::linger_after_failure();
     return 1;
   }
 }

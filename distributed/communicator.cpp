@@ -234,7 +234,7 @@ class Heartbeat {
     }
     state_->wake.notify_all();
     std::unique_lock<std::mutex> lock(state_->mutex);
-    const auto limit = std::chrono::seconds(2) + state_->interval * 3;  // rank 0 failing serves its word a while
+    const auto limit = std::chrono::seconds(2) + state_->interval * 3;
     const bool ended = state_->wake.wait_for(lock, limit, [this] { return state_->ended; });
     lock.unlock();
     if (ended)
@@ -329,8 +329,8 @@ class Heartbeat {
       lock.unlock();
       try {  // the last word: failed, or left
         if (left_failed) {
+          // (Rank 0's store, in its process, is kept up by linger_after_failure.)
           set(kStopKey, "rank " + std::to_string(rank) + " failed with an error (its own output says which)");
-          if (rank == 0 && watch.world_size > 1) std::this_thread::sleep_for(interval * 5 / 2);  // serve it
         } else {
           set(beat_key(rank), detail::format_beat(count, progress.load(), detail::BeatState::left));
         }
@@ -366,6 +366,10 @@ const char* const kStopRead = "twins_stop_read";
 // This process joined a job (its failures are told by the heartbeats), or learnt that the job
 // stopped before it formed (nothing left to tell).
 std::atomic<bool> g_joined{false}, g_told{false};
+// Rank 0's stores kept up after a failure until linger_after_failure, and until when.
+std::mutex g_linger_mutex;
+std::vector<c10::intrusive_ptr<c10d::Store>> g_lingering;
+double g_linger_until = 0;
 // How long a rank that failed before it joined spends telling the others.
 constexpr double kTellSeconds = 15;
 
@@ -528,6 +532,8 @@ struct Communicator::Impl {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<compat::ProcessGroupBackend> group;
   std::unique_ptr<Heartbeat> heartbeat;  // none at world size 1 or heartbeat_s 0
+  double heartbeat_s = 0;
+  bool hosts_store = false;  // rank 0 of a job formed through a TCP store: the store lives here
 
   // Waits for `work`, turning a failure into an error that says where to look.
   void wait(const c10::intrusive_ptr<c10d::Work>& work, const char* op) const {
@@ -610,8 +616,30 @@ WatchSettings watch_settings(const CommunicatorOptions& o, int world_size) {
 Communicator::Communicator(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
 Communicator::~Communicator() {
-  std::lock_guard<std::mutex> lock(g_registry_mutex);
-  g_registry.erase(impl_->id);
+  {
+    std::lock_guard<std::mutex> lock(g_registry_mutex);
+    g_registry.erase(impl_->id);
+  }
+  // Rank 0 failing: its process hosts the store where its heartbeats are about to post why (the
+  // Heartbeat's destructor, below): the store outlives this object until linger_after_failure.
+  if (impl_->hosts_store && impl_->heartbeat && std::uncaught_exceptions() > 0) {
+    std::lock_guard<std::mutex> lock(g_linger_mutex);
+    g_lingering.push_back(impl_->store);
+    g_linger_until = std::max(g_linger_until, seconds_now() + 2.5 * impl_->heartbeat_s);
+  }
+}
+
+void linger_after_failure() {
+  std::vector<c10::intrusive_ptr<c10d::Store>> stores;
+  double until = 0;
+  {
+    std::lock_guard<std::mutex> lock(g_linger_mutex);
+    stores.swap(g_lingering);
+    until = g_linger_until;
+  }
+  if (stores.empty()) return;
+  const double wait = until - seconds_now();
+  if (wait > 0) std::this_thread::sleep_for(std::chrono::duration<double>(wait));
 }
 
 static std::shared_ptr<Communicator> registered(std::shared_ptr<Communicator> c) {
@@ -685,6 +713,7 @@ std::shared_ptr<Communicator> Communicator::create(const Environment& e, const a
     client.timeout = std::max(to_ms(10), to_ms(5 * options.heartbeat_s));
     const std::string host = e.master_addr;
     try {
+      impl->heartbeat_s = options.heartbeat_s, impl->hosts_store = e.rank == 0;
       impl->heartbeat = std::make_unique<Heartbeat>(
           tcp_store(host, client), [host, client] { return tcp_store(host, client); }, e.rank, options.heartbeat_s,
           watch_settings(options, e.world_size));

@@ -75,6 +75,13 @@ struct CommunicatorOptions {
 /// torchrun stops the other ranks of a failed one; a library caller chooses its own.
 void set_job_failure_handler(std::function<void(const std::string& reason)> handler);
 
+/// Rank 0's process hosts the job's rendezvous store. When rank 0 fails (its communicator
+/// destroyed while an exception unwinds), the store is kept up past the communicator so that the
+/// other ranks' heartbeats can read why; call this after reporting the error, before the process
+/// ends: it waits until the store has served that for 2.5 heartbeats (5 s; nothing when no store
+/// was kept). The twins command calls it after printing its error.
+void linger_after_failure();
+
 /// Tells the job that this rank failed before Communicator::create joined it (a missing config
 /// file or device on its node), so that the ranks waiting in the rendezvous stop within a second
 /// or so ("rank 0 of 8: stopping before the job formed: rank 5 failed before it joined the job")
