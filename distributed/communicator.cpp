@@ -234,7 +234,7 @@ class Heartbeat {
     }
     state_->wake.notify_all();
     std::unique_lock<std::mutex> lock(state_->mutex);
-    const auto limit = std::chrono::seconds(2) + state_->interval * 3;
+    const auto limit = std::chrono::seconds(2) + state_->interval;  // its last word, then it is left behind
     const bool ended = state_->wake.wait_for(lock, limit, [this] { return state_->ended; });
     lock.unlock();
     if (ended)
@@ -366,9 +366,8 @@ const char* const kStopRead = "twins_stop_read";
 // This process joined a job (its failures are told by the heartbeats), or learnt that the job
 // stopped before it formed (nothing left to tell).
 std::atomic<bool> g_joined{false}, g_told{false};
-// Rank 0's stores kept up after a failure until linger_after_failure, and until when.
+// Until when rank 0's store is kept up after a failure (linger_after_failure waits for it).
 std::mutex g_linger_mutex;
-std::vector<c10::intrusive_ptr<c10d::Store>> g_lingering;
 double g_linger_until = 0;
 // How long a rank that failed before it joined spends telling the others.
 constexpr double kTellSeconds = 15;
@@ -534,6 +533,7 @@ struct Communicator::Impl {
   std::unique_ptr<Heartbeat> heartbeat;  // none at world size 1 or heartbeat_s 0
   double heartbeat_s = 0;
   bool hosts_store = false;  // rank 0 of a job formed through a TCP store: the store lives here
+  bool watched = false;      // the other ranks' heartbeats read a stop (heartbeat_timeout_s > 0)
 
   // Waits for `work`, turning a failure into an error that says where to look.
   void wait(const c10::intrusive_ptr<c10d::Work>& work, const char* op) const {
@@ -621,23 +621,28 @@ Communicator::~Communicator() {
     g_registry.erase(impl_->id);
   }
   // Rank 0 failing: its process hosts the store where its heartbeats are about to post why (the
-  // Heartbeat's destructor, below): the store outlives this object until linger_after_failure.
-  if (impl_->hosts_store && impl_->heartbeat && std::uncaught_exceptions() > 0) {
-    std::lock_guard<std::mutex> lock(g_linger_mutex);
-    g_lingering.push_back(impl_->store);
-    g_linger_until = std::max(g_linger_until, seconds_now() + 2.5 * impl_->heartbeat_s);
+  // Heartbeat's destructor, below) for the others' watches to read. A thread of its own keeps the
+  // store up a while past this object (and past linger_after_failure's wait, so that it is never
+  // torn down while the process exits); then the port is free again.
+  if (impl_->hosts_store && impl_->watched && impl_->heartbeat && std::uncaught_exceptions() > 0) {
+    const double until = seconds_now() + 2.5 * impl_->heartbeat_s;
+    {
+      std::lock_guard<std::mutex> lock(g_linger_mutex);
+      g_linger_until = std::max(g_linger_until, until);
+    }
+    std::thread([store = impl_->store, until]() mutable {
+      std::this_thread::sleep_for(std::chrono::duration<double>(until + 2 - seconds_now()));
+      store.reset();
+    }).detach();
   }
 }
 
 void linger_after_failure() {
-  std::vector<c10::intrusive_ptr<c10d::Store>> stores;
   double until = 0;
   {
     std::lock_guard<std::mutex> lock(g_linger_mutex);
-    stores.swap(g_lingering);
     until = g_linger_until;
   }
-  if (stores.empty()) return;
   const double wait = until - seconds_now();
   if (wait > 0) std::this_thread::sleep_for(std::chrono::duration<double>(wait));
 }
@@ -714,6 +719,7 @@ std::shared_ptr<Communicator> Communicator::create(const Environment& e, const a
     const std::string host = e.master_addr;
     try {
       impl->heartbeat_s = options.heartbeat_s, impl->hosts_store = e.rank == 0;
+      impl->watched = options.heartbeat_timeout_s > 0;
       impl->heartbeat = std::make_unique<Heartbeat>(
           tcp_store(host, client), [host, client] { return tcp_store(host, client); }, e.rank, options.heartbeat_s,
           watch_settings(options, e.world_size));

@@ -76,10 +76,10 @@ struct CommunicatorOptions {
 void set_job_failure_handler(std::function<void(const std::string& reason)> handler);
 
 /// Rank 0's process hosts the job's rendezvous store. When rank 0 fails (its communicator
-/// destroyed while an exception unwinds), the store is kept up past the communicator so that the
-/// other ranks' heartbeats can read why; call this after reporting the error, before the process
-/// ends: it waits until the store has served that for 2.5 heartbeats (5 s; nothing when no store
-/// was kept). The twins command calls it after printing its error.
+/// destroyed while an exception unwinds), the store is kept up past the communicator for 2.5
+/// heartbeats (5 s) so that the other ranks' watches can read why; call this after reporting the
+/// error, before the process ends: it waits for those 5 s (nothing when no store was kept). The
+/// twins command calls it after printing its error.
 void linger_after_failure();
 
 /// Tells the job that this rank failed before Communicator::create joined it (a missing config
