@@ -452,7 +452,9 @@ TEST_CASE("cuda: a run stopped on the CPU resumes on the GPU, and one stopped on
   if (!have_cuda()) return;
   test::TinyData data(48);
   // LARS's momentum goes to the device the run resumes on, not the one it was saved from.
-  for (const auto& [first, then] : {std::pair<std::string, std::string>{"cpu", "cuda"}, {"cuda", "cpu"}}) {
+  for (const auto& devices : {std::pair<std::string, std::string>{"cpu", "cuda"}, {"cuda", "cpu"}}) {
+    const std::string& first = devices.first;
+    const std::string& then = devices.second;
     CAPTURE(first);
     json cfg = tiny_run("byol", data.dir, first, 0);
     cfg["train"]["epochs"] = 2;  // 3 steps per epoch
