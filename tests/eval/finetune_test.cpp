@@ -425,9 +425,14 @@ TEST_CASE("eval: data-parallel fine-tuning averages the ranks' gradients as one 
   const EvalConfig frozen = EvalConfig::parse(config);
   const FinetuneRun one = run_finetune(task.backbone, frozen);
   const FinetuneRun two = on_two_ranks(frozen, {});
-  INFO("head error ", twins::test::max_rel_error(two.head_weight, one.head_weight));
-  CHECK(twins::test::max_rel_error(two.head_weight, one.head_weight) < 1e-5);
-  CHECK(twins::test::max_rel_error(two.head_bias, one.head_bias) < 1e-5);
+  // Relative to the largest weight: the order of the sums moves each weight by float roundoff of
+  // that scale (4e-8 of 0.18 on an Intel Xeon's oneDNN), which is large relative to a weight near 0.
+  auto error = [](const at::Tensor& a, const at::Tensor& b) {
+    return twins::test::max_rel_error(a, b, b.abs().max().item<double>());
+  };
+  INFO("head error ", error(two.head_weight, one.head_weight));
+  CHECK(error(two.head_weight, one.head_weight) < 1e-5);
+  CHECK(error(two.head_bias, one.head_bias) < 1e-5);
   REQUIRE(two.epoch_loss.size() == 2);
   CHECK(two.epoch_loss[1] == doctest::Approx(one.epoch_loss[1]).epsilon(1e-5));
   CHECK(two.test_samples == 10);  // 5 + 5 test images split 5 / 5 and summed
