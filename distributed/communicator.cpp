@@ -278,6 +278,13 @@ class Heartbeat {
       }
       stopped_job = true;
       serve_a_while();
+      {
+        // Meanwhile this rank may have begun to leave: with an error of its own (every rank
+        // refusing the same bad setting at once), which says more than another rank's failure
+        // and is printed by the rank itself.
+        std::lock_guard<std::mutex> lock(mutex);
+        if (stop) return;
+      }
       try {
         watch.stop("rank " + std::to_string(rank) + " of " + std::to_string(watch.world_size) + ": stopping: " + why);
       } catch (...) {  // a handler's own failure must not end the process here

@@ -681,6 +681,34 @@ TEST_CASE("dist: a rank that fails stops the others through the heartbeats, one 
   CHECK(got[0] == "rank 0 of 3: stopping: rank 1 failed with an error (its own output says which)");
 }
 
+TEST_CASE("dist: ranks that fail at once each print their own error, not another's failure") {
+  // Every rank refuses the same bad setting: rank 1 first, rank 0 a moment later, after its
+  // heartbeat has read rank 1's failure but while it still serves its store (2.5 beats, 1 s).
+  // Rank 0 leaves with its own error, which says why; being told "rank 1 failed" says less.
+  std::mutex mutex;
+  std::vector<std::string> reports;
+  distributed::CommunicatorOptions o;
+  o.heartbeat_s = 0.4, o.heartbeat_timeout_s = 60;
+  o.on_job_failure = [&](const std::string& reason) {
+    std::lock_guard<std::mutex> lock(mutex);
+    reports.push_back(reason);
+  };
+  auto comms = distributed::Communicator::create_local_group(2, o);
+  try {
+    auto failing = std::move(comms[1]);
+    throw std::invalid_argument("finetune.batch_size: 7 does not divide over 2 ranks");
+  } catch (const std::invalid_argument&) {
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(550));  // rank 0's next beat read it
+  try {
+    auto failing = std::move(comms[0]);
+    throw std::invalid_argument("finetune.batch_size: 7 does not divide over 2 ranks");
+  } catch (const std::invalid_argument&) {
+  }
+  std::lock_guard<std::mutex> lock(mutex);
+  CHECK(reports.empty());
+}
+
 namespace {
 
 // A TCP port free on the loopback now (the kernel's choice).
