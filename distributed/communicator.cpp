@@ -820,6 +820,20 @@ bool Communicator::any(bool flag) {
   return t.item<double>() > 0;
 }
 
+void on_rank0(const std::shared_ptr<Communicator>& communicator, const std::function<void()>& work,
+              const std::string& what) {
+  std::exception_ptr failed;
+  if (!communicator || communicator->rank() == 0) try {
+      work();
+    } catch (...) {
+      failed = std::current_exception();
+    }
+  if (communicator && communicator->any(static_cast<bool>(failed)) && !failed)
+    throw std::runtime_error("rank " + std::to_string(communicator->rank()) + ": rank 0 could not " + what +
+                             " (its error says why)");
+  if (failed) std::rethrow_exception(failed);
+}
+
 std::function<void()> Communicator::all_reduce_async(at::Tensor& tensor) {
   TORCH_CHECK(tensor.is_contiguous(), "all_reduce: the tensor must be contiguous");
   std::vector<at::Tensor> ts{tensor};

@@ -286,20 +286,12 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
                                      {"seed", o.seed},
                                      {"crop_scale", o.crop_scale}}}};
   const std::string& checkpoint = control.checkpoint;
-  // Rank 0's failure (reading or writing the checkpoint) stops every rank at once.
-  auto on_rank0 = [&](const std::function<void()>& f, const std::string& what) {
-    std::string failure;
-    if (run.main_rank) try {
-        f();
-      } catch (const std::exception& e) {
-        failure = e.what();
-      }
-    if (shared ? comm->any(!failure.empty()) : !failure.empty())
-      throw std::runtime_error(!failure.empty() ? failure : "linear probe: rank 0 could not " + what);
-  };
+  // Rank 0 reads and writes the checkpoint; its failure stops every rank at once.
+  const std::shared_ptr<distributed::Communicator> job = shared ? comm : nullptr;
   int64_t first_epoch = 0;
   if (!checkpoint.empty())
-    on_rank0(
+    distributed::on_rank0(
+        job,
         [&] {
           if (!fs::exists(checkpoint)) return;
           const models::SafeTensorsFile file = models::load_safetensors(checkpoint);  // its checksum checked
@@ -321,7 +313,7 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
           first_epoch = epochs.get<int64_t>();
           std::cerr << "  resuming from " << checkpoint << " after epoch " << first_epoch << " of " << o.epochs << "\n";
         },
-        "read " + checkpoint + " (its output says why)");
+        "read " + checkpoint);
   if (shared) {
     at::Tensor e = at::full({1}, first_epoch, at::TensorOptions().dtype(at::kLong).device(comm->device()));
     comm->broadcast(e, 0);
@@ -368,7 +360,8 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
       if (progress) progress->batch_done(epoch, ++done);
     }
     if (!checkpoint.empty() && epoch + 1 < o.epochs)
-      on_rank0(
+      distributed::on_rank0(
+          job,
           [&] {
             if (const fs::path parent = fs::path(checkpoint).parent_path(); !parent.empty())
               fs::create_directories(parent);
@@ -377,7 +370,7 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
                                       {kProbeEpochsKey, std::to_string(epoch + 1)},
                                       {kProbeWorldKey, std::to_string(ranks)}});
           },
-          "write " + checkpoint + " (its output says why)");
+          "write " + checkpoint);
   }
   run.epochs_done = o.epochs;
   if (!run.main_rank) return run;

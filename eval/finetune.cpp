@@ -385,16 +385,7 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
   // What rank 0 alone writes (the log, the checkpoint): its failure stops every rank at once.
   const bool writes = !checkpoint.empty() || !control.metrics.empty() || !control.tensorboard_dir.empty();
   auto on_rank0 = [&](const std::function<void()>& f) {
-    std::string failure;
-    if (main_rank) try {
-        f();
-      } catch (const std::exception& e) {
-        failure = e.what();
-      }
-    if (comm ? comm->any(!failure.empty()) : !failure.empty())
-      throw std::runtime_error(!failure.empty() ? failure
-                                                : "finetune: rank 0 could not write its log or checkpoint (its "
-                                                  "output says why)");
+    distributed::on_rank0(comm, f, "write its log or checkpoint");
   };
   // The per-epoch log: the lines of epochs after the checkpoint's (a run that died before it
   // checkpointed) are dropped, as a fresh run's file is emptied.

@@ -332,19 +332,13 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
   // training by rank 0, which alone scores them; its failure stops every rank at once.
   std::shared_ptr<const data::Dataset> knn_bank, eval_set;
   if (!recipe.probe.eval_data.is_null() && (trainer.probing() || recipe.probe.knn.enabled)) {
-    std::exception_ptr failed;
-    try {
-      if (job.main_rank) {
-        eval_set = data::create_dataset(recipe.probe.eval_data, "online_probe.eval_data");
-        if (recipe.probe.knn.enabled) knn_bank = open_knn_bank(recipe.probe.knn, dataset, tc.seed, eval_set);
-      }
-    } catch (...) {
-      failed = std::current_exception();
-    }
-    if (job.comm && job.comm->any(failed != nullptr) && !failed)
-      throw std::runtime_error("rank " + std::to_string(job.comm->rank()) +
-                               ": rank 0 could not open online_probe's eval data (its error says why)");
-    if (failed) std::rethrow_exception(failed);
+    distributed::on_rank0(
+        job.comm,
+        [&] {
+          eval_set = data::create_dataset(recipe.probe.eval_data, "online_probe.eval_data");
+          if (recipe.probe.knn.enabled) knn_bank = open_knn_bank(recipe.probe.knn, dataset, tc.seed, eval_set);
+        },
+        "open online_probe's eval data");
   }
   // (An epoch whose steps are all taken may still be to end: resumed after its last step.)
   while (!stop && at.epoch < tc.epochs && (trainer.steps_taken() < max_steps || at.batch == epoch_batches)) {

@@ -297,17 +297,9 @@ Trainer::Trainer(const Recipe& recipe, TrainerOptions options) : impl_(new Impl)
   if (!m.options.backbone_init.empty()) {
     // Rank 0 reads the file (distribute() below gives every rank its state); when it cannot,
     // the others hear so at once rather than waiting for its broadcast until the timeout.
-    std::exception_ptr failed;
-    if (!comm || comm->rank() == 0) try {
-        m.model->init_backbone(m.options.backbone_init);
-      } catch (...) {
-        failed = std::current_exception();
-      }
-    if (comm && comm->any(static_cast<bool>(failed)) && !failed)
-      throw std::runtime_error("rank " + std::to_string(comm->rank()) +
-                               ": rank 0 could not start from model.backbone_init " + m.options.backbone_init +
-                               " (its error says why)");
-    if (failed) std::rethrow_exception(failed);
+    distributed::on_rank0(
+        comm, [&] { m.model->init_backbone(m.options.backbone_init); },
+        "start from model.backbone_init " + m.options.backbone_init);
   }
   m.model->to(m.options.device);
   if (tc.channels_last) m.model->set_channels_last();

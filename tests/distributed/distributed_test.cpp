@@ -709,6 +709,41 @@ TEST_CASE("dist: ranks that fail at once each print their own error, not another
   CHECK(reports.empty());
 }
 
+TEST_CASE("dist: on_rank0 runs the work on rank 0 alone, and its failure reaches every rank") {
+  auto comms = distributed::Communicator::create_local_group(3);
+  std::vector<int> ran(3, 0);
+  std::vector<std::string> errors(3);
+  for (const bool fail : {false, true}) {
+    CAPTURE(fail);
+    on_ranks(comms, [&](int r) {
+      try {
+        distributed::on_rank0(
+            comms[static_cast<size_t>(r)],
+            [&] {
+              ++ran[static_cast<size_t>(r)];
+              if (fail) throw std::invalid_argument("probe.json: not writable");
+            },
+            "write probe.json");
+      } catch (const std::invalid_argument& e) {  // rank 0's own, of its own type
+        errors[static_cast<size_t>(r)] = std::string("invalid_argument: ") + e.what();
+      } catch (const std::runtime_error& e) {
+        errors[static_cast<size_t>(r)] = e.what();
+      }
+    });
+    CHECK(ran == std::vector<int>{fail ? 2 : 1, 0, 0});
+    if (!fail) CHECK(errors == std::vector<std::string>(3));
+  }
+  CHECK(errors[0] == "invalid_argument: probe.json: not writable");
+  for (int r : {1, 2})
+    CHECK(errors[static_cast<size_t>(r)] ==
+          "rank " + std::to_string(r) + ": rank 0 could not write probe.json (its error says why)");
+  // Without a communicator: the work, in this process.
+  int here = 0;
+  distributed::on_rank0(
+      nullptr, [&] { ++here; }, "count");
+  CHECK(here == 1);
+}
+
 namespace {
 
 // A TCP port free on the loopback now (the kernel's choice).

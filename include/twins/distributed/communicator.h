@@ -151,6 +151,13 @@ class Communicator {
   std::unique_ptr<Impl> impl_;
 };
 
+/// Runs `work` on rank 0 alone (or, without a `communicator`, in this process) and tells every
+/// rank whether it failed, so that none goes on to wait in a later collective for a rank 0 that
+/// has left: rank 0 rethrows its own error, the others throw std::runtime_error("rank 2: rank 0
+/// could not <what> (its error says why)"). A collective: every rank calls it.
+void on_rank0(const std::shared_ptr<Communicator>& communicator, const std::function<void()>& work,
+              const std::string& what);
+
 // ---- differentiable collectives --------------------------------------------------------------
 // Under data parallelism the objective is J = (1/W) sum_r loss_r and gradients are averaged over
 // ranks; so each backward below returns this rank's share of the gradient of sum_r loss_r, and
