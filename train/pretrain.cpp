@@ -279,7 +279,8 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
   Position at;
   if (resume_from) at = restore(trainer, *resume_from, job, accumulate, epoch_batches), resume_from.reset();
 
-  detail::RunLog log(out_dir, job.main_rank, options.progress, tc.tensorboard, trainer.steps_taken() + 1);
+  detail::RunLog log(out_dir, job.main_rank, options.progress, tc.tensorboard, trainer.steps_taken() + 1,
+                     options.resume ? at.epoch : -1);
   log.write_config(config);
   auto save_checkpoint = [&] {
     // The online probe's counts so far are every rank's (a collective: every rank saves here).

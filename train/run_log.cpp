@@ -5,6 +5,7 @@
 #include <fstream>
 #include <iomanip>
 #include <iostream>
+#include <optional>
 #include <sstream>
 
 #include "core/tensorboard.h"
@@ -16,6 +17,36 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+// A resumed run's metrics.jsonl without what the run before it logged past its checkpoint: step
+// lines from `first_step` on, epoch lines from `first_epoch` on, and lines that are not JSON
+// objects (torn by a crash); the summaries of earlier invocations stay. Rewritten (atomically)
+// only when something goes.
+void drop_lines_after(const std::string& path, int64_t first_step, int64_t first_epoch) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return;
+  std::string kept, line;
+  bool dropped = false;
+  auto integer = [](const json& j, const char* key) {
+    return j.contains(key) && j[key].is_number_integer() ? std::optional<int64_t>(j[key].get<int64_t>()) : std::nullopt;
+  };
+  while (std::getline(in, line)) {
+    const json j = json::parse(line, nullptr, false);
+    bool keep = j.is_object();
+    if (keep && !j.contains("summary")) {
+      if (j.contains("epoch_seconds"))
+        keep = integer(j, "epoch").value_or(first_epoch) < first_epoch;
+      else if (const auto step = integer(j, "step"))
+        keep = *step < first_step;
+    }
+    if (keep)
+      kept += line + "\n";
+    else
+      dropped = true;
+  }
+  if (in.bad()) throw std::runtime_error("could not read " + path);
+  if (dropped) io::write_file_atomic(path, kept);
+}
 }  // namespace
 
 std::string format_duration(double s) {
@@ -28,7 +59,8 @@ std::string format_duration(double s) {
   return o.str();
 }
 
-RunLog::RunLog(fs::path out_dir, bool writer, bool progress, bool tensorboard, int64_t first_step)
+RunLog::RunLog(fs::path out_dir, bool writer, bool progress, bool tensorboard, int64_t first_step,
+               int64_t resumed_epoch)
     : out_dir_(std::move(out_dir)),
       writer_(writer),
       progress_(progress && writer),
@@ -37,7 +69,9 @@ RunLog::RunLog(fs::path out_dir, bool writer, bool progress, bool tensorboard, i
   tty_ = progress_ && ::isatty(STDERR_FILENO);
   if (!writer_) return;
   fs::create_directories(out_dir_);
-  metrics_ = std::make_unique<io::AppendFile>((out_dir_ / "metrics.jsonl").string());
+  const std::string metrics = (out_dir_ / "metrics.jsonl").string();
+  if (resumed_epoch >= 0) drop_lines_after(metrics, first_step, resumed_epoch);
+  metrics_ = std::make_unique<io::AppendFile>(metrics);
   if (tensorboard) events_ = std::make_unique<::twins::detail::EventFile>(out_dir_.string(), first_step);
 }
 

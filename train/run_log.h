@@ -34,7 +34,12 @@ class RunLog {
   /// `tensorboard`: also a TensorBoard events file in the run folder, with the numbers of every
   /// step line ("train/<key>") and epoch line ("epoch/<key>") at their step.
   /// `first_step`: the first step this run will log (a resumed run's checkpoint step + 1).
-  RunLog(std::filesystem::path out_dir, bool writer, bool progress, bool tensorboard = false, int64_t first_step = 1);
+  /// `resumed_epoch`: for a resumed run, the epoch it resumes in (its end not yet logged): the
+  /// step lines from first_step on and the epoch lines from that epoch on, which a run that died
+  /// after the checkpoint logged, are dropped from metrics.jsonl (with any torn line), so that
+  /// every step and epoch appears once; -1: a new run.
+  RunLog(std::filesystem::path out_dir, bool writer, bool progress, bool tensorboard = false, int64_t first_step = 1,
+         int64_t resumed_epoch = -1);
   ~RunLog();
 
   /// config.json (replaced atomically).

@@ -231,7 +231,9 @@ TEST_CASE("train: resume is bit-identical, and a corrupt checkpoint falls back t
   CHECK(count == 3);
 }
 
-TEST_CASE("train: a run stopped at an epoch's last step scores that epoch when resumed, as one not stopped") {
+TEST_CASE(
+    "train: a run stopped at an epoch's last step scores that epoch when resumed, as one not stopped, and logs each "
+    "step once") {
   TinyData data(48);  // 3 steps per epoch
   json cfg = tiny_recipe("vicreg", data.dir);
   cfg["train"]["epochs"] = 2;
@@ -252,10 +254,29 @@ TEST_CASE("train: a run stopped at an epoch's last step scores that epoch when r
     PretrainOptions part = quiet(dir);
     part.stop_after = stop_after;
     REQUIRE(pretrain(cfg, part).interrupted);
+    {
+      // What a run killed after that checkpoint would have logged past it, the last line torn.
+      std::ofstream crashed(dir / "metrics.jsonl", std::ios::app);
+      crashed << json{{"step", stop_after + 1}, {"epoch", stop_after / 3}, {"loss", 99.0}}.dump() << "\n"
+              << json{{"epoch", stop_after / 3 - 1}, {"step", stop_after}, {"epoch_seconds", 1.0}}.dump() << "\n"
+              << "{\"step\": " << stop_after + 2 << ", \"lo";
+    }
     PretrainOptions rest = quiet(dir);
     rest.resume = true;
     const auto resumed = pretrain(json::object(), rest);
     CHECK(resumed.epochs_completed == 2);
+    // Every step and epoch once, in order, the crashed run's lines gone; both invocations' summaries.
+    std::vector<int64_t> steps, summaries;
+    for (const auto& l : read_lines(dir / "metrics.jsonl")) {
+      if (l.contains("summary")) {
+        summaries.push_back(l["steps"].get<int64_t>());
+      } else if (!l.contains("epoch_seconds")) {
+        steps.push_back(l["step"].get<int64_t>());
+        CHECK(l["loss"] != 99.0);
+      }
+    }
+    CHECK(steps == std::vector<int64_t>{1, 2, 3, 4, 5, 6});
+    CHECK(summaries == std::vector<int64_t>{stop_after, 6});
     REQUIRE(resumed.online_knn_top1);
     CHECK(*resumed.online_knn_top1 == *full.online_knn_top1);
     const std::vector<json> got = epoch_lines(dir / "metrics.jsonl");
