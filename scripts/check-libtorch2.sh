@@ -12,8 +12,9 @@
 #                                     libraries (contrib, extracted, not installed) and this
 #                                     machine's CUDA toolkit (CUDA_HOME, default /usr/local/cuda):
 #                                     every source compiles and links; nothing runs (no GPU)
-#   scripts/check-libtorch2.sh headers  after `cuda`: every source, the CUDA ones included, compiled
-#                                     (syntax only) against the headers of the newest LibTorch
+#   scripts/check-libtorch2.sh headers  every source, the CUDA ones included, compiled (syntax
+#                                     only; `cuda`'s build configured, not built, when `cuda` has
+#                                     not run: about 10 minutes) against the headers of the newest LibTorch
 #                                     Debian has (TWINS_CHECK_SUITE, default sid: 2.14 in November
 #                                     2026; its CPU libtorch-dev ships the ATen/c10 CUDA and NCCL
 #                                     headers too), in the C++ standard it asks for: a newer
@@ -30,6 +31,37 @@ mode=${1:-}
 work=${TWINS_CHECK_DIR:-/tmp/twins-libtorch2}
 mirror=http://deb.debian.org/debian
 mkdir -p "$work"
+# Configures (not builds) $work/build-cuda against Debian 13's CUDA LibTorch 2.6 (contrib,
+# extracted, not installed) and this machine's CUDA toolkit.
+configure_cuda() {
+  cuda=${CUDA_HOME:-/usr/local/cuda}
+  [ -x "$cuda/bin/nvcc" ] || { echo "check-libtorch2: no CUDA toolkit at $cuda (CUDA_HOME)" >&2; exit 1; }
+  lt=$work/libtorch-cuda
+  if [ ! -f "$lt/usr/lib/x86_64-linux-gnu/libtorch_cuda.so.2.6.0" ]; then
+    curl -fsS -o "$work/contrib.xz" "$mirror/dists/trixie/contrib/binary-amd64/Packages.xz"
+    for p in libtorch-cuda-dev libtorch-cuda-2.6; do
+      f=$(xzcat "$work/contrib.xz" | awk -v p="$p" '$1 == "Package:" { hit = ($2 == p) } hit && $1 == "Filename:" && f == "" { f = $2 } END { print f }')
+      curl -fsS -o "$work/$p.deb" "$mirror/$f"
+      dpkg -x "$work/$p.deb" "$lt"
+    done
+    # Debian's TorchConfig looks for the libraries in <prefix>/lib, they are in lib/<triplet>.
+    for l in libtorch libc10 libtorch_cpu libtorch_cuda libc10_cuda libcaffe2_nvrtc; do
+      ln -sf "x86_64-linux-gnu/$l.so" "$lt/usr/lib/$l.so"
+    done
+  fi
+  # CUDA 13 has no libnvToolsExt (NVTX 3 is headers only), which Caffe2's 2.6 CMake still names.
+  echo 'if(NOT TARGET CUDA::nvToolsExt)
+  add_library(CUDA::nvToolsExt INTERFACE IMPORTED)
+endif()' > "$work/nvtx.cmake"
+  launcher=()
+  command -v ccache > /dev/null && launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
+  PATH=$cuda/bin:$PATH cmake -S "$src" -B "$work/build-cuda" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_PREFIX_PATH="$lt/usr/lib/x86_64-linux-gnu/cmake" -DCMAKE_CUDA_ARCHITECTURES=90 \
+    -DTORCH_LIBRARY="$lt/usr/lib/x86_64-linux-gnu/libtorch.so" -DCMAKE_PROJECT_INCLUDE="$work/nvtx.cmake" \
+    -DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined "${launcher[@]}" > "$work/configure.log"
+  grep -E "twins collectives" "$work/configure.log"
+}
+
 case $mode in
   cpu)
     suite=${TWINS_CHECK_SUITE:-trixie}
@@ -56,32 +88,7 @@ case $mode in
         --backbone "random:{\"type\": \"resnet18\", \"width\": 8}" && /tmp/consumer/twins_consumer /tmp/consumer/backbone.safetensors'
     ;;
   cuda)
-    cuda=${CUDA_HOME:-/usr/local/cuda}
-    [ -x "$cuda/bin/nvcc" ] || { echo "check-libtorch2: no CUDA toolkit at $cuda (CUDA_HOME)" >&2; exit 1; }
-    lt=$work/libtorch-cuda
-    if [ ! -f "$lt/usr/lib/x86_64-linux-gnu/libtorch_cuda.so.2.6.0" ]; then
-      curl -fsS -o "$work/contrib.xz" "$mirror/dists/trixie/contrib/binary-amd64/Packages.xz"
-      for p in libtorch-cuda-dev libtorch-cuda-2.6; do
-        f=$(xzcat "$work/contrib.xz" | awk -v p="$p" '$1 == "Package:" { hit = ($2 == p) } hit && $1 == "Filename:" && f == "" { f = $2 } END { print f }')
-        curl -fsS -o "$work/$p.deb" "$mirror/$f"
-        dpkg -x "$work/$p.deb" "$lt"
-      done
-      # Debian's TorchConfig looks for the libraries in <prefix>/lib, they are in lib/<triplet>.
-      for l in libtorch libc10 libtorch_cpu libtorch_cuda libc10_cuda libcaffe2_nvrtc; do
-        ln -sf "x86_64-linux-gnu/$l.so" "$lt/usr/lib/$l.so"
-      done
-    fi
-    # CUDA 13 has no libnvToolsExt (NVTX 3 is headers only), which Caffe2's 2.6 CMake still names.
-    echo 'if(NOT TARGET CUDA::nvToolsExt)
-  add_library(CUDA::nvToolsExt INTERFACE IMPORTED)
-endif()' > "$work/nvtx.cmake"
-    launcher=()
-    command -v ccache > /dev/null && launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
-    PATH=$cuda/bin:$PATH cmake -S "$src" -B "$work/build-cuda" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-      -DCMAKE_PREFIX_PATH="$lt/usr/lib/x86_64-linux-gnu/cmake" -DCMAKE_CUDA_ARCHITECTURES=90 \
-      -DTORCH_LIBRARY="$lt/usr/lib/x86_64-linux-gnu/libtorch.so" -DCMAKE_PROJECT_INCLUDE="$work/nvtx.cmake" \
-      -DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined "${launcher[@]}" > "$work/configure.log"
-    grep -E "twins collectives" "$work/configure.log"
+    configure_cuda
     # Linking the tests also lists their cases by running the binary, which fails here (the
     # libraries' own dependencies are absent): judge by the compiler's errors and the binaries.
     cmake --build "$work/build-cuda" -j "$(nproc)" -- -k 0 > "$work/build.log" 2>&1 || true
@@ -97,7 +104,9 @@ endif()' > "$work/nvtx.cmake"
   headers)
     cuda=${CUDA_HOME:-/usr/local/cuda}
     cdir=$work/build-cuda
-    [ -f "$cdir/build.ninja" ] || { echo "check-libtorch2 headers: run scripts/check-libtorch2.sh cuda first" >&2; exit 1; }
+    # The compile commands of the CUDA build (configured here when `cuda` has not run; only
+    # configured: a syntax check needs no build).
+    [ -f "$cdir/build.ninja" ] || configure_cuda
     suite=${TWINS_CHECK_SUITE:-sid}
     new=$work/libtorch-dev-$suite
     if [ ! -d "$new/usr/include/ATen" ]; then
