@@ -22,6 +22,7 @@
 #include <iostream>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <thread>
@@ -485,8 +486,16 @@ std::string diagnose(const Heartbeat& heartbeat, int rank, int world_size) {
   std::thread([result, reader = heartbeat.reader(), settle, rank, world_size, mine = heartbeat.progress()] {
     try {
       const c10::intrusive_ptr<c10d::Store> store = reader();
+      // A rank that failed with an error posted why (its heartbeats stop too: not "silent").
+      auto stopped = [&store]() -> std::optional<std::string> {
+        if (!store->check({kStopKey})) return std::nullopt;
+        const std::vector<uint8_t> why = store->get(kStopKey);
+        return std::string(why.begin(), why.end());
+      };
+      if (auto why = stopped()) return result->set_value(*why);
       const std::vector<Beat> before = read_beats(*store, world_size);
       std::this_thread::sleep_for(settle);
+      if (auto why = stopped()) return result->set_value(*why);
       const std::vector<Beat> after = read_beats(*store, world_size);
       std::vector<std::string> silent, behind, gone;
       for (int r = 0; r < world_size; ++r) {
@@ -828,7 +837,14 @@ void on_rank0(const std::shared_ptr<Communicator>& communicator, const std::func
     } catch (...) {
       failed = std::current_exception();
     }
-  if (communicator && communicator->any(static_cast<bool>(failed)) && !failed)
+  bool anyone = static_cast<bool>(failed);
+  if (communicator) try {
+      anyone = communicator->any(anyone);
+    } catch (...) {
+      if (failed) std::rethrow_exception(failed);  // rank 0's own error says more
+      throw;
+    }
+  if (anyone && !failed)
     throw std::runtime_error("rank " + std::to_string(communicator->rank()) + ": rank 0 could not " + what +
                              " (its error says why)");
   if (failed) std::rethrow_exception(failed);

@@ -593,6 +593,25 @@ TEST_CASE("dist: a failed collective names, from the heartbeats, the ranks that 
     CHECK(error.find("heartbeats: rank 1 at step 7 left the job without an error: it finished, or called fewer "
                      "collectives (diverged)") != std::string::npos);
   }
+  // Rank 1 failed with an error (its last word posted so): rank 0's collective says that, not
+  // that rank 1 went silent.
+  {
+    auto comms = distributed::Communicator::create_local_group(2, o);
+    try {
+      auto failing = std::move(comms[1]);
+      throw std::runtime_error("a bad image in rank 1's share");
+    } catch (const std::runtime_error&) {
+    }
+    std::string error;
+    try {
+      at::Tensor t = at::ones({4});
+      comms[0]->all_reduce(t);
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+    CAPTURE(error);
+    CHECK(error.find("heartbeats: rank 1 failed with an error (its own output says which)") != std::string::npos);
+  }
 }
 
 TEST_CASE("dist: heartbeats are read back as posted, and the watch names a rank silent for its timeout") {
@@ -683,12 +702,13 @@ TEST_CASE("dist: a rank that fails stops the others through the heartbeats, one 
 
 TEST_CASE("dist: ranks that fail at once each print their own error, not another's failure") {
   // Every rank refuses the same bad setting: rank 1 first, rank 0 a moment later, after its
-  // heartbeat has read rank 1's failure but while it still serves its store (2.5 beats, 1 s).
+  // heartbeat has read rank 1's failure (within a beat, 1 s) but while it still serves its store
+  // (2.5 beats after that read).
   // Rank 0 leaves with its own error, which says why; being told "rank 1 failed" says less.
   std::mutex mutex;
   std::vector<std::string> reports;
   distributed::CommunicatorOptions o;
-  o.heartbeat_s = 0.4, o.heartbeat_timeout_s = 60;
+  o.heartbeat_s = 1, o.heartbeat_timeout_s = 60;
   o.on_job_failure = [&](const std::string& reason) {
     std::lock_guard<std::mutex> lock(mutex);
     reports.push_back(reason);
@@ -699,7 +719,7 @@ TEST_CASE("dist: ranks that fail at once each print their own error, not another
     throw std::invalid_argument("finetune.batch_size: 7 does not divide over 2 ranks");
   } catch (const std::invalid_argument&) {
   }
-  std::this_thread::sleep_for(std::chrono::milliseconds(550));  // rank 0's next beat read it
+  std::this_thread::sleep_for(std::chrono::milliseconds(1200));  // rank 0's next beat read it
   try {
     auto failing = std::move(comms[0]);
     throw std::invalid_argument("finetune.batch_size: 7 does not divide over 2 ranks");
