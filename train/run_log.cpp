@@ -2,11 +2,13 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <fstream>
 #include <iomanip>
 #include <iostream>
 #include <optional>
 #include <sstream>
+#include <string_view>
 
 #include "core/tensorboard.h"
 
@@ -19,33 +21,49 @@ namespace {
 double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
 // A resumed run's metrics.jsonl without what the run before it logged past its checkpoint: step
-// lines from `first_step` on, epoch lines from `first_epoch` on, and lines that are not JSON
-// objects (torn by a crash); the summaries of earlier invocations stay. Rewritten (atomically)
-// only when something goes.
+// lines from `first_step` on, epoch lines from `first_epoch` on; the summaries of earlier
+// invocations stay. A line torn by a crash goes, except the whole line that an earlier version's
+// resume appended right after the tear; every line ends in a newline. Rewritten (atomically) only
+// when something changes.
 void drop_lines_after(const std::string& path, int64_t first_step, int64_t first_epoch) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return;
-  std::string kept, line;
-  bool dropped = false;
+  std::ostringstream buffer;
+  buffer << in.rdbuf();
+  if (in.bad()) throw std::runtime_error("could not read " + path);
+  const std::string text = buffer.str();
   auto integer = [](const json& j, const char* key) {
     return j.contains(key) && j[key].is_number_integer() ? std::optional<int64_t>(j[key].get<int64_t>()) : std::nullopt;
   };
-  while (std::getline(in, line)) {
-    const json j = json::parse(line, nullptr, false);
-    bool keep = j.is_object();
-    if (keep && !j.contains("summary")) {
+  std::string kept;
+  bool changed = !text.empty() && text.back() != '\n';
+  for (size_t begin = 0; begin < text.size();) {
+    const size_t end = std::min(text.find('\n', begin), text.size());
+    std::string_view line(text.data() + begin, end - begin);
+    begin = end + 1;
+    json j = json::parse(line, nullptr, false);
+    if (!j.is_object()) {
+      changed = true;
+      for (size_t at = line.find('{', 1); at != std::string_view::npos; at = line.find('{', at + 1))
+        if (json tail = json::parse(line.substr(at), nullptr, false); tail.is_object()) {
+          j = std::move(tail), line = line.substr(at);
+          break;
+        }
+      if (!j.is_object()) continue;
+    }
+    bool keep = true;
+    if (!j.contains("summary")) {
       if (j.contains("epoch_seconds"))
         keep = integer(j, "epoch").value_or(first_epoch) < first_epoch;
       else if (const auto step = integer(j, "step"))
         keep = *step < first_step;
     }
     if (keep)
-      kept += line + "\n";
+      kept.append(line).push_back('\n');
     else
-      dropped = true;
+      changed = true;
   }
-  if (in.bad()) throw std::runtime_error("could not read " + path);
-  if (dropped) io::write_file_atomic(path, kept);
+  if (changed) io::write_file_atomic(path, kept);
 }
 }  // namespace
 
