@@ -475,12 +475,17 @@ c10::intrusive_ptr<c10d::Store> tcp_store(const std::string& host, c10d::TCPStor
   }
 }
 
-// What the heartbeats say about the other ranks: those silent for 2.5 intervals, and those
-// alive at an earlier step than this rank's. Bounded in time: the reading runs on a thread of its
-// own (with its own store client), left behind if the store does not answer.
-std::string diagnose(const Heartbeat& heartbeat, int rank, int world_size) {
-  auto result = std::make_shared<std::promise<std::string>>();
-  std::future<std::string> answer = result->get_future();
+// What the heartbeats say about the other ranks after a collective failed: the stop a rank that
+// failed with an error posted (`stop`, then nothing else), else those silent for 2.5 intervals
+// and those alive at an earlier step than this rank's. Bounded in time: the reading runs on a
+// thread of its own (with its own store client), left behind if the store does not answer.
+struct Diagnosis {
+  std::optional<std::string> stop;
+  std::string text;
+};
+Diagnosis diagnose(const Heartbeat& heartbeat, int rank, int world_size) {
+  auto result = std::make_shared<std::promise<Diagnosis>>();
+  std::future<Diagnosis> answer = result->get_future();
   const auto settle = heartbeat.interval() * 5 / 2;
   const auto limit = settle + std::chrono::seconds(15);
   std::thread([result, reader = heartbeat.reader(), settle, rank, world_size, mine = heartbeat.progress()] {
@@ -492,10 +497,10 @@ std::string diagnose(const Heartbeat& heartbeat, int rank, int world_size) {
         const std::vector<uint8_t> why = store->get(kStopKey);
         return std::string(why.begin(), why.end());
       };
-      if (auto why = stopped()) return result->set_value(*why);
+      if (auto why = stopped()) return result->set_value(Diagnosis{why, {}});
       const std::vector<Beat> before = read_beats(*store, world_size);
       std::this_thread::sleep_for(settle);
-      if (auto why = stopped()) return result->set_value(*why);
+      if (auto why = stopped()) return result->set_value(Diagnosis{why, {}});
       const std::vector<Beat> after = read_beats(*store, world_size);
       std::vector<std::string> silent, behind, gone;
       for (int r = 0; r < world_size; ++r) {
@@ -524,15 +529,15 @@ std::string diagnose(const Heartbeat& heartbeat, int rank, int world_size) {
       if (text.empty())
         text = "every rank is alive at step " + std::to_string(mine) +
                " or later: they called different collectives (diverged), or one is busy outside the steps";
-      result->set_value(text);
+      result->set_value(Diagnosis{std::nullopt, text});
     } catch (const std::exception& e) {
-      result->set_value(std::string("the heartbeats could not be read: ") + e.what());
+      result->set_value(Diagnosis{std::nullopt, std::string("the heartbeats could not be read: ") + e.what()});
     }
   }).detach();  // owns what it uses
   if (answer.wait_for(limit) != std::future_status::ready)
-    return "the rendezvous store (rank 0's) did not answer within " +
-           std::to_string(std::chrono::duration_cast<std::chrono::seconds>(limit).count()) +
-           " s: rank 0 or its machine may have stopped";
+    return Diagnosis{std::nullopt, "the rendezvous store (rank 0's) did not answer within " +
+                                       std::to_string(std::chrono::duration_cast<std::chrono::seconds>(limit).count()) +
+                                       " s: rank 0 or its machine may have stopped"};
   return answer.get();
 }
 
@@ -556,13 +561,19 @@ struct Communicator::Impl {
     try {
       work->wait();
     } catch (const std::exception& e) {
+      const std::string me = "rank " + std::to_string(rank) + " of " + std::to_string(world_size) + ": ";
+      std::optional<std::string> stop;
       std::string heartbeats;
       try {
-        if (heartbeat) heartbeats = "; heartbeats: " + diagnose(*heartbeat, rank, world_size);
+        if (heartbeat) {
+          Diagnosis d = diagnose(*heartbeat, rank, world_size);
+          stop = std::move(d.stop), heartbeats = "; heartbeats: " + d.text;
+        }
       } catch (...) {  // the collective's own error matters more
       }
-      throw std::runtime_error("rank " + std::to_string(rank) + " of " + std::to_string(world_size) + ": " + op +
-                               " failed: another rank died, hung or diverged (timeout " +
+      if (stop)  // the cause, in the heartbeat watch's words; the collective's failure follows from it
+        throw std::runtime_error(me + "stopping: " + *stop + " (" + op + " failed: " + e.what() + ")");
+      throw std::runtime_error(me + op + " failed: another rank died, hung or diverged (timeout " +
                                std::to_string(static_cast<int64_t>(timeout_s)) + " s)" + heartbeats + ": " + e.what());
     }
   }
