@@ -549,6 +549,15 @@ TEST_CASE("dist: model.backbone_init read by rank 0 reaches every rank, and its 
 }
 
 TEST_CASE("dist: a failed collective names, from the heartbeats, the ranks that stopped or lag behind") {
+  auto all_reduce_error = [](distributed::Communicator& comm) {
+    try {
+      at::Tensor t = at::ones({4});
+      comm.all_reduce(t);
+    } catch (const std::exception& e) {
+      return std::string(e.what());
+    }
+    return std::string("all_reduce did not fail");
+  };
   distributed::CommunicatorOptions o;
   o.timeout_s = 1, o.heartbeat_s = 0.2;
   // Rank 2 lags: it is alive (beating) at step 4 while ranks 0 and 1 wait in step 5's collective.
@@ -582,13 +591,7 @@ TEST_CASE("dist: a failed collective names, from the heartbeats, the ranks that 
     for (auto& c : comms) c->note_progress(7);
     std::this_thread::sleep_for(std::chrono::milliseconds(500));  // a beat with step 7 posted
     comms[1].reset();
-    std::string error;
-    try {
-      at::Tensor t = at::ones({4});
-      comms[0]->all_reduce(t);
-    } catch (const std::exception& e) {
-      error = e.what();
-    }
+    const std::string error = all_reduce_error(*comms[0]);
     CAPTURE(error);
     CHECK(error.find("heartbeats: rank 1 at step 7 left the job without an error: it finished, or called fewer "
                      "collectives (diverged)") != std::string::npos);
@@ -602,13 +605,7 @@ TEST_CASE("dist: a failed collective names, from the heartbeats, the ranks that 
       throw std::runtime_error("a bad image in rank 1's share");
     } catch (const std::runtime_error&) {
     }
-    std::string error;
-    try {
-      at::Tensor t = at::ones({4});
-      comms[0]->all_reduce(t);
-    } catch (const std::exception& e) {
-      error = e.what();
-    }
+    const std::string error = all_reduce_error(*comms[0]);
     CAPTURE(error);
     CHECK(error.find("rank 0 of 2: stopping: rank 1 failed with an error (its own output says which) (all_reduce "
                      "failed: ") == 0);
