@@ -180,8 +180,24 @@ namespace {
 
 std::string beat_key(int rank) { return "twins_heartbeat/" + std::to_string(rank); }
 // Set by the first rank that fails with an error, or by rank 0 when a rank went silent: why the
-// job cannot go on.
+// job cannot go on. The first stop posted stays (post_stop): the ranks that fail after it, often
+// because of it, must not hide the cause.
 const char* const kStopKey = "twins_job_stopped";
+
+// Posts `why` as the job's stop unless one is there already; returns the stop that stands.
+std::string post_stop(c10d::Store& store, const std::string& why) {
+  const std::vector<uint8_t> stands = store.compareSet(kStopKey, {}, std::vector<uint8_t>(why.begin(), why.end()));
+  return std::string(stands.begin(), stands.end());
+}
+
+// The stop a rank posts when it leaves after one of its collectives failed: a consequence of
+// another rank's failure or hang, which its own error names (with the heartbeats' diagnosis);
+// diagnose() tells it from a rank's own failure by these words.
+const char* const kRelayWords = "'s collective failed";
+std::string relayed_stop(int rank) {
+  return "rank " + std::to_string(rank) + kRelayWords + " (another rank died, hung or diverged: its output says which)";
+}
+bool is_relayed(const std::string& stop) { return stop.find(kRelayWords) != std::string::npos; }
 
 using StoreFactory = std::function<c10::intrusive_ptr<c10d::Store>()>;
 using detail::Beat;
@@ -244,6 +260,11 @@ class Heartbeat {
       thread_.detach();
   }
   void note(int64_t progress) { state_->progress.store(progress); }
+  /// One of this rank's collectives failed: if it leaves now, its failure relays another's.
+  void note_collective_failure() {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    state_->collective_failed = true;
+  }
   int64_t progress() const { return state_->progress.load(); }
   std::chrono::milliseconds interval() const { return state_->interval; }
   /// A store client for reading the beats (a new one for a TCP store).
@@ -260,6 +281,7 @@ class Heartbeat {
     std::mutex mutex;
     std::condition_variable wake;
     bool stop = false, failed = false, ended = false, stopped_job = false;
+    bool collective_failed = false;  // a failed collective is what this rank leaves after
 
     void set(const std::string& key, const std::string& value) {
       store->set(key, std::vector<uint8_t>(value.begin(), value.end()));
@@ -313,10 +335,8 @@ class Heartbeat {
               const double now = seconds_now();
               silence->observe(read_beats(*store, watch.world_size), now);
               if (auto verdict = silence->verdict(now)) {
-                const std::string why =
-                    *verdict + ": stopped, killed, or its machine unreachable (dist_heartbeat_timeout_s)";
-                set(kStopKey, why);
-                stop_job(why);
+                stop_job(post_stop(
+                    *store, *verdict + ": stopped, killed, or its machine unreachable (dist_heartbeat_timeout_s)"));
               }
             }
           }
@@ -333,12 +353,14 @@ class Heartbeat {
         lock.lock();
         wake.wait_for(lock, interval, [this] { return stop; });
       }
-      const bool left_failed = failed;
+      const bool left_failed = failed, relayed = collective_failed;
       lock.unlock();
       try {  // the last word: failed, or left
         if (left_failed) {
           // (Rank 0's store, in its process, is kept up by linger_after_failure.)
-          set(kStopKey, "rank " + std::to_string(rank) + " failed with an error (its own output says which)");
+          post_stop(*store, relayed
+                                ? relayed_stop(rank)
+                                : "rank " + std::to_string(rank) + " failed with an error (its own output says which)");
         } else {
           set(beat_key(rank), detail::format_beat(count, progress.load(), detail::BeatState::left));
         }
@@ -446,8 +468,7 @@ void join_all(c10d::Store& store, int rank, int world_size, double timeout_s, co
                               " s (dist_timeout_s): not started, or cannot reach that address (MASTER_ADDR, "
                               "MASTER_PORT, a firewall)";
       if (rank == 0) {  // the ranks that came read why before the store goes
-        const std::string told = "rank 0 gave up: " + why;
-        store.set(kStopKey, std::vector<uint8_t>(told.begin(), told.end()));
+        post_stop(store, "rank 0 gave up: " + why);
         serve_stop(
             store, [&store] { return store.add(kJoinedCount, 0) - 1; }, 5);
       }
@@ -494,8 +515,10 @@ Diagnosis diagnose(const Heartbeat& heartbeat, int rank, int world_size) {
       // A rank that failed with an error posted why (its heartbeats stop too: not "silent").
       auto stopped = [&store]() -> std::optional<std::string> {
         if (!store->check({kStopKey})) return std::nullopt;
-        const std::vector<uint8_t> why = store->get(kStopKey);
-        return std::string(why.begin(), why.end());
+        const std::vector<uint8_t> bytes = store->get(kStopKey);
+        std::string why(bytes.begin(), bytes.end());
+        if (is_relayed(why)) return std::nullopt;  // a rank whose collective failed first: not the cause
+        return why;
       };
       if (auto why = stopped()) return result->set_value(Diagnosis{why, {}});
       const std::vector<Beat> before = read_beats(*store, world_size);
@@ -562,6 +585,7 @@ struct Communicator::Impl {
       work->wait();
     } catch (const std::exception& e) {
       const std::string me = "rank " + std::to_string(rank) + " of " + std::to_string(world_size) + ": ";
+      if (heartbeat) heartbeat->note_collective_failure();
       std::optional<std::string> stop;
       std::string heartbeats;
       try {
@@ -774,11 +798,7 @@ void report_failure_before_join(const Environment& e, double wait_s) noexcept {
     so.timeout = to_ms(wait_s);
     const c10::intrusive_ptr<c10d::Store> store = tcp_store(e.master_addr, so);
     if (store->add(kJoinedCount, 0) >= e.world_size) return;  // a job that formed: not this rank's
-    if (!store->check({kStopKey})) {
-      const std::string why =
-          "rank " + std::to_string(e.rank) + " failed before it joined the job (its own output says why)";
-      store->set(kStopKey, std::vector<uint8_t>(why.begin(), why.end()));
-    }
+    post_stop(*store, "rank " + std::to_string(e.rank) + " failed before it joined the job (its own output says why)");
     if (e.rank == 0)
       serve_stop(
           *store, [&e] { return e.world_size - 1; }, wait_s);
