@@ -30,8 +30,10 @@ void drop_lines_after(const std::string& path, int64_t first_step, int64_t first
   if (!in) return;
   std::ostringstream buffer;
   buffer << in.rdbuf();
-  if (in.bad()) throw std::runtime_error("could not read " + path);
   const std::string text = buffer.str();
+  std::error_code size_error;  // (a read error only ends the copy early: told by the size)
+  if (text.size() != fs::file_size(path, size_error) || size_error)
+    throw std::runtime_error("could not read " + path + " (to drop the lines logged after its checkpoint)");
   auto integer = [](const json& j, const char* key) {
     return j.contains(key) && j[key].is_number_integer() ? std::optional<int64_t>(j[key].get<int64_t>()) : std::nullopt;
   };
