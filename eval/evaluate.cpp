@@ -221,6 +221,7 @@ std::pair<Features, Features> eval_features(models::Network& net, const EvalConf
 constexpr const char* kProbeSettingsKey = "twins_probe_settings";
 constexpr const char* kProbeEpochsKey = "twins_probe_epochs_done";
 constexpr const char* kProbeWorldKey = "twins_probe_world_size";
+constexpr const char* kProbeSecondsKey = "twins_probe_seconds";  // spent by the calls before
 
 LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c, const std::string& cache_dir,
                                 const std::shared_ptr<distributed::Communicator>& comm,
@@ -252,6 +253,7 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
   // ranks, each embeds its share of every batch (probe.batch_size / ranks, the loader's
   // DistributedSampler order) and rank 0 steps the classifier on the whole batch, gathered.
   const auto start = std::chrono::steady_clock::now();
+  auto elapsed = [start] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); };
   const int ranks = shared ? world : 1;
   const augment::View view = random_crop_flip_view(c.image_size, o.crop_scale, c.normalization);
   data::LoaderOptions lo;
@@ -289,6 +291,7 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
   // Rank 0 reads and writes the checkpoint; its failure stops every rank at once.
   const std::shared_ptr<distributed::Communicator> job = shared ? comm : nullptr;
   int64_t first_epoch = 0;
+  double earlier_seconds = 0;  // (rank 0's)
   if (!checkpoint.empty())
     distributed::on_rank0(
         job,
@@ -311,6 +314,10 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
             throw std::runtime_error("linear probe: " + checkpoint + ": " + e.what());
           }
           first_epoch = epochs.get<int64_t>();
+          if (const auto spent = file.metadata.find(kProbeSecondsKey); spent != file.metadata.end()) {
+            const nlohmann::json v = nlohmann::json::parse(spent->second, nullptr, false);
+            if (v.is_number() && v.get<double>() >= 0) earlier_seconds = v.get<double>();
+          }
           std::cerr << "  resuming from " << checkpoint << " after epoch " << first_epoch << " of " << o.epochs << "\n";
         },
         "read " + checkpoint);
@@ -368,7 +375,8 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
             models::save_safetensors(checkpoint, head->state(),
                                      {{kProbeSettingsKey, settings.dump()},
                                       {kProbeEpochsKey, std::to_string(epoch + 1)},
-                                      {kProbeWorldKey, std::to_string(ranks)}});
+                                      {kProbeWorldKey, std::to_string(ranks)},
+                                      {kProbeSecondsKey, nlohmann::json(earlier_seconds + elapsed()).dump()}});
           },
           "write " + checkpoint);
   }
@@ -378,7 +386,7 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
   std::tie(run.head_weight, run.head_bias) = head->parameters();
   run.result.train = head->score(run.train);
   run.result.test = head->score(run.test);
-  run.result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  run.result.seconds = earlier_seconds + elapsed();  // the whole probe's, over resumes
   std::ostringstream p;
   p << "augmented: random resized crop [" << o.crop_scale[0] << ", " << o.crop_scale[1]
     << "] + flip through the frozen backbone, " << o.epochs << " epochs"

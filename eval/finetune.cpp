@@ -48,6 +48,7 @@ constexpr const char* kEpochsKey = "twins_finetune_epochs_done";
 constexpr const char* kLossKey = "twins_finetune_epoch_loss";
 constexpr const char* kTestKey = "twins_finetune_test_per_epoch";
 constexpr const char* kWorldKey = "twins_finetune_world_size";
+constexpr const char* kSecondsKey = "twins_finetune_seconds";  // spent by the calls before
 
 json to_json(const std::vector<FinetuneRun::EpochScore>& scores) {
   json out = json::array();
@@ -153,6 +154,7 @@ std::vector<int64_t> select_train_samples(const data::Dataset& dataset, double t
 
 FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const FinetuneControl& control) {
   const auto start = std::chrono::steady_clock::now();
+  auto elapsed = [start] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); };
   const FinetuneOptions& o = c.finetune;
   // A data-parallel run: this rank's place; rank 0 speaks and writes.
   const std::shared_ptr<distributed::Communicator>& comm = control.communicator;
@@ -260,6 +262,7 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
 
   // Resume from the checkpoint's last epoch.
   int64_t first_epoch = 0;
+  double earlier_seconds = 0;
   const std::string& checkpoint = control.checkpoint;
   if (!checkpoint.empty() && fs::exists(checkpoint)) {
     const models::SafeTensorsFile file = models::load_safetensors(checkpoint);  // its checksum checked
@@ -278,6 +281,10 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
         !losses.is_array() || static_cast<int64_t>(losses.size()) != epochs_done.get<int64_t>())
       throw std::runtime_error("finetune: " + checkpoint + ": malformed " + kEpochsKey + " or " + kLossKey);
     first_epoch = epochs_done.get<int64_t>();
+    if (const auto it = file.metadata.find(kSecondsKey); it != file.metadata.end()) {  // absent in older checkpoints
+      const json spent = json::parse(it->second, nullptr, false);
+      if (spent.is_number() && spent.get<double>() >= 0) earlier_seconds = spent.get<double>();
+    }
     for (const auto& l : losses) run.epoch_loss.push_back(l.is_number() ? l.get<double>() : 0.0);
     if (const auto it = file.metadata.find(kTestKey); it != file.metadata.end()) {  // absent before eval_every_epochs
       const json scores = json::parse(it->second, nullptr, false);
@@ -323,7 +330,8 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
                               {kEpochsKey, std::to_string(epochs_done)},
                               {kWorldKey, std::to_string(world)},
                               {kLossKey, json(run.epoch_loss).dump()},
-                              {kTestKey, to_json(run.test_per_epoch).dump()}});
+                              {kTestKey, to_json(run.test_per_epoch).dump()},
+                              {kSecondsKey, json(earlier_seconds + elapsed()).dump()}});
   };
 
   // Scored on the test set's centre crops, backbone in evaluation mode with rank 0's BatchNorm
@@ -542,7 +550,7 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
   run.backbone = net;
   run.head_weight = head->weight.detach().to(at::kCPU).clone();
   run.head_bias = head->bias.detach().to(at::kCPU).clone();
-  run.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  run.seconds = earlier_seconds + elapsed();  // the whole fine-tuning's, over resumes
   return run;
 }
 

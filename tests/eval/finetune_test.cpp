@@ -16,6 +16,7 @@
 #include "twins/eval/finetune.h"
 #include "twins/io.h"
 #include "twins/models/resnet.h"
+#include "twins/models/safetensors.h"
 #include "twins/models/weights.h"
 
 using namespace twins::eval;
@@ -92,6 +93,21 @@ ColourTask colour_task(const std::string& name, int train_per_class, int test_pe
               {"workers", 1},
               {"device", "cpu"}};
   return t;
+}
+
+}  // namespace
+
+namespace {
+
+// The seconds a checkpoint says the calls before it spent (`key`, checked to be there), replaced
+// by 1000 s, as if those calls had run that long.
+double plant_seconds(const std::string& checkpoint, const std::string& key) {
+  twins::models::SafeTensorsFile file = twins::models::load_safetensors(checkpoint);
+  REQUIRE(file.metadata.count(key) == 1);
+  const double spent = std::stod(file.metadata[key]);
+  file.metadata[key] = "1000";
+  twins::models::save_safetensors(checkpoint, file.tensors, file.metadata);
+  return spent;
 }
 
 }  // namespace
@@ -228,10 +244,12 @@ TEST_CASE("eval: the augmented linear probe (probe.augment) learns through the f
   CHECK_FALSE(stopped.finished);
   CHECK(stopped.epochs_done == 1);
   REQUIRE(fs::exists(control.checkpoint));
+  CHECK(plant_seconds(control.checkpoint, "twins_probe_seconds") > 0);
   control.stop_after_epochs = 0;
   const LinearProbeRun resumed = run_linear_probe(backbone, cfg, "", nullptr, control);
   CHECK(resumed.finished);
   CHECK(resumed.start_epoch == 1);
+  CHECK(resumed.result.seconds >= 1000);  // probe.json's probe_seconds: the calls before count
   CHECK(at::equal(resumed.head_weight, one.head_weight));
   CHECK(at::equal(resumed.head_bias, one.head_bias));
   CHECK(resumed.result.test.top1 == one.result.test.top1);
@@ -309,10 +327,12 @@ TEST_CASE("eval: fine-tuning resumed from its checkpoint gives the uninterrupted
   // As if the run had died after logging epoch 3 but before checkpointing it: the resumed run
   // drops that line and logs the epoch again.
   twins::io::AppendFile(control.metrics).append("{\"epoch\":3,\"loss\":99}\n");
+  CHECK(plant_seconds(control.checkpoint, "twins_finetune_seconds") > 0);
   control.stop_after_epochs = 0;
   const FinetuneRun resumed = run_finetune(backbone, cfg, control);
   CHECK(resumed.finished);
   CHECK(resumed.start_epoch == 2);
+  CHECK(resumed.seconds >= 1000);  // finetune.json's seconds: the calls before count
   CHECK(resumed.epoch_loss == whole.epoch_loss);
   CHECK(at::equal(resumed.head_weight, whole.head_weight));
   REQUIRE(resumed.test_per_epoch.size() == 3);  // the first two from the checkpoint
