@@ -190,15 +190,6 @@ std::string post_stop(c10d::Store& store, const std::string& why) {
   return std::string(stands.begin(), stands.end());
 }
 
-// The stop a rank posts when it leaves after one of its collectives failed: a consequence of
-// another rank's failure or hang, which its own error names (with the heartbeats' diagnosis);
-// diagnose() tells it from a rank's own failure by these words.
-const char* const kRelayWords = "'s collective failed";
-std::string relayed_stop(int rank) {
-  return "rank " + std::to_string(rank) + kRelayWords + " (another rank died, hung or diverged: its output says which)";
-}
-bool is_relayed(const std::string& stop) { return stop.find(kRelayWords) != std::string::npos; }
-
 using StoreFactory = std::function<c10::intrusive_ptr<c10d::Store>()>;
 using detail::Beat;
 
@@ -260,11 +251,6 @@ class Heartbeat {
       thread_.detach();
   }
   void note(int64_t progress) { state_->progress.store(progress); }
-  /// One of this rank's collectives failed: if it leaves now, its failure relays another's.
-  void note_collective_failure() {
-    std::lock_guard<std::mutex> lock(state_->mutex);
-    state_->collective_failed = true;
-  }
   int64_t progress() const { return state_->progress.load(); }
   std::chrono::milliseconds interval() const { return state_->interval; }
   /// A store client for reading the beats (a new one for a TCP store).
@@ -281,7 +267,6 @@ class Heartbeat {
     std::mutex mutex;
     std::condition_variable wake;
     bool stop = false, failed = false, ended = false, stopped_job = false;
-    bool collective_failed = false;  // a failed collective is what this rank leaves after
 
     void set(const std::string& key, const std::string& value) {
       store->set(key, std::vector<uint8_t>(value.begin(), value.end()));
@@ -353,14 +338,12 @@ class Heartbeat {
         lock.lock();
         wake.wait_for(lock, interval, [this] { return stop; });
       }
-      const bool left_failed = failed, relayed = collective_failed;
+      const bool left_failed = failed;
       lock.unlock();
       try {  // the last word: failed, or left
         if (left_failed) {
           // (Rank 0's store, in its process, is kept up by linger_after_failure.)
-          post_stop(*store, relayed
-                                ? relayed_stop(rank)
-                                : "rank " + std::to_string(rank) + " failed with an error (its own output says which)");
+          post_stop(*store, "rank " + std::to_string(rank) + " failed with an error (its own output says which)");
         } else {
           set(beat_key(rank), detail::format_beat(count, progress.load(), detail::BeatState::left));
         }
@@ -516,14 +499,14 @@ Diagnosis diagnose(const Heartbeat& heartbeat, int rank, int world_size) {
       auto stopped = [&store]() -> std::optional<std::string> {
         if (!store->check({kStopKey})) return std::nullopt;
         const std::vector<uint8_t> bytes = store->get(kStopKey);
-        std::string why(bytes.begin(), bytes.end());
-        if (is_relayed(why)) return std::nullopt;  // a rank whose collective failed first: not the cause
-        return why;
+        return std::string(bytes.begin(), bytes.end());
       };
+      // Only a stop there when the collective failed: it failed because of that rank's error. One
+      // posted during the wait below may come from a rank that timed out in the same hang as this
+      // one (its stop says it "failed with an error"), for which the beats are the diagnosis.
       if (auto why = stopped()) return result->set_value(Diagnosis{why, {}});
       const std::vector<Beat> before = read_beats(*store, world_size);
       std::this_thread::sleep_for(settle);
-      if (auto why = stopped()) return result->set_value(Diagnosis{why, {}});
       const std::vector<Beat> after = read_beats(*store, world_size);
       std::vector<std::string> silent, behind, gone;
       for (int r = 0; r < world_size; ++r) {
@@ -585,7 +568,6 @@ struct Communicator::Impl {
       work->wait();
     } catch (const std::exception& e) {
       const std::string me = "rank " + std::to_string(rank) + " of " + std::to_string(world_size) + ": ";
-      if (heartbeat) heartbeat->note_collective_failure();
       std::optional<std::string> stop;
       std::string heartbeats;
       try {
