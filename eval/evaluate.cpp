@@ -253,7 +253,6 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
   // ranks, each embeds its share of every batch (probe.batch_size / ranks, the loader's
   // DistributedSampler order) and rank 0 steps the classifier on the whole batch, gathered.
   const auto start = std::chrono::steady_clock::now();
-  auto elapsed = [start] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); };
   const int ranks = shared ? world : 1;
   const augment::View view = random_crop_flip_view(c.image_size, o.crop_scale, c.normalization);
   data::LoaderOptions lo;
@@ -372,11 +371,12 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
           [&] {
             if (const fs::path parent = fs::path(checkpoint).parent_path(); !parent.empty())
               fs::create_directories(parent);
-            models::save_safetensors(checkpoint, head->state(),
-                                     {{kProbeSettingsKey, settings.dump()},
-                                      {kProbeEpochsKey, std::to_string(epoch + 1)},
-                                      {kProbeWorldKey, std::to_string(ranks)},
-                                      {kProbeSecondsKey, nlohmann::json(earlier_seconds + elapsed()).dump()}});
+            models::save_safetensors(
+                checkpoint, head->state(),
+                {{kProbeSettingsKey, settings.dump()},
+                 {kProbeEpochsKey, std::to_string(epoch + 1)},
+                 {kProbeWorldKey, std::to_string(ranks)},
+                 {kProbeSecondsKey, nlohmann::json(earlier_seconds + detail::seconds_since(start)).dump()}});
           },
           "write " + checkpoint);
   }
@@ -386,7 +386,7 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
   std::tie(run.head_weight, run.head_bias) = head->parameters();
   run.result.train = head->score(run.train);
   run.result.test = head->score(run.test);
-  run.result.seconds = earlier_seconds + elapsed();  // the whole probe's, over resumes
+  run.result.seconds = earlier_seconds + detail::seconds_since(start);  // the whole probe's, over resumes
   std::ostringstream p;
   p << "augmented: random resized crop [" << o.crop_scale[0] << ", " << o.crop_scale[1]
     << "] + flip through the frozen backbone, " << o.epochs << " epochs"

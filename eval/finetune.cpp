@@ -154,7 +154,6 @@ std::vector<int64_t> select_train_samples(const data::Dataset& dataset, double t
 
 FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const FinetuneControl& control) {
   const auto start = std::chrono::steady_clock::now();
-  auto elapsed = [start] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); };
   const FinetuneOptions& o = c.finetune;
   // A data-parallel run: this rank's place; rank 0 speaks and writes.
   const std::shared_ptr<distributed::Communicator>& comm = control.communicator;
@@ -331,7 +330,7 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
                               {kWorldKey, std::to_string(world)},
                               {kLossKey, json(run.epoch_loss).dump()},
                               {kTestKey, to_json(run.test_per_epoch).dump()},
-                              {kSecondsKey, json(earlier_seconds + elapsed()).dump()}});
+                              {kSecondsKey, json(earlier_seconds + detail::seconds_since(start)).dump()}});
   };
 
   // Scored on the test set's centre crops, backbone in evaluation mode with rank 0's BatchNorm
@@ -504,7 +503,7 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
       throw std::runtime_error("finetune: the loss is not finite in epoch " + std::to_string(epoch + 1) +
                                " (lower finetune.lr_backbone or finetune.lr_head)");
     run.epoch_loss.push_back(mean_loss);
-    const double epoch_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - epoch_start).count();
+    const double epoch_seconds = detail::seconds_since(epoch_start);
     json line = {{"epoch", epoch + 1},
                  {"epochs", o.epochs},
                  {"loss", mean_loss},
@@ -550,7 +549,7 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
   run.backbone = net;
   run.head_weight = head->weight.detach().to(at::kCPU).clone();
   run.head_bias = head->bias.detach().to(at::kCPU).clone();
-  run.seconds = earlier_seconds + elapsed();  // the whole fine-tuning's, over resumes
+  run.seconds = earlier_seconds + detail::seconds_since(start);  // the whole fine-tuning's, over resumes
   return run;
 }
 

@@ -10,6 +10,11 @@
 
 namespace twins::eval::detail {
 
+/// Seconds from `start` to now.
+inline double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
 class EpochProgress {
  public:
   /// This call trains epochs first_epoch .. epochs - 1, of `batches` batches each.
