@@ -178,6 +178,8 @@ TEST_CASE("shards: folder -> shards -> the same samples and labels, by file and 
     CHECK(g.labels[static_cast<size_t>(i)] == folder->label(i));
     CHECK(at::equal(g.batches[static_cast<size_t>(i / 4)][i % 4], folder->image(i).permute({2, 0, 1})));
   }
+  fs::remove_all(dir);
+  fs::remove_all(dir2);
 }
 
 TEST_CASE(
@@ -230,6 +232,7 @@ TEST_CASE(
     o.rank = rank;
     CHECK(read_epoch(d, o, 0).indices.size() == 14);
   }
+  fs::remove_all(dir);
 }
 
 TEST_CASE("shards: a resumed epoch gives the batches of a run never stopped") {
@@ -261,6 +264,7 @@ TEST_CASE("shards: a resumed epoch gives the batches of a run never stopped") {
         create_dataset({{"type", "shards"}, {"urls", made.urls}, {"index", made.index_path}});
       },
       "rebuild it");
+  fs::remove_all(dir);
 }
 
 TEST_CASE("shards: bad shards are errors naming the shard and member, or counted skips") {
@@ -366,5 +370,6 @@ TEST_CASE("shards: bad shards are errors naming the shard and member, or counted
         create_dataset({{"type", "shards"}, {"urls", (dir / "none-{0..1}.tar").string()}});
       },
       "none-0.tar: cannot open");
+  fs::remove_all(dir);
 }
 #endif  // TWINS_HAVE_LIBARCHIVE
