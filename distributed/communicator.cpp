@@ -253,6 +253,12 @@ class Heartbeat {
   }
   void note(int64_t progress) { state_->progress.store(progress); }
   int64_t progress() const { return state_->progress.load(); }
+  /// This rank is about to fail (a collective failed, and it posts why itself): its watch no
+  /// longer acts on a stop, which may be its own.
+  void failing() {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    state_->failing = true;
+  }
   std::chrono::milliseconds interval() const { return state_->interval; }
   /// A store client for reading the beats (a new one for a TCP store).
   const StoreFactory& reader() const { return reader_; }
@@ -267,7 +273,7 @@ class Heartbeat {
     std::atomic<int64_t> progress{0};
     std::mutex mutex;
     std::condition_variable wake;
-    bool stop = false, failed = false, ended = false, stopped_job = false;
+    bool stop = false, failed = false, ended = false, stopped_job = false, failing = false;
 
     void set(const std::string& key, const std::string& value) {
       store->set(key, std::vector<uint8_t>(value.begin(), value.end()));
@@ -283,7 +289,7 @@ class Heartbeat {
       if (stopped_job || !watch.stop) return;
       {
         std::lock_guard<std::mutex> lock(mutex);
-        if (stop) return;  // this rank is leaving, with its own error if any
+        if (stop || failing) return;  // this rank is leaving, with its own error if any
       }
       stopped_job = true;
       serve_a_while();
@@ -292,7 +298,7 @@ class Heartbeat {
         // refusing the same bad setting at once), which says more than another rank's failure
         // and is printed by the rank itself.
         std::lock_guard<std::mutex> lock(mutex);
-        if (stop) return;
+        if (stop || failing) return;
       }
       try {
         watch.stop("rank " + std::to_string(rank) + " of " + std::to_string(watch.world_size) + ": stopping: " + why);
@@ -480,20 +486,23 @@ c10::intrusive_ptr<c10d::Store> tcp_store(const std::string& host, c10d::TCPStor
   }
 }
 
-// What the heartbeats say about the other ranks after a collective failed: the stop a rank that
-// failed with an error posted (`stop`, then nothing else), else those silent for 2.5 intervals
-// and those alive at an earlier step than this rank's. Bounded in time: the reading runs on a
-// thread of its own (with its own store client), left behind if the store does not answer.
+// What the heartbeats say about the other ranks after this rank's collective `op` failed: the
+// stop a rank that failed with an error posted (`stop`, then nothing else), else those silent for
+// 2.5 intervals and those alive at an earlier step than this rank's. That analysis is posted as
+// the job's stop (unless one stands already), so that the ranks whose collectives fail later, and
+// the watches of those still running (the one stuck, say), repeat it rather than "rank R failed
+// with an error". Bounded in time: the reading runs on a thread of its own (with its own store
+// client), left behind if the store does not answer.
 struct Diagnosis {
   std::optional<std::string> stop;
   std::string text;
 };
-Diagnosis diagnose(const Heartbeat& heartbeat, int rank, int world_size) {
+Diagnosis diagnose(const Heartbeat& heartbeat, int rank, int world_size, const std::string& op) {
   auto result = std::make_shared<std::promise<Diagnosis>>();
   std::future<Diagnosis> answer = result->get_future();
   const auto settle = heartbeat.interval() * 5 / 2;
   const auto limit = settle + std::chrono::seconds(15);
-  std::thread([result, reader = heartbeat.reader(), settle, rank, world_size, mine = heartbeat.progress()] {
+  std::thread([result, reader = heartbeat.reader(), settle, rank, world_size, op, mine = heartbeat.progress()] {
     try {
       const c10::intrusive_ptr<c10d::Store> store = reader();
       // A rank that failed with an error posted why (its heartbeats stop too: not "silent").
@@ -536,6 +545,13 @@ Diagnosis diagnose(const Heartbeat& heartbeat, int rank, int world_size) {
       if (text.empty())
         text = "every rank is alive at step " + std::to_string(mine) +
                " or later: they called different collectives (diverged), or one is busy outside the steps";
+      std::string told = text;  // as the other ranks read it
+      const std::string here = "this rank's step", there = "rank " + std::to_string(rank) + "'s step";
+      if (const size_t at = told.find(here); at != std::string::npos) told.replace(at, here.size(), there);
+      try {
+        post_stop(*store, "rank " + std::to_string(rank) + "'s " + op + " failed; heartbeats: " + told);
+      } catch (const std::exception&) {  // the analysis still reaches this rank's error
+      }
       result->set_value(Diagnosis{std::nullopt, text});
     } catch (const std::exception& e) {
       result->set_value(Diagnosis{std::nullopt, std::string("the heartbeats could not be read: ") + e.what()});
@@ -573,7 +589,8 @@ struct Communicator::Impl {
       std::string heartbeats;
       try {
         if (heartbeat) {
-          Diagnosis d = diagnose(*heartbeat, rank, world_size);
+          heartbeat->failing();
+          Diagnosis d = diagnose(*heartbeat, rank, world_size, op);
           stop = std::move(d.stop), heartbeats = "; heartbeats: " + d.text;
         }
       } catch (...) {  // the collective's own error matters more

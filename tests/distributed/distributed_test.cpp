@@ -584,6 +584,25 @@ TEST_CASE("dist: a failed collective names, from the heartbeats, the ranks that 
             std::string::npos);
     }
   }
+  // The same hang, but rank 1 reaches the collective only after rank 0 failed in it (and left,
+  // posting "rank 0 failed with an error" as a failing rank does): rank 1 repeats rank 0's analysis.
+  {
+    auto comms = distributed::Communicator::create_local_group(3, o);
+    for (int r = 0; r < 3; ++r) comms[static_cast<size_t>(r)]->note_progress(r == 2 ? 4 : 5);
+    std::string first;
+    try {
+      auto failing = std::move(comms[0]);
+      first = all_reduce_error(*failing);
+      throw std::runtime_error(first);
+    } catch (const std::runtime_error&) {
+    }
+    CAPTURE(first);
+    CHECK(first.find("rank 0 of 3: all_reduce failed") == 0);
+    const std::string later = all_reduce_error(*comms[1]);
+    CAPTURE(later);
+    CHECK(later.find("rank 1 of 3: stopping: rank 0's all_reduce failed; heartbeats: rank 2 at step 4 alive but "
+                     "behind rank 0's step 5: stuck before this collective") == 0);
+  }
   // Rank 1 left at step 7 without an error (its last beat says so): rank 0's collective names it.
   // (A rank whose beats just stop, killed or frozen, is cli_dist's SIGSTOP case.)
   {
