@@ -1,5 +1,6 @@
 // twins linear-probe and twins knn: the standard measures of a frozen backbone; twins finetune:
 // the backbone trained with a classifier on (a part of) the labels.
+#include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <iomanip>
@@ -100,6 +101,7 @@ int run_linear_probe(const EvalArgs& a) {
                                  {"top5", r.test.top5},
                                  {"train_top1", r.train.top1},
                                  {"probe_seconds", r.seconds},
+                                 {"feature_seconds", run.feature_seconds},
                                  {"resumed_from_epoch", run.start_epoch}};
   fs::create_directories(out);
   io::write_file_atomic((fs::path(out) / "probe.json").string(), result.dump(2) + "\n");
@@ -119,12 +121,22 @@ int run_knn(const EvalArgs& a) {
   const std::string out = output_dir(a);
   int64_t classes = 0;
   if (main_rank(comm)) std::cerr << "kNN of " << a.backbone << "\n";
+  const auto start = std::chrono::steady_clock::now();
   const auto [train, test] = eval::eval_features(a.backbone, cfg, out, &classes, comm);
   if (!main_rank(comm)) return 0;  // rank 0 scores the gathered features and writes
+  using Seconds = std::chrono::duration<double>;
+  const double feature_seconds = Seconds(std::chrono::steady_clock::now() - start).count();
+  const auto scoring = std::chrono::steady_clock::now();
   const auto r = eval::knn(train, test, classes, cfg.knn, eval::resolve_eval_device(cfg.device));
   nlohmann::json result = {{"backbone", a.backbone},
                            {"config", a.config},
+                           {"num_classes", classes},
+                           {"feature_dim", train.features.size(1)},
+                           {"train_samples", train.features.size(0)},
+                           {"test_samples", test.features.size(0)},
                            {"temperature", cfg.knn.temperature},
+                           {"feature_seconds", feature_seconds},
+                           {"knn_seconds", Seconds(std::chrono::steady_clock::now() - scoring).count()},
                            {"k", nlohmann::json::object()}};
   std::cout << std::fixed << std::setprecision(2);
   for (const auto& [k, acc] : r) {

@@ -239,7 +239,9 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
                                 " ranks");
   auto net = open_backbone(backbone);
   LinearProbeRun run;
+  const auto features_start = std::chrono::steady_clock::now();
   std::tie(run.train, run.test) = eval_features(*net, c, cache_dir, &run.num_classes, comm);
+  run.feature_seconds = detail::seconds_since(features_start);
   run.main_rank = !comm || comm->rank() == 0;
   if (!run.main_rank && !shared) return run;
   const at::Device device = resolve_eval_device(c.device);

@@ -89,6 +89,11 @@ done
 if [ ! -s "$dir/knn-ranks/knn.json" ] || [ ! -s "$dir/linear-probe-ranks/probe.json" ]; then
   echo "no knn.json or probe.json"; exit 1
 fi
+for key in '"num_classes": 10' '"train_samples": 200' '"test_samples": 50' '"feature_dim": ' '"feature_seconds": ' \
+  '"knn_seconds": '; do
+  grep -q "$key" "$dir/knn-ranks/knn.json" || { echo "knn.json lacks $key"; cat "$dir/knn-ranks/knn.json"; exit 1; }
+done
+grep -q '"feature_seconds": ' "$dir/linear-probe-ranks/probe.json" || { cat "$dir/linear-probe-ranks/probe.json"; exit 1; }
 # The augmented linear probe stopped after an epoch on 2 ranks, continued by the same command.
 aug=(linear-probe --nproc-per-node 2 --backbone "random:$quickstart" --config "$dir/eval.json" --set dist_timeout_s=120
   --set probe.augment=true --set probe.epochs=2 --set probe.batch_size=8 --out "$dir/aug")

@@ -67,6 +67,9 @@ struct LinearProbeRun {
   /// The centre-crop features (what the classifier is scored on).
   Features train, test;
   int64_t num_classes = 0;
+  /// Seconds this call spent on the centre-crop features: extracting them, or reading them from
+  /// the cache (probe.json's feature_seconds; not in result.seconds).
+  double feature_seconds = 0;
   /// false on the ranks other than 0 of a data-parallel run: they extracted their shares of
   /// the features, and rank 0 alone trains and scores the probe (the rest is empty).
   bool main_rank = true;
