@@ -179,9 +179,10 @@ void set_job_failure_handler(std::function<void(const std::string& reason)> hand
 namespace {
 
 std::string beat_key(int rank) { return "twins_heartbeat/" + std::to_string(rank); }
-// Set by the first rank that fails with an error, by rank 0 when a rank went silent, by a rank
-// that failed before it joined (report_failure_before_join), or by rank 0 giving up on ranks that
-// never joined (join_all): why the job cannot go on. The first stop posted stays (post_stop): the
+// Set by the first rank that fails with an error, by a rank whose collective failed (the heartbeat
+// analysis, diagnose), by rank 0 when a rank went silent, by a rank that failed before it joined
+// (report_failure_before_join), or by rank 0 giving up on ranks that never joined (join_all): why
+// the job cannot go on. The first stop posted stays (post_stop): the
 // ranks that fail after it, often because of it, must not hide the cause.
 const char* const kStopKey = "twins_job_stopped";
 
@@ -546,10 +547,12 @@ Diagnosis diagnose(const Heartbeat& heartbeat, int rank, int world_size, const s
         text = "every rank is alive at step " + std::to_string(mine) +
                " or later: they called different collectives (diverged), or one is busy outside the steps";
       std::string told = text;  // as the other ranks read it
-      const std::string here = "this rank's step", there = "rank " + std::to_string(rank) + "'s step";
-      if (const size_t at = told.find(here); at != std::string::npos) told.replace(at, here.size(), there);
-      try {
-        post_stop(*store, "rank " + std::to_string(rank) + "'s " + op + " failed; heartbeats: " + told);
+      const std::string who = "rank " + std::to_string(rank) + "'s";
+      for (const auto& [here, there] : {std::pair<std::string, std::string>{"this rank's step", who + " step"},
+                                        {"this collective", who + " " + op}})
+        if (const size_t at = told.find(here); at != std::string::npos) told.replace(at, here.size(), there);
+      try {  // (the collective may also have failed for a reason of this rank's own: a GPU error)
+        post_stop(*store, who + " " + op + " failed (its own output says how); heartbeats: " + told);
       } catch (const std::exception&) {  // the analysis still reaches this rank's error
       }
       result->set_value(Diagnosis{std::nullopt, text});

@@ -61,6 +61,8 @@ struct CommunicatorOptions {
   /// the same of rank 0. Every rank that learns it calls on_job_failure once, within a heartbeat,
   /// instead of waiting timeout_s in its next collective (NCCL does not see a peer die). A rank
   /// that leaves without an error (finished, or returned early) is not taken for a silent one.
+  /// A rank whose collective fails posts the heartbeats' analysis as the job's stop (unless one
+  /// stands) and no longer acts on stops itself: after a failed collective, the job is over.
   double heartbeat_timeout_s = 60;
   /// Called from the heartbeat thread with the reason ("rank 2 of 8: stopping: rank 5 failed
   /// with an error ..."), never once this communicator is being destroyed; empty: the
