@@ -596,8 +596,11 @@ TEST_CASE("dist: a failed collective names, from the heartbeats, the ranks that 
   }
   // The same hang, but rank 1 reaches the collective only after rank 0 failed in it (and left,
   // posting "rank 0 failed with an error" as a failing rank does): rank 1 repeats rank 0's analysis.
+  // (Beats every 0.5 s: rank 0's analysis needs ranks 1 and 2 both to beat within 2.5 of them.)
   {
-    auto comms = distributed::Communicator::create_local_group(3, o);
+    distributed::CommunicatorOptions slower = o;
+    slower.heartbeat_s = 0.5;
+    auto comms = distributed::Communicator::create_local_group(3, slower);
     for (int r = 0; r < 3; ++r) comms[static_cast<size_t>(r)]->note_progress(r == 2 ? 4 : 5);
     std::string first;
     try {
