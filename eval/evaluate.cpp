@@ -136,6 +136,32 @@ uint32_t backbone_checksum(const models::Network& net) {
   return static_cast<uint32_t>(crc);
 }
 
+namespace {
+
+// What the feature cache's key knows of the data beyond its settings: every sample's id and, but
+// for tar shards (streams), the labels and pixels of up to 16 evenly spaced samples: files
+// replaced by others, as many, are not taken for those cached.
+uLong data_fingerprint(const data::Dataset& d, uLong crc) {
+  const int64_t n = d.size();
+  for (int64_t i = 0; i < n; ++i) {
+    const std::string id = d.id(i) + "\n";
+    crc = crc32(crc, reinterpret_cast<const Bytef*>(id.data()), static_cast<uInt>(id.size()));
+  }
+  if (d.streaming()) return crc;
+  const int64_t probes = std::min<int64_t>(16, n);
+  for (int64_t k = 0; k < probes; ++k) {
+    const int64_t i = k * n / probes;
+    const int64_t label = d.label(i);
+    crc = crc32(crc, reinterpret_cast<const Bytef*>(&label), sizeof label);
+    const at::Tensor pixels = d.image(i).contiguous();
+    crc = crc32(crc, static_cast<const Bytef*>(pixels.data_ptr()),
+                static_cast<uInt>(pixels.numel() * pixels.element_size()));
+  }
+  return crc;
+}
+
+}  // namespace
+
 std::shared_ptr<models::Network> open_backbone(const std::string& backbone) {
   if (backbone.rfind("random:", 0) == 0) {
     // random:<backbone JSON> or random:<recipe file> (its model.backbone)
@@ -171,17 +197,21 @@ std::pair<Features, Features> eval_features(models::Network& net, const EvalConf
   const at::Device device = resolve_eval_device(c.device);
   net.to(device);
   const int channels = static_cast<int>(net.to_json().value("in_channels", 3));
-  // Cache key: the backbone's weights, the data and the evaluation transform.
+  // Cache key: the backbone's weights, the data (its settings, ids and a few samples) and the
+  // evaluation transform.
   const uLong crc = backbone_checksum(net);
   auto extract = [&](const json& spec, const std::string& split) {
     auto dataset = data::create_dataset(spec, split == "train" ? "train_data" : "test_data");
     if (num_classes) *num_classes = std::max(*num_classes, dataset->num_classes());
     const auto view = eval_view(*dataset, c.image_size, c.normalization);
-    const std::string settings = spec.dump() + view.to_json().dump();
-    const std::string key =
-        std::to_string(crc32(crc, reinterpret_cast<const Bytef*>(settings.data()), static_cast<uInt>(settings.size())));
-    const fs::path cache =
-        cache_dir.empty() ? fs::path() : fs::path(cache_dir) / ("features-" + split + "-" + key + ".safetensors");
+    fs::path cache;  // (rank 0's: it alone reads and writes the cache)
+    if (!cache_dir.empty() && main_rank) try {
+        const std::string settings = spec.dump() + view.to_json().dump();
+        const uLong key = data_fingerprint(
+            *dataset, crc32(crc, reinterpret_cast<const Bytef*>(settings.data()), static_cast<uInt>(settings.size())));
+        cache = fs::path(cache_dir) / ("features-" + split + "-" + std::to_string(key) + ".safetensors");
+      } catch (const std::exception&) {  // a sample that cannot be read: the extraction says which
+      }
     std::optional<Features> cached;
     if (!cache.empty() && main_rank && fs::exists(cache)) {
       try {

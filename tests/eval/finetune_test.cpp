@@ -415,6 +415,38 @@ TEST_CASE("eval: features extracted in shares over ranks are gathered on rank 0 
   }
 }
 
+TEST_CASE("eval: cached features are served again, and not once the data's files changed, even as many") {
+  ColourTask task = colour_task("cache", 4, 3, 23);
+  const EvalConfig c = EvalConfig::parse(task.config);
+  const fs::path cache = task.dir / "out";
+  int64_t classes = 0;
+  const auto [train, test] = eval_features(task.backbone, c, cache.string(), &classes);
+  CHECK(classes == 2);
+  REQUIRE(train.features.size(0) == 8);
+  std::vector<fs::path> files;
+  for (const auto& entry : fs::directory_iterator(cache)) files.push_back(entry.path());
+  REQUIRE(files.size() == 2);  // features-train-<key>.safetensors, features-test-<key>.safetensors
+  // Served from the cache: planted zeros come back.
+  for (const auto& file : files) {
+    const auto f = twins::models::load_safetensors(file.string());
+    twins::models::save_safetensors(file.string(),
+                                    {{"features", at::zeros_like(f.at("features"))}, {"labels", f.at("labels")}});
+  }
+  const auto [cached_train, cached_test] = eval_features(task.backbone, c, cache.string(), &classes);
+  CHECK(cached_train.features.abs().sum().item<double>() == 0);
+  CHECK(cached_test.features.abs().sum().item<double>() == 0);
+  // One training image replaced by another (same name, same number of images): the training
+  // features are extracted afresh, as without a cache; the test set's are still served.
+  const fs::path replaced = task.dir / "train" / "class0" / "img0.png";
+  twins::data::write_image(replaced.string(), at::full({16, 16, 3}, 7, at::kByte));
+  const auto [fresh_train, fresh_test] = eval_features(task.backbone, c, "", &classes);
+  const auto [again_train, again_test] = eval_features(task.backbone, c, cache.string(), &classes);
+  CHECK(at::equal(again_train.features, fresh_train.features));
+  CHECK_FALSE(at::equal(again_train.features, train.features));
+  CHECK(again_test.features.abs().sum().item<double>() == 0);
+  fs::remove_all(task.dir);
+}
+
 TEST_CASE("eval: data-parallel fine-tuning averages the ranks' gradients as one process with the global batch") {
   ColourTask task = colour_task("data_parallel", 8, 5, 11);
   const fs::path& dir = task.dir;
