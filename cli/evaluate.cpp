@@ -121,8 +121,9 @@ int run_knn(const EvalArgs& a) {
   const std::string out = output_dir(a);
   int64_t classes = 0;
   if (main_rank(comm)) std::cerr << "kNN of " << a.backbone << "\n";
-  const auto start = std::chrono::steady_clock::now();
-  const auto [train, test] = eval::eval_features(a.backbone, cfg, out, &classes, comm);
+  const auto net = eval::open_backbone(a.backbone);
+  const auto start = std::chrono::steady_clock::now();  // (as the probe's feature_seconds)
+  const auto [train, test] = eval::eval_features(*net, cfg, out, &classes, comm);
   if (!main_rank(comm)) return 0;  // rank 0 scores the gathered features and writes
   using Seconds = std::chrono::duration<double>;
   const double feature_seconds = Seconds(std::chrono::steady_clock::now() - start).count();

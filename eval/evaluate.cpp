@@ -126,41 +126,56 @@ EvalConfig EvalConfig::parse(const json& root) {
 
 at::Device resolve_eval_device(const std::string& name) { return resolve_device(name, "device"); }
 
-uint32_t backbone_checksum(const models::Network& net) {
-  uLong crc = crc32(0L, Z_NULL, 0);
-  for (const auto& [name, t] : models::backbone_state(net)) {
-    const at::Tensor cpu = t.to(at::kCPU).contiguous();
-    crc = crc32(crc, reinterpret_cast<const Bytef*>(name.data()), static_cast<uInt>(name.size()));
-    crc = crc32(crc, static_cast<const Bytef*>(cpu.data_ptr()), static_cast<uInt>(cpu.numel() * cpu.element_size()));
-  }
-  return static_cast<uint32_t>(crc);
-}
-
 namespace {
 
+// `crc` continued over `size` bytes at `data` (in pieces that zlib's uInt holds).
+uLong crc_more(uLong crc, const void* data, size_t size) {
+  const auto* bytes = static_cast<const Bytef*>(data);
+  for (size_t done = 0; done < size;) {
+    const size_t piece = std::min<size_t>(size - done, size_t{1} << 30);
+    crc = crc32(crc, bytes + done, static_cast<uInt>(piece));
+    done += piece;
+  }
+  return crc;
+}
+uLong crc_more(uLong crc, const std::string& s) { return crc_more(crc, s.data(), s.size()); }
+
 // What the feature cache's key knows of the data beyond its settings: every sample's id and, but
-// for tar shards (streams), the labels and pixels of up to 16 evenly spaced samples: files
-// replaced by others, as many, are not taken for those cached.
+// for tar shards (streams), every label and the sizes and pixels of up to 16 evenly spaced
+// samples: files replaced by others, as many, or relabelled, are not taken for those cached.
 uLong data_fingerprint(const data::Dataset& d, uLong crc) {
   const int64_t n = d.size();
   for (int64_t i = 0; i < n; ++i) {
-    const std::string id = d.id(i) + "\n";
-    crc = crc32(crc, reinterpret_cast<const Bytef*>(id.data()), static_cast<uInt>(id.size()));
+    crc = crc_more(crc, d.id(i) + "\n");
+    if (!d.streaming()) crc = crc_more(crc, std::to_string(d.label(i)) + "\n");
   }
   if (d.streaming()) return crc;
   const int64_t probes = std::min<int64_t>(16, n);
   for (int64_t k = 0; k < probes; ++k) {
     const int64_t i = k * n / probes;
-    const int64_t label = d.label(i);
-    crc = crc32(crc, reinterpret_cast<const Bytef*>(&label), sizeof label);
-    const at::Tensor pixels = d.image(i).contiguous();
-    crc = crc32(crc, static_cast<const Bytef*>(pixels.data_ptr()),
-                static_cast<uInt>(pixels.numel() * pixels.element_size()));
+    try {
+      const at::Tensor pixels = d.image(i).contiguous();
+      const std::vector<int64_t> sizes = pixels.sizes().vec();
+      crc = crc_more(crc, sizes.data(), sizes.size() * sizeof(int64_t));
+      crc = crc_more(crc, pixels.data_ptr(), static_cast<size_t>(pixels.numel()) * pixels.element_size());
+    } catch (const data::BadSample&) {  // undecodable (skipped or refused later, as the settings say)
+      crc = crc_more(crc, "bad sample\n");
+    }
   }
   return crc;
 }
 
 }  // namespace
+
+uint32_t backbone_checksum(const models::Network& net) {
+  uLong crc = crc32(0L, Z_NULL, 0);
+  for (const auto& [name, t] : models::backbone_state(net)) {
+    const at::Tensor cpu = t.to(at::kCPU).contiguous();
+    crc = crc_more(crc, name);
+    crc = crc_more(crc, cpu.data_ptr(), static_cast<size_t>(cpu.numel()) * cpu.element_size());
+  }
+  return static_cast<uint32_t>(crc);
+}
 
 std::shared_ptr<models::Network> open_backbone(const std::string& backbone) {
   if (backbone.rfind("random:", 0) == 0) {
@@ -207,13 +222,14 @@ std::pair<Features, Features> eval_features(models::Network& net, const EvalConf
     fs::path cache;  // (rank 0's: it alone reads and writes the cache)
     if (!cache_dir.empty() && main_rank) try {
         const std::string settings = spec.dump() + view.to_json().dump();
-        const uLong key = data_fingerprint(
-            *dataset, crc32(crc, reinterpret_cast<const Bytef*>(settings.data()), static_cast<uInt>(settings.size())));
+        const uLong key = data_fingerprint(*dataset, crc_more(crc, settings));
         cache = fs::path(cache_dir) / ("features-" + split + "-" + std::to_string(key) + ".safetensors");
-      } catch (const std::exception&) {  // a sample that cannot be read: the extraction says which
+      } catch (const std::exception& e) {  // (the extraction says more, if it fails too)
+        std::cerr << "warning: no feature cache for the " << split << " data: " << e.what() << "\n";
       }
     std::optional<Features> cached;
-    if (!cache.empty() && main_rank && fs::exists(cache)) {
+    std::error_code missing;
+    if (!cache.empty() && main_rank && fs::exists(cache, missing)) {
       try {
         const auto f = models::load_safetensors(cache.string());
         if (f.at("features").size(0) != dataset->size()) throw std::runtime_error("another number of samples");
