@@ -444,23 +444,23 @@ TEST_CASE("eval: cached features are served again, and not once the data's files
   CHECK(at::equal(again_train.features, fresh_train.features));
   CHECK_FALSE(at::equal(again_train.features, train.features));
   CHECK(again_test.features.abs().sum().item<double>() == 0);
-  // A list whose labels were edited (same files): its labels are read afresh.
-  auto write_list = [&](int first_label) {
+  // A list whose labels were edited (same files), here the label of row 2 of 24, which is not
+  // one of the 16 samples whose pixels the key takes (rows 0, 1, 3, 4, 6 ...): its labels are
+  // read afresh.
+  auto write_list = [&](int row2_label) {
     std::ofstream list(task.dir / "test.csv");
-    for (int c2 = 0; c2 < 2; ++c2)
-      for (int i = 0; i < 3; ++i)
-        list << "test/class" << c2 << "/img" << i << ".png," << (c2 == 0 && i == 0 ? first_label : c2) << "\n";
+    for (int row = 0; row < 24; ++row)
+      list << "test/class" << row % 2 << "/img" << row / 2 % 3 << ".png," << (row == 2 ? row2_label : row % 2) << "\n";
   };
   nlohmann::json listed = task.config;
   listed["test_data"] = {{"type", "csv"}, {"file", (task.dir / "test.csv").string()}};
+  auto row2 = [&] {
+    return eval_features(task.backbone, EvalConfig::parse(listed), cache.string(), &classes).second.labels[2];
+  };
   write_list(0);
-  CHECK(eval_features(task.backbone, EvalConfig::parse(listed), cache.string(), &classes)
-            .second.labels[0]
-            .item<int64_t>() == 0);
+  CHECK(row2().item<int64_t>() == 0);
   write_list(1);
-  CHECK(eval_features(task.backbone, EvalConfig::parse(listed), cache.string(), &classes)
-            .second.labels[0]
-            .item<int64_t>() == 1);
+  CHECK(row2().item<int64_t>() == 1);
   fs::remove_all(task.dir);
 }
 
