@@ -3,7 +3,9 @@
 #include <fcntl.h>
 #include <sys/file.h>
 #include <unistd.h>
+#include <zlib.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <csignal>
 #include <cstdlib>
@@ -14,6 +16,16 @@
 
 namespace twins::io {
 namespace fs = std::filesystem;
+
+unsigned long crc32_update(unsigned long crc, const void* data, size_t size) {
+  const auto* bytes = static_cast<const Bytef*>(data);
+  while (size > 0) {
+    const uInt piece = static_cast<uInt>(std::min<size_t>(size, size_t{1} << 30));
+    crc = crc32(crc, bytes, piece);
+    bytes += piece, size -= piece;
+  }
+  return crc;
+}
 
 std::string describe_errno(int err) {
   std::string s = std::strerror(err);

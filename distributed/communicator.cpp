@@ -182,8 +182,8 @@ std::string beat_key(int rank) { return "twins_heartbeat/" + std::to_string(rank
 // Set by the first rank that fails with an error, by a rank whose collective failed (the heartbeat
 // analysis, diagnose), by rank 0 when a rank went silent, by a rank that failed before it joined
 // (report_failure_before_join), or by rank 0 giving up on ranks that never joined (join_all): why
-// the job cannot go on. The first stop posted stays (post_stop): the
-// ranks that fail after it, often because of it, must not hide the cause.
+// the job cannot go on. The first stop posted stays (post_stop): the ranks that fail after it,
+// often because of it, must not hide the cause.
 const char* const kStopKey = "twins_job_stopped";
 
 // Posts `why` as the job's stop unless one is there already; returns the stop that stands.

@@ -18,6 +18,7 @@
 #include "twins/data/loader.h"
 #include "twins/distributed/communicator.h"
 #include "twins/eval/transform.h"
+#include "twins/io.h"
 #include "twins/models/safetensors.h"
 #include "twins/models/weights.h"
 #include "twins/runtime.h"
@@ -128,17 +129,8 @@ at::Device resolve_eval_device(const std::string& name) { return resolve_device(
 
 namespace {
 
-// `crc` continued over `size` bytes at `data` (in pieces that zlib's uInt holds).
-uLong crc_more(uLong crc, const void* data, size_t size) {
-  const auto* bytes = static_cast<const Bytef*>(data);
-  for (size_t done = 0; done < size;) {
-    const size_t piece = std::min<size_t>(size - done, size_t{1} << 30);
-    crc = crc32(crc, bytes + done, static_cast<uInt>(piece));
-    done += piece;
-  }
-  return crc;
-}
-uLong crc_more(uLong crc, const std::string& s) { return crc_more(crc, s.data(), s.size()); }
+using io::crc32_update;
+uLong crc32_update(uLong crc, const std::string& s) { return crc32_update(crc, s.data(), s.size()); }
 
 // What the feature cache's key knows of the data beyond its settings: every sample's id and, but
 // for tar shards (streams), every label and the sizes and pixels of up to 16 evenly spaced
@@ -146,8 +138,8 @@ uLong crc_more(uLong crc, const std::string& s) { return crc_more(crc, s.data(),
 uLong data_fingerprint(const data::Dataset& d, uLong crc) {
   const int64_t n = d.size();
   for (int64_t i = 0; i < n; ++i) {
-    crc = crc_more(crc, d.id(i) + "\n");
-    if (!d.streaming()) crc = crc_more(crc, std::to_string(d.label(i)) + "\n");
+    crc = crc32_update(crc, d.id(i) + "\n");
+    if (!d.streaming()) crc = crc32_update(crc, std::to_string(d.label(i)) + "\n");
   }
   if (d.streaming()) return crc;
   const int64_t probes = std::min<int64_t>(16, n);
@@ -156,10 +148,10 @@ uLong data_fingerprint(const data::Dataset& d, uLong crc) {
     try {
       const at::Tensor pixels = d.image(i).contiguous();
       const std::vector<int64_t> sizes = pixels.sizes().vec();
-      crc = crc_more(crc, sizes.data(), sizes.size() * sizeof(int64_t));
-      crc = crc_more(crc, pixels.data_ptr(), static_cast<size_t>(pixels.numel()) * pixels.element_size());
+      crc = crc32_update(crc, sizes.data(), sizes.size() * sizeof(int64_t));
+      crc = crc32_update(crc, pixels.data_ptr(), static_cast<size_t>(pixels.numel()) * pixels.element_size());
     } catch (const data::BadSample&) {  // undecodable (skipped or refused later, as the settings say)
-      crc = crc_more(crc, "bad sample\n");
+      crc = crc32_update(crc, "bad sample\n");
     }
   }
   return crc;
@@ -171,8 +163,8 @@ uint32_t backbone_checksum(const models::Network& net) {
   uLong crc = crc32(0L, Z_NULL, 0);
   for (const auto& [name, t] : models::backbone_state(net)) {
     const at::Tensor cpu = t.to(at::kCPU).contiguous();
-    crc = crc_more(crc, name);
-    crc = crc_more(crc, cpu.data_ptr(), static_cast<size_t>(cpu.numel()) * cpu.element_size());
+    crc = crc32_update(crc, name);
+    crc = crc32_update(crc, cpu.data_ptr(), static_cast<size_t>(cpu.numel()) * cpu.element_size());
   }
   return static_cast<uint32_t>(crc);
 }
@@ -212,8 +204,8 @@ std::pair<Features, Features> eval_features(models::Network& net, const EvalConf
   const at::Device device = resolve_eval_device(c.device);
   net.to(device);
   const int channels = static_cast<int>(net.to_json().value("in_channels", 3));
-  // Cache key: the backbone's weights, the data (its settings, ids and a few samples) and the
-  // evaluation transform.
+  // Cache key: the backbone's weights, the data (its settings, ids and labels, a few samples'
+  // pixels) and the evaluation transform.
   const uLong crc = backbone_checksum(net);
   auto extract = [&](const json& spec, const std::string& split) {
     auto dataset = data::create_dataset(spec, split == "train" ? "train_data" : "test_data");
@@ -222,7 +214,7 @@ std::pair<Features, Features> eval_features(models::Network& net, const EvalConf
     fs::path cache;  // (rank 0's: it alone reads and writes the cache)
     if (!cache_dir.empty() && main_rank) try {
         const std::string settings = spec.dump() + view.to_json().dump();
-        const uLong key = data_fingerprint(*dataset, crc_more(crc, settings));
+        const uLong key = data_fingerprint(*dataset, crc32_update(crc, settings));
         cache = fs::path(cache_dir) / ("features-" + split + "-" + std::to_string(key) + ".safetensors");
       } catch (const std::exception& e) {  // (the extraction says more, if it fails too)
         std::cerr << "warning: no feature cache for the " << split << " data: " << e.what() << "\n";

@@ -32,15 +32,6 @@ std::string dtype_name(at::ScalarType t) {
   throw std::invalid_argument(std::string("safetensors: unsupported dtype ") + c10::toString(t));
 }
 
-uLong crc32_update(uLong crc, const uint8_t* data, size_t size) {
-  while (size > 0) {  // zlib takes 32-bit lengths
-    const uInt chunk = static_cast<uInt>(std::min<size_t>(size, 1u << 30));
-    crc = crc32(crc, data, chunk);
-    data += chunk, size -= chunk;
-  }
-  return crc;
-}
-
 // Metadata keys of the checksum: twins 0.2 covers header and data, twins 0.1 the data only.
 constexpr const char* kChecksumKey = "twins_checksum";
 constexpr const char* kChecksumPrefix = "crc32:";
@@ -107,9 +98,9 @@ void save_safetensors(const std::string& path, const NamedTensors& tensors,
   std::string length(8, '\0');
   for (int i = 0; i < 8; ++i) length[i] = static_cast<char>(static_cast<uint64_t>(text.size()) >> (8 * i));
   uLong crc = crc32(0L, Z_NULL, 0);
-  crc = crc32_update(crc, reinterpret_cast<const uint8_t*>(length.data()), 8);
-  crc = crc32_update(crc, reinterpret_cast<const uint8_t*>(text.data()), text.size());
-  crc = crc32_update(crc, data.data(), data.size());
+  crc = io::crc32_update(crc, reinterpret_cast<const uint8_t*>(length.data()), 8);
+  crc = io::crc32_update(crc, reinterpret_cast<const uint8_t*>(text.data()), text.size());
+  crc = io::crc32_update(crc, data.data(), data.size());
   char hex[16];
   std::snprintf(hex, sizeof hex, "%08lx", static_cast<unsigned long>(crc));
   text.replace(digits, 8, hex);
@@ -160,9 +151,9 @@ SafeTensorsFile parse_safetensors(const uint8_t* bytes, size_t size, const std::
       throw fail(std::string(kChecksumKey) + " is malformed");
     placeholder.replace(digits, 8, "00000000");
     uLong crc = crc32(0L, Z_NULL, 0);
-    crc = crc32_update(crc, bytes, 8);
-    crc = crc32_update(crc, reinterpret_cast<const uint8_t*>(placeholder.data()), placeholder.size());
-    crc = crc32_update(crc, data, data_size);
+    crc = io::crc32_update(crc, bytes, 8);
+    crc = io::crc32_update(crc, reinterpret_cast<const uint8_t*>(placeholder.data()), placeholder.size());
+    crc = io::crc32_update(crc, data, data_size);
     char hex[16];
     std::snprintf(hex, sizeof hex, "%08lx", static_cast<unsigned long>(crc));
     if (stored != std::string(kChecksumPrefix) + hex)
@@ -171,7 +162,7 @@ SafeTensorsFile parse_safetensors(const uint8_t* bytes, size_t size, const std::
   } else if (out.metadata.count(kLegacyChecksumKey)) {  // twins 0.1: the data only
     char hex[16];
     std::snprintf(hex, sizeof hex, "%08lx",
-                  static_cast<unsigned long>(crc32_update(crc32(0L, Z_NULL, 0), data, data_size)));
+                  static_cast<unsigned long>(io::crc32_update(crc32(0L, Z_NULL, 0), data, data_size)));
     if (out.metadata.at(kLegacyChecksumKey) != hex)
       throw std::runtime_error(name + ": checksum mismatch (stored " + out.metadata.at(kLegacyChecksumKey) +
                                ", computed " + hex + "): the file is corrupt or was cut short");

@@ -4,6 +4,7 @@
 // checked; a full disk (ENOSPC) or a file-size limit (EFBIG) is an error naming the file, never a
 // truncated file and an exit code of 0. The `twins` command ignores SIGXFSZ, so a size limit
 // reaches these checks instead of killing the process.
+#include <cstddef>
 #include <initializer_list>
 #include <string>
 #include <string_view>
@@ -64,6 +65,10 @@ int remove_stale_temporaries(const std::string& dir);
 void check_writable(const std::string& dir);
 /// strerror(err), with what to do for a full disk or a file-size limit.
 std::string describe_errno(int err);
+
+/// zlib's CRC-32 `crc` continued over `size` bytes at `data`, of any size (zlib itself takes
+/// 32-bit lengths); a new checksum starts from 0.
+unsigned long crc32_update(unsigned long crc, const void* data, size_t size);
 
 /// Fault injection for the crash tests: when the environment variable TWINS_FAULT is
 /// "<point>@<subject substring>#<n>", the n-th time `point` is reached for a subject containing
