@@ -62,18 +62,21 @@ void fault_point(const char* point, const std::string& subject) {
   struct Fault {
     std::string point, subject;
     int64_t n = 0, hits = 0;
+    int signal = SIGKILL;
   };
   static Fault* fault = []() -> Fault* {
     const char* spec = std::getenv("TWINS_FAULT");
     if (!spec) return nullptr;
-    const std::string s = spec;
+    std::string s = spec;
+    int signal = SIGKILL;
+    if (s.size() > 5 && s.compare(s.size() - 5, 5, ":TERM") == 0) signal = SIGTERM, s.resize(s.size() - 5);
     const size_t at = s.find('@'), hash = s.rfind('#');
     if (at == std::string::npos || hash == std::string::npos || hash < at) return nullptr;
-    auto* f = new Fault{s.substr(0, at), s.substr(at + 1, hash - at - 1), std::atoll(s.c_str() + hash + 1), 0};
+    auto* f = new Fault{s.substr(0, at), s.substr(at + 1, hash - at - 1), std::atoll(s.c_str() + hash + 1), 0, signal};
     return f;
   }();
   if (!fault || fault->point != point || subject.find(fault->subject) == std::string::npos) return;
-  if (++fault->hits == fault->n) ::kill(::getpid(), SIGKILL);
+  if (++fault->hits == fault->n) ::kill(::getpid(), fault->signal);
 }
 
 std::string temporary_name(const std::string& path) { return path + ".tmp-" + std::to_string(::getpid()); }
