@@ -1,6 +1,9 @@
 // twins linear-probe and twins knn: the standard measures of a frozen backbone; twins finetune:
-// the backbone trained with a classifier on (a part of) the labels.
+// the backbone trained with a classifier on (a part of) the labels (SIGINT/SIGTERM finish the
+// batch, write a checkpoint and exit 0; the same command continues).
+#include <atomic>
 #include <chrono>
+#include <csignal>
 #include <filesystem>
 #include <fstream>
 #include <iomanip>
@@ -54,6 +57,9 @@ std::shared_ptr<distributed::Communicator> join_job(eval::EvalConfig& cfg) {
   co.heartbeat_timeout_s = cfg.dist_heartbeat_timeout_s;
   return distributed::Communicator::create(env, device, co);
 }
+
+std::atomic<bool> g_finetune_stop{false};
+void on_finetune_signal(int) { g_finetune_stop.store(true); }
 
 // Whether this process speaks for the evaluation: a single process, or rank 0 of the job.
 bool main_rank(const std::shared_ptr<distributed::Communicator>& comm) { return !comm || comm->rank() == 0; }
@@ -169,12 +175,24 @@ int run_finetune(const EvalArgs& a) {
   control.stop_after_epochs = a.stop_after_epochs;
   control.metrics = (fs::path(out) / "finetune-metrics.jsonl").string();
   control.tensorboard_dir = (fs::path(out) / "finetune").string();  // TensorBoard's run "<out>/finetune"
+  // A scheduler's preemption (SIGTERM) or Ctrl-C: every rank finishes its batch and the state is
+  // checkpointed there; a second signal stops at once.
+  struct sigaction sa {};
+  sa.sa_handler = on_finetune_signal;
+  sa.sa_flags = SA_RESETHAND;
+  sigaction(SIGINT, &sa, nullptr);
+  sigaction(SIGTERM, &sa, nullptr);
+  control.stop = &g_finetune_stop;
   const auto run = eval::run_finetune(a.backbone, cfg, control);
   if (!run.main_rank) return 0;  // rank 0 writes and speaks for the run
   const auto& o = cfg.finetune;
   if (!run.finished) {
-    std::cout << "finetune: stopped after epoch " << run.epochs_done << " of " << o.epochs << " (state in "
-              << control.checkpoint << "); the same command continues it\n";
+    std::cout << "finetune: stopped ";
+    if (run.stopped_at_batch > 0)
+      std::cout << "at batch " << run.stopped_at_batch << " of epoch " << run.epochs_done + 1;
+    else
+      std::cout << "after epoch " << run.epochs_done;
+    std::cout << " of " << o.epochs << " (state in " << control.checkpoint << "); the same command continues it\n";
     return 0;
   }
   const fs::path backbone_file = fs::path(out) / "finetuned-backbone.safetensors";

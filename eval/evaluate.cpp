@@ -88,10 +88,13 @@ EvalConfig EvalConfig::parse(const json& root) {
     f.get("precision", o.precision);
     f.get("seed", o.seed);
     f.get("eval_every_epochs", o.eval_every_epochs);
+    f.get("checkpoint_every_steps", o.checkpoint_every_steps);
     f.finish();
     config::require(o.epochs >= 1 && o.epochs <= 100000, "finetune.epochs", "must be in [1, 10^5]");
     config::require(o.eval_every_epochs >= 0 && o.eval_every_epochs <= 100000, "finetune.eval_every_epochs",
                     "must be in [0, 10^5] (0: after the last epoch only)");
+    config::require(o.checkpoint_every_steps >= 0, "finetune.checkpoint_every_steps",
+                    "must be >= 0 (0: after each epoch only)");
     config::require(o.batch_size >= 1 && o.batch_size <= (1 << 20), "finetune.batch_size", "must be in [1, 2^20]");
     config::require(o.lr_backbone >= 0 && o.lr_backbone <= 1e3, "finetune.lr_backbone",
                     "must be in [0, 1000] (0 freezes the backbone)");

@@ -49,6 +49,10 @@ constexpr const char* kLossKey = "twins_finetune_epoch_loss";
 constexpr const char* kTestKey = "twins_finetune_test_per_epoch";
 constexpr const char* kWorldKey = "twins_finetune_world_size";
 constexpr const char* kSecondsKey = "twins_finetune_seconds";  // spent by the calls before
+// Written mid-epoch: the next epoch's place and sums so far {"batches_done", "loss_sum" and
+// "batches_counted" (every rank's), "learned" (per rank: whether it learned from a batch yet),
+// "seconds"}; absent after a whole epoch.
+constexpr const char* kPartialKey = "twins_finetune_partial_epoch";
 
 json to_json(const std::vector<FinetuneRun::EpochScore>& scores) {
   json out = json::array();
@@ -259,9 +263,14 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
   data::Loader loader(train, {view}, lo);
   const int64_t batches = loader.batches_per_epoch();
 
-  // Resume from the checkpoint's last epoch.
-  int64_t first_epoch = 0;
+  // Resume from where the checkpoint was written: after an epoch, or within one.
+  int64_t first_epoch = 0, first_batch = 0;
   double earlier_seconds = 0;
+  struct {  // the epoch resumed mid-way: its sums so far (rank 0 carries every rank's), this rank's flag
+    double loss_sum = 0, seconds = 0;
+    int64_t counted = 0;
+    bool learned = false;
+  } carried;
   const std::string& checkpoint = control.checkpoint;
   if (!checkpoint.empty() && fs::exists(checkpoint)) {
     const models::SafeTensorsFile file = models::load_safetensors(checkpoint);  // its checksum checked
@@ -276,10 +285,34 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
                                "write to another folder (--out)");
     const json epochs_done = json::parse(meta(kEpochsKey), nullptr, false);
     const json losses = json::parse(meta(kLossKey), nullptr, false);
-    if (!epochs_done.is_number_integer() || epochs_done.get<int64_t>() < 1 || epochs_done.get<int64_t>() > o.epochs ||
-        !losses.is_array() || static_cast<int64_t>(losses.size()) != epochs_done.get<int64_t>())
+    json partial;  // null: written after a whole epoch
+    if (const auto it = file.metadata.find(kPartialKey); it != file.metadata.end()) {
+      partial = json::parse(it->second, nullptr, false);
+      const auto number = [&](const char* key) {
+        return partial.is_object() && partial.value(key, json()).is_number();
+      };
+      if (!number("batches_done") || !partial["batches_done"].is_number_integer() ||
+          partial["batches_done"].get<int64_t>() < 1 || !number("loss_sum") || !number("batches_counted") ||
+          !number("seconds") || !partial.value("learned", json()).is_array())
+        throw std::runtime_error("finetune: " + checkpoint + ": malformed " + kPartialKey);
+    }
+    const int64_t whole_epochs_max = partial.is_null() ? o.epochs : o.epochs - 1;
+    if (!epochs_done.is_number_integer() || epochs_done.get<int64_t>() < (partial.is_null() ? 1 : 0) ||
+        epochs_done.get<int64_t>() > whole_epochs_max || !losses.is_array() ||
+        static_cast<int64_t>(losses.size()) != epochs_done.get<int64_t>())
       throw std::runtime_error("finetune: " + checkpoint + ": malformed " + kEpochsKey + " or " + kLossKey);
     first_epoch = epochs_done.get<int64_t>();
+    if (!partial.is_null()) {
+      // Batch k is the same global batch over any number of ranks (DistributedSampler's order).
+      first_batch = std::min(partial["batches_done"].get<int64_t>(), batches);
+      carried.loss_sum = main_rank ? partial["loss_sum"].get<double>() : 0.0;
+      carried.counted = main_rank ? partial["batches_counted"].get<int64_t>() : 0;
+      carried.seconds = partial["seconds"].get<double>();
+      const json& learned = partial["learned"];
+      carried.learned = static_cast<int64_t>(learned.size()) == world && learned[static_cast<size_t>(rank)].is_boolean()
+                            ? learned[static_cast<size_t>(rank)].get<bool>()
+                            : partial["batches_counted"].get<int64_t>() > 0;
+    }
     if (const auto it = file.metadata.find(kSecondsKey); it != file.metadata.end()) {  // absent in older checkpoints
       const json spent = json::parse(it->second, nullptr, false);
       if (spent.is_number() && spent.get<double>() >= 0) earlier_seconds = spent.get<double>();
@@ -298,8 +331,11 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
     models::load_module_state(*net, file, "finetune: " + checkpoint, "backbone.");
     models::load_module_state(*head, file, "finetune: " + checkpoint, "head.");
     load_optimizer_state(sgd, file.at("optimizer_state"));
-    if (main_rank)
+    if (main_rank && first_batch == 0)
       std::cerr << "  resuming from " << checkpoint << " after epoch " << first_epoch << " of " << o.epochs << "\n";
+    else if (main_rank)
+      std::cerr << "  resuming from " << checkpoint << " at batch " << first_batch << " of " << batches << " in epoch "
+                << first_epoch + 1 << " of " << o.epochs << "\n";
     const auto saved_world = file.metadata.find(kWorldKey);  // absent: written by one process
     if (const std::string ranks = saved_world == file.metadata.end() ? "1" : saved_world->second;
         ranks != std::to_string(world) && main_rank)
@@ -307,16 +343,20 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
                 << world << ": the same global batches, but BatchNorm's batch statistics now over each rank's "
                 << o.batch_size / world << " images\n";
   }
-  if (comm) {  // the ranks must resume from the same epoch (the run folder shared by every node)
-    const at::Tensor epochs =
-        comm->all_gather(at::full({1}, first_epoch, at::TensorOptions().dtype(at::kLong).device(comm->device()))).cpu();
-    if (!epochs.eq(first_epoch).all().item<bool>())
+  if (comm) {  // the ranks must resume from the same place (the run folder shared by every node)
+    const int64_t place[2] = {first_epoch, first_batch};
+    const at::Tensor places =
+        comm->all_gather(at::from_blob(const_cast<int64_t*>(place), {2}, at::kLong).to(comm->device()))
+            .cpu()
+            .view({-1, 2});
+    if (!places.eq(places[0]).all().item<bool>() || places[0][0].item<int64_t>() != first_epoch ||
+        places[0][1].item<int64_t>() != first_batch)
       throw std::runtime_error("finetune: the ranks found different checkpoints at " + checkpoint +
-                               " (epochs done per rank: " + at::str(epochs.view({-1})) +
+                               " (epochs, batches done per rank: " + at::str(places) +
                                "); every node must see the same output folder");
   }
-  run.start_epoch = first_epoch;
-  auto save_checkpoint = [&](int64_t epochs_done) {
+  run.start_epoch = first_epoch, run.start_batch = first_batch;
+  auto save_checkpoint = [&](int64_t epochs_done, const json& partial) {
     models::NamedTensors tensors = models::module_state(*net, "backbone.");
     for (auto& t : models::module_state(*head, "head.")) tensors.push_back(std::move(t));
     const std::vector<uint8_t> bytes = save_optimizer_state(sgd);
@@ -324,13 +364,15 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
         "optimizer_state",
         at::from_blob(const_cast<uint8_t*>(bytes.data()), {static_cast<int64_t>(bytes.size())}, at::kByte).clone());
     if (const fs::path parent = fs::path(checkpoint).parent_path(); !parent.empty()) fs::create_directories(parent);
-    models::save_safetensors(checkpoint, tensors,
-                             {{kSettingsKey, settings.dump()},
-                              {kEpochsKey, std::to_string(epochs_done)},
-                              {kWorldKey, std::to_string(world)},
-                              {kLossKey, json(run.epoch_loss).dump()},
-                              {kTestKey, to_json(run.test_per_epoch).dump()},
-                              {kSecondsKey, json(earlier_seconds + detail::seconds_since(start)).dump()}});
+    std::map<std::string, std::string> metadata = {
+        {kSettingsKey, settings.dump()},
+        {kEpochsKey, std::to_string(epochs_done)},
+        {kWorldKey, std::to_string(world)},
+        {kLossKey, json(run.epoch_loss).dump()},
+        {kTestKey, to_json(run.test_per_epoch).dump()},
+        {kSecondsKey, json(earlier_seconds + detail::seconds_since(start)).dump()}};
+    if (!partial.is_null()) metadata[kPartialKey] = partial.dump();
+    models::save_safetensors(checkpoint, tensors, metadata);
   };
 
   // Scored on the test set's centre crops, backbone in evaluation mode with rank 0's BatchNorm
@@ -422,38 +464,48 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
       }
     });
 
-  detail::EpochProgress progress("finetune", first_epoch, o.epochs, batches);
+  detail::EpochProgress progress("finetune", first_epoch, o.epochs, batches, first_batch);
+  // A stop request, read after a batch: with several ranks they agree on it (a collective, which
+  // waits for the GPU: after every 16th batch on CUDA), so that every rank stops after the same one.
+  const int64_t stop_poll = device.is_cuda() ? 16 : 1;
+  auto stop_requested = [&](int64_t done) {
+    if (!control.stop) return false;
+    if (!comm) return control.stop->load();
+    return done % stop_poll == 0 && comm->any(control.stop->load());
+  };
+  bool stop_now = false;  // asked to stop in an epoch's last batch: after that epoch
   for (int64_t epoch = first_epoch; epoch < o.epochs; ++epoch) {
-    if (control.stop_after_epochs > 0 && epoch - first_epoch == control.stop_after_epochs) {
+    if ((control.stop_after_epochs > 0 && epoch - first_epoch == control.stop_after_epochs) || stop_now) {
       if (main_rank)
         std::cerr << "  finetune: stopped after epoch " << epoch << " of " << o.epochs
                   << (checkpoint.empty() ? std::string() : ", state in " + checkpoint) << "\n";
       run.epochs_done = epoch;
       return run;
     }
-    // Random ops inside the network (stochastic depth) draw from (seed, epoch, rank), so that a
-    // resumed run draws what an uninterrupted one would.
-    at::manual_seed(o.seed * 0x9E3779B97F4A7C15ULL + static_cast<uint64_t>(epoch) + 1 +
-                    static_cast<uint64_t>(rank) * 0xD1B54A32D192ED03ULL);
+    const bool resumed_here = epoch == first_epoch && first_batch > 0;
     set_lr(epoch);
     const auto epoch_start = std::chrono::steady_clock::now();
+    const double earlier_epoch_seconds = resumed_here ? carried.seconds : 0.0;
     net->train(!frozen);  // frozen: BatchNorm keeps its statistics (the official `--weights freeze`)
     head->train();
-    loader.start_epoch(epoch);
-    at::Tensor loss_sum = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(device));
-    int64_t done = 0, used = 0;
-    while (auto batch = loader.next()) {
-      ++done;
+    loader.start_epoch(epoch, resumed_here ? first_batch : 0);
+    // The epoch's loss summed over the batches learned from (rank 0 carries the sums of a
+    // checkpoint written mid-epoch, for every rank); whether this rank learned from one yet.
+    at::Tensor loss_sum =
+        at::full({}, resumed_here ? carried.loss_sum : 0.0, at::TensorOptions().dtype(at::kDouble).device(device));
+    int64_t done = resumed_here ? first_batch : 0, counted = resumed_here ? carried.counted : 0;
+    bool learned = resumed_here && carried.learned;
+    auto train_on = [&](const data::Batch& batch) {
       // A last batch of one image is left out when fine-tuning: BatchNorm in training mode cannot
       // normalise one value per channel (a backbone whose last maps are 1 x 1). Every rank's
       // batches have the same sizes, so the ranks leave it out together.
-      if (!frozen && batch->views[0].size(0) == 1 && done == batches && done > 1) continue;
-      const at::Tensor keep = batch->labels.ge(0);
+      if (!frozen && batch.views[0].size(0) == 1 && done == batches && done > 1) return;
+      const at::Tensor keep = batch.labels.ge(0);
       const int64_t labelled = keep.sum().item<int64_t>();
       at::Tensor x, y;
       if (labelled > 0) {
-        x = augment::normalize_batch(batch->views[0], view.normalization, device, at::kFloat);
-        y = batch->labels.to(device, /*non_blocking=*/batch->labels.is_pinned());
+        x = augment::normalize_batch(batch.views[0], view.normalization, device, at::kFloat);
+        y = batch.labels.to(device, /*non_blocking=*/batch.labels.is_pinned());
         if (labelled < y.size(0)) {
           const at::Tensor k = keep.to(device);
           x = x.index({k}), y = y.index({k});
@@ -463,14 +515,13 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
       // to learn from, or one image, which BatchNorm cannot take after the first; with several
       // ranks, they agree whether any learns from this batch: if none does, no rank steps (as
       // one process skips it); else those without add zero to the averaged gradients.
-      const bool learns = labelled > 0 && (frozen || x.size(0) > 1 || used == 0);
-      if ((comm && streaming_train) ? comm->sum(learns ? 1 : 0) == 0 : !learns) continue;
+      const bool learns = labelled > 0 && (frozen || x.size(0) > 1 || !learned);
+      if ((comm && streaming_train) ? comm->sum(learns ? 1 : 0) == 0 : !learns) return;
       if (!learns) {
         sgd.zero_grad();
         reducer->finish();
         sgd.step();
-        if (main_rank) progress.batch_done(epoch, done);
-        continue;
+        return;
       }
       at::Tensor features;
       {
@@ -485,15 +536,56 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
       if (reducer) reducer->finish();
       sgd.step();
       loss_sum.add_(loss.detach());
-      ++used;
+      ++counted;
+      learned = true;
+    };
+    // The epoch's sums so far over every rank (rank 0's loss_sum carries a resumed epoch's).
+    auto epoch_totals = [&] {
+      at::Tensor totals = at::stack({loss_sum, at::full({}, static_cast<double>(counted), loss_sum.options())});
+      if (comm) {
+        totals = totals.to(comm->device());
+        comm->all_reduce(totals);
+      }
+      return totals.cpu();
+    };
+    while (auto batch = loader.next()) {
+      ++done;
+      // Random ops inside the network (stochastic depth) draw from (seed, epoch, batch, rank), so
+      // that a resumed run, even one resumed mid-epoch, draws what an uninterrupted one would.
+      at::manual_seed(o.seed * 0x9E3779B97F4A7C15ULL + (static_cast<uint64_t>(epoch) << 32) +
+                      static_cast<uint64_t>(done) + static_cast<uint64_t>(rank) * 0xD1B54A32D192ED03ULL);
+      train_on(*batch);
       if (main_rank) progress.batch_done(epoch, done);
+      const int64_t step = epoch * batches + done;  // batches of the whole run so far
+      io::fault_point("finetune_batch", std::to_string(step));
+      const bool stop = stop_requested(done);
+      if (done >= batches) {  // the epoch's end checkpoints (and then stops)
+        stop_now = stop_now || stop;
+        continue;
+      }
+      if (!stop && !(o.checkpoint_every_steps > 0 && step % o.checkpoint_every_steps == 0)) continue;
+      if (!checkpoint.empty()) {
+        const at::Tensor totals = epoch_totals();
+        at::Tensor learned_by = at::full({1}, learned ? 1 : 0, at::TensorOptions().dtype(at::kLong));
+        if (comm) learned_by = comm->all_gather(learned_by.to(comm->device())).cpu().view({-1});
+        json partial = {{"batches_done", done},
+                        {"loss_sum", totals[0].item<double>()},
+                        {"batches_counted", static_cast<int64_t>(totals[1].item<double>())},
+                        {"learned", json::array()},
+                        {"seconds", earlier_epoch_seconds + detail::seconds_since(epoch_start)}};
+        for (int64_t r = 0; r < learned_by.size(0); ++r)
+          partial["learned"].push_back(learned_by[r].item<int64_t>() != 0);
+        on_rank0([&] { save_checkpoint(epoch, partial); });
+      }
+      if (stop) {
+        if (main_rank)
+          std::cerr << "  finetune: stopped at batch " << done << " of " << batches << " in epoch " << epoch + 1
+                    << " of " << o.epochs << (checkpoint.empty() ? std::string() : ", state in " + checkpoint) << "\n";
+        run.epochs_done = epoch, run.stopped_at_batch = done;
+        return run;
+      }
     }
-    at::Tensor totals = at::stack({loss_sum, at::full({}, static_cast<double>(used), loss_sum.options())});
-    if (comm) {  // the epoch's loss: the mean over every rank's batches
-      totals = totals.to(comm->device());
-      comm->all_reduce(totals);
-    }
-    totals = totals.cpu();
+    const at::Tensor totals = epoch_totals();
     const auto used_everywhere = static_cast<int64_t>(totals[1].item<double>());
     if (used_everywhere == 0)
       throw std::runtime_error("finetune: epoch " + std::to_string(epoch + 1) +
@@ -503,7 +595,7 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
       throw std::runtime_error("finetune: the loss is not finite in epoch " + std::to_string(epoch + 1) +
                                " (lower finetune.lr_backbone or finetune.lr_head)");
     run.epoch_loss.push_back(mean_loss);
-    const double epoch_seconds = detail::seconds_since(epoch_start);
+    const double epoch_seconds = earlier_epoch_seconds + detail::seconds_since(epoch_start);
     json line = {{"epoch", epoch + 1},
                  {"epochs", o.epochs},
                  {"loss", mean_loss},
@@ -535,7 +627,7 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
           events->scalars(epoch + 1, scalars);
           events->sync();
         }
-        if (!checkpoint.empty()) save_checkpoint(epoch + 1);
+        if (!checkpoint.empty()) save_checkpoint(epoch + 1, json());
       });
   }
   run.epochs_done = o.epochs;

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # `twins finetune` as a user runs it: 10% of the labels through --train-percent, a file list
 # through --subset, the files it writes (the fine-tuned backbone loads in `twins knn`), a stopped
-# run continued by the same command, on 2 data-parallel ranks (--nproc-per-node 2, stopped and
-# continued; knn and linear-probe too), and its errors (a value out of range: exit 2; a list naming no sample: exit 1, naming the line).
+# run continued by the same command (after an epoch; within one after SIGTERM or SIGKILL), on 2
+# data-parallel ranks (--nproc-per-node 2, stopped and continued; knn and linear-probe too), and
+# its errors (a value out of range: exit 2; a list naming no sample: exit 1, naming the line).
 set -euo pipefail
 twins=$1
 quickstart=$2
@@ -65,6 +66,32 @@ if ! grep -q "resuming from .*finetune-checkpoint.safetensors after epoch 1 of 2
 grep -q '^{"epoch":2,' "$dir/ft_resume/finetune-metrics.jsonl" || { cat "$dir/ft_resume/finetune-metrics.jsonl"; exit 1; }
 [ "$(find "$dir/ft_resume/finetune" -name 'events.out.tfevents.*' | wc -l)" -eq 2 ] || { ls -R "$dir/ft_resume"; exit 1; }
 
+# 3b. Within an epoch: SIGTERM (a scheduler's preemption) after batch 2 of 3 finishes the batch,
+#     checkpoints there and exits 0; SIGKILL after batch 5 with a checkpoint every 2 batches
+#     loses batch 5 only. The same command continues each to the uninterrupted run's files.
+mid=(finetune --backbone "random:$quickstart" --config "$dir/eval.json" --train-percent 10)
+TWINS_FAULT="finetune_batch@#2:TERM" "$twins" "${mid[@]}" --out "$dir/ft_term" > "$dir/out11" 2> "$dir/err11" \
+  || { cat "$dir/out11" "$dir/err11"; exit 1; }
+if ! grep -q "stopped at batch 2 of epoch 1 of 2" "$dir/out11" || [ -e "$dir/ft_term/finetune.json" ] \
+  || [ ! -s "$dir/ft_term/finetune-checkpoint.safetensors" ]; then cat "$dir/out11" "$dir/err11"; exit 1; fi
+"$twins" "${mid[@]}" --out "$dir/ft_term" > "$dir/out12" 2> "$dir/err12" || { cat "$dir/out12" "$dir/err12"; exit 1; }
+grep -q "resuming from .*finetune-checkpoint.safetensors at batch 2 of 3 in epoch 1 of 2" "$dir/err12" \
+  || { cat "$dir/out12" "$dir/err12"; exit 1; }
+rc=0
+TWINS_FAULT="finetune_batch@#5" "$twins" "${mid[@]}" --set finetune.checkpoint_every_steps=2 --out "$dir/ft_kill" \
+  > "$dir/out13" 2> "$dir/err13" || rc=$?
+[ "$rc" -eq 137 ] || { echo "expected death by SIGKILL (137), got $rc"; cat "$dir/out13" "$dir/err13"; exit 1; }
+"$twins" "${mid[@]}" --set finetune.checkpoint_every_steps=2 --out "$dir/ft_kill" > "$dir/out14" 2> "$dir/err14" \
+  || { cat "$dir/out14" "$dir/err14"; exit 1; }
+grep -q "resuming from .*finetune-checkpoint.safetensors at batch 1 of 3 in epoch 2 of 2" "$dir/err14" \
+  || { cat "$dir/out14" "$dir/err14"; exit 1; }
+for run in ft_term ft_kill; do
+  for file in finetune-head.safetensors finetuned-backbone.safetensors; do
+    cmp "$dir/ft/$file" "$dir/$run/$file" || { echo "$run: $file differs from the uninterrupted run's"; exit 1; }
+  done
+  [ ! -e "$dir/$run/finetune-checkpoint.safetensors" ] || { echo "$run kept its checkpoint"; exit 1; }
+done
+
 # 4. Two data-parallel ranks on this machine (Gloo): stopped after an epoch, then the same
 #    command continues; rank 0 alone prints and writes.
 ranks=(finetune --nproc-per-node 2 --backbone "random:$quickstart" --config "$dir/eval.json" --train-percent 10
@@ -76,6 +103,16 @@ if [ "$(grep -c "stopped after epoch 1 of 2" "$dir/out7")" != 1 ] \
 if [ "$(grep -c "^finetune: top-1" "$dir/out8")" != 1 ] || ! grep -q "2 ranks x 4 images per batch" "$dir/out8" \
   || ! grep -q '"world_size": 2' "$dir/ft_ranks/finetune.json" \
   || ! grep -q '"resumed_from_epoch": 1' "$dir/ft_ranks/finetune.json"; then cat "$dir/out8" "$dir/err8"; exit 1; fi
+# Both ranks sent SIGTERM (as a scheduler does) in their first batch: they stop after it together,
+# and the same command continues to the weights above.
+ranks_term=("${ranks[@]:0:${#ranks[@]}-2}" --out "$dir/ft_ranks_term")
+TWINS_FAULT="finetune_batch@#1:TERM" "$twins" "${ranks_term[@]}" > "$dir/out15" 2> "$dir/err15" \
+  || { cat "$dir/out15" "$dir/err15"; exit 1; }
+[ "$(grep -c "stopped at batch 1 of epoch 1 of 2" "$dir/out15")" = 1 ] || { cat "$dir/out15" "$dir/err15"; exit 1; }
+"$twins" "${ranks_term[@]}" > "$dir/out16" 2> "$dir/err16" || { cat "$dir/out16" "$dir/err16"; exit 1; }
+for file in finetune-head.safetensors finetuned-backbone.safetensors; do
+  cmp "$dir/ft_ranks/$file" "$dir/ft_ranks_term/$file" || { echo "2 ranks: $file differs after SIGTERM"; exit 1; }
+done
 # kNN and the linear probe on 2 ranks: each extracts half the features, rank 0 scores and writes.
 for cmd in knn linear-probe; do
   "$twins" "$cmd" --nproc-per-node 2 --backbone "random:$quickstart" --config "$dir/eval.json" \

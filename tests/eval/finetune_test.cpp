@@ -2,6 +2,7 @@
 // lr_backbone 0 leaves the backbone exactly as it was, and its configuration errors.
 #include <ATen/ATen.h>
 
+#include <atomic>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -464,6 +465,97 @@ TEST_CASE("eval: cached features are served again, and not once the data's files
   fs::remove_all(task.dir);
 }
 
+TEST_CASE("eval: fine-tuning stopped within an epoch, or checkpointed there, resumes to the uninterrupted result") {
+  ColourTask task = colour_task("mid_epoch", 8, 4, 9);
+  const fs::path& dir = task.dir;
+  // 16 training images, batch 4: four batches an epoch.
+  task.config["finetune"] = {{"epochs", 2}, {"batch_size", 4}, {"lr_backbone", 0.02}, {"lr_head", 0.2}};
+  const EvalConfig cfg = EvalConfig::parse(task.config);
+  const FinetuneRun whole = run_finetune(task.backbone, cfg);
+
+  // A stop requested before the call: each call trains one batch, checkpoints there and returns.
+  std::atomic<bool> stop{true};
+  FinetuneControl control;
+  control.checkpoint = (dir / "out" / "finetune-checkpoint.safetensors").string();
+  control.metrics = (dir / "out" / "finetune-metrics.jsonl").string();
+  control.stop = &stop;
+  for (int64_t b = 1; b <= 3; ++b) {
+    CAPTURE(b);
+    const FinetuneRun part = run_finetune(task.backbone, cfg, control);
+    CHECK_FALSE(part.finished);
+    CHECK(part.start_epoch == 0);
+    CHECK(part.start_batch == b - 1);
+    CHECK(part.epochs_done == 0);
+    CHECK(part.stopped_at_batch == b);
+    REQUIRE(fs::exists(control.checkpoint));
+    const auto meta = twins::models::load_safetensors(control.checkpoint).metadata;
+    REQUIRE(meta.count("twins_finetune_partial_epoch") == 1);
+    const auto partial = nlohmann::json::parse(meta.at("twins_finetune_partial_epoch"));
+    CHECK(partial["batches_done"] == b);
+    CHECK(partial["batches_counted"] == b);
+    CHECK(partial["loss_sum"].get<double>() > 0);
+    CHECK(meta.at("twins_finetune_epochs_done") == "0");
+  }
+  // Stopped in an epoch's last batch: the epoch ends (logged, checkpointed whole), then it stops.
+  const FinetuneRun at_end = run_finetune(task.backbone, cfg, control);
+  CHECK_FALSE(at_end.finished);
+  CHECK(at_end.start_batch == 3);
+  CHECK(at_end.epochs_done == 1);
+  CHECK(at_end.stopped_at_batch == 0);
+  REQUIRE(at_end.epoch_loss.size() == 1);
+  CHECK(at_end.epoch_loss[0] == whole.epoch_loss.at(0));  // the sums carried over four calls, bit for bit
+  CHECK(twins::models::load_safetensors(control.checkpoint).metadata.count("twins_finetune_partial_epoch") == 0);
+
+  // The rest with a checkpoint every 3 batches (after batch 6 of 8, mid-epoch): the uninterrupted
+  // run's weights and losses exactly.
+  stop = false;
+  nlohmann::json every = task.config;
+  every["finetune"]["checkpoint_every_steps"] = 3;
+  const FinetuneRun rest = run_finetune(task.backbone, EvalConfig::parse(every), control);
+  CHECK(rest.finished);
+  CHECK(rest.start_epoch == 1);
+  CHECK(rest.start_batch == 0);
+  CHECK(rest.epoch_loss == whole.epoch_loss);
+  CHECK(at::equal(rest.head_weight, whole.head_weight));
+  CHECK(at::equal(rest.head_bias, whole.head_bias));
+  const auto a = twins::models::backbone_state(*whole.backbone), b = twins::models::backbone_state(*rest.backbone);
+  REQUIRE(a.size() == b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    INFO(a[i].first);
+    CHECK(at::equal(a[i].second, b[i].second));
+  }
+  CHECK(rest.test.top1 == whole.test.top1);
+  std::vector<nlohmann::json> lines;  // one line per epoch, none for the stops within one
+  {
+    std::ifstream in(control.metrics);
+    for (std::string line; std::getline(in, line);) lines.push_back(nlohmann::json::parse(line));
+  }
+  REQUIRE(lines.size() == 2);
+  CHECK(lines[0]["loss"].get<double>() == whole.epoch_loss[0]);
+  CHECK(lines[1]["loss"].get<double>() == whole.epoch_loss[1]);
+
+  // A checkpoint written mid-epoch, resumed with checkpoint_every_steps (not a protocol setting)
+  // changed; and one whose place is malformed is refused, naming the key.
+  stop = true;
+  fs::remove(control.checkpoint);
+  REQUIRE_FALSE(run_finetune(task.backbone, cfg, control).finished);
+  {
+    auto file = twins::models::load_safetensors(control.checkpoint);
+    file.metadata["twins_finetune_partial_epoch"] = R"({"batches_done": 0})";
+    twins::models::save_safetensors(control.checkpoint, file.tensors, file.metadata);
+  }
+  check_throws_with<std::runtime_error>([&] { run_finetune(task.backbone, cfg, control); },
+                                        "malformed twins_finetune_partial_epoch");
+  check_throws_with<std::invalid_argument>(
+      [&] {
+        nlohmann::json bad = task.config;
+        bad["finetune"]["checkpoint_every_steps"] = -1;
+        EvalConfig::parse(bad);
+      },
+      "finetune.checkpoint_every_steps");
+  fs::remove_all(dir);
+}
+
 TEST_CASE("eval: data-parallel fine-tuning averages the ranks' gradients as one process with the global batch") {
   ColourTask task = colour_task("data_parallel", 8, 5, 11);
   const fs::path& dir = task.dir;
@@ -531,6 +623,39 @@ TEST_CASE("eval: data-parallel fine-tuning averages the ranks' gradients as one 
   for (size_t i = 0; i < a.size(); ++i) {
     INFO(a[i].first);
     CHECK(at::equal(a[i].second, b[i].second));
+  }
+
+  // A stop requested on one rank only (its own signal): both stop after the same batch, mid-epoch,
+  // and resume to the uninterrupted run's weights.
+  fs::remove(control.checkpoint);
+  {
+    auto comms = twins::distributed::Communicator::create_local_group(2);
+    std::atomic<bool> stops[2] = {false, true};
+    std::vector<FinetuneRun> parts(2);
+    twins::test::on_threads(2, [&](int r) {
+      FinetuneControl mine = control;
+      mine.communicator = comms[static_cast<size_t>(r)];
+      mine.stop = &stops[r];
+      parts[static_cast<size_t>(r)] = run_finetune(task.backbone, tuned, mine);
+    });
+    for (const FinetuneRun& part : parts) {
+      CHECK_FALSE(part.finished);
+      CHECK(part.epochs_done == 0);
+      CHECK(part.stopped_at_batch == 1);
+    }
+  }
+  const FinetuneRun after_stop = on_two_ranks(tuned, control);
+  CHECK(after_stop.start_batch == 1);
+  REQUIRE(after_stop.epoch_loss.size() == 2);
+  // The first epoch's sum is regrouped (rank 0 carried both ranks' first batch): equal to roundoff.
+  CHECK(after_stop.epoch_loss[0] == doctest::Approx(whole.epoch_loss.at(0)).epsilon(1e-12));
+  CHECK(after_stop.epoch_loss[1] == whole.epoch_loss.at(1));
+  CHECK(at::equal(after_stop.head_weight, whole.head_weight));
+  const auto c = twins::models::backbone_state(*after_stop.backbone);
+  REQUIRE(a.size() == c.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    INFO(a[i].first);
+    CHECK(at::equal(a[i].second, c[i].second));
   }
 
   // The global batch must split evenly, and leave BatchNorm at least 2 images per rank.

@@ -12,6 +12,7 @@
 // (the evaluation transform of <twins/eval/transform.h>) after the last epoch.
 // lr_backbone = 0 freezes the backbone (evaluation mode, no gradients): the official
 // `--weights freeze` linear evaluation, with its unstandardised features.
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -56,6 +57,10 @@ struct FinetuneOptions {
   /// evaluate.py does after each epoch to report the best; 0: after the last epoch only. Not part
   /// of the protocol's settings (a checkpoint resumes under another value).
   int64_t eval_every_epochs = 0;
+  /// Also checkpoint after every this many batches (counted over the whole run), within epochs;
+  /// 0: after each epoch only. A run resumed from such a checkpoint continues at the next batch
+  /// with the result an uninterrupted run gives. Not part of the protocol's settings either.
+  int64_t checkpoint_every_steps = 0;
 };
 
 /// The training samples fine-tuning uses, as sorted indices of `dataset`: with `subset_file`,
@@ -67,13 +72,19 @@ std::vector<int64_t> select_train_samples(const data::Dataset& dataset, double t
 
 /// How one call of run_finetune runs (not part of the protocol).
 struct FinetuneControl {
-  /// Where the state is kept after every epoch (weights, classifier, optimizer; written
+  /// Where the state is kept after every epoch, every finetune.checkpoint_every_steps batches and
+  /// when stopped (weights, classifier, optimizer, the epoch's place and loss so far; written
   /// atomically); empty: nowhere. A file there from the same backbone and settings is resumed
-  /// from its last epoch, with the result an uninterrupted run gives; one from other settings is
+  /// from where it was written, with the result an uninterrupted run gives; one from other settings is
   /// an error naming it. The caller removes it once it has kept the results.
   std::string checkpoint;
   /// Stop after this many epochs of this call, checkpointed (0: run to the end).
   int64_t stop_after_epochs = 0;
+  /// A stop request (a signal handler's flag, a scheduler's preemption notice), or null. Read
+  /// after every batch (with several ranks: every batch on the CPU, every 16th on CUDA, where
+  /// agreeing waits for the GPU); once it is set on any rank, every rank stops after the same
+  /// batch, the state is checkpointed there (mid-epoch too) and run_finetune returns unfinished.
+  const std::atomic<bool>* stop = nullptr;
   /// Rank 0 appends a line per epoch to this JSON Lines file as the run goes: {"epoch"
   /// (1-based), "epochs", "loss", "lr_head", "lr_backbone", "epoch_seconds", and "test_top1",
   /// "test_top5" after a scored epoch}. A run that starts afresh replaces the file; a resumed one
@@ -94,11 +105,14 @@ struct FinetuneControl {
 };
 
 struct FinetuneRun {
-  /// False when stopped by FinetuneControl::stop_after_epochs before the last epoch: then
-  /// nothing was scored.
+  /// False when stopped (FinetuneControl::stop_after_epochs or stop) before the end: then nothing
+  /// was scored.
   bool finished = false;
   /// The epoch this call started from (0, or the checkpoint's), and the epochs done in all.
   int64_t start_epoch = 0, epochs_done = 0;
+  /// Where in an epoch this call started (a checkpoint written mid-epoch), and where it stopped
+  /// (FinetuneControl::stop): the batches of epoch start_epoch + 1 / epochs_done + 1 done before.
+  int64_t start_batch = 0, stopped_at_batch = 0;
   Accuracy test;
   /// Loss averaged over each epoch's batches (the epochs of this call and, resumed, the
   /// checkpoint's).
