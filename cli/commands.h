@@ -41,4 +41,10 @@ struct LaunchPlan {
 /// those on other machines fail in their next collective (train.dist_timeout_s at most).
 int launch_local(const LaunchPlan& plan, double grace_seconds);
 
+/// SIGINT and SIGTERM ask this process to stop cleanly: `request` (async-signal-safe) is called,
+/// and with `speaks` a line on stderr says so. The same stop arriving again within 2 s is ignored
+/// (a terminal's Ctrl-C or a scheduler reaches every rank, and the launcher forwards it too); a
+/// signal after that stops the process at once.
+void catch_stop_signals(void (*request)(), bool speaks);
+
 }  // namespace twins::cli

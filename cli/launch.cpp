@@ -12,10 +12,12 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <csignal>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <fstream>
 #include <iostream>
 #include <iterator>
@@ -32,6 +34,29 @@ namespace {
 
 volatile std::sig_atomic_t g_signal = 0;
 void on_launcher_signal(int sig) { g_signal = sig; }
+
+// A rank's (or a single process's) stop request: see catch_stop_signals.
+void (*g_request_stop)() = nullptr;
+volatile std::sig_atomic_t g_stop_speaks = 0;
+std::atomic<int64_t> g_first_stop_ns{0};  // lock-free: usable in a signal handler
+void on_stop_signal(int sig) {
+  timespec now{};
+  ::clock_gettime(CLOCK_MONOTONIC, &now);
+  const int64_t ns = static_cast<int64_t>(now.tv_sec) * 1000000000 + now.tv_nsec + 1;
+  const int64_t first = g_first_stop_ns.load();
+  if (first == 0) {
+    g_first_stop_ns.store(ns);
+    g_request_stop();
+    if (g_stop_speaks) {
+      static const char said[] =
+          "\nstopping after this step, keeping the state (a signal 2 s from now stops at once)\n";
+      [[maybe_unused]] const ssize_t n = ::write(2, said, sizeof(said) - 1);
+    }
+  } else if (ns - first >= 2000000000) {  // earlier: the same stop again
+    ::signal(sig, SIG_DFL);
+    ::raise(sig);
+  }
+}
 
 // The launcher's own flags, each with a value: the ranks get the other arguments.
 const char* const kLaunchFlags[] = {"--nproc-per-node", "--nnodes", "--node-rank", "--master-addr", "--master-port"};
@@ -109,6 +134,15 @@ void LaunchPlan::check() const {
   if (nproc_per_node <= 0 && (nnodes > 1 || node_rank > 0 || !master_addr.empty() || master_port > 0))
     throw std::invalid_argument(
         "--nnodes, --node-rank, --master-addr and --master-port go with --nproc-per-node (ranks per node)");
+}
+
+void catch_stop_signals(void (*request)(), bool speaks) {
+  g_request_stop = request, g_stop_speaks = speaks ? 1 : 0;
+  struct sigaction sa {};
+  sa.sa_handler = on_stop_signal;
+  sa.sa_flags = SA_RESTART;
+  sigaction(SIGINT, &sa, nullptr);
+  sigaction(SIGTERM, &sa, nullptr);
 }
 
 std::string LaunchPlan::resume_flags() const {

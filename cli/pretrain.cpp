@@ -1,6 +1,5 @@
 // twins pretrain: trains a recipe into a run folder; SIGINT/SIGTERM finish the step, write a
 // checkpoint and exit 0 with the command that resumes.
-#include <csignal>
 #include <cstdlib>
 #include <filesystem>
 #include <iostream>
@@ -22,8 +21,6 @@ struct PretrainArgs {
   LaunchPlan launch;
 };
 
-void on_signal(int) { train::request_stop(); }
-
 int run_pretrain(const PretrainArgs& a) {
   namespace fs = std::filesystem;
   a.launch.check();
@@ -32,11 +29,7 @@ int run_pretrain(const PretrainArgs& a) {
   const std::string out = !a.out.empty() ? a.out : "runs/" + fs::path(a.config).stem().string();
   nlohmann::json cfg = a.config.empty() ? nlohmann::json::object() : config::load_config(a.config, a.set);
   if (a.resume && !a.set.empty()) throw std::invalid_argument("--set cannot change a run being resumed");
-  struct sigaction sa {};
-  sa.sa_handler = on_signal;
-  sa.sa_flags = SA_RESETHAND;  // a second Ctrl-C stops at once
-  sigaction(SIGINT, &sa, nullptr);
-  sigaction(SIGTERM, &sa, nullptr);
+  catch_stop_signals(train::request_stop, /*speaks=*/false);
   train::PretrainOptions o;
   o.out_dir = out, o.resume = a.resume, o.device = a.device, o.stop_after = a.stop_after;
   const auto r = train::pretrain(cfg, o);

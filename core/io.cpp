@@ -62,21 +62,25 @@ void fault_point(const char* point, const std::string& subject) {
   struct Fault {
     std::string point, subject;
     int64_t n = 0, hits = 0;
-    int signal = SIGKILL;
+    bool group = false;  // SIGTERM to the process group, else SIGKILL to this process
   };
   static Fault* fault = []() -> Fault* {
     const char* spec = std::getenv("TWINS_FAULT");
     if (!spec) return nullptr;
     std::string s = spec;
-    int signal = SIGKILL;
-    if (s.size() > 5 && s.compare(s.size() - 5, 5, ":TERM") == 0) signal = SIGTERM, s.resize(s.size() - 5);
+    const bool group = s.size() > 5 && s.compare(s.size() - 5, 5, ":TERM") == 0;
+    if (group) s.resize(s.size() - 5);
     const size_t at = s.find('@'), hash = s.rfind('#');
     if (at == std::string::npos || hash == std::string::npos || hash < at) return nullptr;
-    auto* f = new Fault{s.substr(0, at), s.substr(at + 1, hash - at - 1), std::atoll(s.c_str() + hash + 1), 0, signal};
+    auto* f = new Fault{s.substr(0, at), s.substr(at + 1, hash - at - 1), std::atoll(s.c_str() + hash + 1), 0, group};
     return f;
   }();
   if (!fault || fault->point != point || subject.find(fault->subject) == std::string::npos) return;
-  if (++fault->hits == fault->n) ::kill(::getpid(), fault->signal);
+  if (++fault->hits != fault->n) return;
+  if (fault->group)
+    ::kill(0, SIGTERM);
+  else
+    ::kill(::getpid(), SIGKILL);
 }
 
 std::string temporary_name(const std::string& path) { return path + ".tmp-" + std::to_string(::getpid()); }
