@@ -1,9 +1,9 @@
 // twins linear-probe and twins knn: the standard measures of a frozen backbone; twins finetune:
-// the backbone trained with a classifier on (a part of) the labels (SIGINT/SIGTERM finish the
-// batch, write a checkpoint and exit 0; the same command continues).
+// the backbone trained with a classifier on (a part of) the labels. In finetune and the augmented
+// linear probe, SIGINT/SIGTERM finish the batch, write a checkpoint and exit 0; the same command
+// continues.
 #include <atomic>
 #include <chrono>
-#include <csignal>
 #include <filesystem>
 #include <fstream>
 #include <iomanip>
@@ -58,8 +58,14 @@ std::shared_ptr<distributed::Communicator> join_job(eval::EvalConfig& cfg) {
   return distributed::Communicator::create(env, device, co);
 }
 
-std::atomic<bool> g_finetune_stop{false};
-void on_finetune_signal(int) { g_finetune_stop.store(true); }
+// A scheduler's preemption (SIGTERM) or Ctrl-C during an evaluation that keeps its state: every
+// rank finishes its batch and the state is checkpointed there (catch_stop_signals).
+std::atomic<bool> g_stop{false};
+void request_stop() { g_stop.store(true); }
+const std::atomic<bool>* stop_on_signals(bool speaks) {
+  catch_stop_signals(request_stop, speaks);
+  return &g_stop;
+}
 
 // Whether this process speaks for the evaluation: a single process, or rank 0 of the job.
 bool main_rank(const std::shared_ptr<distributed::Communicator>& comm) { return !comm || comm->rank() == 0; }
@@ -87,11 +93,17 @@ int run_linear_probe(const EvalArgs& a) {
   eval::LinearProbeControl control;
   if (cfg.probe.augment) control.checkpoint = (fs::path(out) / "probe-checkpoint.safetensors").string();
   control.stop_after_epochs = a.stop_after_epochs;
+  if (cfg.probe.augment) control.stop = stop_on_signals(main_rank(comm));
   const auto run = eval::run_linear_probe(a.backbone, cfg, out, comm, control);
   if (!run.main_rank) return 0;  // rank 0 trains the probe and writes
   if (!run.finished) {
-    std::cout << "linear probe: stopped after epoch " << run.epochs_done << " of " << cfg.probe.epochs << " (state in "
-              << control.checkpoint << "); the same command continues it\n";
+    std::cout << "linear probe: stopped ";
+    if (run.stopped_at_batch > 0)
+      std::cout << "at batch " << run.stopped_at_batch << " of epoch " << run.epochs_done + 1;
+    else
+      std::cout << "after epoch " << run.epochs_done;
+    std::cout << " of " << cfg.probe.epochs << " (state in " << control.checkpoint
+              << "); the same command continues it\n";
     return 0;
   }
   const auto& r = run.result;
@@ -108,7 +120,8 @@ int run_linear_probe(const EvalArgs& a) {
                                  {"train_top1", r.train.top1},
                                  {"probe_seconds", r.seconds},
                                  {"feature_seconds", run.feature_seconds},
-                                 {"resumed_from_epoch", run.start_epoch}};
+                                 {"resumed_from_epoch", run.start_epoch},
+                                 {"resumed_from_batch", run.start_batch}};
   fs::create_directories(out);
   io::write_file_atomic((fs::path(out) / "probe.json").string(), result.dump(2) + "\n");
   if (!control.checkpoint.empty()) fs::remove(control.checkpoint);  // its results are kept
@@ -175,14 +188,7 @@ int run_finetune(const EvalArgs& a) {
   control.stop_after_epochs = a.stop_after_epochs;
   control.metrics = (fs::path(out) / "finetune-metrics.jsonl").string();
   control.tensorboard_dir = (fs::path(out) / "finetune").string();  // TensorBoard's run "<out>/finetune"
-  // A scheduler's preemption (SIGTERM) or Ctrl-C: every rank finishes its batch and the state is
-  // checkpointed there; a second signal stops at once.
-  struct sigaction sa {};
-  sa.sa_handler = on_finetune_signal;
-  sa.sa_flags = SA_RESETHAND;
-  sigaction(SIGINT, &sa, nullptr);
-  sigaction(SIGTERM, &sa, nullptr);
-  control.stop = &g_finetune_stop;
+  control.stop = stop_on_signals(main_rank(control.communicator));
   const auto run = eval::run_finetune(a.backbone, cfg, control);
   if (!run.main_rank) return 0;  // rank 0 writes and speaks for the run
   const auto& o = cfg.finetune;
@@ -218,6 +224,7 @@ int run_finetune(const EvalArgs& a) {
                            {"batch_size", o.batch_size},
                            {"world_size", run.world_size},
                            {"resumed_from_epoch", run.start_epoch},
+                           {"resumed_from_batch", run.start_batch},
                            {"lr_backbone", o.lr_backbone},
                            {"lr_head", o.lr_head},
                            {"weight_decay", o.weight_decay},

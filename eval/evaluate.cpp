@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <functional>
 #include <iostream>
+#include <map>
 #include <memory>
 #include <optional>
 #include <sstream>
@@ -57,6 +58,7 @@ EvalConfig EvalConfig::parse(const json& root) {
     p.get("seed", c.probe.seed);
     p.get("augment", c.probe.augment);
     p.get("crop_scale", c.probe.crop_scale);
+    p.get("checkpoint_every_steps", c.probe.checkpoint_every_steps);
     p.finish();
     config::require(c.probe.crop_scale.size() == 2 && c.probe.crop_scale[0] > 0 &&
                         c.probe.crop_scale[0] <= c.probe.crop_scale[1] && c.probe.crop_scale[1] <= 1,
@@ -65,6 +67,8 @@ EvalConfig EvalConfig::parse(const json& root) {
     config::require(c.probe.batch_size >= 1 && c.probe.batch_size <= (1 << 20), "probe.batch_size",
                     "must be in [1, 2^20]");
     config::require(c.probe.lr > 0, "probe.lr", "must be > 0");
+    config::require(c.probe.checkpoint_every_steps >= 0, "probe.checkpoint_every_steps",
+                    "must be >= 0 (0: after each epoch only)");
   }
   r.allow("knn");
   if (root.contains("knn")) {
@@ -262,7 +266,8 @@ std::pair<Features, Features> eval_features(models::Network& net, const EvalConf
 constexpr const char* kProbeSettingsKey = "twins_probe_settings";
 constexpr const char* kProbeEpochsKey = "twins_probe_epochs_done";
 constexpr const char* kProbeWorldKey = "twins_probe_world_size";
-constexpr const char* kProbeSecondsKey = "twins_probe_seconds";  // spent by the calls before
+constexpr const char* kProbeSecondsKey = "twins_probe_seconds";       // spent by the calls before
+constexpr const char* kProbeBatchesKey = "twins_probe_batches_done";  // of the next epoch; absent: 0
 
 LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c, const std::string& cache_dir,
                                 const std::shared_ptr<distributed::Communicator>& comm,
@@ -313,7 +318,8 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
   }
   net->eval();
 
-  // Resumed from the checkpoint's last epoch: rank 0 reads it, the other ranks take its epoch.
+  // Resumed from where the checkpoint was written (after an epoch, or within one): rank 0 reads
+  // it, the other ranks take its place.
   const nlohmann::json settings = {{"backbone", backbone},
                                    {"weights_crc32", backbone_checksum(*net)},
                                    {"train_data", c.train_data},
@@ -332,7 +338,7 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
   const std::string& checkpoint = control.checkpoint;
   // Rank 0 reads and writes the checkpoint; its failure stops every rank at once.
   const std::shared_ptr<distributed::Communicator> job = shared ? comm : nullptr;
-  int64_t first_epoch = 0;
+  int64_t first_epoch = 0, first_batch = 0;
   double earlier_seconds = 0;  // (rank 0's)
   if (!checkpoint.empty())
     distributed::on_rank0(
@@ -348,7 +354,14 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
           const auto done = file.metadata.find(kProbeEpochsKey);
           const nlohmann::json epochs =
               done == file.metadata.end() ? nlohmann::json() : nlohmann::json::parse(done->second, nullptr, false);
-          if (!epochs.is_number_integer() || epochs.get<int64_t>() < 1 || epochs.get<int64_t>() > o.epochs)
+          const auto within = file.metadata.find(kProbeBatchesKey);  // absent: written after an epoch
+          const nlohmann::json in_epoch =
+              within == file.metadata.end() ? nlohmann::json(0) : nlohmann::json::parse(within->second, nullptr, false);
+          if (!in_epoch.is_number_integer() || in_epoch.get<int64_t>() < 0)
+            throw std::runtime_error("linear probe: " + checkpoint + ": malformed " + kProbeBatchesKey);
+          const bool mid_epoch = in_epoch.get<int64_t>() > 0;
+          if (!epochs.is_number_integer() || epochs.get<int64_t>() < (mid_epoch ? 0 : 1) ||
+              epochs.get<int64_t>() > (mid_epoch ? o.epochs - 1 : o.epochs))
             throw std::runtime_error("linear probe: " + checkpoint + ": malformed " + kProbeEpochsKey);
           try {
             head->load_state(file.tensors);
@@ -356,24 +369,58 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
             throw std::runtime_error("linear probe: " + checkpoint + ": " + e.what());
           }
           first_epoch = epochs.get<int64_t>();
+          // Batch k is the same global batch over any number of ranks (DistributedSampler's order).
+          first_batch = std::min(in_epoch.get<int64_t>(), batches);
           if (const auto spent = file.metadata.find(kProbeSecondsKey); spent != file.metadata.end()) {
             const nlohmann::json v = nlohmann::json::parse(spent->second, nullptr, false);
             if (v.is_number() && v.get<double>() >= 0) earlier_seconds = v.get<double>();
           }
-          std::cerr << "  resuming from " << checkpoint << " after epoch " << first_epoch << " of " << o.epochs << "\n";
+          if (first_batch == 0)
+            std::cerr << "  resuming from " << checkpoint << " after epoch " << first_epoch << " of " << o.epochs
+                      << "\n";
+          else
+            std::cerr << "  resuming from " << checkpoint << " at batch " << first_batch << " of " << batches
+                      << " in epoch " << first_epoch + 1 << " of " << o.epochs << "\n";
         },
         "read " + checkpoint);
   if (shared) {
-    at::Tensor e = at::full({1}, first_epoch, at::TensorOptions().dtype(at::kLong).device(comm->device()));
-    comm->broadcast(e, 0);
-    first_epoch = e.cpu().item<int64_t>();
+    at::Tensor place = at::tensor(std::vector<int64_t>{first_epoch, first_batch}, at::kLong).to(comm->device());
+    comm->broadcast(place, 0);
+    place = place.cpu();
+    first_epoch = place[0].item<int64_t>(), first_batch = place[1].item<int64_t>();
   }
-  run.start_epoch = first_epoch;
+  run.start_epoch = first_epoch, run.start_batch = first_batch;
+  auto save_checkpoint = [&](int64_t epochs_done, int64_t batches_done) {
+    distributed::on_rank0(
+        job,
+        [&] {
+          if (const fs::path parent = fs::path(checkpoint).parent_path(); !parent.empty())
+            fs::create_directories(parent);
+          std::map<std::string, std::string> metadata = {
+              {kProbeSettingsKey, settings.dump()},
+              {kProbeEpochsKey, std::to_string(epochs_done)},
+              {kProbeWorldKey, std::to_string(ranks)},
+              {kProbeSecondsKey, nlohmann::json(earlier_seconds + detail::seconds_since(start)).dump()}};
+          if (batches_done > 0) metadata[kProbeBatchesKey] = std::to_string(batches_done);
+          models::save_safetensors(checkpoint, head->state(), metadata);
+        },
+        "write " + checkpoint);
+  };
+  // A stop request, read after a batch: ranks sharing the epochs agree on it (a collective, which
+  // waits for the GPU: on CUDA after every 16th batch of the run and each epoch's last), so that
+  // every rank stops after the same one.
+  const int64_t stop_poll = device.is_cuda() ? 16 : 1;
+  auto stop_requested = [&](int64_t step, int64_t done) {
+    if (!control.stop) return false;
+    if (!job) return control.stop->load();
+    return (step % stop_poll == 0 || done >= batches) && job->any(control.stop->load());
+  };
+  bool stop_now = false;  // asked to stop in an epoch's last batch: after that epoch
 
   std::optional<detail::EpochProgress> progress;
-  if (run.main_rank) progress.emplace("augmented probe", first_epoch, o.epochs, batches);
+  if (run.main_rank) progress.emplace("augmented probe", first_epoch, o.epochs, batches, first_batch);
   for (int64_t epoch = first_epoch; epoch < o.epochs; ++epoch) {
-    if (control.stop_after_epochs > 0 && epoch - first_epoch == control.stop_after_epochs) {
+    if ((control.stop_after_epochs > 0 && epoch - first_epoch == control.stop_after_epochs) || stop_now) {
       if (run.main_rank)
         std::cerr << "  linear probe: stopped after epoch " << epoch << " of " << o.epochs
                   << (checkpoint.empty() ? std::string() : ", state in " + checkpoint) << "\n";
@@ -381,8 +428,9 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
       run.epochs_done = epoch;
       return run;
     }
-    loader.start_epoch(epoch);
-    int64_t done = 0;
+    const bool resumed_here = epoch == first_epoch && first_batch > 0;
+    loader.start_epoch(epoch, resumed_here ? first_batch : 0);
+    int64_t done = resumed_here ? first_batch : 0;
     while (auto batch = loader.next()) {
       at::Tensor features, labels = batch->labels;
       {
@@ -406,22 +454,27 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
         labels.masked_fill_(at::arange(first, first + ranks * b, labels.options()).ge(dataset->size()), -1);
       }
       if (head) head->step(features, labels);
-      if (progress) progress->batch_done(epoch, ++done);
+      ++done;
+      if (progress) progress->batch_done(epoch, done);
+      const int64_t step = epoch * batches + done;  // batches of the whole run so far
+      io::fault_point("probe_batch", std::to_string(step));
+      const bool stop = stop_requested(step, done);
+      if (done >= batches) {  // the epoch's end checkpoints (and then stops)
+        stop_now = stop_now || stop;
+        continue;
+      }
+      if (!stop && !(o.checkpoint_every_steps > 0 && step % o.checkpoint_every_steps == 0)) continue;
+      if (!checkpoint.empty()) save_checkpoint(epoch, done);
+      if (stop) {
+        if (run.main_rank)
+          std::cerr << "  linear probe: stopped at batch " << done << " of " << batches << " in epoch " << epoch + 1
+                    << " of " << o.epochs << (checkpoint.empty() ? std::string() : ", state in " + checkpoint) << "\n";
+        run.finished = false;
+        run.epochs_done = epoch, run.stopped_at_batch = done;
+        return run;
+      }
     }
-    if (!checkpoint.empty() && epoch + 1 < o.epochs)
-      distributed::on_rank0(
-          job,
-          [&] {
-            if (const fs::path parent = fs::path(checkpoint).parent_path(); !parent.empty())
-              fs::create_directories(parent);
-            models::save_safetensors(
-                checkpoint, head->state(),
-                {{kProbeSettingsKey, settings.dump()},
-                 {kProbeEpochsKey, std::to_string(epoch + 1)},
-                 {kProbeWorldKey, std::to_string(ranks)},
-                 {kProbeSecondsKey, nlohmann::json(earlier_seconds + detail::seconds_since(start)).dump()}});
-          },
-          "write " + checkpoint);
+    if (!checkpoint.empty() && epoch + 1 < o.epochs) save_checkpoint(epoch + 1, 0);
   }
   run.epochs_done = o.epochs;
   if (!run.main_rank) return run;

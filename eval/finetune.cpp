@@ -49,9 +49,9 @@ constexpr const char* kLossKey = "twins_finetune_epoch_loss";
 constexpr const char* kTestKey = "twins_finetune_test_per_epoch";
 constexpr const char* kWorldKey = "twins_finetune_world_size";
 constexpr const char* kSecondsKey = "twins_finetune_seconds";  // spent by the calls before
-// Written mid-epoch: the next epoch's place and sums so far {"batches_done", "loss_sum" and
-// "batches_counted" (every rank's), "learned" (per rank: whether it learned from a batch yet),
-// "seconds"}; absent after a whole epoch.
+// Written mid-epoch: the next epoch's place and, per rank, its sums so far {"batches_done",
+// "loss_sums", "batches_counted", "learned" (whether it learned from a batch yet), "seconds"};
+// absent after a whole epoch.
 constexpr const char* kPartialKey = "twins_finetune_partial_epoch";
 
 json to_json(const std::vector<FinetuneRun::EpochScore>& scores) {
@@ -266,7 +266,7 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
   // Resume from where the checkpoint was written: after an epoch, or within one.
   int64_t first_epoch = 0, first_batch = 0;
   double earlier_seconds = 0;
-  struct {  // the epoch resumed mid-way: its sums so far (rank 0 carries every rank's), this rank's flag
+  struct {  // the epoch resumed mid-way: this rank's sums so far and flag
     double loss_sum = 0, seconds = 0;
     int64_t counted = 0;
     bool learned = false;
@@ -288,12 +288,19 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
     json partial;  // null: written after a whole epoch
     if (const auto it = file.metadata.find(kPartialKey); it != file.metadata.end()) {
       partial = json::parse(it->second, nullptr, false);
-      const auto number = [&](const char* key) {
-        return partial.is_object() && partial.value(key, json()).is_number();
+      // One entry per rank that wrote it, each a number / a count / a flag.
+      const auto per_rank = [&](const char* key, bool (*valid)(const json&)) {
+        const json v = partial.is_object() ? partial.value(key, json()) : json();
+        const json flags = partial.is_object() ? partial.value("learned", json()) : json();
+        return v.is_array() && !v.empty() && flags.is_array() && v.size() == flags.size() &&
+               std::all_of(v.begin(), v.end(), valid);
       };
-      if (!number("batches_done") || !partial["batches_done"].is_number_integer() ||
-          partial["batches_done"].get<int64_t>() < 1 || !number("loss_sum") || !number("batches_counted") ||
-          !number("seconds") || !partial.value("learned", json()).is_array())
+      const json batches_done = partial.is_object() ? partial.value("batches_done", json()) : json();
+      const json seconds = partial.is_object() ? partial.value("seconds", json()) : json();
+      if (!batches_done.is_number_integer() || batches_done.get<int64_t>() < 1 || !seconds.is_number() ||
+          seconds.get<double>() < 0 || !per_rank("loss_sums", [](const json& v) { return v.is_number(); }) ||
+          !per_rank("batches_counted", [](const json& v) { return v.is_number_integer() && v.get<int64_t>() >= 0; }) ||
+          !per_rank("learned", [](const json& v) { return v.is_boolean(); }))
         throw std::runtime_error("finetune: " + checkpoint + ": malformed " + kPartialKey);
     }
     const int64_t whole_epochs_max = partial.is_null() ? o.epochs : o.epochs - 1;
@@ -303,15 +310,28 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
       throw std::runtime_error("finetune: " + checkpoint + ": malformed " + kEpochsKey + " or " + kLossKey);
     first_epoch = epochs_done.get<int64_t>();
     if (!partial.is_null()) {
-      // Batch k is the same global batch over any number of ranks (DistributedSampler's order).
+      const auto ranks_before = static_cast<int64_t>(partial["learned"].size());
+      // Batch k of an indexed dataset is the same global batch over any number of ranks
+      // (DistributedSampler's order); tar shards are dealt to the ranks whole.
+      if (ranks_before != world && streaming_train)
+        throw std::runtime_error("finetune: " + checkpoint + " was written within an epoch by " +
+                                 std::to_string(ranks_before) +
+                                 " rank(s) reading tar shards, which are dealt to the ranks whole: resume it with " +
+                                 std::to_string(ranks_before) + " rank(s) (or remove it to start over)");
       first_batch = std::min(partial["batches_done"].get<int64_t>(), batches);
-      carried.loss_sum = main_rank ? partial["loss_sum"].get<double>() : 0.0;
-      carried.counted = main_rank ? partial["batches_counted"].get<int64_t>() : 0;
       carried.seconds = partial["seconds"].get<double>();
-      const json& learned = partial["learned"];
-      carried.learned = static_cast<int64_t>(learned.size()) == world && learned[static_cast<size_t>(rank)].is_boolean()
-                            ? learned[static_cast<size_t>(rank)].get<bool>()
-                            : partial["batches_counted"].get<int64_t>() > 0;
+      if (ranks_before == world) {  // each rank its own sums: the epoch's loss as if uninterrupted
+        const auto r = static_cast<size_t>(rank);
+        carried.loss_sum = partial["loss_sums"][r].get<double>();
+        carried.counted = partial["batches_counted"][r].get<int64_t>();
+        carried.learned = partial["learned"][r].get<bool>();
+      } else {  // rank 0 carries every rank's sums
+        for (size_t r = 0; r < partial["learned"].size(); ++r) {
+          if (main_rank) carried.loss_sum += partial["loss_sums"][r].get<double>();
+          if (main_rank) carried.counted += partial["batches_counted"][r].get<int64_t>();
+          carried.learned = carried.learned || partial["learned"][r].get<bool>();
+        }
+      }
     }
     if (const auto it = file.metadata.find(kSecondsKey); it != file.metadata.end()) {  // absent in older checkpoints
       const json spent = json::parse(it->second, nullptr, false);
@@ -466,12 +486,13 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
 
   detail::EpochProgress progress("finetune", first_epoch, o.epochs, batches, first_batch);
   // A stop request, read after a batch: with several ranks they agree on it (a collective, which
-  // waits for the GPU: after every 16th batch on CUDA), so that every rank stops after the same one.
+  // waits for the GPU: on CUDA after every 16th batch of the run and each epoch's last), so that
+  // every rank stops after the same one.
   const int64_t stop_poll = device.is_cuda() ? 16 : 1;
-  auto stop_requested = [&](int64_t done) {
+  auto stop_requested = [&](int64_t step, int64_t done) {
     if (!control.stop) return false;
     if (!comm) return control.stop->load();
-    return done % stop_poll == 0 && comm->any(control.stop->load());
+    return (step % stop_poll == 0 || done >= batches) && comm->any(control.stop->load());
   };
   bool stop_now = false;  // asked to stop in an epoch's last batch: after that epoch
   for (int64_t epoch = first_epoch; epoch < o.epochs; ++epoch) {
@@ -489,8 +510,8 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
     net->train(!frozen);  // frozen: BatchNorm keeps its statistics (the official `--weights freeze`)
     head->train();
     loader.start_epoch(epoch, resumed_here ? first_batch : 0);
-    // The epoch's loss summed over the batches learned from (rank 0 carries the sums of a
-    // checkpoint written mid-epoch, for every rank); whether this rank learned from one yet.
+    // The epoch's loss summed over the batches this rank learned from (resumed mid-epoch: from
+    // its sums in the checkpoint); whether it learned from one yet.
     at::Tensor loss_sum =
         at::full({}, resumed_here ? carried.loss_sum : 0.0, at::TensorOptions().dtype(at::kDouble).device(device));
     int64_t done = resumed_here ? first_batch : 0, counted = resumed_here ? carried.counted : 0;
@@ -539,15 +560,6 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
       ++counted;
       learned = true;
     };
-    // The epoch's sums so far over every rank (rank 0's loss_sum carries a resumed epoch's).
-    auto epoch_totals = [&] {
-      at::Tensor totals = at::stack({loss_sum, at::full({}, static_cast<double>(counted), loss_sum.options())});
-      if (comm) {
-        totals = totals.to(comm->device());
-        comm->all_reduce(totals);
-      }
-      return totals.cpu();
-    };
     while (auto batch = loader.next()) {
       ++done;
       // Random ops inside the network (stochastic depth) draw from (seed, epoch, batch, rank), so
@@ -558,23 +570,27 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
       if (main_rank) progress.batch_done(epoch, done);
       const int64_t step = epoch * batches + done;  // batches of the whole run so far
       io::fault_point("finetune_batch", std::to_string(step));
-      const bool stop = stop_requested(done);
+      const bool stop = stop_requested(step, done);
       if (done >= batches) {  // the epoch's end checkpoints (and then stops)
         stop_now = stop_now || stop;
         continue;
       }
       if (!stop && !(o.checkpoint_every_steps > 0 && step % o.checkpoint_every_steps == 0)) continue;
-      if (!checkpoint.empty()) {
-        const at::Tensor totals = epoch_totals();
-        at::Tensor learned_by = at::full({1}, learned ? 1 : 0, at::TensorOptions().dtype(at::kLong));
-        if (comm) learned_by = comm->all_gather(learned_by.to(comm->device())).cpu().view({-1});
+      if (!checkpoint.empty()) {  // every rank's sums and flag, gathered
+        at::Tensor sums = at::stack({loss_sum, at::full({}, static_cast<double>(counted), loss_sum.options()),
+                                     at::full({}, learned ? 1.0 : 0.0, loss_sum.options())});
+        if (comm) sums = comm->all_gather(sums.to(comm->device()));
+        sums = sums.cpu().view({-1, 3});
         json partial = {{"batches_done", done},
-                        {"loss_sum", totals[0].item<double>()},
-                        {"batches_counted", static_cast<int64_t>(totals[1].item<double>())},
+                        {"loss_sums", json::array()},
+                        {"batches_counted", json::array()},
                         {"learned", json::array()},
                         {"seconds", earlier_epoch_seconds + detail::seconds_since(epoch_start)}};
-        for (int64_t r = 0; r < learned_by.size(0); ++r)
-          partial["learned"].push_back(learned_by[r].item<int64_t>() != 0);
+        for (int64_t r = 0; r < sums.size(0); ++r) {
+          partial["loss_sums"].push_back(sums[r][0].item<double>());
+          partial["batches_counted"].push_back(static_cast<int64_t>(sums[r][1].item<double>()));
+          partial["learned"].push_back(sums[r][2].item<double>() != 0);
+        }
         on_rank0([&] { save_checkpoint(epoch, partial); });
       }
       if (stop) {
@@ -585,7 +601,12 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
         return run;
       }
     }
-    const at::Tensor totals = epoch_totals();
+    at::Tensor totals = at::stack({loss_sum, at::full({}, static_cast<double>(counted), loss_sum.options())});
+    if (comm) {  // the epoch's loss: the mean over every rank's batches
+      totals = totals.to(comm->device());
+      comm->all_reduce(totals);
+    }
+    totals = totals.cpu();
     const auto used_everywhere = static_cast<int64_t>(totals[1].item<double>());
     if (used_everywhere == 0)
       throw std::runtime_error("finetune: epoch " + std::to_string(epoch + 1) +

@@ -66,11 +66,12 @@ if ! grep -q "resuming from .*finetune-checkpoint.safetensors after epoch 1 of 2
 grep -q '^{"epoch":2,' "$dir/ft_resume/finetune-metrics.jsonl" || { cat "$dir/ft_resume/finetune-metrics.jsonl"; exit 1; }
 [ "$(find "$dir/ft_resume/finetune" -name 'events.out.tfevents.*' | wc -l)" -eq 2 ] || { ls -R "$dir/ft_resume"; exit 1; }
 
-# 3b. Within an epoch: SIGTERM (a scheduler's preemption) after batch 2 of 3 finishes the batch,
-#     checkpoints there and exits 0; SIGKILL after batch 5 with a checkpoint every 2 batches
-#     loses batch 5 only. The same command continues each to the uninterrupted run's files.
+# 3b. Within an epoch: SIGTERM (a scheduler's preemption, to the process group of a session of
+#     its own) after batch 2 of 3 finishes the batch, checkpoints there and exits 0; SIGKILL
+#     after batch 5 with a checkpoint every 2 batches loses batch 5 only. The same command
+#     continues each to the uninterrupted run's files.
 mid=(finetune --backbone "random:$quickstart" --config "$dir/eval.json" --train-percent 10)
-TWINS_FAULT="finetune_batch@#2:TERM" "$twins" "${mid[@]}" --out "$dir/ft_term" > "$dir/out11" 2> "$dir/err11" \
+TWINS_FAULT="finetune_batch@#2:TERM" setsid -w "$twins" "${mid[@]}" --out "$dir/ft_term" > "$dir/out11" 2> "$dir/err11" \
   || { cat "$dir/out11" "$dir/err11"; exit 1; }
 if ! grep -q "stopped at batch 2 of epoch 1 of 2" "$dir/out11" || [ -e "$dir/ft_term/finetune.json" ] \
   || [ ! -s "$dir/ft_term/finetune-checkpoint.safetensors" ]; then cat "$dir/out11" "$dir/err11"; exit 1; fi
@@ -103,12 +104,16 @@ if [ "$(grep -c "stopped after epoch 1 of 2" "$dir/out7")" != 1 ] \
 if [ "$(grep -c "^finetune: top-1" "$dir/out8")" != 1 ] || ! grep -q "2 ranks x 4 images per batch" "$dir/out8" \
   || ! grep -q '"world_size": 2' "$dir/ft_ranks/finetune.json" \
   || ! grep -q '"resumed_from_epoch": 1' "$dir/ft_ranks/finetune.json"; then cat "$dir/out8" "$dir/err8"; exit 1; fi
-# Both ranks sent SIGTERM (as a scheduler does) in their first batch: they stop after it together,
-# and the same command continues to the weights above.
+# SIGTERM to the whole job (launcher and ranks, as a scheduler or a terminal's Ctrl-C sends it;
+# each rank sends it in its first batch), which the launcher forwards to the ranks again: they
+# stop after that batch together, and the same command continues to the weights above.
 ranks_term=("${ranks[@]:0:${#ranks[@]}-2}" --out "$dir/ft_ranks_term")
-TWINS_FAULT="finetune_batch@#1:TERM" "$twins" "${ranks_term[@]}" > "$dir/out15" 2> "$dir/err15" \
+TWINS_FAULT="finetune_batch@#1:TERM" setsid -w "$twins" "${ranks_term[@]}" > "$dir/out15" 2> "$dir/err15" \
   || { cat "$dir/out15" "$dir/err15"; exit 1; }
-[ "$(grep -c "stopped at batch 1 of epoch 1 of 2" "$dir/out15")" = 1 ] || { cat "$dir/out15" "$dir/err15"; exit 1; }
+if [ "$(grep -c "stopped at batch 1 of epoch 1 of 2" "$dir/out15")" != 1 ] \
+  || [ "$(grep -c "stopping after this step, keeping the state" "$dir/err15")" != 1 ]; then
+  cat "$dir/out15" "$dir/err15"; exit 1
+fi
 "$twins" "${ranks_term[@]}" > "$dir/out16" 2> "$dir/err16" || { cat "$dir/out16" "$dir/err16"; exit 1; }
 for file in finetune-head.safetensors finetuned-backbone.safetensors; do
   cmp "$dir/ft_ranks/$file" "$dir/ft_ranks_term/$file" || { echo "2 ranks: $file differs after SIGTERM"; exit 1; }
@@ -137,9 +142,14 @@ aug=(linear-probe --nproc-per-node 2 --backbone "random:$quickstart" --config "$
 "$twins" "${aug[@]}" --stop-after-epochs 1 > "$dir/aug1.out" 2> "$dir/aug1.err" || { cat "$dir/aug1.out" "$dir/aug1.err"; exit 1; }
 if ! grep -q "linear probe: stopped after epoch 1 of 2" "$dir/aug1.out" || [ -e "$dir/aug/probe.json" ] \
   || [ ! -s "$dir/aug/probe-checkpoint.safetensors" ]; then cat "$dir/aug1.out" "$dir/aug1.err"; exit 1; fi
+# SIGTERM to the job in the second epoch's first batch: stopped there, continued by the same command.
+TWINS_FAULT="probe_batch@#1:TERM" setsid -w "$twins" "${aug[@]}" > "$dir/aug3.out" 2> "$dir/aug3.err" \
+  || { cat "$dir/aug3.out" "$dir/aug3.err"; exit 1; }
+grep -q "linear probe: stopped at batch 1 of epoch 2 of 2" "$dir/aug3.out" || { cat "$dir/aug3.out" "$dir/aug3.err"; exit 1; }
 "$twins" "${aug[@]}" > "$dir/aug2.out" 2> "$dir/aug2.err" || { cat "$dir/aug2.out" "$dir/aug2.err"; exit 1; }
-if ! grep -q "resuming from .*probe-checkpoint.safetensors after epoch 1 of 2" "$dir/aug2.err" \
-  || ! grep -q '"resumed_from_epoch": 1' "$dir/aug/probe.json" || [ -e "$dir/aug/probe-checkpoint.safetensors" ]; then
+if ! grep -q "resuming from .*probe-checkpoint.safetensors at batch 1 of [0-9]* in epoch 2 of 2" "$dir/aug2.err" \
+  || ! grep -q '"resumed_from_epoch": 1' "$dir/aug/probe.json" || ! grep -q '"resumed_from_batch": 1' "$dir/aug/probe.json" \
+  || [ -e "$dir/aug/probe-checkpoint.safetensors" ]; then
   cat "$dir/aug2.out" "$dir/aug2.err"; exit 1
 fi
 status=0  # only probe.augment keeps state between calls

@@ -15,6 +15,7 @@
 // (features-<split>-<key>.safetensors), so linear-probe and knn on the same backbone share them.
 #include <nlohmann/json.hpp>
 
+#include <atomic>
 #include <memory>
 #include <string>
 
@@ -76,24 +77,35 @@ struct LinearProbeRun {
   /// probe.augment's classifier: weight [C, D] and bias [C] (CPU, float32) over the features
   /// standardised with the centre-crop training features' statistics (undefined otherwise).
   at::Tensor head_weight, head_bias;
-  /// False when LinearProbeControl::stop_after_epochs stopped probe.augment before its last
-  /// epoch (nothing scored); the epoch this call started from (the checkpoint's), and the epochs
+  /// False when LinearProbeControl::stop_after_epochs or stop stopped probe.augment before its
+  /// end (nothing scored); the epoch this call started from (the checkpoint's), and the epochs
   /// done in all.
   bool finished = true;
   int64_t start_epoch = 0, epochs_done = 0;
+  /// Where in an epoch this call started (a checkpoint written mid-epoch), and where it stopped
+  /// (LinearProbeControl::stop): the batches of epoch start_epoch + 1 / epochs_done + 1 done before.
+  int64_t start_batch = 0, stopped_at_batch = 0;
 };
 
 /// How one call of run_linear_probe runs (not part of the protocol). Only probe.augment keeps
 /// state, its epochs each taking the training set through the backbone; the probe on cached
 /// features takes seconds to minutes and starts over.
 struct LinearProbeControl {
-  /// Where probe.augment's classifier, optimizer and epoch are kept after every epoch (written
-  /// atomically by rank 0); empty: nowhere. A file there from the same backbone and settings is
-  /// resumed from its last epoch, with the result an uninterrupted run gives; one from other
-  /// settings is an error naming it. The caller removes it once it has kept the results.
+  /// Where probe.augment's classifier, optimizer and place are kept after every epoch, every
+  /// probe.checkpoint_every_steps batches and when stopped (written atomically by rank 0); empty:
+  /// nowhere. A file there from the same backbone and settings is resumed from where it was
+  /// written (mid-epoch too), with the result an uninterrupted run gives; one from other settings
+  /// is an error naming it. The caller removes it once it has kept the results.
   std::string checkpoint;
   /// Stop probe.augment after this many epochs of this call, checkpointed (0: run to the end).
   int64_t stop_after_epochs = 0;
+  /// A stop request (a signal handler's flag), or null (with a communicator: a flag on every rank
+  /// or null on every rank): read after every batch of probe.augment (with ranks sharing its
+  /// epochs on CUDA: after every 16th batch of the run and each epoch's last); once it is set on
+  /// any rank, every rank stops after the same batch, checkpointed there, and the run returns
+  /// unfinished (unless that batch was the last). Not read while the centre-crop features are
+  /// extracted.
+  const std::atomic<bool>* stop = nullptr;
 };
 LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& config, const std::string& cache_dir,
                                 const std::shared_ptr<distributed::Communicator>& communicator = nullptr,

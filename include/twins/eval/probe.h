@@ -41,6 +41,10 @@ struct LinearProbeOptions {
   bool augment = false;
   /// Scale range of the random resized crops of the augmented protocol.
   std::vector<double> crop_scale{0.08, 1.0};
+  /// The augmented protocol's state is also checkpointed after every this many batches (counted
+  /// over the whole run), within epochs; 0: after each epoch only. Not part of the protocol's
+  /// settings (a checkpoint resumes under another value).
+  int64_t checkpoint_every_steps = 0;
 };
 
 struct LinearProbeResult {
