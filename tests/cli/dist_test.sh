@@ -2,6 +2,7 @@
 # `twins pretrain --nproc-per-node 2` end to end on CPU ranks (Gloo over loopback), on a tiny
 # IDX dataset made here with the quickstart recipe's views and network:
 #  1. a few steps, interrupted by --stop-after, then resumed by both ranks: the run finishes;
+#     SIGTERM to the whole job (as a scheduler sends it) checkpoints;
 #  2. a rank killed mid-run: the job exits non-zero within the timeout, naming the rank, and
 #     leaves no process behind;
 #  3. a hung rank (SIGSTOP): the others give up after train.dist_timeout_s, or sooner when the
@@ -55,6 +56,15 @@ grep -q '"epochs_completed":1' "$dir/run/metrics.jsonl" || { cat "$dir/run/metri
 grep -q "written by 2 rank(s), resuming with 1" "$dir/err3" || { cat "$dir/err3"; exit 1; }
 [ -f "$dir/run1/backbone.safetensors" ] || { cat "$dir/err3"; exit 1; }
 echo "launch and resume ok"
+
+# SIGTERM to the whole job (the launcher and both ranks, as a scheduler's preemption or a
+# terminal's Ctrl-C; each rank sends it after its step 2), which the launcher forwards to the
+# ranks again: every rank finishes its step and checkpoints, and the job exits 0.
+TWINS_FAULT="step@#2:TERM" setsid -w "$twins" pretrain "${common[@]}" --set train.max_steps=12 --out "$dir/run_term" \
+  --nproc-per-node 2 > "$dir/out_term" 2> "$dir/err_term" || { cat "$dir/err_term"; exit 1; }
+if ! grep -q "interrupted at step [0-9]" "$dir/err_term" || [ -z "$(ls "$dir/run_term/checkpoints")" ] \
+  || [ -f "$dir/run_term/backbone.safetensors" ]; then cat "$dir/err_term"; ls -R "$dir/run_term"; exit 1; fi
+echo "SIGTERM to the job: checkpointed"
 
 # The same with train.grad_cache (the loss over each step's 128 samples), stopped and resumed.
 "$twins" pretrain "${common[@]}" --set train.max_steps=3 --set train.grad_accumulation=2 --set train.grad_cache=true \
