@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <csignal>
 #include <cstdlib>
@@ -38,14 +39,15 @@ void on_launcher_signal(int sig) { g_signal = sig; }
 // A rank's (or a single process's) stop request: see catch_stop_signals.
 void (*g_request_stop)() = nullptr;
 volatile std::sig_atomic_t g_stop_speaks = 0;
-std::atomic<int64_t> g_first_stop_ns{0};  // lock-free: usable in a signal handler
+std::atomic<int64_t> g_first_stop_ns{0};  // when the first came (0: none yet)
+static_assert(std::atomic<int64_t>::is_always_lock_free, "the signal handler needs a lock-free atomic");
 void on_stop_signal(int sig) {
+  const int saved_errno = errno;
   timespec now{};
   ::clock_gettime(CLOCK_MONOTONIC, &now);
   const int64_t ns = static_cast<int64_t>(now.tv_sec) * 1000000000 + now.tv_nsec + 1;
-  const int64_t first = g_first_stop_ns.load();
-  if (first == 0) {
-    g_first_stop_ns.store(ns);
+  int64_t first = 0;
+  if (g_first_stop_ns.compare_exchange_strong(first, ns)) {
     g_request_stop();
     if (g_stop_speaks) {
       static const char said[] =
@@ -56,6 +58,7 @@ void on_stop_signal(int sig) {
     ::signal(sig, SIG_DFL);
     ::raise(sig);
   }
+  errno = saved_errno;
 }
 
 // The launcher's own flags, each with a value: the ranks get the other arguments.
@@ -141,6 +144,9 @@ void catch_stop_signals(void (*request)(), bool speaks) {
   struct sigaction sa {};
   sa.sa_handler = on_stop_signal;
   sa.sa_flags = SA_RESTART;
+  sigemptyset(&sa.sa_mask);  // the handler runs with both blocked: one at a time
+  sigaddset(&sa.sa_mask, SIGINT);
+  sigaddset(&sa.sa_mask, SIGTERM);
   sigaction(SIGINT, &sa, nullptr);
   sigaction(SIGTERM, &sa, nullptr);
 }

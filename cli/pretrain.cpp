@@ -29,7 +29,7 @@ int run_pretrain(const PretrainArgs& a) {
   const std::string out = !a.out.empty() ? a.out : "runs/" + fs::path(a.config).stem().string();
   nlohmann::json cfg = a.config.empty() ? nlohmann::json::object() : config::load_config(a.config, a.set);
   if (a.resume && !a.set.empty()) throw std::invalid_argument("--set cannot change a run being resumed");
-  catch_stop_signals(train::request_stop, /*speaks=*/false);
+  catch_stop_signals(train::request_stop, distributed::detect_environment().rank == 0);
   train::PretrainOptions o;
   o.out_dir = out, o.resume = a.resume, o.device = a.device, o.stop_after = a.stop_after;
   const auto r = train::pretrain(cfg, o);

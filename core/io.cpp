@@ -62,25 +62,29 @@ void fault_point(const char* point, const std::string& subject) {
   struct Fault {
     std::string point, subject;
     int64_t n = 0, hits = 0;
-    bool group = false;  // SIGTERM to the process group, else SIGKILL to this process
+    bool term = false;  // SIGTERM (to this process and twins' launcher), else SIGKILL
   };
   static Fault* fault = []() -> Fault* {
     const char* spec = std::getenv("TWINS_FAULT");
     if (!spec) return nullptr;
     std::string s = spec;
-    const bool group = s.size() > 5 && s.compare(s.size() - 5, 5, ":TERM") == 0;
-    if (group) s.resize(s.size() - 5);
+    const bool term = s.size() > 5 && s.compare(s.size() - 5, 5, ":TERM") == 0;
+    if (term) s.resize(s.size() - 5);
     const size_t at = s.find('@'), hash = s.rfind('#');
     if (at == std::string::npos || hash == std::string::npos || hash < at) return nullptr;
-    auto* f = new Fault{s.substr(0, at), s.substr(at + 1, hash - at - 1), std::atoll(s.c_str() + hash + 1), 0, group};
+    auto* f = new Fault{s.substr(0, at), s.substr(at + 1, hash - at - 1), std::atoll(s.c_str() + hash + 1), 0, term};
     return f;
   }();
   if (!fault || fault->point != point || subject.find(fault->subject) == std::string::npos) return;
   if (++fault->hits != fault->n) return;
-  if (fault->group)
-    ::kill(0, SIGTERM);
-  else
+  if (!fault->term) {
     ::kill(::getpid(), SIGKILL);
+    return;
+  }
+  ::kill(::getpid(), SIGTERM);
+  // A rank of `--nproc-per-node` (its launcher set TWINS_RESUME_FLAGS): the launcher too, which
+  // forwards it to every rank, as a terminal's Ctrl-C or a scheduler reaches every process.
+  if (std::getenv("TWINS_RESUME_FLAGS")) ::kill(::getppid(), SIGTERM);
 }
 
 std::string temporary_name(const std::string& path) { return path + ".tmp-" + std::to_string(::getpid()); }

@@ -370,7 +370,10 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
           }
           first_epoch = epochs.get<int64_t>();
           // Batch k is the same global batch over any number of ranks (DistributedSampler's order).
-          first_batch = std::min(in_epoch.get<int64_t>(), batches);
+          first_batch = in_epoch.get<int64_t>();  // as many batches an epoch over any number of ranks
+          if (first_batch >= batches)
+            throw std::runtime_error("linear probe: " + checkpoint + ": malformed " + kProbeBatchesKey + " (batch " +
+                                     std::to_string(first_batch) + " of an epoch of " + std::to_string(batches) + ")");
           if (const auto spent = file.metadata.find(kProbeSecondsKey); spent != file.metadata.end()) {
             const nlohmann::json v = nlohmann::json::parse(spent->second, nullptr, false);
             if (v.is_number() && v.get<double>() >= 0) earlier_seconds = v.get<double>();
@@ -411,9 +414,9 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
   // every rank stops after the same one.
   const int64_t stop_poll = device.is_cuda() ? 16 : 1;
   auto stop_requested = [&](int64_t step, int64_t done) {
-    if (!control.stop) return false;
-    if (!job) return control.stop->load();
-    return (step % stop_poll == 0 || done >= batches) && job->any(control.stop->load());
+    const bool mine = control.stop && control.stop->load();
+    if (!job) return mine;
+    return (step % stop_poll == 0 || done >= batches) && job->any(mine);
   };
   bool stop_now = false;  // asked to stop in an epoch's last batch: after that epoch
 

@@ -318,7 +318,11 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
                                  std::to_string(ranks_before) +
                                  " rank(s) reading tar shards, which are dealt to the ranks whole: resume it with " +
                                  std::to_string(ranks_before) + " rank(s) (or remove it to start over)");
-      first_batch = std::min(partial["batches_done"].get<int64_t>(), batches);
+      // As many batches an epoch over any number of ranks: ceil(ceil(N / W) / (B / W)) = ceil(N / B).
+      first_batch = partial["batches_done"].get<int64_t>();
+      if (first_batch >= batches)
+        throw std::runtime_error("finetune: " + checkpoint + ": malformed " + kPartialKey + " (batch " +
+                                 std::to_string(first_batch) + " of an epoch of " + std::to_string(batches) + ")");
       carried.seconds = partial["seconds"].get<double>();
       if (ranks_before == world) {  // each rank its own sums: the epoch's loss as if uninterrupted
         const auto r = static_cast<size_t>(rank);
@@ -490,9 +494,9 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
   // every rank stops after the same one.
   const int64_t stop_poll = device.is_cuda() ? 16 : 1;
   auto stop_requested = [&](int64_t step, int64_t done) {
-    if (!control.stop) return false;
-    if (!comm) return control.stop->load();
-    return (step % stop_poll == 0 || done >= batches) && comm->any(control.stop->load());
+    const bool mine = control.stop && control.stop->load();
+    if (!comm) return mine;
+    return (step % stop_poll == 0 || done >= batches) && comm->any(mine);
   };
   bool stop_now = false;  // asked to stop in an epoch's last batch: after that epoch
   for (int64_t epoch = first_epoch; epoch < o.epochs; ++epoch) {
@@ -586,6 +590,9 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
                         {"batches_counted", json::array()},
                         {"learned", json::array()},
                         {"seconds", earlier_epoch_seconds + detail::seconds_since(epoch_start)}};
+        if (!at::isfinite(sums).all().item<bool>())
+          throw std::runtime_error("finetune: the loss is not finite in epoch " + std::to_string(epoch + 1) +
+                                   " (lower finetune.lr_backbone or finetune.lr_head)");
         for (int64_t r = 0; r < sums.size(0); ++r) {
           partial["loss_sums"].push_back(sums[r][0].item<double>());
           partial["batches_counted"].push_back(static_cast<int64_t>(sums[r][1].item<double>()));

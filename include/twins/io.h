@@ -73,12 +73,13 @@ unsigned long crc32_update(unsigned long crc, const void* data, size_t size);
 /// Fault injection for the crash tests: when the environment variable TWINS_FAULT is
 /// "<point>@<subject substring>#<n>", the n-th time `point` is reached for a subject containing
 /// the substring, the process kills itself with SIGKILL (as a power cut or the OOM killer
-/// would); with ":TERM" after n it sends SIGTERM to its whole process group instead (as a
-/// terminal's Ctrl-C or a scheduler's preemption reaches every process of a job: run it under
-/// `setsid`).
-/// Points: "partial" (half of an atomic write on disk), "before_rename" and "after_rename"
-/// (subject: the file), "step" (pretraining's step number), "finetune_batch" (fine-tuning's
-/// batch number over the run, after the batch). Without TWINS_FAULT this does nothing.
+/// would); with ":TERM" after n it sends itself SIGTERM instead, and in a rank that
+/// `--nproc-per-node` started, its launcher too, which forwards it to every rank (as a terminal's
+/// Ctrl-C or a scheduler's preemption reaches every process of a job). Points: "partial" (half
+/// of an atomic write on disk), "before_rename" and "after_rename" (subject: the file), "step"
+/// (pretraining's step number), "finetune_batch" and "probe_batch" (fine-tuning's and
+/// probe.augment's batch number over the run, after the batch). Without TWINS_FAULT this does
+/// nothing.
 void fault_point(const char* point, const std::string& subject);
 
 }  // namespace twins::io

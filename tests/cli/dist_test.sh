@@ -60,7 +60,7 @@ echo "launch and resume ok"
 # SIGTERM to the whole job (the launcher and both ranks, as a scheduler's preemption or a
 # terminal's Ctrl-C; each rank sends it after its step 2), which the launcher forwards to the
 # ranks again: every rank finishes its step and checkpoints, and the job exits 0.
-TWINS_FAULT="step@#2:TERM" setsid -w "$twins" pretrain "${common[@]}" --set train.max_steps=12 --out "$dir/run_term" \
+TWINS_FAULT="step@#2:TERM" "$twins" pretrain "${common[@]}" --set train.max_steps=12 --out "$dir/run_term" \
   --nproc-per-node 2 > "$dir/out_term" 2> "$dir/err_term" || { cat "$dir/err_term"; exit 1; }
 if ! grep -q "interrupted at step [0-9]" "$dir/err_term" || [ -z "$(ls "$dir/run_term/checkpoints")" ] \
   || [ -f "$dir/run_term/backbone.safetensors" ]; then cat "$dir/err_term"; ls -R "$dir/run_term"; exit 1; fi

@@ -71,7 +71,7 @@ grep -q '^{"epoch":2,' "$dir/ft_resume/finetune-metrics.jsonl" || { cat "$dir/ft
 #     after batch 5 with a checkpoint every 2 batches loses batch 5 only. The same command
 #     continues each to the uninterrupted run's files.
 mid=(finetune --backbone "random:$quickstart" --config "$dir/eval.json" --train-percent 10)
-TWINS_FAULT="finetune_batch@#2:TERM" setsid -w "$twins" "${mid[@]}" --out "$dir/ft_term" > "$dir/out11" 2> "$dir/err11" \
+TWINS_FAULT="finetune_batch@#2:TERM" "$twins" "${mid[@]}" --out "$dir/ft_term" > "$dir/out11" 2> "$dir/err11" \
   || { cat "$dir/out11" "$dir/err11"; exit 1; }
 if ! grep -q "stopped at batch 2 of epoch 1 of 2" "$dir/out11" || [ -e "$dir/ft_term/finetune.json" ] \
   || [ ! -s "$dir/ft_term/finetune-checkpoint.safetensors" ]; then cat "$dir/out11" "$dir/err11"; exit 1; fi
@@ -108,7 +108,7 @@ if [ "$(grep -c "^finetune: top-1" "$dir/out8")" != 1 ] || ! grep -q "2 ranks x 
 # each rank sends it in its first batch), which the launcher forwards to the ranks again: they
 # stop after that batch together, and the same command continues to the weights above.
 ranks_term=("${ranks[@]:0:${#ranks[@]}-2}" --out "$dir/ft_ranks_term")
-TWINS_FAULT="finetune_batch@#1:TERM" setsid -w "$twins" "${ranks_term[@]}" > "$dir/out15" 2> "$dir/err15" \
+TWINS_FAULT="finetune_batch@#1:TERM" "$twins" "${ranks_term[@]}" > "$dir/out15" 2> "$dir/err15" \
   || { cat "$dir/out15" "$dir/err15"; exit 1; }
 if [ "$(grep -c "stopped at batch 1 of epoch 1 of 2" "$dir/out15")" != 1 ] \
   || [ "$(grep -c "stopping after this step, keeping the state" "$dir/err15")" != 1 ]; then
@@ -143,9 +143,10 @@ aug=(linear-probe --nproc-per-node 2 --backbone "random:$quickstart" --config "$
 if ! grep -q "linear probe: stopped after epoch 1 of 2" "$dir/aug1.out" || [ -e "$dir/aug/probe.json" ] \
   || [ ! -s "$dir/aug/probe-checkpoint.safetensors" ]; then cat "$dir/aug1.out" "$dir/aug1.err"; exit 1; fi
 # SIGTERM to the job in the second epoch's first batch: stopped there, continued by the same command.
-TWINS_FAULT="probe_batch@#1:TERM" setsid -w "$twins" "${aug[@]}" > "$dir/aug3.out" 2> "$dir/aug3.err" \
+TWINS_FAULT="probe_batch@#1:TERM" "$twins" "${aug[@]}" > "$dir/aug3.out" 2> "$dir/aug3.err" \
   || { cat "$dir/aug3.out" "$dir/aug3.err"; exit 1; }
-grep -q "linear probe: stopped at batch 1 of epoch 2 of 2" "$dir/aug3.out" || { cat "$dir/aug3.out" "$dir/aug3.err"; exit 1; }
+if ! grep -q "linear probe: stopped at batch 1 of epoch 2 of 2" "$dir/aug3.out" || [ -e "$dir/aug/probe.json" ] \
+  || [ ! -s "$dir/aug/probe-checkpoint.safetensors" ]; then cat "$dir/aug3.out" "$dir/aug3.err"; exit 1; fi
 "$twins" "${aug[@]}" > "$dir/aug2.out" 2> "$dir/aug2.err" || { cat "$dir/aug2.out" "$dir/aug2.err"; exit 1; }
 if ! grep -q "resuming from .*probe-checkpoint.safetensors at batch 1 of [0-9]* in epoch 2 of 2" "$dir/aug2.err" \
   || ! grep -q '"resumed_from_epoch": 1' "$dir/aug/probe.json" || ! grep -q '"resumed_from_batch": 1' "$dir/aug/probe.json" \

@@ -584,13 +584,21 @@ TEST_CASE("eval: fine-tuning stopped within an epoch, or checkpointed there, res
   stop = true;
   fs::remove(control.checkpoint);
   REQUIRE_FALSE(run_finetune(task.backbone, cfg, control).finished);
-  {
-    auto file = twins::models::load_safetensors(control.checkpoint);
-    file.metadata["twins_finetune_partial_epoch"] = R"({"batches_done": 0})";
+  const auto written = twins::models::load_safetensors(control.checkpoint);
+  for (const char* bad : {R"({"batches_done": 0})",
+                          R"({"batches_done": 1, "loss_sums": [0.5, 0.5], "batches_counted": [1], "learned": [true],
+                              "seconds": 1})",
+                          R"({"batches_done": 1, "loss_sums": [0.5], "batches_counted": [-1], "learned": [true],
+                              "seconds": 1})",
+                          R"({"batches_done": 4, "loss_sums": [0.5], "batches_counted": [1], "learned": [true],
+                              "seconds": 1})"}) {
+    CAPTURE(bad);
+    auto file = written;
+    file.metadata["twins_finetune_partial_epoch"] = bad;
     twins::models::save_safetensors(control.checkpoint, file.tensors, file.metadata);
+    check_throws_with<std::runtime_error>([&] { run_finetune(task.backbone, cfg, control); },
+                                          "malformed twins_finetune_partial_epoch");
   }
-  check_throws_with<std::runtime_error>([&] { run_finetune(task.backbone, cfg, control); },
-                                        "malformed twins_finetune_partial_epoch");
   check_throws_with<std::invalid_argument>(
       [&] {
         nlohmann::json bad = task.config;
@@ -619,6 +627,13 @@ TEST_CASE("eval: fine-tuning stopped within an epoch, or checkpointed there, res
   CHECK(vit_resumed.start_batch == 2);
   CHECK(vit_resumed.epoch_loss == vit_whole.epoch_loss);
   CHECK(at::equal(vit_resumed.head_weight, vit_whole.head_weight));
+  const auto v = twins::models::backbone_state(*vit_whole.backbone),
+             w = twins::models::backbone_state(*vit_resumed.backbone);
+  REQUIRE(v.size() == w.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    INFO(v[i].first);
+    CHECK(at::equal(v[i].second, w[i].second));
+  }
   fs::remove_all(dir);
 }
 

@@ -99,12 +99,11 @@ struct LinearProbeControl {
   std::string checkpoint;
   /// Stop probe.augment after this many epochs of this call, checkpointed (0: run to the end).
   int64_t stop_after_epochs = 0;
-  /// A stop request (a signal handler's flag), or null (with a communicator: a flag on every rank
-  /// or null on every rank): read after every batch of probe.augment (with ranks sharing its
-  /// epochs on CUDA: after every 16th batch of the run and each epoch's last); once it is set on
-  /// any rank, every rank stops after the same batch, checkpointed there, and the run returns
-  /// unfinished (unless that batch was the last). Not read while the centre-crop features are
-  /// extracted.
+  /// A stop request (a signal handler's flag), or null: read after every batch of probe.augment
+  /// (with ranks sharing its epochs on CUDA: after every 16th batch of the run and each epoch's
+  /// last); once it is set on any rank, every rank stops after the same batch, checkpointed
+  /// there, and the run returns unfinished (unless that batch was the last). Not read while the
+  /// centre-crop features are extracted: a request then takes effect after the first batch.
   const std::atomic<bool>* stop = nullptr;
 };
 LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& config, const std::string& cache_dir,

@@ -80,12 +80,11 @@ struct FinetuneControl {
   std::string checkpoint;
   /// Stop after this many epochs of this call, checkpointed (0: run to the end).
   int64_t stop_after_epochs = 0;
-  /// A stop request (a signal handler's flag, a scheduler's preemption notice), or null; with a
-  /// communicator, a flag on every rank or null on every rank. Read after every batch (with
-  /// several ranks on CUDA, where agreeing waits for the GPU: after every 16th batch of the run
-  /// and each epoch's last); once it is set on any rank, every rank stops after the same batch,
-  /// the state is checkpointed there (mid-epoch too) and run_finetune returns unfinished (unless
-  /// that batch was the run's last: then it finishes).
+  /// A stop request (a signal handler's flag, a scheduler's preemption notice), or null. Read
+  /// after every batch (with several ranks on CUDA, where agreeing waits for the GPU: after every
+  /// 16th batch of the run and each epoch's last); once it is set on any rank, every rank stops
+  /// after the same batch, the state is checkpointed there (mid-epoch too) and run_finetune
+  /// returns unfinished (unless that batch was the run's last: then it finishes).
   const std::atomic<bool>* stop = nullptr;
   /// Rank 0 appends a line per epoch to this JSON Lines file as the run goes: {"epoch"
   /// (1-based), "epochs", "loss", "lr_head", "lr_backbone", "epoch_seconds", and "test_top1",
