@@ -4,11 +4,12 @@
 // {"train_data": {...}, "test_data": {...}, "image_size": 32,
 //  "normalize": {"mean": [...], "std": [...]},
 //  "probe": {"epochs": 100, "batch_size": 256, "lr": 0.1, "weight_decay": 0, "augment": false,
-//            "crop_scale": [0.08, 1.0]},
+//            "crop_scale": [0.08, 1.0], "checkpoint_every_steps": 0},
 //  "knn": {"k": [10, 20, 100, 200], "temperature": 0.07, "variant": "dino" | "lightly"},
 //  "finetune": {"epochs": 20, "batch_size": 256, "lr_backbone": 0.03, "lr_head": 0.08,
 //               "weight_decay": 0, "momentum": 0.9, "train_percent": 100, "subset": "<file>",
-//               "crop_scale": [0.08, 1.0], "precision": "fp32", "seed": 0},
+//               "crop_scale": [0.08, 1.0], "precision": "fp32", "seed": 0, "eval_every_epochs": 0,
+//               "checkpoint_every_steps": 0},
 //  "batch_size": 256, "workers": 2, "device": "auto", "dist_backend": "auto", "dist_timeout_s": 1800,
 //  "dist_heartbeat_timeout_s": 60}
 // Features are extracted once per backbone and split and cached in the output folder
