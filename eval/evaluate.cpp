@@ -409,21 +409,14 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
         },
         "write " + checkpoint);
   };
-  // A stop request, read after a batch: ranks sharing the epochs agree on it (a collective, which
-  // waits for the GPU: on CUDA after every 16th batch of the run and each epoch's last), so that
-  // every rank stops after the same one.
-  const int64_t stop_poll = device.is_cuda() ? 16 : 1;
-  auto stop_requested = [&](int64_t step, int64_t done) {
-    const bool mine = control.stop && control.stop->load();
-    if (!job) return mine;
-    return (step % stop_poll == 0 || done >= batches) && job->any(mine);
-  };
-  bool stop_now = false;  // asked to stop in an epoch's last batch: after that epoch
+  detail::AfterBatch after_batch(control.stop, job.get(), device.is_cuda(), batches, o.checkpoint_every_steps,
+                                 "probe_batch");
 
   std::optional<detail::EpochProgress> progress;
   if (run.main_rank) progress.emplace("augmented probe", first_epoch, o.epochs, batches, first_batch);
   for (int64_t epoch = first_epoch; epoch < o.epochs; ++epoch) {
-    if ((control.stop_after_epochs > 0 && epoch - first_epoch == control.stop_after_epochs) || stop_now) {
+    if ((control.stop_after_epochs > 0 && epoch - first_epoch == control.stop_after_epochs) ||
+        after_batch.stop_after_epoch()) {
       if (run.main_rank)
         std::cerr << "  linear probe: stopped after epoch " << epoch << " of " << o.epochs
                   << (checkpoint.empty() ? std::string() : ", state in " + checkpoint) << "\n";
@@ -459,16 +452,10 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
       if (head) head->step(features, labels);
       ++done;
       if (progress) progress->batch_done(epoch, done);
-      const int64_t step = epoch * batches + done;  // batches of the whole run so far
-      io::fault_point("probe_batch", std::to_string(step));
-      const bool stop = stop_requested(step, done);
-      if (done >= batches) {  // the epoch's end checkpoints (and then stops)
-        stop_now = stop_now || stop;
-        continue;
-      }
-      if (!stop && !(o.checkpoint_every_steps > 0 && step % o.checkpoint_every_steps == 0)) continue;
+      const detail::AfterBatch::Next next = after_batch(epoch, done);
+      if (!next.checkpoint) continue;
       if (!checkpoint.empty()) save_checkpoint(epoch, done);
-      if (stop) {
+      if (next.stop) {
         if (run.main_rank)
           std::cerr << "  linear probe: stopped at batch " << done << " of " << batches << " in epoch " << epoch + 1
                     << " of " << o.epochs << (checkpoint.empty() ? std::string() : ", state in " + checkpoint) << "\n";

@@ -489,18 +489,11 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
     });
 
   detail::EpochProgress progress("finetune", first_epoch, o.epochs, batches, first_batch);
-  // A stop request, read after a batch: with several ranks they agree on it (a collective, which
-  // waits for the GPU: on CUDA after every 16th batch of the run and each epoch's last), so that
-  // every rank stops after the same one.
-  const int64_t stop_poll = device.is_cuda() ? 16 : 1;
-  auto stop_requested = [&](int64_t step, int64_t done) {
-    const bool mine = control.stop && control.stop->load();
-    if (!comm) return mine;
-    return (step % stop_poll == 0 || done >= batches) && comm->any(mine);
-  };
-  bool stop_now = false;  // asked to stop in an epoch's last batch: after that epoch
+  detail::AfterBatch after_batch(control.stop, comm.get(), device.is_cuda(), batches, o.checkpoint_every_steps,
+                                 "finetune_batch");
   for (int64_t epoch = first_epoch; epoch < o.epochs; ++epoch) {
-    if ((control.stop_after_epochs > 0 && epoch - first_epoch == control.stop_after_epochs) || stop_now) {
+    if ((control.stop_after_epochs > 0 && epoch - first_epoch == control.stop_after_epochs) ||
+        after_batch.stop_after_epoch()) {
       if (main_rank)
         std::cerr << "  finetune: stopped after epoch " << epoch << " of " << o.epochs
                   << (checkpoint.empty() ? std::string() : ", state in " + checkpoint) << "\n";
@@ -572,14 +565,8 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
                       static_cast<uint64_t>(done) + static_cast<uint64_t>(rank) * 0xD1B54A32D192ED03ULL);
       train_on(*batch);
       if (main_rank) progress.batch_done(epoch, done);
-      const int64_t step = epoch * batches + done;  // batches of the whole run so far
-      io::fault_point("finetune_batch", std::to_string(step));
-      const bool stop = stop_requested(step, done);
-      if (done >= batches) {  // the epoch's end checkpoints (and then stops)
-        stop_now = stop_now || stop;
-        continue;
-      }
-      if (!stop && !(o.checkpoint_every_steps > 0 && step % o.checkpoint_every_steps == 0)) continue;
+      const detail::AfterBatch::Next next = after_batch(epoch, done);
+      if (!next.checkpoint) continue;
       if (!checkpoint.empty()) {  // every rank's sums and flag, gathered
         at::Tensor sums = at::stack({loss_sum, at::full({}, static_cast<double>(counted), loss_sum.options()),
                                      at::full({}, learned ? 1.0 : 0.0, loss_sum.options())});
@@ -600,7 +587,7 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
         }
         on_rank0([&] { save_checkpoint(epoch, partial); });
       }
-      if (stop) {
+      if (next.stop) {
         if (main_rank)
           std::cerr << "  finetune: stopped at batch " << done << " of " << batches << " in epoch " << epoch + 1
                     << " of " << o.epochs << (checkpoint.empty() ? std::string() : ", state in " + checkpoint) << "\n";
