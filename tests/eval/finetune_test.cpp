@@ -101,6 +101,17 @@ ColourTask colour_task(const std::string& name, int train_per_class, int test_pe
 
 namespace {
 
+// Every tensor of two backbones' states equal, bit for bit.
+void check_same_weights(const twins::models::Network& a, const twins::models::Network& b) {
+  const auto x = twins::models::backbone_state(a), y = twins::models::backbone_state(b);
+  REQUIRE(x.size() == y.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    INFO(x[i].first);
+    CHECK(x[i].first == y[i].first);
+    CHECK(at::equal(x[i].second, y[i].second));
+  }
+}
+
 // The seconds a checkpoint says the calls before it spent (`key`, checked to be there), replaced
 // by 1000 s, as if those calls had run that long.
 double plant_seconds(const std::string& checkpoint, const std::string& key) {
@@ -386,12 +397,7 @@ TEST_CASE("eval: fine-tuning resumed from its checkpoint gives the uninterrupted
     CHECK(resumed.test_per_epoch[e].test.top1 == whole.test_per_epoch[e].test.top1);
     CHECK(resumed.test_per_epoch[e].test.top5 == whole.test_per_epoch[e].test.top5);
   }
-  const auto a = twins::models::backbone_state(*whole.backbone), b = twins::models::backbone_state(*resumed.backbone);
-  REQUIRE(a.size() == b.size());
-  for (size_t i = 0; i < a.size(); ++i) {
-    INFO(a[i].first);
-    CHECK(at::equal(a[i].second, b[i].second));
-  }
+  check_same_weights(*whole.backbone, *resumed.backbone);
   CHECK(resumed.test.top1 == whole.test.top1);
   // The per-epoch log: one line per epoch over both calls, the numbers of the result.
   std::vector<nlohmann::json> lines;
@@ -563,12 +569,7 @@ TEST_CASE("eval: fine-tuning stopped within an epoch, or checkpointed there, res
   CHECK(rest.epoch_loss == whole.epoch_loss);
   CHECK(at::equal(rest.head_weight, whole.head_weight));
   CHECK(at::equal(rest.head_bias, whole.head_bias));
-  const auto a = twins::models::backbone_state(*whole.backbone), b = twins::models::backbone_state(*rest.backbone);
-  REQUIRE(a.size() == b.size());
-  for (size_t i = 0; i < a.size(); ++i) {
-    INFO(a[i].first);
-    CHECK(at::equal(a[i].second, b[i].second));
-  }
+  check_same_weights(*whole.backbone, *rest.backbone);
   CHECK(rest.test.top1 == whole.test.top1);
   std::vector<nlohmann::json> lines;  // one line per epoch, none for the stops within one
   {
@@ -627,13 +628,7 @@ TEST_CASE("eval: fine-tuning stopped within an epoch, or checkpointed there, res
   CHECK(vit_resumed.start_batch == 2);
   CHECK(vit_resumed.epoch_loss == vit_whole.epoch_loss);
   CHECK(at::equal(vit_resumed.head_weight, vit_whole.head_weight));
-  const auto v = twins::models::backbone_state(*vit_whole.backbone),
-             w = twins::models::backbone_state(*vit_resumed.backbone);
-  REQUIRE(v.size() == w.size());
-  for (size_t i = 0; i < v.size(); ++i) {
-    INFO(v[i].first);
-    CHECK(at::equal(v[i].second, w[i].second));
-  }
+  check_same_weights(*vit_whole.backbone, *vit_resumed.backbone);
   fs::remove_all(dir);
 }
 
@@ -699,12 +694,7 @@ TEST_CASE("eval: data-parallel fine-tuning averages the ranks' gradients as one 
   CHECK(resumed.start_epoch == 1);
   CHECK(resumed.epoch_loss == whole.epoch_loss);
   CHECK(at::equal(resumed.head_weight, whole.head_weight));
-  const auto a = twins::models::backbone_state(*whole.backbone), b = twins::models::backbone_state(*resumed.backbone);
-  REQUIRE(a.size() == b.size());
-  for (size_t i = 0; i < a.size(); ++i) {
-    INFO(a[i].first);
-    CHECK(at::equal(a[i].second, b[i].second));
-  }
+  check_same_weights(*whole.backbone, *resumed.backbone);
 
   // A stop requested on one rank only (its own signal): both stop after the same batch, mid-epoch,
   // and resume to the uninterrupted run's weights.
@@ -730,12 +720,7 @@ TEST_CASE("eval: data-parallel fine-tuning averages the ranks' gradients as one 
   REQUIRE(after_stop.epoch_loss.size() == 2);
   CHECK(after_stop.epoch_loss == whole.epoch_loss);  // each rank carried its own sums
   CHECK(at::equal(after_stop.head_weight, whole.head_weight));
-  const auto c = twins::models::backbone_state(*after_stop.backbone);
-  REQUIRE(a.size() == c.size());
-  for (size_t i = 0; i < a.size(); ++i) {
-    INFO(a[i].first);
-    CHECK(at::equal(a[i].second, c[i].second));
-  }
+  check_same_weights(*whole.backbone, *after_stop.backbone);
 
   // The global batch must split evenly, and leave BatchNorm at least 2 images per rank.
   FinetuneControl odd;
