@@ -144,7 +144,7 @@ void catch_stop_signals(void (*request)(), bool speaks) {
   struct sigaction sa {};
   sa.sa_handler = on_stop_signal;
   sa.sa_flags = SA_RESTART;
-  sigemptyset(&sa.sa_mask);  // the handler runs with both blocked: one at a time
+  sigemptyset(&sa.sa_mask);  // neither nests in the other on one thread (the exchange orders threads)
   sigaddset(&sa.sa_mask, SIGINT);
   sigaddset(&sa.sa_mask, SIGTERM);
   sigaction(SIGINT, &sa, nullptr);
@@ -220,7 +220,8 @@ int launch_local(const LaunchPlan& plan, double grace_seconds) {
       ::setenv("GROUP_RANK", std::to_string(plan.node_rank).c_str(), 1);
       ::setenv("MASTER_ADDR", host.c_str(), 1);
       ::setenv("MASTER_PORT", port.c_str(), 1);
-      ::setenv("TWINS_RESUME_FLAGS", resume_flags.c_str(), 1);  // for the resume command
+      ::setenv("TWINS_RESUME_FLAGS", resume_flags.c_str(), 1);              // for the resume command
+      ::setenv("TWINS_LAUNCHER_PID", std::to_string(launcher).c_str(), 1);  // for TWINS_FAULT's :TERM
       ::setenv("OMP_NUM_THREADS", threads.c_str(), 1);
       std::vector<char*> argv;
       for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));

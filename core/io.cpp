@@ -82,9 +82,11 @@ void fault_point(const char* point, const std::string& subject) {
     return;
   }
   ::kill(::getpid(), SIGTERM);
-  // A rank of `--nproc-per-node` (its launcher set TWINS_RESUME_FLAGS): the launcher too, which
-  // forwards it to every rank, as a terminal's Ctrl-C or a scheduler reaches every process.
-  if (std::getenv("TWINS_RESUME_FLAGS")) ::kill(::getppid(), SIGTERM);
+  // A rank of `--nproc-per-node` (its launcher set TWINS_LAUNCHER_PID) whose launcher is alive:
+  // the launcher too, which forwards it to every rank, as a terminal's Ctrl-C or a scheduler
+  // reaches every process of a job.
+  const char* launcher = std::getenv("TWINS_LAUNCHER_PID");
+  if (launcher && std::atoll(launcher) == static_cast<long long>(::getppid())) ::kill(::getppid(), SIGTERM);
 }
 
 std::string temporary_name(const std::string& path) { return path + ".tmp-" + std::to_string(::getpid()); }

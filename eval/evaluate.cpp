@@ -373,7 +373,8 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
           first_batch = in_epoch.get<int64_t>();  // as many batches an epoch over any number of ranks
           if (first_batch >= batches)
             throw std::runtime_error("linear probe: " + checkpoint + ": malformed " + kProbeBatchesKey + " (batch " +
-                                     std::to_string(first_batch) + " of an epoch of " + std::to_string(batches) + ")");
+                                     std::to_string(first_batch) + " of an epoch of " + std::to_string(batches) +
+                                     ": did train_data change?)");
           if (const auto spent = file.metadata.find(kProbeSecondsKey); spent != file.metadata.end()) {
             const nlohmann::json v = nlohmann::json::parse(spent->second, nullptr, false);
             if (v.is_number() && v.get<double>() >= 0) earlier_seconds = v.get<double>();

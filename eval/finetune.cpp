@@ -322,7 +322,8 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
       first_batch = partial["batches_done"].get<int64_t>();
       if (first_batch >= batches)
         throw std::runtime_error("finetune: " + checkpoint + ": malformed " + kPartialKey + " (batch " +
-                                 std::to_string(first_batch) + " of an epoch of " + std::to_string(batches) + ")");
+                                 std::to_string(first_batch) + " of an epoch of " + std::to_string(batches) +
+                                 ": did train_data change?)");
       carried.seconds = partial["seconds"].get<double>();
       if (ranks_before == world) {  // each rank its own sums: the epoch's loss as if uninterrupted
         const auto r = static_cast<size_t>(rank);

@@ -74,7 +74,7 @@ unsigned long crc32_update(unsigned long crc, const void* data, size_t size);
 /// "<point>@<subject substring>#<n>", the n-th time `point` is reached for a subject containing
 /// the substring, the process kills itself with SIGKILL (as a power cut or the OOM killer
 /// would); with ":TERM" after n it sends itself SIGTERM instead, and in a rank that
-/// `--nproc-per-node` started, its launcher too, which forwards it to every rank (as a terminal's
+/// `--nproc-per-node` started, its launcher (while alive) too, which forwards it to every rank (as a terminal's
 /// Ctrl-C or a scheduler's preemption reaches every process of a job). Points: "partial" (half
 /// of an atomic write on disk), "before_rename" and "after_rename" (subject: the file), "step"
 /// (pretraining's step number), "finetune_batch" and "probe_batch" (fine-tuning's and

@@ -66,8 +66,8 @@ if ! grep -q "resuming from .*finetune-checkpoint.safetensors after epoch 1 of 2
 grep -q '^{"epoch":2,' "$dir/ft_resume/finetune-metrics.jsonl" || { cat "$dir/ft_resume/finetune-metrics.jsonl"; exit 1; }
 [ "$(find "$dir/ft_resume/finetune" -name 'events.out.tfevents.*' | wc -l)" -eq 2 ] || { ls -R "$dir/ft_resume"; exit 1; }
 
-# 3b. Within an epoch: SIGTERM (a scheduler's preemption, to the process group of a session of
-#     its own) after batch 2 of 3 finishes the batch, checkpoints there and exits 0; SIGKILL
+# 3b. Within an epoch: SIGTERM (a scheduler's preemption) after batch 2 of 3 finishes the
+#     batch, checkpoints there and exits 0; SIGKILL
 #     after batch 5 with a checkpoint every 2 batches loses batch 5 only. The same command
 #     continues each to the uninterrupted run's files.
 mid=(finetune --backbone "random:$quickstart" --config "$dir/eval.json" --train-percent 10)

@@ -280,6 +280,15 @@ TEST_CASE("eval: the augmented linear probe (probe.augment) learns through the f
     CHECK(twins::models::load_safetensors(control.checkpoint).metadata.at("twins_probe_batches_done") ==
           std::to_string(b));
   }
+  {  // a place past the epoch's end is refused, naming the key
+    const auto kept = twins::models::load_safetensors(control.checkpoint);
+    auto file = kept;
+    file.metadata["twins_probe_batches_done"] = "6";
+    twins::models::save_safetensors(control.checkpoint, file.tensors, file.metadata);
+    check_throws_with<std::runtime_error>([&] { run_linear_probe(backbone, cfg, "", nullptr, control); },
+                                          "malformed twins_probe_batches_done (batch 6 of an epoch of 6");
+    twins::models::save_safetensors(control.checkpoint, kept.tensors, kept.metadata);
+  }
   stop = false;
   nlohmann::json every = config;
   every["probe"]["checkpoint_every_steps"] = 4;
@@ -586,19 +595,31 @@ TEST_CASE("eval: fine-tuning stopped within an epoch, or checkpointed there, res
   fs::remove(control.checkpoint);
   REQUIRE_FALSE(run_finetune(task.backbone, cfg, control).finished);
   const auto written = twins::models::load_safetensors(control.checkpoint);
-  for (const char* bad : {R"({"batches_done": 0})",
-                          R"({"batches_done": 1, "loss_sums": [0.5, 0.5], "batches_counted": [1], "learned": [true],
-                              "seconds": 1})",
-                          R"({"batches_done": 1, "loss_sums": [0.5], "batches_counted": [-1], "learned": [true],
-                              "seconds": 1})",
-                          R"({"batches_done": 4, "loss_sums": [0.5], "batches_counted": [1], "learned": [true],
-                              "seconds": 1})"}) {
-    CAPTURE(bad);
+  // Each malformed in one way only (a whole epoch here is 4 batches).
+  const std::pair<const char*, const char*> bad_states[] = {
+      {R"({"batches_done": 0, "loss_sums": [0.5], "batches_counted": [1], "learned": [true], "seconds": 1})",
+       "malformed twins_finetune_partial_epoch"},
+      {R"({"batches_done": 1, "loss_sums": [0.5, 0.5], "batches_counted": [1], "learned": [true], "seconds": 1})",
+       "malformed twins_finetune_partial_epoch"},
+      {R"({"batches_done": 1, "loss_sums": [0.5], "batches_counted": [-1], "learned": [true], "seconds": 1})",
+       "malformed twins_finetune_partial_epoch"},
+      {R"({"batches_done": 4, "loss_sums": [0.5], "batches_counted": [1], "learned": [true], "seconds": 1})",
+       "malformed twins_finetune_partial_epoch (batch 4 of an epoch of 4: did train_data change?)"}};
+  for (const auto& [bad, said] : bad_states) {
+    INFO(bad);
     auto file = written;
     file.metadata["twins_finetune_partial_epoch"] = bad;
     twins::models::save_safetensors(control.checkpoint, file.tensors, file.metadata);
-    check_throws_with<std::runtime_error>([&] { run_finetune(task.backbone, cfg, control); },
-                                          "malformed twins_finetune_partial_epoch");
+    check_throws_with<std::runtime_error>([&] { run_finetune(task.backbone, cfg, control); }, said);
+  }
+  // Well formed: it resumes.
+  {
+    auto file = written;
+    file.metadata["twins_finetune_partial_epoch"] =
+        R"({"batches_done": 3, "loss_sums": [0.5], "batches_counted": [3], "learned": [true], "seconds": 1})";
+    twins::models::save_safetensors(control.checkpoint, file.tensors, file.metadata);
+    const FinetuneRun fine = run_finetune(task.backbone, cfg, control);
+    CHECK(fine.start_batch == 3);
   }
   check_throws_with<std::invalid_argument>(
       [&] {

@@ -3,8 +3,8 @@
 // the image size and normalisation, and the probe and kNN settings:
 // {"train_data": {...}, "test_data": {...}, "image_size": 32,
 //  "normalize": {"mean": [...], "std": [...]},
-//  "probe": {"epochs": 100, "batch_size": 256, "lr": 0.1, "weight_decay": 0, "augment": false,
-//            "crop_scale": [0.08, 1.0], "checkpoint_every_steps": 0},
+//  "probe": {"epochs": 100, "batch_size": 256, "lr": 0.1, "weight_decay": 0, "momentum": 0.9,
+//            "seed": 0, "augment": false, "crop_scale": [0.08, 1.0], "checkpoint_every_steps": 0},
 //  "knn": {"k": [10, 20, 100, 200], "temperature": 0.07, "variant": "dino" | "lightly"},
 //  "finetune": {"epochs": 20, "batch_size": 256, "lr_backbone": 0.03, "lr_head": 0.08,
 //               "weight_decay": 0, "momentum": 0.9, "train_percent": 100, "subset": "<file>",
@@ -104,7 +104,8 @@ struct LinearProbeControl {
   /// (with ranks sharing its epochs on CUDA: after every 16th batch of the run and each epoch's
   /// last); once it is set on any rank, every rank stops after the same batch, checkpointed
   /// there, and the run returns unfinished (unless that batch was the last). Not read while the
-  /// centre-crop features are extracted: a request then takes effect after the first batch.
+  /// centre-crop features are extracted: a request then takes effect after the first batch the
+  /// ranks agree at (one process, or on the CPU: the first).
   const std::atomic<bool>* stop = nullptr;
 };
 LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& config, const std::string& cache_dir,
