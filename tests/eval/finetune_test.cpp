@@ -605,12 +605,12 @@ TEST_CASE("eval: fine-tuning stopped within an epoch, or checkpointed there, res
        "malformed twins_finetune_partial_epoch"},
       {R"({"batches_done": 4, "loss_sums": [0.5], "batches_counted": [1], "learned": [true], "seconds": 1})",
        "malformed twins_finetune_partial_epoch (batch 4 of an epoch of 4: did train_data change?)"}};
-  for (const auto& [bad, said] : bad_states) {
-    INFO(bad);
+  for (const auto& bad : bad_states) {  // (no structured binding: clang cannot capture one in C++17)
+    INFO(bad.first);
     auto file = written;
-    file.metadata["twins_finetune_partial_epoch"] = bad;
+    file.metadata["twins_finetune_partial_epoch"] = bad.first;
     twins::models::save_safetensors(control.checkpoint, file.tensors, file.metadata);
-    check_throws_with<std::runtime_error>([&] { run_finetune(task.backbone, cfg, control); }, said);
+    check_throws_with<std::runtime_error>([&] { run_finetune(task.backbone, cfg, control); }, bad.second);
   }
   // Well formed: it resumes.
   {
