@@ -67,6 +67,17 @@ const std::atomic<bool>* stop_on_signals(bool speaks) {
   return &g_stop;
 }
 
+// "<what>: stopped at batch b of epoch e of E (state in <checkpoint>); ..." or "... after epoch e".
+void say_stopped(const std::string& what, int64_t stopped_at_batch, int64_t epochs_done, int64_t epochs,
+                 const std::string& checkpoint) {
+  std::cout << what << ": stopped ";
+  if (stopped_at_batch > 0)
+    std::cout << "at batch " << stopped_at_batch << " of epoch " << epochs_done + 1;
+  else
+    std::cout << "after epoch " << epochs_done;
+  std::cout << " of " << epochs << " (state in " << checkpoint << "); the same command continues it\n";
+}
+
 // Whether this process speaks for the evaluation: a single process, or rank 0 of the job.
 bool main_rank(const std::shared_ptr<distributed::Communicator>& comm) { return !comm || comm->rank() == 0; }
 
@@ -97,13 +108,7 @@ int run_linear_probe(const EvalArgs& a) {
   const auto run = eval::run_linear_probe(a.backbone, cfg, out, comm, control);
   if (!run.main_rank) return 0;  // rank 0 trains the probe and writes
   if (!run.finished) {
-    std::cout << "linear probe: stopped ";
-    if (run.stopped_at_batch > 0)
-      std::cout << "at batch " << run.stopped_at_batch << " of epoch " << run.epochs_done + 1;
-    else
-      std::cout << "after epoch " << run.epochs_done;
-    std::cout << " of " << cfg.probe.epochs << " (state in " << control.checkpoint
-              << "); the same command continues it\n";
+    say_stopped("linear probe", run.stopped_at_batch, run.epochs_done, cfg.probe.epochs, control.checkpoint);
     return 0;
   }
   const auto& r = run.result;
@@ -193,12 +198,7 @@ int run_finetune(const EvalArgs& a) {
   if (!run.main_rank) return 0;  // rank 0 writes and speaks for the run
   const auto& o = cfg.finetune;
   if (!run.finished) {
-    std::cout << "finetune: stopped ";
-    if (run.stopped_at_batch > 0)
-      std::cout << "at batch " << run.stopped_at_batch << " of epoch " << run.epochs_done + 1;
-    else
-      std::cout << "after epoch " << run.epochs_done;
-    std::cout << " of " << o.epochs << " (state in " << control.checkpoint << "); the same command continues it\n";
+    say_stopped("finetune", run.stopped_at_batch, run.epochs_done, o.epochs, control.checkpoint);
     return 0;
   }
   const fs::path backbone_file = fs::path(out) / "finetuned-backbone.safetensors";
