@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Tar shards end to end, as a user would: `twins shards create` from a dataset JSON file,
 # `twins shards index`, then `twins pretrain` on the shards with 2 CPU ranks, stopped and resumed,
-# on one rank through `pipe:cat` commands, and `twins knn`, `linear-probe` and `embed` on the shards.
+# on one rank through `pipe:cat` commands, `twins knn`, `linear-probe` and `embed` on the shards, and
+# `twins finetune` on them stopped within an epoch on 2 ranks (refused on 1, continued on 2).
 set -euo pipefail
 twins=$1
 quickstart=$2
@@ -103,3 +104,20 @@ echo "$data" > "$dir/shards.json"
   || { cat "$dir/embed_s"; exit 1; }
 [ "$(wc -l < "$dir/emb.ids.txt")" -eq 256 ] || { cat "$dir/embed_s"; head "$dir/emb.ids.txt"; exit 1; }
 echo "shards: knn (top-1 $(knn_top1 "$dir/knn_s")% as on the unpacked files), linear-probe and embed ok"
+
+# 7. Fine-tuning on the shards with 2 ranks, stopped by SIGTERM within the epoch (batch 2 of 8:
+#    256 samples / 32 per batch): shards are dealt to the ranks whole, so resuming with 1 rank is
+#    refused, naming the checkpoint and the rank count; the same command (2 ranks) continues it.
+ft=(finetune --backbone "$dir/run" --config "$dir/eval_shards.json" --set finetune.epochs=1
+    --set finetune.batch_size=32 --set dist_timeout_s=120 --out "$dir/ft")
+TWINS_FAULT="finetune_batch@#2:TERM" "$twins" "${ft[@]}" --nproc-per-node 2 > "$dir/ft1.out" 2> "$dir/ft1.err" \
+  || { cat "$dir/ft1.out" "$dir/ft1.err"; exit 1; }
+grep -q "stopped at batch 2 of epoch 1 of 1" "$dir/ft1.out" || { cat "$dir/ft1.out" "$dir/ft1.err"; exit 1; }
+rc=0
+"$twins" "${ft[@]}" > "$dir/ft2.out" 2> "$dir/ft2.err" || rc=$?
+if [ "$rc" -ne 1 ] || ! grep -q "finetune-checkpoint.safetensors was written within an epoch by 2 rank(s) reading tar shards" \
+  "$dir/ft2.err"; then echo "exit $rc"; cat "$dir/ft2.out" "$dir/ft2.err"; exit 1; fi
+"$twins" "${ft[@]}" --nproc-per-node 2 > "$dir/ft3.out" 2> "$dir/ft3.err" || { cat "$dir/ft3.out" "$dir/ft3.err"; exit 1; }
+if ! grep -q "at batch 2 of 8 in epoch 1 of 1" "$dir/ft3.err" || ! grep -q '"resumed_from_batch": 2' "$dir/ft/finetune.json"
+then cat "$dir/ft3.out" "$dir/ft3.err"; exit 1; fi
+echo "shards: finetune on 2 ranks stopped within an epoch, refused on 1 rank, continued on 2"
