@@ -191,6 +191,14 @@ class RecordDataset : public Dataset {
     const auto [f, i] = locate(index);
     return f.bytes->path() + "#" + std::to_string(i);
   }
+  std::vector<std::string> source_files() const override {
+    std::vector<std::string> out;
+    for (const auto& f : files_) {
+      out.push_back(f.bytes->path());
+      if (f.labels) out.push_back(f.labels->path());
+    }
+    return out;
+  }
 
  private:
   bool has_labels(const File& f) const { return f.labels || label_offset_ >= 0; }
@@ -408,6 +416,7 @@ class FileDataset : public Dataset {
   int64_t label(int64_t index) const override { return labels_.at(static_cast<size_t>(index)); }
   std::string id(int64_t index) const override { return files_.at(static_cast<size_t>(index)); }
   int64_t num_classes() const override { return classes_; }
+  std::vector<std::string> source_files() const override { return files_; }
 
  private:
   std::vector<std::string> files_;
@@ -543,6 +552,7 @@ class SubsetDataset : public Dataset {
   int64_t label(int64_t index) const override { return base_->label(at(index)); }
   std::string id(int64_t index) const override { return base_->id(at(index)); }
   int64_t num_classes() const override { return base_->num_classes(); }
+  std::vector<std::string> source_files() const override { return base_->source_files(); }
   bool in_memory() const override { return base_->in_memory(); }
   std::pair<int, int> image_size() const override { return base_->image_size(); }
 

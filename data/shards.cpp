@@ -712,6 +712,12 @@ class ShardDataset : public Dataset {
     return s_->index.shards.at(shard).url + "#" + std::to_string(index - s_->offsets[shard]);
   }
   int64_t num_classes() const override { return s_->index.num_classes; }
+  std::vector<std::string> source_files() const override {
+    std::vector<std::string> out;
+    for (const auto& shard : s_->index.shards)
+      if (!is_pipe(shard.url)) out.push_back(shard.url);
+    return out;
+  }
   bool streaming() const override { return true; }
   std::vector<int64_t> stream_order(const StreamPlan& p) const override {
     const EpochPlan plan = make_plan(*s_, p);

@@ -475,7 +475,7 @@ TEST_CASE("eval: features extracted in shares over ranks are gathered on rank 0 
   }
 }
 
-TEST_CASE("eval: cached features are served again, and not once the data's files changed, even as many") {
+TEST_CASE("eval: cached features are served again, and not once the data's files changed, even as many or in place") {
   ColourTask task = colour_task("cache", 4, 3, 23);
   const EvalConfig c = EvalConfig::parse(task.config);
   const fs::path cache = task.dir / "out";
@@ -521,6 +521,17 @@ TEST_CASE("eval: cached features are served again, and not once the data's files
   CHECK(row2().item<int64_t>() == 0);
   write_list(1);
   CHECK(row2().item<int64_t>() == 1);
+  // An image edited in place (same name, same labels) that none of the 16 sampled rows shows:
+  // test/class0/img1.png, rows 2, 8, 14 and 20. Its file's size and time tell: its features are
+  // extracted afresh.
+  auto row2_features = [&](const std::string& cache_dir) {
+    return eval_features(task.backbone, EvalConfig::parse(listed), cache_dir, &classes).second.features[2];
+  };
+  const at::Tensor before = row2_features(cache.string());
+  twins::data::write_image((task.dir / "test" / "class0" / "img1.png").string(), at::full({16, 16, 3}, 90, at::kByte));
+  const at::Tensor after = row2_features(cache.string());
+  CHECK_FALSE(at::equal(after, before));
+  CHECK(at::equal(after, row2_features("")));
   fs::remove_all(task.dir);
 }
 

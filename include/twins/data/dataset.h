@@ -75,6 +75,10 @@ class Dataset {
   virtual std::string id(int64_t index) const = 0;
   /// Number of classes; 0 for unlabeled data.
   virtual int64_t num_classes() const = 0;
+  /// The local files the samples are read from, each once (image files, a binary dataset's files,
+  /// tar shards but those read through `pipe:` commands); empty where there are none. Their sizes
+  /// and modification times tell the feature cache that the data changed.
+  virtual std::vector<std::string> source_files() const { return {}; }
   /// Whether images are held decoded (binary formats): no decode cost per sample.
   virtual bool in_memory() const { return false; }
   /// {height, width} of every image when the format fixes one size (CIFAR, STL-10, MNIST),
