@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 #include <vector>
 
@@ -352,6 +353,47 @@ at::Tensor solarize(const at::Tensor& image, int threshold) {
   uint8_t* o = out.data_ptr<uint8_t>();
   for (int64_t i = 0, n = img.numel(); i < n; ++i)
     o[i] = in[i] >= threshold ? static_cast<uint8_t>(255 - in[i]) : in[i];
+  return out;
+}
+
+at::Tensor equalize(const at::Tensor& image) {
+  const at::Tensor img = checked(image, "equalize");
+  const int64_t c = img.size(2), pixels = img.size(0) * img.size(1);
+  const uint8_t* in = img.data_ptr<uint8_t>();
+  std::vector<int64_t> hist(static_cast<size_t>(256 * c), 0);
+  for (int64_t i = 0; i < pixels; ++i)
+    for (int64_t k = 0; k < c; ++k) ++hist[static_cast<size_t>(k * 256 + in[i * c + k])];
+  // PIL: a channel of one value, or whose pixels below its highest value number fewer than 255,
+  // is left as it is; else value v maps to (step / 2 + pixels below v) / step, step being the
+  // pixels below the highest value over 255 (rounded down), clipped to 255 (as Image.point clips).
+  std::vector<uint8_t> lut(static_cast<size_t>(256 * c));
+  for (int64_t k = 0; k < c; ++k) {
+    const int64_t* h = hist.data() + k * 256;
+    uint8_t* table = lut.data() + k * 256;
+    int64_t highest = -1, nonzero = 0;
+    for (int v = 0; v < 256; ++v)
+      if (h[v]) highest = v, ++nonzero;
+    const int64_t step = nonzero > 1 ? (pixels - h[highest]) / 255 : 0;
+    int64_t below = step / 2;
+    for (int v = 0; v < 256; ++v) {
+      table[v] = step ? static_cast<uint8_t>(std::min<int64_t>(below / step, 255)) : static_cast<uint8_t>(v);
+      below += h[v];
+    }
+  }
+  at::Tensor out = at::empty_like(img);
+  uint8_t* o = out.data_ptr<uint8_t>();
+  for (int64_t i = 0; i < pixels; ++i)
+    for (int64_t k = 0; k < c; ++k) o[i * c + k] = lut[static_cast<size_t>(k * 256 + in[i * c + k])];
+  return out;
+}
+
+at::Tensor vflip(const at::Tensor& image) {
+  const at::Tensor img = checked(image, "vflip");
+  const int64_t h = img.size(0), row = img.size(1) * img.size(2);
+  at::Tensor out = at::empty_like(img);
+  const uint8_t* in = img.data_ptr<uint8_t>();
+  uint8_t* o = out.data_ptr<uint8_t>();
+  for (int64_t y = 0; y < h; ++y) std::memcpy(o + y * row, in + (h - 1 - y) * row, static_cast<size_t>(row));
   return out;
 }
 

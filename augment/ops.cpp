@@ -112,6 +112,21 @@ class RandomHorizontalFlip final : public Op {
   double p_;
 };
 
+class RandomVerticalFlip final : public Op {
+ public:
+  RandomVerticalFlip(const json& spec, const std::string& path) {
+    ConfigReader r(spec, path);
+    r.allow("type");
+    p_ = read_probability(r, 0.5);
+    r.finish();
+  }
+  at::Tensor apply(const at::Tensor& img, Rng& rng) const override { return rng.bernoulli(p_) ? F::vflip(img) : img; }
+  json to_json() const override { return {{"type", "random_vertical_flip"}, {"p", p_}}; }
+
+ private:
+  double p_;
+};
+
 class ColorJitter final : public Op {
  public:
   ColorJitter(const json& spec, const std::string& path) {
@@ -234,6 +249,24 @@ class Solarization final : public Op {
   int threshold_ = 128;
 };
 
+// solo-learn's equalization (torchvision's RandomEqualize, whose default p it keeps).
+class Equalization final : public Op {
+ public:
+  Equalization(const json& spec, const std::string& path) {
+    ConfigReader r(spec, path);
+    r.allow("type");
+    p_ = read_probability(r, 0.5);
+    r.finish();
+  }
+  at::Tensor apply(const at::Tensor& img, Rng& rng) const override {
+    return rng.bernoulli(p_) ? F::equalize(img) : img;
+  }
+  json to_json() const override { return {{"type", "equalization"}, {"p", p_}}; }
+
+ private:
+  double p_;
+};
+
 class RandomApply final : public Op {
  public:
   RandomApply(const json& spec, const std::string& path) {
@@ -339,6 +372,9 @@ const Registry<Op>& registry() {
         [](const json& s, const std::string& p) { return std::make_shared<RandomGrayscale>(s, p); });
     add("gaussian_blur", [](const json& s, const std::string& p) { return std::make_shared<GaussianBlur>(s, p); });
     add("solarization", [](const json& s, const std::string& p) { return std::make_shared<Solarization>(s, p); });
+    add("equalization", [](const json& s, const std::string& p) { return std::make_shared<Equalization>(s, p); });
+    add("random_vertical_flip",
+        [](const json& s, const std::string& p) { return std::make_shared<RandomVerticalFlip>(s, p); });
     add("random_apply", [](const json& s, const std::string& p) { return std::make_shared<RandomApply>(s, p); });
     add("resize", [](const json& s, const std::string& p) { return std::make_shared<Resize>(s, p); });
     add("center_crop", [](const json& s, const std::string& p) { return std::make_shared<CenterCrop>(s, p); });

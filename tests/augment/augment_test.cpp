@@ -25,6 +25,8 @@ at::Tensor run_case(const json& c, const at::Tensor& img) {
   if (op == "to_grayscale") return F::to_grayscale(img, a["out_channels"]);
   if (op == "solarize") return F::solarize(img, a["threshold"]);
   if (op == "hflip") return F::hflip(img);
+  if (op == "vflip") return F::vflip(img);
+  if (op == "equalize") return F::equalize(img);
   if (op == "gaussian_blur") return F::gaussian_blur(img, a["kernel_size"], a["sigma"]);
   if (op == "resized_crop")
     return F::resized_crop(img, a["top"], a["left"], a["height"], a["width"], a["out_h"], a["out_w"],
@@ -65,6 +67,10 @@ TEST_CASE("augment: functional ops against torchvision on PIL images") {
 TEST_CASE("augment: functional edge cases") {
   const at::Tensor img = at::randint(0, 256, {9, 7, 3}, at::kByte);
   CHECK(at::equal(F::hflip(F::hflip(img)), img));
+  CHECK(at::equal(F::vflip(F::vflip(img)), img));
+  CHECK(at::equal(F::vflip(img), img.flip(0)));
+  // 63 pixels: fewer than 255 below any channel's highest value, which PIL leaves as they are.
+  CHECK(at::equal(F::equalize(img), img));
   CHECK(at::equal(F::adjust_brightness(img, 1.0), img));
   CHECK(at::equal(F::adjust_saturation(img, 1.0), img));
   CHECK(at::equal(F::resized_crop(img, 1, 2, 5, 4, 5, 4, "bicubic"), img.slice(0, 1, 6).slice(1, 2, 6)));
@@ -114,7 +120,7 @@ TEST_CASE("augment: random_resized_crop draws torchvision's distribution") {
 }
 
 TEST_CASE("augment: rates of random ops") {
-  const at::Tensor img = at::randint(0, 256, {16, 16, 3}, at::kByte);
+  const at::Tensor img = at::randint(0, 256, {32, 32, 3}, at::kByte);  // (equalize changes it)
   auto rate = [&](const char* spec_text, auto changed) {
     const auto views = parse_views(json::parse(spec_text));
     int hits = 0;
@@ -129,6 +135,10 @@ TEST_CASE("augment: rates of random ops") {
              [&](const at::Tensor& o) { return !at::equal(o, img); }) == doctest::Approx(0.2).epsilon(0.16));
   CHECK(rate(R"([[{"type": "solarization", "p": 0.2}]])", [&](const at::Tensor& o) { return !at::equal(o, img); }) ==
         doctest::Approx(0.2).epsilon(0.16));
+  CHECK(rate(R"([[{"type": "random_vertical_flip"}]])", [&](const at::Tensor& o) { return !at::equal(o, img); }) ==
+        doctest::Approx(0.5).epsilon(0.07));
+  CHECK(rate(R"([[{"type": "equalization", "p": 0.3}]])", [&](const at::Tensor& o) { return !at::equal(o, img); }) ==
+        doctest::Approx(0.3).epsilon(0.11));
   CHECK(rate(R"([[{"type": "random_apply", "p": 0.8, "ops": [{"type": "color_jitter", "brightness": 0.4}]}]])",
              [&](const at::Tensor& o) { return !at::equal(o, img); }) == doctest::Approx(0.8).epsilon(0.04));
 }
@@ -141,6 +151,8 @@ TEST_CASE("augment: views are deterministic per (seed, epoch, index, view)") {
      {"type": "random_grayscale", "p": 0.2},
      {"type": "gaussian_blur", "p": 1.0},
      {"type": "solarization", "p": 0.0},
+     {"type": "equalization", "p": 0.5},
+     {"type": "random_vertical_flip"},
      {"type": "normalize", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}],
     {"repeat": 2, "ops": [{"type": "random_resized_crop", "size": [6, 8], "scale": [0.05, 0.4]}]}
   ])");
@@ -182,7 +194,7 @@ TEST_CASE("augment: config errors name the op and key") {
   check_throws_with<std::invalid_argument>(
       [] { parse_views(json::parse(R"([[{"type": "center_crop", "size": [32, -4294967296]}]])")); },
       "views[0][0].size: must be positive");
-  CHECK(op_names().size() == 10);
+  CHECK(op_names().size() == 12);
 }
 
 TEST_CASE("augment: normalize_batch fuses the float conversion") {

@@ -7,7 +7,8 @@ Writes into tests/reference/augment/:
     PIL bicubic) and photo_grey.png (photo_a in mode "L");
   * out_NNNN.png: torchvision 0.14 torchvision.transforms.functional ops applied to
     the PIL images (adjust_brightness/contrast/saturation/hue, to_grayscale,
-    solarize, hflip, gaussian_blur, resized_crop), saved losslessly as PNG in the
+    solarize, hflip, gaussian_blur, resized_crop, then vflip and equalize, the latter also
+    on equalize_*.png, small inputs for PIL's special cases), saved losslessly as PNG in the
     mode torchvision returns ("L" or "RGB");
   * manifest.json: one entry per case {"input", "op", "args", "output"};
   * hsv_samples.json: PIL's RGB->HSV and HSV->RGB conversions on random and edge-case
@@ -150,7 +151,7 @@ def hsv_samples():
 def main():
     woof = sys.argv[1] if len(sys.argv) > 1 else DEFAULT_WOOF
     os.makedirs(OUT_DIR, exist_ok=True)
-    for f in glob.glob(os.path.join(OUT_DIR, "*.png")):
+    for f in glob.glob(os.path.join(OUT_DIR, "out_*.png")):  # (not the JPEG fixtures below)
         os.remove(f)
 
     inputs = {}
@@ -207,6 +208,30 @@ def main():
                 emit(inp, "resized_crop",
                      {"top": t, "left": l, "height": ch, "width": cw,
                       "out_h": oh, "out_w": ow, "interpolation": iname}, out)
+
+    # Appended after the cases above (so that their file names stay): vflip and equalize on every
+    # input, and equalize on channels PIL leaves alone (one value; fewer than 255 pixels below
+    # the highest value) or maps with small steps (clipped at 255).
+    extra = {}
+    flat = Image.new("RGB", (16, 16), (10, 200, 77))
+    extra["equalize_flat.png"] = flat
+    few = np.full((32, 32), 200, np.uint8)
+    few.flat[:100] = 10  # 100 pixels below the highest value: step 0, left alone
+    extra["equalize_few.png"] = Image.fromarray(few, "L")
+    small = np.full((32, 32, 3), 250, np.uint8)
+    small[:2, :, 0] = np.arange(64).reshape(2, 32) * 3  # red: 64 pixels below 250, step 0
+    small[:10, :, 1] = (np.arange(320).reshape(10, 32) % 40) * 6  # 320 below in green: step 1
+    small[:, :, 2] = np.arange(1024).reshape(32, 32) % 256  # blue: every value, 4 times
+    extra["equalize_steps.png"] = Image.fromarray(small, "RGB")
+    for name, img in extra.items():
+        save_png(img, name)
+    for inp, img in list(inputs.items()) + list(extra.items()):
+        if inp in inputs:
+            emit(inp, "vflip", {}, F.vflip(img))
+        eq = ImageOps.equalize(img)
+        assert np.array_equal(np.asarray(eq), np.asarray(F.equalize(img))), "equalize mismatch"
+        emit(inp, "equalize", {}, eq)
+    inputs.update(extra)
 
     manifest = {
         "generator": "tests/reference/augment_reference.py",

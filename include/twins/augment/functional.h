@@ -39,8 +39,13 @@ at::Tensor adjust_hue(const at::Tensor& img, double hue_factor);
 at::Tensor to_grayscale(const at::Tensor& img, int out_channels);
 /// Inverts every value >= threshold (PIL's ImageOps.solarize).
 at::Tensor solarize(const at::Tensor& img, int threshold);
+/// Histogram equalisation of each channel (PIL's ImageOps.equalize, which solo-learn's
+/// equalization and torchvision's equalize on PIL images run).
+at::Tensor equalize(const at::Tensor& img);
 /// Mirrors left-right.
 at::Tensor hflip(const at::Tensor& img);
+/// Mirrors top-bottom.
+at::Tensor vflip(const at::Tensor& img);
 /// Gaussian blur with an odd kernel_size and sigma > 0.
 at::Tensor gaussian_blur(const at::Tensor& img, int kernel_size, double sigma);
 /// Crops rows [top, top+height) and columns [left, left+width) (inside the image) and resizes
