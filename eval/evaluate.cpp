@@ -225,8 +225,8 @@ std::pair<Features, Features> eval_features(models::Network& net, const EvalConf
   const at::Device device = resolve_eval_device(c.device);
   net.to(device);
   const int channels = static_cast<int>(net.to_json().value("in_channels", 3));
-  // Cache key: the backbone's weights, the data (its settings, ids and labels, a few samples'
-  // pixels) and the evaluation transform.
+  // Cache key: the backbone's weights, the data (its settings, ids and labels, its files' sizes
+  // and times, a few samples' pixels) and the evaluation transform.
   const uLong crc = backbone_checksum(net);
   auto extract = [&](const json& spec, const std::string& split) {
     auto dataset = data::create_dataset(spec, split == "train" ? "train_data" : "test_data");

@@ -43,6 +43,8 @@ VIEW_OPS = {  # twins views-file op -> torchvision/PIL transforms
         o["brightness"], o["contrast"], o["saturation"], o["hue"])], p=o["p"])],
     "random_grayscale": lambda o: [T.RandomGrayscale(o["p"])],
     "solarization": lambda o: [T.RandomSolarize(128, p=o["p"])],  # PIL: ImageOps.solarize
+    "equalization": lambda o: [T.RandomEqualize(o["p"])],  # PIL: ImageOps.equalize
+    "random_vertical_flip": lambda o: [T.RandomVerticalFlip(o["p"])],
     "normalize": lambda o: [T.ToTensor(), T.Normalize(o["mean"], o["std"])],
 }
 

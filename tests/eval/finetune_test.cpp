@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <atomic>
+#include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -532,6 +533,14 @@ TEST_CASE("eval: cached features are served again, and not once the data's files
   const at::Tensor after = row2_features(cache.string());
   CHECK_FALSE(at::equal(after, before));
   CHECK(at::equal(after, row2_features("")));
+  // The same bytes with a later time alone (a file written again as it was, or copied without
+  // its times) also makes a new key: one more cached file, the features as they were.
+  const auto count_cached = [&] { return std::distance(fs::directory_iterator(cache), fs::directory_iterator()); };
+  const auto cached_before = count_cached();
+  const fs::path edited = task.dir / "test" / "class0" / "img1.png";
+  fs::last_write_time(edited, fs::last_write_time(edited) + std::chrono::seconds(5));
+  CHECK(at::equal(row2_features(cache.string()), after));
+  CHECK(count_cached() == cached_before + 1);
   fs::remove_all(task.dir);
 }
 

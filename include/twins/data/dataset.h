@@ -75,7 +75,7 @@ class Dataset {
   virtual std::string id(int64_t index) const = 0;
   /// Number of classes; 0 for unlabeled data.
   virtual int64_t num_classes() const = 0;
-  /// The local files the samples are read from, each once (image files, a binary dataset's files,
+  /// The local files the samples are read from (image files, a binary dataset's files,
   /// tar shards but those read through `pipe:` commands); empty where there are none. Their sizes
   /// and modification times tell the feature cache that the data changed.
   virtual std::vector<std::string> source_files() const { return {}; }
