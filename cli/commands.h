@@ -2,6 +2,7 @@
 // Each subcommand adds itself to the app and returns the function that runs it.
 #include <CLI/CLI.hpp>
 
+#include <atomic>
 #include <functional>
 #include <string>
 
@@ -46,5 +47,8 @@ int launch_local(const LaunchPlan& plan, double grace_seconds);
 /// (a terminal's Ctrl-C or a scheduler reaches every rank, and the launcher forwards it too); a
 /// signal after that stops the process at once.
 void catch_stop_signals(void (*request)(), bool speaks);
+/// catch_stop_signals with a flag that the first stop signal sets, for a command that checks
+/// it between its batches (evaluations, embed).
+const std::atomic<bool>* stop_flag_on_signals(bool speaks);
 
 }  // namespace twins::cli

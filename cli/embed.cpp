@@ -1,13 +1,19 @@
 // twins embed: images -> a NumPy .npy of features [N, D] (float32) and the ids in order.
 #include <ATen/ATen.h>
+#include <sys/stat.h>
 
+#include <chrono>
+#include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
+#include <string_view>
 
 #include "cli/commands.h"
 #include "twins/data/dataset.h"
 #include "twins/embed.h"
+#include "twins/eval/features.h"
 #include "twins/eval/npy.h"
 #include "twins/io.h"
 #include "twins/runtime.h"
@@ -20,29 +26,107 @@ struct EmbedArgs {
   std::string backbone, input, output = "embeddings.npy", device = "auto";
   int image_size = 0, workers = 2;
   int64_t batch_size = 128;
+  double save_every_s = 10;
 };
 
+// Identifies an embedding in progress: the images (data_fingerprint), the backbone file (its
+// path, size and time) and what shapes the features; not the device or the batch size.
+std::string embed_key(const EmbedArgs& a, const Embedder& embedder, const data::Dataset& dataset) {
+  fs::path file = a.backbone;
+  std::error_code ec;
+  if (fs::is_directory(file, ec)) file /= "backbone.safetensors";
+  struct stat s {};
+  const bool seen = ::stat(file.c_str(), &s) == 0;
+  return nlohmann::json{
+      {"backbone", fs::absolute(file, ec).string()},
+      {"backbone_bytes", seen ? static_cast<int64_t>(s.st_size) : -1},
+      {"backbone_mtime_ns",
+       seen ? static_cast<int64_t>(s.st_mtim.tv_sec) * 1000000000 + static_cast<int64_t>(s.st_mtim.tv_nsec) : -1},
+      {"images", dataset.size()},
+      {"data", eval::data_fingerprint(dataset)},
+      {"dim", embedder.dim()},
+      {"image_size", embedder.image_size()}}
+      .dump();
+}
+
+// Images -> features, written as they come into <output>.partial (the .npy with its header for
+// all N rows) with <output>.partial.json saying how many rows are on disk (every --save-every-s
+// seconds, and when a stop signal ends the run). The same command continues an unfinished one; the finished .npy
+// replaces <output> in one rename, then the ids are written: a failed run leaves the previous
+// pair as it was.
 int run_embed(const EmbedArgs& a) {
   set_compute_threads(0);
   EmbedderOptions o;
   o.device = a.device, o.image_size = a.image_size, o.batch_size = a.batch_size;
   const Embedder embedder(a.backbone, o);
   const auto dataset = data::open_images(a.input, "--input");
-  const int64_t n = dataset->size();
-  std::cerr << "embedding " << n << " images with " << a.backbone << " (" << embedder.dim() << " features, "
+  const int64_t n = dataset->size(), dim = embedder.dim();
+  const std::string partial = a.output + ".partial", state_path = partial + ".json";
+  const std::string key = embed_key(a, embedder, *dataset);
+  const std::string header = eval::npy_header(at::kFloat, {n, dim});
+  const auto row_bytes = static_cast<uintmax_t>(dim) * sizeof(float);
+  int64_t done = 0;
+  std::error_code ec;
+  if (fs::exists(state_path, ec)) {
+    std::ifstream in(state_path);
+    const nlohmann::json state = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+    const nlohmann::json rows = state.is_object() ? state.value("rows_done", nlohmann::json()) : nlohmann::json();
+    const auto size = fs::file_size(partial, ec);
+    if (state.is_object() && state.value("key", nlohmann::json()) == key && rows.is_number_integer() &&
+        rows.get<int64_t>() >= 0 && rows.get<int64_t>() <= n && !ec &&
+        size >= header.size() + static_cast<uintmax_t>(rows.get<int64_t>()) * row_bytes) {
+      // Continue at a batch boundary (the batch size may differ from the stopped run's).
+      done = rows.get<int64_t>() == n ? n : rows.get<int64_t>() / a.batch_size * a.batch_size;
+      std::cerr << "continuing " << partial << " at image " << done << " of " << n << "\n";
+    } else {
+      std::cerr << "starting over: " << partial
+                << " was written for other images, another backbone or other settings (or is incomplete)\n";
+    }
+  }
+  std::cerr << "embedding " << n - done << " images with " << a.backbone << " (" << dim << " features, "
             << embedder.image_size() << " px)\n";
+  if (done == 0)
+    io::write_file_atomic(partial, header);
+  else
+    fs::resize_file(partial, header.size() + static_cast<uintmax_t>(done) * row_bytes);  // rows past it: redone
+  io::AppendFile out(partial);
+  auto last_save = std::chrono::steady_clock::now();
+  const auto save_state = [&] {
+    out.sync();  // the rows first, then the count that claims them
+    io::write_file_atomic(state_path, nlohmann::json{{"key", key}, {"rows_done", done}}.dump() + "\n");
+    last_save = std::chrono::steady_clock::now();
+  };
+  save_state();
   EmbedDatasetOptions eo;
-  eo.workers = a.workers, eo.progress = true;
-  const at::Tensor features = embedder.embed_dataset(dataset, eo);
-  // Both files are written only once every image is embedded, each atomically: a failed run
-  // leaves the previous pair as it was.
+  eo.workers = a.workers, eo.progress = true, eo.first = done;
+  eo.stop = stop_flag_on_signals(/*speaks=*/true);
+  int64_t batches = 0;
+  eo.sink = [&](int64_t first, const at::Tensor& features) {
+    if (first != done || features.dim() != 2 || features.size(1) != dim)
+      throw std::logic_error("embed: batch at image " + std::to_string(first) + " where " + std::to_string(done) +
+                             " were written");
+    const at::Tensor rows = features.to(at::kFloat).contiguous();
+    out.append(std::string_view(static_cast<const char*>(rows.data_ptr()), static_cast<size_t>(rows.nbytes())));
+    done += rows.size(0);
+    if (std::chrono::duration<double>(std::chrono::steady_clock::now() - last_save).count() >= a.save_every_s)
+      save_state();
+    io::fault_point("embed_batch", std::to_string(++batches));
+  };
+  embedder.embed_dataset(dataset, eo);
+  save_state();
+  if (done < n) {
+    std::cout << "embed: stopped at image " << done << " of " << n << " (state in " << partial
+              << "); the same command continues it\n";
+    return 0;
+  }
+  // Both files are replaced only once every image is embedded, each atomically.
+  fs::rename(partial, a.output);
   const fs::path ids_path = fs::path(a.output).replace_extension(".ids.txt");
   std::string ids;
   for (int64_t i = 0; i < n; ++i) ids += dataset->id(i) + "\n";
-  eval::write_npy(a.output, features);
   io::write_file_atomic(ids_path.string(), ids);
-  std::cout << "wrote " << a.output << " [" << n << ", " << embedder.dim() << "] float32 and " << ids_path.string()
-            << "\n";
+  fs::remove(state_path, ec);
+  std::cout << "wrote " << a.output << " [" << n << ", " << dim << "] float32 and " << ids_path.string() << "\n";
   return 0;
 }
 
@@ -63,6 +147,11 @@ Command add_embed(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::Range(0, 256));
   sub->add_option("--device", a->device, "auto, cpu, cuda, cuda:N")->capture_default_str();
+  sub->add_option("--save-every-s", a->save_every_s,
+                  "Seconds between saves of the rows written so far (to <output>.partial, which the same command "
+                  "continues after a crash or Ctrl-C/SIGTERM)")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 1e6));
   return [a] { return run_embed(*a); };
 }
 

@@ -60,12 +60,7 @@ std::shared_ptr<distributed::Communicator> join_job(eval::EvalConfig& cfg) {
 
 // A scheduler's preemption (SIGTERM) or Ctrl-C during an evaluation that keeps its state: every
 // rank finishes its batch and the state is checkpointed there (catch_stop_signals).
-std::atomic<bool> g_stop{false};
-void request_stop() { g_stop.store(true); }
-const std::atomic<bool>* stop_on_signals(bool speaks) {
-  catch_stop_signals(request_stop, speaks);
-  return &g_stop;
-}
+const std::atomic<bool>* stop_on_signals(bool speaks) { return stop_flag_on_signals(speaks); }
 
 // "<what>: stopped at batch b of epoch e of E (state in <checkpoint>); ..." or "... after epoch e".
 void say_stopped(const std::string& what, int64_t stopped_at_batch, int64_t epochs_done, int64_t epochs,

@@ -151,6 +151,16 @@ void catch_stop_signals(void (*request)(), bool speaks) {
   sigaction(SIGTERM, &sa, nullptr);
 }
 
+namespace {
+std::atomic<bool> g_stop_flag{false};
+void set_stop_flag() { g_stop_flag.store(true); }
+}  // namespace
+
+const std::atomic<bool>* stop_flag_on_signals(bool speaks) {
+  catch_stop_signals(set_stop_flag, speaks);
+  return &g_stop_flag;
+}
+
 std::string LaunchPlan::resume_flags() const {
   if (nproc_per_node <= 0) return "";
   std::string flags = "--nproc-per-node " + std::to_string(nproc_per_node);

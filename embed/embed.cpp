@@ -128,7 +128,10 @@ at::Tensor Embedder::embed_dataset(std::shared_ptr<const data::Dataset> dataset,
   eval::ExtractOptions o;
   o.batch_size = m.options.batch_size, o.workers = options.workers, o.channels = m.channels;
   o.progress = options.progress, o.what = "embedded";
-  return eval::extract_features(*m.backbone, std::move(dataset), transform.view(), m.device, o).features;
+  o.first = options.first, o.stop = options.stop;
+  if (options.sink) o.sink = [&](int64_t first, const eval::Features& batch) { options.sink(first, batch.features); };
+  at::Tensor features = eval::extract_features(*m.backbone, std::move(dataset), transform.view(), m.device, o).features;
+  return features.defined() ? features : at::empty({0, dim()});
 }
 
 }  // namespace twins

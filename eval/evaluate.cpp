@@ -1,7 +1,6 @@
 #include "twins/eval/evaluate.h"
 
 #include <ATen/ATen.h>
-#include <sys/stat.h>
 #include <zlib.h>
 
 #include <chrono>
@@ -140,44 +139,6 @@ namespace {
 using io::crc32_update;
 uLong crc32_update(uLong crc, const std::string& s) { return crc32_update(crc, s.data(), s.size()); }
 
-// What the feature cache's key knows of the data beyond its settings: every sample's id, the size
-// and modification time of every local file the samples come from (image files, a binary
-// dataset's files, tar shards) and, but for tar shards (streams), every label and the sizes and
-// pixels of up to 16 evenly spaced samples: files replaced by others, as many, edited in place
-// or relabelled, are not taken for those cached. (A stat per file: about 2.5 s per million local
-// files the system has cached, against minutes of extraction.)
-uLong data_fingerprint(const data::Dataset& d, uLong crc) {
-  const int64_t n = d.size();
-  for (int64_t i = 0; i < n; ++i) {
-    crc = crc32_update(crc, d.id(i) + "\n");
-    if (!d.streaming()) crc = crc32_update(crc, std::to_string(d.label(i)) + "\n");
-  }
-  for (const std::string& file : d.source_files()) {
-    struct stat s {};
-    if (::stat(file.c_str(), &s) != 0) {
-      crc = crc32_update(crc, "missing\n");  // (reading it will say more)
-      continue;
-    }
-    const int64_t stamp[3] = {static_cast<int64_t>(s.st_size), static_cast<int64_t>(s.st_mtim.tv_sec),
-                              static_cast<int64_t>(s.st_mtim.tv_nsec)};
-    crc = crc32_update(crc, stamp, sizeof stamp);
-  }
-  if (d.streaming()) return crc;
-  const int64_t probes = std::min<int64_t>(16, n);
-  for (int64_t k = 0; k < probes; ++k) {
-    const int64_t i = k * n / probes;
-    try {
-      const at::Tensor pixels = d.image(i).contiguous();
-      const std::vector<int64_t> sizes = pixels.sizes().vec();
-      crc = crc32_update(crc, sizes.data(), sizes.size() * sizeof(int64_t));
-      crc = crc32_update(crc, pixels.data_ptr(), static_cast<size_t>(pixels.numel()) * pixels.element_size());
-    } catch (const data::BadSample&) {  // undecodable (skipped or refused later, as the settings say)
-      crc = crc32_update(crc, "bad sample\n");
-    }
-  }
-  return crc;
-}
-
 }  // namespace
 
 uint32_t backbone_checksum(const models::Network& net) {
@@ -235,7 +196,8 @@ std::pair<Features, Features> eval_features(models::Network& net, const EvalConf
     fs::path cache;  // (rank 0's: it alone reads and writes the cache)
     if (!cache_dir.empty() && main_rank) try {
         const std::string settings = spec.dump() + view.to_json().dump();
-        const uLong key = data_fingerprint(*dataset, crc32_update(crc, settings));
+        const uint32_t data = data_fingerprint(*dataset);
+        const uLong key = crc32_update(crc32_update(crc, settings), &data, sizeof data);
         cache = fs::path(cache_dir) / ("features-" + split + "-" + std::to_string(key) + ".safetensors");
       } catch (const std::exception& e) {  // (the extraction says more, if it fails too)
         std::cerr << "warning: no feature cache for the " << split << " data: " << e.what() << "\n";

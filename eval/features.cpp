@@ -1,7 +1,9 @@
 #include "twins/eval/features.h"
 
 #include <ATen/ATen.h>
+#include <sys/stat.h>
 #include <torch/nn/module.h>
+#include <zlib.h>
 
 #include <algorithm>
 #include <chrono>
@@ -13,11 +15,50 @@
 #include "twins/data/loader.h"
 #include "twins/distributed/communicator.h"
 #include "twins/eval/transform.h"
+#include "twins/io.h"
 
 namespace twins::eval {
 
 augment::View eval_view(const data::Dataset& dataset, int size, const augment::Normalization& normalization) {
   return EvalTransform::for_dataset(dataset, size, normalization).view();
+}
+
+namespace {
+using io::crc32_update;
+uLong crc32_update(uLong crc, const std::string& s) { return crc32_update(crc, s.data(), s.size()); }
+}  // namespace
+
+uint32_t data_fingerprint(const data::Dataset& d) {
+  uLong crc = crc32(0L, Z_NULL, 0);
+  const int64_t n = d.size();
+  for (int64_t i = 0; i < n; ++i) {
+    crc = crc32_update(crc, d.id(i) + "\n");
+    if (!d.streaming()) crc = crc32_update(crc, std::to_string(d.label(i)) + "\n");
+  }
+  for (const std::string& file : d.source_files()) {
+    struct stat s {};
+    if (::stat(file.c_str(), &s) != 0) {
+      crc = crc32_update(crc, "missing\n");  // (reading it will say more)
+      continue;
+    }
+    const int64_t stamp[3] = {static_cast<int64_t>(s.st_size), static_cast<int64_t>(s.st_mtim.tv_sec),
+                              static_cast<int64_t>(s.st_mtim.tv_nsec)};
+    crc = crc32_update(crc, stamp, sizeof stamp);
+  }
+  if (d.streaming()) return static_cast<uint32_t>(crc);
+  const int64_t probes = std::min<int64_t>(16, n);
+  for (int64_t k = 0; k < probes; ++k) {
+    const int64_t i = k * n / probes;
+    try {
+      const at::Tensor pixels = d.image(i).contiguous();
+      const std::vector<int64_t> sizes = pixels.sizes().vec();
+      crc = crc32_update(crc, sizes.data(), sizes.size() * sizeof(int64_t));
+      crc = crc32_update(crc, pixels.data_ptr(), static_cast<size_t>(pixels.numel()) * pixels.element_size());
+    } catch (const data::BadSample&) {  // undecodable (skipped or refused later, as the settings say)
+      crc = crc32_update(crc, "bad sample\n");
+    }
+  }
+  return static_cast<uint32_t>(crc);
 }
 
 Features extract_features(models::Network& backbone, std::shared_ptr<const data::Dataset> dataset,
@@ -26,29 +67,42 @@ Features extract_features(models::Network& backbone, std::shared_ptr<const data:
   lo.batch_size = options.batch_size, lo.workers = options.workers, lo.shuffle = false, lo.drop_last = false;
   lo.channels = options.channels;
   const int64_t n = dataset->size();
+  if (options.first < 0 || options.first > n || (options.first % options.batch_size != 0 && options.first != n))
+    throw std::invalid_argument(options.what + ": cannot start at sample " + std::to_string(options.first) + " of " +
+                                std::to_string(n) + " (a multiple of the batch size " +
+                                std::to_string(options.batch_size) + ")");
   data::Loader loader(dataset, {view}, lo);
   const bool was_training = backbone.is_training();
   backbone.eval();
   at::NoGradGuard no_grad;
   Features out;
   std::vector<at::Tensor> features, labels;
-  loader.start_epoch(0);
-  int64_t done = 0;
+  loader.start_epoch(0, options.first / options.batch_size);
+  int64_t done = options.first;
   auto last = std::chrono::steady_clock::now();
-  while (auto batch = loader.next()) {
+  while (done < n) {
+    auto batch = loader.next();
+    if (!batch) break;
     const at::Tensor x = augment::normalize_batch(batch->views[0], view.normalization, device, at::kFloat);
-    features.push_back(backbone.forward(x).to(at::kCPU, at::kFloat));
-    labels.push_back(batch->labels);
+    Features part{backbone.forward(x).to(at::kCPU, at::kFloat), batch->labels};
+    if (options.sink) {
+      options.sink(done, part);
+    } else {
+      features.push_back(std::move(part.features));
+      labels.push_back(std::move(part.labels));
+    }
     done += batch->labels.size(0);
     const auto now = std::chrono::steady_clock::now();
     if (options.progress && std::chrono::duration<double>(now - last).count() > 5) {
       std::cerr << "  " << options.what << ": " << done << "/" << n << "\n";
       last = now;
     }
+    if (options.stop && options.stop->load()) break;
   }
   backbone.train(was_training);
-  out.features = at::cat(features);
-  out.labels = at::cat(labels);
+  if (options.sink) return out;
+  out.features = features.empty() ? at::empty({0, backbone.output_dim()}) : at::cat(features);
+  out.labels = labels.empty() ? at::empty({0}, at::kLong) : at::cat(labels);
   return out;
 }
 

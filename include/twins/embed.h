@@ -13,6 +13,8 @@
 // Light on purpose: this header needs only the tensor type.
 #include <ATen/core/Tensor.h>
 
+#include <atomic>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -42,6 +44,14 @@ struct EmbedDatasetOptions {
   int workers = 2;
   /// A line every few seconds on stderr.
   bool progress = false;
+  /// Start at this image (a multiple of EmbedderOptions::batch_size): a stopped run continuing.
+  int64_t first = 0;
+  /// Each batch's features [B, D] (float32, CPU) with the index of its first image, in order,
+  /// handed here instead of being kept: embed_dataset then returns an empty tensor, and a
+  /// dataset of any size embeds in the memory of one batch.
+  std::function<void(int64_t first, const at::Tensor& features)> sink;
+  /// Checked after each batch: once true, embed_dataset returns (with what it has so far).
+  const std::atomic<bool>* stop = nullptr;
 };
 
 /// A frozen backbone that maps images to feature vectors.

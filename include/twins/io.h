@@ -78,8 +78,8 @@ unsigned long crc32_update(unsigned long crc, const void* data, size_t size);
 /// Ctrl-C or a scheduler's preemption reaches every process of a job). Points: "partial" (half
 /// of an atomic write on disk), "before_rename" and "after_rename" (subject: the file), "step"
 /// (pretraining's step number), "finetune_batch" and "probe_batch" (fine-tuning's and
-/// probe.augment's batch number over the run, after the batch). Without TWINS_FAULT this does
-/// nothing.
+/// probe.augment's batch number over the run, after the batch), "embed_batch" (`twins embed`'s
+/// batch number in this call, after its rows are written). Without TWINS_FAULT this does nothing.
 void fault_point(const char* point, const std::string& subject);
 
 }  // namespace twins::io

@@ -7,7 +7,8 @@
 #     temporary; the run resumes once there is room;
 #  3. a second run on a folder in use fails at once;
 #  4. usage errors exit 2;
-#  5. a failed `twins embed` leaves the previous .npy and .ids.txt as they were.
+#  5. a failed `twins embed` leaves the previous .npy and .ids.txt as they were;
+#  6. `twins embed` stopped (SIGTERM) or killed continues to the uninterrupted result.
 set -euo pipefail
 twins=$1
 quickstart=$2
@@ -102,3 +103,35 @@ grep -q "4.pgm" "$dir/err.embed" || fail "embed: the corrupt file is not named"
 cmp "$dir/emb.npy" "$dir/emb.before.npy" || fail "embed: .npy changed"
 cmp "$dir/emb.ids.txt" "$dir/emb.before.ids.txt" || fail "embed: ids changed"
 echo "embed ok"
+
+# 6. An embed stopped by SIGTERM after batch 2, or killed after batch 3 (its rows saved after
+#    every batch), continues where it was to the files of one uninterrupted run; one whose
+#    images changed meanwhile starts over. (43 images in batches of 8: 6 batches.)
+rm "$dir/images/4.pgm"
+for k in $(seq 10 49); do { printf 'P5\n28 28\n255\n'; head -c 784 /dev/urandom; } > "$dir/images/$k.pgm"; done
+emb=(embed --backbone "$dir/ref" --input "$dir/images" --batch-size 8 --workers 1)
+"$twins" "${emb[@]}" --output "$dir/full.npy" > /dev/null 2> "$dir/err.full" || fail "embed (uninterrupted)"
+TWINS_FAULT="embed_batch@#2:TERM" "$twins" "${emb[@]}" --output "$dir/term.npy" > "$dir/out.term" 2> "$dir/err.term" \
+  || fail "embed stopped by SIGTERM: exit code $?"
+grep -q "embed: stopped at image 16 of 43 (state in $dir/term.npy.partial)" "$dir/out.term" || fail "embed: no stop line"
+if [ -e "$dir/term.npy" ] || [ ! -s "$dir/term.npy.partial" ]; then fail "embed: stopped run's files"; fi
+"$twins" "${emb[@]}" --output "$dir/term.npy" > /dev/null 2> "$dir/err.term2" || fail "embed continued"
+grep -q "continuing $dir/term.npy.partial at image 16 of 43" "$dir/err.term2" || fail "embed: did not continue"
+rc=0
+TWINS_FAULT="embed_batch@#3" "$twins" "${emb[@]}" --save-every-s 0 --output "$dir/kill.npy" > /dev/null 2> "$dir/err.kill9" \
+  || rc=$?
+[ "$rc" -eq 137 ] || fail "embed: expected death by SIGKILL (137), got $rc"
+"$twins" "${emb[@]}" --output "$dir/kill.npy" > /dev/null 2> "$dir/err.kill9b" || fail "embed continued after SIGKILL"
+grep -q "continuing $dir/kill.npy.partial at image 24 of 43" "$dir/err.kill9b" || fail "embed: did not continue after SIGKILL"
+for run in term kill; do
+  cmp "$dir/full.npy" "$dir/$run.npy" || fail "embed: $run.npy differs from the uninterrupted run's"
+  cmp "$dir/full.ids.txt" "$dir/$run.ids.txt" || fail "embed: $run.ids.txt differs"
+  if [ -e "$dir/$run.npy.partial" ] || [ -e "$dir/$run.npy.partial.json" ]; then fail "embed: $run left its partial files"; fi
+done
+TWINS_FAULT="embed_batch@#2:TERM" "$twins" "${emb[@]}" --output "$dir/changed.npy" > /dev/null 2>&1 || fail "embed (to change)"
+{ printf 'P5\n28 28\n255\n'; head -c 784 /dev/urandom; } > "$dir/images/50.pgm"
+"$twins" "${emb[@]}" --output "$dir/changed.npy" > "$dir/out.changed" 2> "$dir/err.changed" || fail "embed after a change"
+grep -q "starting over: $dir/changed.npy.partial was written for other images" "$dir/err.changed" \
+  || fail "embed: continued over changed images"
+grep -q "wrote $dir/changed.npy \[44, " "$dir/out.changed" || fail "embed: not 44 rows after the change"
+echo "embed stop, kill and continue ok"

@@ -374,6 +374,25 @@ TEST_CASE("eval: a folder of mixed-size images gets the same features through ev
   INFO("files vs dataset ", (from_files - from_dataset).abs().max().item<double>());
   CHECK(at::allclose(from_files, from_dataset, 1e-5, 1e-5));
   CHECK(at::allclose(from_files, probe_path.features, 1e-5, 1e-5));
+  // Handed over batch by batch (nothing kept), from image 4 (a stopped run continuing): the same
+  // rows; with the stop flag raised, one batch and no more; a start inside a batch is refused.
+  std::vector<at::Tensor> rows;
+  std::vector<int64_t> firsts;
+  twins::EmbedDatasetOptions streamed;
+  streamed.workers = 1, streamed.first = 4;
+  streamed.sink = [&](int64_t at, const at::Tensor& f) { firsts.push_back(at), rows.push_back(f.clone()); };
+  CHECK(embedder.embed_dataset(dataset, streamed).size(0) == 0);
+  CHECK(firsts == std::vector<int64_t>{4});
+  REQUIRE(rows.size() == 1);
+  CHECK(at::equal(rows[0], from_dataset.slice(0, 4)));
+  std::atomic<bool> stop{true};
+  streamed.first = 0, streamed.stop = &stop;
+  firsts.clear();
+  embedder.embed_dataset(dataset, streamed);
+  CHECK(firsts == std::vector<int64_t>{0});
+  streamed.first = 3;
+  check_throws_with<std::invalid_argument>([&] { embedder.embed_dataset(dataset, streamed); },
+                                           "cannot start at sample 3 of 6 (a multiple of the batch size 4)");
   // The 32 x 40 image was resized like the others (not only cropped because it is "already 32").
   const at::Tensor first = twins::data::read_image(files[0]);
   const at::Tensor cropped = first.slice(1, 4, 36).permute({2, 0, 1}).unsqueeze(0).contiguous();

@@ -3,6 +3,8 @@
 // + centre crop, then the training normalisation), batched through the parallel loader.
 #include <ATen/core/Tensor.h>
 
+#include <atomic>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -35,9 +37,26 @@ struct ExtractOptions {
   std::string what = "features";
   /// extract_features_shared: the most bytes of features one collective gathers.
   int64_t gather_bytes = int64_t{64} << 20;
+  /// extract_features: start at this sample (a multiple of batch_size), as a run that stopped
+  /// there continues.
+  int64_t first = 0;
+  /// extract_features: each batch's features (float32 [B, D], CPU) and labels with the index of
+  /// its first sample, in order, handed here instead of being kept (the result is then empty).
+  std::function<void(int64_t first, const Features& batch)> sink;
+  /// extract_features: checked after each batch; once true, it returns what it has so far.
+  const std::atomic<bool>* stop = nullptr;
 };
 
-/// Runs the backbone (in eval mode, no gradients) over the whole dataset in order.
+/// What the feature cache's key (and `twins embed`'s unfinished output) knows of a dataset, as a
+/// CRC-32: every sample's id, the size and modification time of every local file the samples
+/// come from (Dataset::source_files) and, but for tar shards (streams), every label and the
+/// sizes and pixels of up to 16 evenly spaced samples. Files replaced by others, as many, edited
+/// in place or relabelled give another value. (A stat per file: about 2.5 s per million local
+/// files the system has cached.)
+uint32_t data_fingerprint(const data::Dataset& dataset);
+
+/// Runs the backbone (in eval mode, no gradients) over the whole dataset in order (from
+/// options.first, until options.stop).
 Features extract_features(models::Network& backbone, std::shared_ptr<const data::Dataset> dataset,
                           const augment::View& view, const at::Device& device, const ExtractOptions& options);
 
