@@ -134,12 +134,7 @@ EvalConfig EvalConfig::parse(const json& root) {
 
 at::Device resolve_eval_device(const std::string& name) { return resolve_device(name, "device"); }
 
-namespace {
-
 using io::crc32_update;
-uLong crc32_update(uLong crc, const std::string& s) { return crc32_update(crc, s.data(), s.size()); }
-
-}  // namespace
 
 uint32_t backbone_checksum(const models::Network& net) {
   uLong crc = crc32(0L, Z_NULL, 0);

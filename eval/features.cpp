@@ -23,10 +23,7 @@ augment::View eval_view(const data::Dataset& dataset, int size, const augment::N
   return EvalTransform::for_dataset(dataset, size, normalization).view();
 }
 
-namespace {
 using io::crc32_update;
-uLong crc32_update(uLong crc, const std::string& s) { return crc32_update(crc, s.data(), s.size()); }
-}  // namespace
 
 uint32_t data_fingerprint(const data::Dataset& d) {
   uLong crc = crc32(0L, Z_NULL, 0);

@@ -69,6 +69,10 @@ std::string describe_errno(int err);
 /// zlib's CRC-32 `crc` continued over `size` bytes at `data`, of any size (zlib itself takes
 /// 32-bit lengths); a new checksum starts from 0.
 unsigned long crc32_update(unsigned long crc, const void* data, size_t size);
+/// The same over a string's bytes.
+inline unsigned long crc32_update(unsigned long crc, std::string_view text) {
+  return crc32_update(crc, text.data(), text.size());
+}
 
 /// Fault injection for the crash tests: when the environment variable TWINS_FAULT is
 /// "<point>@<subject substring>#<n>", the n-th time `point` is reached for a subject containing
