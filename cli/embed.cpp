@@ -1,7 +1,11 @@
 // twins embed: images -> a NumPy .npy of features [N, D] (float32) and the ids in order.
 #include <ATen/ATen.h>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -62,6 +66,19 @@ int run_embed(const EmbedArgs& a) {
   const auto dataset = data::open_images(a.input, "--input");
   const int64_t n = dataset->size(), dim = embedder.dim();
   const std::string partial = a.output + ".partial", state_path = partial + ".json";
+  // One run at a time per output: a second would cut and append to the same rows.
+  const std::string lock_path = a.output + ".lock";
+  struct Lock {
+    int fd = -1;
+    ~Lock() {
+      if (fd >= 0) ::close(fd);
+    }
+  } lock;
+  lock.fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (lock.fd < 0) throw std::runtime_error(lock_path + ": cannot create (" + io::describe_errno(errno) + ")");
+  if (::flock(lock.fd, LOCK_EX | LOCK_NB) != 0)
+    throw std::runtime_error(a.output + ": another twins embed is writing it (" + lock_path +
+                             " is locked); wait for it to finish, or choose another --output");
   const std::string key = embed_key(a, embedder, *dataset);
   const std::string header = eval::npy_header(at::kFloat, {n, dim});
   const auto row_bytes = static_cast<uintmax_t>(dim) * sizeof(float);
@@ -85,6 +102,10 @@ int run_embed(const EmbedArgs& a) {
   }
   std::cerr << "embedding " << n - done << " images with " << a.backbone << " (" << dim << " features, "
             << embedder.image_size() << " px)\n";
+  const auto write_state = [&] {
+    io::write_file_atomic(state_path, nlohmann::json{{"key", key}, {"rows_done", done}}.dump() + "\n");
+  };
+  write_state();  // first, so that it never claims rows the file no longer has
   if (done == 0)
     io::write_file_atomic(partial, header);
   else
@@ -93,10 +114,9 @@ int run_embed(const EmbedArgs& a) {
   auto last_save = std::chrono::steady_clock::now();
   const auto save_state = [&] {
     out.sync();  // the rows first, then the count that claims them
-    io::write_file_atomic(state_path, nlohmann::json{{"key", key}, {"rows_done", done}}.dump() + "\n");
+    write_state();
     last_save = std::chrono::steady_clock::now();
   };
-  save_state();
   EmbedDatasetOptions eo;
   eo.workers = a.workers, eo.progress = true, eo.first = done;
   eo.stop = stop_flag_on_signals(/*speaks=*/true);
@@ -115,17 +135,20 @@ int run_embed(const EmbedArgs& a) {
   embedder.embed_dataset(dataset, eo);
   save_state();
   if (done < n) {
+    fs::remove(lock_path, ec);  // (while still held, as below)
     std::cout << "embed: stopped at image " << done << " of " << n << " (state in " << partial
               << "); the same command continues it\n";
     return 0;
   }
-  // Both files are replaced only once every image is embedded, each atomically.
-  fs::rename(partial, a.output);
+  // Both files are replaced only once every image is embedded, each atomically, one right after
+  // the other.
   const fs::path ids_path = fs::path(a.output).replace_extension(".ids.txt");
   std::string ids;
   for (int64_t i = 0; i < n; ++i) ids += dataset->id(i) + "\n";
+  fs::rename(partial, a.output);
   io::write_file_atomic(ids_path.string(), ids);
   fs::remove(state_path, ec);
+  fs::remove(lock_path, ec);
   std::cout << "wrote " << a.output << " [" << n << ", " << dim << "] float32 and " << ids_path.string() << "\n";
   return 0;
 }

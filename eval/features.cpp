@@ -64,10 +64,16 @@ Features extract_features(models::Network& backbone, std::shared_ptr<const data:
   lo.batch_size = options.batch_size, lo.workers = options.workers, lo.shuffle = false, lo.drop_last = false;
   lo.channels = options.channels;
   const int64_t n = dataset->size();
+  if (options.batch_size < 1)
+    throw std::invalid_argument(options.what + ": batch_size must be >= 1, got " + std::to_string(options.batch_size));
   if (options.first < 0 || options.first > n || (options.first % options.batch_size != 0 && options.first != n))
     throw std::invalid_argument(options.what + ": cannot start at sample " + std::to_string(options.first) + " of " +
                                 std::to_string(n) + " (a multiple of the batch size " +
                                 std::to_string(options.batch_size) + ")");
+  if (n > 0 && options.first == n) {  // all done already
+    if (options.sink) return {};
+    return {at::empty({0, backbone.output_dim()}), at::empty({0}, at::kLong)};
+  }
   data::Loader loader(dataset, {view}, lo);
   const bool was_training = backbone.is_training();
   backbone.eval();
@@ -107,6 +113,8 @@ Features extract_features_shared(models::Network& backbone, std::shared_ptr<cons
                                  const augment::View& view, const at::Device& device, const ExtractOptions& options,
                                  distributed::Communicator& communicator) {
   const int64_t world = communicator.world_size(), rank = communicator.rank(), n = dataset->size();
+  if (options.first != 0 || options.sink || options.stop)
+    throw std::invalid_argument(options.what + ": first, sink and stop are extract_features' alone");
   ExtractOptions mine = options;
   mine.progress = options.progress && rank == 0;
   if (world == 1 || n == 0) return extract_features(backbone, std::move(dataset), view, device, mine);

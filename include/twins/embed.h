@@ -44,7 +44,8 @@ struct EmbedDatasetOptions {
   int workers = 2;
   /// A line every few seconds on stderr.
   bool progress = false;
-  /// Start at this image (a multiple of EmbedderOptions::batch_size): a stopped run continuing.
+  /// Start at this image (a multiple of EmbedderOptions::batch_size, or N: nothing left): a
+  /// stopped run continuing.
   int64_t first = 0;
   /// Each batch's features [B, D] (float32, CPU) with the index of its first image, in order,
   /// handed here instead of being kept: embed_dataset then returns an empty tensor, and a
@@ -69,7 +70,9 @@ class Embedder {
   at::Tensor embed(const at::Tensor& images) const;
   /// Image files (JPEG, PNG, ...) -> [N, D]. Throws std::runtime_error naming an unreadable file.
   at::Tensor embed_files(const std::vector<std::string>& paths) const;
-  /// Every image of a dataset, in order, batched through the parallel loader -> [N, D].
+  /// Every image of a dataset, in order, batched through the parallel loader -> [N, D] (from
+  /// options.first: [N - first, D]; until options.stop; with options.sink: [0, D], the rows
+  /// handed there).
   at::Tensor embed_dataset(std::shared_ptr<const data::Dataset> dataset, const EmbedDatasetOptions& options = {}) const;
   /// D, the feature size.
   int64_t dim() const;

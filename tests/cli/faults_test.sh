@@ -109,7 +109,7 @@ echo "embed ok"
 #    images changed meanwhile starts over. (43 images in batches of 8: 6 batches.)
 rm "$dir/images/4.pgm"
 for k in $(seq 10 49); do { printf 'P5\n28 28\n255\n'; head -c 784 /dev/urandom; } > "$dir/images/$k.pgm"; done
-emb=(embed --backbone "$dir/ref" --input "$dir/images" --batch-size 8 --workers 1)
+emb=(embed --backbone "$dir/ref" --input "$dir/images" --batch-size 8 --workers 1 --device cpu)
 "$twins" "${emb[@]}" --output "$dir/full.npy" > /dev/null 2> "$dir/err.full" || fail "embed (uninterrupted)"
 TWINS_FAULT="embed_batch@#2:TERM" "$twins" "${emb[@]}" --output "$dir/term.npy" > "$dir/out.term" 2> "$dir/err.term" \
   || fail "embed stopped by SIGTERM: exit code $?"
@@ -123,15 +123,42 @@ TWINS_FAULT="embed_batch@#3" "$twins" "${emb[@]}" --save-every-s 0 --output "$di
 [ "$rc" -eq 137 ] || fail "embed: expected death by SIGKILL (137), got $rc"
 "$twins" "${emb[@]}" --output "$dir/kill.npy" > /dev/null 2> "$dir/err.kill9b" || fail "embed continued after SIGKILL"
 grep -q "continuing $dir/kill.npy.partial at image 24 of 43" "$dir/err.kill9b" || fail "embed: did not continue after SIGKILL"
-for run in term kill; do
+# Killed half-way through its 4th state save (after batch 3): the state says 16 rows, the file
+# holds 24, which are cut back; killed right after its 7th (43 of 43 rows, not yet renamed).
+rc=0
+TWINS_FAULT="partial@kill2.npy.partial.json#4" "$twins" "${emb[@]}" --save-every-s 0 --output "$dir/kill2.npy" \
+  > /dev/null 2>&1 || rc=$?
+[ "$rc" -eq 137 ] || fail "embed: expected death by SIGKILL (137) in a state save, got $rc"
+"$twins" "${emb[@]}" --output "$dir/kill2.npy" > /dev/null 2> "$dir/err.kill2" || fail "embed continued (kill2)"
+grep -q "continuing $dir/kill2.npy.partial at image 16 of 43" "$dir/err.kill2" || fail "embed: kill2 did not continue at 16"
+rc=0
+TWINS_FAULT="after_rename@kill3.npy.partial.json#7" "$twins" "${emb[@]}" --save-every-s 0 --output "$dir/kill3.npy" \
+  > /dev/null 2>&1 || rc=$?
+[ "$rc" -eq 137 ] || fail "embed: expected death by SIGKILL (137) after the last state save, got $rc"
+"$twins" "${emb[@]}" --output "$dir/kill3.npy" > /dev/null 2> "$dir/err.kill3" || fail "embed continued (kill3)"
+grep -q "continuing $dir/kill3.npy.partial at image 43 of 43" "$dir/err.kill3" || fail "embed: kill3 did not continue at 43"
+# A state file that is not one starts over.
+TWINS_FAULT="embed_batch@#2:TERM" "$twins" "${emb[@]}" --output "$dir/garbage.npy" > /dev/null 2>&1 || fail "embed (garbage)"
+echo '{"key": 7, "rows_done": "many"' > "$dir/garbage.npy.partial.json"
+"$twins" "${emb[@]}" --output "$dir/garbage.npy" > /dev/null 2> "$dir/err.garbage" || fail "embed over a bad state"
+grep -q "starting over: $dir/garbage.npy.partial" "$dir/err.garbage" || fail "embed: continued from a bad state"
+for run in term kill kill2 kill3 garbage; do
   cmp "$dir/full.npy" "$dir/$run.npy" || fail "embed: $run.npy differs from the uninterrupted run's"
   cmp "$dir/full.ids.txt" "$dir/$run.ids.txt" || fail "embed: $run.ids.txt differs"
   if [ -e "$dir/$run.npy.partial" ] || [ -e "$dir/$run.npy.partial.json" ]; then fail "embed: $run left its partial files"; fi
 done
 TWINS_FAULT="embed_batch@#2:TERM" "$twins" "${emb[@]}" --output "$dir/changed.npy" > /dev/null 2>&1 || fail "embed (to change)"
-{ printf 'P5\n28 28\n255\n'; head -c 784 /dev/urandom; } > "$dir/images/50.pgm"
+# One image rewritten in place (same name, same size, same count: its time tells).
+{ printf 'P5\n28 28\n255\n'; head -c 784 /dev/urandom; } > "$dir/images/30.pgm"
 "$twins" "${emb[@]}" --output "$dir/changed.npy" > "$dir/out.changed" 2> "$dir/err.changed" || fail "embed after a change"
 grep -q "starting over: $dir/changed.npy.partial was written for other images" "$dir/err.changed" \
   || fail "embed: continued over changed images"
-grep -q "wrote $dir/changed.npy \[44, " "$dir/out.changed" || fail "embed: not 44 rows after the change"
+grep -q "wrote $dir/changed.npy \[43, " "$dir/out.changed" || fail "embed: not 43 rows after the change"
+# While one embed writes an output, another on it fails at once.
+exec 9> "$dir/busy.npy.lock"
+flock 9
+rc=0
+"$twins" "${emb[@]}" --output "$dir/busy.npy" > /dev/null 2> "$dir/err.busy" || rc=$?
+exec 9>&-
+[ "$rc" -eq 1 ] && grep -q "another twins embed is writing it" "$dir/err.busy" || fail "embed: a busy output not refused"
 echo "embed stop, kill and continue ok"

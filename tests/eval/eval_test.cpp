@@ -390,6 +390,10 @@ TEST_CASE("eval: a folder of mixed-size images gets the same features through ev
   firsts.clear();
   embedder.embed_dataset(dataset, streamed);
   CHECK(firsts == std::vector<int64_t>{0});
+  streamed.first = 6;  // all done: no batch
+  firsts.clear();
+  CHECK(embedder.embed_dataset(dataset, streamed).size(0) == 0);
+  CHECK(firsts.empty());
   streamed.first = 3;
   check_throws_with<std::invalid_argument>([&] { embedder.embed_dataset(dataset, streamed); },
                                            "cannot start at sample 3 of 6 (a multiple of the batch size 4)");

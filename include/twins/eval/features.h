@@ -37,8 +37,8 @@ struct ExtractOptions {
   std::string what = "features";
   /// extract_features_shared: the most bytes of features one collective gathers.
   int64_t gather_bytes = int64_t{64} << 20;
-  /// extract_features: start at this sample (a multiple of batch_size), as a run that stopped
-  /// there continues.
+  /// extract_features: start at this sample (a multiple of batch_size, or the dataset's size:
+  /// nothing left), as a run that stopped there continues.
   int64_t first = 0;
   /// extract_features: each batch's features (float32 [B, D], CPU) and labels with the index of
   /// its first sample, in order, handed here instead of being kept (the result is then empty).
