@@ -7,7 +7,6 @@
 
 #include <cerrno>
 #include <chrono>
-#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -55,9 +54,9 @@ std::string embed_key(const EmbedArgs& a, const Embedder& embedder, const data::
 
 // Images -> features, written as they come into <output>.partial (the .npy with its header for
 // all N rows) with <output>.partial.json saying how many rows are on disk (every --save-every-s
-// seconds, and when a stop signal ends the run). The same command continues an unfinished one; the finished .npy
-// replaces <output> in one rename, then the ids are written: a failed run leaves the previous
-// pair as it was.
+// seconds, and when a stop signal ends the run). The same command continues an unfinished one.
+// The finished .npy replaces <output> in one rename, then the ids are written: a run that fails
+// or stops before its end leaves the previous pair as it was.
 int run_embed(const EmbedArgs& a) {
   set_compute_threads(0);
   EmbedderOptions o;
