@@ -117,26 +117,20 @@ grep -q "embed: stopped at image 16 of 43 (state in $dir/term.npy.partial)" "$di
 if [ -e "$dir/term.npy" ] || [ ! -s "$dir/term.npy.partial" ]; then fail "embed: stopped run's files"; fi
 "$twins" "${emb[@]}" --output "$dir/term.npy" > /dev/null 2> "$dir/err.term2" || fail "embed continued"
 grep -q "continuing $dir/term.npy.partial at image 16 of 43" "$dir/err.term2" || fail "embed: did not continue"
-rc=0
-TWINS_FAULT="embed_batch@#3" "$twins" "${emb[@]}" --save-every-s 0 --output "$dir/kill.npy" > /dev/null 2> "$dir/err.kill9" \
-  || rc=$?
-[ "$rc" -eq 137 ] || fail "embed: expected death by SIGKILL (137), got $rc"
-"$twins" "${emb[@]}" --output "$dir/kill.npy" > /dev/null 2> "$dir/err.kill9b" || fail "embed continued after SIGKILL"
-grep -q "continuing $dir/kill.npy.partial at image 24 of 43" "$dir/err.kill9b" || fail "embed: did not continue after SIGKILL"
-# Killed half-way through its 4th state save (after batch 3): the state says 16 rows, the file
-# holds 24, which are cut back; killed right after its 7th (43 of 43 rows, not yet renamed).
-rc=0
-TWINS_FAULT="partial@kill2.npy.partial.json#4" "$twins" "${emb[@]}" --save-every-s 0 --output "$dir/kill2.npy" \
-  > /dev/null 2>&1 || rc=$?
-[ "$rc" -eq 137 ] || fail "embed: expected death by SIGKILL (137) in a state save, got $rc"
-"$twins" "${emb[@]}" --output "$dir/kill2.npy" > /dev/null 2> "$dir/err.kill2" || fail "embed continued (kill2)"
-grep -q "continuing $dir/kill2.npy.partial at image 16 of 43" "$dir/err.kill2" || fail "embed: kill2 did not continue at 16"
-rc=0
-TWINS_FAULT="after_rename@kill3.npy.partial.json#7" "$twins" "${emb[@]}" --save-every-s 0 --output "$dir/kill3.npy" \
-  > /dev/null 2>&1 || rc=$?
-[ "$rc" -eq 137 ] || fail "embed: expected death by SIGKILL (137) after the last state save, got $rc"
-"$twins" "${emb[@]}" --output "$dir/kill3.npy" > /dev/null 2> "$dir/err.kill3" || fail "embed continued (kill3)"
-grep -q "continuing $dir/kill3.npy.partial at image 43 of 43" "$dir/err.kill3" || fail "embed: kill3 did not continue at 43"
+# Killed by SIGKILL at a fault point (its rows saved after every batch), then continued by the
+# same command at an image: after batch 3 (24); half-way through its 4th state save, after
+# batch 3 (the state says 16 rows, the file holds 24, which are cut back); right after its 7th
+# (43 of 43 rows, not yet renamed).
+killed_then_continued() {  # fault output-name image
+  local rc=0
+  TWINS_FAULT="$1" "$twins" "${emb[@]}" --save-every-s 0 --output "$dir/$2.npy" > /dev/null 2>&1 || rc=$?
+  [ "$rc" -eq 137 ] || fail "embed ($1): expected death by SIGKILL (137), got $rc"
+  "$twins" "${emb[@]}" --output "$dir/$2.npy" > /dev/null 2> "$dir/err.$2" || fail "embed continued ($2)"
+  grep -q "continuing $dir/$2.npy.partial at image $3 of 43" "$dir/err.$2" || fail "embed: $2 did not continue at $3"
+}
+killed_then_continued "embed_batch@#3" kill 24
+killed_then_continued "partial@kill2.npy.partial.json#4" kill2 16
+killed_then_continued "after_rename@kill3.npy.partial.json#7" kill3 43
 # A state file that is not one starts over.
 TWINS_FAULT="embed_batch@#2:TERM" "$twins" "${emb[@]}" --output "$dir/garbage.npy" > /dev/null 2>&1 || fail "embed (garbage)"
 echo '{"key": 7, "rows_done": "many"' > "$dir/garbage.npy.partial.json"
