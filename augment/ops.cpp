@@ -97,33 +97,24 @@ class RandomResizedCrop final : public Op {
   Interpolation interpolation_ = Interpolation::bilinear;
 };
 
-class RandomHorizontalFlip final : public Op {
+// One image function applied with probability p (default 0.5, as torchvision's RandomHorizontalFlip,
+// RandomVerticalFlip and RandomEqualize): the flips and solo-learn's equalization.
+class WithProbability final : public Op {
  public:
-  RandomHorizontalFlip(const json& spec, const std::string& path) {
+  using Function = at::Tensor (*)(const at::Tensor&);
+  WithProbability(const json& spec, const std::string& path, const char* type, Function function)
+      : type_(type), function_(function) {
     ConfigReader r(spec, path);
     r.allow("type");
     p_ = read_probability(r, 0.5);
     r.finish();
   }
-  at::Tensor apply(const at::Tensor& img, Rng& rng) const override { return rng.bernoulli(p_) ? F::hflip(img) : img; }
-  json to_json() const override { return {{"type", "random_horizontal_flip"}, {"p", p_}}; }
+  at::Tensor apply(const at::Tensor& img, Rng& rng) const override { return rng.bernoulli(p_) ? function_(img) : img; }
+  json to_json() const override { return {{"type", type_}, {"p", p_}}; }
 
  private:
-  double p_;
-};
-
-class RandomVerticalFlip final : public Op {
- public:
-  RandomVerticalFlip(const json& spec, const std::string& path) {
-    ConfigReader r(spec, path);
-    r.allow("type");
-    p_ = read_probability(r, 0.5);
-    r.finish();
-  }
-  at::Tensor apply(const at::Tensor& img, Rng& rng) const override { return rng.bernoulli(p_) ? F::vflip(img) : img; }
-  json to_json() const override { return {{"type", "random_vertical_flip"}, {"p", p_}}; }
-
- private:
+  const char* type_;
+  Function function_;
   double p_;
 };
 
@@ -249,24 +240,6 @@ class Solarization final : public Op {
   int threshold_ = 128;
 };
 
-// solo-learn's equalization (torchvision's RandomEqualize, whose default p it keeps).
-class Equalization final : public Op {
- public:
-  Equalization(const json& spec, const std::string& path) {
-    ConfigReader r(spec, path);
-    r.allow("type");
-    p_ = read_probability(r, 0.5);
-    r.finish();
-  }
-  at::Tensor apply(const at::Tensor& img, Rng& rng) const override {
-    return rng.bernoulli(p_) ? F::equalize(img) : img;
-  }
-  json to_json() const override { return {{"type", "equalization"}, {"p", p_}}; }
-
- private:
-  double p_;
-};
-
 class RandomApply final : public Op {
  public:
   RandomApply(const json& spec, const std::string& path) {
@@ -365,16 +338,20 @@ const Registry<Op>& registry() {
     auto add = [&r](const std::string& name, auto make) { r.add(name, make); };
     add("random_resized_crop",
         [](const json& s, const std::string& p) { return std::make_shared<RandomResizedCrop>(s, p); });
-    add("random_horizontal_flip",
-        [](const json& s, const std::string& p) { return std::make_shared<RandomHorizontalFlip>(s, p); });
+    add("random_horizontal_flip", [](const json& s, const std::string& p) {
+      return std::make_shared<WithProbability>(s, p, "random_horizontal_flip", F::hflip);
+    });
     add("color_jitter", [](const json& s, const std::string& p) { return std::make_shared<ColorJitter>(s, p); });
     add("random_grayscale",
         [](const json& s, const std::string& p) { return std::make_shared<RandomGrayscale>(s, p); });
     add("gaussian_blur", [](const json& s, const std::string& p) { return std::make_shared<GaussianBlur>(s, p); });
     add("solarization", [](const json& s, const std::string& p) { return std::make_shared<Solarization>(s, p); });
-    add("equalization", [](const json& s, const std::string& p) { return std::make_shared<Equalization>(s, p); });
-    add("random_vertical_flip",
-        [](const json& s, const std::string& p) { return std::make_shared<RandomVerticalFlip>(s, p); });
+    add("equalization", [](const json& s, const std::string& p) {
+      return std::make_shared<WithProbability>(s, p, "equalization", F::equalize);
+    });
+    add("random_vertical_flip", [](const json& s, const std::string& p) {
+      return std::make_shared<WithProbability>(s, p, "random_vertical_flip", F::vflip);
+    });
     add("random_apply", [](const json& s, const std::string& p) { return std::make_shared<RandomApply>(s, p); });
     add("resize", [](const json& s, const std::string& p) { return std::make_shared<Resize>(s, p); });
     add("center_crop", [](const json& s, const std::string& p) { return std::make_shared<CenterCrop>(s, p); });
