@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <vector>
@@ -394,6 +396,68 @@ at::Tensor vflip(const at::Tensor& image) {
   const uint8_t* in = img.data_ptr<uint8_t>();
   uint8_t* o = out.data_ptr<uint8_t>();
   for (int64_t y = 0; y < h; ++y) std::memcpy(o + y * row, in + (h - 1 - y) * row, static_cast<size_t>(row));
+  return out;
+}
+
+namespace {
+
+// Python's round(v, 15): correctly rounded to 15 decimals, as glibc's printf rounds.
+double round15(double v) {
+  char text[64];
+  std::snprintf(text, sizeof text, "%.15f", v);
+  return std::strtod(text, nullptr);
+}
+
+}  // namespace
+
+at::Tensor rotate(const at::Tensor& image, double degrees) {
+  const at::Tensor img = checked(image, "rotate");
+  if (!std::isfinite(degrees)) throw std::invalid_argument("rotate: the angle must be finite");
+  const int64_t h = img.size(0), w = img.size(1), c = img.size(2);
+  double angle = std::fmod(degrees, 360.0);  // Python's angle % 360.0
+  if (angle < 0) angle += 360.0;
+  if (angle == 0) return img.clone();
+  if (angle == 180) return img.flip({0, 1});
+  if ((angle == 90 || angle == 270) && w == h) return img.rot90(angle == 90 ? 1 : -1, {0, 1}).contiguous();
+  // Image.rotate's inverse map [a0 a1 a2; a3 a4 a5] from output to input pixels, about the centre.
+  const double radians = -(angle * (M_PI / 180.0));
+  const double cos_a = round15(std::cos(radians)), sin_a = round15(std::sin(radians));
+  const double cx = static_cast<double>(w) / 2, cy = static_cast<double>(h) / 2;
+  const double a[6] = {cos_a,  sin_a, cos_a * -cx + sin_a * -cy + 0.0 + cx,
+                       -sin_a, cos_a, -sin_a * -cx + cos_a * -cy + 0.0 + cy};
+  if (a[1] == 0 && a[3] == 0) return a[0] > 0 ? img.clone() : img.flip({0, 1});  // within 1e-14 degrees
+  at::Tensor out = at::zeros_like(img);
+  const uint8_t* in = img.data_ptr<uint8_t>();
+  uint8_t* o = out.data_ptr<uint8_t>();
+  auto copy = [&](int64_t y, int64_t x, int64_t xin, int64_t yin) {
+    if (xin >= 0 && xin < w && yin >= 0 && yin < h)
+      std::memcpy(o + (y * w + x) * c, in + (yin * w + xin) * c, static_cast<size_t>(c));
+  };
+  // PIL's ImagingTransformAffine: 16.16 fixed point where all four corners map within +-32768, as
+  // for any image up to about 20,000 pixels a side; floating point beyond.
+  const auto fits = [&](double x, double y) {
+    return std::fabs(x * a[0] + y * a[1] + a[2]) < 32768.0 && std::fabs(x * a[3] + y * a[4] + a[5]) < 32768.0;
+  };
+  const double W = static_cast<double>(w), H = static_cast<double>(h);
+  if (fits(0, 0) && fits(W, H) && fits(0, H) && fits(W, 0)) {
+    const auto fix = [](double v) {
+      const double u = v * 65536.0 + 0.5;
+      return u < 0 ? static_cast<int32_t>(std::floor(u)) : static_cast<int32_t>(u);
+    };
+    const int32_t a0 = fix(a[0]), a1 = fix(a[1]), a3 = fix(a[3]), a4 = fix(a[4]);
+    int32_t a2 = fix(a[2] + a[0] * 0.5 + a[1] * 0.5), a5 = fix(a[5] + a[3] * 0.5 + a[4] * 0.5);
+    for (int64_t y = 0; y < h; ++y, a2 += a1, a5 += a4) {
+      int32_t xx = a2, yy = a5;
+      for (int64_t x = 0; x < w; ++x, xx += a0, yy += a3) copy(y, x, xx >> 16, yy >> 16);
+    }
+    return out;
+  }
+  const auto coord = [](double v) { return v < 0 ? int64_t{-1} : static_cast<int64_t>(v); };
+  double xo = a[2] + a[1] * 0.5 + a[0] * 0.5, yo = a[5] + a[4] * 0.5 + a[3] * 0.5;
+  for (int64_t y = 0; y < h; ++y, xo += a[1], yo += a[4]) {
+    double xx = xo, yy = yo;
+    for (int64_t x = 0; x < w; ++x, xx += a[0], yy += a[3]) copy(y, x, coord(xx), coord(yy));
+  }
   return out;
 }
 

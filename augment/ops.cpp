@@ -8,6 +8,7 @@
 #include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <stdexcept>
 
 #include "twins/augment/functional.h"
@@ -116,6 +117,52 @@ class WithProbability final : public Op {
   const char* type_;
   Function function_;
   double p_;
+};
+
+// lightly's rr_prob and rr_degrees: with probability p (default 0.5), a counter-clockwise turn by
+// `angle` degrees (default 90: lightly's RandomRotate) or by an angle drawn uniformly from
+// `degrees` ([min, max], or d for [-d, d]: torchvision's RandomRotation in a RandomApply), the
+// size kept and the corners black (PIL's Image.rotate, nearest neighbour).
+class RandomRotation final : public Op {
+ public:
+  RandomRotation(const json& spec, const std::string& path) {
+    ConfigReader r(spec, path);
+    r.allow("type");
+    p_ = read_probability(r, 0.5);
+    r.get("angle", angle_);
+    r.allow("degrees");
+    if (spec.contains("degrees")) {
+      config::require(!spec.contains("angle"), r.path_of("degrees"), "give angle (a fixed turn) or degrees, not both");
+      const json& d = spec.at("degrees");
+      if (d.is_number()) {
+        const double v = d.get<double>();
+        config::require(v >= 0, r.path_of("degrees"), "a single value must be >= 0 (the range is [-d, d])");
+        degrees_ = {{-v, v}};
+      } else {
+        degrees_ = read_range(r, "degrees", {0, 0});
+      }
+      config::require(std::fabs(degrees_->first) <= 1e9 && std::fabs(degrees_->second) <= 1e9, r.path_of("degrees"),
+                      "must lie in [-1e9, 1e9]");
+    }
+    r.finish();
+    config::require(std::fabs(angle_) <= 1e9, r.path_of("angle"), "must lie in [-1e9, 1e9]");
+  }
+  at::Tensor apply(const at::Tensor& img, Rng& rng) const override {
+    if (!rng.bernoulli(p_)) return img;
+    return F::rotate(img, degrees_ ? rng.uniform(degrees_->first, degrees_->second) : angle_);
+  }
+  json to_json() const override {
+    json j = {{"type", "random_rotation"}, {"p", p_}};
+    if (degrees_)
+      j["degrees"] = {degrees_->first, degrees_->second};
+    else
+      j["angle"] = angle_;
+    return j;
+  }
+
+ private:
+  double p_, angle_ = 90;
+  std::optional<std::pair<double, double>> degrees_;
 };
 
 class ColorJitter final : public Op {
@@ -352,6 +399,7 @@ const Registry<Op>& registry() {
     add("random_vertical_flip", [](const json& s, const std::string& p) {
       return std::make_shared<WithProbability>(s, p, "random_vertical_flip", F::vflip);
     });
+    add("random_rotation", [](const json& s, const std::string& p) { return std::make_shared<RandomRotation>(s, p); });
     add("random_apply", [](const json& s, const std::string& p) { return std::make_shared<RandomApply>(s, p); });
     add("resize", [](const json& s, const std::string& p) { return std::make_shared<Resize>(s, p); });
     add("center_crop", [](const json& s, const std::string& p) { return std::make_shared<CenterCrop>(s, p); });

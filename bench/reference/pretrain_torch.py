@@ -45,6 +45,8 @@ VIEW_OPS = {  # twins views-file op -> torchvision/PIL transforms
     "solarization": lambda o: [T.RandomSolarize(128, p=o["p"])],  # PIL: ImageOps.solarize
     "equalization": lambda o: [T.RandomEqualize(o["p"])],  # PIL: ImageOps.equalize
     "random_vertical_flip": lambda o: [T.RandomVerticalFlip(o["p"])],
+    "random_rotation": lambda o: [T.RandomApply([T.RandomRotation(o["degrees"])], p=o["p"]) if "degrees" in o
+                                  else T.RandomApply([T.RandomRotation((o["angle"], o["angle"]))], p=o["p"])],
     "normalize": lambda o: [T.ToTensor(), T.Normalize(o["mean"], o["std"])],
 }
 

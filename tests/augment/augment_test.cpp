@@ -27,6 +27,7 @@ at::Tensor run_case(const json& c, const at::Tensor& img) {
   if (op == "hflip") return F::hflip(img);
   if (op == "vflip") return F::vflip(img);
   if (op == "equalize") return F::equalize(img);
+  if (op == "rotate") return F::rotate(img, a["degrees"]);
   if (op == "gaussian_blur") return F::gaussian_blur(img, a["kernel_size"], a["sigma"]);
   if (op == "resized_crop")
     return F::resized_crop(img, a["top"], a["left"], a["height"], a["width"], a["out_h"], a["out_w"],
@@ -67,6 +68,13 @@ TEST_CASE("augment: functional ops against torchvision on PIL images") {
 TEST_CASE("augment: functional edge cases") {
   const at::Tensor img = at::randint(0, 256, {9, 7, 3}, at::kByte);
   CHECK(at::equal(F::hflip(F::hflip(img)), img));
+  // Quarter turns of a square move pixels whole; four are the identity, as is a full turn.
+  const at::Tensor square = at::randint(0, 256, {5, 5, 3}, at::kByte);
+  CHECK(at::equal(F::rotate(F::rotate(F::rotate(F::rotate(square, 90), 90), 90), 90), square));
+  CHECK(at::equal(F::rotate(square, -90), F::rotate(square, 270)));
+  CHECK(at::equal(F::rotate(square, 720), square));
+  CHECK(at::equal(F::rotate(square, 90).select(2, 0)[0], square.select(2, 0).select(1, 4)));  // top row: right column
+  CHECK(at::equal(F::rotate(img, 180), img.flip({0, 1})));
   CHECK(at::equal(F::vflip(F::vflip(img)), img));
   CHECK(at::equal(F::vflip(img), img.flip(0)));
   // Strided views (a transpose) give what their contiguous copies give.
@@ -144,6 +152,10 @@ TEST_CASE("augment: rates of random ops") {
         doctest::Approx(0.5).epsilon(0.07).scale(0));
   CHECK(rate(R"([[{"type": "equalization", "p": 0.3}]])", [&](const at::Tensor& o) { return !at::equal(o, img); }) ==
         doctest::Approx(0.3).epsilon(0.11).scale(0));
+  CHECK(rate(R"([[{"type": "random_rotation", "p": 0.3}]])", [&](const at::Tensor& o) { return !at::equal(o, img); }) ==
+        doctest::Approx(0.3).epsilon(0.11).scale(0));
+  CHECK(rate(R"([[{"type": "random_rotation", "p": 1, "degrees": [40, 50]}]])",
+             [&](const at::Tensor& o) { return o[0][0].sum().item<int>() == 0; }) == doctest::Approx(1.0).scale(0));
   CHECK(rate(R"([[{"type": "random_apply", "p": 0.8, "ops": [{"type": "color_jitter", "brightness": 0.4}]}]])",
              [&](const at::Tensor& o) { return !at::equal(o, img); }) == doctest::Approx(0.8).epsilon(0.04).scale(0));
 }
@@ -158,6 +170,7 @@ TEST_CASE("augment: views are deterministic per (seed, epoch, index, view)") {
      {"type": "solarization", "p": 0.0},
      {"type": "equalization", "p": 0.5},
      {"type": "random_vertical_flip"},
+     {"type": "random_rotation", "degrees": 20},
      {"type": "normalize", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}],
     {"repeat": 2, "ops": [{"type": "random_resized_crop", "size": [6, 8], "scale": [0.05, 0.4]}]}
   ])");
@@ -199,7 +212,16 @@ TEST_CASE("augment: config errors name the op and key") {
   check_throws_with<std::invalid_argument>(
       [] { parse_views(json::parse(R"([[{"type": "center_crop", "size": [32, -4294967296]}]])")); },
       "views[0][0].size: must be positive");
-  CHECK(op_names().size() == 12);
+  check_throws_with<std::invalid_argument>(
+      [] { parse_views(json::parse(R"([[{"type": "random_rotation", "angle": 90, "degrees": 10}]])")); },
+      "views[0][0].degrees: give angle (a fixed turn) or degrees, not both");
+  check_throws_with<std::invalid_argument>(
+      [] { parse_views(json::parse(R"([[{"type": "random_rotation", "degrees": -10}]])")); },
+      "views[0][0].degrees: a single value must be >= 0");
+  check_throws_with<std::invalid_argument>(
+      [] { parse_views(json::parse(R"([[{"type": "random_rotation", "degrees": [10, -10]}]])")); },
+      "views[0][0].degrees: expected [min, max]");
+  CHECK(op_names().size() == 13);
 }
 
 TEST_CASE("augment: normalize_batch fuses the float conversion") {

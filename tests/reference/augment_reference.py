@@ -8,7 +8,7 @@ Writes into tests/reference/augment/:
   * out_NNNN.png: torchvision 0.14 torchvision.transforms.functional ops applied to
     the PIL images (adjust_brightness/contrast/saturation/hue, to_grayscale,
     solarize, hflip, gaussian_blur, resized_crop, then vflip and equalize, the latter also
-    on equalize_*.png, small inputs for PIL's special cases), saved losslessly as PNG in the
+    on equalize_*.png, small inputs for PIL's special cases, then rotate), saved losslessly as PNG in the
     mode torchvision returns ("L" or "RGB");
   * manifest.json: one entry per case {"input", "op", "args", "output"};
   * hsv_samples.json: PIL's RGB->HSV and HSV->RGB conversions on random and edge-case
@@ -232,6 +232,12 @@ def main():
         assert np.array_equal(np.asarray(eq), np.asarray(F.equalize(img))), "equalize mismatch"
         emit(inp, "equalize", {}, eq)
     inputs.update(extra)
+    # Appended after those: rotate (PIL's Image.rotate: nearest, same size, black corners) by
+    # quarter turns (a transpose on squares, the affine map on the others), a half turn and
+    # angles between, on the first six inputs (squares and not, RGB and L).
+    for inp in list(inputs)[:6]:
+        for angle in (90, 270, 180, 30, -45.5, 12.3, 200.7, -90):
+            emit(inp, "rotate", {"degrees": angle}, F.rotate(inputs[inp], angle))
 
     manifest = {
         "generator": "tests/reference/augment_reference.py",

@@ -46,6 +46,10 @@ at::Tensor equalize(const at::Tensor& img);
 at::Tensor hflip(const at::Tensor& img);
 /// Mirrors top-bottom.
 at::Tensor vflip(const at::Tensor& img);
+/// Rotates counter-clockwise by `degrees` about the centre, keeping the size, nearest neighbour,
+/// black where nothing maps (PIL's Image.rotate(degrees), which torchvision's rotate and
+/// RandomRotation run on PIL images): a square's quarter turns and any half turn move pixels whole.
+at::Tensor rotate(const at::Tensor& img, double degrees);
 /// Gaussian blur with an odd kernel_size and sigma > 0.
 at::Tensor gaussian_blur(const at::Tensor& img, int kernel_size, double sigma);
 /// Crops rows [top, top+height) and columns [left, left+width) (inside the image) and resizes
