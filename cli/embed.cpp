@@ -1,11 +1,7 @@
 // twins embed: images -> a NumPy .npy of features [N, D] (float32) and the ids in order.
 #include <ATen/ATen.h>
-#include <fcntl.h>
-#include <sys/file.h>
 #include <sys/stat.h>
-#include <unistd.h>
 
-#include <cerrno>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -67,15 +63,8 @@ int run_embed(const EmbedArgs& a) {
   const std::string partial = a.output + ".partial", state_path = partial + ".json";
   // One run at a time per output: a second would cut and append to the same rows.
   const std::string lock_path = a.output + ".lock";
-  struct Lock {
-    int fd = -1;
-    ~Lock() {
-      if (fd >= 0) ::close(fd);
-    }
-  } lock;
-  lock.fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-  if (lock.fd < 0) throw std::runtime_error(lock_path + ": cannot create (" + io::describe_errno(errno) + ")");
-  if (::flock(lock.fd, LOCK_EX | LOCK_NB) != 0)
+  const io::FileLock lock(lock_path);
+  if (!lock.held())
     throw std::runtime_error(a.output + ": another twins embed is writing it (" + lock_path +
                              " is locked); wait for it to finish, or choose another --output");
   const std::string key = embed_key(a, embedder, *dataset);

@@ -165,6 +165,16 @@ FolderLock::~FolderLock() {
   if (fd_ >= 0) ::close(fd_);  // releases the flock
 }
 
+FileLock::FileLock(const std::string& path) {
+  fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd_ < 0) throw std::runtime_error(path + ": cannot create (" + describe_errno(errno) + ")");
+  held_ = ::flock(fd_, LOCK_EX | LOCK_NB) == 0;
+}
+
+FileLock::~FileLock() {
+  if (fd_ >= 0) ::close(fd_);  // releases the flock
+}
+
 int remove_stale_temporaries(const std::string& dir) {
   static const std::regex pattern(R"(.+\.tmp-[0-9]+$)");
   int removed = 0;

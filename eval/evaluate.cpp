@@ -4,7 +4,9 @@
 #include <zlib.h>
 
 #include <chrono>
+#include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <functional>
 #include <iostream>
 #include <map>
@@ -12,6 +14,7 @@
 #include <optional>
 #include <sstream>
 #include <tuple>
+#include <vector>
 
 #include "eval/progress.h"
 #include "twins/config.h"
@@ -120,7 +123,10 @@ EvalConfig EvalConfig::parse(const json& root) {
   r.get("dist_backend", c.dist_backend);
   r.get("dist_timeout_s", c.dist_timeout_s);
   r.get("dist_heartbeat_timeout_s", c.dist_heartbeat_timeout_s);
+  r.get("features_save_every_s", c.features_save_every_s);
   r.finish();
+  config::require(c.features_save_every_s >= 0 && c.features_save_every_s <= 1e6, "features_save_every_s",
+                  "must be in [0, 10^6] seconds (0: after every batch)");
   config::require(c.dist_backend == "auto" || c.dist_backend == "gloo" || c.dist_backend == "nccl", "dist_backend",
                   "must be auto, gloo or nccl");
   config::require(c.dist_timeout_s > 0 && c.dist_timeout_s <= 1e6, "dist_timeout_s", "must be in (0, 10^6] seconds");
@@ -165,6 +171,135 @@ std::shared_ptr<models::Network> open_backbone(const std::string& backbone) {
   }
   return models::load_backbone(backbone);
 }
+
+namespace {
+
+// Saves the feature cache; one that cannot be written costs time, not the result.
+bool write_cache(const fs::path& cache, const Features& f) {
+  try {
+    fs::create_directories(cache.parent_path());
+    models::save_safetensors(cache.string(), {{"features", f.features}, {"labels", f.labels}});
+    return true;
+  } catch (const std::exception& e) {
+    std::cerr << "warning: cannot write the feature cache " << cache.string() << ": " << e.what() << "\n";
+    return false;
+  }
+}
+
+// extract_features into the cache at `cache` (written here), surviving a crash: each row (D float32 features, then
+// the int64 label) is appended to <cache>.partial as it comes, and <cache>.partial.json says how
+// many rows are on disk, written after they are synced, every `save_every_s` seconds. A run that
+// finds them continues at the batch boundary below that count. (The cache's name is its key, so
+// the rows are of these images, this backbone and this transform.) Another process extracting
+// into the same file (its lock held), or a folder that cannot be written, leaves this one
+// extracting in memory, as without the partial file. Once the cache is written, the partial
+// files go (the lock's last, while held).
+Features extract_to_cache(models::Network& net, std::shared_ptr<const data::Dataset> dataset, const augment::View& view,
+                          const at::Device& device, ExtractOptions o, const fs::path& cache, double save_every_s) {
+  const std::string partial = cache.string() + ".partial", state_path = partial + ".json";
+  const int64_t n = dataset->size(), dim = net.output_dim();
+  const auto row_bytes = static_cast<size_t>(dim) * sizeof(float) + sizeof(int64_t);
+  int64_t done = 0;  // rows on disk
+  const auto write_state = [&] {
+    io::write_file_atomic(state_path, json{{"images", n}, {"dim", dim}, {"rows_done", done}}.dump() + "\n");
+  };
+  std::optional<io::FileLock> lock;
+  std::optional<io::AppendFile> out;
+  std::vector<at::Tensor> features, labels;
+  try {
+    fs::create_directories(cache.parent_path());
+    lock.emplace(partial + ".lock");
+    if (!lock->held()) {
+      std::cerr << "  " << o.what << ": another process is extracting into " << partial << "; extracting in memory\n";
+      Features f = extract_features(net, std::move(dataset), view, device, o);
+      write_cache(cache, f);
+      return f;
+    }
+    std::error_code ec;
+    if (fs::exists(state_path, ec)) {
+      std::ifstream in(state_path);
+      const json state = json::parse(in, nullptr, /*allow_exceptions=*/false);
+      const json rows = state.is_object() ? state.value("rows_done", json()) : json();
+      const auto size = fs::file_size(partial, ec);
+      if (state.is_object() && state.value("images", json()) == n && state.value("dim", json()) == dim &&
+          rows.is_number_integer() && rows.get<int64_t>() >= 0 && rows.get<int64_t>() <= n && !ec &&
+          size >= static_cast<uintmax_t>(rows.get<int64_t>()) * row_bytes) {
+        done = rows.get<int64_t>() == n ? n : rows.get<int64_t>() / o.batch_size * o.batch_size;
+        std::cerr << "  " << o.what << ": continuing " << partial << " at image " << done << " of " << n << "\n";
+      } else {
+        std::cerr << "  " << o.what << ": starting over (" << partial << " is unreadable or incomplete)\n";
+      }
+    }
+    write_state();  // first, so that it never claims rows the file no longer has
+    if (done == 0)
+      io::write_file_atomic(partial, "");
+    else
+      fs::resize_file(partial, static_cast<uintmax_t>(done) * row_bytes);  // rows past it: redone
+    // The rows on disk, read back.
+    features.push_back(at::empty({done, dim}, at::kFloat));
+    labels.push_back(at::empty({done}, at::kLong));
+    std::ifstream in(partial, std::ios::binary);
+    std::string row(row_bytes, '\0');
+    for (int64_t i = 0; i < done; ++i) {
+      if (!in.read(row.data(), static_cast<std::streamsize>(row_bytes)))
+        throw std::runtime_error(partial + ": cannot read row " + std::to_string(i) + " back");
+      std::memcpy(features[0][i].data_ptr(), row.data(), static_cast<size_t>(dim) * sizeof(float));
+      std::memcpy(labels[0].data_ptr<int64_t>() + i, row.data() + dim * sizeof(float), sizeof(int64_t));
+    }
+    out.emplace(partial);
+  } catch (const std::exception& e) {
+    std::cerr << "warning: " << o.what << ": cannot keep them on disk as they come (" << e.what()
+              << "); extracting in memory\n";
+    Features f = extract_features(net, std::move(dataset), view, device, o);
+    write_cache(cache, f);
+    return f;
+  }
+  auto last_save = std::chrono::steady_clock::now();
+  std::string rows;
+  int64_t batches = 0, extracted = done;
+  o.first = done;
+  o.sink = [&](int64_t first, const Features& batch) {
+    const at::Tensor f = batch.features.to(at::kFloat).contiguous(), l = batch.labels.to(at::kLong).contiguous();
+    if (first != extracted || f.dim() != 2 || f.size(1) != dim || l.numel() != f.size(0))
+      throw std::runtime_error(o.what + ": the backbone gave features of shape " + c10::str(f.sizes()) + " at image " +
+                               std::to_string(first) + ", where its output_dim is " + std::to_string(dim));
+    features.push_back(f);
+    labels.push_back(l);
+    extracted += f.size(0);
+    if (out) try {  // a disk that fails costs the resume, not the features
+        rows.resize(static_cast<size_t>(f.size(0)) * row_bytes);
+        for (int64_t i = 0; i < f.size(0); ++i) {
+          char* row = rows.data() + static_cast<size_t>(i) * row_bytes;
+          std::memcpy(row, f[i].data_ptr(), static_cast<size_t>(dim) * sizeof(float));
+          std::memcpy(row + dim * sizeof(float), l.data_ptr<int64_t>() + i, sizeof(int64_t));
+        }
+        out->append(rows);
+        done = extracted;
+        if (std::chrono::duration<double>(std::chrono::steady_clock::now() - last_save).count() >= save_every_s) {
+          out->sync();  // the rows first, then the count that claims them
+          write_state();
+          last_save = std::chrono::steady_clock::now();
+        }
+      } catch (const std::exception& e) {
+        std::cerr << "warning: " << o.what << ": cannot keep them on disk as they come (" << e.what()
+                  << "); going on in memory\n";
+        out.reset();
+      }
+    io::fault_point("features_batch", std::to_string(++batches));
+  };
+  extract_features(net, dataset, view, device, o);
+  if (extracted != n)
+    throw std::runtime_error(o.what + ": extracted " + std::to_string(extracted) + " of " + std::to_string(n) +
+                             " images");
+  Features f{at::cat(features), at::cat(labels)};
+  if (write_cache(cache, f)) {
+    std::error_code ec;
+    for (const std::string& file : {state_path, partial, partial + ".lock"}) fs::remove(file, ec);
+  }
+  return f;
+}
+
+}  // namespace
 
 std::pair<Features, Features> eval_features(const std::string& backbone, const EvalConfig& c,
                                             const std::string& cache_dir, int64_t* num_classes,
@@ -216,16 +351,11 @@ std::pair<Features, Features> eval_features(models::Network& net, const EvalConf
       std::cerr << "  extracting " << split << " features (" << dataset->size() << " images"
                 << (comm && comm->world_size() > 1 ? ", " + std::to_string(comm->world_size()) + " ranks" : "")
                 << ")\n";
+    if (!cache.empty() && (!comm || comm->world_size() == 1))
+      return extract_to_cache(net, dataset, view, device, o, cache, c.features_save_every_s);
     Features f = comm ? extract_features_shared(net, dataset, view, device, o, *comm)
                       : extract_features(net, dataset, view, device, o);
-    if (!cache.empty() && main_rank) {  // a cache that cannot be written costs time, not the result
-      try {
-        fs::create_directories(cache.parent_path());
-        models::save_safetensors(cache.string(), {{"features", f.features}, {"labels", f.labels}});
-      } catch (const std::exception& e) {
-        std::cerr << "warning: cannot write the feature cache " << cache.string() << ": " << e.what() << "\n";
-      }
-    }
+    if (!cache.empty() && main_rank) write_cache(cache, f);
     return f;
   };
   Features train = extract(c.train_data, "train");

@@ -56,6 +56,23 @@ class FolderLock {
   int fd_ = -1;
 };
 
+/// An exclusive lock on the file `path` (flock; the file is created if absent), taken if free and
+/// held while the object lives; the kernel releases it when the process dies, however it dies.
+class FileLock {
+ public:
+  /// Throws std::runtime_error naming the file if it cannot be created.
+  explicit FileLock(const std::string& path);
+  ~FileLock();
+  FileLock(const FileLock&) = delete;
+  FileLock& operator=(const FileLock&) = delete;
+  /// False when another process holds the lock.
+  bool held() const { return held_; }
+
+ private:
+  int fd_ = -1;
+  bool held_ = false;
+};
+
 /// The temporary file name write_file_atomic uses for `path` in this process.
 std::string temporary_name(const std::string& path);
 /// Removes the temporaries that interrupted atomic writes left in `dir` (<name>.tmp-<pid>);

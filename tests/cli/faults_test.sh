@@ -9,6 +9,7 @@
 #  4. usage errors exit 2;
 #  5. a failed `twins embed` leaves the previous .npy and .ids.txt as they were;
 #  6. `twins embed` stopped (SIGTERM) or killed continues to the uninterrupted result.
+#  7. `twins knn` killed while extracting features continues to the uninterrupted run's cache.
 set -euo pipefail
 twins=$1
 quickstart=$2
@@ -156,3 +157,43 @@ rc=0
 exec 9>&-
 [ "$rc" -eq 1 ] && grep -q "another twins embed is writing it" "$dir/err.busy" || fail "embed: a busy output not refused"
 echo "embed stop, kill and continue ok"
+
+# 7. Features for knn (and linear-probe) killed after batch 5 of 8 (rows saved after every batch)
+#    continue at image 160 of 256, to the cache files and scores of one uninterrupted run; a
+#    state that is not one starts over; a partial file another process holds is left to it.
+cat > "$dir/eval.json" <<JSON
+{"train_data": {"type": "fashion_mnist", "root": "$dir", "split": "train"},
+ "test_data": {"type": "fashion_mnist", "root": "$dir", "split": "train"},
+ "image_size": 28, "normalize": {"mean": [0.5], "std": [0.3]}, "knn": {"k": [5]},
+ "batch_size": 32, "workers": 1, "device": "cpu", "features_save_every_s": 0}
+JSON
+knn=(knn --backbone "$dir/ref" --config "$dir/eval.json")
+"$twins" "${knn[@]}" --out "$dir/knn_full" > "$dir/out.knn_full" 2> "$dir/err.knn_full" || fail "knn (uninterrupted)"
+train_cache=$(basename "$(ls "$dir"/knn_full/features-train-*.safetensors)")
+rc=0
+TWINS_FAULT="features_batch@#5" "$twins" "${knn[@]}" --out "$dir/knn_kill" > /dev/null 2>&1 || rc=$?
+[ "$rc" -eq 137 ] || fail "knn: expected death by SIGKILL (137), got $rc"
+[ -s "$dir/knn_kill/$train_cache.partial" ] || fail "knn: no partial features after the kill"
+"$twins" "${knn[@]}" --out "$dir/knn_kill" > "$dir/out.knn_kill" 2> "$dir/err.knn_kill" || fail "knn continued"
+grep -q "train features: continuing $dir/knn_kill/$train_cache.partial at image 160 of 256" "$dir/err.knn_kill" \
+  || fail "knn: the features did not continue"
+mkdir -p "$dir/knn_garbage"
+echo '{"images": 256, "rows_done": 9' > "$dir/knn_garbage/$train_cache.partial.json"
+"$twins" "${knn[@]}" --out "$dir/knn_garbage" > "$dir/out.knn_garbage" 2> "$dir/err.knn_garbage" || fail "knn (garbage)"
+grep -q "train features: starting over" "$dir/err.knn_garbage" || fail "knn: continued from a bad state"
+mkdir -p "$dir/knn_busy"
+exec 9> "$dir/knn_busy/$train_cache.partial.lock"
+flock 9
+"$twins" "${knn[@]}" --out "$dir/knn_busy" > "$dir/out.knn_busy" 2> "$dir/err.knn_busy" || fail "knn (busy)"
+exec 9>&-
+grep -q "another process is extracting into" "$dir/err.knn_busy" || fail "knn: a busy partial file not left alone"
+for run in kill garbage busy; do
+  for f in "$dir"/knn_full/features-*.safetensors; do
+    cmp "$f" "$dir/knn_$run/$(basename "$f")" || fail "knn: $run's $(basename "$f") differs from the uninterrupted run's"
+  done
+  diff <(grep "^kNN" "$dir/out.knn_full") <(grep "^kNN" "$dir/out.knn_$run") || fail "knn: $run scores differ"
+  for f in "$dir/knn_$run"/*.partial "$dir/knn_$run"/*.partial.json; do
+    if [ -e "$f" ]; then fail "knn: $run left $f"; fi
+  done
+done
+echo "knn features kill and continue ok"

@@ -544,6 +544,50 @@ TEST_CASE("eval: cached features are served again, and not once the data's files
   fs::remove_all(task.dir);
 }
 
+TEST_CASE("eval: feature extraction for the cache continues from the rows a killed run left on disk") {
+  ColourTask task = colour_task("partial", 12, 3, 31);  // 24 training images: batches of 8
+  const EvalConfig c = EvalConfig::parse(task.config);
+  const fs::path out = task.dir / "out";
+  int64_t classes = 0;
+  const Features full = eval_features(task.backbone, c, out.string(), &classes).first;
+  REQUIRE(full.features.size(0) == 24);
+  const int64_t dim = full.features.size(1);
+  fs::path cache;
+  for (const auto& entry : fs::directory_iterator(out))
+    if (entry.path().filename().string().rfind("features-train-", 0) == 0) cache = entry.path();
+  REQUIRE_FALSE(cache.empty());
+  // What a run killed after 10 rows leaves: those rows (planted sevens, with the true labels)
+  // and a state saying 10. The next run takes the first batch (8 rows) from disk, extracts the
+  // rest, writes the cache and removes the partial files.
+  const auto plant = [&](int64_t rows, const std::string& state) {
+    fs::remove(cache);
+    std::ofstream file(cache.string() + ".partial", std::ios::binary);
+    for (int64_t i = 0; i < rows; ++i) {
+      const std::vector<float> sevens(static_cast<size_t>(dim), 7.f);
+      const int64_t label = full.labels[i].item<int64_t>();
+      file.write(reinterpret_cast<const char*>(sevens.data()), static_cast<std::streamsize>(dim * sizeof(float)));
+      file.write(reinterpret_cast<const char*>(&label), sizeof label);
+    }
+    file.close();
+    std::ofstream(cache.string() + ".partial.json") << state;
+  };
+  const std::string ten = R"({"images": 24, "dim": )" + std::to_string(dim) + R"(, "rows_done": 10})";
+  plant(10, ten);
+  const Features continued = eval_features(task.backbone, c, out.string(), &classes).first;
+  CHECK(at::equal(continued.labels, full.labels));
+  CHECK(at::equal(continued.features.narrow(0, 0, 8), at::full({8, dim}, 7.f)));
+  CHECK(at::equal(continued.features.narrow(0, 8, 16), full.features.narrow(0, 8, 16)));
+  CHECK(fs::exists(cache));
+  for (const char* suffix : {".partial", ".partial.json", ".partial.lock"})
+    CHECK_FALSE(fs::exists(cache.string() + suffix));
+  // A state that claims more rows than the file holds, or of another shape, starts over.
+  plant(3, ten);
+  CHECK(at::equal(eval_features(task.backbone, c, out.string(), &classes).first.features, full.features));
+  plant(10, R"({"images": 25, "dim": )" + std::to_string(dim) + R"(, "rows_done": 10})");
+  CHECK(at::equal(eval_features(task.backbone, c, out.string(), &classes).first.features, full.features));
+  fs::remove_all(task.dir);
+}
+
 TEST_CASE("eval: fine-tuning stopped within an epoch, or checkpointed there, resumes to the uninterrupted result") {
   ColourTask task = colour_task("mid_epoch", 8, 4, 9);
   const fs::path& dir = task.dir;

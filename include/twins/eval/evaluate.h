@@ -11,9 +11,11 @@
 //               "crop_scale": [0.08, 1.0], "precision": "fp32", "seed": 0, "eval_every_epochs": 0,
 //               "checkpoint_every_steps": 0},
 //  "batch_size": 256, "workers": 2, "device": "auto", "dist_backend": "auto", "dist_timeout_s": 1800,
-//  "dist_heartbeat_timeout_s": 60}
+//  "dist_heartbeat_timeout_s": 60, "features_save_every_s": 10}
 // Features are extracted once per backbone and split and cached in the output folder
 // (features-<split>-<key>.safetensors), so linear-probe and knn on the same backbone share them.
+// A single process extracting them keeps the rows done in <that file>.partial (its state in
+// .partial.json, saved every features_save_every_s seconds): the same command, killed, continues.
 #include <nlohmann/json.hpp>
 
 #include <atomic>
@@ -37,6 +39,9 @@ struct EvalConfig {
   int64_t batch_size = 256;
   int workers = 2;
   std::string device = "auto";
+  /// How often a single process extracting features for the cache saves how far it got (0: after
+  /// every batch; each save waits for the disk).
+  double features_save_every_s = 10;
   /// With several ranks (--nproc-per-node, torchrun, SLURM): the backend ("auto": NCCL on CUDA,
   /// else Gloo) and the time after which a collective waiting for a dead or hung rank fails.
   std::string dist_backend = "auto";
