@@ -171,11 +171,22 @@ const std::string& ensure_correct_cpu_convolutions() {
   return note;
 }
 
-void configure_compute(int threads, bool deterministic, const c10::Device& device) {
+void configure_compute(int threads, bool deterministic, const c10::Device& device,
+                       const std::string& float32_matmul_precision) {
   set_compute_threads(threads);
   compat::set_deterministic(deterministic);
   // The autotuner picks by timing, so two runs may pick different kernels: off when deterministic.
   at::globalContext().setBenchmarkCuDNN(device.is_cuda() && !deterministic);
+  // Set only when it changes (LibTorch 2.9 and later warn that this setter is the older API).
+  const auto wanted = float32_matmul_precision == "high"     ? at::Float32MatmulPrecision::HIGH
+                      : float32_matmul_precision == "medium" ? at::Float32MatmulPrecision::MEDIUM
+                                                             : at::Float32MatmulPrecision::HIGHEST;
+  if (float32_matmul_precision != "high" && float32_matmul_precision != "medium" &&
+      float32_matmul_precision != "highest")
+    throw std::invalid_argument("float32_matmul_precision: must be highest, high or medium, got \"" +
+                                float32_matmul_precision + "\"");
+  if (at::globalContext().float32MatmulPrecision() != wanted)
+    at::globalContext().setFloat32MatmulPrecision(float32_matmul_precision);
 }
 
 int64_t peak_device_memory_bytes(const c10::Device& device) {

@@ -53,7 +53,7 @@ StepBenchmark bench_step(const json& config, int64_t steps, int64_t warmup, cons
   const Recipe recipe = Recipe::parse(config);
   const TrainConfig& tc = recipe.train;
   const at::Device device = resolve_device(device_name.empty() ? tc.device : device_name, "train.device");
-  configure_compute(tc.threads, tc.deterministic, device);
+  configure_compute(tc.threads, tc.deterministic, device, tc.float32_matmul_precision);
   const int64_t classes = 10;
   at::manual_seed(tc.seed);
   TrainerOptions to;
@@ -241,7 +241,7 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
   const detail::CheckpointStore store(out_dir / "checkpoints", tc.keep_checkpoints);
   const Job job = join_job(tc, options.device.empty() ? tc.device : options.device);
   if (job.main_rank) io::check_writable(store.dir().string());  // before the training time is spent
-  configure_compute(tc.threads, tc.deterministic, job.device);
+  configure_compute(tc.threads, tc.deterministic, job.device, tc.float32_matmul_precision);
 
   const auto dataset = data::create_dataset(recipe.data, "data");
   const auto views = augment::parse_views(recipe.views, "views");

@@ -350,6 +350,7 @@ def main():
     size = views_spec[0][0]["size"]
     batch = args.batch_size or cfg["train"]["batch_size"]
     torch.set_num_threads(args.threads)
+    torch.set_float32_matmul_precision(cfg["train"].get("float32_matmul_precision", "highest"))  # as twins
     torch.manual_seed(0)
     own = args.own_models or torchvision is None
     trainer = Trainer(cfg, batch, args.device, args.bf16, args.channels_last, args.compile, args.compile_mode, own)

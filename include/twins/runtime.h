@@ -56,9 +56,11 @@ const std::string& ensure_correct_cpu_convolutions();
 /// The compute settings of a training run, applied alike by `twins pretrain` and `twins bench
 /// step` so that the benchmark times the step a run takes: LibTorch's threads (as
 /// set_compute_threads), deterministic algorithms on or off as asked, and cuDNN's autotuner on
-/// CUDA unless deterministic (the shapes of a run are fixed, so each convolution is tuned once).
-/// Process-wide: the last run configured rules.
-void configure_compute(int threads, bool deterministic, const c10::Device& device);
+/// CUDA unless deterministic (the shapes of a run are fixed, so each convolution is tuned once),
+/// and the float32 matmul precision ("highest", "high" or "medium", as
+/// torch.set_float32_matmul_precision). Process-wide: the last run configured rules.
+void configure_compute(int threads, bool deterministic, const c10::Device& device,
+                       const std::string& float32_matmul_precision = "highest");
 /// The most bytes of tensors the CUDA caching allocator held on `device` since the last
 /// reset_peak_device_memory() (torch.cuda.max_memory_allocated); 0 for the CPU, and in a build
 /// without CUDA.

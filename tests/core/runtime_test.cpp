@@ -2,6 +2,7 @@
 #include "twins/runtime.h"
 #include "twins/version.h"
 
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <torch/cuda.h>
 
@@ -27,6 +28,21 @@ TEST_CASE("runtime: set_compute_threads sets LibTorch's threads and leaves OpenB
   MESSAGE("OpenBLAS threads: " << blas);
   CHECK(twins::set_compute_threads(1) == 1);
   at::set_num_threads(before);
+}
+
+TEST_CASE("runtime: configure_compute sets the float32 matmul precision as torch.set_float32_matmul_precision") {
+  const int threads = at::get_num_threads();
+  auto& context = at::globalContext();
+  twins::configure_compute(threads, false, c10::Device("cpu"), "high");
+  CHECK(context.float32MatmulPrecision() == at::Float32MatmulPrecision::HIGH);
+  twins::configure_compute(threads, false, c10::Device("cpu"), "medium");
+  CHECK(context.float32MatmulPrecision() == at::Float32MatmulPrecision::MEDIUM);
+  check_throws_with<std::invalid_argument>(
+      [&] { twins::configure_compute(threads, false, c10::Device("cpu"), "tf32"); },
+      "float32_matmul_precision: must be highest, high or medium, got \"tf32\"");
+  twins::configure_compute(threads, false, c10::Device("cpu"));
+  CHECK(context.float32MatmulPrecision() == at::Float32MatmulPrecision::HIGHEST);
+  at::set_num_threads(threads);
 }
 
 TEST_CASE("runtime: device names") {

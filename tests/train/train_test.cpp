@@ -413,6 +413,12 @@ TEST_CASE("train: strict recipes") {
   cfg["model"].erase("predictor");
   check_throws_with<std::invalid_argument>([&] { Recipe::parse(cfg); }, "BYOL needs a predictor");
   cfg = tiny_recipe("vicreg", data.dir);
+  cfg["train"]["float32_matmul_precision"] = "tf32";
+  check_throws_with<std::invalid_argument>([&] { Recipe::parse(cfg); },
+                                           "train.float32_matmul_precision: must be highest, high or medium");
+  cfg["train"]["float32_matmul_precision"] = "high";
+  CHECK(Recipe::parse(cfg).train.float32_matmul_precision == "high");
+  cfg = tiny_recipe("vicreg", data.dir);
   cfg["_comment"] = "ignored";
   CHECK_NOTHROW(Recipe::parse(cfg));
   PretrainOptions o = quiet(data.dir / "none");

@@ -18,7 +18,7 @@
 //             "checkpoint_every_steps", "checkpoint_every_epochs", "keep_checkpoints",
 //             "deterministic", "precision", "channels_last", "threads", "sync_batchnorm",
 //             "dist_backend", "dist_timeout_s", "dist_heartbeat_timeout_s", "bucket_mb", "grad_accumulation",
-//             "grad_cache", "cuda_graph", "tensorboard"}
+//             "grad_cache", "cuda_graph", "tensorboard", "float32_matmul_precision"}
 // }
 // Keys starting with "_" (e.g. "_comment") are ignored everywhere at the top level.
 #include <nlohmann/json.hpp>
@@ -129,6 +129,10 @@ struct TrainConfig {
   /// gradient scaler).
   Precision precision = Precision::automatic;
   bool channels_last = false;
+  /// PyTorch's torch.set_float32_matmul_precision for the matmuls that run in float32 (fp32
+  /// training, the losses): "highest" (IEEE float32, PyTorch's default), "high" (TF32 on CUDA
+  /// from Ampere on) or "medium" (bf16 where supported).
+  std::string float32_matmul_precision = "highest";
   /// Intra-op threads for the model (0: every core, or OMP_NUM_THREADS when set).
   int threads = 0;
   /// Data parallelism: BatchNorm statistics over every rank's batch (the official recipes').
