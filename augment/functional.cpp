@@ -425,7 +425,7 @@ at::Tensor rotate(const at::Tensor& image, double degrees) {
   const double cx = static_cast<double>(w) / 2, cy = static_cast<double>(h) / 2;
   const double a[6] = {cos_a,  sin_a, cos_a * -cx + sin_a * -cy + 0.0 + cx,
                        -sin_a, cos_a, -sin_a * -cx + cos_a * -cy + 0.0 + cy};
-  if (a[1] == 0 && a[3] == 0) return a[0] > 0 ? img.clone() : img.flip({0, 1});  // within 1e-14 degrees
+  if (a[1] == 0 && a[3] == 0) return a[0] > 0 ? img.clone() : img.flip({0, 1});  // within ~3e-14 degrees
   at::Tensor out = at::zeros_like(img);
   const uint8_t* in = img.data_ptr<uint8_t>();
   uint8_t* o = out.data_ptr<uint8_t>();

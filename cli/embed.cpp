@@ -4,7 +4,6 @@
 
 #include <chrono>
 #include <filesystem>
-#include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <string_view>
@@ -60,68 +59,44 @@ int run_embed(const EmbedArgs& a) {
   const Embedder embedder(a.backbone, o);
   const auto dataset = data::open_images(a.input, "--input");
   const int64_t n = dataset->size(), dim = embedder.dim();
-  const std::string partial = a.output + ".partial", state_path = partial + ".json";
+  const std::string partial = a.output + ".partial";
   // One run at a time per output: a second would cut and append to the same rows.
   const std::string lock_path = a.output + ".lock";
   const io::FileLock lock(lock_path);
   if (!lock.held())
     throw std::runtime_error(a.output + ": another twins embed is writing it (" + lock_path +
                              " is locked); wait for it to finish, or choose another --output");
-  const std::string key = embed_key(a, embedder, *dataset);
-  const std::string header = eval::npy_header(at::kFloat, {n, dim});
-  const auto row_bytes = static_cast<uintmax_t>(dim) * sizeof(float);
-  int64_t done = 0;
-  std::error_code ec;
-  if (fs::exists(state_path, ec)) {
-    std::ifstream in(state_path);
-    const nlohmann::json state = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
-    const nlohmann::json rows = state.is_object() ? state.value("rows_done", nlohmann::json()) : nlohmann::json();
-    const auto size = fs::file_size(partial, ec);
-    if (state.is_object() && state.value("key", nlohmann::json()) == key && rows.is_number_integer() &&
-        rows.get<int64_t>() >= 0 && rows.get<int64_t>() <= n && !ec &&
-        size >= header.size() + static_cast<uintmax_t>(rows.get<int64_t>()) * row_bytes) {
-      // Continue at a batch boundary (the batch size may differ from the stopped run's).
-      done = rows.get<int64_t>() == n ? n : rows.get<int64_t>() / a.batch_size * a.batch_size;
-      std::cerr << "continuing " << partial << " at image " << done << " of " << n << "\n";
-    } else {
-      std::cerr << "starting over: " << partial
-                << " was written for other images, another backbone or other settings (or is incomplete)\n";
-    }
-  }
-  std::cerr << "embedding " << n - done << " images with " << a.backbone << " (" << dim << " features, "
+  const auto row_bytes = static_cast<size_t>(dim) * sizeof(float);
+  io::RowFile rows(partial, eval::npy_header(at::kFloat, {n, dim}), row_bytes, embed_key(a, embedder, *dataset), n,
+                   a.batch_size);
+  if (rows.opened() == io::RowFile::Opened::continued)
+    std::cerr << "continuing " << partial << " at image " << rows.rows() << " of " << n << "\n";
+  else if (rows.opened() == io::RowFile::Opened::started_over)
+    std::cerr << "starting over: " << partial
+              << " was written for other images, another backbone or other settings (or is incomplete)\n";
+  std::cerr << "embedding " << n - rows.rows() << " images with " << a.backbone << " (" << dim << " features, "
             << embedder.image_size() << " px)\n";
-  const auto write_state = [&] {
-    io::write_file_atomic(state_path, nlohmann::json{{"key", key}, {"rows_done", done}}.dump() + "\n");
-  };
-  write_state();  // first, so that it never claims rows the file no longer has
-  if (done == 0)
-    io::write_file_atomic(partial, header);
-  else
-    fs::resize_file(partial, header.size() + static_cast<uintmax_t>(done) * row_bytes);  // rows past it: redone
-  io::AppendFile out(partial);
   auto last_save = std::chrono::steady_clock::now();
-  const auto save_state = [&] {
-    out.sync();  // the rows first, then the count that claims them
-    write_state();
-    last_save = std::chrono::steady_clock::now();
-  };
   EmbedDatasetOptions eo;
-  eo.workers = a.workers, eo.progress = true, eo.first = done;
+  eo.workers = a.workers, eo.progress = true, eo.first = rows.rows();
   eo.stop = stop_flag_on_signals(/*speaks=*/true);
   int64_t batches = 0;
   eo.sink = [&](int64_t first, const at::Tensor& features) {
-    if (first != done || features.dim() != 2 || features.size(1) != dim)
-      throw std::logic_error("embed: batch at image " + std::to_string(first) + " where " + std::to_string(done) +
-                             " were written");
-    const at::Tensor rows = features.to(at::kFloat).contiguous();
-    out.append(std::string_view(static_cast<const char*>(rows.data_ptr()), static_cast<size_t>(rows.nbytes())));
-    done += rows.size(0);
-    if (std::chrono::duration<double>(std::chrono::steady_clock::now() - last_save).count() >= a.save_every_s)
-      save_state();
+    if (first != rows.rows() || features.dim() != 2 || features.size(1) != dim)
+      throw std::logic_error("embed: batch at image " + std::to_string(first) + " where " +
+                             std::to_string(rows.rows()) + " were written");
+    const at::Tensor f = features.to(at::kFloat).contiguous();
+    rows.append(std::string_view(static_cast<const char*>(f.data_ptr()), static_cast<size_t>(f.nbytes())), f.size(0));
+    if (std::chrono::duration<double>(std::chrono::steady_clock::now() - last_save).count() >= a.save_every_s) {
+      rows.save();
+      last_save = std::chrono::steady_clock::now();
+    }
     io::fault_point("embed_batch", std::to_string(++batches));
   };
   embedder.embed_dataset(dataset, eo);
-  save_state();
+  rows.save();
+  const int64_t done = rows.rows();
+  std::error_code ec;
   if (done < n) {
     fs::remove(lock_path, ec);  // (while still held, as below)
     std::cout << "embed: stopped at image " << done << " of " << n << " (state in " << partial
@@ -135,7 +110,7 @@ int run_embed(const EmbedArgs& a) {
   for (int64_t i = 0; i < n; ++i) ids += dataset->id(i) + "\n";
   fs::rename(partial, a.output);
   io::write_file_atomic(ids_path.string(), ids);
-  fs::remove(state_path, ec);
+  fs::remove(rows.state_path(), ec);
   fs::remove(lock_path, ec);
   std::cout << "wrote " << a.output << " [" << n << ", " << dim << "] float32 and " << ids_path.string() << "\n";
   return 0;

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <sys/file.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <zlib.h>
 
@@ -11,6 +12,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
 #include <regex>
 #include <stdexcept>
 
@@ -166,13 +169,89 @@ FolderLock::~FolderLock() {
 }
 
 FileLock::FileLock(const std::string& path) {
-  fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-  if (fd_ < 0) throw std::runtime_error(path + ": cannot create (" + describe_errno(errno) + ")");
-  held_ = ::flock(fd_, LOCK_EX | LOCK_NB) == 0;
+  for (int attempt = 0; attempt < 100; ++attempt) {
+    fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd_ < 0) throw std::runtime_error(path + ": cannot create (" + describe_errno(errno) + ")");
+    if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+      const int err = errno;
+      if (err == EWOULDBLOCK) return;  // held by another process
+      ::close(fd_);
+      fd_ = -1;
+      throw std::runtime_error(path + ": cannot lock (" + describe_errno(err) + ")");
+    }
+    // Locked: still the file `path` names? (Its holder may have removed it between our open and
+    // our lock; a third process would then lock a new one.)
+    struct stat mine {
+    }, named{};
+    if (::fstat(fd_, &mine) == 0 && ::stat(path.c_str(), &named) == 0 && mine.st_dev == named.st_dev &&
+        mine.st_ino == named.st_ino) {
+      held_ = true;
+      return;
+    }
+    ::close(fd_);
+    fd_ = -1;
+  }
+  throw std::runtime_error(path + ": cannot lock (removed again and again while being locked)");
 }
 
 FileLock::~FileLock() {
   if (fd_ >= 0) ::close(fd_);  // releases the flock
+}
+
+RowFile::RowFile(const std::string& path, std::string_view header, size_t row_bytes, const std::string& key,
+                 int64_t max_rows, int64_t align)
+    : path_(path), key_(key), header_bytes_(header.size()), row_bytes_(row_bytes) {
+  if (row_bytes < 1 || max_rows < 0 || align < 1)
+    throw std::invalid_argument(path + ": rows of " + std::to_string(row_bytes) + " bytes, at most " +
+                                std::to_string(max_rows) + ", aligned to " + std::to_string(align));
+  std::error_code ec;
+  if (fs::exists(state_path(), ec)) {
+    opened_ = Opened::started_over;
+    std::ifstream in(state_path());
+    const nlohmann::json state = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+    const nlohmann::json rows = state.is_object() ? state.value("rows_done", nlohmann::json()) : nlohmann::json();
+    const auto size = fs::file_size(path, ec);
+    if (state.is_object() && state.value("key", nlohmann::json()) == key && rows.is_number_integer() &&
+        rows.get<int64_t>() >= 0 && rows.get<int64_t>() <= max_rows && !ec && size >= header_bytes_ &&
+        (size - header_bytes_) / row_bytes >= static_cast<uintmax_t>(rows.get<int64_t>())) {
+      rows_ = rows.get<int64_t>() == max_rows ? max_rows : rows.get<int64_t>() / align * align;
+      opened_ = Opened::continued;
+    }
+  }
+  write_state();  // first, so that it never claims rows the file no longer has
+  if (rows_ == 0)
+    write_file_atomic(path, header);
+  else
+    fs::resize_file(path, header_bytes_ + static_cast<uintmax_t>(rows_) * row_bytes_);  // rows past it: redone
+  out_ = std::make_unique<AppendFile>(path);
+}
+
+void RowFile::append(std::string_view bytes, int64_t count) {
+  if (count < 0 || bytes.size() != static_cast<size_t>(count) * row_bytes_)
+    throw std::invalid_argument(path_ + ": " + std::to_string(bytes.size()) + " bytes for " + std::to_string(count) +
+                                " rows of " + std::to_string(row_bytes_));
+  out_->append(bytes);
+  rows_ += count;
+}
+
+void RowFile::save() {
+  out_->sync();  // the rows first, then the count that claims them
+  write_state();
+}
+
+void RowFile::read(int64_t first, int64_t count, char* out) const {
+  if (first < 0 || count < 0 || first + count > rows_)
+    throw std::invalid_argument(path_ + ": rows " + std::to_string(first) + " to " + std::to_string(first + count) +
+                                " of " + std::to_string(rows_));
+  std::ifstream in(path_, std::ios::binary);
+  in.seekg(static_cast<std::streamoff>(header_bytes_ + static_cast<size_t>(first) * row_bytes_));
+  if (!in.read(out, static_cast<std::streamsize>(static_cast<size_t>(count) * row_bytes_)))
+    throw std::runtime_error(path_ + ": cannot read rows " + std::to_string(first) + " to " +
+                             std::to_string(first + count) + " back");
+}
+
+void RowFile::write_state() const {
+  write_file_atomic(state_path(), nlohmann::json{{"key", key_}, {"rows_done", rows_}}.dump() + "\n");
 }
 
 int remove_stale_temporaries(const std::string& dir) {

@@ -171,8 +171,14 @@ const std::string& ensure_correct_cpu_convolutions() {
   return note;
 }
 
+void check_float32_matmul_precision(const std::string& name, const std::string& key) {
+  if (name != "highest" && name != "high" && name != "medium")
+    throw std::invalid_argument(key + ": must be highest, high or medium, got \"" + name + "\"");
+}
+
 void configure_compute(int threads, bool deterministic, const c10::Device& device,
                        const std::string& float32_matmul_precision) {
+  check_float32_matmul_precision(float32_matmul_precision, "float32_matmul_precision");  // before any change
   set_compute_threads(threads);
   compat::set_deterministic(deterministic);
   // The autotuner picks by timing, so two runs may pick different kernels: off when deterministic.
@@ -181,10 +187,6 @@ void configure_compute(int threads, bool deterministic, const c10::Device& devic
   const auto wanted = float32_matmul_precision == "high"     ? at::Float32MatmulPrecision::HIGH
                       : float32_matmul_precision == "medium" ? at::Float32MatmulPrecision::MEDIUM
                                                              : at::Float32MatmulPrecision::HIGHEST;
-  if (float32_matmul_precision != "high" && float32_matmul_precision != "medium" &&
-      float32_matmul_precision != "highest")
-    throw std::invalid_argument("float32_matmul_precision: must be highest, high or medium, got \"" +
-                                float32_matmul_precision + "\"");
   if (at::globalContext().float32MatmulPrecision() != wanted)
     at::globalContext().setFloat32MatmulPrecision(float32_matmul_precision);
 }

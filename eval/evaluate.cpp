@@ -186,104 +186,87 @@ bool write_cache(const fs::path& cache, const Features& f) {
   }
 }
 
-// extract_features into the cache at `cache` (written here), surviving a crash: each row (D float32 features, then
-// the int64 label) is appended to <cache>.partial as it comes, and <cache>.partial.json says how
-// many rows are on disk, written after they are synced, every `save_every_s` seconds. A run that
-// finds them continues at the batch boundary below that count. (The cache's name is its key, so
-// the rows are of these images, this backbone and this transform.) Another process extracting
-// into the same file (its lock held), or a folder that cannot be written, leaves this one
-// extracting in memory, as without the partial file. Once the cache is written, the partial
-// files go (the lock's last, while held).
-Features extract_to_cache(models::Network& net, std::shared_ptr<const data::Dataset> dataset, const augment::View& view,
-                          const at::Device& device, ExtractOptions o, const fs::path& cache, double save_every_s) {
-  const std::string partial = cache.string() + ".partial", state_path = partial + ".json";
+// extract_features into the cache at `cache` (written here), surviving a crash: each row (D
+// float32 features, then the int64 label) goes to <cache>.partial as it comes, an io::RowFile
+// whose state is saved every `save_every_s` seconds; a run that finds them continues there. (The
+// cache's name is its key, so the rows are of these images, this backbone and this transform.)
+// Another process extracting into the same file (its lock held), or a folder that cannot be
+// written, leaves this one extracting in memory, as without the partial file. Once the cache is
+// written, the partial files go (the lock's last, while held).
+Features extract_to_cache(models::Network& net, const std::shared_ptr<const data::Dataset>& dataset,
+                          const augment::View& view, const at::Device& device, ExtractOptions o, const fs::path& cache,
+                          double save_every_s) {
+  const std::string partial = cache.string() + ".partial";
   const int64_t n = dataset->size(), dim = net.output_dim();
-  const auto row_bytes = static_cast<size_t>(dim) * sizeof(float) + sizeof(int64_t);
-  int64_t done = 0;  // rows on disk
-  const auto write_state = [&] {
-    io::write_file_atomic(state_path, json{{"images", n}, {"dim", dim}, {"rows_done", done}}.dump() + "\n");
-  };
+  const auto feature_bytes = static_cast<size_t>(dim) * sizeof(float), row_bytes = feature_bytes + sizeof(int64_t);
   std::optional<io::FileLock> lock;
-  std::optional<io::AppendFile> out;
+  std::optional<io::RowFile> rows;
   std::vector<at::Tensor> features, labels;
   try {
     fs::create_directories(cache.parent_path());
     lock.emplace(partial + ".lock");
-    if (!lock->held()) {
-      std::cerr << "  " << o.what << ": another process is extracting into " << partial << "; extracting in memory\n";
-      Features f = extract_features(net, std::move(dataset), view, device, o);
-      write_cache(cache, f);
-      return f;
-    }
-    std::error_code ec;
-    if (fs::exists(state_path, ec)) {
-      std::ifstream in(state_path);
-      const json state = json::parse(in, nullptr, /*allow_exceptions=*/false);
-      const json rows = state.is_object() ? state.value("rows_done", json()) : json();
-      const auto size = fs::file_size(partial, ec);
-      if (state.is_object() && state.value("images", json()) == n && state.value("dim", json()) == dim &&
-          rows.is_number_integer() && rows.get<int64_t>() >= 0 && rows.get<int64_t>() <= n && !ec &&
-          size >= static_cast<uintmax_t>(rows.get<int64_t>()) * row_bytes) {
-        done = rows.get<int64_t>() == n ? n : rows.get<int64_t>() / o.batch_size * o.batch_size;
-        std::cerr << "  " << o.what << ": continuing " << partial << " at image " << done << " of " << n << "\n";
-      } else {
+    if (lock->held()) {
+      rows.emplace(partial, "", row_bytes, std::to_string(n) + " images, " + std::to_string(dim) + " features", n,
+                   o.batch_size);
+      if (rows->opened() == io::RowFile::Opened::continued)
+        std::cerr << "  " << o.what << ": continuing " << partial << " at image " << rows->rows() << " of " << n
+                  << "\n";
+      else if (rows->opened() == io::RowFile::Opened::started_over)
         std::cerr << "  " << o.what << ": starting over (" << partial << " is unreadable or incomplete)\n";
+      // The rows on disk, read back in chunks of about 64 MB.
+      at::Tensor f = at::empty({rows->rows(), dim}, at::kFloat), l = at::empty({rows->rows()}, at::kLong);
+      const int64_t chunk = std::max<int64_t>(1, (int64_t{64} << 20) / static_cast<int64_t>(row_bytes));
+      std::string bytes;
+      for (int64_t first = 0; first < rows->rows(); first += chunk) {
+        const int64_t count = std::min(chunk, rows->rows() - first);
+        bytes.resize(static_cast<size_t>(count) * row_bytes);
+        rows->read(first, count, bytes.data());
+        for (int64_t i = 0; i < count; ++i) {
+          const char* row = bytes.data() + static_cast<size_t>(i) * row_bytes;
+          std::memcpy(f[first + i].data_ptr(), row, feature_bytes);
+          std::memcpy(l.data_ptr<int64_t>() + first + i, row + feature_bytes, sizeof(int64_t));
+        }
       }
+      features.push_back(f), labels.push_back(l);
+    } else {
+      std::cerr << "  " << o.what << ": another process is extracting into " << partial << "; extracting in memory\n";
     }
-    write_state();  // first, so that it never claims rows the file no longer has
-    if (done == 0)
-      io::write_file_atomic(partial, "");
-    else
-      fs::resize_file(partial, static_cast<uintmax_t>(done) * row_bytes);  // rows past it: redone
-    // The rows on disk, read back.
-    features.push_back(at::empty({done, dim}, at::kFloat));
-    labels.push_back(at::empty({done}, at::kLong));
-    std::ifstream in(partial, std::ios::binary);
-    std::string row(row_bytes, '\0');
-    for (int64_t i = 0; i < done; ++i) {
-      if (!in.read(row.data(), static_cast<std::streamsize>(row_bytes)))
-        throw std::runtime_error(partial + ": cannot read row " + std::to_string(i) + " back");
-      std::memcpy(features[0][i].data_ptr(), row.data(), static_cast<size_t>(dim) * sizeof(float));
-      std::memcpy(labels[0].data_ptr<int64_t>() + i, row.data() + dim * sizeof(float), sizeof(int64_t));
-    }
-    out.emplace(partial);
-  } catch (const std::exception& e) {
+  } catch (const std::exception& e) {  // (only the files: nothing is extracted yet)
     std::cerr << "warning: " << o.what << ": cannot keep them on disk as they come (" << e.what()
               << "); extracting in memory\n";
-    Features f = extract_features(net, std::move(dataset), view, device, o);
-    write_cache(cache, f);
-    return f;
+    rows.reset(), features.clear(), labels.clear();
   }
+  if (features.empty()) features.push_back(at::empty({0, dim})), labels.push_back(at::empty({0}, at::kLong));
   auto last_save = std::chrono::steady_clock::now();
-  std::string rows;
-  int64_t batches = 0, extracted = done;
-  o.first = done;
+  std::string bytes;
+  int64_t batches = 0, extracted = rows ? rows->rows() : 0;
+  o.first = extracted;
   o.sink = [&](int64_t first, const Features& batch) {
     const at::Tensor f = batch.features.to(at::kFloat).contiguous(), l = batch.labels.to(at::kLong).contiguous();
-    if (first != extracted || f.dim() != 2 || f.size(1) != dim || l.numel() != f.size(0))
-      throw std::runtime_error(o.what + ": the backbone gave features of shape " + c10::str(f.sizes()) + " at image " +
-                               std::to_string(first) + ", where its output_dim is " + std::to_string(dim));
-    features.push_back(f);
-    labels.push_back(l);
+    if (first != extracted)
+      throw std::logic_error(o.what + ": a batch at image " + std::to_string(first) + " where " +
+                             std::to_string(extracted) + " were extracted");
+    if (f.dim() != 2 || f.size(1) != dim || l.numel() != f.size(0))
+      throw std::runtime_error(o.what + ": the backbone gave features of shape " + c10::str(f.sizes()) + " for " +
+                               std::to_string(l.numel()) + " images, where its output_dim is " + std::to_string(dim));
+    features.push_back(f), labels.push_back(l);
     extracted += f.size(0);
-    if (out) try {  // a disk that fails costs the resume, not the features
-        rows.resize(static_cast<size_t>(f.size(0)) * row_bytes);
+    if (rows) try {  // a disk that fails costs the resume, not the features
+        bytes.resize(static_cast<size_t>(f.size(0)) * row_bytes);
         for (int64_t i = 0; i < f.size(0); ++i) {
-          char* row = rows.data() + static_cast<size_t>(i) * row_bytes;
-          std::memcpy(row, f[i].data_ptr(), static_cast<size_t>(dim) * sizeof(float));
-          std::memcpy(row + dim * sizeof(float), l.data_ptr<int64_t>() + i, sizeof(int64_t));
+          char* row = bytes.data() + static_cast<size_t>(i) * row_bytes;
+          std::memcpy(row, f[i].data_ptr(), feature_bytes);
+          std::memcpy(row + feature_bytes, l.data_ptr<int64_t>() + i, sizeof(int64_t));
         }
-        out->append(rows);
-        done = extracted;
+        rows->append(bytes, f.size(0));
         if (std::chrono::duration<double>(std::chrono::steady_clock::now() - last_save).count() >= save_every_s) {
-          out->sync();  // the rows first, then the count that claims them
-          write_state();
+          rows->save();
           last_save = std::chrono::steady_clock::now();
         }
       } catch (const std::exception& e) {
         std::cerr << "warning: " << o.what << ": cannot keep them on disk as they come (" << e.what()
                   << "); going on in memory\n";
-        out.reset();
+        rows.reset();
       }
     io::fault_point("features_batch", std::to_string(++batches));
   };
@@ -292,9 +275,10 @@ Features extract_to_cache(models::Network& net, std::shared_ptr<const data::Data
     throw std::runtime_error(o.what + ": extracted " + std::to_string(extracted) + " of " + std::to_string(n) +
                              " images");
   Features f{at::cat(features), at::cat(labels)};
-  if (write_cache(cache, f)) {
+  if (write_cache(cache, f) && lock && lock->held()) {
+    rows.reset();
     std::error_code ec;
-    for (const std::string& file : {state_path, partial, partial + ".lock"}) fs::remove(file, ec);
+    for (const std::string& file : {partial + ".json", partial, partial + ".lock"}) fs::remove(file, ec);
   }
   return f;
 }

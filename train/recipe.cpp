@@ -5,6 +5,7 @@
 #include "twins/config.h"
 #include "twins/losses.h"
 #include "twins/registry.h"
+#include "twins/runtime.h"
 
 namespace twins::train {
 
@@ -213,10 +214,7 @@ Recipe Recipe::parse(const json& root) {
     require(c.checkpoint_every_epochs >= 0, "train.checkpoint_every_epochs", "must be >= 0");
     require(c.keep_checkpoints >= 1 && c.keep_checkpoints <= 1000, "train.keep_checkpoints", "must be in [1, 1000]");
     require(c.threads >= 0 && c.threads <= 4096, "train.threads", "must be in [0, 4096]");
-    require(c.float32_matmul_precision == "highest" || c.float32_matmul_precision == "high" ||
-                c.float32_matmul_precision == "medium",
-            "train.float32_matmul_precision",
-            "must be highest, high or medium, got \"" + c.float32_matmul_precision + "\"");
+    check_float32_matmul_precision(c.float32_matmul_precision, "train.float32_matmul_precision");
     require(c.dist_backend == "auto" || c.dist_backend == "nccl" || c.dist_backend == "gloo", "train.dist_backend",
             "must be auto, nccl or gloo, got \"" + c.dist_backend + "\"");
     require(c.dist_timeout_s > 0 && c.dist_timeout_s <= 1e7, "train.dist_timeout_s", "must be in (0, 10^7]");

@@ -43,10 +43,11 @@ VIEW_OPS = {  # twins views-file op -> torchvision/PIL transforms
         o["brightness"], o["contrast"], o["saturation"], o["hue"])], p=o["p"])],
     "random_grayscale": lambda o: [T.RandomGrayscale(o["p"])],
     "solarization": lambda o: [T.RandomSolarize(128, p=o["p"])],  # PIL: ImageOps.solarize
-    "equalization": lambda o: [T.RandomEqualize(o["p"])],  # PIL: ImageOps.equalize
-    "random_vertical_flip": lambda o: [T.RandomVerticalFlip(o["p"])],
-    "random_rotation": lambda o: [T.RandomApply([T.RandomRotation(o["degrees"])], p=o["p"]) if "degrees" in o
-                                  else T.RandomApply([T.RandomRotation((o["angle"], o["angle"]))], p=o["p"])],
+    "equalization": lambda o: [T.RandomEqualize(o.get("p", 0.5))],  # PIL: ImageOps.equalize
+    "random_vertical_flip": lambda o: [T.RandomVerticalFlip(o.get("p", 0.5))],
+    "random_rotation": lambda o: [T.RandomApply([T.RandomRotation(o["degrees"] if "degrees" in o
+                                                                  else (o.get("angle", 90), o.get("angle", 90)))],
+                                                p=o.get("p", 0.5))],
     "normalize": lambda o: [T.ToTensor(), T.Normalize(o["mean"], o["std"])],
 }
 

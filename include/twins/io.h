@@ -5,7 +5,9 @@
 // truncated file and an exit code of 0. The `twins` command ignores SIGXFSZ, so a size limit
 // reaches these checks instead of killing the process.
 #include <cstddef>
+#include <cstdint>
 #include <initializer_list>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -58,9 +60,12 @@ class FolderLock {
 
 /// An exclusive lock on the file `path` (flock; the file is created if absent), taken if free and
 /// held while the object lives; the kernel releases it when the process dies, however it dies.
+/// The lock is on the file that `path` names when taken: one its holder removed meanwhile is
+/// opened anew, so that a holder may remove it while it holds it.
 class FileLock {
  public:
-  /// Throws std::runtime_error naming the file if it cannot be created.
+  /// Throws std::runtime_error naming the file if it cannot be created or locked (a file system
+  /// without locks).
   explicit FileLock(const std::string& path);
   ~FileLock();
   FileLock(const FileLock&) = delete;
@@ -71,6 +76,44 @@ class FileLock {
  private:
   int fd_ = -1;
   bool held_ = false;
+};
+
+/// Rows of a fixed size appended to a file after a header, for long work a crash must not lose
+/// (`twins embed`'s output, the evaluations' features). A state beside it (<path>.json: {"key",
+/// "rows_done"}) counts the rows known to be on disk: it is written, atomically, only after they
+/// are synced, and rewritten before the file is cut back, so that it never claims rows the file
+/// lost. A process killed at any point, opening the same path with the same key, continues there.
+/// One process at a time per path (hold a FileLock).
+class RowFile {
+ public:
+  enum class Opened { fresh, continued, started_over };
+  /// Continues at the rows the state claims, rounded down to a multiple of `align` (but
+  /// `max_rows` itself), when its key is `key`, that count is in [0, max_rows] and the file holds
+  /// them; otherwise starts anew: `header` alone (started_over when a state was there).
+  RowFile(const std::string& path, std::string_view header, size_t row_bytes, const std::string& key, int64_t max_rows,
+          int64_t align);
+  RowFile(const RowFile&) = delete;
+  RowFile& operator=(const RowFile&) = delete;
+  Opened opened() const { return opened_; }
+  /// Rows in the file: those continued and those appended since.
+  int64_t rows() const { return rows_; }
+  /// Appends `count` rows: count x row_bytes bytes.
+  void append(std::string_view bytes, int64_t count);
+  /// Syncs the rows appended, then records them in the state.
+  void save();
+  /// Reads rows [first, first + count), which are in the file, into `out`.
+  void read(int64_t first, int64_t count, char* out) const;
+  const std::string& path() const { return path_; }
+  /// <path>.json
+  std::string state_path() const { return path_ + ".json"; }
+
+ private:
+  std::string path_, key_;
+  size_t header_bytes_, row_bytes_;
+  int64_t rows_ = 0;
+  Opened opened_ = Opened::fresh;
+  std::unique_ptr<AppendFile> out_;
+  void write_state() const;
 };
 
 /// The temporary file name write_file_atomic uses for `path` in this process.

@@ -61,6 +61,8 @@ const std::string& ensure_correct_cpu_convolutions();
 /// torch.set_float32_matmul_precision). Process-wide: the last run configured rules.
 void configure_compute(int threads, bool deterministic, const c10::Device& device,
                        const std::string& float32_matmul_precision = "highest");
+/// Throws std::invalid_argument naming `key` unless `name` is highest, high or medium.
+void check_float32_matmul_precision(const std::string& name, const std::string& key);
 /// The most bytes of tensors the CUDA caching allocator held on `device` since the last
 /// reset_peak_device_memory() (torch.cuda.max_memory_allocated); 0 for the CPU, and in a build
 /// without CUDA.

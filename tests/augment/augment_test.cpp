@@ -160,6 +160,25 @@ TEST_CASE("augment: rates of random ops") {
              [&](const at::Tensor& o) { return !at::equal(o, img); }) == doctest::Approx(0.8).epsilon(0.04).scale(0));
 }
 
+TEST_CASE("augment: random_rotation turns by an angle drawn from [-d, d] for degrees d") {
+  const at::Tensor img = at::randint(0, 256, {12, 10, 3}, at::kByte);
+  const auto views = parse_views(json::parse(R"([[{"type": "random_rotation", "p": 1, "degrees": 30}]])"));
+  int negative = 0;
+  for (int i = 0; i < 20; ++i) {
+    Rng rng(1, 2, i, 0);
+    CHECK(rng.bernoulli(1.0));
+    const double angle = rng.uniform(-30, 30);
+    negative += angle < 0;
+    CHECK(at::equal(views[0].apply(img, Rng(1, 2, i, 0)), F::rotate(img, angle)));
+  }
+  CHECK(negative > 0);
+  CHECK(negative < 20);
+  CHECK(views[0].ops[0]->to_json() ==
+        json::parse(R"({"type": "random_rotation", "p": 1.0, "degrees": [-30.0, 30.0]})"));
+  const auto fixed = parse_views(json::parse(R"([[{"type": "random_rotation"}]])"));
+  CHECK(fixed[0].ops[0]->to_json() == json::parse(R"({"type": "random_rotation", "p": 0.5, "angle": 90.0})"));
+}
+
 TEST_CASE("augment: views are deterministic per (seed, epoch, index, view)") {
   const json spec = json::parse(R"([
     [{"type": "random_resized_crop", "size": 12, "interpolation": "bicubic"},

@@ -182,18 +182,23 @@ echo '{"images": 256, "rows_done": 9' > "$dir/knn_garbage/$train_cache.partial.j
 "$twins" "${knn[@]}" --out "$dir/knn_garbage" > "$dir/out.knn_garbage" 2> "$dir/err.knn_garbage" || fail "knn (garbage)"
 grep -q "train features: starting over" "$dir/err.knn_garbage" || fail "knn: continued from a bad state"
 mkdir -p "$dir/knn_busy"
-exec 9> "$dir/knn_busy/$train_cache.partial.lock"
+busy="$dir/knn_busy/$train_cache.partial"
+head -c 1000 /dev/urandom > "$busy"
+echo '{"key": "another process", "rows_done": 0}' > "$busy.json"
+sums=$(cksum "$busy" "$busy.json")
+exec 9> "$busy.lock"
 flock 9
 "$twins" "${knn[@]}" --out "$dir/knn_busy" > "$dir/out.knn_busy" 2> "$dir/err.knn_busy" || fail "knn (busy)"
 exec 9>&-
 grep -q "another process is extracting into" "$dir/err.knn_busy" || fail "knn: a busy partial file not left alone"
+[ "$(cksum "$busy" "$busy.json")" = "$sums" ] || fail "knn: changed the partial files another process holds"
 for run in kill garbage busy; do
   for f in "$dir"/knn_full/features-*.safetensors; do
     cmp "$f" "$dir/knn_$run/$(basename "$f")" || fail "knn: $run's $(basename "$f") differs from the uninterrupted run's"
   done
   diff <(grep "^kNN" "$dir/out.knn_full") <(grep "^kNN" "$dir/out.knn_$run") || fail "knn: $run scores differ"
   for f in "$dir/knn_$run"/*.partial "$dir/knn_$run"/*.partial.json; do
-    if [ -e "$f" ]; then fail "knn: $run left $f"; fi
+    if [ -e "$f" ] && [ "$f" != "$busy" ] && [ "$f" != "$busy.json" ]; then fail "knn: $run left $f"; fi
   done
 done
 echo "knn features kill and continue ok"

@@ -96,6 +96,66 @@ TEST_CASE("io: appends are checked, and a folder lock excludes a second holder")
   fs::remove_all(dir);
 }
 
+TEST_CASE("io: a file lock is taken once, and a row file continues where its state says") {
+  using Opened = twins::io::RowFile::Opened;
+  const fs::path dir = fresh_dir("rows");
+  const std::string lock_path = (dir / "x.lock").string();
+  {
+    twins::io::FileLock first(lock_path);
+    CHECK(first.held());
+    twins::io::FileLock second(lock_path);
+    CHECK_FALSE(second.held());
+    // Its holder may remove it while holding it: the next one locks a new file.
+    fs::remove(lock_path);
+    twins::io::FileLock third(lock_path);
+    CHECK(third.held());
+  }
+  const std::string path = (dir / "rows.bin").string();
+  const auto rows = [](int first, int count) {  // row i: four times the letter 'a' + i
+    std::string s;
+    for (int i = first; i < first + count; ++i) s += std::string(4, static_cast<char>('a' + i));
+    return s;
+  };
+  {
+    twins::io::RowFile f(path, "HDR", 4, "k1", 10, 3);
+    CHECK(f.opened() == Opened::fresh);
+    f.append(rows(0, 5), 5);
+    f.save();
+    f.append(rows(5, 2), 2);  // not saved: the state says 5
+    check_throws_with<std::invalid_argument>([&] { f.append("abc", 1); }, "3 bytes for 1 rows of 4");
+  }
+  CHECK(read(dir / "rows.bin") == "HDR" + rows(0, 7));
+  {
+    twins::io::RowFile f(path, "HDR", 4, "k1", 10, 3);  // 5 saved, continued at 3 (a multiple of 3)
+    CHECK(f.opened() == Opened::continued);
+    CHECK(f.rows() == 3);
+    CHECK(read(dir / "rows.bin") == "HDR" + rows(0, 3));  // cut back
+    std::string back(8, '\0');
+    f.read(1, 2, back.data());
+    CHECK(back == rows(1, 2));
+    f.append(rows(3, 7), 7);
+    f.save();
+  }
+  {
+    twins::io::RowFile f(path, "HDR", 4, "k1", 10, 3);  // all 10 kept, though not a multiple of 3
+    CHECK(f.rows() == 10);
+  }
+  {
+    twins::io::RowFile f(path, "HDR", 4, "k2", 10, 3);  // another key
+    CHECK(f.opened() == Opened::started_over);
+    CHECK(f.rows() == 0);
+    CHECK(read(dir / "rows.bin") == "HDR");
+    f.append(rows(0, 2), 2);
+    f.save();
+  }
+  // A state that claims more rows than the file holds, or is not one, starts over.
+  std::ofstream(path + ".json") << R"({"key": "k2", "rows_done": 5})";
+  CHECK(twins::io::RowFile(path, "HDR", 4, "k2", 10, 1).opened() == Opened::started_over);
+  std::ofstream(path + ".json") << R"({"key": "k2", "rows_do)";
+  CHECK(twins::io::RowFile(path, "HDR", 4, "k2", 10, 1).opened() == Opened::started_over);
+  fs::remove_all(dir);
+}
+
 TEST_CASE("config: deep nesting, non-integers and out-of-range numbers are clear errors") {
   const std::string deep = std::string(100000, '[') + std::string(100000, ']');
   check_throws_with<std::invalid_argument>([&] { twins::config::parse_json(deep, "deep.json"); },

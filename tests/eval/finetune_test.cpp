@@ -571,7 +571,7 @@ TEST_CASE("eval: feature extraction for the cache continues from the rows a kill
     file.close();
     std::ofstream(cache.string() + ".partial.json") << state;
   };
-  const std::string ten = R"({"images": 24, "dim": )" + std::to_string(dim) + R"(, "rows_done": 10})";
+  const std::string ten = R"({"key": "24 images, )" + std::to_string(dim) + R"( features", "rows_done": 10})";
   plant(10, ten);
   const Features continued = eval_features(task.backbone, c, out.string(), &classes).first;
   CHECK(at::equal(continued.labels, full.labels));
@@ -583,7 +583,7 @@ TEST_CASE("eval: feature extraction for the cache continues from the rows a kill
   // A state that claims more rows than the file holds, or of another shape, starts over.
   plant(3, ten);
   CHECK(at::equal(eval_features(task.backbone, c, out.string(), &classes).first.features, full.features));
-  plant(10, R"({"images": 25, "dim": )" + std::to_string(dim) + R"(, "rows_done": 10})");
+  plant(10, R"({"key": "25 images, )" + std::to_string(dim) + R"( features", "rows_done": 10})");
   CHECK(at::equal(eval_features(task.backbone, c, out.string(), &classes).first.features, full.features));
   fs::remove_all(task.dir);
 }

@@ -238,6 +238,15 @@ def main():
     for inp in list(inputs)[:6]:
         for angle in (90, 270, 180, 30, -45.5, 12.3, 200.7, -90):
             emit(inp, "rotate", {"degrees": angle}, F.rotate(inputs[inp], angle))
+    # Angles within a hair of a whole or half turn (PIL's scaling branch, or a sine of 1e-15), and
+    # a strip too wide for PIL's fixed-point map (its floating-point one).
+    for angle in (-1e-20, 180 + 3e-14, 1e-13):
+        emit("synthetic_gradient.png", "rotate", {"degrees": angle}, F.rotate(inputs["synthetic_gradient.png"], angle))
+    wide = Image.fromarray((np.arange(2 * 40000) * 7 % 251).astype(np.uint8).reshape(2, 40000), "L")
+    save_png(wide, "rotate_wide.png")
+    inputs["rotate_wide.png"] = wide
+    for angle in (30, 90, -0.001):
+        emit("rotate_wide.png", "rotate", {"degrees": angle}, F.rotate(wide, angle))
 
     manifest = {
         "generator": "tests/reference/augment_reference.py",
