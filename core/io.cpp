@@ -181,14 +181,19 @@ FileLock::FileLock(const std::string& path) {
     }
     // Locked: still the file `path` names? (Its holder may have removed it between our open and
     // our lock; a third process would then lock a new one.)
-    struct stat mine {
-    }, named{};
-    if (::fstat(fd_, &mine) == 0 && ::stat(path.c_str(), &named) == 0 && mine.st_dev == named.st_dev &&
-        mine.st_ino == named.st_ino) {
+    struct stat mine {};
+    struct stat named {};
+    if (::fstat(fd_, &mine) != 0 || (::stat(path.c_str(), &named) != 0 && errno != ENOENT)) {
+      const int err = errno;
+      ::close(fd_);
+      fd_ = -1;
+      throw std::runtime_error(path + ": cannot lock (" + describe_errno(err) + ")");
+    }
+    if (mine.st_dev == named.st_dev && mine.st_ino == named.st_ino) {
       held_ = true;
       return;
     }
-    ::close(fd_);
+    ::close(fd_);  // removed (ENOENT) or replaced: lock the file the path names now
     fd_ = -1;
   }
   throw std::runtime_error(path + ": cannot lock (removed again and again while being locked)");
@@ -227,7 +232,7 @@ RowFile::RowFile(const std::string& path, std::string_view header, size_t row_by
 }
 
 void RowFile::append(std::string_view bytes, int64_t count) {
-  if (count < 0 || bytes.size() != static_cast<size_t>(count) * row_bytes_)
+  if (count < 0 || bytes.size() % row_bytes_ != 0 || bytes.size() / row_bytes_ != static_cast<size_t>(count))
     throw std::invalid_argument(path_ + ": " + std::to_string(bytes.size()) + " bytes for " + std::to_string(count) +
                                 " rows of " + std::to_string(row_bytes_));
   out_->append(bytes);
@@ -240,7 +245,7 @@ void RowFile::save() {
 }
 
 void RowFile::read(int64_t first, int64_t count, char* out) const {
-  if (first < 0 || count < 0 || first + count > rows_)
+  if (first < 0 || count < 0 || first > rows_ || count > rows_ - first)
     throw std::invalid_argument(path_ + ": rows " + std::to_string(first) + " to " + std::to_string(first + count) +
                                 " of " + std::to_string(rows_));
   std::ifstream in(path_, std::ios::binary);

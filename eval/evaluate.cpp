@@ -223,7 +223,7 @@ Features extract_to_cache(models::Network& net, const std::shared_ptr<const data
         rows->read(first, count, bytes.data());
         for (int64_t i = 0; i < count; ++i) {
           const char* row = bytes.data() + static_cast<size_t>(i) * row_bytes;
-          std::memcpy(f[first + i].data_ptr(), row, feature_bytes);
+          std::memcpy(f.data_ptr<float>() + (first + i) * dim, row, feature_bytes);
           std::memcpy(l.data_ptr<int64_t>() + first + i, row + feature_bytes, sizeof(int64_t));
         }
       }
@@ -255,7 +255,7 @@ Features extract_to_cache(models::Network& net, const std::shared_ptr<const data
         bytes.resize(static_cast<size_t>(f.size(0)) * row_bytes);
         for (int64_t i = 0; i < f.size(0); ++i) {
           char* row = bytes.data() + static_cast<size_t>(i) * row_bytes;
-          std::memcpy(row, f[i].data_ptr(), feature_bytes);
+          std::memcpy(row, f.data_ptr<float>() + i * dim, feature_bytes);
           std::memcpy(row + feature_bytes, l.data_ptr<int64_t>() + i, sizeof(int64_t));
         }
         rows->append(bytes, f.size(0));
@@ -274,11 +274,16 @@ Features extract_to_cache(models::Network& net, const std::shared_ptr<const data
   if (extracted != n)
     throw std::runtime_error(o.what + ": extracted " + std::to_string(extracted) + " of " + std::to_string(n) +
                              " images");
+  if (rows) try {  // all of it, should the cache not be written
+      rows->save();
+    } catch (const std::exception&) {  // (as the cache write will say, if it fails too)
+    }
   Features f{at::cat(features), at::cat(labels)};
   if (write_cache(cache, f) && lock && lock->held()) {
     rows.reset();
     std::error_code ec;
-    for (const std::string& file : {partial + ".json", partial, partial + ".lock"}) fs::remove(file, ec);
+    for (const std::string& file : {io::RowFile::state_path_for(partial), partial, partial + ".lock"})
+      fs::remove(file, ec);
   }
   return f;
 }

@@ -83,7 +83,8 @@ class FileLock {
 /// "rows_done"}) counts the rows known to be on disk: it is written, atomically, only after they
 /// are synced, and rewritten before the file is cut back, so that it never claims rows the file
 /// lost. A process killed at any point, opening the same path with the same key, continues there.
-/// One process at a time per path (hold a FileLock).
+/// The key must determine the header and the row size (they are not compared). One process at a
+/// time per path (hold a FileLock).
 class RowFile {
  public:
   enum class Opened { fresh, continued, started_over };
@@ -105,7 +106,8 @@ class RowFile {
   void read(int64_t first, int64_t count, char* out) const;
   const std::string& path() const { return path_; }
   /// <path>.json
-  std::string state_path() const { return path_ + ".json"; }
+  std::string state_path() const { return state_path_for(path_); }
+  static std::string state_path_for(const std::string& path) { return path + ".json"; }
 
  private:
   std::string path_, key_;

@@ -38,8 +38,11 @@ TEST_CASE("runtime: configure_compute sets the float32 matmul precision as torch
   twins::configure_compute(threads, false, c10::Device("cpu"), "medium");
   CHECK(context.float32MatmulPrecision() == at::Float32MatmulPrecision::MEDIUM);
   check_throws_with<std::invalid_argument>(
-      [&] { twins::configure_compute(threads, false, c10::Device("cpu"), "tf32"); },
+      [&] { twins::configure_compute(threads + 1, true, c10::Device("cpu"), "tf32"); },
       "float32_matmul_precision: must be highest, high or medium, got \"tf32\"");
+  CHECK(at::get_num_threads() == threads);  // refused before anything changed
+  CHECK_FALSE(context.deterministicAlgorithms());
+  CHECK(context.float32MatmulPrecision() == at::Float32MatmulPrecision::MEDIUM);
   twins::configure_compute(threads, false, c10::Device("cpu"));
   CHECK(context.float32MatmulPrecision() == at::Float32MatmulPrecision::HIGHEST);
   at::set_num_threads(threads);
