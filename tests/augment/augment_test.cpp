@@ -212,34 +212,21 @@ TEST_CASE("augment: views are deterministic per (seed, epoch, index, view)") {
 }
 
 TEST_CASE("augment: config errors name the op and key") {
-  check_throws_with<std::invalid_argument>(
-      [] { parse_views(json::parse(R"([[{"type": "random_resized_crop", "sise": 8}]])")); },
-      "views[0][0].sise: unknown key; did you mean size?");
-  check_throws_with<std::invalid_argument>([] { parse_views(json::parse(R"([[{"type": "colour_jitter"}]])")); },
-                                           "did you mean color_jitter?");
-  check_throws_with<std::invalid_argument>(
-      [] { parse_views(json::parse(R"([[{"type": "solarization", "p": 1.5}]])")); },
-      "views[0][0].p: must be in [0, 1]");
-  check_throws_with<std::invalid_argument>(
-      [] { parse_views(json::parse(R"([[{"type": "normalize"}, {"type": "random_horizontal_flip"}]])")); },
-      "normalize must be the last op");
+  const auto refused = [](const char* views, const char* message) {
+    check_throws_with<std::invalid_argument>([&] { parse_views(json::parse(views)); }, message);
+  };
+  refused(R"([[{"type": "random_resized_crop", "sise": 8}]])", "views[0][0].sise: unknown key; did you mean size?");
+  refused(R"([[{"type": "colour_jitter"}]])", "did you mean color_jitter?");
+  refused(R"([[{"type": "solarization", "p": 1.5}]])", "views[0][0].p: must be in [0, 1]");
+  refused(R"([[{"type": "normalize"}, {"type": "random_horizontal_flip"}]])", "normalize must be the last op");
   check_throws_with<std::invalid_argument>([] { parse_views(json::array()); }, "non-empty list");
   // 2^32 + 32 would wrap to 32 as an int: refused, as is anything beyond 65536.
-  check_throws_with<std::invalid_argument>(
-      [] { parse_views(json::parse(R"([[{"type": "random_resized_crop", "size": 4294967328}]])")); },
-      "views[0][0].size: must be at most 65536");
-  check_throws_with<std::invalid_argument>(
-      [] { parse_views(json::parse(R"([[{"type": "center_crop", "size": [32, -4294967296]}]])")); },
-      "views[0][0].size: must be positive");
-  check_throws_with<std::invalid_argument>(
-      [] { parse_views(json::parse(R"([[{"type": "random_rotation", "angle": 90, "degrees": 10}]])")); },
-      "views[0][0].degrees: give angle (a fixed turn) or degrees, not both");
-  check_throws_with<std::invalid_argument>(
-      [] { parse_views(json::parse(R"([[{"type": "random_rotation", "degrees": -10}]])")); },
-      "views[0][0].degrees: a single value must be >= 0");
-  check_throws_with<std::invalid_argument>(
-      [] { parse_views(json::parse(R"([[{"type": "random_rotation", "degrees": [10, -10]}]])")); },
-      "views[0][0].degrees: expected [min, max]");
+  refused(R"([[{"type": "random_resized_crop", "size": 4294967328}]])", "views[0][0].size: must be at most 65536");
+  refused(R"([[{"type": "center_crop", "size": [32, -4294967296]}]])", "views[0][0].size: must be positive");
+  refused(R"([[{"type": "random_rotation", "angle": 90, "degrees": 10}]])",
+          "views[0][0].degrees: give angle (a fixed turn) or degrees, not both");
+  refused(R"([[{"type": "random_rotation", "degrees": -10}]])", "views[0][0].degrees: a single value must be >= 0");
+  refused(R"([[{"type": "random_rotation", "degrees": [10, -10]}]])", "views[0][0].degrees: expected [min, max]");
   CHECK(op_names().size() == 13);
 }
 
