@@ -2,7 +2,6 @@
 #include <ATen/ATen.h>
 #include <sys/stat.h>
 
-#include <chrono>
 #include <filesystem>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -76,7 +75,6 @@ int run_embed(const EmbedArgs& a) {
               << " was written for other images, another backbone or other settings (or is incomplete)\n";
   std::cerr << "embedding " << n - rows.rows() << " images with " << a.backbone << " (" << dim << " features, "
             << embedder.image_size() << " px)\n";
-  auto last_save = std::chrono::steady_clock::now();
   EmbedDatasetOptions eo;
   eo.workers = a.workers, eo.progress = true, eo.first = rows.rows();
   eo.stop = stop_flag_on_signals(/*speaks=*/true);
@@ -87,10 +85,7 @@ int run_embed(const EmbedArgs& a) {
                              std::to_string(rows.rows()) + " were written");
     const at::Tensor f = features.to(at::kFloat).contiguous();
     rows.append(std::string_view(static_cast<const char*>(f.data_ptr()), static_cast<size_t>(f.nbytes())), f.size(0));
-    if (std::chrono::duration<double>(std::chrono::steady_clock::now() - last_save).count() >= a.save_every_s) {
-      rows.save();
-      last_save = std::chrono::steady_clock::now();
-    }
+    rows.save_every(a.save_every_s);
     io::fault_point("embed_batch", std::to_string(++batches));
   };
   embedder.embed_dataset(dataset, eo);

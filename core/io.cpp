@@ -242,6 +242,11 @@ void RowFile::append(std::string_view bytes, int64_t count) {
 void RowFile::save() {
   out_->sync();  // the rows first, then the count that claims them
   write_state();
+  last_save_ = std::chrono::steady_clock::now();
+}
+
+void RowFile::save_every(double seconds) {
+  if (std::chrono::duration<double>(std::chrono::steady_clock::now() - last_save_).count() >= seconds) save();
 }
 
 void RowFile::read(int64_t first, int64_t count, char* out) const {

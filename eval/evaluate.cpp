@@ -236,7 +236,6 @@ Features extract_to_cache(models::Network& net, const std::shared_ptr<const data
     rows.reset(), features.clear(), labels.clear();
   }
   if (features.empty()) features.push_back(at::empty({0, dim})), labels.push_back(at::empty({0}, at::kLong));
-  auto last_save = std::chrono::steady_clock::now();
   std::string bytes;
   int64_t batches = 0, extracted = rows ? rows->rows() : 0;
   o.first = extracted;
@@ -258,10 +257,7 @@ Features extract_to_cache(models::Network& net, const std::shared_ptr<const data
           std::memcpy(row + feature_bytes, l.data_ptr<int64_t>() + i, sizeof(int64_t));
         }
         rows->append(bytes, f.size(0));
-        if (std::chrono::duration<double>(std::chrono::steady_clock::now() - last_save).count() >= save_every_s) {
-          rows->save();
-          last_save = std::chrono::steady_clock::now();
-        }
+        rows->save_every(save_every_s);
       } catch (const std::exception& e) {
         std::cerr << "warning: " << o.what << ": cannot keep them on disk as they come (" << e.what()
                   << "); going on in memory\n";

@@ -4,6 +4,7 @@
 // checked; a full disk (ENOSPC) or a file-size limit (EFBIG) is an error naming the file, never a
 // truncated file and an exit code of 0. The `twins` command ignores SIGXFSZ, so a size limit
 // reaches these checks instead of killing the process.
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <initializer_list>
@@ -102,6 +103,8 @@ class RowFile {
   void append(std::string_view bytes, int64_t count);
   /// Syncs the rows appended, then records them in the state.
   void save();
+  /// save() when the last save (or the opening) is at least `seconds` old.
+  void save_every(double seconds);
   /// Reads rows [first, first + count), which are in the file, into `out`.
   void read(int64_t first, int64_t count, char* out) const;
   const std::string& path() const { return path_; }
@@ -114,6 +117,7 @@ class RowFile {
   size_t header_bytes_, row_bytes_;
   int64_t rows_ = 0;
   Opened opened_ = Opened::fresh;
+  std::chrono::steady_clock::time_point last_save_ = std::chrono::steady_clock::now();
   std::unique_ptr<AppendFile> out_;
   void write_state() const;
 };
