@@ -185,24 +185,45 @@ bool write_cache(const fs::path& cache, const Features& f) {
   }
 }
 
-// extract_features into the cache at `cache` (written here), surviving a crash: each row (D
-// float32 features, then the int64 label) goes to <cache>.partial as it comes, an io::RowFile
-// whose state is saved every `save_every_s` seconds; a run that finds them continues there. (The
-// cache's name is its key, so the rows are of these images, this backbone and this transform.)
-// Another process extracting into the same file (its lock held), or a folder that cannot be
-// written, leaves this one extracting in memory, as without the partial file. Once the cache is
-// written, the partial files go (the lock's last, while held).
-Features extract_to_cache(models::Network& net, const std::shared_ptr<const data::Dataset>& dataset,
-                          const augment::View& view, const at::Device& device, ExtractOptions o, const fs::path& cache,
-                          double save_every_s) {
-  const std::string partial = cache.string() + ".partial";
+// Once `cache` is written: removes the partial files other runs left for it (killed, then run
+// again with another number of ranks) and no process holds. True.
+bool remove_stale(const fs::path& cache) {
+  const std::string prefix = cache.filename().string() + ".";
+  std::error_code ec;
+  std::vector<std::string> stale;
+  for (fs::directory_iterator it(cache.parent_path(), ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (name.rfind(prefix, 0) == 0 && name.size() > 8 && name.compare(name.size() - 8, 8, ".partial") == 0)
+      stale.push_back(it->path().string());
+  }
+  for (const std::string& partial : stale) try {
+      io::FileLock lock(partial + ".lock");
+      if (!lock.held()) continue;
+      for (const std::string& file : {io::RowFile::state_path_for(partial), partial, partial + ".lock"})
+        fs::remove(file, ec);
+    } catch (const std::exception&) {  // (left as they are)
+    }
+  return true;
+}
+
+// extract_features, keeping the rows on disk as they come, so as to survive a crash: each row (D
+// float32 features, then the int64 label) goes to `partial`, an io::RowFile whose state is saved
+// every `save_every_s` seconds; a run that finds them continues there. (The partial file's name
+// holds the cache's, which is its key, so the rows are of these images, this backbone and this
+// transform.) Another process extracting into the same file (its lock held), or a folder that
+// cannot be written, leaves this one extracting in memory, as without the partial file. Then
+// `done` gets every row (it writes the cache); when it says the rows are kept elsewhere, the
+// partial files go (the lock's last, while held).
+Features extract_kept(models::Network& net, const std::shared_ptr<const data::Dataset>& dataset,
+                      const augment::View& view, const at::Device& device, ExtractOptions o, const std::string& partial,
+                      double save_every_s, const std::function<bool(const Features&)>& done) {
   const int64_t n = dataset->size(), dim = net.output_dim();
   const auto feature_bytes = static_cast<size_t>(dim) * sizeof(float), row_bytes = feature_bytes + sizeof(int64_t);
   std::optional<io::FileLock> lock;
   std::optional<io::RowFile> rows;
   std::vector<at::Tensor> features, labels;
   try {
-    fs::create_directories(cache.parent_path());
+    fs::create_directories(fs::path(partial).parent_path());
     lock.emplace(partial + ".lock");
     if (lock->held()) {
       rows.emplace(partial, "", row_bytes, std::to_string(n) + " images, " + std::to_string(dim) + " features", n,
@@ -263,7 +284,7 @@ Features extract_to_cache(models::Network& net, const std::shared_ptr<const data
                   << "); going on in memory\n";
         rows.reset();
       }
-    io::fault_point("features_batch", std::to_string(++batches));
+    io::fault_point("features_batch", o.what + ", batch " + std::to_string(++batches));
   };
   extract_features(net, dataset, view, device, o);
   if (extracted != n)
@@ -274,7 +295,7 @@ Features extract_to_cache(models::Network& net, const std::shared_ptr<const data
     } catch (const std::exception&) {  // (as the cache write will say, if it fails too)
     }
   Features f{at::cat(features), at::cat(labels)};
-  if (write_cache(cache, f) && lock && lock->held()) {
+  if (done(f) && lock && lock->held()) {
     rows.reset();
     std::error_code ec;
     for (const std::string& file : {io::RowFile::state_path_for(partial), partial, partial + ".lock"})
@@ -307,15 +328,25 @@ std::pair<Features, Features> eval_features(models::Network& net, const EvalConf
     auto dataset = data::create_dataset(spec, split == "train" ? "train_data" : "test_data");
     if (num_classes) *num_classes = std::max(*num_classes, dataset->num_classes());
     const auto view = eval_view(*dataset, c.image_size, c.normalization);
-    fs::path cache;  // (rank 0's: it alone reads and writes the cache)
+    // The cache's key: rank 0's (it alone reads and writes the cache), which the other ranks
+    // name their partial files after; -1: no cache.
+    const bool shared = comm && comm->world_size() > 1;
+    int64_t key = -1;
     if (!cache_dir.empty() && main_rank) try {
         const std::string settings = spec.dump() + view.to_json().dump();
         const uint32_t data = data_fingerprint(*dataset);
-        const uLong key = crc32_update(crc32_update(crc, settings), &data, sizeof data);
-        cache = fs::path(cache_dir) / ("features-" + split + "-" + std::to_string(key) + ".safetensors");
+        key = static_cast<int64_t>(crc32_update(crc32_update(crc, settings), &data, sizeof data));
       } catch (const std::exception& e) {  // (the extraction says more, if it fails too)
         std::cerr << "warning: no feature cache for the " << split << " data: " << e.what() << "\n";
       }
+    if (shared) {
+      at::Tensor k = at::full({1}, key, at::kLong).to(comm->device());
+      comm->broadcast(k, 0);
+      key = k.cpu().item<int64_t>();
+    }
+    fs::path cache;
+    if (key >= 0 && !cache_dir.empty())
+      cache = fs::path(cache_dir) / ("features-" + split + "-" + std::to_string(key) + ".safetensors");
     std::optional<Features> cached;
     std::error_code missing;
     if (!cache.empty() && main_rank && fs::exists(cache, missing)) {
@@ -333,14 +364,37 @@ std::pair<Features, Features> eval_features(models::Network& net, const EvalConf
     o.batch_size = c.batch_size, o.workers = c.workers, o.channels = channels, o.what = split + " features";
     if (main_rank)
       std::cerr << "  extracting " << split << " features (" << dataset->size() << " images"
-                << (comm && comm->world_size() > 1 ? ", " + std::to_string(comm->world_size()) + " ranks" : "")
-                << ")\n";
-    if (!cache.empty() && (!comm || comm->world_size() == 1))
-      return extract_to_cache(net, dataset, view, device, o, cache, c.features_save_every_s);
-    Features f = comm ? extract_features_shared(net, dataset, view, device, o, *comm)
-                      : extract_features(net, dataset, view, device, o);
-    if (!cache.empty() && main_rank) write_cache(cache, f);
-    return f;
+                << (shared ? ", " + std::to_string(comm->world_size()) + " ranks" : "") << ")\n";
+    if (cache.empty())
+      return comm ? extract_features_shared(net, dataset, view, device, o, *comm)
+                  : extract_features(net, dataset, view, device, o);
+    // Kept on disk as they come: by one process, by rank 0 alone (a stream of shards, read in its
+    // own order), or by every rank its share (each its own partial file).
+    const auto written = [&](const Features& f) { return main_rank && write_cache(cache, f) && remove_stale(cache); };
+    if (!shared || dataset->streaming()) {
+      if (!main_rank) return Features{};
+      if (shared) o.what += " (rank 0 alone: a stream of shards)";
+      return extract_kept(net, dataset, view, device, o, cache.string() + ".partial", c.features_save_every_s, written);
+    }
+    const int64_t n = dataset->size(), dim = net.output_dim(), rank = comm->rank(), world = comm->world_size();
+    std::vector<int64_t> share = rank_share(n, rank, world);
+    Features all;
+    const auto gathered = [&](const Features& part) {
+      all = gather_shares(part, n, dim, o, *comm);
+      return comm->any(written(all));
+    };
+    if (share.empty()) {
+      gathered(Features{at::empty({0, dim}), at::empty({0}, at::kLong)});
+    } else {
+      ExtractOptions mine = o;
+      mine.progress = main_rank;
+      mine.what += " (rank " + std::to_string(rank) + " of " + std::to_string(world) + ")";
+      const std::string partial =
+          cache.string() + ".rank" + std::to_string(rank) + "-of-" + std::to_string(world) + ".partial";
+      extract_kept(net, data::subset(dataset, std::move(share)), view, device, mine, partial, c.features_save_every_s,
+                   gathered);
+    }
+    return all;
   };
   Features train = extract(c.train_data, "train");
   Features test = extract(c.test_data, "test");

@@ -123,21 +123,35 @@ Features extract_features_shared(models::Network& backbone, std::shared_ptr<cons
     mine.what += " (rank 0 alone: a stream of shards)";
     return extract_features(backbone, std::move(dataset), view, device, mine);
   }
-  // Rank r's row j is sample j x W + r; every rank pads its share to `rows` (the padding maps to
-  // sample numbers >= n, cut off at the end).
+  std::vector<int64_t> share = rank_share(n, rank, world);
+  const int64_t dim = backbone.output_dim();
+  Features part{at::empty({0, dim}), at::empty({0}, at::kLong)};
+  if (!share.empty()) part = extract_features(backbone, data::subset(dataset, std::move(share)), view, device, mine);
+  return gather_shares(part, n, dim, options, communicator);
+}
+
+std::vector<int64_t> rank_share(int64_t n, int64_t rank, int64_t world) {
   std::vector<int64_t> share;
   for (int64_t i = rank; i < n; i += world) share.push_back(i);
-  const int64_t rows = (n + world - 1) / world, dim = backbone.output_dim();
+  return share;
+}
+
+Features gather_shares(const Features& share, int64_t n, int64_t dim, const ExtractOptions& options,
+                       distributed::Communicator& communicator) {
+  const int64_t world = communicator.world_size(), rank = communicator.rank();
+  const auto count = static_cast<int64_t>(rank_share(n, rank, world).size());
+  if (share.features.dim() != 2 || share.features.size(0) != count || share.features.size(1) != dim ||
+      share.labels.numel() != count)
+    throw std::runtime_error(options.what + ": the backbone gave features of shape " +
+                             c10::str(share.features.sizes()) + " for " + std::to_string(count) +
+                             " images, where its output_dim is " + std::to_string(dim));
+  // Rank r's row j is sample j x W + r; every rank pads its share to `rows` (the padding maps to
+  // sample numbers >= n, cut off at the end).
+  const int64_t rows = (n + world - 1) / world;
   at::Tensor features = at::zeros({rows, dim}, at::kFloat), labels = at::full({rows}, -1, at::kLong);
-  if (!share.empty()) {
-    const auto count = static_cast<int64_t>(share.size());
-    const Features part = extract_features(backbone, data::subset(dataset, std::move(share)), view, device, mine);
-    if (part.features.dim() != 2 || part.features.size(0) != count || part.features.size(1) != dim)
-      throw std::runtime_error(options.what + ": the backbone gave features of shape " +
-                               c10::str(part.features.sizes()) + " for " + std::to_string(count) +
-                               " images, where its output_dim is " + std::to_string(dim));
-    features.narrow(0, 0, count).copy_(part.features);
-    labels.narrow(0, 0, count).copy_(part.labels);
+  if (count > 0) {
+    features.narrow(0, 0, count).copy_(share.features);
+    labels.narrow(0, 0, count).copy_(share.labels);
   }
   const at::Device on = communicator.device();
   const int64_t chunk = std::max<int64_t>(1, options.gather_bytes / (4 * dim * world));
@@ -152,6 +166,7 @@ Features extract_features_shared(models::Network& backbone, std::shared_ptr<cons
     all_labels.push_back(l.view({world, len}).t().reshape({len * world}).cpu());
   }
   if (rank != 0) return {};
+  if (rows == 0) return {at::empty({0, dim}), at::empty({0}, at::kLong)};
   return {at::cat(all_features).narrow(0, 0, n), at::cat(all_labels).narrow(0, 0, n)};
 }
 

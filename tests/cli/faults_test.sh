@@ -9,7 +9,8 @@
 #  4. usage errors exit 2;
 #  5. a failed `twins embed` leaves the previous .npy and .ids.txt as they were;
 #  6. `twins embed` stopped (SIGTERM) or killed continues to the uninterrupted result.
-#  7. `twins knn` killed while extracting features continues to the uninterrupted run's cache.
+#  7. `twins knn` killed while extracting features continues to the uninterrupted run's cache;
+#  8. the same with 2 ranks, one of them killed.
 set -euo pipefail
 twins=$1
 quickstart=$2
@@ -202,3 +203,27 @@ for run in kill garbage busy; do
   done
 done
 echo "knn features kill and continue ok"
+
+# 8. The same over 2 ranks, each keeping its share in its own partial file: rank 1 killed after
+#    its batch 3 of 4 (the launcher then stops rank 0) continues at image 96 of its 128, to the
+#    cache files of an uninterrupted 2-rank run.
+knn2=("${knn[@]}" --nproc-per-node 2 --set dist_timeout_s=120)
+"$twins" "${knn2[@]}" --out "$dir/knn2_full" > "$dir/out.knn2_full" 2> "$dir/err.knn2_full" \
+  || { cat "$dir/err.knn2_full"; fail "knn on 2 ranks (uninterrupted)"; }
+rc=0
+TWINS_FAULT="features_batch@(rank 1 of 2), batch#3" "$twins" "${knn2[@]}" --out "$dir/knn2_kill" > /dev/null \
+  2> "$dir/err.knn2_killed" || rc=$?
+[ "$rc" -ne 0 ] || fail "knn on 2 ranks: rank 1 was not killed"
+[ -s "$dir/knn2_kill/$train_cache.rank1-of-2.partial" ] || fail "knn on 2 ranks: no partial features of rank 1"
+"$twins" "${knn2[@]}" --out "$dir/knn2_kill" > "$dir/out.knn2_kill" 2> "$dir/err.knn2_kill" \
+  || { cat "$dir/err.knn2_kill"; fail "knn on 2 ranks continued"; }
+grep -q "train features (rank 1 of 2): continuing $dir/knn2_kill/$train_cache.rank1-of-2.partial at image 96 of 128" \
+  "$dir/err.knn2_kill" || { cat "$dir/err.knn2_kill"; fail "knn on 2 ranks: rank 1's features did not continue"; }
+for f in "$dir"/knn2_full/features-*.safetensors; do
+  cmp "$f" "$dir/knn2_kill/$(basename "$f")" || fail "knn on 2 ranks: the continued $(basename "$f") differs"
+done
+diff <(grep "^kNN" "$dir/out.knn2_full") <(grep "^kNN" "$dir/out.knn2_kill") || fail "knn on 2 ranks: scores differ"
+for f in "$dir"/knn2_kill/*.partial*; do
+  if [ -e "$f" ]; then fail "knn on 2 ranks: left $f"; fi
+done
+echo "knn features over 2 ranks kill and continue ok"

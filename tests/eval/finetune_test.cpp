@@ -544,6 +544,31 @@ TEST_CASE("eval: cached features are served again, and not once the data's files
   fs::remove_all(task.dir);
 }
 
+namespace {
+
+// What an extraction killed after labels.numel() rows leaves in `partial`: those rows (features
+// of sevens, then each label) and the state `state`.
+void plant_partial(const std::string& partial, const at::Tensor& labels, int64_t dim, const std::string& state) {
+  std::ofstream file(partial, std::ios::binary);
+  for (int64_t i = 0; i < labels.numel(); ++i) {
+    const std::vector<float> sevens(static_cast<size_t>(dim), 7.f);
+    const int64_t label = labels[i].item<int64_t>();
+    file.write(reinterpret_cast<const char*>(sevens.data()), static_cast<std::streamsize>(dim * sizeof(float)));
+    file.write(reinterpret_cast<const char*>(&label), sizeof label);
+  }
+  file.close();
+  std::ofstream(partial + ".json") << state;
+}
+
+// The cache file of the training features in `dir`.
+fs::path train_cache_in(const fs::path& dir) {
+  for (const auto& entry : fs::directory_iterator(dir))
+    if (entry.path().filename().string().rfind("features-train-", 0) == 0) return entry.path();
+  return {};
+}
+
+}  // namespace
+
 TEST_CASE("eval: feature extraction for the cache continues from the rows a killed run left on disk") {
   ColourTask task = colour_task("partial", 12, 3, 31);  // 24 training images: batches of 8
   const EvalConfig c = EvalConfig::parse(task.config);
@@ -552,24 +577,14 @@ TEST_CASE("eval: feature extraction for the cache continues from the rows a kill
   const Features full = eval_features(task.backbone, c, out.string(), &classes).first;
   REQUIRE(full.features.size(0) == 24);
   const int64_t dim = full.features.size(1);
-  fs::path cache;
-  for (const auto& entry : fs::directory_iterator(out))
-    if (entry.path().filename().string().rfind("features-train-", 0) == 0) cache = entry.path();
+  const fs::path cache = train_cache_in(out);
   REQUIRE_FALSE(cache.empty());
   // What a run killed after 10 rows leaves: those rows (planted sevens, with the true labels)
   // and a state saying 10. The next run takes the first batch (8 rows) from disk, extracts the
   // rest, writes the cache and removes the partial files.
   const auto plant = [&](int64_t rows, const std::string& state) {
     fs::remove(cache);
-    std::ofstream file(cache.string() + ".partial", std::ios::binary);
-    for (int64_t i = 0; i < rows; ++i) {
-      const std::vector<float> sevens(static_cast<size_t>(dim), 7.f);
-      const int64_t label = full.labels[i].item<int64_t>();
-      file.write(reinterpret_cast<const char*>(sevens.data()), static_cast<std::streamsize>(dim * sizeof(float)));
-      file.write(reinterpret_cast<const char*>(&label), sizeof label);
-    }
-    file.close();
-    std::ofstream(cache.string() + ".partial.json") << state;
+    plant_partial(cache.string() + ".partial", full.labels.narrow(0, 0, rows), dim, state);
   };
   const std::string ten = R"({"key": "24 images, )" + std::to_string(dim) + R"( features", "rows_done": 10})";
   plant(10, ten);
@@ -585,6 +600,53 @@ TEST_CASE("eval: feature extraction for the cache continues from the rows a kill
   CHECK(at::equal(eval_features(task.backbone, c, out.string(), &classes).first.features, full.features));
   plant(10, R"({"key": "25 images, )" + std::to_string(dim) + R"( features", "rows_done": 10})");
   CHECK(at::equal(eval_features(task.backbone, c, out.string(), &classes).first.features, full.features));
+  fs::remove_all(task.dir);
+}
+
+TEST_CASE("eval: feature extraction over ranks continues each rank's share from its own partial file") {
+  ColourTask task = colour_task("partial_ranks", 12, 3, 37);  // 24 training images: 12 a rank, batches of 8
+  const EvalConfig c = EvalConfig::parse(task.config);
+  const fs::path out = task.dir / "out";
+  int64_t classes = 0;
+  const Features full = eval_features(task.backbone, c, out.string(), &classes).first;
+  const fs::path cache = train_cache_in(out);
+  REQUIRE_FALSE(cache.empty());
+  fs::remove(cache);
+  const int64_t dim = full.features.size(1);
+  // Rank 1 of 2 was killed after 10 rows of its share (samples 1, 3, 5, ...): it takes the first
+  // batch of them (8) from disk; rank 0 left nothing and starts afresh. A run of 3 ranks killed
+  // before left its rank 0's rows too: they go once the cache is written.
+  const std::string key = R"({"key": "12 images, )" + std::to_string(dim) + R"( features", "rows_done": 10})";
+  const at::Tensor odd = full.labels.slice(0, 1, 24, 2);
+  plant_partial(cache.string() + ".rank1-of-2.partial", odd.narrow(0, 0, 10), dim, key);
+  plant_partial(cache.string() + ".rank0-of-3.partial", full.labels.slice(0, 0, 24, 3).narrow(0, 0, 4), dim,
+                R"({"key": "8 images, )" + std::to_string(dim) + R"( features", "rows_done": 4})");
+  auto comms = twins::distributed::Communicator::create_local_group(2);
+  std::vector<Features> got(2);
+  twins::test::on_threads(2, [&](int r) {
+    int64_t mine = 0;
+    got[static_cast<size_t>(r)] =
+        eval_features(task.backbone, c, out.string(), &mine, comms[static_cast<size_t>(r)]).first;
+  });
+  const Features& f = got[0];
+  REQUIRE(f.features.sizes() == full.features.sizes());
+  CHECK_FALSE(got[1].features.defined());
+  CHECK(at::equal(f.labels, full.labels));
+  for (int64_t i = 0; i < 24; ++i) {
+    CAPTURE(i);
+    if (i % 2 == 1 && i < 16)
+      CHECK(at::equal(f.features[i], at::full({dim}, 7.f)));
+    else
+      CHECK(twins::test::max_rel_error(f.features[i], full.features[i]) < 1e-5);
+  }
+  // The cache is what rank 0 returned, and no partial file is left, of either run.
+  REQUIRE(fs::exists(cache));
+  CHECK(at::equal(twins::models::load_safetensors(cache.string()).at("features"), f.features));
+  for (const auto& entry : fs::directory_iterator(out)) {
+    const std::string name = entry.path().filename().string();
+    CAPTURE(name);
+    CHECK(name.find(".partial") == std::string::npos);
+  }
   fs::remove_all(task.dir);
 }
 

@@ -15,7 +15,8 @@
 // Features are extracted once per backbone and split and cached in the output folder
 // (features-<split>-<key>.safetensors), so linear-probe and knn on the same backbone share them.
 // A single process extracting them keeps the rows done in <that file>.partial (its state in
-// .partial.json, saved every features_save_every_s seconds): the same command, killed, continues.
+// .partial.json, saved every features_save_every_s seconds), each of several ranks its share's in
+// <that file>.rank<r>-of-<W>.partial: the same command, killed, continues.
 #include <nlohmann/json.hpp>
 
 #include <atomic>
@@ -54,8 +55,9 @@ struct EvalConfig {
 
 /// Train and test features of `backbone` (a file, a run folder, or "random:<backbone json>" for
 /// a randomly initialised network), cached in `cache_dir` when not empty. With a communicator of
-/// several ranks each extracts its share (extract_features_shared) and rank 0 alone gets the
-/// features, looks for and writes the cache; the other ranks get empty Features.
+/// several ranks each extracts its share (as extract_features_shared; with a cache, kept on disk
+/// as it comes) and rank 0 alone gets the features, looks for and writes the cache; the other
+/// ranks get empty Features. Every rank must call it.
 std::pair<Features, Features> eval_features(const std::string& backbone, const EvalConfig& config,
                                             const std::string& cache_dir, int64_t* num_classes,
                                             const std::shared_ptr<distributed::Communicator>& communicator = nullptr);

@@ -7,6 +7,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "twins/augment/pipeline.h"
 #include "twins/data/dataset.h"
@@ -59,6 +60,16 @@ uint32_t data_fingerprint(const data::Dataset& dataset);
 /// options.first, until options.stop).
 Features extract_features(models::Network& backbone, std::shared_ptr<const data::Dataset> dataset,
                           const augment::View& view, const at::Device& device, const ExtractOptions& options);
+
+/// Rank `rank`'s share of `n` samples over `world` ranks in extract_features_shared: samples
+/// rank, rank + world, rank + 2 world, ...
+std::vector<int64_t> rank_share(int64_t n, int64_t rank, int64_t world);
+
+/// extract_features_shared's gather: every rank passes the features of its rank_share (in that
+/// order; [share, dim]) and rank 0 gets all `n` samples' in dataset order (in chunks of
+/// options.gather_bytes), the other ranks empty Features. Every rank must call it.
+Features gather_shares(const Features& share, int64_t n, int64_t dim, const ExtractOptions& options,
+                       distributed::Communicator& communicator);
 
 /// The same over the ranks of `communicator`: rank r runs samples r, r + W, r + 2W, ... and rank
 /// 0 gets every sample's features in dataset order (gathered in chunks of options.gather_bytes); the
