@@ -9,6 +9,7 @@
 
 #include "core/compat.h"
 #include "twins/distributed/data_parallel.h"
+#include "twins/models/vit.h"
 #include "twins/models/weights.h"
 
 namespace twins::train::detail {
@@ -44,7 +45,7 @@ void SSLModel::init_backbone(const std::string& path) {
   } catch (const std::runtime_error& e) {
     throw std::runtime_error("model.backbone_init: " + std::string(e.what()));
   }
-  const models::NamedTensors from = models::backbone_state(*loaded.network);
+  models::NamedTensors from = models::backbone_state(*loaded.network);
   const models::NamedTensors into = models::backbone_state(*backbone);
   std::vector<std::string> problems;
   // Settings that change the function without changing a shape (a ViT's heads, its pooling);
@@ -52,6 +53,19 @@ void SSLModel::init_backbone(const std::string& path) {
   nlohmann::json theirs = loaded.network->to_json(), ours = backbone->to_json();
   for (const char* key : {"num_classes", "zero_init_residual", "dropout", "attention_dropout", "drop_path"})
     theirs.erase(key), ours.erase(key);
+  // A ViT trained at another image size (the same patches): its position embedding resampled to
+  // this one's grid, as the ViT does for other input sizes at run time (bicubic, as timm's
+  // resample_abs_pos_embed and DeiT's fine-tuning at 384 px).
+  const auto* their_vit = dynamic_cast<const models::ViT*>(loaded.network.get());
+  const auto* our_vit = dynamic_cast<const models::ViT*>(backbone.get());
+  if (their_vit && our_vit && their_vit->options().patch_size == our_vit->options().patch_size &&
+      their_vit->options().image_size != our_vit->options().image_size) {
+    const int64_t grid = our_vit->options().image_size / our_vit->options().patch_size;
+    at::NoGradGuard no_grad;
+    for (auto& [name, tensor] : from)
+      if (name == "encoder.pos_embedding") tensor = their_vit->position_embedding(grid, grid).contiguous();
+    theirs.erase("image_size"), ours.erase("image_size");
+  }
   for (const auto& [key, value] : ours.items())
     if (theirs.value(key, nlohmann::json()) != value)
       problems.push_back(key + ": file " + theirs.value(key, nlohmann::json()).dump() + ", model.backbone " +

@@ -39,7 +39,8 @@ class SSLModel : public torch::nn::Module {
   /// The backbone's (and the momentum target's) weights and buffers from a backbone file or run
   /// folder (models::read_backbone: twins' or torchvision's names). Throws std::invalid_argument
   /// naming model.backbone_init, the file and the first mismatched tensors when the file's
-  /// network is not model.backbone's; a missing or corrupt file throws std::runtime_error.
+  /// network is not model.backbone's (a ViT of another image size but the same patches is, its
+  /// position embedding resampled); a missing or corrupt file throws std::runtime_error.
   void init_backbone(const std::string& path);
   /// Data parallelism: rank 0's parameters and buffers copied to every rank, the loss's batch
   /// statistics taken over all ranks, and with `sync_batchnorm` every BatchNorm (online and

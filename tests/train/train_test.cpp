@@ -24,6 +24,7 @@
 #include "twins/io.h"
 #include "twins/losses.h"
 #include "twins/models/safetensors.h"
+#include "twins/models/vit.h"
 #include "twins/models/weights.h"
 #include "twins/train/lars.h"
 #include "twins/train/pretrain.h"
@@ -975,6 +976,27 @@ TEST_CASE("train: model.backbone_init starts the backbone, and BYOL's target, fr
   other_heads["model"]["backbone"]["heads"] = 2;
   other_heads["model"]["backbone"]["drop_path"] = 0.1;
   CHECK_NOTHROW(Trainer(Recipe::parse(other_heads), o));
+  // A ViT trained at another image size (12 px, 3 x 3 patches; here 16 px, 4 x 4): its position
+  // embedding resampled, so that the network computes what the file's does on 16 px inputs; a
+  // ViT of other patches is refused.
+  json larger = other_heads;
+  larger["model"]["backbone"]["image_size"] = 16;
+  {
+    Trainer trainer(Recipe::parse(larger), o);
+    auto file_vit = twins::models::load_backbone(o.backbone_init);
+    auto* theirs = dynamic_cast<twins::models::ViT*>(file_vit.get());
+    auto* ours = dynamic_cast<twins::models::ViT*>(&trainer.backbone());
+    REQUIRE(theirs);
+    REQUIRE(ours);
+    at::NoGradGuard no_grad;
+    theirs->eval(), ours->eval();
+    const at::Tensor x = at::randn({2, 1, 16, 16});
+    CHECK(twins::test::max_rel_error(ours->features(x), theirs->features(x)) < 1e-6);
+    CHECK(ours->position_embedding(4, 4).sizes() == at::IntArrayRef({1, 17, 16}));
+  }
+  larger["model"]["backbone"]["patch_size"] = 2;
+  check_throws_with<std::invalid_argument>([&] { Trainer t(Recipe::parse(larger), o); },
+                                           "patch_size: file 4, model.backbone 2");
   o.backbone_init = (data.dir / "absent.safetensors").string();
   check_throws_with<std::runtime_error>([&] { Trainer t(Recipe::parse(cfg), o); }, "absent.safetensors");
   json bad = cfg;
