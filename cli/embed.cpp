@@ -5,10 +5,12 @@
 #include <filesystem>
 #include <iostream>
 #include <nlohmann/json.hpp>
+#include <numeric>
 #include <string_view>
 
 #include "cli/commands.h"
 #include "twins/data/dataset.h"
+#include "twins/distributed/communicator.h"
 #include "twins/embed.h"
 #include "twins/eval/features.h"
 #include "twins/eval/npy.h"
@@ -24,39 +26,81 @@ struct EmbedArgs {
   int image_size = 0, workers = 2;
   int64_t batch_size = 128;
   double save_every_s = 10;
+  LaunchPlan launch;  // the ranks of a data-parallel embedding
 };
 
 // Identifies an embedding in progress: the images (data_fingerprint), the backbone file (its
 // path, size and time) and what shapes the features; not the device or the batch size.
-std::string embed_key(const EmbedArgs& a, const Embedder& embedder, const data::Dataset& dataset) {
+nlohmann::json embed_key(const EmbedArgs& a, const Embedder& embedder, const data::Dataset& dataset) {
   fs::path file = a.backbone;
   std::error_code ec;
   if (fs::is_directory(file, ec)) file /= "backbone.safetensors";
   struct stat s {};
   const bool seen = ::stat(file.c_str(), &s) == 0;
-  return nlohmann::json{
-      {"backbone", fs::absolute(file, ec).string()},
-      {"backbone_bytes", seen ? static_cast<int64_t>(s.st_size) : -1},
-      {"backbone_mtime_ns",
-       seen ? static_cast<int64_t>(s.st_mtim.tv_sec) * 1000000000 + static_cast<int64_t>(s.st_mtim.tv_nsec) : -1},
-      {"images", dataset.size()},
-      {"data", eval::data_fingerprint(dataset)},
-      {"dim", embedder.dim()},
-      {"image_size", embedder.image_size()}}
-      .dump();
+  return {{"backbone", fs::absolute(file, ec).string()},
+          {"backbone_bytes", seen ? static_cast<int64_t>(s.st_size) : -1},
+          {"backbone_mtime_ns",
+           seen ? static_cast<int64_t>(s.st_mtim.tv_sec) * 1000000000 + static_cast<int64_t>(s.st_mtim.tv_nsec) : -1},
+          {"images", dataset.size()},
+          {"data", eval::data_fingerprint(dataset)},
+          {"dim", embedder.dim()},
+          {"image_size", embedder.image_size()}};
+}
+
+// Embeds `images` into the rows of `rows` from where it stands (a stop signal, `stop`, ends it
+// early); returns the rows on disk, saved.
+int64_t embed_rows(const EmbedArgs& a, const Embedder& embedder, std::shared_ptr<const data::Dataset> images,
+                   io::RowFile& rows, const std::atomic<bool>* stop, bool progress) {
+  const int64_t dim = embedder.dim();
+  EmbedDatasetOptions eo;
+  eo.workers = a.workers, eo.progress = progress, eo.first = rows.rows(), eo.stop = stop;
+  int64_t batches = 0;
+  eo.sink = [&](int64_t first, const at::Tensor& features) {
+    if (first != rows.rows() || features.dim() != 2 || features.size(1) != dim)
+      throw std::logic_error("embed: batch at image " + std::to_string(first) + " where " +
+                             std::to_string(rows.rows()) + " were written");
+    const at::Tensor f = features.to(at::kFloat).contiguous();
+    rows.append(std::string_view(static_cast<const char*>(f.data_ptr()), static_cast<size_t>(f.nbytes())), f.size(0));
+    rows.save_every(a.save_every_s);
+    io::fault_point("embed_batch", rows.path() + ", batch " + std::to_string(++batches));
+  };
+  embedder.embed_dataset(std::move(images), eo);
+  rows.save();
+  return rows.rows();
+}
+
+// The .npy in <output>.partial, whole, replaces <output> in one rename, then the ids are
+// written: each file atomically, one right after the other.
+void finish(const EmbedArgs& a, const data::Dataset& dataset, io::RowFile& rows, int64_t dim) {
+  const fs::path ids_path = fs::path(a.output).replace_extension(".ids.txt");
+  std::string ids;
+  for (int64_t i = 0; i < dataset.size(); ++i) ids += dataset.id(i) + "\n";
+  fs::rename(rows.path(), a.output);
+  io::write_file_atomic(ids_path.string(), ids);
+  std::error_code ec;
+  fs::remove(rows.state_path(), ec);
+  std::cout << "wrote " << a.output << " [" << dataset.size() << ", " << dim << "] float32 and " << ids_path.string()
+            << "\n";
+}
+
+// Rank r of W embeds images [n r / W, n (r + 1) / W): its own rows file beside the output.
+std::pair<int64_t, int64_t> share_of(int64_t n, int64_t rank, int64_t world) {
+  return {n * rank / world, n * (rank + 1) / world};
+}
+std::string rank_rows_path(const EmbedArgs& a, int64_t rank, int64_t world) {
+  return a.output + ".rank" + std::to_string(rank) + "-of-" + std::to_string(world) + ".partial";
+}
+std::string rank_key(nlohmann::json key, int64_t rank, int64_t world, int64_t n) {
+  const auto [lo, hi] = share_of(n, rank, world);
+  key["rank"] = rank, key["world_size"] = world, key["first_image"] = lo, key["end_image"] = hi;
+  return key.dump();
 }
 
 // Images -> features, written as they come into <output>.partial (the .npy with its header for
 // all N rows) with <output>.partial.json saying how many rows are on disk (every --save-every-s
 // seconds, and when a stop signal ends the run). The same command continues an unfinished one.
-// The finished .npy replaces <output> in one rename, then the ids are written: a run that fails
-// or stops before its end leaves the previous pair as it was.
-int run_embed(const EmbedArgs& a) {
-  set_compute_threads(0);
-  EmbedderOptions o;
-  o.device = a.device, o.image_size = a.image_size, o.batch_size = a.batch_size;
-  const Embedder embedder(a.backbone, o);
-  const auto dataset = data::open_images(a.input, "--input");
+// A run that fails or stops before its end leaves the previous pair as it was.
+int run_single(const EmbedArgs& a, const Embedder& embedder, const std::shared_ptr<const data::Dataset>& dataset) {
   const int64_t n = dataset->size(), dim = embedder.dim();
   const std::string partial = a.output + ".partial";
   // One run at a time per output: a second would cut and append to the same rows.
@@ -66,8 +110,8 @@ int run_embed(const EmbedArgs& a) {
     throw std::runtime_error(a.output + ": another twins embed is writing it (" + lock_path +
                              " is locked); wait for it to finish, or choose another --output");
   const auto row_bytes = static_cast<size_t>(dim) * sizeof(float);
-  io::RowFile rows(partial, eval::npy_header(at::kFloat, {n, dim}), row_bytes, embed_key(a, embedder, *dataset), n,
-                   a.batch_size);
+  io::RowFile rows(partial, eval::npy_header(at::kFloat, {n, dim}), row_bytes, embed_key(a, embedder, *dataset).dump(),
+                   n, a.batch_size);
   if (rows.opened() == io::RowFile::Opened::continued)
     std::cerr << "continuing " << partial << " at image " << rows.rows() << " of " << n << "\n";
   else if (rows.opened() == io::RowFile::Opened::started_over)
@@ -75,22 +119,7 @@ int run_embed(const EmbedArgs& a) {
               << " was written for other images, another backbone or other settings (or is incomplete)\n";
   std::cerr << "embedding " << n - rows.rows() << " images with " << a.backbone << " (" << dim << " features, "
             << embedder.image_size() << " px)\n";
-  EmbedDatasetOptions eo;
-  eo.workers = a.workers, eo.progress = true, eo.first = rows.rows();
-  eo.stop = stop_flag_on_signals(/*speaks=*/true);
-  int64_t batches = 0;
-  eo.sink = [&](int64_t first, const at::Tensor& features) {
-    if (first != rows.rows() || features.dim() != 2 || features.size(1) != dim)
-      throw std::logic_error("embed: batch at image " + std::to_string(first) + " where " +
-                             std::to_string(rows.rows()) + " were written");
-    const at::Tensor f = features.to(at::kFloat).contiguous();
-    rows.append(std::string_view(static_cast<const char*>(f.data_ptr()), static_cast<size_t>(f.nbytes())), f.size(0));
-    rows.save_every(a.save_every_s);
-    io::fault_point("embed_batch", std::to_string(++batches));
-  };
-  embedder.embed_dataset(dataset, eo);
-  rows.save();
-  const int64_t done = rows.rows();
+  const int64_t done = embed_rows(a, embedder, dataset, rows, stop_flag_on_signals(/*speaks=*/true), true);
   std::error_code ec;
   if (done < n) {
     fs::remove(lock_path, ec);  // (while still held, as below)
@@ -98,17 +127,108 @@ int run_embed(const EmbedArgs& a) {
               << "); the same command continues it\n";
     return 0;
   }
-  // Both files are replaced only once every image is embedded, each atomically, one right after
-  // the other.
-  const fs::path ids_path = fs::path(a.output).replace_extension(".ids.txt");
-  std::string ids;
-  for (int64_t i = 0; i < n; ++i) ids += dataset->id(i) + "\n";
-  fs::rename(partial, a.output);
-  io::write_file_atomic(ids_path.string(), ids);
-  fs::remove(rows.state_path(), ec);
+  finish(a, *dataset, rows, dim);
   fs::remove(lock_path, ec);
-  std::cout << "wrote " << a.output << " [" << n << ", " << dim << "] float32 and " << ids_path.string() << "\n";
   return 0;
+}
+
+// The same over the ranks of a job: rank r embeds its contiguous share into
+// <output>.rank<r>-of-<W>.partial (each continued by the same command on as many ranks), then
+// rank 0 copies the shares, in order, into <output>.partial (itself continued, should rank 0 die
+// while copying) and finishes as one process does. Every rank must see the output's folder (one
+// file system for every node).
+int run_ranks(const EmbedArgs& a, const Embedder& embedder, const std::shared_ptr<const data::Dataset>& dataset,
+              distributed::Communicator& comm) {
+  const int64_t n = dataset->size(), dim = embedder.dim(), rank = comm.rank(), world = comm.world_size();
+  const auto row_bytes = static_cast<size_t>(dim) * sizeof(float);
+  const nlohmann::json key = embed_key(a, embedder, *dataset);
+  const auto [lo, hi] = share_of(n, rank, world);
+  const std::string mine = rank_rows_path(a, rank, world);
+  const std::string who = "rank " + std::to_string(rank) + " of " + std::to_string(world);
+  int64_t done = 0;
+  {
+    const io::FileLock lock(mine + ".lock");
+    if (!lock.held())
+      throw std::runtime_error(a.output + ": another twins embed is writing it (" + mine +
+                               ".lock is locked); wait for it to finish, or choose another --output");
+    io::RowFile rows(mine, "", row_bytes, rank_key(key, rank, world, n), hi - lo, a.batch_size);
+    if (rows.opened() == io::RowFile::Opened::continued)
+      std::cerr << who << ": continuing " << mine << " at image " << rows.rows() << " of " << hi - lo << "\n";
+    if (rank == 0)
+      std::cerr << "embedding " << n << " images with " << a.backbone << " (" << dim << " features, "
+                << embedder.image_size() << " px) on " << world << " ranks\n";
+    std::vector<int64_t> share(static_cast<size_t>(hi - lo));
+    std::iota(share.begin(), share.end(), lo);
+    done = embed_rows(a, embedder, data::subset(dataset, std::move(share)), rows,
+                      stop_flag_on_signals(/*speaks=*/rank == 0), rank == 0);
+  }
+  if (comm.any(done < hi - lo)) {
+    if (rank == 0)
+      std::cout << "embed: stopped before every rank's share was embedded (their rows are in " << a.output
+                << ".rank<r>-of-" << world << ".partial); the same command on " << world << " ranks continues it\n";
+    return 0;
+  }
+  if (rank != 0) return 0;  // rank 0 puts the shares together
+  const std::string lock_path = a.output + ".lock";
+  const io::FileLock lock(lock_path);
+  if (!lock.held())
+    throw std::runtime_error(a.output + ": another twins embed is writing it (" + lock_path +
+                             " is locked); wait for it to finish, or choose another --output");
+  nlohmann::json whole_key = key;
+  whole_key["from_ranks"] = world;
+  io::RowFile whole(a.output + ".partial", eval::npy_header(at::kFloat, {n, dim}), row_bytes, whole_key.dump(), n, 1);
+  std::cerr << "putting " << world << " ranks' rows together in " << a.output;
+  if (whole.opened() == io::RowFile::Opened::continued)
+    std::cerr << " (continuing " << whole.path() << " at image " << whole.rows() << " of " << n << ")";
+  std::cerr << "\n";
+  std::string bytes;
+  const int64_t chunk = std::max<int64_t>(1, (int64_t{64} << 20) / static_cast<int64_t>(row_bytes));
+  for (int64_t r = 0; r < world; ++r) {
+    const auto [first, end] = share_of(n, r, world);
+    if (whole.rows() >= end) continue;
+    const io::RowFile part(rank_rows_path(a, r, world), "", row_bytes, rank_key(key, r, world, n), end - first, 1);
+    if (part.rows() != end - first)
+      throw std::runtime_error(part.path() + ": holds " + std::to_string(part.rows()) + " of rank " +
+                               std::to_string(r) + "'s " + std::to_string(end - first) +
+                               " rows; run the same command again");
+    for (int64_t at_row = whole.rows() - first; at_row < end - first; at_row += chunk) {
+      const int64_t count = std::min(chunk, end - first - at_row);
+      bytes.resize(static_cast<size_t>(count) * row_bytes);
+      part.read(at_row, count, bytes.data());
+      whole.append(bytes, count);
+      whole.save_every(a.save_every_s);
+    }
+    io::fault_point("embed_assemble", "rank " + std::to_string(r));
+  }
+  whole.save();
+  finish(a, *dataset, whole, dim);
+  std::error_code ec;
+  for (int64_t r = 0; r < world; ++r) {
+    const std::string part = rank_rows_path(a, r, world);
+    for (const std::string& file : {io::RowFile::state_path_for(part), part, part + ".lock"}) fs::remove(file, ec);
+  }
+  fs::remove(lock_path, ec);
+  return 0;
+}
+
+int run_embed(const EmbedArgs& a) {
+  a.launch.check();
+  if (a.launch.nproc_per_node > 0) return launch_local(a.launch, 5.0);
+  set_compute_threads(0);
+  EmbedderOptions o;
+  o.device = a.device, o.image_size = a.image_size, o.batch_size = a.batch_size;
+  // A rank of a job (a launcher started this process): its own GPU, and the others to agree with.
+  std::shared_ptr<distributed::Communicator> comm;
+  const distributed::Environment env = distributed::detect_environment();
+  if (env.launcher != "none") {
+    const at::Device device = resolve_rank_device(a.device, env.local_rank, "--device");
+    o.device = device.str();
+    comm = distributed::Communicator::create(env, device);
+  }
+  const Embedder embedder(a.backbone, o);
+  const auto dataset = data::open_images(a.input, "--input");
+  if (comm && comm->world_size() > 1) return run_ranks(a, embedder, dataset, *comm);
+  return run_single(a, embedder, dataset);
 }
 
 }  // namespace
@@ -133,6 +253,7 @@ Command add_embed(CLI::App& app) {
                   "continues after a crash or Ctrl-C/SIGTERM)")
       ->capture_default_str()
       ->check(CLI::Range(0.0, 1e6));
+  a->launch.add_options(*sub);
   return [a] { return run_embed(*a); };
 }
 

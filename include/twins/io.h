@@ -149,7 +149,11 @@ inline unsigned long crc32_update(unsigned long crc, std::string_view text) {
 /// of an atomic write on disk), "before_rename" and "after_rename" (subject: the file), "step"
 /// (pretraining's step number), "finetune_batch" and "probe_batch" (fine-tuning's and
 /// probe.augment's batch number over the run, after the batch), "embed_batch" (`twins embed`'s
-/// batch number in this call, after its rows are written). Without TWINS_FAULT this does nothing.
+/// rows file and batch number in this call, "<file>, batch <n>", after its rows are written),
+/// "embed_assemble" (rank 0 of a `twins embed` on several ranks, "rank <r>", after copying that
+/// rank's rows into the output), "features_batch" (the evaluations' feature extraction kept on
+/// disk, "<split> features[ (rank r of W)], batch <n>", after the batch's rows are written).
+/// Without TWINS_FAULT this does nothing.
 void fault_point(const char* point, const std::string& subject);
 
 }  // namespace twins::io

@@ -10,7 +10,8 @@
 #  5. a failed `twins embed` leaves the previous .npy and .ids.txt as they were;
 #  6. `twins embed` stopped (SIGTERM) or killed continues to the uninterrupted result.
 #  7. `twins knn` killed while extracting features continues to the uninterrupted run's cache;
-#  8. the same with 2 ranks, one of them killed.
+#  8. the same with 2 ranks, one of them killed;
+#  9. `twins embed` on 2 ranks killed, stopped, or killed while putting the ranks' rows together.
 set -euo pipefail
 twins=$1
 quickstart=$2
@@ -213,7 +214,7 @@ knn2=("${knn[@]}" --nproc-per-node 2 --set dist_timeout_s=120)
 rc=0
 TWINS_FAULT="features_batch@(rank 1 of 2), batch#3" "$twins" "${knn2[@]}" --out "$dir/knn2_kill" > /dev/null \
   2> "$dir/err.knn2_killed" || rc=$?
-[ "$rc" -ne 0 ] || fail "knn on 2 ranks: rank 1 was not killed"
+[ "$rc" -eq 137 ] || fail "knn on 2 ranks: expected the job to end by rank 1's SIGKILL (137), got $rc"
 [ -s "$dir/knn2_kill/$train_cache.rank1-of-2.partial" ] || fail "knn on 2 ranks: no partial features of rank 1"
 "$twins" "${knn2[@]}" --out "$dir/knn2_kill" > "$dir/out.knn2_kill" 2> "$dir/err.knn2_kill" \
   || { cat "$dir/err.knn2_kill"; fail "knn on 2 ranks continued"; }
@@ -227,3 +228,34 @@ for f in "$dir"/knn2_kill/*.partial*; do
   if [ -e "$f" ]; then fail "knn on 2 ranks: left $f"; fi
 done
 echo "knn features over 2 ranks kill and continue ok"
+
+# 9. `twins embed` on 2 ranks (43 images: rank 0 embeds 0-20, rank 1 21-42, in batches of 8),
+#    each into its own rows file, which rank 0 then puts together: the ids of one process, and
+#    after rank 1 was killed after its batch 2 (continued at 16 of its 22), a stop signal (both
+#    ranks stop, the command continues) or rank 0 killed while putting them together (after
+#    rank 0's rows), the same files as an uninterrupted run.
+emb2=("${emb[@]}" --nproc-per-node 2 --save-every-s 0)
+"$twins" "${emb2[@]}" --output "$dir/r_full.npy" > "$dir/out.r_full" 2> "$dir/err.r_full" \
+  || { cat "$dir/err.r_full"; fail "embed on 2 ranks (uninterrupted)"; }
+grep -q "wrote $dir/r_full.npy \[43, " "$dir/out.r_full" || fail "embed on 2 ranks: not 43 rows"
+cmp "$dir/changed.ids.txt" "$dir/r_full.ids.txt" || fail "embed on 2 ranks: the ids differ from one process's"
+embed_ranks_continued() {  # fault output-name expected-exit-code line-of-the-second-run
+  local rc=0
+  TWINS_FAULT="$1" "$twins" "${emb2[@]}" --output "$dir/$2.npy" > "$dir/out.$2" 2> "$dir/err.$2" || rc=$?
+  [ "$rc" -eq "$3" ] || { cat "$dir/err.$2"; fail "embed on 2 ranks ($1): exit code $rc, not $3"; }
+  if [ -e "$dir/$2.npy" ]; then fail "embed on 2 ranks ($1): wrote the output"; fi
+  "$twins" "${emb2[@]}" --output "$dir/$2.npy" > /dev/null 2> "$dir/err.$2.2" || fail "embed on 2 ranks continued ($2)"
+  grep -q "$4" "$dir/err.$2.2" || { cat "$dir/err.$2.2"; fail "embed on 2 ranks: $2 did not say '$4'"; }
+  cmp "$dir/r_full.npy" "$dir/$2.npy" || fail "embed on 2 ranks: $2.npy differs from the uninterrupted run's"
+  cmp "$dir/r_full.ids.txt" "$dir/$2.ids.txt" || fail "embed on 2 ranks: $2.ids.txt differs"
+  for f in "$dir/$2".npy.*partial*; do
+    if [ -e "$f" ]; then fail "embed on 2 ranks: $2 left $f"; fi
+  done
+}
+embed_ranks_continued "embed_batch@r_kill.npy.rank1-of-2.partial, batch#2" r_kill 137 \
+  "rank 1 of 2: continuing $dir/r_kill.npy.rank1-of-2.partial at image 16 of 22"
+embed_ranks_continued "embed_batch@r_term.npy.rank0-of-2.partial, batch#1:TERM" r_term 0 \
+  "rank 0 of 2: continuing $dir/r_term.npy.rank0-of-2.partial at image 8 of 21"
+grep -q "embed: stopped before every rank's share was embedded" "$dir/out.r_term" || fail "embed on 2 ranks: no stop line"
+embed_ranks_continued "embed_assemble@rank 0#1" r_assemble 137 "continuing $dir/r_assemble.npy.partial at image 21 of 43"
+echo "embed over 2 ranks kill, stop and continue ok"
