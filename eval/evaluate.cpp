@@ -11,6 +11,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <sstream>
 #include <tuple>
 #include <vector>
@@ -185,16 +186,21 @@ bool write_cache(const fs::path& cache, const Features& f) {
   }
 }
 
-// Once `cache` is written: removes the partial files other runs left for it (killed, then run
-// again with another number of ranks) and no process holds. True.
+// Once `cache` is written (or found): removes the partial files other runs left for it (killed,
+// then run again with another number of ranks, or killed after the cache was written) and no
+// process holds: <cache>.[...]partial, its state and its lock, whichever are there. True.
 bool remove_stale(const fs::path& cache) {
   const std::string prefix = cache.filename().string() + ".";
   std::error_code ec;
-  std::vector<std::string> stale;
+  std::set<std::string> stale;
   for (fs::directory_iterator it(cache.parent_path(), ec), end; !ec && it != end; it.increment(ec)) {
-    const std::string name = it->path().filename().string();
-    if (name.rfind(prefix, 0) == 0 && name.size() > 8 && name.compare(name.size() - 8, 8, ".partial") == 0)
-      stale.push_back(it->path().string());
+    std::string name = it->path().filename().string();
+    if (name.rfind(prefix, 0) != 0) continue;
+    for (const std::string_view suffix : {".json", ".lock"})
+      if (name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0)
+        name.resize(name.size() - suffix.size());
+    if (name.size() > 8 && name.compare(name.size() - 8, 8, ".partial") == 0)
+      stale.insert((cache.parent_path() / name).string());
   }
   for (const std::string& partial : stale) try {
       io::FileLock lock(partial + ".lock");
@@ -355,6 +361,7 @@ std::pair<Features, Features> eval_features(models::Network& net, const EvalConf
         if (f.at("features").size(0) != dataset->size()) throw std::runtime_error("another number of samples");
         std::cerr << "  " << split << " features from " << cache.string() << "\n";
         cached = Features{f.at("features"), f.at("labels")};
+        remove_stale(cache);
       } catch (const std::exception& e) {
         std::cerr << "warning: ignoring feature cache " << cache.string() << ": " << e.what() << "\n";
       }

@@ -604,11 +604,11 @@ TEST_CASE("eval: feature extraction for the cache continues from the rows a kill
 }
 
 TEST_CASE("eval: feature extraction over ranks continues each rank's share from its own partial file") {
-  ColourTask task = colour_task("partial_ranks", 12, 3, 37);  // 24 training images: 12 a rank, batches of 8
+  ColourTask task = colour_task("partial_ranks", 12, 1, 37);  // 24 training images: 12 a rank, batches of 8
   const EvalConfig c = EvalConfig::parse(task.config);
   const fs::path out = task.dir / "out";
   int64_t classes = 0;
-  const Features full = eval_features(task.backbone, c, out.string(), &classes).first;
+  const auto [full, full_test] = eval_features(task.backbone, c, out.string(), &classes);
   const fs::path cache = train_cache_in(out);
   REQUIRE_FALSE(cache.empty());
   fs::remove(cache);
@@ -621,6 +621,7 @@ TEST_CASE("eval: feature extraction over ranks continues each rank's share from 
   plant_partial(cache.string() + ".rank1-of-2.partial", odd.narrow(0, 0, 10), dim, key);
   plant_partial(cache.string() + ".rank0-of-3.partial", full.labels.slice(0, 0, 24, 3).narrow(0, 0, 4), dim,
                 R"({"key": "8 images, )" + std::to_string(dim) + R"( features", "rows_done": 4})");
+  std::ofstream(cache.string() + ".rank5-of-6.partial.json") << "{}";  // (its rows file gone)
   auto comms = twins::distributed::Communicator::create_local_group(2);
   std::vector<Features> got(2);
   twins::test::on_threads(2, [&](int r) {
@@ -647,6 +648,18 @@ TEST_CASE("eval: feature extraction over ranks continues each rank's share from 
     CAPTURE(name);
     CHECK(name.find(".partial") == std::string::npos);
   }
+  // 3 ranks over the 2 test images: rank 2's share is empty.
+  fs::remove_all(out);
+  auto three = twins::distributed::Communicator::create_local_group(3);
+  std::vector<Features> tests(3);
+  twins::test::on_threads(3, [&](int r) {
+    int64_t mine = 0;
+    tests[static_cast<size_t>(r)] =
+        eval_features(task.backbone, c, out.string(), &mine, three[static_cast<size_t>(r)]).second;
+  });
+  REQUIRE(tests[0].features.sizes() == full_test.features.sizes());
+  CHECK(at::equal(tests[0].labels, full_test.labels));
+  CHECK(twins::test::max_rel_error(tests[0].features, full_test.features) < 1e-5);
   fs::remove_all(task.dir);
 }
 
