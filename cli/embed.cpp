@@ -227,7 +227,11 @@ int run_embed(const EmbedArgs& a) {
   }
   const Embedder embedder(a.backbone, o);
   const auto dataset = data::open_images(a.input, "--input");
-  if (comm && comm->world_size() > 1) return run_ranks(a, embedder, dataset, *comm);
+  if (comm && comm->world_size() > 1) {
+    if (!dataset->streaming()) return run_ranks(a, embedder, dataset, *comm);
+    if (comm->rank() != 0) return 0;
+    std::cerr << "embed: tar shards are read in their own order: rank 0 embeds them alone\n";
+  }
   return run_single(a, embedder, dataset);
 }
 

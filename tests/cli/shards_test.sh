@@ -103,6 +103,14 @@ echo "$data" > "$dir/shards.json"
 "$twins" embed --backbone "$dir/run" --input "$dir/shards.json" --output "$dir/emb.npy" > "$dir/embed_s" 2>&1 \
   || { cat "$dir/embed_s"; exit 1; }
 [ "$(wc -l < "$dir/emb.ids.txt")" -eq 256 ] || { cat "$dir/embed_s"; head "$dir/emb.ids.txt"; exit 1; }
+# On 2 ranks, rank 0 embeds the stream alone: one process's ids and shape (the features may differ
+# in their last bits: the rank has fewer threads).
+"$twins" embed --backbone "$dir/run" --input "$dir/shards.json" --output "$dir/emb2.npy" --nproc-per-node 2 \
+  > "$dir/embed_s2" 2>&1 || { cat "$dir/embed_s2"; exit 1; }
+if ! grep -q "rank 0 embeds them alone" "$dir/embed_s2" || ! cmp "$dir/emb.ids.txt" "$dir/emb2.ids.txt" \
+  || [ "$(stat -c %s "$dir/emb.npy")" != "$(stat -c %s "$dir/emb2.npy")" ]; then
+  cat "$dir/embed_s2"; exit 1
+fi
 echo "shards: knn (top-1 $(knn_top1 "$dir/knn_s")% as on the unpacked files), linear-probe and embed ok"
 
 # 7. Fine-tuning on the shards with 2 ranks, stopped by SIGTERM within the epoch (batch 2 of 8:
