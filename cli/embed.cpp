@@ -6,6 +6,7 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <numeric>
+#include <optional>
 #include <string_view>
 
 #include "cli/commands.h"
@@ -27,6 +28,7 @@ struct EmbedArgs {
   int64_t batch_size = 128;
   double save_every_s = 10;
   LaunchPlan launch;  // the ranks of a data-parallel embedding
+  double dist_timeout_s = 86400;
 };
 
 // Identifies an embedding in progress: the images (data_fingerprint), the backbone file (its
@@ -83,6 +85,12 @@ void finish(const EmbedArgs& a, const data::Dataset& dataset, io::RowFile& rows,
             << "\n";
 }
 
+// The error for an output another twins embed is writing (its lock `lock` held).
+std::string busy(const EmbedArgs& a, const std::string& lock) {
+  return a.output + ": another twins embed is writing it (" + lock +
+         " is locked); wait for it to finish, or choose another --output";
+}
+
 // Rank r of W embeds images [n r / W, n (r + 1) / W): its own rows file beside the output.
 std::pair<int64_t, int64_t> share_of(int64_t n, int64_t rank, int64_t world) {
   return {n * rank / world, n * (rank + 1) / world};
@@ -106,9 +114,7 @@ int run_single(const EmbedArgs& a, const Embedder& embedder, const std::shared_p
   // One run at a time per output: a second would cut and append to the same rows.
   const std::string lock_path = a.output + ".lock";
   const io::FileLock lock(lock_path);
-  if (!lock.held())
-    throw std::runtime_error(a.output + ": another twins embed is writing it (" + lock_path +
-                             " is locked); wait for it to finish, or choose another --output");
+  if (!lock.held()) throw std::runtime_error(busy(a, lock_path));
   const auto row_bytes = static_cast<size_t>(dim) * sizeof(float);
   io::RowFile rows(partial, eval::npy_header(at::kFloat, {n, dim}), row_bytes, embed_key(a, embedder, *dataset).dump(),
                    n, a.batch_size);
@@ -135,28 +141,31 @@ int run_single(const EmbedArgs& a, const Embedder& embedder, const std::shared_p
 // The same over the ranks of a job: rank r embeds its contiguous share into
 // <output>.rank<r>-of-<W>.partial (each continued by the same command on as many ranks), then
 // rank 0 copies the shares, in order, into <output>.partial (itself continued, should rank 0 die
-// while copying) and finishes as one process does. Every rank must see the output's folder (one
-// file system for every node).
+// while copying) and finishes as one process does. Rank 0 holds <output>.lock throughout (one
+// job or process per output), each rank its own file's lock while it writes. Every rank must see
+// the output's folder (one file system for every node).
 int run_ranks(const EmbedArgs& a, const Embedder& embedder, const std::shared_ptr<const data::Dataset>& dataset,
               distributed::Communicator& comm) {
   const int64_t n = dataset->size(), dim = embedder.dim(), rank = comm.rank(), world = comm.world_size();
+  std::optional<io::FileLock> output_lock;
+  if (rank == 0) output_lock.emplace(a.output + ".lock");
+  if (comm.any(output_lock && !output_lock->held()))  // (before any rank touches its file)
+    throw std::runtime_error(busy(a, a.output + ".lock"));
   const auto row_bytes = static_cast<size_t>(dim) * sizeof(float);
   const nlohmann::json key = embed_key(a, embedder, *dataset);
   const auto [lo, hi] = share_of(n, rank, world);
   const std::string mine = rank_rows_path(a, rank, world);
-  const std::string who = "rank " + std::to_string(rank) + " of " + std::to_string(world);
+  if (rank == 0)
+    std::cerr << "embedding " << n << " images with " << a.backbone << " (" << dim << " features, "
+              << embedder.image_size() << " px) on " << world << " ranks\n";
   int64_t done = 0;
-  {
+  if (hi > lo) {
     const io::FileLock lock(mine + ".lock");
-    if (!lock.held())
-      throw std::runtime_error(a.output + ": another twins embed is writing it (" + mine +
-                               ".lock is locked); wait for it to finish, or choose another --output");
+    if (!lock.held()) throw std::runtime_error(busy(a, mine + ".lock"));
     io::RowFile rows(mine, "", row_bytes, rank_key(key, rank, world, n), hi - lo, a.batch_size);
     if (rows.opened() == io::RowFile::Opened::continued)
-      std::cerr << who << ": continuing " << mine << " at image " << rows.rows() << " of " << hi - lo << "\n";
-    if (rank == 0)
-      std::cerr << "embedding " << n << " images with " << a.backbone << " (" << dim << " features, "
-                << embedder.image_size() << " px) on " << world << " ranks\n";
+      std::cerr << "rank " << rank << " of " << world << ": continuing " << mine << " at image " << rows.rows()
+                << " of " << hi - lo << "\n";
     std::vector<int64_t> share(static_cast<size_t>(hi - lo));
     std::iota(share.begin(), share.end(), lo);
     done = embed_rows(a, embedder, data::subset(dataset, std::move(share)), rows,
@@ -169,11 +178,6 @@ int run_ranks(const EmbedArgs& a, const Embedder& embedder, const std::shared_pt
     return 0;
   }
   if (rank != 0) return 0;  // rank 0 puts the shares together
-  const std::string lock_path = a.output + ".lock";
-  const io::FileLock lock(lock_path);
-  if (!lock.held())
-    throw std::runtime_error(a.output + ": another twins embed is writing it (" + lock_path +
-                             " is locked); wait for it to finish, or choose another --output");
   nlohmann::json whole_key = key;
   whole_key["from_ranks"] = world;
   io::RowFile whole(a.output + ".partial", eval::npy_header(at::kFloat, {n, dim}), row_bytes, whole_key.dump(), n, 1);
@@ -186,11 +190,12 @@ int run_ranks(const EmbedArgs& a, const Embedder& embedder, const std::shared_pt
   for (int64_t r = 0; r < world; ++r) {
     const auto [first, end] = share_of(n, r, world);
     if (whole.rows() >= end) continue;
-    const io::RowFile part(rank_rows_path(a, r, world), "", row_bytes, rank_key(key, r, world, n), end - first, 1);
+    // (Read only: a file this rank cannot see whole, its folder not shared, is an error, not rows lost.)
+    const io::RowFile part = io::RowFile::saved(rank_rows_path(a, r, world), 0, row_bytes, rank_key(key, r, world, n));
     if (part.rows() != end - first)
       throw std::runtime_error(part.path() + ": holds " + std::to_string(part.rows()) + " of rank " +
                                std::to_string(r) + "'s " + std::to_string(end - first) +
-                               " rows; run the same command again");
+                               " rows; is the output's folder one every node sees?");
     for (int64_t at_row = whole.rows() - first; at_row < end - first; at_row += chunk) {
       const int64_t count = std::min(chunk, end - first - at_row);
       bytes.resize(static_cast<size_t>(count) * row_bytes);
@@ -202,12 +207,10 @@ int run_ranks(const EmbedArgs& a, const Embedder& embedder, const std::shared_pt
   }
   whole.save();
   finish(a, *dataset, whole, dim);
+  // The ranks' files, and those of runs on other numbers of ranks, but for files still held.
+  io::remove_unheld_rows(fs::path(a.output).parent_path().string(), fs::path(a.output).filename().string() + ".rank");
   std::error_code ec;
-  for (int64_t r = 0; r < world; ++r) {
-    const std::string part = rank_rows_path(a, r, world);
-    for (const std::string& file : {io::RowFile::state_path_for(part), part, part + ".lock"}) fs::remove(file, ec);
-  }
-  fs::remove(lock_path, ec);
+  fs::remove(a.output + ".lock", ec);  // (while still held, as one process does)
   return 0;
 }
 
@@ -223,7 +226,9 @@ int run_embed(const EmbedArgs& a) {
   if (env.launcher != "none") {
     const at::Device device = resolve_rank_device(a.device, env.local_rank, "--device");
     o.device = device.str();
-    comm = distributed::Communicator::create(env, device);
+    distributed::CommunicatorOptions co;
+    co.timeout_s = a.dist_timeout_s;
+    comm = distributed::Communicator::create(env, device, co);
   }
   const Embedder embedder(a.backbone, o);
   const auto dataset = data::open_images(a.input, "--input");
@@ -258,6 +263,11 @@ Command add_embed(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::Range(0.0, 1e6));
   a->launch.add_options(*sub);
+  sub->add_option("--dist-timeout-s", a->dist_timeout_s,
+                  "On several ranks: how long the ranks wait for each other (to join; the ranks done for the "
+                  "others' shares); a rank that dies, or whose machine goes down, is noticed within a minute anyway")
+      ->capture_default_str()
+      ->check(CLI::Range(1.0, 1e7));
   return [a] { return run_embed(*a); };
 }
 

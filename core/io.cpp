@@ -15,6 +15,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <regex>
+#include <set>
 #include <stdexcept>
 
 namespace twins::io {
@@ -231,7 +232,30 @@ RowFile::RowFile(const std::string& path, std::string_view header, size_t row_by
   out_ = std::make_unique<AppendFile>(path);
 }
 
+RowFile::RowFile(std::string path, std::string key, size_t header_bytes, size_t row_bytes, int64_t rows)
+    : path_(std::move(path)), key_(std::move(key)), header_bytes_(header_bytes), row_bytes_(row_bytes), rows_(rows) {
+  opened_ = Opened::continued;
+}
+
+RowFile RowFile::saved(const std::string& path, size_t header_bytes, size_t row_bytes, const std::string& key) {
+  if (row_bytes < 1) throw std::invalid_argument(path + ": rows of 0 bytes");
+  std::ifstream in(state_path_for(path));
+  if (!in) throw std::runtime_error(state_path_for(path) + ": cannot open (" + describe_errno(errno) + ")");
+  const nlohmann::json state = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+  const nlohmann::json rows = state.is_object() ? state.value("rows_done", nlohmann::json()) : nlohmann::json();
+  if (!state.is_object() || state.value("key", nlohmann::json()) != key || !rows.is_number_integer() ||
+      rows.get<int64_t>() < 0)
+    throw std::runtime_error(state_path_for(path) + ": not the state of these rows");
+  std::error_code ec;
+  const auto size = fs::file_size(path, ec);
+  if (ec || size < header_bytes || (size - header_bytes) / row_bytes < static_cast<uintmax_t>(rows.get<int64_t>()))
+    throw std::runtime_error(path + ": holds fewer rows than its state claims (" + std::to_string(rows.get<int64_t>()) +
+                             ")");
+  return RowFile(path, key, header_bytes, row_bytes, rows.get<int64_t>());
+}
+
 void RowFile::append(std::string_view bytes, int64_t count) {
+  if (!out_) throw std::logic_error(path_ + ": opened for reading only");
   if (count < 0 || bytes.size() % row_bytes_ != 0 || bytes.size() / row_bytes_ != static_cast<size_t>(count))
     throw std::invalid_argument(path_ + ": " + std::to_string(bytes.size()) + " bytes for " + std::to_string(count) +
                                 " rows of " + std::to_string(row_bytes_));
@@ -240,6 +264,7 @@ void RowFile::append(std::string_view bytes, int64_t count) {
 }
 
 void RowFile::save() {
+  if (!out_) throw std::logic_error(path_ + ": opened for reading only");
   out_->sync();  // the rows first, then the count that claims them
   write_state();
   last_save_ = std::chrono::steady_clock::now();
@@ -262,6 +287,29 @@ void RowFile::read(int64_t first, int64_t count, char* out) const {
 
 void RowFile::write_state() const {
   write_file_atomic(state_path(), nlohmann::json{{"key", key_}, {"rows_done", rows_}}.dump() + "\n");
+}
+
+int remove_unheld_rows(const std::string& dir, const std::string& prefix) {
+  std::error_code ec;
+  std::set<std::string> found;  // the RowFiles' paths
+  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+    std::string name = it->path().filename().string();
+    if (name.rfind(prefix, 0) != 0) continue;
+    for (const std::string_view suffix : {".json", ".lock"})
+      if (name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0)
+        name.resize(name.size() - suffix.size());
+    if (name.size() > 8 && name.compare(name.size() - 8, 8, ".partial") == 0)
+      found.insert((fs::path(dir) / name).string());
+  }
+  int removed = 0;
+  for (const std::string& rows : found) try {
+      const FileLock lock(rows + ".lock");
+      if (!lock.held()) continue;
+      for (const std::string& file : {RowFile::state_path_for(rows), rows, rows + ".lock"}) fs::remove(file, ec);
+      ++removed;
+    } catch (const std::exception&) {  // (left as they are)
+    }
+  return removed;
 }
 
 int remove_stale_temporaries(const std::string& dir) {

@@ -11,7 +11,6 @@
 #include <map>
 #include <memory>
 #include <optional>
-#include <set>
 #include <sstream>
 #include <tuple>
 #include <vector>
@@ -188,27 +187,9 @@ bool write_cache(const fs::path& cache, const Features& f) {
 
 // Once `cache` is written (or found): removes the partial files other runs left for it (killed,
 // then run again with another number of ranks, or killed after the cache was written) and no
-// process holds: <cache>.[...]partial, its state and its lock, whichever are there. True.
+// process holds. True.
 bool remove_stale(const fs::path& cache) {
-  const std::string prefix = cache.filename().string() + ".";
-  std::error_code ec;
-  std::set<std::string> stale;
-  for (fs::directory_iterator it(cache.parent_path(), ec), end; !ec && it != end; it.increment(ec)) {
-    std::string name = it->path().filename().string();
-    if (name.rfind(prefix, 0) != 0) continue;
-    for (const std::string_view suffix : {".json", ".lock"})
-      if (name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0)
-        name.resize(name.size() - suffix.size());
-    if (name.size() > 8 && name.compare(name.size() - 8, 8, ".partial") == 0)
-      stale.insert((cache.parent_path() / name).string());
-  }
-  for (const std::string& partial : stale) try {
-      io::FileLock lock(partial + ".lock");
-      if (!lock.held()) continue;
-      for (const std::string& file : {io::RowFile::state_path_for(partial), partial, partial + ".lock"})
-        fs::remove(file, ec);
-    } catch (const std::exception&) {  // (left as they are)
-    }
+  io::remove_unheld_rows(cache.parent_path().string(), cache.filename().string() + ".");
   return true;
 }
 

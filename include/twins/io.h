@@ -94,6 +94,10 @@ class RowFile {
   /// them; otherwise starts anew: `header` alone (started_over when a state was there).
   RowFile(const std::string& path, std::string_view header, size_t row_bytes, const std::string& key, int64_t max_rows,
           int64_t align);
+  /// The rows another RowFile saved at `path` under `key`, for reading only: nothing is written
+  /// (append and save throw). Throws std::runtime_error naming the file when its state is
+  /// missing, unreadable or of another key, or claims rows the file lacks.
+  static RowFile saved(const std::string& path, size_t header_bytes, size_t row_bytes, const std::string& key);
   RowFile(const RowFile&) = delete;
   RowFile& operator=(const RowFile&) = delete;
   Opened opened() const { return opened_; }
@@ -118,9 +122,16 @@ class RowFile {
   int64_t rows_ = 0;
   Opened opened_ = Opened::fresh;
   std::chrono::steady_clock::time_point last_save_ = std::chrono::steady_clock::now();
-  std::unique_ptr<AppendFile> out_;
+  std::unique_ptr<AppendFile> out_;  // null: read only
+  RowFile(std::string path, std::string key, size_t header_bytes, size_t row_bytes, int64_t rows);
   void write_state() const;
 };
+
+/// Removes the RowFiles in `dir` named `<prefix>...partial` (with their states, <path>.json, and
+/// locks, <path>.lock: any of the three found) whose FileLock no process holds, as runs that
+/// were killed, or continued with other settings, leave them. Files that cannot be locked or
+/// removed are left. Returns how many RowFiles went.
+int remove_unheld_rows(const std::string& dir, const std::string& prefix);
 
 /// The temporary file name write_file_atomic uses for `path` in this process.
 std::string temporary_name(const std::string& path);

@@ -229,33 +229,53 @@ for f in "$dir"/knn2_kill/*.partial*; do
 done
 echo "knn features over 2 ranks kill and continue ok"
 
-# 9. `twins embed` on 2 ranks (43 images: rank 0 embeds 0-20, rank 1 21-42, in batches of 8),
-#    each into its own rows file, which rank 0 then puts together: the ids of one process, and
-#    after rank 1 was killed after its batch 2 (continued at 16 of its 22), a stop signal (both
-#    ranks stop, the command continues) or rank 0 killed while putting them together (after
-#    rank 0's rows), the same files as an uninterrupted run.
-emb2=("${emb[@]}" --nproc-per-node 2 --save-every-s 0)
+# 9. `twins embed` on 2 ranks (43 images: rank 0 embeds 0-20, rank 1 21-42, in batches of 7, so
+#    that the batches are one process's), each into its own rows file, which rank 0 then puts
+#    together: the files of one process of as many threads; after rank 1 was killed after its
+#    batch 2 (continued at 14 of its 22), a stop signal (both ranks stop, the command continues)
+#    or rank 0 killed while putting them together (after rank 0's rows), the same files. A run
+#    stopped on 3 ranks finishes on 2, its files gone; 3 ranks embed 2 images (one has none); an
+#    output another embed holds is refused.
+emb7=(embed --backbone "$dir/ref" --batch-size 7 --workers 1 --device cpu)
+emb2=("${emb7[@]}" --input "$dir/images" --nproc-per-node 2 --save-every-s 0)
+OMP_NUM_THREADS=1 "$twins" "${emb7[@]}" --input "$dir/images" --output "$dir/r_one.npy" > /dev/null 2> "$dir/err.r_one" \
+  || fail "embed in batches of 7"
 "$twins" "${emb2[@]}" --output "$dir/r_full.npy" > "$dir/out.r_full" 2> "$dir/err.r_full" \
   || { cat "$dir/err.r_full"; fail "embed on 2 ranks (uninterrupted)"; }
 grep -q "wrote $dir/r_full.npy \[43, " "$dir/out.r_full" || fail "embed on 2 ranks: not 43 rows"
-cmp "$dir/changed.ids.txt" "$dir/r_full.ids.txt" || fail "embed on 2 ranks: the ids differ from one process's"
-embed_ranks_continued() {  # fault output-name expected-exit-code line-of-the-second-run
-  local rc=0
-  TWINS_FAULT="$1" "$twins" "${emb2[@]}" --output "$dir/$2.npy" > "$dir/out.$2" 2> "$dir/err.$2" || rc=$?
-  [ "$rc" -eq "$3" ] || { cat "$dir/err.$2"; fail "embed on 2 ranks ($1): exit code $rc, not $3"; }
-  if [ -e "$dir/$2.npy" ]; then fail "embed on 2 ranks ($1): wrote the output"; fi
+cmp "$dir/r_one.npy" "$dir/r_full.npy" || fail "embed on 2 ranks: the features differ from one process's"
+cmp "$dir/r_one.ids.txt" "$dir/r_full.ids.txt" || fail "embed on 2 ranks: the ids differ from one process's"
+embed_ranks_continued() {  # fault output-name expected-exit-code line-of-the-second-run [ranks of the first run]
+  local rc=0 first=("${emb2[@]}")
+  [ -n "${5:-}" ] && first=("${emb7[@]}" --input "$dir/images" --nproc-per-node "$5" --save-every-s 0)
+  TWINS_FAULT="$1" "$twins" "${first[@]}" --output "$dir/$2.npy" > "$dir/out.$2" 2> "$dir/err.$2" || rc=$?
+  [ "$rc" -eq "$3" ] || { cat "$dir/err.$2"; fail "embed on ranks ($1): exit code $rc, not $3"; }
+  if [ -e "$dir/$2.npy" ]; then fail "embed on ranks ($1): wrote the output"; fi
   "$twins" "${emb2[@]}" --output "$dir/$2.npy" > /dev/null 2> "$dir/err.$2.2" || fail "embed on 2 ranks continued ($2)"
   grep -q "$4" "$dir/err.$2.2" || { cat "$dir/err.$2.2"; fail "embed on 2 ranks: $2 did not say '$4'"; }
   cmp "$dir/r_full.npy" "$dir/$2.npy" || fail "embed on 2 ranks: $2.npy differs from the uninterrupted run's"
   cmp "$dir/r_full.ids.txt" "$dir/$2.ids.txt" || fail "embed on 2 ranks: $2.ids.txt differs"
-  for f in "$dir/$2".npy.*partial*; do
+  for f in "$dir/$2".npy.*partial* "$dir/$2".npy.lock; do
     if [ -e "$f" ]; then fail "embed on 2 ranks: $2 left $f"; fi
   done
 }
 embed_ranks_continued "embed_batch@r_kill.npy.rank1-of-2.partial, batch#2" r_kill 137 \
-  "rank 1 of 2: continuing $dir/r_kill.npy.rank1-of-2.partial at image 16 of 22"
+  "rank 1 of 2: continuing $dir/r_kill.npy.rank1-of-2.partial at image 14 of 22"
 embed_ranks_continued "embed_batch@r_term.npy.rank0-of-2.partial, batch#1:TERM" r_term 0 \
-  "rank 0 of 2: continuing $dir/r_term.npy.rank0-of-2.partial at image 8 of 21"
+  "rank 0 of 2: continuing $dir/r_term.npy.rank0-of-2.partial at image 7 of 21"
 grep -q "embed: stopped before every rank's share was embedded" "$dir/out.r_term" || fail "embed on 2 ranks: no stop line"
 embed_ranks_continued "embed_assemble@rank 0#1" r_assemble 137 "continuing $dir/r_assemble.npy.partial at image 21 of 43"
+embed_ranks_continued "embed_batch@r_three.npy.rank0-of-3.partial, batch#1:TERM" r_three 0 "putting 2 ranks' rows" 3
+mkdir -p "$dir/two"
+cp "$dir/images/10.pgm" "$dir/images/11.pgm" "$dir/two/"
+"$twins" "${emb7[@]}" --input "$dir/two" --nproc-per-node 3 --output "$dir/r_two.npy" > "$dir/out.r_two" \
+  2> "$dir/err.r_two" || { cat "$dir/err.r_two"; fail "embed of 2 images on 3 ranks"; }
+grep -q "wrote $dir/r_two.npy \[2, " "$dir/out.r_two" || fail "embed of 2 images on 3 ranks: not 2 rows"
+exec 9> "$dir/r_busy.npy.lock"
+flock 9
+rc=0
+"$twins" "${emb2[@]}" --output "$dir/r_busy.npy" > /dev/null 2> "$dir/err.r_busy" || rc=$?
+exec 9>&-
+[ "$rc" -eq 1 ] && grep -q "another twins embed is writing it" "$dir/err.r_busy" || fail "embed on 2 ranks: busy output"
+[ -z "$(ls "$dir"/r_busy.npy.rank* 2> /dev/null)" ] || fail "embed on 2 ranks: a busy output's rank files were written"
 echo "embed over 2 ranks kill, stop and continue ok"
