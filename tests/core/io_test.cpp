@@ -153,6 +153,42 @@ TEST_CASE("io: a file lock is taken once, and a row file continues where its sta
   CHECK(twins::io::RowFile(path, "HDR", 4, "k2", 10, 1).opened() == Opened::started_over);
   std::ofstream(path + ".json") << R"({"key": "k2", "rows_do)";
   CHECK(twins::io::RowFile(path, "HDR", 4, "k2", 10, 1).opened() == Opened::started_over);
+  // Read only: the saved rows, or an error that leaves the files as they are.
+  {
+    twins::io::RowFile f(path, "HDR", 4, "k3", 10, 1);
+    f.append(rows(0, 4), 4);
+    f.save();
+    f.append(rows(4, 1), 1);  // not saved
+  }
+  {
+    const twins::io::RowFile saved = twins::io::RowFile::saved(path, 3, 4, "k3");
+    CHECK(saved.rows() == 4);
+    std::string back(8, '\0');
+    saved.read(2, 2, back.data());
+    CHECK(back == rows(2, 2));
+  }
+  twins::io::RowFile saved = twins::io::RowFile::saved(path, 3, 4, "k3");
+  check_throws_with<std::logic_error>([&] { saved.append(rows(0, 1), 1); }, "opened for reading only");
+  check_throws_with<std::runtime_error>([&] { twins::io::RowFile::saved(path, 3, 4, "k4"); },
+                                        "rows.bin.json: not the state of these rows");
+  check_throws_with<std::runtime_error>([&] { twins::io::RowFile::saved(path, 3, 8, "k3"); },
+                                        "rows.bin: holds fewer rows than its state claims (4)");
+  CHECK(read(dir / "rows.bin") == "HDR" + rows(0, 5));
+  // Row files a process holds stay; the others go, by any of their three names.
+  const auto touch = [&](const std::string& name) { std::ofstream(dir / name) << "x"; };
+  for (const char* name : {"out.rank0-of-2.partial", "out.rank0-of-2.partial.json", "out.rank1-of-2.partial.lock",
+                           "out.rank2-of-4.partial", "out.rank2-of-4.partial.json", "out.partial", "other.partial"})
+    touch(name);
+  {
+    twins::io::FileLock held((dir / "out.rank2-of-4.partial.lock").string());
+    REQUIRE(held.held());
+    CHECK(twins::io::remove_unheld_rows(dir.string(), "out.rank") == 2);
+  }
+  for (const char* gone : {"out.rank0-of-2.partial", "out.rank0-of-2.partial.json", "out.rank0-of-2.partial.lock",
+                           "out.rank1-of-2.partial.lock"})
+    CHECK_FALSE(fs::exists(dir / gone));
+  for (const char* kept : {"out.rank2-of-4.partial", "out.rank2-of-4.partial.json", "out.partial", "other.partial"})
+    CHECK(fs::exists(dir / kept));
   fs::remove_all(dir);
 }
 
