@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <numeric>
@@ -71,18 +72,44 @@ int64_t embed_rows(const EmbedArgs& a, const Embedder& embedder, std::shared_ptr
   return rows.rows();
 }
 
-// The .npy in <output>.partial, whole, replaces <output> in one rename, then the ids are
-// written: each file atomically, one right after the other.
+// The ids beside the .npy: <output without .npy>.ids.txt.
+std::string ids_path_of(const EmbedArgs& a) { return fs::path(a.output).replace_extension(".ids.txt").string(); }
+
+// The .npy in <output>.partial, whole, replaces <output> in one rename, then the ids, already
+// written whole beside (<ids>.partial), replace theirs in another; a crash between the two leaves
+// what finish_interrupted completes.
 void finish(const EmbedArgs& a, const data::Dataset& dataset, io::RowFile& rows, int64_t dim) {
-  const fs::path ids_path = fs::path(a.output).replace_extension(".ids.txt");
+  const std::string ids_path = ids_path_of(a), waiting = ids_path + ".partial";
   std::string ids;
   for (int64_t i = 0; i < dataset.size(); ++i) ids += dataset.id(i) + "\n";
+  io::write_file_atomic(waiting, ids);
   fs::rename(rows.path(), a.output);
-  io::write_file_atomic(ids_path.string(), ids);
+  io::fault_point("embed_renamed", a.output);
+  fs::rename(waiting, ids_path);
   std::error_code ec;
   fs::remove(rows.state_path(), ec);
-  std::cout << "wrote " << a.output << " [" << dataset.size() << ", " << dim << "] float32 and " << ids_path.string()
-            << "\n";
+  std::cout << "wrote " << a.output << " [" << dataset.size() << ", " << dim << "] float32 and " << ids_path << "\n";
+}
+
+// A run of this command (the state of <output>.partial has its key `key` and all n rows) that
+// died between finish's two renames: <output> is its .npy, whole, and its ids wait in
+// <ids>.partial. Renames them, as that run would have, and says so; false when there is no such run.
+bool finish_interrupted(const EmbedArgs& a, const std::string& key, int64_t n, int64_t dim) {
+  const std::string partial = a.output + ".partial", state_path = io::RowFile::state_path_for(partial);
+  const std::string ids_path = ids_path_of(a), waiting = ids_path + ".partial";
+  std::error_code ec;
+  if (fs::exists(partial, ec) || !fs::exists(waiting, ec) || !fs::exists(state_path, ec)) return false;
+  std::ifstream in(state_path);
+  const nlohmann::json state = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+  const auto bytes = eval::npy_header(at::kFloat, {n, dim}).size() + static_cast<uintmax_t>(n * dim) * sizeof(float);
+  if (!state.is_object() || state.value("key", nlohmann::json()) != key ||
+      state.value("rows_done", nlohmann::json()) != nlohmann::json(n) || fs::file_size(a.output, ec) != bytes || ec)
+    return false;
+  fs::rename(waiting, ids_path);
+  fs::remove(state_path, ec);
+  std::cout << "wrote " << a.output << " [" << n << ", " << dim << "] float32 and " << ids_path
+            << " (finishing the run that stopped between renaming the two)\n";
+  return true;
 }
 
 // The error for an output another twins embed is writing (its lock `lock` held).
@@ -104,6 +131,14 @@ std::string rank_key(nlohmann::json key, int64_t rank, int64_t world, int64_t n)
   return key.dump();
 }
 
+// Done (one process, or rank 0 of a job): removes the ranks' rows files, of runs on any number of
+// ranks (but for files still held), then the output's lock, while still holding it.
+void remove_rank_rows(const EmbedArgs& a) {
+  io::remove_unheld_rows(fs::path(a.output).parent_path().string(), fs::path(a.output).filename().string());
+  std::error_code ec;
+  fs::remove(a.output + ".lock", ec);
+}
+
 // Images -> features, written as they come into <output>.partial (the .npy with its header for
 // all N rows) with <output>.partial.json saying how many rows are on disk (every --save-every-s
 // seconds, and when a stop signal ends the run). The same command continues an unfinished one.
@@ -116,8 +151,13 @@ int run_single(const EmbedArgs& a, const Embedder& embedder, const std::shared_p
   const io::FileLock lock(lock_path);
   if (!lock.held()) throw std::runtime_error(busy(a, lock_path));
   const auto row_bytes = static_cast<size_t>(dim) * sizeof(float);
-  io::RowFile rows(partial, eval::npy_header(at::kFloat, {n, dim}), row_bytes, embed_key(a, embedder, *dataset).dump(),
-                   n, a.batch_size);
+  const std::string key = embed_key(a, embedder, *dataset).dump();
+  std::error_code ec;
+  if (finish_interrupted(a, key, n, dim)) {
+    remove_rank_rows(a);
+    return 0;
+  }
+  io::RowFile rows(partial, eval::npy_header(at::kFloat, {n, dim}), row_bytes, key, n, a.batch_size);
   if (rows.opened() == io::RowFile::Opened::continued)
     std::cerr << "continuing " << partial << " at image " << rows.rows() << " of " << n << "\n";
   else if (rows.opened() == io::RowFile::Opened::started_over)
@@ -126,7 +166,6 @@ int run_single(const EmbedArgs& a, const Embedder& embedder, const std::shared_p
   std::cerr << "embedding " << n - rows.rows() << " images with " << a.backbone << " (" << dim << " features, "
             << embedder.image_size() << " px)\n";
   const int64_t done = embed_rows(a, embedder, dataset, rows, stop_flag_on_signals(/*speaks=*/true), true);
-  std::error_code ec;
   if (done < n) {
     fs::remove(lock_path, ec);  // (while still held, as below)
     std::cout << "embed: stopped at image " << done << " of " << n << " (state in " << partial
@@ -134,7 +173,7 @@ int run_single(const EmbedArgs& a, const Embedder& embedder, const std::shared_p
     return 0;
   }
   finish(a, *dataset, rows, dim);
-  fs::remove(lock_path, ec);
+  remove_rank_rows(a);
   return 0;
 }
 
@@ -153,11 +192,18 @@ int run_ranks(const EmbedArgs& a, const Embedder& embedder, const std::shared_pt
     throw std::runtime_error(busy(a, a.output + ".lock"));
   const auto row_bytes = static_cast<size_t>(dim) * sizeof(float);
   const nlohmann::json key = embed_key(a, embedder, *dataset);
+  nlohmann::json whole_key = key;  // rank 0's <output>.partial, the shares put together
+  whole_key["from_ranks"] = world;
+  if (comm.any(rank == 0 && finish_interrupted(a, whole_key.dump(), n, dim))) {
+    if (rank == 0) remove_rank_rows(a);
+    return 0;
+  }
   const auto [lo, hi] = share_of(n, rank, world);
   const std::string mine = rank_rows_path(a, rank, world);
   if (rank == 0)
     std::cerr << "embedding " << n << " images with " << a.backbone << " (" << dim << " features, "
               << embedder.image_size() << " px) on " << world << " ranks\n";
+  const std::atomic<bool>* stop = stop_flag_on_signals(/*speaks=*/rank == 0);  // (every rank: the launcher forwards)
   int64_t done = 0;
   if (hi > lo) {
     const io::FileLock lock(mine + ".lock");
@@ -168,18 +214,17 @@ int run_ranks(const EmbedArgs& a, const Embedder& embedder, const std::shared_pt
                 << " of " << hi - lo << "\n";
     std::vector<int64_t> share(static_cast<size_t>(hi - lo));
     std::iota(share.begin(), share.end(), lo);
-    done = embed_rows(a, embedder, data::subset(dataset, std::move(share)), rows,
-                      stop_flag_on_signals(/*speaks=*/rank == 0), rank == 0);
+    done = embed_rows(a, embedder, data::subset(dataset, std::move(share)), rows, stop, rank == 0);
   }
   if (comm.any(done < hi - lo)) {
+    std::error_code ec;
+    if (rank == 0) fs::remove(a.output + ".lock", ec);  // (while still held, as one process does)
     if (rank == 0)
       std::cout << "embed: stopped before every rank's share was embedded (their rows are in " << a.output
                 << ".rank<r>-of-" << world << ".partial); the same command on " << world << " ranks continues it\n";
     return 0;
   }
   if (rank != 0) return 0;  // rank 0 puts the shares together
-  nlohmann::json whole_key = key;
-  whole_key["from_ranks"] = world;
   io::RowFile whole(a.output + ".partial", eval::npy_header(at::kFloat, {n, dim}), row_bytes, whole_key.dump(), n, 1);
   std::cerr << "putting " << world << " ranks' rows together in " << a.output;
   if (whole.opened() == io::RowFile::Opened::continued)
@@ -207,10 +252,7 @@ int run_ranks(const EmbedArgs& a, const Embedder& embedder, const std::shared_pt
   }
   whole.save();
   finish(a, *dataset, whole, dim);
-  // The ranks' files, and those of runs on other numbers of ranks, but for files still held.
-  io::remove_unheld_rows(fs::path(a.output).parent_path().string(), fs::path(a.output).filename().string() + ".rank");
-  std::error_code ec;
-  fs::remove(a.output + ".lock", ec);  // (while still held, as one process does)
+  remove_rank_rows(a);
   return 0;
 }
 

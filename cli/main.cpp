@@ -69,7 +69,7 @@ int main(int argc, char** argv) {
   // A rank of a job command that fails before it joined the job tells the ranks waiting for it
   // (they would wait dist_timeout_s); once joined, its heartbeats tell.
   bool job_command = false;
-  for (const char* name : {"pretrain", "linear-probe", "knn", "finetune"})
+  for (const char* name : {"pretrain", "linear-probe", "knn", "finetune", "embed"})
     job_command = job_command || app.got_subcommand(name);
   auto tell_the_job = [job_command] {
     if (!job_command) return;

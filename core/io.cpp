@@ -248,7 +248,8 @@ RowFile RowFile::saved(const std::string& path, size_t header_bytes, size_t row_
     throw std::runtime_error(state_path_for(path) + ": not the state of these rows");
   std::error_code ec;
   const auto size = fs::file_size(path, ec);
-  if (ec || size < header_bytes || (size - header_bytes) / row_bytes < static_cast<uintmax_t>(rows.get<int64_t>()))
+  if (ec) throw std::runtime_error(path + ": cannot read (" + ec.message() + ")");
+  if (size < header_bytes || (size - header_bytes) / row_bytes < static_cast<uintmax_t>(rows.get<int64_t>()))
     throw std::runtime_error(path + ": holds fewer rows than its state claims (" + std::to_string(rows.get<int64_t>()) +
                              ")");
   return RowFile(path, key, header_bytes, row_bytes, rows.get<int64_t>());
@@ -289,17 +290,18 @@ void RowFile::write_state() const {
   write_file_atomic(state_path(), nlohmann::json{{"key", key_}, {"rows_done", rows_}}.dump() + "\n");
 }
 
-int remove_unheld_rows(const std::string& dir, const std::string& prefix) {
+int remove_unheld_rows(const std::string& dir, const std::string& stem) {
+  const fs::path folder = dir.empty() ? fs::path(".") : fs::path(dir);
   std::error_code ec;
   std::set<std::string> found;  // the RowFiles' paths
-  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+  for (fs::directory_iterator it(folder, ec), end; !ec && it != end; it.increment(ec)) {
     std::string name = it->path().filename().string();
-    if (name.rfind(prefix, 0) != 0) continue;
+    if (name.size() <= stem.size() || name.compare(0, stem.size(), stem) != 0) continue;
     for (const std::string_view suffix : {".json", ".lock"})
       if (name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0)
         name.resize(name.size() - suffix.size());
-    if (name.size() > 8 && name.compare(name.size() - 8, 8, ".partial") == 0)
-      found.insert((fs::path(dir) / name).string());
+    static const std::regex rest(R"(\.(rank[0-9]+-of-[0-9]+\.)?partial)");
+    if (std::regex_match(name.substr(stem.size()), rest)) found.insert((folder / name).string());
   }
   int removed = 0;
   for (const std::string& rows : found) try {

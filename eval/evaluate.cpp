@@ -189,7 +189,7 @@ bool write_cache(const fs::path& cache, const Features& f) {
 // then run again with another number of ranks, or killed after the cache was written) and no
 // process holds. True.
 bool remove_stale(const fs::path& cache) {
-  io::remove_unheld_rows(cache.parent_path().string(), cache.filename().string() + ".");
+  io::remove_unheld_rows(cache.parent_path().string(), cache.filename().string());
   return true;
 }
 

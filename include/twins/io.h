@@ -127,11 +127,12 @@ class RowFile {
   void write_state() const;
 };
 
-/// Removes the RowFiles in `dir` named `<prefix>...partial` (with their states, <path>.json, and
-/// locks, <path>.lock: any of the three found) whose FileLock no process holds, as runs that
-/// were killed, or continued with other settings, leave them. Files that cannot be locked or
+/// Removes the RowFiles in `dir` ("": the current folder) named `<stem>.partial` or
+/// `<stem>.rank<r>-of-<W>.partial` (a job's ranks'), with their states (<path>.json) and locks
+/// (<path>.lock), any of the three found, whose FileLock no process holds: what runs that were
+/// killed, or continued on another number of ranks, leave. Files that cannot be locked or
 /// removed are left. Returns how many RowFiles went.
-int remove_unheld_rows(const std::string& dir, const std::string& prefix);
+int remove_unheld_rows(const std::string& dir, const std::string& stem);
 
 /// The temporary file name write_file_atomic uses for `path` in this process.
 std::string temporary_name(const std::string& path);
@@ -162,7 +163,8 @@ inline unsigned long crc32_update(unsigned long crc, std::string_view text) {
 /// probe.augment's batch number over the run, after the batch), "embed_batch" (`twins embed`'s
 /// rows file and batch number in this call, "<file>, batch <n>", after its rows are written),
 /// "embed_assemble" (rank 0 of a `twins embed` on several ranks, "rank <r>", after copying that
-/// rank's rows into the output), "features_batch" (the evaluations' feature extraction kept on
+/// rank's rows into the output), "embed_renamed" (`twins embed`'s output, between renaming the
+/// .npy and the ids), "features_batch" (the evaluations' feature extraction kept on
 /// disk, "<split> features[ (rank r of W)], batch <n>", after the batch's rows are written).
 /// Without TWINS_FAULT this does nothing.
 void fault_point(const char* point, const std::string& subject);

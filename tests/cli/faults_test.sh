@@ -234,11 +234,13 @@ echo "knn features over 2 ranks kill and continue ok"
 #    together: the files of one process of as many threads; after rank 1 was killed after its
 #    batch 2 (continued at 14 of its 22), a stop signal (both ranks stop, the command continues)
 #    or rank 0 killed while putting them together (after rank 0's rows), the same files. A run
-#    stopped on 3 ranks finishes on 2, its files gone; 3 ranks embed 2 images (one has none); an
-#    output another embed holds is refused.
+#    stopped on 3 ranks finishes on 2, its files gone; one killed between renaming the .npy and
+#    the ids is finished by the next; 3 ranks embed 2 images (one has none); an output another
+#    embed holds is refused.
+export OMP_NUM_THREADS=1  # (every process, each rank too: the same threads give the same bits)
 emb7=(embed --backbone "$dir/ref" --batch-size 7 --workers 1 --device cpu)
 emb2=("${emb7[@]}" --input "$dir/images" --nproc-per-node 2 --save-every-s 0)
-OMP_NUM_THREADS=1 "$twins" "${emb7[@]}" --input "$dir/images" --output "$dir/r_one.npy" > /dev/null 2> "$dir/err.r_one" \
+"$twins" "${emb7[@]}" --input "$dir/images" --output "$dir/r_one.npy" > /dev/null 2> "$dir/err.r_one" \
   || fail "embed in batches of 7"
 "$twins" "${emb2[@]}" --output "$dir/r_full.npy" > "$dir/out.r_full" 2> "$dir/err.r_full" \
   || { cat "$dir/err.r_full"; fail "embed on 2 ranks (uninterrupted)"; }
@@ -266,6 +268,25 @@ embed_ranks_continued "embed_batch@r_term.npy.rank0-of-2.partial, batch#1:TERM" 
 grep -q "embed: stopped before every rank's share was embedded" "$dir/out.r_term" || fail "embed on 2 ranks: no stop line"
 embed_ranks_continued "embed_assemble@rank 0#1" r_assemble 137 "continuing $dir/r_assemble.npy.partial at image 21 of 43"
 embed_ranks_continued "embed_batch@r_three.npy.rank0-of-3.partial, batch#1:TERM" r_three 0 "putting 2 ranks' rows" 3
+# Killed between renaming the .npy and the ids (one process, then 2 ranks): the same command
+# renames the ids, as the killed run would have, embedding nothing.
+renamed_then_finished() {  # output-name reference-name twins-arguments...
+  local rc=0 name=$1 reference=$2
+  shift 2
+  TWINS_FAULT="embed_renamed@#1" "$twins" "$@" --output "$dir/$name.npy" > /dev/null 2>&1 || rc=$?
+  [ "$rc" -eq 137 ] || fail "embed ($name) killed between its renames: exit code $rc, not 137"
+  if [ ! -e "$dir/$name.npy" ] || [ -e "$dir/$name.ids.txt" ]; then fail "embed ($name): not killed between the renames"; fi
+  "$twins" "$@" --output "$dir/$name.npy" > "$dir/out.$name" 2> "$dir/err.$name" || fail "embed ($name) finished"
+  grep -q "finishing the run that stopped between renaming the two" "$dir/out.$name" || fail "embed ($name): not finished"
+  if grep -q "embedding" "$dir/err.$name"; then fail "embed ($name): embedded again"; fi
+  cmp "$dir/$reference.npy" "$dir/$name.npy" && cmp "$dir/$reference.ids.txt" "$dir/$name.ids.txt" \
+    || fail "embed ($name): the files differ from one uninterrupted run's"
+  for f in "$dir/$name".npy.* "$dir/$name".ids.txt.*; do
+    if [ -e "$f" ]; then fail "embed ($name) left $f"; fi
+  done
+}
+renamed_then_finished r_renamed r_one "${emb7[@]}" --input "$dir/images"
+renamed_then_finished r_renamed2 r_full "${emb2[@]}"
 mkdir -p "$dir/two"
 cp "$dir/images/10.pgm" "$dir/images/11.pgm" "$dir/two/"
 "$twins" "${emb7[@]}" --input "$dir/two" --nproc-per-node 3 --output "$dir/r_two.npy" > "$dir/out.r_two" \

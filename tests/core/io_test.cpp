@@ -167,28 +167,37 @@ TEST_CASE("io: a file lock is taken once, and a row file continues where its sta
     saved.read(2, 2, back.data());
     CHECK(back == rows(2, 2));
   }
+  const std::string state_before = read(dir / "rows.bin.json");
   twins::io::RowFile saved = twins::io::RowFile::saved(path, 3, 4, "k3");
   check_throws_with<std::logic_error>([&] { saved.append(rows(0, 1), 1); }, "opened for reading only");
+  check_throws_with<std::logic_error>([&] { saved.save(); }, "opened for reading only");
+  CHECK(read(dir / "rows.bin.json") == state_before);
+  check_throws_with<std::runtime_error>([&] { twins::io::RowFile::saved((dir / "none").string(), 3, 4, "k3"); },
+                                        "none.json: cannot open");
   check_throws_with<std::runtime_error>([&] { twins::io::RowFile::saved(path, 3, 4, "k4"); },
                                         "rows.bin.json: not the state of these rows");
   check_throws_with<std::runtime_error>([&] { twins::io::RowFile::saved(path, 3, 8, "k3"); },
                                         "rows.bin: holds fewer rows than its state claims (4)");
   CHECK(read(dir / "rows.bin") == "HDR" + rows(0, 5));
-  // Row files a process holds stay; the others go, by any of their three names.
+  // Row files of the stem a process holds stay; the others go, by any of their three names; other
+  // names that begin with the stem stay.
   const auto touch = [&](const std::string& name) { std::ofstream(dir / name) << "x"; };
   for (const char* name : {"out.rank0-of-2.partial", "out.rank0-of-2.partial.json", "out.rank1-of-2.partial.lock",
-                           "out.rank2-of-4.partial", "out.rank2-of-4.partial.json", "out.partial", "other.partial"})
+                           "out.rank2-of-4.partial", "out.rank2-of-4.partial.json", "out.partial", "other.partial",
+                           "out.ranking.npy.partial", "out.npy.partial", "out.rank1-of-2.partial.bak"})
     touch(name);
   {
     twins::io::FileLock held((dir / "out.rank2-of-4.partial.lock").string());
     REQUIRE(held.held());
-    CHECK(twins::io::remove_unheld_rows(dir.string(), "out.rank") == 2);
+    CHECK(twins::io::remove_unheld_rows(dir.string(), "out") == 3);
   }
   for (const char* gone : {"out.rank0-of-2.partial", "out.rank0-of-2.partial.json", "out.rank0-of-2.partial.lock",
-                           "out.rank1-of-2.partial.lock"})
+                           "out.rank1-of-2.partial.lock", "out.partial"})
     CHECK_FALSE(fs::exists(dir / gone));
-  for (const char* kept : {"out.rank2-of-4.partial", "out.rank2-of-4.partial.json", "out.partial", "other.partial"})
+  for (const char* kept : {"out.rank2-of-4.partial", "out.rank2-of-4.partial.json", "other.partial",
+                           "out.ranking.npy.partial", "out.npy.partial", "out.rank1-of-2.partial.bak"})
     CHECK(fs::exists(dir / kept));
+  CHECK(twins::io::remove_unheld_rows((dir / "absent").string(), "out") == 0);
   fs::remove_all(dir);
 }
 
