@@ -2,6 +2,7 @@
 #include <ATen/ATen.h>
 #include <sys/stat.h>
 
+#include <exception>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -75,14 +76,19 @@ int64_t embed_rows(const EmbedArgs& a, const Embedder& embedder, std::shared_ptr
 // The ids beside the .npy: <output without .npy>.ids.txt.
 std::string ids_path_of(const EmbedArgs& a) { return fs::path(a.output).replace_extension(".ids.txt").string(); }
 
+// The ids file's text: a line per image.
+std::string ids_of(const data::Dataset& dataset) {
+  std::string ids;
+  for (int64_t i = 0; i < dataset.size(); ++i) ids += dataset.id(i) + "\n";
+  return ids;
+}
+
 // The .npy in <output>.partial, whole, replaces <output> in one rename, then the ids, already
 // written whole beside (<ids>.partial), replace theirs in another; a crash between the two leaves
 // what finish_interrupted completes.
 void finish(const EmbedArgs& a, const data::Dataset& dataset, io::RowFile& rows, int64_t dim) {
   const std::string ids_path = ids_path_of(a), waiting = ids_path + ".partial";
-  std::string ids;
-  for (int64_t i = 0; i < dataset.size(); ++i) ids += dataset.id(i) + "\n";
-  io::write_file_atomic(waiting, ids);
+  io::write_file_atomic(waiting, ids_of(dataset));
   fs::rename(rows.path(), a.output);
   io::fault_point("embed_renamed", a.output);
   fs::rename(waiting, ids_path);
@@ -92,9 +98,11 @@ void finish(const EmbedArgs& a, const data::Dataset& dataset, io::RowFile& rows,
 }
 
 // A run of this command (the state of <output>.partial has its key `key` and all n rows) that
-// died between finish's two renames: <output> is its .npy, whole, and its ids wait in
-// <ids>.partial. Renames them, as that run would have, and says so; false when there is no such run.
-bool finish_interrupted(const EmbedArgs& a, const std::string& key, int64_t n, int64_t dim) {
+// died between finish's two renames: <output> is its .npy, whole, and its ids, these images',
+// wait in <ids>.partial. Renames them, as that run would have, and says so; false when there is
+// no such run.
+bool finish_interrupted(const EmbedArgs& a, const data::Dataset& dataset, const std::string& key, int64_t dim) {
+  const int64_t n = dataset.size();
   const std::string partial = a.output + ".partial", state_path = io::RowFile::state_path_for(partial);
   const std::string ids_path = ids_path_of(a), waiting = ids_path + ".partial";
   std::error_code ec;
@@ -105,6 +113,9 @@ bool finish_interrupted(const EmbedArgs& a, const std::string& key, int64_t n, i
   if (!state.is_object() || state.value("key", nlohmann::json()) != key ||
       state.value("rows_done", nlohmann::json()) != nlohmann::json(n) || fs::file_size(a.output, ec) != bytes || ec)
     return false;
+  std::ifstream ids_file(waiting, std::ios::binary);
+  const std::string ids((std::istreambuf_iterator<char>(ids_file)), std::istreambuf_iterator<char>());
+  if (ids != ids_of(dataset)) return false;  // (another output's, whose ids are named alike)
   fs::rename(waiting, ids_path);
   fs::remove(state_path, ec);
   std::cout << "wrote " << a.output << " [" << n << ", " << dim << "] float32 and " << ids_path
@@ -153,7 +164,7 @@ int run_single(const EmbedArgs& a, const Embedder& embedder, const std::shared_p
   const auto row_bytes = static_cast<size_t>(dim) * sizeof(float);
   const std::string key = embed_key(a, embedder, *dataset).dump();
   std::error_code ec;
-  if (finish_interrupted(a, key, n, dim)) {
+  if (finish_interrupted(a, *dataset, key, dim)) {
     remove_rank_rows(a);
     return 0;
   }
@@ -194,7 +205,15 @@ int run_ranks(const EmbedArgs& a, const Embedder& embedder, const std::shared_pt
   const nlohmann::json key = embed_key(a, embedder, *dataset);
   nlohmann::json whole_key = key;  // rank 0's <output>.partial, the shares put together
   whole_key["from_ranks"] = world;
-  if (comm.any(rank == 0 && finish_interrupted(a, whole_key.dump(), n, dim))) {
+  bool finished = false;  // (rank 0's; an error in it, once every rank knows)
+  std::exception_ptr failed;
+  if (rank == 0) try {
+      finished = finish_interrupted(a, *dataset, whole_key.dump(), dim);
+    } catch (const std::exception&) {
+      failed = std::current_exception();
+    }
+  if (comm.any(finished || failed)) {
+    if (failed) std::rethrow_exception(failed);
     if (rank == 0) remove_rank_rows(a);
     return 0;
   }

@@ -296,10 +296,10 @@ int remove_unheld_rows(const std::string& dir, const std::string& stem) {
   std::set<std::string> found;  // the RowFiles' paths
   for (fs::directory_iterator it(folder, ec), end; !ec && it != end; it.increment(ec)) {
     std::string name = it->path().filename().string();
-    if (name.size() <= stem.size() || name.compare(0, stem.size(), stem) != 0) continue;
     for (const std::string_view suffix : {".json", ".lock"})
       if (name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0)
         name.resize(name.size() - suffix.size());
+    if (name.size() <= stem.size() || name.compare(0, stem.size(), stem) != 0) continue;
     static const std::regex rest(R"(\.(rank[0-9]+-of-[0-9]+\.)?partial)");
     if (std::regex_match(name.substr(stem.size()), rest)) found.insert((folder / name).string());
   }

@@ -198,6 +198,8 @@ TEST_CASE("io: a file lock is taken once, and a row file continues where its sta
                            "out.ranking.npy.partial", "out.npy.partial", "out.rank1-of-2.partial.bak"})
     CHECK(fs::exists(dir / kept));
   CHECK(twins::io::remove_unheld_rows((dir / "absent").string(), "out") == 0);
+  touch("o.json");  // shorter than the stem once its suffix is off
+  CHECK(twins::io::remove_unheld_rows(dir.string(), "o.js") == 0);
   fs::remove_all(dir);
 }
 
