@@ -152,12 +152,17 @@ grep -q "starting over: $dir/changed.npy.partial was written for other images" "
   || fail "embed: continued over changed images"
 grep -q "wrote $dir/changed.npy \[43, " "$dir/out.changed" || fail "embed: not 43 rows after the change"
 # While one embed writes an output, another on it fails at once.
-exec 9> "$dir/busy.npy.lock"
-flock 9
-rc=0
-"$twins" "${emb[@]}" --output "$dir/busy.npy" > /dev/null 2> "$dir/err.busy" || rc=$?
-exec 9>&-
-[ "$rc" -eq 1 ] && grep -q "another twins embed is writing it" "$dir/err.busy" || fail "embed: a busy output not refused"
+refused_while_held() {  # output-name twins-arguments...
+  local rc=0 name=$1
+  shift
+  exec 9> "$dir/$name.npy.lock"
+  flock 9
+  "$twins" "$@" --output "$dir/$name.npy" > /dev/null 2> "$dir/err.$name" || rc=$?
+  exec 9>&-
+  [ "$rc" -eq 1 ] && grep -q "another twins embed is writing it" "$dir/err.$name" \
+    || fail "embed ($name): a busy output not refused"
+}
+refused_while_held busy "${emb[@]}"
 echo "embed stop, kill and continue ok"
 
 # 7. Features for knn (and linear-probe) killed after batch 5 of 8 (rows saved after every batch)
@@ -292,11 +297,6 @@ cp "$dir/images/10.pgm" "$dir/images/11.pgm" "$dir/two/"
 "$twins" "${emb7[@]}" --input "$dir/two" --nproc-per-node 3 --output "$dir/r_two.npy" > "$dir/out.r_two" \
   2> "$dir/err.r_two" || { cat "$dir/err.r_two"; fail "embed of 2 images on 3 ranks"; }
 grep -q "wrote $dir/r_two.npy \[2, " "$dir/out.r_two" || fail "embed of 2 images on 3 ranks: not 2 rows"
-exec 9> "$dir/r_busy.npy.lock"
-flock 9
-rc=0
-"$twins" "${emb2[@]}" --output "$dir/r_busy.npy" > /dev/null 2> "$dir/err.r_busy" || rc=$?
-exec 9>&-
-[ "$rc" -eq 1 ] && grep -q "another twins embed is writing it" "$dir/err.r_busy" || fail "embed on 2 ranks: busy output"
+refused_while_held r_busy "${emb2[@]}"
 [ -z "$(ls "$dir"/r_busy.npy.rank* 2> /dev/null)" ] || fail "embed on 2 ranks: a busy output's rank files were written"
 echo "embed over 2 ranks kill, stop and continue ok"

@@ -622,16 +622,20 @@ TEST_CASE("eval: feature extraction over ranks continues each rank's share from 
   plant_partial(cache.string() + ".rank0-of-3.partial", full.labels.slice(0, 0, 24, 3).narrow(0, 0, 4), dim,
                 R"({"key": "8 images, )" + std::to_string(dim) + R"( features", "rows_done": 4})");
   std::ofstream(cache.string() + ".rank5-of-6.partial.json") << "{}";  // (its rows file gone)
-  auto comms = twins::distributed::Communicator::create_local_group(2);
-  std::vector<Features> got(2);
-  twins::test::on_threads(2, [&](int r) {
-    int64_t mine = 0;
-    got[static_cast<size_t>(r)] =
-        eval_features(task.backbone, c, out.string(), &mine, comms[static_cast<size_t>(r)]).first;
-  });
-  const Features& f = got[0];
+  // Every rank's (train, test) features from eval_features on `world` ranks.
+  const auto on_ranks = [&](int world) {
+    auto comms = twins::distributed::Communicator::create_local_group(world);
+    std::vector<std::pair<Features, Features>> got(static_cast<size_t>(world));
+    twins::test::on_threads(world, [&](int r) {
+      int64_t mine = 0;
+      got[static_cast<size_t>(r)] = eval_features(task.backbone, c, out.string(), &mine, comms[static_cast<size_t>(r)]);
+    });
+    return got;
+  };
+  const auto got = on_ranks(2);
+  const Features& f = got[0].first;
   REQUIRE(f.features.sizes() == full.features.sizes());
-  CHECK_FALSE(got[1].features.defined());
+  CHECK_FALSE(got[1].first.features.defined());
   CHECK(at::equal(f.labels, full.labels));
   for (int64_t i = 0; i < 24; ++i) {
     CAPTURE(i);
@@ -650,16 +654,10 @@ TEST_CASE("eval: feature extraction over ranks continues each rank's share from 
   }
   // 3 ranks over the 2 test images: rank 2's share is empty.
   fs::remove_all(out);
-  auto three = twins::distributed::Communicator::create_local_group(3);
-  std::vector<Features> tests(3);
-  twins::test::on_threads(3, [&](int r) {
-    int64_t mine = 0;
-    tests[static_cast<size_t>(r)] =
-        eval_features(task.backbone, c, out.string(), &mine, three[static_cast<size_t>(r)]).second;
-  });
-  REQUIRE(tests[0].features.sizes() == full_test.features.sizes());
-  CHECK(at::equal(tests[0].labels, full_test.labels));
-  CHECK(twins::test::max_rel_error(tests[0].features, full_test.features) < 1e-5);
+  const Features test = on_ranks(3)[0].second;
+  REQUIRE(test.features.sizes() == full_test.features.sizes());
+  CHECK(at::equal(test.labels, full_test.labels));
+  CHECK(twins::test::max_rel_error(test.features, full_test.features) < 1e-5);
   fs::remove_all(task.dir);
 }
 
