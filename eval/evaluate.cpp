@@ -187,10 +187,9 @@ bool write_cache(const fs::path& cache, const Features& f) {
 
 // Once `cache` is written (or found): removes the partial files other runs left for it (killed,
 // then run again with another number of ranks, or killed after the cache was written) and no
-// process holds. True.
-bool remove_stale(const fs::path& cache) {
+// process holds.
+void remove_stale(const fs::path& cache) {
   io::remove_unheld_rows(cache.parent_path().string(), cache.filename().string());
-  return true;
 }
 
 // extract_features, keeping the rows on disk as they come, so as to survive a crash: each row (D
@@ -358,7 +357,11 @@ std::pair<Features, Features> eval_features(models::Network& net, const EvalConf
                   : extract_features(net, dataset, view, device, o);
     // Kept on disk as they come: by one process, by rank 0 alone (a stream of shards, read in its
     // own order), or by every rank its share (each its own partial file).
-    const auto written = [&](const Features& f) { return main_rank && write_cache(cache, f) && remove_stale(cache); };
+    const auto written = [&](const Features& f) {
+      if (!main_rank || !write_cache(cache, f)) return false;
+      remove_stale(cache);
+      return true;
+    };
     if (!shared || dataset->streaming()) {
       if (!main_rank) return Features{};
       if (shared) o.what += " (rank 0 alone: a stream of shards)";
