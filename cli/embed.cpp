@@ -133,9 +133,6 @@ std::string busy(const EmbedArgs& a, const std::string& lock) {
 std::pair<int64_t, int64_t> share_of(int64_t n, int64_t rank, int64_t world) {
   return {n * rank / world, n * (rank + 1) / world};
 }
-std::string rank_rows_path(const EmbedArgs& a, int64_t rank, int64_t world) {
-  return a.output + ".rank" + std::to_string(rank) + "-of-" + std::to_string(world) + ".partial";
-}
 std::string rank_key(nlohmann::json key, int64_t rank, int64_t world, int64_t n) {
   const auto [lo, hi] = share_of(n, rank, world);
   key["rank"] = rank, key["world_size"] = world, key["first_image"] = lo, key["end_image"] = hi;
@@ -218,7 +215,7 @@ int run_ranks(const EmbedArgs& a, const Embedder& embedder, const std::shared_pt
     return 0;
   }
   const auto [lo, hi] = share_of(n, rank, world);
-  const std::string mine = rank_rows_path(a, rank, world);
+  const std::string mine = io::rank_rows_path(a.output, rank, world);
   if (rank == 0)
     std::cerr << "embedding " << n << " images with " << a.backbone << " (" << dim << " features, "
               << embedder.image_size() << " px) on " << world << " ranks\n";
@@ -236,11 +233,12 @@ int run_ranks(const EmbedArgs& a, const Embedder& embedder, const std::shared_pt
     done = embed_rows(a, embedder, data::subset(dataset, std::move(share)), rows, stop, rank == 0);
   }
   if (comm.any(done < hi - lo)) {
-    std::error_code ec;
-    if (rank == 0) fs::remove(a.output + ".lock", ec);  // (while still held, as one process does)
-    if (rank == 0)
+    if (rank == 0) {
+      std::error_code ec;
+      fs::remove(a.output + ".lock", ec);  // (while still held, as one process does)
       std::cout << "embed: stopped before every rank's share was embedded (their rows are in " << a.output
                 << ".rank<r>-of-" << world << ".partial); the same command on " << world << " ranks continues it\n";
+    }
     return 0;
   }
   if (rank != 0) return 0;  // rank 0 puts the shares together
@@ -255,7 +253,8 @@ int run_ranks(const EmbedArgs& a, const Embedder& embedder, const std::shared_pt
     const auto [first, end] = share_of(n, r, world);
     if (whole.rows() >= end) continue;
     // (Read only: a file this rank cannot see whole, its folder not shared, is an error, not rows lost.)
-    const io::RowFile part = io::RowFile::saved(rank_rows_path(a, r, world), 0, row_bytes, rank_key(key, r, world, n));
+    const io::RowFile part =
+        io::RowFile::saved(io::rank_rows_path(a.output, r, world), 0, row_bytes, rank_key(key, r, world, n));
     if (part.rows() != end - first)
       throw std::runtime_error(part.path() + ": holds " + std::to_string(part.rows()) + " of rank " +
                                std::to_string(r) + "'s " + std::to_string(end - first) +

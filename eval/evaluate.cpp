@@ -380,10 +380,8 @@ std::pair<Features, Features> eval_features(models::Network& net, const EvalConf
       ExtractOptions mine = o;
       mine.progress = main_rank;
       mine.what += " (rank " + std::to_string(rank) + " of " + std::to_string(world) + ")";
-      const std::string partial =
-          cache.string() + ".rank" + std::to_string(rank) + "-of-" + std::to_string(world) + ".partial";
-      extract_kept(net, data::subset(dataset, std::move(share)), view, device, mine, partial, c.features_save_every_s,
-                   gathered);
+      extract_kept(net, data::subset(dataset, std::move(share)), view, device, mine,
+                   io::rank_rows_path(cache.string(), rank, world), c.features_save_every_s, gathered);
     }
     return all;
   };

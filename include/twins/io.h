@@ -127,6 +127,12 @@ class RowFile {
   void write_state() const;
 };
 
+/// The RowFile of rank `rank` of a job of `world` ranks writing for `stem` (a path):
+/// <stem>.rank<rank>-of-<world>.partial, a name remove_unheld_rows knows.
+inline std::string rank_rows_path(const std::string& stem, int64_t rank, int64_t world) {
+  return stem + ".rank" + std::to_string(rank) + "-of-" + std::to_string(world) + ".partial";
+}
+
 /// Removes the RowFiles in `dir` ("": the current folder) named `<stem>.partial` or
 /// `<stem>.rank<r>-of-<W>.partial` (a job's ranks'), with their states (<path>.json) and locks
 /// (<path>.lock), any of the three found, whose FileLock no process holds: what runs that were
