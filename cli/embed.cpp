@@ -226,8 +226,9 @@ int run_ranks(const EmbedArgs& a, const Embedder& embedder, const std::shared_pt
     if (!lock.held()) throw std::runtime_error(busy(a, mine + ".lock"));
     io::RowFile rows(mine, "", row_bytes, rank_key(key, rank, world, n), hi - lo, a.batch_size);
     if (rows.opened() == io::RowFile::Opened::continued)
-      std::cerr << "rank " << rank << " of " << world << ": continuing " << mine << " at image " << rows.rows()
-                << " of " << hi - lo << "\n";
+      std::cerr << "rank " + std::to_string(rank) + " of " + std::to_string(world) + ": continuing " + mine +
+                       " at image " + std::to_string(rows.rows()) + " of " + std::to_string(hi - lo) +
+                       "\n";  // (at once)
     std::vector<int64_t> share(static_cast<size_t>(hi - lo));
     std::iota(share.begin(), share.end(), lo);
     done = embed_rows(a, embedder, data::subset(dataset, std::move(share)), rows, stop, rank == 0);

@@ -199,7 +199,8 @@ void remove_stale(const fs::path& cache) {
 // transform.) Another process extracting into the same file (its lock held), or a folder that
 // cannot be written, leaves this one extracting in memory, as without the partial file. Then
 // `done` gets every row (it writes the cache); when it says the rows are kept elsewhere, the
-// partial files go (the lock's last, while held).
+// partial files go (the lock's last, while held). Its messages go out in one write each: every
+// rank of a job may be saying one at once.
 Features extract_kept(models::Network& net, const std::shared_ptr<const data::Dataset>& dataset,
                       const augment::View& view, const at::Device& device, ExtractOptions o, const std::string& partial,
                       double save_every_s, const std::function<bool(const Features&)>& done) {
@@ -215,10 +216,10 @@ Features extract_kept(models::Network& net, const std::shared_ptr<const data::Da
       rows.emplace(partial, "", row_bytes, std::to_string(n) + " images, " + std::to_string(dim) + " features", n,
                    o.batch_size);
       if (rows->opened() == io::RowFile::Opened::continued)
-        std::cerr << "  " << o.what << ": continuing " << partial << " at image " << rows->rows() << " of " << n
-                  << "\n";
+        std::cerr << "  " + o.what + ": continuing " + partial + " at image " + std::to_string(rows->rows()) + " of " +
+                         std::to_string(n) + "\n";
       else if (rows->opened() == io::RowFile::Opened::started_over)
-        std::cerr << "  " << o.what << ": starting over (" << partial << " is unreadable or incomplete)\n";
+        std::cerr << "  " + o.what + ": starting over (" + partial + " is unreadable or incomplete)\n";
       // The rows on disk, read back in chunks of about 64 MB.
       at::Tensor f = at::empty({rows->rows(), dim}, at::kFloat), l = at::empty({rows->rows()}, at::kLong);
       const int64_t chunk = std::max<int64_t>(1, (int64_t{64} << 20) / static_cast<int64_t>(row_bytes));
@@ -235,11 +236,11 @@ Features extract_kept(models::Network& net, const std::shared_ptr<const data::Da
       }
       features.push_back(f), labels.push_back(l);
     } else {
-      std::cerr << "  " << o.what << ": another process is extracting into " << partial << "; extracting in memory\n";
+      std::cerr << "  " + o.what + ": another process is extracting into " + partial + "; extracting in memory\n";
     }
   } catch (const std::exception& e) {  // (only the files: nothing is extracted yet)
-    std::cerr << "warning: " << o.what << ": cannot keep them on disk as they come (" << e.what()
-              << "); extracting in memory\n";
+    std::cerr << "warning: " + o.what + ": cannot keep them on disk as they come (" + e.what() +
+                     "); extracting in memory\n";
     rows.reset(), features.clear(), labels.clear();
   }
   if (features.empty()) features.push_back(at::empty({0, dim})), labels.push_back(at::empty({0}, at::kLong));
@@ -266,8 +267,8 @@ Features extract_kept(models::Network& net, const std::shared_ptr<const data::Da
         rows->append(bytes, f.size(0));
         rows->save_every(save_every_s);
       } catch (const std::exception& e) {
-        std::cerr << "warning: " << o.what << ": cannot keep them on disk as they come (" << e.what()
-                  << "); going on in memory\n";
+        std::cerr << "warning: " + o.what + ": cannot keep them on disk as they come (" + e.what() +
+                         "); going on in memory\n";
         rows.reset();
       }
     io::fault_point("features_batch", o.what + ", batch " + std::to_string(++batches));
