@@ -9,6 +9,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #endif
 #if TWINS_WITH_NCCL
+#include <c10/cuda/CUDAFunctions.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
@@ -87,6 +88,10 @@ Environment detect_environment() {
     e.rank = env_int("RANK", 0, true);
     e.world_size = env_int("WORLD_SIZE", 1, true);
     e.local_rank = env_int("LOCAL_RANK", e.rank);
+    const char* agent = env("TORCHELASTIC_USE_AGENT_STORE");  // Python's str(True)
+    e.agent_store =
+        agent && (std::string(agent) == "True" || std::string(agent) == "true" || std::string(agent) == "1");
+    e.restart_count = env_int("TORCHELASTIC_RESTART_COUNT", 0);
   } else if (env("SLURM_PROCID") && env("SLURM_NTASKS")) {
     e.launcher = "slurm";
     e.rank = env_int("SLURM_PROCID", 0, true);
@@ -217,6 +222,9 @@ struct WatchSettings {
   int world_size = 1;
   double timeout_s = 0;                          // 0: no watch
   std::function<void(const std::string&)> stop;  // empty: the watch posts, never acts
+  // The store outlives rank 0 (torchrun's agent serves it): the other ranks watch rank 0's beats,
+  // since the store answering no longer says that rank 0 is alive.
+  bool store_outlives_rank0 = false;
 };
 
 // A thread that posts "<count> <progress>" under beat_key(rank) every interval through a store
@@ -310,8 +318,11 @@ class Heartbeat {
       const double began = seconds_now();
       const double interval_s = std::chrono::duration<double>(interval).count();
       std::optional<detail::SilenceWatch> silence;
-      if (watch.timeout_s > 0 && rank == 0)
-        silence.emplace(watch.world_size, rank, watch.timeout_s, began, std::max(3 * interval_s, watch.timeout_s / 4));
+      // Rank 0 watches every rank; the others, where the store outlives rank 0, rank 0 alone.
+      const int watched = rank == 0 ? watch.world_size : 1;
+      if (watch.timeout_s > 0 && (rank == 0 || watch.store_outlives_rank0))
+        silence.emplace(watched, rank == 0 ? 0 : -1, watch.timeout_s, began,
+                        std::max(3 * interval_s, watch.timeout_s / 4));
       double answered = began;  // when the store last answered
       std::unique_lock<std::mutex> lock(mutex);
       int64_t count = 1;
@@ -326,7 +337,7 @@ class Heartbeat {
               stop_job(std::string(why.begin(), why.end()));
             } else if (silence) {
               const double now = seconds_now();
-              silence->observe(read_beats(*store, watch.world_size), now);
+              silence->observe(read_beats(*store, watched), now);
               if (auto verdict = silence->verdict(now)) {
                 stop_job(post_stop(
                     *store, *verdict + ": stopped, killed, or its machine unreachable (dist_heartbeat_timeout_s)"));
@@ -485,6 +496,15 @@ c10::intrusive_ptr<c10d::Store> tcp_store(const std::string& host, c10d::TCPStor
     if (std::string(ex.what()).find("libuv") == std::string::npos || !compat::set_store_libuv(so, false)) throw;
     return c10::make_intrusive<c10d::TCPStore>(host, so);
   }
+}
+
+// The job's store: rank 0's TCP store (`so.isServer` on rank 0), or under torchrun's agent store a
+// client of that, the keys under this attempt's prefix (as PyTorch's own env:// rendezvous does).
+c10::intrusive_ptr<c10d::Store> job_store(const Environment& e, c10d::TCPStoreOptions so) {
+  if (!e.agent_store) return tcp_store(e.master_addr, so);
+  so.isServer = false;
+  return c10::make_intrusive<c10d::PrefixStore>("twins/attempt_" + std::to_string(e.restart_count),
+                                                tcp_store(e.master_addr, so));
 }
 
 // What the heartbeats say about the other ranks after this rank's collective `op` failed: the
@@ -726,6 +746,16 @@ std::shared_ptr<Communicator> Communicator::create(const Environment& e, const a
   impl->rank = e.rank, impl->world_size = e.world_size, impl->timeout_s = options.timeout_s;
   impl->backend = options.backend == "auto" ? (device.is_cuda() ? "nccl" : "gloo") : options.backend;
   impl->device = impl->backend == "nccl" ? device : at::Device(at::kCPU);
+  if (impl->backend == "nccl") {
+    // NCCL takes one GPU per rank, named: its collectives' own tensors and any call on the current
+    // device (NCCL's guess for a barrier) must be on this rank's GPU, not on GPU 0 for every rank.
+    if (!device.is_cuda() || !device.has_index())
+      throw std::invalid_argument("train.dist_backend: nccl needs this rank's GPU as cuda:<index>, not \"" +
+                                  device.str() + "\" (gloo runs on the CPU)");
+#if TWINS_WITH_NCCL
+    c10::cuda::set_device(device.index());
+#endif
+  }
   impl->id = g_next_id++;
   c10d::TCPStoreOptions so;
   so.port = static_cast<uint16_t>(e.master_port);
@@ -744,7 +774,7 @@ std::shared_ptr<Communicator> Communicator::create(const Environment& e, const a
                              " group: " + ex.what());
   }
   try {
-    impl->store = tcp_store(e.master_addr, so);
+    impl->store = job_store(e, so);
   } catch (const std::exception& ex) {
     g_told = true;  // no store to tell the job through
     throw std::runtime_error("rank " + std::to_string(e.rank) + ": rendezvous at " + address +
@@ -770,13 +800,14 @@ std::shared_ptr<Communicator> Communicator::create(const Environment& e, const a
     client.isServer = false, client.waitWorkers = false;
     client.numWorkers.reset();
     client.timeout = std::max(to_ms(10), to_ms(5 * options.heartbeat_s));
-    const std::string host = e.master_addr;
     try {
-      impl->heartbeat_s = options.heartbeat_s, impl->hosts_store = e.rank == 0;
+      impl->heartbeat_s = options.heartbeat_s, impl->hosts_store = e.rank == 0 && !e.agent_store;
       impl->watched = options.heartbeat_timeout_s > 0;
+      WatchSettings watch = watch_settings(options, e.world_size);
+      watch.store_outlives_rank0 = e.agent_store;
       impl->heartbeat = std::make_unique<Heartbeat>(
-          tcp_store(host, client), [host, client] { return tcp_store(host, client); }, e.rank, options.heartbeat_s,
-          watch_settings(options, e.world_size));
+          job_store(e, client), [e, client] { return job_store(e, client); }, e.rank, options.heartbeat_s,
+          std::move(watch));
     } catch (const std::exception& ex) {  // the job runs; only its failures are told less well
       std::cerr << "warning: rank " << e.rank << ": no heartbeat store client: " << ex.what() << "\n";
       try {  // rank 0's watch must not take a rank without heartbeats for a silent one
@@ -799,7 +830,7 @@ void report_failure_before_join(const Environment& e, double wait_s) noexcept {
     so.numWorkers = e.world_size;
     so.waitWorkers = false;
     so.timeout = to_ms(wait_s);
-    const c10::intrusive_ptr<c10d::Store> store = tcp_store(e.master_addr, so);
+    const c10::intrusive_ptr<c10d::Store> store = job_store(e, so);
     if (store->add(kJoinedCount, 0) >= e.world_size) return;  // a job that formed: not this rank's
     post_stop(*store, "rank " + std::to_string(e.rank) + " failed before it joined the job (its own output says why)");
     if (e.rank == 0)
@@ -908,7 +939,11 @@ void Communicator::broadcast(at::Tensor& tensor, int root) {
   impl_->wait(impl_->group->broadcast(ts, o), "broadcast");
 }
 
-void Communicator::barrier() { impl_->wait(impl_->group->barrier(), "barrier"); }
+void Communicator::barrier() {
+  c10d::BarrierOptions o;  // NCCL otherwise guesses the GPU from the rank (rank % GPUs)
+  if (impl_->device.is_cuda()) o.device_ids = {impl_->device.index()};
+  impl_->wait(impl_->group->barrier(o), "barrier");
+}
 
 void Communicator::note_progress(int64_t step) {
   if (impl_->heartbeat) impl_->heartbeat->note(step);

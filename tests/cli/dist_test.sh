@@ -221,4 +221,42 @@ fail_rank_1 STOP 45 "rank 0 of 2: .* failed: .* heartbeats: no heartbeat from ra
 # ... and with a long collective timeout (an hour), the watch ends the job after 5 s of silence.
 fail_rank_1 STOP 45 "rank 0 of 2: stopping: rank 1 sent no heartbeat for [0-9]* s (last at step [0-9]*): stopped" \
   frozen-watch --set train.dist_timeout_s=3600 --set train.dist_heartbeat_timeout_s=5
+
+# PyTorch's own torchrun (Debian's python3-torch): its elastic agent serves the store on
+# MASTER_PORT itself (TORCHELASTIC_USE_AGENT_STORE=True) and starts a failed job again as a new
+# attempt (--max_restarts). Attempt 0's rank 1 is killed at step 3 (kill -9); attempt 1 resumes
+# from the step-2 checkpoint and finishes. Debian's torchrun 1.13 under Python 3.11 reads its
+# default "0" redirects as None (an IntFlag change): the wrapper below maps that back.
+py=/usr/bin/python3
+[ -x "$py" ] || py=python3
+if "$py" -c 'import torch.distributed.run' 2> /dev/null; then
+  port=$("$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  cat > "$dir/rank.sh" << 'EOF'
+#!/bin/sh
+# One rank as torchrun starts it: the first attempt runs the command given, its rank 1 killed at
+# step 3; a restarted attempt resumes the run.
+if [ "$TORCHELASTIC_RESTART_COUNT" = 0 ]; then
+  [ "$RANK" = 1 ] && export TWINS_FAULT='step@3#1'
+  exec "$@"
+fi
+exec "$1" pretrain --out "$ELASTIC_RUN" --resume
+EOF
+  chmod +x "$dir/rank.sh"
+  torchrun=(-c 'import torch.distributed.elastic.multiprocessing as m, torch.distributed.elastic.multiprocessing.api as a
+f = a.to_map
+a.to_map = m.to_map = lambda v, n: f(a.Std.NONE if v is None else v, n)
+from torch.distributed.run import main
+main()')
+  start=$SECONDS
+  ELASTIC_RUN=$dir/elastic timeout 300 "$py" "${torchrun[@]}" --nproc_per_node 2 --max_restarts 1 --monitor_interval 1 \
+    --master_port "$port" --no_python "$dir/rank.sh" "$twins" pretrain "${common[@]}" --set train.max_steps=6 \
+    --set train.checkpoint_every_steps=1 --set train.dist_timeout_s=60 --out "$dir/elastic" > "$dir/out16" 2> "$dir/err16" ||
+    { echo "torchrun failed"; cat "$dir/err16"; exit 1; }
+  grep -q "x 2 ranks (gloo)" "$dir/err16" || { cat "$dir/err16"; exit 1; }
+  grep -q "resuming from $dir/elastic/checkpoints/step-00000002" "$dir/err16" || { echo "no resumed attempt"; cat "$dir/err16"; exit 1; }
+  grep -q '"steps":6' "$dir/elastic/metrics.jsonl" || { cat "$dir/err16" "$dir/elastic/metrics.jsonl"; exit 1; }
+  echo "torchrun (agent store, a restarted attempt): $((SECONDS - start))s"
+else
+  echo "torchrun: skipped (no python3-torch here)"
+fi
 echo "dist cli ok"

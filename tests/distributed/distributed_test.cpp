@@ -2,6 +2,7 @@
 // own Gloo group over loopback) with B samples each must give the loss, gradients and updated
 // parameters of one process over the W x B samples.
 #include <ATen/ATen.h>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -15,6 +16,7 @@
 #include <set>
 #include <thread>
 
+#include "core/compat.h"
 #include "distributed/heartbeat_watch.h"
 #include "tests/test_util.h"
 #include "train/ssl_model.h"
@@ -178,6 +180,19 @@ TEST_CASE("dist: launcher environments (torchrun, SLURM, OpenMPI)") {
     CHECK(env.local_rank == 1);
     CHECK(env.master_addr == "node7");
     CHECK(env.master_port == 29400);
+    CHECK(!env.agent_store);  // twins' own launcher: rank 0 serves the store
+  }
+  {
+    // torchrun's elastic agent serves the store itself, and restarts the job as a new attempt.
+    Env e({{"RANK", "0"},
+           {"WORLD_SIZE", "2"},
+           {"MASTER_ADDR", "127.0.0.1"},
+           {"MASTER_PORT", "29500"},
+           {"TORCHELASTIC_USE_AGENT_STORE", "True"},
+           {"TORCHELASTIC_RESTART_COUNT", "3"}});
+    const auto env = distributed::detect_environment();
+    CHECK(env.agent_store);
+    CHECK(env.restart_count == 3);
   }
   {
     Env e({{"SLURM_PROCID", "5"},
@@ -898,4 +913,63 @@ TEST_CASE("dist: the rendezvous names the ranks that never came, and stops at on
   std::vector<int64_t> sums(2);
   twins::test::on_threads(2, [&](int r) { sums[static_cast<size_t>(r)] = job[static_cast<size_t>(r)]->sum(1); });
   CHECK(sums == std::vector<int64_t>{2, 2});
+}
+
+TEST_CASE(
+    "dist: under torchrun's agent store every rank is a client, a restarted attempt forms afresh, and rank 0's silence "
+    "is seen") {
+  // The agent: a TCP store this test serves on MASTER_PORT, as torchrun's elastic agent does
+  // (TORCHELASTIC_USE_AGENT_STORE=True) before it starts the ranks.
+  distributed::Environment e;
+  e.world_size = 2, e.master_addr = "127.0.0.1", e.master_port = free_port(), e.launcher = "torchrun";
+  c10d::TCPStoreOptions so;
+  so.port = static_cast<uint16_t>(e.master_port), so.isServer = true, so.waitWorkers = false;
+  compat::set_store_libuv(so, false);
+  const auto agent = c10::make_intrusive<c10d::TCPStore>(e.master_addr, so);
+  distributed::CommunicatorOptions o;
+  o.timeout_s = 60;
+  // Rank 0 serving the store itself, as elsewhere, finds the port taken.
+  distributed::Environment serving = e;
+  serving.world_size = 1;
+  check_throws_with<std::runtime_error>([&] { distributed::Communicator::create(serving, at::kCPU, o); },
+                                        "rank 0: rendezvous at 127.0.0.1:" + std::to_string(e.master_port) + " failed");
+  e.agent_store = true;
+  for (int attempt : {0, 1}) {  // the same ranks again: torchrun's restart, on the same agent store
+    CAPTURE(attempt);
+    e.restart_count = attempt;
+    std::vector<int64_t> sums(2);
+    twins::test::on_threads(2, [&](int r) {
+      distributed::Environment mine = e;
+      mine.rank = r;
+      sums[static_cast<size_t>(r)] = distributed::Communicator::create(mine, at::kCPU, o)->sum(r + 1);
+    });
+    CHECK(sums == std::vector<int64_t>{3, 3});
+  }
+  // Rank 0 goes silent (no heartbeats) while the agent's store still answers: rank 1 reads rank
+  // 0's beats itself and stops the job, as it would when rank 0's own store stopped answering.
+  e.restart_count = 2;
+  std::mutex mutex;
+  std::vector<std::string> reports;
+  distributed::CommunicatorOptions beating = o;
+  beating.heartbeat_s = 0.05, beating.heartbeat_timeout_s = 1;
+  beating.on_job_failure = [&](const std::string& reason) {
+    std::lock_guard<std::mutex> lock(mutex);
+    reports.push_back(reason);
+  };
+  distributed::CommunicatorOptions silent = o;
+  silent.heartbeat_s = 0;
+  std::vector<std::shared_ptr<distributed::Communicator>> job(2);
+  twins::test::on_threads(2, [&](int r) {
+    distributed::Environment mine = e;
+    mine.rank = r;
+    job[static_cast<size_t>(r)] = distributed::Communicator::create(mine, at::kCPU, r == 0 ? silent : beating);
+  });
+  auto reported = [&] {
+    std::lock_guard<std::mutex> lock(mutex);
+    return reports;
+  };
+  for (int i = 0; i < 250 && reported().empty(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  const auto got = reported();
+  REQUIRE(got.size() == 1);
+  CHECK(got[0].find("rank 1 of 2: stopping: rank 0 sent no heartbeat for 1 s (it never sent one)") == 0);
 }

@@ -29,11 +29,17 @@ struct Environment {
   /// "torchrun" (RANK, WORLD_SIZE, ...; also `twins pretrain --nproc-per-node`), "slurm",
   /// "openmpi", or "none" (a single process).
   std::string launcher = "none";
+  /// torchrun's elastic agent serves the store at MASTER_ADDR:MASTER_PORT itself
+  /// (TORCHELASTIC_USE_AGENT_STORE=True, its static and c10d rendezvous): every rank, rank 0
+  /// too, is a client of it, and the job's keys live under the attempt
+  /// (TORCHELASTIC_RESTART_COUNT), so that a job torchrun restarts (--max-restarts) forms afresh.
+  bool agent_store = false;
+  int restart_count = 0;
 };
 
 /// Reads the launcher's variables: torchrun's (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-/// MASTER_PORT), then SLURM's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; master from
-/// MASTER_ADDR or the first host of SLURM_JOB_NODELIST, port from MASTER_PORT or one derived
+/// MASTER_PORT, TORCHELASTIC_USE_AGENT_STORE, TORCHELASTIC_RESTART_COUNT), then SLURM's (SLURM_PROCID, SLURM_NTASKS,
+/// SLURM_LOCALID; master from MASTER_ADDR or the first host of SLURM_JOB_NODELIST, port from MASTER_PORT or one derived
 /// from SLURM_JOB_ID), then OpenMPI's (OMPI_COMM_WORLD_RANK, _SIZE, _LOCAL_RANK; MASTER_ADDR
 /// required when the job spans nodes). Throws std::invalid_argument naming a variable whose
 /// value is malformed or inconsistent (RANK >= WORLD_SIZE, ...).
