@@ -31,9 +31,12 @@ std::string cuda_summary() {
   }
   const int64_t gpus = static_cast<int64_t>(torch::cuda::device_count());
 #ifdef TWINS_WITH_CUDA
-  const std::uint64_t nccl = torch::cuda::nccl::version();  // major * 10000 + minor * 100 + patch (>= 2.9)
-  s += ", NCCL " + std::to_string(nccl / 10000) + "." + std::to_string(nccl / 100 % 100) + "." +
-       std::to_string(nccl % 100);
+  // major << 32 | minor << 16 | patch (torch/csrc/cuda/nccl.cpp, as torch.cuda.nccl.version()
+  // decodes it); 0 in a LibTorch built without NCCL.
+  const std::uint64_t nccl = torch::cuda::nccl::version();
+  s += nccl == 0 ? ", no NCCL"
+                 : ", NCCL " + std::to_string(nccl >> 32) + "." + std::to_string((nccl >> 16) & 0xFFFF) + "." +
+                       std::to_string(nccl & 0xFFFF);
   s += "; " + std::to_string(gpus) + " GPU" + (gpus == 1 ? "" : "s") + ":";
   for (int64_t i = 0; i < gpus; ++i) s += std::string(i ? "," : "") + " " + at::cuda::getDeviceProperties(i)->name;
 #else

