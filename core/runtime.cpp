@@ -200,6 +200,10 @@ int64_t peak_device_memory_bytes(const c10::Device& device) {
   return 0;
 }
 
+void synchronize_device(const c10::Device& device) {
+  if (device.is_cuda()) torch::cuda::synchronize(device.has_index() ? device.index() : -1);
+}
+
 void reset_peak_device_memory(const c10::Device& device) {
 #ifdef TWINS_WITH_CUDA
   if (device.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());

@@ -75,8 +75,13 @@ StepBenchmark bench_step(const json& config, int64_t steps, int64_t warmup, cons
   if (trainer.cuda_graph()) warmup = std::max<int64_t>(warmup, 4);
   reset_peak_device_memory(device);
   for (int64_t i = 0; i < warmup; ++i) trainer.step(batches);
+  // The clock starts and stops with the device idle (as the PyTorch reference's
+  // torch.cuda.synchronize()): the last step's optimizer and EMA, queued after its loss
+  // read-back, are timed, the warm-up's are not.
+  synchronize_device(device);
   const auto start = Clock::now();
-  for (int64_t i = 0; i < steps; ++i) trainer.step(batches);  // its loss read-back synchronises the device
+  for (int64_t i = 0; i < steps; ++i) trainer.step(batches);
+  synchronize_device(device);
   StepBenchmark r;
   r.batch_size = tc.batch_size * tc.grad_accumulation, r.steps = steps, r.device = device.str();
   r.seconds_per_step = seconds_since(start) / static_cast<double>(std::max<int64_t>(1, steps));

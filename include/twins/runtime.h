@@ -68,6 +68,8 @@ void check_float32_matmul_precision(const std::string& name, const std::string& 
 /// without CUDA.
 int64_t peak_device_memory_bytes(const c10::Device& device);
 void reset_peak_device_memory(const c10::Device& device);
+/// Waits until the work queued on `device` is done (torch.cuda.synchronize); nothing on the CPU.
+void synchronize_device(const c10::Device& device);
 /// Keeps freed tensor memory in the process for reuse (glibc: no mmap for large blocks, no trim),
 /// instead of returning it to the system and page-faulting it back on every allocation: on the CPU
 /// this makes a ResNet-18 training step ~1.6x faster. Process-wide, so programs opt in (the twins
