@@ -92,10 +92,13 @@ Environment detect_environment() {
     e.agent_store =
         agent && (std::string(agent) == "True" || std::string(agent) == "true" || std::string(agent) == "1");
     e.restart_count = env_int("TORCHELASTIC_RESTART_COUNT", 0);
-  } else if (env("SLURM_PROCID") && env("SLURM_NTASKS")) {
+  } else if (env("SLURM_PROCID") && env("SLURM_STEP_NUM_TASKS") && env_int("SLURM_STEP_NUM_TASKS", 1, true) > 1) {
+    // The tasks of an srun step. A batch script (sbatch) or salloc's shell has SLURM_PROCID 0 and
+    // the allocation's SLURM_NTASKS too, but no step: there twins is one process (which may start
+    // its own ranks with --nproc-per-node), not rank 0 of tasks that will never come.
     e.launcher = "slurm";
     e.rank = env_int("SLURM_PROCID", 0, true);
-    e.world_size = env_int("SLURM_NTASKS", 1, true);
+    e.world_size = env_int("SLURM_STEP_NUM_TASKS", 1, true);
     e.local_rank = env_int("SLURM_LOCALID", 0);
     if (!env("MASTER_ADDR") && env("SLURM_JOB_NODELIST")) e.master_addr = first_slurm_host(env("SLURM_JOB_NODELIST"));
     if (!env("MASTER_PORT")) e.master_port = 10000 + env_int("SLURM_JOB_ID", 0) % 20000;

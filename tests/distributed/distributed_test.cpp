@@ -45,8 +45,9 @@ struct Env {
   std::vector<std::string> names;
   Env(std::initializer_list<std::pair<const char*, const char*>> vars) {
     for (const char* n : {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
-                          "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_JOB_ID", "OMPI_COMM_WORLD_RANK",
-                          "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"})
+                          "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_JOB_ID",
+                          "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+                          "OMPI_COMM_WORLD_LOCAL_SIZE", "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RESTART_COUNT"})
       ::unsetenv(n), names.push_back(n);
     for (const auto& [k, v] : vars) ::setenv(k, v, 1);
   }
@@ -196,7 +197,8 @@ TEST_CASE("dist: launcher environments (torchrun, SLURM, OpenMPI)") {
   }
   {
     Env e({{"SLURM_PROCID", "5"},
-           {"SLURM_NTASKS", "16"},
+           {"SLURM_NTASKS", "32"},  // the allocation's; the step's below
+           {"SLURM_STEP_NUM_TASKS", "16"},
            {"SLURM_LOCALID", "5"},
            {"SLURM_JOB_NODELIST", "gpu[03-04,09]"},
            {"SLURM_JOB_ID", "123456"}});
@@ -207,6 +209,17 @@ TEST_CASE("dist: launcher environments (torchrun, SLURM, OpenMPI)") {
     CHECK(env.local_rank == 5);
     CHECK(env.master_addr == "gpu03");
     CHECK(env.master_port == 10000 + 123456 % 20000);
+  }
+  {
+    // A batch script (sbatch) or salloc's shell: SLURM_PROCID 0 and the allocation's tasks, but no
+    // srun step: one process, which may launch its own ranks; as is an srun step of one task.
+    Env e({{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "8"}, {"SLURM_JOB_ID", "7"}, {"SLURM_JOB_NODELIST", "gpu1"}});
+    CHECK(distributed::detect_environment().launcher == "none");
+    CHECK(distributed::detect_environment().world_size == 1);
+  }
+  {
+    Env e({{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "8"}, {"SLURM_STEP_NUM_TASKS", "1"}});
+    CHECK(distributed::detect_environment().launcher == "none");
   }
   {
     Env e({{"OMPI_COMM_WORLD_RANK", "1"}, {"OMPI_COMM_WORLD_SIZE", "2"}, {"OMPI_COMM_WORLD_LOCAL_RANK", "1"}});

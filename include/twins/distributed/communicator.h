@@ -38,11 +38,13 @@ struct Environment {
 };
 
 /// Reads the launcher's variables: torchrun's (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-/// MASTER_PORT, TORCHELASTIC_USE_AGENT_STORE, TORCHELASTIC_RESTART_COUNT), then SLURM's (SLURM_PROCID, SLURM_NTASKS,
-/// SLURM_LOCALID; master from MASTER_ADDR or the first host of SLURM_JOB_NODELIST, port from MASTER_PORT or one derived
-/// from SLURM_JOB_ID), then OpenMPI's (OMPI_COMM_WORLD_RANK, _SIZE, _LOCAL_RANK; MASTER_ADDR
-/// required when the job spans nodes). Throws std::invalid_argument naming a variable whose
-/// value is malformed or inconsistent (RANK >= WORLD_SIZE, ...).
+/// MASTER_PORT, TORCHELASTIC_USE_AGENT_STORE, TORCHELASTIC_RESTART_COUNT), then those of an srun
+/// step of several tasks (SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID; master from
+/// MASTER_ADDR or the first host of SLURM_JOB_NODELIST, port from MASTER_PORT or one derived from
+/// SLURM_JOB_ID; a batch script or salloc shell outside srun is no launcher), then OpenMPI's
+/// (OMPI_COMM_WORLD_RANK, _SIZE, _LOCAL_RANK; MASTER_ADDR required when the job spans nodes).
+/// Throws std::invalid_argument naming a variable whose value is malformed or inconsistent
+/// (RANK >= WORLD_SIZE, ...).
 Environment detect_environment();
 
 /// The first host of a SLURM node list: "gpu[03-05,09],cpu1" -> "gpu03".
