@@ -882,6 +882,7 @@ int Communicator::world_size() const { return impl_->world_size; }
 std::string Communicator::backend() const { return impl_->backend; }
 at::Device Communicator::device() const { return impl_->device; }
 int64_t Communicator::id() const { return impl_->id; }
+double Communicator::timeout_s() const { return impl_->timeout_s; }
 
 void Communicator::all_reduce(at::Tensor& tensor) { all_reduce_async(tensor)(); }
 
@@ -899,23 +900,45 @@ bool Communicator::any(bool flag) {
 
 void on_rank0(const std::shared_ptr<Communicator>& communicator, const std::function<void()>& work,
               const std::string& what) {
+  on_rank0_long(
+      communicator.get(), [&](const std::function<void()>&) { work(); }, what);
+}
+
+void on_rank0_long(Communicator* communicator, const std::function<void(const std::function<void()>& keep_alive)>& work,
+                   const std::string& what) {
+  // Every rank adds to sum(): the others 0, rank 0 0 while it works (the keep-alive), then 1 when
+  // it is done or 2 when it failed; the others wait until the sum is no longer 0.
+  constexpr int64_t kWorking = 0, kDone = 1, kFailed = 2;
   std::exception_ptr failed;
-  if (!communicator || communicator->rank() == 0) try {
-      work();
+  if (!communicator || communicator->rank() == 0) {
+    const double every_s = communicator ? communicator->timeout_s() / 4 : 0;
+    double last = seconds_now();
+    const std::function<void()> keep_alive = [&] {
+      if (!communicator || communicator->world_size() == 1 || seconds_now() - last < every_s) return;
+      communicator->sum(kWorking);
+      last = seconds_now();
+    };
+    try {
+      work(keep_alive);
     } catch (...) {
       failed = std::current_exception();
     }
-  bool anyone = static_cast<bool>(failed);
+  }
+  int64_t verdict = failed ? kFailed : kDone;
   if (communicator) try {
-      anyone = communicator->any(anyone);
+      if (communicator->rank() == 0)
+        verdict = communicator->sum(verdict);
+      else
+        do verdict = communicator->sum(kWorking);
+        while (verdict == kWorking);
     } catch (...) {
       if (failed) std::rethrow_exception(failed);  // rank 0's own error says more
       throw;
     }
-  if (anyone && !failed)
+  if (failed) std::rethrow_exception(failed);
+  if (verdict == kFailed)
     throw std::runtime_error("rank " + std::to_string(communicator->rank()) + ": rank 0 could not " + what +
                              " (its error says why)");
-  if (failed) std::rethrow_exception(failed);
 }
 
 std::function<void()> Communicator::all_reduce_async(at::Tensor& tensor) {

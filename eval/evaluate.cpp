@@ -352,7 +352,10 @@ std::pair<Features, Features> eval_features(models::Network& net, const EvalConf
     o.batch_size = c.batch_size, o.workers = c.workers, o.channels = channels, o.what = split + " features";
     if (main_rank)
       std::cerr << "  extracting " << split << " features (" << dataset->size() << " images"
-                << (shared ? ", " + std::to_string(comm->world_size()) + " ranks" : "") << ")\n";
+                << (!shared                ? ""
+                    : dataset->streaming() ? " on rank 0 alone, a stream of shards read in its own order"
+                                           : ", " + std::to_string(comm->world_size()) + " ranks")
+                << ")\n";
     if (cache.empty())
       return comm ? extract_features_shared(net, dataset, view, device, o, *comm)
                   : extract_features(net, dataset, view, device, o);
@@ -363,10 +366,20 @@ std::pair<Features, Features> eval_features(models::Network& net, const EvalConf
       remove_stale(cache);
       return true;
     };
-    if (!shared || dataset->streaming()) {
-      if (!main_rank) return Features{};
-      if (shared) o.what += " (rank 0 alone: a stream of shards)";
+    if (!shared)
       return extract_kept(net, dataset, view, device, o, cache.string() + ".partial", c.features_save_every_s, written);
+    if (dataset->streaming()) {  // rank 0 alone, however long it takes, the others waiting
+      Features out;
+      distributed::on_rank0_long(
+          &*comm,
+          [&](const std::function<void()>& keep_alive) {
+            o.what += " (rank 0 alone: a stream of shards)";
+            o.after_batch = keep_alive;
+            out = extract_kept(net, dataset, view, device, o, cache.string() + ".partial", c.features_save_every_s,
+                               written);
+          },
+          "extract " + split + " features");
+      return out;
     }
     const int64_t n = dataset->size(), dim = net.output_dim(), rank = comm->rank(), world = comm->world_size();
     std::vector<int64_t> share = rank_share(n, rank, world);

@@ -100,6 +100,7 @@ Features extract_features(models::Network& backbone, std::shared_ptr<const data:
       std::cerr << "  " << options.what << ": " << done << "/" << n << "\n";
       last = now;
     }
+    if (options.after_batch) options.after_batch();
     if (options.stop && options.stop->load()) break;
   }
   backbone.train(was_training);
@@ -118,10 +119,17 @@ Features extract_features_shared(models::Network& backbone, std::shared_ptr<cons
   ExtractOptions mine = options;
   mine.progress = options.progress && rank == 0;
   if (world == 1 || n == 0) return extract_features(backbone, std::move(dataset), view, device, mine);
-  if (dataset->streaming()) {
-    if (rank != 0) return {};
-    mine.what += " (rank 0 alone: a stream of shards)";
-    return extract_features(backbone, std::move(dataset), view, device, mine);
+  if (dataset->streaming()) {  // rank 0 alone, however long it takes, the others waiting
+    Features out;
+    distributed::on_rank0_long(
+        &communicator,
+        [&](const std::function<void()>& keep_alive) {
+          mine.what += " (rank 0 alone: a stream of shards)";
+          mine.after_batch = keep_alive;
+          out = extract_features(backbone, std::move(dataset), view, device, mine);
+        },
+        "extract " + options.what);
+    return out;
   }
   std::vector<int64_t> share = rank_share(n, rank, world);
   const int64_t dim = backbone.output_dim();

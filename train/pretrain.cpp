@@ -147,10 +147,12 @@ Position restore(Trainer& trainer, const detail::CheckpointStore::Checkpoint& k,
 // transform, on rank 0; `classes` grows to the dataset's number of classes.
 eval::Features eval_transform_features(Trainer& trainer, const Recipe& recipe, const augment::View& train_view,
                                        const at::Device& device, std::shared_ptr<const data::Dataset> set,
-                                       const std::string& what, bool progress, int64_t& classes) {
+                                       const std::string& what, bool progress, int64_t& classes,
+                                       const std::function<void()>& after_batch) {
   const auto transform = eval::EvalTransform::for_dataset(*set, train_view.output_side(), train_view.normalization);
   eval::ExtractOptions eo;
   eo.workers = recipe.train.workers, eo.channels = trainer.in_channels(), eo.progress = progress, eo.what = what;
+  eo.after_batch = after_batch;
   classes = std::max(classes, set->num_classes());
   return eval::extract_features(trainer.backbone(), std::move(set), transform.view(), device, eo);
 }
@@ -388,25 +390,30 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
       last_probe = trainer.end_probe_epoch().top1();
       line["online_probe_train_top1"] = *last_probe;
     }
-    const bool knn_now = knn_bank && ((at.epoch + 1) % recipe.probe.knn.every_epochs == 0 ||
-                                      at.epoch + 1 == tc.epochs || trainer.steps_taken() >= max_steps);
-    const bool on_eval_data = eval_set && (trainer.probing() || knn_now);
+    const bool knn_epoch =
+        recipe.probe.knn.enabled && ((at.epoch + 1) % recipe.probe.knn.every_epochs == 0 || at.epoch + 1 == tc.epochs ||
+                                     trainer.steps_taken() >= max_steps);
+    const bool knn_now = knn_bank && knn_epoch;
+    const bool on_eval_data = eval_set && (trainer.probing() || knn_now);  // (rank 0 alone has eval_set)
     auto percent = [](double v) {
       std::ostringstream s;
       s << std::fixed << std::setprecision(2) << v << "% top-1";
       return s.str();
     };
     std::string said;  // the epoch's line on the console
-    if (on_eval_data) {
+    // Rank 0 alone scores the eval data and embeds the kNN bank, however long that takes, the
+    // other ranks waiting (on_rank0_long); its failure stops every rank.
+    const auto score = [&](const std::function<void()>& keep_alive) {
+      if (!on_eval_data) return;
       const auto eval_start = Clock::now();
       int64_t classes = 0;
       eval_features = eval_transform_features(trainer, recipe, views[0], job.device, eval_set, "online_probe.eval_data",
-                                              false, classes);
+                                              false, classes, keep_alive);
       if (trainer.probing()) line["online_probe_eval_top1"] = *(last_probe = probe_accuracy(trainer, *eval_features));
       if (knn_now) {
         const auto knn_start = Clock::now();
         const auto bank = eval_transform_features(trainer, recipe, views[0], job.device, knn_bank, "online kNN bank",
-                                                  options.progress, classes);
+                                                  options.progress, classes, keep_alive);
         const auto scores = eval::knn(bank, *eval_features, classes, recipe.probe.knn.options, job.device);
         if (scores.empty()) throw std::runtime_error("online_probe.knn: no labelled sample in online_probe.eval_data");
         for (const auto& [k, a] : scores) {
@@ -419,7 +426,11 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
         said = ", kNN (k=" + std::to_string(first_k) + ") " + percent(*last_knn) + " (eval data)";
       }
       log.leave_out(seconds_since(eval_start));  // images per second are the training's
-    }
+    };
+    if (job.comm && !recipe.probe.eval_data.is_null() && (trainer.probing() || knn_epoch))  // the same on every rank
+      distributed::on_rank0_long(job.comm.get(), score, "score online_probe.eval_data");
+    else
+      score([] {});
     if (trainer.probing())
       said = ", online probe " + percent(*last_probe) + (on_eval_data ? " (eval data)" : " (training views)") + said;
     if (!said.empty()) log.say("epoch " + std::to_string(at.epoch + 1) + ":" + said.substr(1));

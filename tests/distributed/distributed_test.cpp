@@ -834,6 +834,49 @@ TEST_CASE("dist: on_rank0 runs the work on rank 0 alone, and its failure reaches
   CHECK(here == 1);
 }
 
+TEST_CASE(
+    "dist: on_rank0_long lets rank 0 work past the collectives' timeout, the others waiting, and tells its failure") {
+  // A 1 s timeout and 2.5 s of work: the others wait in collectives of 0.25 s, which rank 0's
+  // keep-alive (called every 20 ms) joins; one collective as long as the work would time out.
+  distributed::CommunicatorOptions o;
+  o.timeout_s = 1, o.heartbeat_s = 0;
+  auto comms = distributed::Communicator::create_local_group(3, o);
+  std::vector<std::string> errors(3);
+  for (const bool fail : {false, true}) {
+    CAPTURE(fail);
+    int worked = 0;
+    on_ranks(comms, [&](int r) {
+      try {
+        distributed::on_rank0_long(
+            comms[static_cast<size_t>(r)].get(),
+            [&](const std::function<void()>& keep_alive) {
+              for (int i = 0; i < 125; ++i) {
+                std::this_thread::sleep_for(std::chrono::milliseconds(20));
+                keep_alive();
+              }
+              ++worked;
+              if (fail) throw std::invalid_argument("online kNN bank: a bad image");
+            },
+            "score online_probe.eval_data");
+      } catch (const std::invalid_argument& e) {
+        errors[static_cast<size_t>(r)] = std::string("invalid_argument: ") + e.what();
+      } catch (const std::runtime_error& e) {
+        errors[static_cast<size_t>(r)] = e.what();
+      }
+    });
+    CHECK(worked == 1);
+    if (!fail) CHECK(errors == std::vector<std::string>(3));
+  }
+  CHECK(errors[0] == "invalid_argument: online kNN bank: a bad image");
+  for (int r : {1, 2})
+    CHECK(errors[static_cast<size_t>(r)] ==
+          "rank " + std::to_string(r) + ": rank 0 could not score online_probe.eval_data (its error says why)");
+  // The communicator still works: the ranks took part in as many collectives.
+  std::vector<int64_t> sums(3);
+  on_ranks(comms, [&](int r) { sums[static_cast<size_t>(r)] = comms[static_cast<size_t>(r)]->sum(1); });
+  CHECK(sums == std::vector<int64_t>{3, 3, 3});
+}
+
 namespace {
 
 // A TCP port free on the loopback now (the kernel's choice).

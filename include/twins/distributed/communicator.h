@@ -129,6 +129,8 @@ class Communicator {
   at::Device device() const;
   /// A number unique to this communicator within the process.
   int64_t id() const;
+  /// The bound on one collective's wait (CommunicatorOptions::timeout_s).
+  double timeout_s() const;
 
   /// Sum over ranks, in place. Blocks.
   void all_reduce(at::Tensor& tensor);
@@ -167,6 +169,13 @@ class Communicator {
 /// could not <what> (its error says why)"). A collective: every rank calls it.
 void on_rank0(const std::shared_ptr<Communicator>& communicator, const std::function<void()>& work,
               const std::string& what);
+/// on_rank0 for work that may outlast the communicator's timeout (rank 0 reading a stream of
+/// shards alone, embedding a large kNN bank): `work` gets a keep-alive to call between pieces of
+/// its work, and the other ranks wait in collectives of a quarter of the timeout each (rank 0
+/// taking part through the keep-alive), not in one as long as the work, which dist_timeout_s
+/// would end. Failures are told as by on_rank0. A collective: every rank calls it.
+void on_rank0_long(Communicator* communicator, const std::function<void(const std::function<void()>& keep_alive)>& work,
+                   const std::string& what);
 
 // ---- differentiable collectives --------------------------------------------------------------
 // Under data parallelism the objective is J = (1/W) sum_r loss_r and gradients are averaged over

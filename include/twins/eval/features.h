@@ -46,6 +46,8 @@ struct ExtractOptions {
   std::function<void(int64_t first, const Features& batch)> sink;
   /// extract_features: checked after each batch; once true, it returns what it has so far.
   const std::atomic<bool>* stop = nullptr;
+  /// extract_features: called after each batch (the keep-alive of distributed::on_rank0_long).
+  std::function<void()> after_batch;
 };
 
 /// What the feature cache's key (and `twins embed`'s unfinished output) knows of a dataset, as a
