@@ -99,7 +99,9 @@ struct Loader::State {
     const int64_t n = static_cast<int64_t>(keys.size());
     Batch batch;
     batch.epoch = epoch_, batch.index = b;
-    batch.labels = at::empty({n}, at::kLong);
+    // Pinned like the views, so that their copies to the GPU do not wait (a graphed step copies
+    // them into its own tensor each step).
+    batch.labels = at::empty({n}, at::TensorOptions().dtype(at::kLong).pinned_memory(options.pin_memory));
     batch.indices = at::empty({n}, at::kLong);
     batch.views.resize(views.size());
     std::vector<Item> streamed;

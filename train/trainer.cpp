@@ -11,6 +11,7 @@
 #include <exception>
 #include <functional>
 #include <iostream>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <optional>
 
@@ -453,8 +454,8 @@ StepResult Trainer::step(const std::vector<data::Batch>& micro_batches, bool sto
     result.skipped = !finite;
     if (!finite)
       m.fp16_scale /= 2, m.fp16_good = 0;
-    else if (++m.fp16_good % 2000 == 0)
-      m.fp16_scale *= 2;
+    else if (++m.fp16_good % 2000 == 0 && m.fp16_scale * 2 <= std::numeric_limits<float>::max())
+      m.fp16_scale *= 2;  // (PyTorch keeps the scale in fp32 and never grows it to inf)
   }
   if (!result.skipped) m.optimizer->step();
   if (m.model->target_backbone) {
