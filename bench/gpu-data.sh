@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Packs the benchmark data for the GPU machine, which cannot read ../shared/data and whose device
 # calls carry at most 64 MiB each (the working tree included): CIFAR-10 as one xz file per batch
-# file (~23 MB each) and the imagewoof JPEG folder as one tar (27 MB), in .gpu-data/ (ignored by
-# git), with SHA256SUMS of the unpacked files. bench/gpu.sh unpacks whatever of it a call carried
-# (into .gpu-data/unpacked/, which stays on a warm machine between calls) and checks the sums.
+# file (~23 MB each), the imagewoof JPEG folder as one tar (27 MB) and the dependency kit
+# (TWINS_KIT, default ../shared/gpu/twins-gpu-kit: 23 MB, 4 MB as kit.tar.xz), in .gpu-data/
+# (ignored by git), with SHA256SUMS of the unpacked data. bench/gpu.sh unpacks whatever of it a
+# call carried (into .gpu-data/unpacked/ and .gpu-kit/, which stay on a warm machine between
+# calls) and checks the sums.
 #
 #   bench/gpu-data.sh [DATA]     DATA: the folder holding cifar10/ and imagewoof-320-bench/
 #                                (default ../shared/data); prints which files to carry per call
@@ -32,14 +34,22 @@ mv "$out/imagewoof.tar.tmp" "$out/imagewoof.tar"
 (cd "$woof" && xargs -d '\n' sha256sum < "$OLDPWD/$out/imagewoof.list") | sed "s|  |  imagewoof/|" >> "$sums"
 rm "$out/imagewoof.list"
 mv "$sums" "$out/SHA256SUMS"
+kit=${TWINS_KIT:-../shared/gpu/twins-gpu-kit}
+if [ -d "$kit" ]; then
+  tar -C "$(dirname "$kit")" --owner=0 --group=0 --mtime=@0 --sort=name -cf - "$(basename "$kit")" |
+    xz -6 -T1 > "$out/kit.tar.xz.tmp" && mv "$out/kit.tar.xz.tmp" "$out/kit.tar.xz"
+else
+  echo "gpu-data: no kit at $kit (TWINS_KIT): carry your own prefix (TWINS_PREFIX)" >&2
+fi
 ls -l "$out"
 cat <<EOF
-Carry per device call (64 MiB each, the working tree included); a warm machine keeps what earlier
-calls unpacked, so back-to-back calls add up:
-  call 1: .gpu-kit .gpu-data/SHA256SUMS .gpu-data/cifar10-data_batch_1.bin.xz
-          (enough for the CIFAR-10 end-to-end rows: 10,000 distinct images cycled to 50,000 an epoch)
-  call 2: .gpu-data/SHA256SUMS .gpu-data/imagewoof.tar .gpu-data/cifar10-data_batch_2.bin.xz
-  call 3: .gpu-data/SHA256SUMS .gpu-data/cifar10-data_batch_3.bin.xz .gpu-data/cifar10-data_batch_4.bin.xz
-  call 4: .gpu-data/SHA256SUMS .gpu-data/cifar10-data_batch_5.bin.xz .gpu-data/cifar10-test_batch.bin.xz
-          (the whole of CIFAR-10: the accuracy stage can run)
+Carry per device call (64 MiB each, the working tree included, about 4 MB); a warm machine keeps
+what earlier calls unpacked, and a later call that carries nothing keeps it too:
+  call 1: .gpu-data/SHA256SUMS .gpu-data/kit.tar.xz .gpu-data/cifar10-data_batch_1.bin.xz .gpu-data/imagewoof.tar
+          (about 58 MB: the build, the CUDA tests, the step table, the CIFAR-10 end-to-end rows with
+          10,000 distinct images cycled to 50,000 an epoch, and the JPEG rows)
+  then, for the accuracy stage (all of CIFAR-10), on a warm machine:
+  call 2: .gpu-data/SHA256SUMS .gpu-data/cifar10-data_batch_2.bin.xz .gpu-data/cifar10-data_batch_3.bin.xz
+  call 3: .gpu-data/SHA256SUMS .gpu-data/cifar10-data_batch_4.bin.xz .gpu-data/cifar10-data_batch_5.bin.xz
+  call 4: .gpu-data/SHA256SUMS .gpu-data/cifar10-test_batch.bin.xz
 EOF

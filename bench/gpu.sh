@@ -4,35 +4,39 @@
 # the machine's PyTorch, eager and torch.compile (bench/reference/pretrain_torch.py), twins eager
 # and replaying a CUDA graph (train.cuda_graph), in bf16 + channels_last (fp32 in the dry run):
 # CIFAR-10 ResNet-18 at batch 256 and 512, ResNet-50 at 224 px at 128 and 256; then `twins
-# pretrain` end to end and a short accuracy run. Everything it writes goes to $OUT (default
-# runs/gpu), as it goes, so that a call cut short still returns what it measured: summary.txt,
+# pretrain` end to end and a short accuracy run. Results accumulate in runs/gpu (RESULTS): summary.txt,
 # build.log, version.txt, ctest*.log, step.jsonl (one line per measurement) and step.md (the
-# table), e2e.md, accuracy-cifar10.{md,json,svg}.
+# table), e2e.md, accuracy-cifar10.{md,json,svg}. With $OUT set (the device tool's folder, which
+# returns at most 8 files), they are copied there after every stage and row, so that a call cut
+# short still returns what it measured: summary.txt, step.md, e2e.md and accuracy-*.md as they
+# are, everything else (logs, JSON, metrics, curves) in results.tgz.
 #
 #   bench/gpu.sh                 on the GPU machine: TWINS_PREFIX names the folder holding OpenCV,
 #                                CLI11, json and doctest (default: .gpu-kit, see README "On a GPU machine")
 #   bench/gpu.sh --dry-run       the same steps on this CPU with Debian's LibTorch and tiny sizes,
 #                                so that GPU time is spent running the script, not debugging it
 #
-# Stages (STAGES, run in the order given; default "build test bench e2e accuracy"):
+# Stages (STAGES, run in the order given; default "build cudatest headline bench e2e test accuracy"):
 #   build      twins against the machine's CUDA LibTorch (TWINS_TORCH=python), deps from TWINS_PREFIX
 #   cudatest   the tests/cuda cases only (CUDA against the CPU), first
 #   headline   the VICReg CIFAR-10 step at batch 512 (four columns) and its end-to-end run
-#   test       the rest of ctest (all of it when cudatest did not run)
+#   test       the rest of ctest (all of it when cudatest did not run), with the GPU hidden
+#              (CUDA_VISIBLE_DEVICES=): the CPU suite as CI runs it
 #   bench      the step table (rows the headline measured are not measured again)
 #   e2e        `twins pretrain` end to end on CIFAR-10 and 224-px JPEGs
 #   accuracy   a VICReg CIFAR-10 run, then the linear probe and kNN (needs all of CIFAR-10)
 # BUDGET_S (seconds, default unlimited) bounds the whole call: a stage or row that would not fit
-# is skipped and said so, and every command runs under a timeout ending at the budget. For a
-# 10-minute device call with a cold machine:
-#   BUDGET_S=540 STAGES="build cudatest headline test bench e2e" bench/gpu.sh
+# is skipped and said so, and every command runs under a timeout ending at the budget (a step
+# command at most 240 s, torch.compile's first compilation included). For a 10-minute device call
+# with a cold machine (bench/README.md, "On a GPU"):
+#   BUDGET_S=550 bench/gpu.sh
 # METHODS="vicreg byol" and SIZES="vicreg_cifar10 512,vicreg_imagenet 128" narrow the benchmark; STEPS/WARMUP set its
 # length (30/10); COMPILE_MODE sets torch.compile's mode (default; reduce-overhead is the fair
 # match for twins' CUDA graph column, as both replay graphs).
 #
-# Data: the machine cannot read ../shared/data; bench/gpu-data.sh packs it into .gpu-data/ in
-# pieces a device call can carry, and this script unpacks whatever a call brought (into
-# .gpu-data/unpacked/, kept on a warm machine between calls). With only some CIFAR-10 training
+# Data: the machine cannot read ../shared/data; bench/gpu-data.sh packs it (and the dependency kit,
+# kit.tar.xz) into .gpu-data/ in pieces a device call can carry, and this script unpacks whatever a
+# call brought (into .gpu-data/unpacked/ and .gpu-kit/, kept on a warm machine between calls). With only some CIFAR-10 training
 # files there, the end-to-end rows cycle them to 50,000 records an epoch (and say so); CIFAR_ROOT
 # and WOOF_ROOT name other folders.
 set -uo pipefail
@@ -49,9 +53,16 @@ publish_to=${OUT:-$out}
 mkdir -p "$out" "$publish_to"
 publish() {
   [ "$(cd "$out" && pwd -P)" = "$(cd "$publish_to" && pwd -P)" ] && return
-  (cd "$out" && find . -maxdepth 2 -type f \( -name '*.md' -o -name '*.txt' -o -name '*.log' -o -name '*.err' \
-     -o -name '*.jsonl' -o -name '*.json' -o -name '*.svg' \) ! -path './accuracy/*' -print0 |
-     xargs -0 -r cp --parents -t "$publish_to")
+  local f
+  for f in summary.txt step.md e2e.md "$out"/accuracy-*.md; do
+    f=$(basename "$f")
+    [ -f "$out/$f" ] && cp "$out/$f" "$publish_to/$f.tmp" && mv "$publish_to/$f.tmp" "$publish_to/$f"
+  done
+  # The rest in one archive (the tool returns 8 files): tables, logs, JSON, metrics, curves; no
+  # checkpoints or backbones.
+  (cd "$out" && find . -type f \( -name '*.md' -o -name '*.txt' -o -name '*.log' -o -name '*.err' \
+     -o -name '*.jsonl' -o -name '*.json' -o -name '*.svg' \) -print0 |
+     tar --null -T - -czf "$publish_to/results.tgz.tmp") && mv "$publish_to/results.tgz.tmp" "$publish_to/results.tgz"
 }
 log() {
   echo "== $*" | tee -a "$out/summary.txt"
@@ -70,10 +81,24 @@ fits() {
   log "skipped (budget: $(left) s left, about $1 s needed): $2"
   return 1
 }
-# A command under a timeout ending at the budget (the exit status 124 says it was cut).
-limited() { timeout --kill-after=10 "$(left)" "$@"; }
+# A command under a timeout ending at the budget (the exit status 124 says it was cut); with the
+# budget spent it does not start (timeout 0 would mean no limit at all).
+limited() {
+  local l
+  l=$(left)
+  ((l > 0)) || return 124
+  timeout --kill-after=10 "$l" "$@"
+}
+# limited_to N COMMAND...: the same, and at most N seconds.
+limited_to() {
+  local n=$1 l
+  shift
+  l=$(left)
+  ((l > 0)) || return 124
+  timeout --kill-after=10 "$((l < n ? l : n))" "$@"
+}
 
-stages=${STAGES:-build test bench e2e accuracy}
+stages=${STAGES:-build cudatest headline bench e2e test accuracy}
 if ((dry)); then
   build=build
   device=cpu
@@ -81,7 +106,7 @@ if ((dry)); then
   warmup=1
   sizes=("vicreg_cifar10 8" "vicreg_imagenet 2")
   headline_size="vicreg_cifar10 8"
-  methods=(vicreg byol)
+  methods=(vicreg barlow_twins byol)
   python=/usr/bin/python3
   precision=(fp32)  # bf16 autocast is a CUDA path
   ctest_args=(-R "shards|losses|cuda")
@@ -107,6 +132,14 @@ twins=$build/cli/twins
 # --- data carried in pieces (bench/gpu-data.sh): unpack what is new, check it against the sums.
 unpack() {
   local packed=.gpu-data dest=.gpu-data/unpacked f name
+  # The dependency kit (bench/gpu-data.sh packs ../shared/gpu/twins-gpu-kit), unless already here.
+  if [ -f "$packed/kit.tar.xz" ] && [ ! -d .gpu-kit/lib ] && [ -z "${TWINS_PREFIX:-}" ]; then
+    rm -rf .gpu-kit.tmp && mkdir -p .gpu-kit.tmp &&
+      "$python" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$packed/kit.tar.xz" .gpu-kit.tmp &&
+      rm -rf .gpu-kit && mv .gpu-kit.tmp/twins-gpu-kit .gpu-kit && rm -rf .gpu-kit.tmp ||
+      { log "kit: could not unpack $packed/kit.tar.xz"; return 1; }
+    log "kit: unpacked $packed/kit.tar.xz into .gpu-kit"
+  fi
   [ -f "$packed/SHA256SUMS" ] || return 0
   mkdir -p "$dest/cifar10" "$dest/imagewoof"
   for f in "$packed"/cifar10-*.bin.xz; do
@@ -179,6 +212,12 @@ stage_build() {
 version() {
   [ -x "$twins" ] || { log "no $twins: run the build stage"; exit 1; }
   "$twins" --version | tee "$out/version.txt"
+  grep -h "twins collectives\|CUDA" "$out/build.log" 2> /dev/null | grep -v "^--.*Found" | head -5 >> "$out/version.txt"
+  if ((!dry)) && grep -q "CUDA not available" "$out/version.txt"; then
+    # Without CUDA every later stage would measure the CPU: stop here, with what the build said.
+    log "twins was built or runs without CUDA ($out/version.txt, $out/build.log): stopping"
+    exit 1
+  fi
   command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$out/version.txt"
   # The PyTorch columns: without torchvision the reference builds its own copy of its ResNets.
   "$python" -c 'import torch
@@ -189,12 +228,12 @@ except ImportError:
 print("reference: PyTorch", torch.__version__, "torchvision", tv)' >> "$out/version.txt" 2>&1
 }
 
-# ctest_run NAME ARGS...: ctest into $out/NAME.log, under the budget.
+# ctest_run NAME JOBS ARGS...: ctest into $out/NAME.log, JOBS at once, under the budget.
 ctest_run() {
-  local name=$1 t
-  shift
+  local name=$1 jobs=$2 t
+  shift 2
   t=$(date +%s)
-  limited ctest --test-dir "$build" -j "$(nproc)" --timeout 900 --output-on-failure "$@" > "$out/$name.log" 2>&1
+  limited ctest --test-dir "$build" -j "$jobs" --timeout 900 --output-on-failure "$@" > "$out/$name.log" 2>&1
   log "$name: exit $? ($(($(date +%s) - t)) s): $(grep -E 'tests passed|tests failed|No tests were found' "$out/$name.log" | tail -1)"
 }
 
@@ -218,20 +257,21 @@ step_row() {  # step_row METHOD RECIPE BATCH
   step_table_header
   local twins_step=("$twins" bench step --config "$cfg" --set "train.batch_size=$batch" --set "train.precision=${precision[0]}"
                     --set train.channels_last=true --device "$device" --steps "$steps" --warmup "$warmup" --json)
-  a=$(limited "${twins_step[@]}" 2>> "$out/step.err" | tr -d '\n' | tee -a "$out/step.jsonl" | ips)
+  a=$(limited_to 240 "${twins_step[@]}" 2>> "$out/step.err" | tr -d '\n' | tee -a "$out/step.jsonl" | ips)
   echo >> "$out/step.jsonl"
   # The same step replayed from a CUDA graph (train.cuda_graph); "-" where the capture failed.
-  g=$(limited "${twins_step[@]}" --set train.cuda_graph=true 2>> "$out/step.err" | tr -d '\n' |
+  g=$(limited_to 240 "${twins_step[@]}" --set train.cuda_graph=true 2>> "$out/step.err" | tr -d '\n' |
       tee -a "$out/step.jsonl" | grep '"cuda_graph": true' | ips)
   echo >> "$out/step.jsonl"
   local ref=("$python" bench/reference/pretrain_torch.py --method "$method" --config "$cfg" --mode step --batch-size "$batch"
              --device "$device" "${precision[@]:1}" --channels-last --steps "$steps" --warmup "$warmup" --threads "$(nproc)")
-  e=$(limited "${ref[@]}" 2>> "$out/step.err" | tee -a "$out/step.jsonl" | ips)
-  c=$(limited "${ref[@]}" --compile --compile-mode "$compile_mode" 2>> "$out/step.err" | tee -a "$out/step.jsonl" | ips)
+  e=$(limited_to 240 "${ref[@]}" 2>> "$out/step.err" | tee -a "$out/step.jsonl" | ips)
+  c=$(limited_to 240 "${ref[@]}" --compile --compile-mode "$compile_mode" 2>> "$out/step.err" | tee -a "$out/step.jsonl" | ips)
   best=$(awk -v a="${a:-0}" -v g="${g:-0}" 'BEGIN { print (g > a ? g : a) }')
   printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$method" "$(basename "$cfg" .json)" "$batch" \
     "$(num "${a:-0}")" "$(num "${g:-0}")" "$(num "${e:-0}")" "$(num "${c:-0}")" \
     "$(ratio "$best" "${e:-0}")" "$(ratio "$best" "${c:-0}")" | tee -a "$out/step.md"
+  publish
 }
 
 # --- end to end through `twins pretrain`: real data decoded and augmented by the machine's cores
@@ -337,7 +377,8 @@ for stage in $stages; do
     build) stage_build && version ;;
     cudatest)
       [ -f "$out/version.txt" ] || version
-      fits 60 cudatest && ctest_run ctest-cuda -R "^cuda:" && cudatest_ran=1 ;;
+      # A few processes at once, each CPU reference on a few threads (not 16 x 16 on 16 cores).
+      fits 60 cudatest && OMP_NUM_THREADS=4 ctest_run ctest-cuda 4 -R "^cuda:" && cudatest_ran=1 ;;
     headline)
       [ -f "$out/version.txt" ] || version
       read -r recipe batch <<< "$headline_size"
@@ -347,10 +388,12 @@ for stage in $stages; do
       e2e_row vicreg "$data" "$batch" $limit ;;
     test)
       [ -f "$out/version.txt" ] || version
+      # The CPU suite as CI runs it: with a GPU visible, "auto" devices would be CUDA and the
+      # multi-rank tests would put two NCCL ranks on one GPU.
       if ((cudatest_ran)); then
-        fits 90 test && ctest_run ctest -E "^cuda:" "${ctest_args[@]}"
+        fits 90 test && CUDA_VISIBLE_DEVICES='' ctest_run ctest "$(nproc)" -E "^cuda:" "${ctest_args[@]}"
       else
-        fits 90 test && ctest_run ctest "${ctest_args[@]}"
+        fits 90 test && ctest_run ctest "$(nproc)" "${ctest_args[@]}"
       fi ;;
     bench)
       for size in "${sizes[@]}"; do

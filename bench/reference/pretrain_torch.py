@@ -203,26 +203,35 @@ def byol_loss(pa, pb, ta, tb):
 
 class LARS(torch.optim.Optimizer):
     """LARS of the official VICReg code (1-D params excluded from decay and adaptation), plus
-    solo-learn's clipping q = min(q / lr, 1) when the config sets clip, as twins' LARS does."""
+    solo-learn's clipping q = min(q / lr, 1) when the config sets clip, as twins' LARS does.
+    Multi-tensor (torch._foreach_*, as twins' train/lars.cpp): the official per-parameter loop
+    launches about a dozen kernels per parameter, which on a GPU would time Python, not PyTorch."""
     def __init__(self, params, lr, weight_decay, momentum, eta, clip):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, clip=clip))
 
     @torch.no_grad()
     def step(self):
         for g in self.param_groups:
-            for p in (p for p in g["params"] if p.grad is not None):
-                dp = p.grad
-                if p.ndim != 1:
-                    dp = dp.add(p, alpha=g["weight_decay"])
-                    pn, un = torch.norm(p), torch.norm(dp)
+            live = [p for p in g["params"] if p.grad is not None]
+            for adapted in (True, False):
+                ps = [p for p in live if (p.ndim != 1) == adapted]
+                if not ps:
+                    continue
+                grads = [p.grad for p in ps]
+                if adapted:
+                    dps = torch._foreach_add(grads, ps, alpha=g["weight_decay"])
+                    pn, un = torch.stack(torch._foreach_norm(ps)), torch.stack(torch._foreach_norm(dps))
                     one = torch.ones_like(pn)
                     q = torch.where(pn > 0., torch.where(un > 0, g["eta"] * pn / un, one), one)
                     if g["clip"] and g["lr"] > 0:
                         q = torch.clamp(q / g["lr"], max=1.0)
-                    dp = dp.mul(q)
-                mu = self.state[p].setdefault("mu", torch.zeros_like(p))
-                mu.mul_(g["momentum"]).add_(dp)
-                p.add_(mu, alpha=-g["lr"])
+                    dps = [d.mul(s) for d, s in zip(dps, q.unbind(0))]
+                else:
+                    dps = grads
+                mus = [self.state[p].setdefault("mu", torch.zeros_like(p)) for p in ps]
+                torch._foreach_mul_(mus, g["momentum"])
+                torch._foreach_add_(mus, dps)
+                torch._foreach_add_(ps, mus, alpha=-g["lr"])
 
 
 class Trainer:
@@ -246,10 +255,11 @@ class Trainer:
             self.target = copy.deepcopy(self.online).requires_grad_(False)
             self.tau = cfg["byol"]["tau_base"]
         elif self.method == "vicreg":
-            self.loss = lambda a, b: vicreg_loss(a, b, lc["sim_coeff"], lc["std_coeff"], lc["cov_coeff"])
+            self.loss = lambda a, b: vicreg_loss(a, b, lc.get("sim_coeff", 25.0), lc.get("std_coeff", 25.0),
+                                                 lc.get("cov_coeff", 1.0))  # twins' defaults (losses.h)
         else:
             bn = nn.BatchNorm1d(out_dim, affine=False).to(self.device)
-            self.loss = lambda a, b: barlow_twins_loss(a, b, bn, lc["lambda"], lc["scale"])
+            self.loss = lambda a, b: barlow_twins_loss(a, b, bn, lc.get("lambda", 0.0051), lc.get("scale", 1.0))
         # The networks the step calls (compiled or not); the parameters stay those of self.online.
         self.net, self.proj = self.online[0], self.online[1]
         self.target_net = self.target if self.method == "byol" else None
@@ -290,10 +300,18 @@ class Trainer:
         loss.backward()
         self.optimizer.step()
         if self.method == "byol":
-            with torch.no_grad():
-                for t, o in zip([*self.target.parameters(), *self.target.buffers()],
-                                [*self.online.parameters(), *self.online.buffers()]):
-                    t.lerp_(o, 1 - self.tau) if t.is_floating_point() else t.copy_(o)  # tau t + (1-tau) o
+            with torch.no_grad():  # tau t + (1 - tau) o, multi-tensor as twins' (train/ssl_model.cpp)
+                pairs = list(zip([*self.target.parameters(), *self.target.buffers()],
+                                 [*self.online.parameters(), *self.online.buffers()]))
+                ts, os_ = [t for t, _ in pairs if t.is_floating_point()], [o for t, o in pairs if t.is_floating_point()]
+                if hasattr(torch, "_foreach_lerp_"):
+                    torch._foreach_lerp_(ts, os_, 1 - self.tau)
+                else:  # PyTorch 1.13
+                    for t, o in zip(ts, os_):
+                        t.lerp_(o, 1 - self.tau)
+                for t, o in pairs:
+                    if not t.is_floating_point():
+                        t.copy_(o)
         probe_loss = F.cross_entropy(self.probe(feats.detach().float()), labels)
         self.probe_optimizer.zero_grad(set_to_none=True)
         probe_loss.backward()
