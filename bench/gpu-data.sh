@@ -36,7 +36,7 @@ rm "$out/imagewoof.list"
 mv "$sums" "$out/SHA256SUMS"
 kit=${TWINS_KIT:-../shared/gpu/twins-gpu-kit}
 if [ -d "$kit" ]; then
-  tar -C "$(dirname "$kit")" --owner=0 --group=0 --mtime=@0 --sort=name -cf - "$(basename "$kit")" |
+  tar -C "$kit" --owner=0 --group=0 --mtime=@0 --sort=name -cf - . |
     xz -6 -T1 > "$out/kit.tar.xz.tmp" && mv "$out/kit.tar.xz.tmp" "$out/kit.tar.xz"
 else
   echo "gpu-data: no kit at $kit (TWINS_KIT): carry your own prefix (TWINS_PREFIX)" >&2
@@ -48,8 +48,7 @@ what earlier calls unpacked, and a later call that carries nothing keeps it too:
   call 1: .gpu-data/SHA256SUMS .gpu-data/kit.tar.xz .gpu-data/cifar10-data_batch_1.bin.xz .gpu-data/imagewoof.tar
           (about 58 MB: the build, the CUDA tests, the step table, the CIFAR-10 end-to-end rows with
           10,000 distinct images cycled to 50,000 an epoch, and the JPEG rows)
-  then, for the accuracy stage (all of CIFAR-10), on a warm machine:
-  call 2: .gpu-data/SHA256SUMS .gpu-data/cifar10-data_batch_2.bin.xz .gpu-data/cifar10-data_batch_3.bin.xz
-  call 3: .gpu-data/SHA256SUMS .gpu-data/cifar10-data_batch_4.bin.xz .gpu-data/cifar10-data_batch_5.bin.xz
-  call 4: .gpu-data/SHA256SUMS .gpu-data/cifar10-test_batch.bin.xz
+  The accuracy stage needs all of CIFAR-10: the five other files (23 MB each, two a call) on a
+  warm machine, in a session planned for it (15 minutes of device time do not hold that and
+  the table).
 EOF

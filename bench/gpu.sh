@@ -20,14 +20,14 @@
 #   build      twins against the machine's CUDA LibTorch (TWINS_TORCH=python), deps from TWINS_PREFIX
 #   cudatest   the tests/cuda cases only (CUDA against the CPU), first
 #   headline   the VICReg CIFAR-10 step at batch 512 (four columns) and its end-to-end run
-#   test       the rest of ctest (all of it when cudatest did not run), with the GPU hidden
-#              (CUDA_VISIBLE_DEVICES=): the CPU suite as CI runs it
+#   test       the rest of ctest, with the GPU hidden (CUDA_VISIBLE_DEVICES=): the CPU suite as CI runs it
 #   bench      the step table (rows the headline measured are not measured again)
 #   e2e        `twins pretrain` end to end on CIFAR-10 and 224-px JPEGs
 #   accuracy   a VICReg CIFAR-10 run, then the linear probe and kNN (needs all of CIFAR-10)
 # BUDGET_S (seconds, default unlimited) bounds the whole call: a stage or row that would not fit
 # is skipped and said so, and every command runs under a timeout ending at the budget (a step
-# command at most 240 s, torch.compile's first compilation included). For a 10-minute device call
+# command at most 240 s, a torch.compile one 300 s with its first compilation, the cudatest stage
+# 180 s). For a 10-minute device call
 # with a cold machine (bench/README.md, "On a GPU"):
 #   BUDGET_S=550 bench/gpu.sh
 # METHODS="vicreg byol" and SIZES="vicreg_cifar10 512,vicreg_imagenet 128" narrow the benchmark; STEPS/WARMUP set its
@@ -135,8 +135,10 @@ unpack() {
   # The dependency kit (bench/gpu-data.sh packs ../shared/gpu/twins-gpu-kit), unless already here.
   if [ -f "$packed/kit.tar.xz" ] && [ ! -d .gpu-kit/lib ] && [ -z "${TWINS_PREFIX:-}" ]; then
     rm -rf .gpu-kit.tmp && mkdir -p .gpu-kit.tmp &&
-      "$python" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$packed/kit.tar.xz" .gpu-kit.tmp &&
-      rm -rf .gpu-kit && mv .gpu-kit.tmp/twins-gpu-kit .gpu-kit && rm -rf .gpu-kit.tmp ||
+      "$python" -c 'import sys, tarfile
+t = tarfile.open(sys.argv[1])
+t.extractall(sys.argv[2], **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))' "$packed/kit.tar.xz" .gpu-kit.tmp &&
+      rm -rf .gpu-kit && mv .gpu-kit.tmp .gpu-kit ||
       { log "kit: could not unpack $packed/kit.tar.xz"; return 1; }
     log "kit: unpacked $packed/kit.tar.xz into .gpu-kit"
   fi
@@ -212,9 +214,10 @@ stage_build() {
 version() {
   [ -x "$twins" ] || { log "no $twins: run the build stage"; exit 1; }
   "$twins" --version | tee "$out/version.txt"
-  grep -h "twins collectives\|CUDA" "$out/build.log" 2> /dev/null | grep -v "^--.*Found" | head -5 >> "$out/version.txt"
-  if ((!dry)) && grep -q "CUDA not available" "$out/version.txt"; then
-    # Without CUDA every later stage would measure the CPU: stop here, with what the build said.
+  grep -h "twins collectives" "$out/build.log" >> "$out/version.txt" 2> /dev/null
+  if ((!dry)) && ! grep -q "^CUDA available (.*GPU" "$out/version.txt"; then
+    # Without CUDA (or without a twins that starts) every later stage would measure the CPU or
+    # nothing: stop here, with what the build said.
     log "twins was built or runs without CUDA ($out/version.txt, $out/build.log): stopping"
     exit 1
   fi
@@ -228,12 +231,13 @@ except ImportError:
 print("reference: PyTorch", torch.__version__, "torchvision", tv)' >> "$out/version.txt" 2>&1
 }
 
-# ctest_run NAME JOBS ARGS...: ctest into $out/NAME.log, JOBS at once, under the budget.
+# ctest_run NAME JOBS SECONDS ARGS...: ctest into $out/NAME.log, JOBS at once, at most SECONDS
+# (and the budget), each test at most 300 s.
 ctest_run() {
-  local name=$1 jobs=$2 t
-  shift 2
+  local name=$1 jobs=$2 cap=$3 t
+  shift 3
   t=$(date +%s)
-  limited ctest --test-dir "$build" -j "$jobs" --timeout 900 --output-on-failure "$@" > "$out/$name.log" 2>&1
+  limited_to "$cap" ctest --test-dir "$build" -j "$jobs" --timeout 300 --output-on-failure "$@" > "$out/$name.log" 2>&1
   log "$name: exit $? ($(($(date +%s) - t)) s): $(grep -E 'tests passed|tests failed|No tests were found' "$out/$name.log" | tail -1)"
 }
 
@@ -266,7 +270,7 @@ step_row() {  # step_row METHOD RECIPE BATCH
   local ref=("$python" bench/reference/pretrain_torch.py --method "$method" --config "$cfg" --mode step --batch-size "$batch"
              --device "$device" "${precision[@]:1}" --channels-last --steps "$steps" --warmup "$warmup" --threads "$(nproc)")
   e=$(limited_to 240 "${ref[@]}" 2>> "$out/step.err" | tee -a "$out/step.jsonl" | ips)
-  c=$(limited_to 240 "${ref[@]}" --compile --compile-mode "$compile_mode" 2>> "$out/step.err" | tee -a "$out/step.jsonl" | ips)
+  c=$(limited_to 300 "${ref[@]}" --compile --compile-mode "$compile_mode" 2>> "$out/step.err" | tee -a "$out/step.jsonl" | ips)
   best=$(awk -v a="${a:-0}" -v g="${g:-0}" 'BEGIN { print (g > a ? g : a) }')
   printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$method" "$(basename "$cfg" .json)" "$batch" \
     "$(num "${a:-0}")" "$(num "${g:-0}")" "$(num "${e:-0}")" "$(num "${c:-0}")" \
@@ -370,7 +374,6 @@ stage_accuracy() {
 
 ((dry)) && scripts/setup-reference.sh  # the machine's PyTorch for the reference columns
 unpack || exit 1
-cudatest_ran=0
 for stage in $stages; do
   [ "$stage" = build ] || [ -x "$twins" ] || stage_build
   case $stage in
@@ -378,7 +381,8 @@ for stage in $stages; do
     cudatest)
       [ -f "$out/version.txt" ] || version
       # A few processes at once, each CPU reference on a few threads (not 16 x 16 on 16 cores).
-      fits 60 cudatest && OMP_NUM_THREADS=4 ctest_run ctest-cuda 4 -R "^cuda:" && cudatest_ran=1 ;;
+      # (180 s at most: a hung case must not take the headline's time.)
+      fits 60 cudatest && OMP_NUM_THREADS=4 ctest_run ctest-cuda 4 180 -R "^cuda:" ;;
     headline)
       [ -f "$out/version.txt" ] || version
       read -r recipe batch <<< "$headline_size"
@@ -388,13 +392,10 @@ for stage in $stages; do
       e2e_row vicreg "$data" "$batch" $limit ;;
     test)
       [ -f "$out/version.txt" ] || version
-      # The CPU suite as CI runs it: with a GPU visible, "auto" devices would be CUDA and the
-      # multi-rank tests would put two NCCL ranks on one GPU.
-      if ((cudatest_ran)); then
-        fits 90 test && CUDA_VISIBLE_DEVICES='' ctest_run ctest "$(nproc)" -E "^cuda:" "${ctest_args[@]}"
-      else
-        fits 90 test && ctest_run ctest "$(nproc)" "${ctest_args[@]}"
-      fi ;;
+      # The CPU suite as CI runs it (the cuda: cases are the cudatest stage's): with a GPU
+      # visible, "auto" devices would be CUDA and the multi-rank tests would put two NCCL ranks on
+      # one GPU. Two threads a test, as on CI's machine.
+      fits 90 test && CUDA_VISIBLE_DEVICES='' OMP_NUM_THREADS=2 ctest_run ctest "$(nproc)" 999999 -E "^cuda:" "${ctest_args[@]}" ;;
     bench)
       for size in "${sizes[@]}"; do
         read -r recipe batch <<< "$size"
