@@ -100,8 +100,14 @@ Environment detect_environment() {
     e.rank = env_int("SLURM_PROCID", 0, true);
     e.world_size = env_int("SLURM_STEP_NUM_TASKS", 1, true);
     e.local_rank = env_int("SLURM_LOCALID", 0);
-    if (!env("MASTER_ADDR") && env("SLURM_JOB_NODELIST")) e.master_addr = first_slurm_host(env("SLURM_JOB_NODELIST"));
-    if (!env("MASTER_PORT")) e.master_port = 10000 + env_int("SLURM_JOB_ID", 0) % 20000;
+    // Rank 0 runs on the step's first node (srun -w, --relative, steps side by side in one job), and
+    // steps running at once in one job each need their own port.
+    const char* nodes = env("SLURM_STEP_NODELIST") ? env("SLURM_STEP_NODELIST") : env("SLURM_JOB_NODELIST");
+    if (!env("MASTER_ADDR") && nodes) e.master_addr = first_slurm_host(nodes);
+    if (!env("MASTER_PORT"))
+      e.master_port = static_cast<int>(
+          10000 +
+          (static_cast<int64_t>(env_int("SLURM_JOB_ID", 0)) + 1009 * int64_t{env_int("SLURM_STEP_ID", 0)}) % 20000);
   } else if (env("OMPI_COMM_WORLD_RANK") && env("OMPI_COMM_WORLD_SIZE")) {
     e.launcher = "openmpi";
     e.rank = env_int("OMPI_COMM_WORLD_RANK", 0, true);
@@ -437,7 +443,8 @@ struct JoinRefused : std::runtime_error {
 // Marks this rank as joined and waits until every rank has, or one posted that it failed first,
 // or timeout_s passed. Rank 0 says every minute whom it waits for (a node not started, a wrong
 // MASTER_ADDR); that is what a user of a stuck multi-node job needs to see.
-void join_all(c10d::Store& store, int rank, int world_size, double timeout_s, const std::string& address) {
+void join_all(c10d::Store& store, int rank, int world_size, double timeout_s, const std::string& address,
+              bool agent_store) {
   const std::string me = "rank " + std::to_string(rank) + " of " + std::to_string(world_size);
   // This store must be this job's: a second process of this rank, or another job on this port
   // (torchrun's default 29500 is common), would otherwise be taken for the ranks of this one.
@@ -448,7 +455,10 @@ void join_all(c10d::Store& store, int rank, int world_size, double timeout_s, co
     g_told = true;  // the job there is not this rank's to stop
     throw JoinRefused(me + ": the rendezvous at " + address + " already has " +
                       (taken ? "a rank " + std::to_string(rank) : std::to_string(count - 1) + " ranks") +
-                      ": this rank was started twice, or another job uses that port (set MASTER_PORT)");
+                      ": this rank was started twice, or another job uses that port (set MASTER_PORT)" +
+                      (agent_store ? ", or torchrun's agents on several nodes restarted as different attempts "
+                                     "(TORCHELASTIC_RESTART_COUNT)"
+                                   : ""));
   }
   const double began = seconds_now();
   double next_word = began + 30;
@@ -784,7 +794,7 @@ std::shared_ptr<Communicator> Communicator::create(const Environment& e, const a
                              " failed (is rank 0 up, and the port free?): " + ex.what());
   }
   try {
-    join_all(*impl->store, e.rank, e.world_size, options.timeout_s, address);
+    join_all(*impl->store, e.rank, e.world_size, options.timeout_s, address, e.agent_store);
   } catch (const JoinRefused&) {
     throw;
   } catch (const std::exception& ex) {  // the store stopped answering (rank 0 ended)
@@ -910,12 +920,18 @@ void on_rank0_long(Communicator* communicator, const std::function<void(const st
   // it is done or 2 when it failed; the others wait until the sum is no longer 0.
   constexpr int64_t kWorking = 0, kDone = 1, kFailed = 2;
   std::exception_ptr failed;
+  bool broken = false;  // a keep-alive's collective failed
   if (!communicator || communicator->rank() == 0) {
     const double every_s = communicator ? communicator->timeout_s() / 4 : 0;
     double last = seconds_now();
     const std::function<void()> keep_alive = [&] {
       if (!communicator || communicator->world_size() == 1 || seconds_now() - last < every_s) return;
-      communicator->sum(kWorking);
+      try {
+        communicator->sum(kWorking);
+      } catch (...) {
+        broken = true;  // its own error goes up through the work; no verdict on a failed group
+        throw;
+      }
       last = seconds_now();
     };
     try {
@@ -925,7 +941,7 @@ void on_rank0_long(Communicator* communicator, const std::function<void(const st
     }
   }
   int64_t verdict = failed ? kFailed : kDone;
-  if (communicator) try {
+  if (communicator && !broken) try {
       if (communicator->rank() == 0)
         verdict = communicator->sum(verdict);
       else

@@ -44,10 +44,11 @@ void on_ranks(const std::vector<std::shared_ptr<distributed::Communicator>>& com
 struct Env {
   std::vector<std::string> names;
   Env(std::initializer_list<std::pair<const char*, const char*>> vars) {
-    for (const char* n : {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
-                          "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_JOB_ID",
-                          "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
-                          "OMPI_COMM_WORLD_LOCAL_SIZE", "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RESTART_COUNT"})
+    for (const char* n :
+         {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
+          "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST", "SLURM_STEP_ID", "SLURM_LOCALID", "SLURM_JOB_NODELIST",
+          "SLURM_JOB_ID", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+          "OMPI_COMM_WORLD_LOCAL_SIZE", "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RESTART_COUNT"})
       ::unsetenv(n), names.push_back(n);
     for (const auto& [k, v] : vars) ::setenv(k, v, 1);
   }
@@ -209,6 +210,19 @@ TEST_CASE("dist: launcher environments (torchrun, SLURM, OpenMPI)") {
     CHECK(env.local_rank == 5);
     CHECK(env.master_addr == "gpu03");
     CHECK(env.master_port == 10000 + 123456 % 20000);
+  }
+  {
+    // A step on some of the job's nodes, beside others: rank 0 on the step's first node, the
+    // port the step's own.
+    Env e({{"SLURM_PROCID", "1"},
+           {"SLURM_STEP_NUM_TASKS", "2"},
+           {"SLURM_JOB_NODELIST", "gpu[03-09]"},
+           {"SLURM_STEP_NODELIST", "gpu[05-06]"},
+           {"SLURM_STEP_ID", "2"},
+           {"SLURM_JOB_ID", "123456"}});
+    const auto env = distributed::detect_environment();
+    CHECK(env.master_addr == "gpu05");
+    CHECK(env.master_port == 10000 + (123456 + 1009 * 2) % 20000);
   }
   {
     // A batch script (sbatch) or salloc's shell: SLURM_PROCID 0 and the allocation's tasks, but no
@@ -836,10 +850,10 @@ TEST_CASE("dist: on_rank0 runs the work on rank 0 alone, and its failure reaches
 
 TEST_CASE(
     "dist: on_rank0_long lets rank 0 work past the collectives' timeout, the others waiting, and tells its failure") {
-  // A 1 s timeout and 2.5 s of work: the others wait in collectives of 0.25 s, which rank 0's
+  // A 2 s timeout and 3 s of work: the others wait in collectives of 0.5 s, which rank 0's
   // keep-alive (called every 20 ms) joins; one collective as long as the work would time out.
   distributed::CommunicatorOptions o;
-  o.timeout_s = 1, o.heartbeat_s = 0;
+  o.timeout_s = 2, o.heartbeat_s = 0;
   auto comms = distributed::Communicator::create_local_group(3, o);
   std::vector<std::string> errors(3);
   for (const bool fail : {false, true}) {
@@ -850,7 +864,7 @@ TEST_CASE(
         distributed::on_rank0_long(
             comms[static_cast<size_t>(r)].get(),
             [&](const std::function<void()>& keep_alive) {
-              for (int i = 0; i < 125; ++i) {
+              for (int i = 0; i < 150; ++i) {
                 std::this_thread::sleep_for(std::chrono::milliseconds(20));
                 keep_alive();
               }

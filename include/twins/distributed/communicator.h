@@ -106,8 +106,9 @@ void report_failure_before_join(const Environment& env, double wait_s = 15) noex
 /// time (asynchronous ones complete on the backend's own threads).
 class Communicator {
  public:
-  /// Joins the job `env` describes: rendezvous through a TCP store that rank 0 hosts at
-  /// master_addr:master_port, then a process group on `device`'s backend. Blocks until every
+  /// Joins the job `env` describes: rendezvous through a TCP store at master_addr:master_port
+  /// (rank 0 hosts it, or torchrun's agent: Environment::agent_store), then a process group on
+  /// `device`'s backend. Blocks until every
   /// rank has joined; throws std::runtime_error naming the address and the ranks missing when the
   /// timeout passes, or at once when a rank reported that it failed first
   /// (report_failure_before_join). Rank 0 says on stderr every minute which ranks it waits for.
