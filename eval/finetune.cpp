@@ -402,7 +402,7 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
 
   // Scored on the test set's centre crops, backbone in evaluation mode with rank 0's BatchNorm
   // statistics; with several ranks each scores every world-th test sample (a streaming test set:
-  // rank 0 all of it) and the counts are summed.
+  // rank 0 all of it, the others waiting in short collectives) and the counts are summed.
   std::shared_ptr<const data::Dataset> scored = test;
   if (world > 1 && !test->streaming()) {
     std::vector<int64_t> share;
@@ -417,10 +417,12 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
     net->eval();
     head->eval();
     int64_t counts[3] = {0, 0, 0};  // labelled samples, top-1 hits, top-5 hits
-    if (scored) {
+    const auto tally = [&](const std::function<void()>& keep_alive) {
+      if (!scored) return;
       ExtractOptions xo;
       xo.batch_size = c.batch_size, xo.workers = c.workers, xo.channels = channels, xo.what = "test features";
       xo.progress = main_rank;
+      xo.after_batch = keep_alive;
       const Features f = extract_features(*net, scored, test_view, device, xo);
       at::NoGradGuard no_grad;
       const at::Tensor mask = f.labels.ge(0);
@@ -432,6 +434,12 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
         counts[1] = hit.select(1, 0).sum().item<int64_t>();
         counts[2] = hit.any(1).sum().item<int64_t>();
       }
+    };
+    if (comm && world > 1 && test->streaming()) {  // rank 0 alone, however long it takes, the others waiting
+      if (main_rank) std::cerr << "  scoring the test set on rank 0 alone (a stream of shards)\n";
+      distributed::on_rank0_long(comm.get(), tally, "score the test set");
+    } else {
+      tally({});
     }
     if (comm)
       for (int64_t& count : counts) count = comm->sum(count);

@@ -133,6 +133,7 @@ rc=0
 if [ "$rc" -ne 1 ] || ! grep -q "finetune-checkpoint.safetensors was written within an epoch by 2 rank(s) reading tar shards" \
   "$dir/ft2.err"; then echo "exit $rc"; cat "$dir/ft2.out" "$dir/ft2.err"; exit 1; fi
 "$twins" "${ft[@]}" --nproc-per-node 2 > "$dir/ft3.out" 2> "$dir/ft3.err" || { cat "$dir/ft3.out" "$dir/ft3.err"; exit 1; }
-if ! grep -q "at batch 2 of 8 in epoch 1 of 1" "$dir/ft3.err" || ! grep -q '"resumed_from_batch": 2' "$dir/ft/finetune.json"
+if ! grep -q "at batch 2 of 8 in epoch 1 of 1" "$dir/ft3.err" || ! grep -q '"resumed_from_batch": 2' "$dir/ft/finetune.json" \
+  || ! grep -q "scoring the test set on rank 0 alone (a stream of shards)" "$dir/ft3.err"
 then cat "$dir/ft3.out" "$dir/ft3.err"; exit 1; fi
 echo "shards: finetune on 2 ranks stopped within an epoch, refused on 1 rank, continued on 2"
