@@ -69,22 +69,20 @@ struct AllReduceFunction : torch::autograd::Function<AllReduceFunction> {
 // without gradient); backward adds the terms through mean and invstd, summed over ranks.
 struct SyncBatchNormFunction : torch::autograd::Function<SyncBatchNormFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                            const at::Tensor& mean, const at::Tensor& invstd, double count, int64_t id) {
+                            const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& count, int64_t id) {
     const std::vector<int64_t> shape = channel_shape(x);
     const at::Tensor xf = x.to(mean.scalar_type());
     at::Tensor y = (xf - mean.view(shape)) * invstd.view(shape);
     if (weight.defined()) y = y * weight.to(mean.scalar_type()).view(shape);
     if (bias.defined()) y = y + bias.to(mean.scalar_type()).view(shape);
-    ctx->save_for_backward({x, weight, mean, invstd});
+    ctx->save_for_backward({x, weight, mean, invstd, count});
     ctx->saved_data["communicator"] = id;
-    ctx->saved_data["count"] = count;
     ctx->saved_data["has_bias"] = bias.defined();
     return y.to(x.scalar_type());
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &invstd = saved[3];
-    const double count = ctx->saved_data["count"].toDouble();
+    const at::Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &invstd = saved[3], &count = saved[4];
     const std::vector<int64_t> shape = channel_shape(x), dims = batch_dims(x);
     const at::Tensor dy = grads[0].to(mean.scalar_type());
     const at::Tensor xhat = (x.to(mean.scalar_type()) - mean.view(shape)) * invstd.view(shape);
@@ -133,8 +131,7 @@ at::Tensor sync_batch_norm(const at::Tensor& x, const at::Tensor& weight, const 
   const int64_t c = x.size(1);
   // Statistics in float32 at least (bf16/fp16 activations under autocast).
   const at::ScalarType st = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor mean, invstd;
-  double count = 0;
+  at::Tensor mean, invstd, count;
   {
     at::NoGradGuard no_grad;
     const std::vector<int64_t> shape = channel_shape(x), dims = batch_dims(x);
@@ -148,8 +145,13 @@ at::Tensor sync_batch_norm(const at::Tensor& x, const at::Tensor& weight, const 
     const at::Tensor all = communicator->all_gather(local.view({1, -1})).view({-1, 2 * c + 1});
     const at::Tensor counts = all.select(1, 0).unsqueeze(1);
     const at::Tensor means = all.narrow(1, 1, c), m2s = all.narrow(1, 1 + c, c);
-    count = counts.sum().item<double>();
-    TORCH_CHECK(count > 1, "sync_batch_norm: needs more than one value per channel over all ranks, got ", count);
+    // The total stays on the device (a host read here would stall the GPU's queue once a layer);
+    // only a rank with at most one value of its own asks whether the ranks together have more.
+    count = counts.sum();
+    if (n <= 1) {
+      const double total = count.item<double>();
+      TORCH_CHECK(total > 1, "sync_batch_norm: needs more than one value per channel over all ranks, got ", total);
+    }
     mean = (counts * means).sum(0) / count;
     const at::Tensor var = (m2s + counts * (means - mean).pow(2)).sum(0) / count;
     invstd = (var + eps).rsqrt();

@@ -284,11 +284,16 @@ TEST_CASE("dist: collectives over 3 ranks") {
 }
 
 TEST_CASE("dist: SyncBatchNorm equals BatchNorm over the union batch, forward and backward") {
-  for (int world : {2, 3}) {
+  // Each rank's batch size; the last: uneven (the counts weigh the ranks' statistics).
+  for (const std::vector<int64_t>& sizes : std::vector<std::vector<int64_t>>{{3, 3}, {3, 3, 3}, {5, 1}}) {
+    const int world = static_cast<int>(sizes.size());
     CAPTURE(world);
+    CAPTURE(sizes.back());
     at::manual_seed(3);
-    const int64_t per_rank = 3, channels = 4;
-    const at::Tensor x = at::randn({world * per_rank, channels, 5, 5}, at::kDouble) * 3 + 1;
+    const int64_t channels = 4;
+    std::vector<int64_t> first(sizes.size(), 0);
+    for (size_t r = 1; r < sizes.size(); ++r) first[r] = first[r - 1] + sizes[r - 1];
+    const at::Tensor x = at::randn({first.back() + sizes.back(), channels, 5, 5}, at::kDouble) * 3 + 1;
     const at::Tensor upstream = at::randn_like(x);
     const at::Tensor w0 = at::rand({channels}, at::kDouble) + 0.5, b0 = at::randn({channels}, at::kDouble);
     // One process.
@@ -301,12 +306,13 @@ TEST_CASE("dist: SyncBatchNorm equals BatchNorm over the union batch, forward an
     auto comms = distributed::Communicator::create_local_group(world);
     std::vector<at::Tensor> ys_r(world), gx_r(world), gw_r(world), gb_r(world), rm_r(world), rv_r(world);
     on_ranks(comms, [&](int r) {
-      at::Tensor xr = x.narrow(0, r * per_rank, per_rank).clone().requires_grad_(true);
+      const int64_t from = first[static_cast<size_t>(r)], rows = sizes[static_cast<size_t>(r)];
+      at::Tensor xr = x.narrow(0, from, rows).clone().requires_grad_(true);
       at::Tensor wr = w0.clone().requires_grad_(true), br = b0.clone().requires_grad_(true);
       rm_r[r] = at::zeros({channels}, at::kDouble), rv_r[r] = at::ones({channels}, at::kDouble);
       const at::Tensor y =
           distributed::sync_batch_norm(xr, wr, br, rm_r[r], rv_r[r], 0.1, 1e-5, comms[static_cast<size_t>(r)]);
-      (y * upstream.narrow(0, r * per_rank, per_rank)).sum().backward();
+      (y * upstream.narrow(0, from, rows)).sum().backward();
       ys_r[r] = y.detach(), gx_r[r] = xr.grad(), gw_r[r] = wr.grad(), gb_r[r] = br.grad();
     });
     CHECK(twins::test::max_rel_error(at::cat(ys_r), ys.detach(), 1e-6) < 1e-12);
