@@ -43,6 +43,21 @@ using ProcessGroupBackend = c10d::Backend;
 using ProcessGroupBackend = c10d::ProcessGroup;
 #endif
 
+/// Closes an NCCL process group (c10d::ProcessGroupNCCL, a template so that this header needs
+/// none of NCCL's) as its destructor would, at once and locally (ncclCommAbort: no other rank
+/// takes part, so a rank that left first cannot hold it up), without that destructor's warning
+/// that Python's destroy_process_group() was not called. Its shutdown() is not used: with a
+/// collective still on the GPU it waits for it, for ever if a peer is gone. Before LibTorch 2.5
+/// nothing: the destructor does what it did there.
+template <class NcclGroup>
+void close_nccl_group(NcclGroup& group) {
+#if TWINS_TORCH_AT_LEAST(2, 5)
+  group.abort();
+#else
+  (void)group;
+#endif
+}
+
 /// "major.minor.patch" of the LibTorch headers twins was compiled with.
 inline std::string torch_version_string() {
   return std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
