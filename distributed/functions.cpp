@@ -144,7 +144,8 @@ at::Tensor sync_batch_norm(const at::Tensor& x, const at::Tensor& weight, const 
     const at::Tensor local = at::cat({at::full({1}, n, m.options()), m, m2});
     const at::Tensor all = communicator->all_gather(local.view({1, -1})).view({-1, 2 * c + 1});
     const at::Tensor counts = all.select(1, 0).unsqueeze(1);
-    const at::Tensor means = all.narrow(1, 1, c), m2s = all.narrow(1, 1 + c, c);
+    // A rank with an empty batch has a NaN mean: weighed by its count of 0, it must be 0.
+    const at::Tensor means = all.narrow(1, 1, c).masked_fill(counts.eq(0), 0), m2s = all.narrow(1, 1 + c, c);
     // The total stays on the device (a host read here would stall the GPU's queue once a layer);
     // only a rank with at most one value of its own asks whether the ranks together have more.
     count = counts.sum();

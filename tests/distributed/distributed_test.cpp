@@ -284,16 +284,29 @@ TEST_CASE("dist: collectives over 3 ranks") {
 }
 
 TEST_CASE("dist: SyncBatchNorm equals BatchNorm over the union batch, forward and backward") {
-  // Each rank's batch size; the last: uneven (the counts weigh the ranks' statistics).
-  for (const std::vector<int64_t>& sizes : std::vector<std::vector<int64_t>>{{3, 3}, {3, 3, 3}, {5, 1}}) {
+  // Each rank's batch size, and whether the batches are images [N, C, 5, 5] or vectors [N, C]:
+  // uneven sizes (the counts weigh the ranks' statistics), a rank with one value per channel (it
+  // checks the total), a rank with none (its mean, NaN, weighs nothing).
+  struct Layout {
+    std::vector<int64_t> sizes;
+    bool images;
+  };
+  for (const Layout& layout : {Layout{{3, 3}, true}, Layout{{3, 3, 3}, true}, Layout{{5, 1}, true},
+                               Layout{{5, 1}, false}, Layout{{4, 0}, true}}) {
+    const std::vector<int64_t>& sizes = layout.sizes;
     const int world = static_cast<int>(sizes.size());
     CAPTURE(world);
     CAPTURE(sizes.back());
+    CAPTURE(layout.images);
     at::manual_seed(3);
     const int64_t channels = 4;
     std::vector<int64_t> first(sizes.size(), 0);
     for (size_t r = 1; r < sizes.size(); ++r) first[r] = first[r - 1] + sizes[r - 1];
-    const at::Tensor x = at::randn({first.back() + sizes.back(), channels, 5, 5}, at::kDouble) * 3 + 1;
+    const int64_t rows = first.back() + sizes.back();
+    const at::Tensor x =
+        (layout.images ? at::randn({rows, channels, 5, 5}, at::kDouble) : at::randn({rows, channels}, at::kDouble)) *
+            3 +
+        1;
     const at::Tensor upstream = at::randn_like(x);
     const at::Tensor w0 = at::rand({channels}, at::kDouble) + 0.5, b0 = at::randn({channels}, at::kDouble);
     // One process.
@@ -325,6 +338,20 @@ TEST_CASE("dist: SyncBatchNorm equals BatchNorm over the union batch, forward an
       CHECK(twins::test::max_rel_error(rv_r[r], rv) < 1e-12);
     }
   }
+  // One value per channel over all ranks: every rank refuses it, as BatchNorm does.
+  auto comms = distributed::Communicator::create_local_group(2);
+  std::vector<std::string> errors(2);
+  on_ranks(comms, [&](int r) {
+    const at::Tensor x = at::randn({r == 0 ? 1 : 0, 3}, at::kDouble);
+    try {
+      distributed::sync_batch_norm(x, at::ones({3}, at::kDouble), at::zeros({3}, at::kDouble), at::Tensor(),
+                                   at::Tensor(), 0.1, 1e-5, comms[static_cast<size_t>(r)]);
+    } catch (const std::exception& e) {
+      errors[static_cast<size_t>(r)] = e.what();
+    }
+  });
+  for (const std::string& e : errors)
+    CHECK(e.find("needs more than one value per channel over all ranks, got 1") != std::string::npos);
 }
 
 TEST_CASE("dist: gradient buckets cover every parameter exactly once, and finish() averages") {
