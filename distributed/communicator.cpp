@@ -703,13 +703,6 @@ WatchSettings watch_settings(const CommunicatorOptions& o, int world_size) {
 Communicator::Communicator(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
 Communicator::~Communicator() {
-#if TWINS_WITH_NCCL
-  if (auto* nccl = dynamic_cast<c10d::ProcessGroupNCCL*>(impl_->group.get())) try {
-      compat::close_nccl_group(*nccl);
-    } catch (const std::exception& e) {  // (a destructor: nothing may leave it)
-      std::cerr << ("rank " + std::to_string(impl_->rank) + ": closing the NCCL group: " + e.what() + "\n");
-    }
-#endif
   {
     std::lock_guard<std::mutex> lock(g_registry_mutex);
     g_registry.erase(impl_->id);
@@ -729,6 +722,18 @@ Communicator::~Communicator() {
       store.reset();
     }).detach();
   }
+#if TWINS_WITH_NCCL
+  if (auto* nccl = dynamic_cast<c10d::ProcessGroupNCCL*>(impl_->group.get())) {
+    // The last heartbeat first (why this rank leaves: failed, or finished), so that the others
+    // hear of it however long NCCL's abort takes.
+    impl_->heartbeat.reset();
+    try {
+      compat::close_nccl_group(*nccl);
+    } catch (const std::exception& e) {  // (a destructor: nothing may leave it)
+      std::cerr << ("rank " + std::to_string(impl_->rank) + ": closing the NCCL group: " + e.what() + "\n");
+    }
+  }
+#endif
 }
 
 void linger_after_failure() {
