@@ -101,7 +101,8 @@ struct FinetuneControl {
   /// world size per rank, PyTorch's DistributedSampler order); gradients are averaged over the
   /// ranks (DDP without SyncBatchNorm, as the official script), BatchNorm statistics are rank 0's
   /// (DDP's broadcast_buffers); rank 0 alone writes the checkpoint, which every rank reads to
-  /// resume; each rank scores its share of the test set and the counts are summed.
+  /// resume; each rank scores its share of the test set and the counts are summed (tar shards,
+  /// read in their own order: rank 0 all of them, the others waiting as distributed::on_rank0_long).
   std::shared_ptr<distributed::Communicator> communicator;
 };
 
