@@ -279,10 +279,10 @@ step_row() {  # step_row METHOD RECIPE BATCH
 }
 
 # --- end to end through `twins pretrain`: real data decoded and augmented by the machine's cores
-# (train.workers = every core), bf16 + channels_last, as a user runs it. Per run: images/s, the
-# data-wait fraction and the last epoch's seconds from metrics.jsonl, beside the model-only step
-# of the same method and batch from step.jsonl when the step table has it. The CIFAR-10 VICReg
-# row's epoch time is the headline (one epoch of 50,000 images at batch 512). E2E_EPOCHS (3) and
+# (train.workers "auto", as in the recipes: every core but one), bf16 + channels_last, as a user
+# runs it. Per run: images/s, the data-wait fraction and the last epoch's seconds from
+# metrics.jsonl, beside the model-only step of the same method and batch from step.jsonl when the
+# step table has it. The CIFAR-10 VICReg row's epoch time is the headline (one epoch of 50,000 images at batch 512). E2E_EPOCHS (3) and
 # WOOF_STEPS (60) set the lengths; E2E_GRAPH (1 on the GPU) trains with train.cuda_graph, compared
 # with the step of the same kind.
 declare -A e2e_done
@@ -309,7 +309,7 @@ e2e_row() {  # e2e_row METHOD cifar10|imagewoof BATCH LIMIT...
   dir=$out/e2e-$method-$data
   local run=("$twins" pretrain --config "$cfg" --out "$dir" --device "$device" --set "data.root=$root"
              --set "train.batch_size=$batch" --set "train.precision=${precision[0]}" --set train.channels_last=true
-             --set "train.workers=$(nproc)" --set online_probe.eval_data=null "$@")
+             --set train.workers=auto --set online_probe.eval_data=null "$@")
   rm -rf "$dir"
   t=$(date +%s)
   limited "${run[@]}" --set "train.cuda_graph=$graph_flag" > "$dir.log" 2>&1
@@ -365,7 +365,7 @@ stage_accuracy() {
       return
     fi
     acc=(--dataset cifar10 --set "data.root=$root" --set "train.epochs=${ACC_EPOCHS:-20}" --set "train.precision=${precision[0]}"
-         --set train.channels_last=true --set "train.workers=$(nproc)" --set "train.cuda_graph=${ACC_GRAPH:-true}")
+         --set train.channels_last=true --set train.workers=auto --set "train.cuda_graph=${ACC_GRAPH:-true}")
   fi
   TWINS_BIN=$twins limited bench/accuracy.sh "${acc[@]}" --methods "${ACC_METHODS:-vicreg}" --runs "$out/accuracy" \
     --results "$out" > "$out/accuracy.log" 2>&1

@@ -54,7 +54,7 @@ int run_bench_views(const BenchViewsArgs& a) {
   const auto dataset = data::create_dataset(cfg.at("data"), "data");
   const auto views = augment::parse_views(cfg.at("views"), "views");
   const int channels = cfg.value("/model/backbone/in_channels"_json_pointer, 3);
-  const int threads = a.threads > 0 ? a.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int threads = a.threads > 0 ? a.threads : usable_cores();
   const double part = a.seconds / 3;
   at::set_num_threads(1);  // one core per thread, as the loader's workers run
   const int64_t n = dataset->size();

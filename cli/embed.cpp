@@ -26,7 +26,7 @@ namespace fs = std::filesystem;
 
 struct EmbedArgs {
   std::string backbone, input, output = "embeddings.npy", device = "auto";
-  int image_size = 0, workers = 2;
+  int image_size = 0, workers = kAutoWorkers;
   int64_t batch_size = 128;
   double save_every_s = 10;
   LaunchPlan launch;  // the ranks of a data-parallel embedding
@@ -314,9 +314,25 @@ Command add_embed(CLI::App& app) {
   sub->add_option("--batch-size", a->batch_size, "Images per forward pass")
       ->capture_default_str()
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 16));
-  sub->add_option("--workers", a->workers, "Loader threads decoding images")
-      ->capture_default_str()
-      ->check(CLI::Range(0, 256));
+  sub->add_option_function<std::string>(
+         "--workers",
+         [a](const std::string& v) {
+           if (v == "auto") {
+             a->workers = kAutoWorkers;
+             return;
+           }
+           size_t end = 0;
+           int n = -1;
+           try {
+             n = std::stoi(v, &end);
+           } catch (const std::exception&) {
+           }
+           if (end != v.size() || n < 0 || n > 256)
+             throw CLI::ValidationError("--workers", "\"" + v + "\" is not a number of threads in [0, 256] or auto");
+           a->workers = n;
+         },
+         "Loader threads decoding images (default auto: every core but one with a GPU, 2 on the CPU)")
+      ->type_name("N|auto");
   sub->add_option("--device", a->device, "auto, cpu, cuda, cuda:N")->capture_default_str();
   sub->add_option("--save-every-s", a->save_every_s,
                   "Seconds between saves of the rows written so far (to <output>.partial, which the same command "

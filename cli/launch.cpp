@@ -29,6 +29,7 @@
 
 #include "cli/commands.h"
 #include "twins/distributed/communicator.h"
+#include "twins/runtime.h"
 
 namespace twins::cli {
 namespace {
@@ -193,9 +194,7 @@ int launch_local(const LaunchPlan& plan, double grace_seconds) {
   const int world = plan.nnodes * nproc, first_rank = plan.node_rank * nproc;
   // The cores shared out among the ranks (torchrun sets 1 each), unless OMP_NUM_THREADS says.
   const char* omp = std::getenv("OMP_NUM_THREADS");
-  const std::string threads =
-      omp && *omp ? std::string(omp)
-                  : std::to_string(std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / nproc));
+  const std::string threads = omp && *omp ? std::string(omp) : std::to_string(std::max(1, usable_cores() / nproc));
   const std::string each =
       " rank(s) of " + threads + " thread(s)" + (omp && *omp ? "" : " (OMP_NUM_THREADS to change)");
   if (plan.nnodes > 1)

@@ -37,6 +37,19 @@ long double ConfigReader::integer(const std::string& key, const nlohmann::json& 
   return x;
 }
 
+void ConfigReader::get_or_auto(const std::string& key, int& value, int auto_value, int lo, int hi) {
+  known_.insert(key);
+  if (!object_.contains(key)) return;
+  const nlohmann::json& v = object_.at(key);
+  if (v.is_string()) {
+    if (v.get<std::string>() != "auto") throw_type_error(key, "an integer or \"auto\"");
+    value = auto_value;
+    return;
+  }
+  if (!v.is_number()) throw_type_error(key, "an integer or \"auto\"");
+  value = static_cast<int>(integer(key, v, lo, hi));
+}
+
 void ConfigReader::throw_type_error(const std::string& key, const char* expected) const {
   std::string got = object_.at(key).dump();
   if (got.size() > 200) got = got.substr(0, 200) + "...";

@@ -117,7 +117,7 @@ EvalConfig EvalConfig::parse(const json& root) {
                     "names the samples itself; give it or finetune.train_percent (--train-percent), not both");
   }
   r.get("batch_size", c.batch_size);
-  r.get("workers", c.workers);
+  r.get_or_auto("workers", c.workers, kAutoWorkers, 0, 256);
   r.get("device", c.device);
   r.get("dist_backend", c.dist_backend);
   r.get("dist_timeout_s", c.dist_timeout_s);
@@ -133,7 +133,8 @@ EvalConfig EvalConfig::parse(const json& root) {
       c.dist_heartbeat_timeout_s == 0 || (c.dist_heartbeat_timeout_s >= 5 && c.dist_heartbeat_timeout_s <= 1e6),
       "dist_heartbeat_timeout_s", "must be 0 (off) or in [5, 10^6] seconds (heartbeats come every 2 s)");
   config::require(c.batch_size >= 1 && c.batch_size <= (1 << 20), "batch_size", "must be in [1, 2^20]");
-  config::require(c.workers >= 0 && c.workers <= 256, "workers", "must be in [0, 256]");
+  config::require(c.workers == kAutoWorkers || (c.workers >= 0 && c.workers <= 256), "workers",
+                  "must be in [0, 256] or \"auto\"");
   return c;
 }
 
@@ -446,7 +447,8 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
   const int ranks = shared ? world : 1;
   const augment::View view = random_crop_flip_view(c.image_size, o.crop_scale, c.normalization);
   data::LoaderOptions lo;
-  lo.batch_size = o.batch_size / ranks, lo.workers = c.workers, lo.seed = o.seed, lo.drop_last = false;
+  lo.batch_size = o.batch_size / ranks, lo.seed = o.seed, lo.drop_last = false;
+  lo.workers = loader_workers(c.workers, device);
   lo.channels = static_cast<int>(net->to_json().value("in_channels", 3));
   lo.rank = shared ? comm->rank() : 0, lo.world_size = ranks;
   lo.pin_memory = device.is_cuda();

@@ -16,6 +16,7 @@
 #include "twins/distributed/communicator.h"
 #include "twins/eval/transform.h"
 #include "twins/io.h"
+#include "twins/runtime.h"
 
 namespace twins::eval {
 
@@ -61,7 +62,8 @@ uint32_t data_fingerprint(const data::Dataset& d) {
 Features extract_features(models::Network& backbone, std::shared_ptr<const data::Dataset> dataset,
                           const augment::View& view, const at::Device& device, const ExtractOptions& options) {
   data::LoaderOptions lo;
-  lo.batch_size = options.batch_size, lo.workers = options.workers, lo.shuffle = false, lo.drop_last = false;
+  lo.batch_size = options.batch_size, lo.shuffle = false, lo.drop_last = false;
+  lo.workers = loader_workers(options.workers, device);
   lo.channels = options.channels;
   const int64_t n = dataset->size();
   if (options.batch_size < 1)

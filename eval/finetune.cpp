@@ -256,7 +256,8 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
 
   const augment::View view = random_crop_flip_view(c.image_size, o.crop_scale, c.normalization);
   data::LoaderOptions lo;
-  lo.batch_size = o.batch_size / world, lo.workers = c.workers, lo.seed = o.seed, lo.channels = channels;
+  lo.batch_size = o.batch_size / world, lo.seed = o.seed, lo.channels = channels;
+  lo.workers = loader_workers(c.workers, device);
   lo.rank = rank, lo.world_size = world;  // PyTorch's DistributedSampler order
   lo.drop_last = false;                   // every labelled sample, each epoch, as the official script
   lo.pin_memory = device.is_cuda();

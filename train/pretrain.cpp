@@ -253,7 +253,8 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
   const auto dataset = data::create_dataset(recipe.data, "data");
   const auto views = augment::parse_views(recipe.views, "views");
   data::LoaderOptions lo;
-  lo.batch_size = tc.batch_size, lo.workers = tc.workers, lo.seed = tc.seed, lo.channels = recipe.in_channels();
+  lo.batch_size = tc.batch_size, lo.seed = tc.seed, lo.channels = recipe.in_channels();
+  lo.workers = loader_workers(tc.workers, job.device);
   lo.pin_memory = job.device.is_cuda();
   if (job.comm) lo.rank = job.comm->rank(), lo.world_size = job.world;
   const int64_t rank_samples = (dataset->size() + job.world - 1) / job.world;
@@ -308,7 +309,8 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
       << (job.comm ? " x " + std::to_string(job.world) + " ranks (" + job.comm->backend() + ")" : "")
       << (accumulate > 1 ? " x " + std::to_string(accumulate) + " accumulated" + (tc.grad_cache ? " (grad cache)" : "")
                          : "")
-      << ", lr " << trainer.base_learning_rates().first << ", device " << job.device.str() << " ("
+      << ", lr " << trainer.base_learning_rates().first << ", " << lo.workers << " loader workers"
+      << (tc.workers == kAutoWorkers ? " (auto)" : "") << ", device " << job.device.str() << " ("
       << to_string(trainer.precision()) << (trainer.cuda_graph() ? ", CUDA graph" : "") << ")";
     log.say(s.str());
   }

@@ -179,7 +179,7 @@ Recipe Recipe::parse(const json& root) {
     t.get("epochs", c.epochs);
     t.get("max_steps", c.max_steps);
     t.get("batch_size", c.batch_size);
-    t.get("workers", c.workers);
+    t.get_or_auto("workers", c.workers, kAutoWorkers, 0, 256);
     t.get("device", c.device);
     t.get("seed", c.seed);
     t.get("log_every", c.log_every);
@@ -208,7 +208,8 @@ Recipe Recipe::parse(const json& root) {
     require(c.max_steps >= 0 && c.max_steps <= (int64_t{1} << 40), "train.max_steps", "must be in [0, 2^40]");
     require(c.batch_size >= 2 && c.batch_size <= (1 << 20), "train.batch_size",
             "must be in [2, 2^20] (the losses use batch statistics)");
-    require(c.workers >= 0 && c.workers <= 256, "train.workers", "must be in [0, 256]");
+    require(c.workers == kAutoWorkers || (c.workers >= 0 && c.workers <= 256), "train.workers",
+            "must be in [0, 256] or \"auto\"");
     require(c.log_every >= 1, "train.log_every", "must be >= 1");
     require(c.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0");
     require(c.checkpoint_every_epochs >= 0, "train.checkpoint_every_epochs", "must be >= 0");

@@ -51,6 +51,10 @@ class ConfigReader {
     }
   }
 
+  /// Reads `key` as an integer in [lo, hi] or the string "auto", which gives `auto_value` (e.g.
+  /// "workers": "auto"). Keeps the default when absent.
+  void get_or_auto(const std::string& key, int& value, int auto_value, int lo, int hi);
+
   /// Marks `key` as valid without reading it (read by someone else, e.g. "type").
   void allow(const std::string& key) { known_.insert(key); }
 

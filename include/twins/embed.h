@@ -40,7 +40,8 @@ struct EmbedderOptions {
 };
 
 struct EmbedDatasetOptions {
-  /// Loader threads that decode and transform images while the backbone runs.
+  /// Loader threads that decode and transform images while the backbone runs (twins::kAutoWorkers,
+  /// -1, as `twins embed` has by default: as many as the device wants, see twins::loader_workers).
   int workers = 2;
   /// A line every few seconds on stderr.
   bool progress = false;

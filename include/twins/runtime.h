@@ -20,7 +20,31 @@ c10::Device resolve_device(const std::string& name, const std::string& what = "d
 /// process sees several GPUs: every rank of the node would share GPU N (NCCL refuses), an error.
 c10::Device resolve_rank_device(const std::string& name, int local_rank, const std::string& what = "device");
 
-/// Sets LibTorch's intra-op threads: n > 0 as given; 0 = every core of the machine, unless
+/// The cores this process may run on: its CPU affinity (taskset, a launcher's binding, a
+/// container's cpuset; the container's cpuset or the machine's CPUs where OpenMP's binding
+/// variables, OMP_PROC_BIND, OMP_PLACES, GOMP_CPU_AFFINITY or KMP_AFFINITY, bind the main thread to
+/// a place of its own), within its cgroup's CPU quota (a container's --cpus, rounded up); >= 1.
+int usable_cores();
+/// The ranks of a job on this machine that share usable_cores() with this process: the launcher's
+/// local world size (LOCAL_WORLD_SIZE: twins' --nproc-per-node, torchrun; OpenMPI's; an srun
+/// step's tasks on this node), or 1 where each rank was bound to cores of its own (its affinity
+/// holds at most a local world size's share of the cpuset the container sees).
+int ranks_sharing_cores();
+
+/// `"workers": "auto"` in a config (`--workers auto` on the command line); see loader_workers().
+inline constexpr int kAutoWorkers = -1;
+/// The most loader threads "auto" gives: each holds two batches ahead (in pinned memory on CUDA).
+inline constexpr int kMaxAutoWorkers = 32;
+/// The loader threads for a `workers` setting: n >= 0 as given; kAutoWorkers: auto_loader_workers
+/// of usable_cores() shared among ranks_sharing_cores().
+int loader_workers(int workers, const c10::Device& device);
+/// "auto" for `cores` cores of a rank's own: for a CUDA device every core but the one of the thread
+/// that feeds the GPU (a GPU takes views faster than a few cores make them), at most
+/// kMaxAutoWorkers; on the CPU 2 (at most `cores`), as the model's threads need the cores and a CPU
+/// step is far slower than its views.
+int auto_loader_workers(int cores, bool cuda);
+
+/// Sets LibTorch's intra-op threads: n > 0 as given; 0 = usable_cores(), unless
 /// OMP_NUM_THREADS or MKL_NUM_THREADS is set, which then rules. (Some LibTorch builds, Debian's
 /// among them, otherwise start with one thread.) Also gives OpenBLAS, when the process has it
 /// (Debian's LibTorch multiplies matrices there), one thread of its own unless OPENBLAS_NUM_THREADS

@@ -144,6 +144,14 @@ for run in term kill kill2 kill3 garbage; do
   cmp "$dir/full.ids.txt" "$dir/$run.ids.txt" || fail "embed: $run.ids.txt differs"
   if [ -e "$dir/$run.npy.partial" ] || [ -e "$dir/$run.npy.partial.json" ]; then fail "embed: $run left its partial files"; fi
 done
+# --workers auto (the default) embeds the same bytes; a count that is not one is a usage error.
+emb_auto=(embed --backbone "$dir/ref" --input "$dir/images" --batch-size 8 --device cpu)
+"$twins" "${emb_auto[@]}" --output "$dir/auto.npy" > /dev/null 2> "$dir/err.auto" || fail "embed --workers auto"
+cmp "$dir/full.npy" "$dir/auto.npy" || fail "embed: --workers auto gives other rows"
+rc=0
+"$twins" "${emb_auto[@]}" --workers lots --output "$dir/lots.npy" > /dev/null 2> "$dir/err.lots" || rc=$?
+[ "$rc" -eq 2 ] && grep -q -- '--workers.*"lots" is not a number of threads in \[0, 256\] or auto' "$dir/err.lots" \
+  || { cat "$dir/err.lots"; fail "embed --workers lots: exit code $rc"; }
 TWINS_FAULT="embed_batch@#2:TERM" "$twins" "${emb[@]}" --output "$dir/changed.npy" > /dev/null 2>&1 || fail "embed (to change)"
 # One image rewritten in place (same name, same size, same count: its time tells).
 { printf 'P5\n28 28\n255\n'; head -c 784 /dev/urandom; } > "$dir/images/30.pgm"

@@ -34,6 +34,28 @@ TEST_CASE("config: strict reader") {
   check_throws_with<std::invalid_argument>([&] { ConfigReader(list, "data"); }, "data: expected a JSON object");
 }
 
+TEST_CASE("config: an integer or auto") {
+  const nlohmann::json j = {{"a", "auto"}, {"b", 3}, {"c", 4.0}, {"d", "many"}, {"e", 300}, {"f", true}};
+  ConfigReader r(j, "train");
+  int a = 0, b = 0, c = 0, absent = 7;
+  r.get_or_auto("a", a, -1, 0, 256);
+  r.get_or_auto("b", b, -1, 0, 256);
+  r.get_or_auto("c", c, -1, 0, 256);
+  r.get_or_auto("absent", absent, -1, 0, 256);
+  CHECK(a == -1);
+  CHECK(b == 3);
+  CHECK(c == 4);
+  CHECK(absent == 7);
+  int x = 0;
+  check_throws_with<std::invalid_argument>([&] { r.get_or_auto("d", x, -1, 0, 256); },
+                                           "train.d: expected an integer or \"auto\", got \"many\"");
+  check_throws_with<std::invalid_argument>([&] { r.get_or_auto("e", x, -1, 0, 256); },
+                                           "train.e: 300 is out of range [0, 256]");
+  check_throws_with<std::invalid_argument>([&] { r.get_or_auto("f", x, -1, 0, 256); },
+                                           "train.f: expected an integer or \"auto\", got true");
+  CHECK(x == 0);
+}
+
 TEST_CASE("config: --set overrides") {
   nlohmann::json j = {{"train", {{"epochs", 10}}}};
   apply_override(j, "train.epochs=3");

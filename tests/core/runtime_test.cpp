@@ -13,6 +13,9 @@
 #include <regex>
 #include <string>
 
+#include <sched.h>
+#include <unistd.h>
+
 #include "tests/test_util.h"
 
 using twins::test::check_throws_with;
@@ -28,6 +31,77 @@ TEST_CASE("runtime: set_compute_threads sets LibTorch's threads and leaves OpenB
   MESSAGE("OpenBLAS threads: " << blas);
   CHECK(twins::set_compute_threads(1) == 1);
   at::set_num_threads(before);
+}
+
+namespace {
+// Restores this thread's CPU affinity and LOCAL_WORLD_SIZE however the test case ends.
+struct AffinityAndRanksKept {
+  cpu_set_t affinity;
+  bool had_ranks = false;
+  std::string ranks;
+  AffinityAndRanksKept() {
+    CPU_ZERO(&affinity);
+    REQUIRE(sched_getaffinity(0, sizeof affinity, &affinity) == 0);
+    if (const char* v = std::getenv("LOCAL_WORLD_SIZE")) had_ranks = true, ranks = v;
+  }
+  ~AffinityAndRanksKept() {
+    sched_setaffinity(0, sizeof affinity, &affinity);
+    if (had_ranks)
+      ::setenv("LOCAL_WORLD_SIZE", ranks.c_str(), 1);
+    else
+      ::unsetenv("LOCAL_WORLD_SIZE");
+  }
+};
+}  // namespace
+
+TEST_CASE("runtime: auto loader workers from the cores a rank may use") {
+  using twins::auto_loader_workers;
+  CHECK(auto_loader_workers(16, true) == 15);  // a GPU: every core but the feeding thread's
+  CHECK(auto_loader_workers(2, true) == 1);
+  CHECK(auto_loader_workers(1, true) == 1);
+  CHECK(auto_loader_workers(0, true) == 1);
+  CHECK(auto_loader_workers(33, true) == 32);
+  CHECK(auto_loader_workers(1000, true) == twins::kMaxAutoWorkers);
+  CHECK(auto_loader_workers(16, false) == 2);  // the CPU: the model's threads need the cores
+  CHECK(auto_loader_workers(1, false) == 1);
+  const c10::Device cpu("cpu"), cuda(c10::kCUDA, 0);  // (a device name: no GPU needed)
+  CHECK(twins::loader_workers(5, cuda) == 5);
+  CHECK(twins::loader_workers(0, cpu) == 0);
+  const int cores = twins::usable_cores();
+  CHECK(cores >= 1);
+  MESSAGE("usable cores " << cores << ", ranks sharing them " << twins::ranks_sharing_cores());
+  for (const char* v : {"OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY", "KMP_AFFINITY"})
+    if (std::getenv(v)) {
+      MESSAGE("skipping the binding cases: " << v << " is set (OpenMP's places rule)");
+      return;
+    }
+
+  // Bound to one core (taskset -c 0), a process uses one; and it shares that core with no other
+  // rank. The binding is this thread's, restored with LOCAL_WORLD_SIZE at the end.
+  const AffinityAndRanksKept kept;
+  const int allowed = CPU_COUNT(&kept.affinity);
+  ::setenv("LOCAL_WORLD_SIZE", "2", 1);
+  if (allowed == static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN)) && allowed >= 2) {  // not bound already
+    // Two ranks of a launcher that binds nothing share the cores.
+    CHECK(twins::ranks_sharing_cores() == 2);
+    CHECK(twins::loader_workers(twins::kAutoWorkers, cuda) == auto_loader_workers(cores / 2, true));
+  }
+  cpu_set_t one;
+  CPU_ZERO(&one);
+  for (int i = 0; i < CPU_SETSIZE; ++i)
+    if (CPU_ISSET(i, &kept.affinity)) {
+      CPU_SET(i, &one);
+      break;
+    }
+  REQUIRE(sched_setaffinity(0, sizeof one, &one) == 0);
+  CHECK(twins::usable_cores() == 1);
+  if (allowed >= 2) CHECK(twins::ranks_sharing_cores() == 1);  // bound to a core of its own
+  CHECK(twins::loader_workers(twins::kAutoWorkers, cuda) == 1);
+  CHECK(twins::loader_workers(twins::kAutoWorkers, cpu) == 1);
+  ::setenv("LOCAL_WORLD_SIZE", "1", 1);
+  CHECK(twins::ranks_sharing_cores() == 1);
+  REQUIRE(sched_setaffinity(0, sizeof kept.affinity, &kept.affinity) == 0);
+  CHECK(twins::usable_cores() == cores);
 }
 
 TEST_CASE("runtime: configure_compute sets the float32 matmul precision as torch.set_float32_matmul_precision") {

@@ -26,6 +26,7 @@
 #include "twins/models/safetensors.h"
 #include "twins/models/vit.h"
 #include "twins/models/weights.h"
+#include "twins/runtime.h"
 #include "twins/train/lars.h"
 #include "twins/train/pretrain.h"
 #include "twins/train/recipe.h"
@@ -159,6 +160,7 @@ TEST_CASE("train: every method trains end to end and writes its run folder") {
     const fs::path out = data.dir / ("run_" + method);
     json cfg = tiny_recipe(method, data.dir);
     cfg["train"]["epochs"] = 4;
+    if (method == "byol") cfg["train"]["workers"] = "auto";  // (the recipes')
     const auto result = pretrain(cfg, quiet(out));
     CHECK(result.steps == 16);
     CHECK_FALSE(result.interrupted);
@@ -419,6 +421,12 @@ TEST_CASE("train: strict recipes") {
                                            "train.float32_matmul_precision: must be highest, high or medium");
   cfg["train"]["float32_matmul_precision"] = "high";
   CHECK(Recipe::parse(cfg).train.float32_matmul_precision == "high");
+  cfg = tiny_recipe("vicreg", data.dir);
+  cfg["train"]["workers"] = "auto";
+  CHECK(Recipe::parse(cfg).train.workers == twins::kAutoWorkers);
+  cfg["train"]["workers"] = "all";
+  check_throws_with<std::invalid_argument>([&] { Recipe::parse(cfg); },
+                                           "train.workers: expected an integer or \"auto\", got \"all\"");
   cfg = tiny_recipe("vicreg", data.dir);
   cfg["_comment"] = "ignored";
   CHECK_NOTHROW(Recipe::parse(cfg));

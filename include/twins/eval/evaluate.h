@@ -10,8 +10,8 @@
 //               "weight_decay": 0, "momentum": 0.9, "train_percent": 100, "subset": "<file>",
 //               "crop_scale": [0.08, 1.0], "precision": "fp32", "seed": 0, "eval_every_epochs": 0,
 //               "checkpoint_every_steps": 0},
-//  "batch_size": 256, "workers": 2, "device": "auto", "dist_backend": "auto", "dist_timeout_s": 1800,
-//  "dist_heartbeat_timeout_s": 60, "features_save_every_s": 10}
+//  "batch_size": 256, "workers": 2 | "auto", "device": "auto", "dist_backend": "auto",
+//  "dist_timeout_s": 1800, "dist_heartbeat_timeout_s": 60, "features_save_every_s": 10}
 // Features are extracted once per backbone and split and cached in the output folder
 // (features-<split>-<key>.safetensors), so linear-probe and knn on the same backbone share them.
 // A single process extracting them keeps the rows done in <that file>.partial (its state in
@@ -38,6 +38,7 @@ struct EvalConfig {
   KnnOptions knn;
   FinetuneOptions finetune;
   int64_t batch_size = 256;
+  /// Loader threads; "auto" (kAutoWorkers): see twins::loader_workers.
   int workers = 2;
   std::string device = "auto";
   /// How often a single process extracting features for the cache saves how far it got (0: after

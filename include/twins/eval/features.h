@@ -32,6 +32,7 @@ struct Features {
 
 struct ExtractOptions {
   int64_t batch_size = 256;
+  /// Loader threads (twins::kAutoWorkers: twins::loader_workers' choice for the device).
   int workers = 2;
   int channels = 3;
   bool progress = true;  ///< a line every few seconds on stderr

@@ -115,6 +115,8 @@ struct TrainConfig {
   int64_t max_steps = 0;
   /// Per-rank batch size (the global batch is batch_size x world size; lr scales with it).
   int64_t batch_size = 256;
+  /// Loader threads per rank; "auto" (kAutoWorkers): every core of the rank's share but one on
+  /// CUDA, 2 on the CPU (twins::loader_workers).
   int workers = 2;
   /// auto, cpu, cuda, cuda:N.
   std::string device = "auto";
