@@ -301,9 +301,13 @@ std::pair<Features, Features> eval_features(const std::string& backbone, const E
   return eval_features(*net, c, cache_dir, num_classes, comm);
 }
 
-std::pair<Features, Features> eval_features(models::Network& net, const EvalConfig& c, const std::string& cache_dir,
-                                            int64_t* num_classes,
-                                            const std::shared_ptr<distributed::Communicator>& comm) {
+namespace {
+
+// eval_features, with the train dataset already open when `train_set` is given (the augmented
+// probe's: a folder of a million images is listed once).
+std::pair<Features, Features> features_of(models::Network& net, const EvalConfig& c, const std::string& cache_dir,
+                                          int64_t* num_classes, const std::shared_ptr<distributed::Communicator>& comm,
+                                          std::shared_ptr<const data::Dataset> train_set) {
   const bool main_rank = !comm || comm->rank() == 0;  // looks for and writes the cache, speaks
   set_compute_threads(0);
   const at::Device device = resolve_eval_device(c.device);
@@ -312,8 +316,9 @@ std::pair<Features, Features> eval_features(models::Network& net, const EvalConf
   // Cache key: the backbone's weights, the data (its settings, ids and labels, its files' sizes
   // and times, a few samples' pixels) and the evaluation transform.
   const uLong crc = backbone_checksum(net);
-  auto extract = [&](const json& spec, const std::string& split) {
-    auto dataset = data::create_dataset(spec, split == "train" ? "train_data" : "test_data");
+  auto extract = [&](const json& spec, const std::string& split, std::shared_ptr<const data::Dataset> opened) {
+    auto dataset =
+        opened ? std::move(opened) : data::create_dataset(spec, split == "train" ? "train_data" : "test_data");
     if (num_classes) *num_classes = std::max(*num_classes, dataset->num_classes());
     const auto view = eval_view(*dataset, c.image_size, c.normalization);
     // The cache's key: rank 0's (it alone reads and writes the cache), which the other ranks
@@ -400,9 +405,17 @@ std::pair<Features, Features> eval_features(models::Network& net, const EvalConf
     }
     return all;
   };
-  Features train = extract(c.train_data, "train");
-  Features test = extract(c.test_data, "test");
+  Features train = extract(c.train_data, "train", std::move(train_set));
+  Features test = extract(c.test_data, "test", nullptr);
   return {train, test};
+}
+
+}  // namespace
+
+std::pair<Features, Features> eval_features(models::Network& net, const EvalConfig& c, const std::string& cache_dir,
+                                            int64_t* num_classes,
+                                            const std::shared_ptr<distributed::Communicator>& comm) {
+  return features_of(net, c, cache_dir, num_classes, comm, nullptr);
 }
 
 // probe.augment's checkpoint metadata keys.
@@ -429,7 +442,7 @@ LinearProbeRun run_linear_probe(const std::string& backbone, const EvalConfig& c
   auto net = open_backbone(backbone);
   LinearProbeRun run;
   const auto features_start = std::chrono::steady_clock::now();
-  std::tie(run.train, run.test) = eval_features(*net, c, cache_dir, &run.num_classes, comm);
+  std::tie(run.train, run.test) = features_of(*net, c, cache_dir, &run.num_classes, comm, dataset);
   run.feature_seconds = detail::seconds_since(features_start);
   run.main_rank = !comm || comm->rank() == 0;
   if (!run.main_rank && !shared) return run;
