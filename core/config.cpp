@@ -46,7 +46,8 @@ void ConfigReader::get_or_auto(const std::string& key, int& value, int auto_valu
     value = auto_value;
     return;
   }
-  if (!v.is_number()) throw_type_error(key, "an integer or \"auto\"");
+  if (!v.is_number() || (v.is_number_float() && std::floor(v.get<double>()) != v.get<double>()))
+    throw_type_error(key, "an integer or \"auto\"");
   value = static_cast<int>(integer(key, v, lo, hi));
 }
 

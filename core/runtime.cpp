@@ -22,6 +22,7 @@
 #endif
 #include <unistd.h>
 
+#include "core/cgroup.h"
 #include "core/compat.h"
 
 // A CUDA build (CMake found LibTorch's CUDA libraries) can ask the CUDA allocator for its peak.
@@ -100,52 +101,14 @@ void set_blas_threads() {
 
 namespace {
 
-// The CPUs a list such as "0-3,8-11" names; 0 for text that is not one.
-int cpu_list_count(const std::string& text) {
-  int count = 0;
-  std::istringstream in(text);
-  for (std::string part; std::getline(in, part, ',');) {
-    if (part.empty() || part == "\n") continue;
-    char* end = nullptr;
-    const long first = std::strtol(part.c_str(), &end, 10);
-    long last = first;
-    if (*end == '-') last = std::strtol(end + 1, &end, 10);
-    if (first < 0 || last < first || last - first > 1000000) return 0;
-    count += static_cast<int>(last - first + 1);
-  }
-  return count;
-}
-
-std::string read_first_line(const std::string& file) {
-  std::ifstream in(file);
-  std::string line;
-  std::getline(in, line);
-  return line;
-}
-
-// This process's cgroup v2 group ("0::/path" in /proc/self/cgroup), "" when there is none.
-std::string cgroup_v2_group() {
-  std::ifstream in("/proc/self/cgroup");
-  for (std::string line; std::getline(in, line);)
-    if (line.rfind("0::", 0) == 0) return line.substr(3);
-  return "";
-}
-
 // The machine's CPUs as this process's container sees them: its cgroup's cpuset (docker
 // --cpuset-cpus, Kubernetes, a SLURM job's), else the online CPUs.
 int machine_cores() {
   const long online = ::sysconf(_SC_NPROCESSORS_ONLN);
-  int cores =
+  const int cores =
       online > 0 ? static_cast<int>(online) : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  const std::string group = cgroup_v2_group();
-  for (const std::string& file :
-       {"/sys/fs/cgroup" + (group == "/" ? std::string() : group) + "/cpuset.cpus.effective",
-        std::string("/sys/fs/cgroup/cpuset.cpus.effective"), std::string("/sys/fs/cgroup/cpuset/cpuset.effective_cpus"),
-        std::string("/sys/fs/cgroup/cpuset/cpuset.cpus")}) {
-    const int n = cpu_list_count(read_first_line(file));
-    if (n > 0) return std::min(cores, n);
-  }
-  return cores;
+  const int cpuset = cgroup::this_process_cpu_limits().cpuset_cores;
+  return cpuset > 0 ? std::min(cores, cpuset) : cores;
 }
 
 // The CPUs this process may run on. The calling thread's affinity, unless OpenMP's binding
@@ -163,42 +126,6 @@ int affinity_cores() {
   return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
 }
 
-// Cores of CPU time a quota of `quota` per `period` microseconds allows, rounded up; 0: no quota.
-int quota_cores(double quota, double period) {
-  if (!(quota > 0) || !(period > 0)) return 0;
-  return static_cast<int>(std::min(1e6, std::max(1.0, std::ceil(quota / period))));
-}
-
-// The tightest CPU quota of this process's cgroup and its parents (cgroup v2's cpu.max, v1's
-// cpu.cfs_quota_us), in cores; 0 when there is none.
-int cgroup_cpu_limit() {
-  int limit = 0;
-  auto take = [&limit](int cores) {
-    if (cores > 0) limit = limit == 0 ? cores : std::min(limit, cores);
-  };
-  std::string dir = cgroup_v2_group();
-  if (!dir.empty() && dir != "/")
-    while (true) {  // the group, then each parent up to the root
-      std::istringstream in(read_first_line("/sys/fs/cgroup" + dir + "/cpu.max"));
-      std::string quota;
-      double period = 0;
-      if (in >> quota >> period && quota != "max") take(quota_cores(std::strtod(quota.c_str(), nullptr), period));
-      const size_t slash = dir.find_last_of('/');
-      if (slash == std::string::npos || slash == 0) break;
-      dir.resize(slash);
-    }
-  {
-    std::istringstream in(read_first_line("/sys/fs/cgroup/cpu.max"));  // a container's own root
-    std::string quota;
-    double period = 0;
-    if (in >> quota >> period && quota != "max") take(quota_cores(std::strtod(quota.c_str(), nullptr), period));
-  }
-  std::ifstream quota_in("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), period_in("/sys/fs/cgroup/cpu/cpu.cfs_period_us");
-  double quota = 0, period = 0;
-  if (quota_in >> quota && period_in >> period) take(quota_cores(quota, period));
-  return limit;
-}
-
 int positive_env(const char* name) {
   const char* v = std::getenv(name);
   if (!v || !*v) return 0;
@@ -211,7 +138,7 @@ int positive_env(const char* name) {
 
 int usable_cores() {
   int cores = affinity_cores();
-  if (const int limit = cgroup_cpu_limit(); limit > 0) cores = std::min(cores, limit);
+  if (const int quota = cgroup::this_process_cpu_limits().quota_cores; quota > 0) cores = std::min(cores, quota);
   return std::max(1, cores);
 }
 

@@ -35,7 +35,7 @@ TEST_CASE("config: strict reader") {
 }
 
 TEST_CASE("config: an integer or auto") {
-  const nlohmann::json j = {{"a", "auto"}, {"b", 3}, {"c", 4.0}, {"d", "many"}, {"e", 300}, {"f", true}};
+  const nlohmann::json j = {{"a", "auto"}, {"b", 3}, {"c", 4.0}, {"d", "many"}, {"e", 300}, {"f", true}, {"g", 4.5}};
   ConfigReader r(j, "train");
   int a = 0, b = 0, c = 0, absent = 7;
   r.get_or_auto("a", a, -1, 0, 256);
@@ -53,6 +53,8 @@ TEST_CASE("config: an integer or auto") {
                                            "train.e: 300 is out of range [0, 256]");
   check_throws_with<std::invalid_argument>([&] { r.get_or_auto("f", x, -1, 0, 256); },
                                            "train.f: expected an integer or \"auto\", got true");
+  check_throws_with<std::invalid_argument>([&] { r.get_or_auto("g", x, -1, 0, 256); },
+                                           "train.g: expected an integer or \"auto\", got 4.5");
   CHECK(x == 0);
 }
 
