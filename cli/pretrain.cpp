@@ -16,7 +16,7 @@ namespace {
 struct PretrainArgs {
   std::string config, out, device;
   std::vector<std::string> set;
-  bool resume = false;
+  bool resume = false, auto_resume = false;
   int64_t stop_after = 0;
   LaunchPlan launch;
 };
@@ -31,7 +31,7 @@ int run_pretrain(const PretrainArgs& a) {
   if (a.resume && !a.set.empty()) throw std::invalid_argument("--set cannot change a run being resumed");
   catch_stop_signals(train::request_stop, distributed::detect_environment().rank == 0);
   train::PretrainOptions o;
-  o.out_dir = out, o.resume = a.resume, o.device = a.device, o.stop_after = a.stop_after;
+  o.out_dir = out, o.resume = a.resume, o.auto_resume = a.auto_resume, o.device = a.device, o.stop_after = a.stop_after;
   const auto r = train::pretrain(cfg, o);
   if (!r.main_rank) return 0;  // rank 0 speaks for the job
   if (r.interrupted) {
@@ -61,7 +61,11 @@ Command add_pretrain(CLI::App& app) {
   sub->add_option("--config", a->config, "Recipe JSON (configs/*.json)");
   sub->add_option("--set", a->set, "Override a config key: a.b=value (repeatable)");
   sub->add_option("--out", a->out, "Run folder (default: runs/<recipe name>)");
-  sub->add_flag("--resume", a->resume, "Continue from the latest valid checkpoint of the run folder");
+  auto* resume = sub->add_flag("--resume", a->resume, "Continue from the latest valid checkpoint of the run folder");
+  sub->add_flag("--auto-resume", a->auto_resume,
+                "Continue the run folder's run when it holds a checkpoint (of this --config), else start it: the same "
+                "command for a first start and every restart (torchrun --max-restarts, a requeued job)")
+      ->excludes(resume);
   sub->add_option("--device", a->device, "auto, cpu, cuda or cuda:N (overrides train.device)");
   sub->add_option("--stop-after", a->stop_after, "Stop (checkpoint, resumable) after N steps of this invocation")
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 40));

@@ -235,11 +235,33 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
   // On resume, the run's own config rules: the checkpoint holds the resolved one.
   json config = given_config;
   std::optional<detail::CheckpointStore::Checkpoint> resume_from;
-  if (options.resume) {
+  const std::vector<fs::path> existing = detail::CheckpointStore(out_dir / "checkpoints", 1).list();
+  if (!options.resume && !options.auto_resume && !existing.empty())
+    throw std::invalid_argument(out_dir.string() + " already holds a run (" + existing.front().string() +
+                                "): continue it with --resume, or start this one in another --out (or remove that "
+                                "folder); --auto-resume continues a run where there is one and starts one where not");
+  if (options.resume || !existing.empty()) {
     resume_from = detail::CheckpointStore(out_dir / "checkpoints", 1).load_latest(warn);
     if (!resume_from)
       throw std::runtime_error("resume: no checkpoint in " + (out_dir / "checkpoints").string() +
                                " (start without resuming)");
+    // --auto-resume runs one command for the first start and every restart: the run there must
+    // be the one that command starts.
+    if (!options.resume && resume_from->config != given_config) {
+      const json patch = json::diff(resume_from->config, given_config);  // RFC 6902: "/train/epochs"
+      const std::string path = patch.empty() ? std::string() : patch.front().value("path", std::string());
+      std::string key = path.empty() ? std::string("config") : path.substr(1);
+      std::replace(key.begin(), key.end(), '/', '.');
+      const json::json_pointer pointer(path);
+      auto shown = [&pointer](const json& j) {
+        std::string text = j.contains(pointer) ? j.at(pointer).dump() : std::string("absent");
+        return text.size() > 80 ? text.substr(0, 80) + "..." : text;
+      };
+      throw std::invalid_argument("--auto-resume: " + out_dir.string() + " holds a run of another config (" + key +
+                                  ": " + shown(resume_from->config) + " there, " + shown(given_config) +
+                                  " given): continue it with --resume (its own config), or start this one in another "
+                                  "--out");
+    }
     std::cerr << "resuming from " << resume_from->path.string() << "\n";
     config = resume_from->config;
   }
@@ -285,10 +307,11 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
   if (!resume_from) to.backbone_init = recipe.backbone_init;  // a resumed run has its weights
   Trainer trainer(recipe, to);
   Position at;
+  const bool resumed = resume_from.has_value();
   if (resume_from) at = restore(trainer, *resume_from, job, accumulate, epoch_batches), resume_from.reset();
 
   detail::RunLog log(out_dir, job.main_rank, options.progress, tc.tensorboard, trainer.steps_taken() + 1,
-                     options.resume ? at.epoch : -1);
+                     resumed ? at.epoch : -1);
   log.write_config(config);
   auto save_checkpoint = [&] {
     // The online probe's counts so far are every rank's (a collective: every rank saves here).

@@ -222,24 +222,19 @@ fail_rank_1 STOP 45 "rank 0 of 2: .* failed: .* heartbeats: no heartbeat from ra
 fail_rank_1 STOP 45 "rank 0 of 2: stopping: rank 1 sent no heartbeat for [0-9]* s (last at step [0-9]*): stopped" \
   frozen-watch --set train.dist_timeout_s=3600 --set train.dist_heartbeat_timeout_s=5
 
-# PyTorch's own torchrun (Debian's python3-torch): its elastic agent serves the store on
-# MASTER_PORT itself (TORCHELASTIC_USE_AGENT_STORE=True) and starts a failed job again as a new
-# attempt (--max_restarts). Attempt 0's rank 1 is killed at step 3 (kill -9); attempt 1 resumes
+# PyTorch's own torchrun (Debian's python3-torch) starts a failed job again as a new attempt
+# (--max_restarts) with the same command: --auto-resume starts the run in the first attempt and
+# continues it in the next. Attempt 0's rank 1 is killed at step 3 (kill -9); attempt 1 resumes
 # from the step-2 checkpoint and finishes. Debian's torchrun 1.13 under Python 3.11 reads its
 # default "0" redirects as None (an IntFlag change): the wrapper below maps that back.
 py=/usr/bin/python3
 [ -x "$py" ] || py=python3
 if "$py" -c 'import torch.distributed.run' 2> /dev/null; then
-  port=$("$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   cat > "$dir/rank.sh" << 'EOF'
 #!/bin/sh
-# One rank as torchrun starts it: the first attempt runs the command given, its rank 1 killed at
-# step 3; a restarted attempt resumes the run.
-if [ "$TORCHELASTIC_RESTART_COUNT" = 0 ]; then
-  [ "$RANK" = 1 ] && export TWINS_FAULT='step@3#1'
-  exec "$@"
-fi
-exec "$1" pretrain --out "$ELASTIC_RUN" --resume
+# One rank as torchrun starts it; rank 1 is killed at step 3 the first time it starts.
+if [ "$RANK" = 1 ] && mkdir "$KILLED_ONCE" 2> /dev/null; then export TWINS_FAULT='step@3#1'; fi
+exec "$@"
 EOF
   chmod +x "$dir/rank.sh"
   torchrun=(-c 'import torch.distributed.elastic.multiprocessing as m, torch.distributed.elastic.multiprocessing.api as a
@@ -247,15 +242,40 @@ f = a.to_map
 a.to_map = m.to_map = lambda v, n: f(a.Std.NONE if v is None else v, n)
 from torch.distributed.run import main
 main()')
+  elastic=(--max_restarts 1 --monitor_interval 1 --no_python "$dir/rank.sh" "$twins" pretrain "${common[@]}"
+           --set train.max_steps=6 --set train.checkpoint_every_steps=1 --set train.dist_timeout_s=60 --auto-resume)
+  free_port() { "$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+  check_elastic() {  # $1: the run folder, then the agents' stderr files
+    local run=$1
+    shift
+    grep -q "x 2 ranks (gloo)" "$@" || { cat "$@"; exit 1; }
+    [ "$(cat "$@" | grep -c "resuming from $run/checkpoints/step-00000002")" = 2 ] ||
+      { echo "not every rank resumed"; cat "$@"; exit 1; }
+    grep -q '"steps":6' "$run/metrics.jsonl" || { cat "$@" "$run/metrics.jsonl"; exit 1; }
+  }
+  # One node: its agent serves the store on MASTER_PORT itself (TORCHELASTIC_USE_AGENT_STORE=True).
   start=$SECONDS
-  ELASTIC_RUN=$dir/elastic timeout 300 "$py" "${torchrun[@]}" --nproc_per_node 2 --max_restarts 1 --monitor_interval 1 \
-    --master_port "$port" --no_python "$dir/rank.sh" "$twins" pretrain "${common[@]}" --set train.max_steps=6 \
-    --set train.checkpoint_every_steps=1 --set train.dist_timeout_s=60 --out "$dir/elastic" > "$dir/out16" 2> "$dir/err16" ||
-    { echo "torchrun failed"; cat "$dir/err16"; exit 1; }
-  grep -q "x 2 ranks (gloo)" "$dir/err16" || { cat "$dir/err16"; exit 1; }
-  grep -q "resuming from $dir/elastic/checkpoints/step-00000002" "$dir/err16" || { echo "no resumed attempt"; cat "$dir/err16"; exit 1; }
-  grep -q '"steps":6' "$dir/elastic/metrics.jsonl" || { cat "$dir/err16" "$dir/elastic/metrics.jsonl"; exit 1; }
+  KILLED_ONCE=$dir/elastic.killed timeout 300 "$py" "${torchrun[@]}" --nproc_per_node 2 --master_port "$(free_port)" \
+    "${elastic[@]}" --out "$dir/elastic" > "$dir/out16" 2> "$dir/err16" || { echo "torchrun failed"; cat "$dir/err16"; exit 1; }
+  check_elastic "$dir/elastic" "$dir/err16"
   echo "torchrun (agent store, a restarted attempt): $((SECONDS - start))s"
+  # Two nodes, one agent each, meeting at a c10d rendezvous: only the failed rank's agent counts a
+  # restart (TORCHELASTIC_RESTART_COUNT 1 on one node, 0 on the other), each attempt has a
+  # MASTER_PORT of its own, and both ranks resume from the run folder they share.
+  start=$SECONDS
+  endpoint=127.0.0.1:$(free_port)
+  agents=()
+  for node in 0 1; do
+    KILLED_ONCE=$dir/nodes-elastic.killed timeout 300 "$py" "${torchrun[@]}" --nnodes 2 --nproc_per_node 1 \
+      --rdzv_backend c10d --rdzv_endpoint "$endpoint" --rdzv_id twins-test "${elastic[@]}" --out "$dir/nodes-elastic" \
+      > "$dir/out17-$node" 2> "$dir/err17-$node" &
+    agents+=("$!")
+    pids_to_reap+=("$!")
+  done
+  { wait "${agents[0]}" && wait "${agents[1]}"; } ||
+    { echo "torchrun on two nodes failed"; cat "$dir/err17-0" "$dir/err17-1"; exit 1; }
+  check_elastic "$dir/nodes-elastic" "$dir/err17-0" "$dir/err17-1"
+  echo "torchrun (two nodes, c10d rendezvous, a restarted attempt): $((SECONDS - start))s"
 else
   echo "torchrun: skipped (no python3-torch here)"
 fi

@@ -2,7 +2,8 @@
 # Hard faults against the twins command, on a tiny IDX dataset made here:
 #  1. SIGKILL at injected points (mid-step, half-way through a checkpoint write, just before and
 #     just after its rename, while writing the backbone), then --resume: the backbone equals an
-#     uninterrupted run's, byte for byte, and no temporary file is left;
+#     uninterrupted run's, byte for byte (also through --auto-resume), and no temporary file is
+#     left; the same command without either is refused;
 #  2. a full disk (a file-size limit): exit 1 with a message naming the file, no signal, no
 #     temporary; the run resumes once there is room;
 #  3. a second run on a folder in use fails at once;
@@ -46,10 +47,20 @@ for fault in "step@#3" "partial@step-#5" "before_rename@step-#9" "after_rename@s
   code=$?
   set -e
   [ $code -eq 137 ] || fail "$fault: expected death by SIGKILL (137), got $code"
-  "$twins" pretrain --resume --out "$dir/run$i" > /dev/null 2> "$dir/err.resume$i" || fail "$fault: resume failed"
+  # --resume, or the first command again with --auto-resume (as a launcher that restarts it runs it)
+  resume=(--resume)
+  ((i % 2 == 0)) && resume=("${common[@]}" --auto-resume)
+  "$twins" pretrain "${resume[@]}" --out "$dir/run$i" > /dev/null 2> "$dir/err.resume$i" || fail "$fault: resume failed"
   cmp "$dir/ref/backbone.safetensors" "$dir/run$i/backbone.safetensors" || fail "$fault: resumed run differs"
   if find "$dir/run$i" -name '*.tmp-*' | grep -q .; then fail "$fault: temporary files left"; fi
 done
+# The first command again without either: refused, as its run would mix with the one there.
+set +e
+"$twins" pretrain "${common[@]}" --out "$dir/run1" > /dev/null 2> "$dir/err.again"
+code=$?
+set -e
+[ $code -eq 2 ] || fail "a second run on a run folder: expected exit code 2, got $code"
+grep -q "$dir/run1 already holds a run (.*): continue it with --resume" "$dir/err.again" || fail "no message for a used folder"
 echo "kill and resume ok ($i fault points)"
 
 # 2. A full disk: a 40 kB file-size limit lets config.json and metrics through, not a checkpoint.
@@ -80,7 +91,7 @@ echo "lock ok"
 # 4. Usage errors exit 2.
 for args in "pretrain --bogus" "pretrain --config $quickstart --nproc-per-node 0" \
             "pretrain --config $quickstart --nproc-per-node -1" "pretrain --config $quickstart --stop-after -5" \
-            "list optimisers" "embed --backbone x"; do
+            "pretrain --config $quickstart --resume --auto-resume" "list optimisers" "embed --backbone x"; do
   set +e
   # shellcheck disable=SC2086
   "$twins" $args > /dev/null 2>&1

@@ -235,6 +235,45 @@ TEST_CASE("train: resume is bit-identical, and a corrupt checkpoint falls back t
 }
 
 TEST_CASE(
+    "train: auto_resume starts a run and continues it bit-identically with the same command, refusing another "
+    "config, and a folder that holds a run is refused without it") {
+  TinyData data(48);
+  json cfg = tiny_recipe("vicreg", data.dir);
+  cfg["train"]["epochs"] = 2;  // 3 steps per epoch
+  cfg["train"]["checkpoint_every_steps"] = 1;
+  REQUIRE(pretrain(cfg, quiet(data.dir / "full")).steps == 6);
+  const fs::path dir = data.dir / "restarted";
+  PretrainOptions same = quiet(dir);  // torchrun --max-restarts: one command for every attempt
+  same.auto_resume = true;
+  same.stop_after = 2;
+  const auto first = pretrain(cfg, same);
+  CHECK(first.interrupted);
+  CHECK(first.steps == 2);
+  check_throws_with<std::invalid_argument>([&] { pretrain(cfg, quiet(dir)); },
+                                           dir.string() + " already holds a run (" +
+                                               (dir / "checkpoints/step-00000002.safetensors").string() +
+                                               "): continue it with --resume");
+  json other = cfg;
+  other["train"]["epochs"] = 3;
+  check_throws_with<std::invalid_argument>(
+      [&] { pretrain(other, same); },
+      "--auto-resume: " + dir.string() + " holds a run of another config (train.epochs: 2 there, 3 given)");
+  same.stop_after = 0;
+  CHECK(pretrain(cfg, same).steps == 6);
+  const auto a = twins::models::load_safetensors((data.dir / "full/backbone.safetensors").string());
+  const auto b = twins::models::load_safetensors((dir / "backbone.safetensors").string());
+  REQUIRE(a.tensors.size() == b.tensors.size());
+  for (size_t i = 0; i < a.tensors.size(); ++i) {
+    CAPTURE(a.tensors[i].first);
+    CHECK(at::equal(a.tensors[i].second, b.at(a.tensors[i].first)));
+  }
+  // Each step logged once, across the two invocations.
+  int64_t steps_logged = 0;
+  for (const auto& l : read_lines(dir / "metrics.jsonl")) steps_logged += l.contains("loss");
+  CHECK(steps_logged == 6);
+}
+
+TEST_CASE(
     "train: a run stopped at an epoch's last step scores that epoch when resumed, as one not stopped, and logs each "
     "step once") {
   TinyData data(48);  // 3 steps per epoch

@@ -16,6 +16,11 @@ struct PretrainOptions {
   std::string out_dir = "runs/pretrain";
   /// Continue from the latest valid checkpoint of out_dir (its stored config is used).
   bool resume = false;
+  /// Continue as `resume` when out_dir holds a checkpoint, else start: one command for the first
+  /// start and every restart (torchrun --max-restarts, a requeued SLURM job). The run there must
+  /// be of the given config (std::invalid_argument naming the first key that differs). Without
+  /// either, a folder that holds checkpoints is refused (a second run would mix with the first).
+  bool auto_resume = false;
   /// Overrides train.device when not empty.
   std::string device;
   /// Print progress (a bar on a terminal, periodic lines otherwise).
