@@ -124,8 +124,8 @@ CpuLimits read_cpu_limits(const std::string& membership, const std::string& root
 
   std::vector<std::string> cpusets;  // the most specific first
   if (m.v2) {
-    if (!m.v2_group.empty() && m.v2_group != "/") cpusets.push_back(root + m.v2_group + "/cpuset.cpus.effective");
-    cpusets.push_back(root + "/cpuset.cpus.effective");
+    for (const std::string& dir : group_and_parents(m.v2_group))
+      cpusets.push_back(root + dir + "/cpuset.cpus.effective");
   }
   if (!m.cpuset_mount.empty()) {
     if (!m.cpuset_group.empty() && m.cpuset_group != "/")

@@ -24,7 +24,7 @@ std::vector<fs::path> CheckpointStore::list() const {
   std::vector<fs::path> out;
   std::error_code ec;
   if (!fs::is_directory(dir_, ec)) return out;
-  for (const auto& e : fs::directory_iterator(dir_)) {
+  for (const auto& e : fs::directory_iterator(dir_, ec)) {  // unreadable: none (saving then says why)
     const std::string n = e.path().filename().string();
     if (n.rfind("step-", 0) == 0 && e.path().extension() == ".safetensors") out.push_back(e.path());
   }

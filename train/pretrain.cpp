@@ -249,10 +249,11 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
     // be the one that command starts.
     if (!options.resume && resume_from->config != given_config) {
       const json patch = json::diff(resume_from->config, given_config);  // RFC 6902: "/train/epochs"
-      const std::string path = patch.empty() ? std::string() : patch.front().value("path", std::string());
-      std::string key = path.empty() ? std::string("config") : path.substr(1);
-      std::replace(key.begin(), key.end(), '/', '.');
-      const json::json_pointer pointer(path);
+      json::json_pointer pointer(patch.empty() ? std::string() : patch.front().value("path", std::string()));
+      if (!pointer.empty() && pointer.back() == "-") pointer = pointer.parent_pointer();  // an array grown
+      std::string key;
+      for (json::json_pointer p = pointer; !p.empty(); p.pop_back()) key = p.back() + (key.empty() ? "" : "." + key);
+      if (key.empty()) key = "config";
       auto shown = [&pointer](const json& j) {
         std::string text = j.contains(pointer) ? j.at(pointer).dump() : std::string("absent");
         return text.size() > 80 ? text.substr(0, 80) + "..." : text;
@@ -309,6 +310,23 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
   Position at;
   const bool resumed = resume_from.has_value();
   if (resume_from) at = restore(trainer, *resume_from, job, accumulate, epoch_batches), resume_from.reset();
+  if (job.comm) {  // every rank starts where the others do (the run folder shared by every node)
+    const int64_t place[3] = {trainer.steps_taken(), at.epoch, at.batch};
+    const at::Tensor places =
+        job.comm->all_gather(at::from_blob(const_cast<int64_t*>(place), {3}, at::kLong).to(job.comm->device()))
+            .cpu()
+            .view({-1, 3});
+    if (!places.eq(places[0]).all().item<bool>()) {
+      std::string steps;
+      for (int64_t r = 0; r < places.size(0); ++r)
+        steps +=
+            (r ? ", rank " : "rank ") + std::to_string(r) + " at step " + std::to_string(places[r][0].item<int64_t>());
+      throw std::runtime_error("the ranks start from different steps (" + steps +
+                               "): every rank must see the same "
+                               "run folder " +
+                               out_dir.string() + " (on a file system every node sees)");
+    }
+  }
 
   detail::RunLog log(out_dir, job.main_rank, options.progress, tc.tensorboard, trainer.steps_taken() + 1,
                      resumed ? at.epoch : -1);

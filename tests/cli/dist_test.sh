@@ -13,6 +13,10 @@ quickstart=$2
 dir=$(mktemp -d)
 pids_to_reap=()
 cleanup() {
+  # TERM first: `timeout` passes it on to the torchrun agent it runs, which stops its ranks.
+  local alive=0 p
+  for p in "${pids_to_reap[@]}"; do kill "$p" 2>/dev/null && alive=1; done
+  if ((alive)); then sleep 2; fi
   for p in "${pids_to_reap[@]}"; do kill -9 "$p" 2>/dev/null || true; done
   rm -rf "$dir"
 }
@@ -116,6 +120,19 @@ if "$twins" pretrain "${common[@]}" "${nodes[@]}" --node-rank 2 --out "$dir/bad"
 grep -q -- "--node-rank: 2 is not below --nnodes 2" "$dir/err12" || { cat "$dir/err12"; exit 1; }
 if "$twins" pretrain "${common[@]}" --master-port 29555 --out "$dir/bad" 2> "$dir/err13"; then exit 1; fi
 grep -q "go with --nproc-per-node" "$dir/err13" || { cat "$dir/err13"; exit 1; }
+# Nodes that do not see one run folder (node 1's --out is another, empty one): with --auto-resume
+# rank 0 would continue the run and rank 1 start it over; both refuse, naming the steps.
+"$twins" pretrain "${common[@]}" --set train.max_steps=6 "${nodes[@]}" --node-rank 1 --out "$dir/nodes-elsewhere" \
+  --auto-resume > /dev/null 2> "$dir/err14" &
+node1=$!
+pids_to_reap+=("$node1")
+if "$twins" pretrain "${common[@]}" --set train.max_steps=6 "${nodes[@]}" --node-rank 0 --out "$dir/nodes" --auto-resume \
+  > /dev/null 2> "$dir/err15"; then cat "$dir/err15"; exit 1; fi
+if wait "$node1"; then cat "$dir/err14"; exit 1; fi
+for f in "$dir/err14" "$dir/err15"; do
+  grep -q "the ranks start from different steps (rank 0 at step 6, rank 1 at step 0): every rank must see the same run folder" "$f" ||
+    { cat "$f"; exit 1; }
+done
 echo "two nodes ok"
 
 # Ranks started without twins' launcher (as SLURM or OpenMPI start them, which may leave the
@@ -259,9 +276,10 @@ main()')
     "${elastic[@]}" --out "$dir/elastic" > "$dir/out16" 2> "$dir/err16" || { echo "torchrun failed"; cat "$dir/err16"; exit 1; }
   check_elastic "$dir/elastic" "$dir/err16"
   echo "torchrun (agent store, a restarted attempt): $((SECONDS - start))s"
-  # Two nodes, one agent each, meeting at a c10d rendezvous: only the failed rank's agent counts a
-  # restart (TORCHELASTIC_RESTART_COUNT 1 on one node, 0 on the other), each attempt has a
-  # MASTER_PORT of its own, and both ranks resume from the run folder they share.
+  # Two nodes, one agent each, meeting at a c10d rendezvous: the nodes' restart counts may differ
+  # (TORCHELASTIC_RESTART_COUNT: an agent that starts again for the other node's failure does not
+  # count it), each attempt has a MASTER_PORT of its own, and both ranks resume from the run
+  # folder they share.
   start=$SECONDS
   endpoint=127.0.0.1:$(free_port)
   agents=()

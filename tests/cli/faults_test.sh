@@ -5,7 +5,7 @@
 #     uninterrupted run's, byte for byte (also through --auto-resume), and no temporary file is
 #     left; the same command without either is refused;
 #  2. a full disk (a file-size limit): exit 1 with a message naming the file, no signal, no
-#     temporary; the run resumes once there is room;
+#     temporary; the run starts again once there is room;
 #  3. a second run on a folder in use fails at once;
 #  4. usage errors exit 2;
 #  5. a failed `twins embed` leaves the previous .npy and .ids.txt as they were;

@@ -132,6 +132,11 @@ TEST_CASE("runtime: CPU limits from cgroup v2 and v1 files, as containers and jo
   limits = read_cpu_limits("0::/a/b\n", r);
   CHECK(limits.quota_cores == 1);
   CHECK(limits.cpuset_cores == 2);
+  // A group without limits of its own: its parents'.
+  put("a/cpuset.cpus.effective", "4-5");
+  limits = read_cpu_limits("0::/a/c\n", r);
+  CHECK(limits.quota_cores == 1);
+  CHECK(limits.cpuset_cores == 2);
   // A group the mount does not hold (a container named as the host names it): the root's.
   limits = read_cpu_limits("0::/system.slice/docker-1.scope\n", r);
   CHECK(limits.quota_cores == 2);
