@@ -117,30 +117,29 @@ TEST_CASE("runtime: CPU limits from cgroup v2 and v1 files, as containers and jo
     fs::create_directories((root / file).parent_path());
     std::ofstream(root / file) << text << "\n";
   };
+  // The limits read for a process whose /proc/self/cgroup says `membership`: quota, cpuset.
+  auto expect = [&r](const std::string& membership, int quota, int cpuset) {
+    CAPTURE(membership);
+    const auto limits = read_cpu_limits(membership, r);
+    CHECK(limits.quota_cores == quota);
+    CHECK(limits.cpuset_cores == cpuset);
+  };
   fs::remove_all(root);
   // v2 in a container that sees its own group as the root (docker --cpus 1.5 --cpuset-cpus 0-3,8).
   put("cpu.max", "150000 100000");
   put("cpuset.cpus.effective", "0-3,8");
-  auto limits = read_cpu_limits("0::/\n", r);
-  CHECK(limits.quota_cores == 2);
-  CHECK(limits.cpuset_cores == 5);
+  expect("0::/\n", 2, 5);
   // v2 nested groups (a systemd slice, a Kubernetes pod): the tightest quota of the group and its
   // parents; the group's own cpuset.
   put("a/b/cpu.max", "max 100000");
   put("a/cpu.max", "50000 100000");
   put("a/b/cpuset.cpus.effective", "6-7");
-  limits = read_cpu_limits("0::/a/b\n", r);
-  CHECK(limits.quota_cores == 1);
-  CHECK(limits.cpuset_cores == 2);
+  expect("0::/a/b\n", 1, 2);
   // A group without limits of its own: its parents'.
   put("a/cpuset.cpus.effective", "4-5");
-  limits = read_cpu_limits("0::/a/c\n", r);
-  CHECK(limits.quota_cores == 1);
-  CHECK(limits.cpuset_cores == 2);
+  expect("0::/a/c\n", 1, 2);
   // A group the mount does not hold (a container named as the host names it): the root's.
-  limits = read_cpu_limits("0::/system.slice/docker-1.scope\n", r);
-  CHECK(limits.quota_cores == 2);
-  CHECK(limits.cpuset_cores == 5);
+  expect("0::/system.slice/docker-1.scope\n", 2, 5);
 
   // v1 with v2's empty hierarchy beside it (a hybrid host): a SLURM job's groups, cpu co-mounted
   // with cpuacct; the limits are the job's, not the host's.
@@ -152,30 +151,20 @@ TEST_CASE("runtime: CPU limits from cgroup v2 and v1 files, as containers and jo
   put("cpuset/cpuset.cpus", "0-15");
   put("cpuset/slurm/job_7/cpuset.cpus", "2-5");
   const std::string job = "12:cpuset:/slurm/job_7\n4:cpu,cpuacct:/slurm/job_7\n1:name=systemd:/\n0::/\n";
-  limits = read_cpu_limits(job, r);
-  CHECK(limits.quota_cores == 3);
-  CHECK(limits.cpuset_cores == 4);
+  expect(job, 3, 4);
   // v1 in a container on such a host (its groups named as the host names them, the mounts its own).
   put("cpu,cpuacct/cpu.cfs_quota_us", "250000");
-  limits = read_cpu_limits("12:cpuset:/docker/abc\n4:cpu,cpuacct:/docker/abc\n", r);
-  CHECK(limits.quota_cores == 3);
-  CHECK(limits.cpuset_cores == 16);
+  expect("12:cpuset:/docker/abc\n4:cpu,cpuacct:/docker/abc\n", 3, 16);
   // The controller's own name where the hierarchy is mounted so.
   fs::rename(root / "cpu,cpuacct", root / "cpu");
-  limits = read_cpu_limits("4:cpu,cpuacct:/slurm/job_7\n", r);
-  CHECK(limits.quota_cores == 3);
-  CHECK(limits.cpuset_cores == 0);
+  expect("4:cpu,cpuacct:/slurm/job_7\n", 3, 0);
 
   // Nothing that reads as a limit, and no groups at all.
   fs::remove_all(root);
   put("cpu.max", "nonsense");
   put("cpuset.cpus.effective", "all of them");
-  limits = read_cpu_limits("0::/\n", r);
-  CHECK(limits.quota_cores == 0);
-  CHECK(limits.cpuset_cores == 0);
-  limits = read_cpu_limits("", r);
-  CHECK(limits.quota_cores == 0);
-  CHECK(limits.cpuset_cores == 0);
+  expect("0::/\n", 0, 0);
+  expect("", 0, 0);
   fs::remove_all(root);
   for (const auto& [list, count] : std::vector<std::pair<std::string, int>>{
            {"0-3,8-11", 8}, {"5", 1}, {"0-3\n", 4}, {"", 0}, {"abc", 0}, {"3-1", 0}, {"0-", 0}, {"1x", 0}})
