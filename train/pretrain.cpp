@@ -235,13 +235,14 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
   // On resume, the run's own config rules: the checkpoint holds the resolved one.
   json config = given_config;
   std::optional<detail::CheckpointStore::Checkpoint> resume_from;
-  const std::vector<fs::path> existing = detail::CheckpointStore(out_dir / "checkpoints", 1).list();
+  const detail::CheckpointStore found(out_dir / "checkpoints", 1);
+  const std::vector<fs::path> existing = found.list();
   if (!options.resume && !options.auto_resume && !existing.empty())
     throw std::invalid_argument(out_dir.string() + " already holds a run (" + existing.front().string() +
                                 "): continue it with --resume, or start this one in another --out (or remove that "
                                 "folder); --auto-resume continues a run where there is one and starts one where not");
   if (options.resume || !existing.empty()) {
-    resume_from = detail::CheckpointStore(out_dir / "checkpoints", 1).load_latest(warn);
+    resume_from = found.load_latest(warn);
     if (!resume_from)
       throw std::runtime_error("resume: no checkpoint in " + (out_dir / "checkpoints").string() +
                                " (start without resuming)");
