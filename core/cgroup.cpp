@@ -123,16 +123,13 @@ CpuLimits read_cpu_limits(const std::string& membership, const std::string& root
     }
 
   std::vector<std::string> cpusets;  // the most specific first
-  if (m.v2) {
+  if (m.v2)
     for (const std::string& dir : group_and_parents(m.v2_group))
       cpusets.push_back(root + dir + "/cpuset.cpus.effective");
-  }
-  if (!m.cpuset_mount.empty()) {
-    if (!m.cpuset_group.empty() && m.cpuset_group != "/")
+  if (!m.cpuset_mount.empty())
+    for (const std::string& dir : group_and_parents(m.cpuset_group))
       for (const char* file : {"/cpuset.effective_cpus", "/cpuset.cpus"})
-        cpusets.push_back(m.cpuset_mount + m.cpuset_group + file);
-    for (const char* file : {"/cpuset.effective_cpus", "/cpuset.cpus"}) cpusets.push_back(m.cpuset_mount + file);
-  }
+        cpusets.push_back(m.cpuset_mount + dir + file);
   for (const std::string& file : cpusets)
     if (const int n = cpu_list_count(first_line(file)); n > 0) {
       limits.cpuset_cores = n;

@@ -323,9 +323,8 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
         steps +=
             (r ? ", rank " : "rank ") + std::to_string(r) + " at step " + std::to_string(places[r][0].item<int64_t>());
       throw std::runtime_error("the ranks start from different steps (" + steps +
-                               "): every rank must see the same "
-                               "run folder " +
-                               out_dir.string() + " (on a file system every node sees)");
+                               "): every rank must see the same run folder " + out_dir.string() +
+                               " (on a file system every node sees)");
     }
   }
 
