@@ -914,6 +914,12 @@ int64_t Communicator::sum(int64_t value) {
   return t.item<int64_t>();
 }
 
+std::vector<int64_t> Communicator::gather(const std::vector<int64_t>& values) {
+  const at::Tensor mine = at::tensor(at::ArrayRef<int64_t>(values), at::kLong).to(impl_->device);
+  const at::Tensor all = all_gather(mine).cpu().contiguous();
+  return {all.data_ptr<int64_t>(), all.data_ptr<int64_t>() + all.numel()};
+}
+
 bool Communicator::any(bool flag) {
   at::Tensor t = at::full({1}, flag ? 1.0 : 0.0, at::TensorOptions().dtype(at::kDouble).device(impl_->device));
   all_reduce(t);

@@ -370,15 +370,17 @@ FinetuneRun run_finetune(const std::string& backbone, const EvalConfig& c, const
                 << o.batch_size / world << " images\n";
   }
   if (comm) {  // the ranks must resume from the same place (the run folder shared by every node)
-    const int64_t place[2] = {first_epoch, first_batch};
-    const at::Tensor places =
-        comm->all_gather(at::from_blob(const_cast<int64_t*>(place), {2}, at::kLong).to(comm->device()))
-            .cpu()
-            .view({-1, 2});
-    if (!places.eq(places[0]).all().item<bool>() || places[0][0].item<int64_t>() != first_epoch ||
-        places[0][1].item<int64_t>() != first_batch)
+    const std::vector<int64_t> places = comm->gather({first_epoch, first_batch});  // rank after rank
+    bool same = true;
+    std::string per_rank;
+    for (size_t i = 0; i < places.size(); i += 2) {
+      same = same && places[i] == first_epoch && places[i + 1] == first_batch;
+      per_rank += (i ? "; rank " : "rank ") + std::to_string(i / 2) + ": " + std::to_string(places[i]) + ", " +
+                  std::to_string(places[i + 1]);
+    }
+    if (!same)
       throw std::runtime_error("finetune: the ranks found different checkpoints at " + checkpoint +
-                               " (epochs, batches done per rank: " + at::str(places) +
+                               " (epochs, batches done per rank: " + per_rank +
                                "); every node must see the same output folder");
   }
   run.start_epoch = first_epoch, run.start_batch = first_batch;

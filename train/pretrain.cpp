@@ -312,16 +312,14 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
   const bool resumed = resume_from.has_value();
   if (resume_from) at = restore(trainer, *resume_from, job, accumulate, epoch_batches), resume_from.reset();
   if (job.comm) {  // every rank starts where the others do (the run folder shared by every node)
-    const int64_t place[3] = {trainer.steps_taken(), at.epoch, at.batch};
-    const at::Tensor places =
-        job.comm->all_gather(at::from_blob(const_cast<int64_t*>(place), {3}, at::kLong).to(job.comm->device()))
-            .cpu()
-            .view({-1, 3});
-    if (!places.eq(places[0]).all().item<bool>()) {
+    const std::vector<int64_t> place = {trainer.steps_taken(), at.epoch, at.batch};
+    const std::vector<int64_t> places = job.comm->gather(place);  // rank after rank
+    bool same = true;
+    for (size_t i = 0; i < places.size(); ++i) same = same && places[i] == place[i % place.size()];
+    if (!same) {
       std::string steps;
-      for (int64_t r = 0; r < places.size(0); ++r)
-        steps +=
-            (r ? ", rank " : "rank ") + std::to_string(r) + " at step " + std::to_string(places[r][0].item<int64_t>());
+      for (size_t r = 0; r < places.size() / 3; ++r)
+        steps += (r ? ", rank " : "rank ") + std::to_string(r) + " at step " + std::to_string(places[3 * r]);
       throw std::runtime_error("the ranks start from different steps (" + steps +
                                "): every rank must see the same run folder " + out_dir.string() +
                                " (on a file system every node sees)");

@@ -263,6 +263,7 @@ TEST_CASE("dist: launcher environments (torchrun, SLURM, OpenMPI)") {
 TEST_CASE("dist: collectives over 3 ranks") {
   auto comms = distributed::Communicator::create_local_group(3);
   std::vector<at::Tensor> sums(3), gathered(3), broadcast(3);
+  std::vector<std::vector<int64_t>> numbers(3);
   on_ranks(comms, [&](int r) {
     auto& c = *comms[static_cast<size_t>(r)];
     CHECK(c.rank() == r);
@@ -273,6 +274,7 @@ TEST_CASE("dist: collectives over 3 ranks") {
     at::Tensor b = at::full({3}, r == 2 ? 7.0 : -1.0);
     c.broadcast(b, 2);
     broadcast[static_cast<size_t>(r)] = b;
+    numbers[static_cast<size_t>(r)] = c.gather({r, int64_t{1} << 40, -r});
     c.barrier();
   });
   for (int r = 0; r < 3; ++r) {
@@ -280,6 +282,8 @@ TEST_CASE("dist: collectives over 3 ranks") {
     CHECK(gathered[static_cast<size_t>(r)].sizes() == at::IntArrayRef{6, 2});
     CHECK(gathered[static_cast<size_t>(r)][5][1].item<double>() == 2.0);
     CHECK(at::equal(broadcast[static_cast<size_t>(r)], at::full({3}, 7.0)));
+    CHECK(numbers[static_cast<size_t>(r)] ==
+          std::vector<int64_t>{0, int64_t{1} << 40, 0, 1, int64_t{1} << 40, -1, 2, int64_t{1} << 40, -2});
   }
 }
 

@@ -848,6 +848,27 @@ TEST_CASE("eval: data-parallel fine-tuning averages the ranks' gradients as one 
   const FinetuneRun first = on_two_ranks(tuned, control);
   CHECK(first.epochs_done == 1);
   REQUIRE(fs::exists(control.checkpoint));
+  {  // A rank that does not see the checkpoint (another node's folder) stops every rank.
+    auto comms = twins::distributed::Communicator::create_local_group(2);
+    std::vector<std::string> errors(2);
+    twins::test::on_threads(2, [&](int r) {
+      FinetuneControl mine = control;
+      mine.communicator = comms[static_cast<size_t>(r)];
+      if (r == 1) mine.checkpoint = (dir / "elsewhere" / "finetune-checkpoint.safetensors").string();
+      try {
+        run_finetune(task.backbone, tuned, mine);
+      } catch (const std::runtime_error& e) {
+        errors[static_cast<size_t>(r)] = e.what();
+      }
+    });
+    for (const std::string& e : errors) {
+      INFO(e);
+      CHECK(e.find("finetune: the ranks found different checkpoints at ") == 0);
+      CHECK(e.find(" (epochs, batches done per rank: rank 0: 1, 0; rank 1: 0, 0); every node must see the same "
+                   "output folder") != std::string::npos);
+    }
+    CHECK_FALSE(fs::exists(dir / "elsewhere"));
+  }
   control.stop_after_epochs = 0;
   const FinetuneRun resumed = on_two_ranks(tuned, control);
   CHECK(resumed.start_epoch == 1);

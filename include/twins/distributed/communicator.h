@@ -139,6 +139,9 @@ class Communicator {
   bool any(bool flag);
   /// The sum of `value` over ranks. Blocks.
   int64_t sum(int64_t value);
+  /// Every rank's `values` (as many on every rank), rank after rank: world_size() x values.size()
+  /// numbers. Blocks.
+  std::vector<int64_t> gather(const std::vector<int64_t>& values);
   /// Starts a sum over ranks in place and returns a function that waits for it (and throws if
   /// it failed). The tensor must stay alive and untouched until then.
   std::function<void()> all_reduce_async(at::Tensor& tensor);
