@@ -239,6 +239,42 @@ fail_rank_1 STOP 45 "rank 0 of 2: .* failed: .* heartbeats: no heartbeat from ra
 fail_rank_1 STOP 45 "rank 0 of 2: stopping: rank 1 sent no heartbeat for [0-9]* s (last at step [0-9]*): stopped" \
   frozen-watch --set train.dist_timeout_s=3600 --set train.dist_heartbeat_timeout_s=5
 
+# A requeued SLURM job (scontrol requeue, or --requeue after a node failed) runs its batch script
+# again: srun starts the same tasks with the same SLURM_JOB_ID and step, so rank 0 serves its
+# store on the port it used in the failed attempt (whose connections may linger in TIME_WAIT).
+# The script's one command, with --auto-resume, starts the run in the first attempt and continues
+# it in the next. Attempt 1's rank 1 is killed at step 3 (kill -9, a node lost); both tasks fail;
+# attempt 2 continues from the step-2 checkpoint. The job's id is chosen so that twins' port for
+# it (10000 + id mod 20000) is free now.
+port=$((10000 + RANDOM % 20000))
+for _ in $(seq 1 50); do
+  python3 -c "import socket; socket.socket().bind(('127.0.0.1', $port))" 2> /dev/null && break
+  port=$((10000 + RANDOM % 20000))
+done
+slurm_attempt() {  # $1: the attempt (1: rank 1 is killed at step 3); its exit status: the ranks' failures
+  local rank pids=() failed=0
+  for rank in 0 1; do
+    local fault=()
+    [ "$1" = 1 ] && [ "$rank" = 1 ] && fault=(TWINS_FAULT='step@3#1')
+    env SLURM_JOB_ID=$((port + 10000)) SLURM_STEP_ID=0 SLURM_PROCID=$rank SLURM_LOCALID=$rank SLURM_STEP_NUM_TASKS=2 \
+      SLURM_STEP_NODELIST=127.0.0.1 "${fault[@]}" timeout 120 "$twins" pretrain "${common[@]}" \
+      --set train.max_steps=6 --set train.checkpoint_every_steps=1 --set train.dist_timeout_s=60 --auto-resume \
+      --out "$dir/slurm" > /dev/null 2> "$dir/slurm$1-$rank.err" &
+    pids[rank]=$!
+    pids_to_reap+=("$!")
+  done
+  for rank in 0 1; do wait "${pids[rank]}" || failed=$((failed + 1)); done
+  return "$failed"
+}
+start=$SECONDS
+if slurm_attempt 1; then echo "the first attempt should have failed"; cat "$dir"/slurm1-*.err; exit 1; fi
+grep -q "x 2 ranks (gloo)" "$dir/slurm1-0.err" || { cat "$dir"/slurm1-*.err; exit 1; }
+slurm_attempt 2 || { echo "the requeued attempt failed"; cat "$dir"/slurm2-*.err; exit 1; }
+[ "$(cat "$dir"/slurm2-*.err | grep -c "resuming from $dir/slurm/checkpoints/step-00000002")" = 2 ] ||
+  { echo "not every rank resumed"; cat "$dir"/slurm2-*.err; exit 1; }
+grep -q '"steps":6' "$dir/slurm/metrics.jsonl" || { cat "$dir"/slurm2-*.err "$dir/slurm/metrics.jsonl"; exit 1; }
+echo "a requeued SLURM job continues its run (port $port both times): $((SECONDS - start))s"
+
 # PyTorch's own torchrun (Debian's python3-torch) starts a failed job again as a new attempt
 # (--max_restarts) with the same command: --auto-resume starts the run in the first attempt and
 # continues it in the next. Attempt 0's rank 1 is killed at step 3 (kill -9); attempt 1 resumes
