@@ -318,8 +318,8 @@ PretrainResult pretrain(const json& given_config, const PretrainOptions& options
     for (size_t i = 0; i < places.size(); ++i) same = same && places[i] == place[i % place.size()];
     if (!same) {
       std::string steps;
-      for (size_t r = 0; r < places.size() / 3; ++r)
-        steps += (r ? ", rank " : "rank ") + std::to_string(r) + " at step " + std::to_string(places[3 * r]);
+      for (size_t r = 0; r < places.size() / place.size(); ++r)  // each rank's step leads its values
+        steps += (r ? ", rank " : "rank ") + std::to_string(r) + " at step " + std::to_string(places[r * place.size()]);
       throw std::runtime_error("the ranks start from different steps (" + steps +
                                "): every rank must see the same run folder " + out_dir.string() +
                                " (on a file system every node sees)");
