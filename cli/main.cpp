@@ -87,6 +87,10 @@ int main(int argc, char** argv) {
                 << "CPU bf16 "
                 << (twins::cpu_has_native_bf16() ? "native" : "emulated (bf16 training may be slower than fp32)")
                 << "\n";
+      std::string collectives;
+      for (const auto& b : twins::distributed::collective_backends())
+        collectives += (collectives.empty() ? "" : ", ") + b + (b == "gloo" ? " (CPU)" : " (GPU)");
+      std::cout << "collectives " << (collectives.empty() ? "none (one process per job)" : collectives) << "\n";
       return 0;
     }
     for (auto& [sub, run] : commands)

@@ -4,6 +4,10 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/distributed/c10d/HashStore.hpp>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+// The process group's class (compat::ProcessGroupBackend: 2.x's Backend, which this header
+// includes, or 1.13's ProcessGroup), whatever backends this build has: a LibTorch without Gloo's
+// headers (a PyTorch wheel) gets it from nowhere else.
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #if TWINS_WITH_GLOO
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
@@ -62,7 +66,10 @@ std::chrono::milliseconds to_ms(double seconds) {
   return std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000.0));
 }
 
-bool is_loopback(const std::string& host) { return host == "localhost" || host.rfind("127.", 0) == 0 || host == "::1"; }
+// (Gloo's device; unused in a build without Gloo)
+[[maybe_unused]] bool is_loopback(const std::string& host) {
+  return host == "localhost" || host.rfind("127.", 0) == 0 || host == "::1";
+}
 
 std::mutex g_registry_mutex;
 std::map<int64_t, std::weak_ptr<Communicator>> g_registry;
@@ -638,6 +645,13 @@ struct Communicator::Impl {
     }
   }
 };
+
+std::vector<std::string> collective_backends() {
+  std::vector<std::string> names;
+  if (TWINS_WITH_GLOO) names.emplace_back("gloo");
+  if (TWINS_WITH_NCCL) names.emplace_back("nccl");
+  return names;
+}
 
 namespace {
 

@@ -19,6 +19,13 @@
 #                                     2026; its CPU libtorch-dev ships the ATen/c10 CUDA and NCCL
 #                                     headers too), in the C++ standard it asks for: a newer
 #                                     LibTorch's API changes show up here before a GPU run
+#   scripts/check-libtorch2.sh kit    the GPU machine's situation without its GPU: a Debian chroot
+#                                     (TWINS_CHECK_SUITE, default sid) holding LibTorch and the
+#                                     build tools only (no OpenCV, CLI11, json, doctest, libarchive
+#                                     or Gloo headers), twins built by `TWINS_PREFIX=<kit>
+#                                     scripts/setup.sh` with the other libraries from the kit
+#                                     (TWINS_KIT, default ../shared/gpu/twins-gpu-kit), then the
+#                                     whole ctest: what the GPU run's build and test stages meet
 # Work folder: TWINS_CHECK_DIR (default /tmp/twins-libtorch2). Notes from the first runs
 # (2026-11-29): the CPU LibTorch 2.6 there is built on the system's oneDNN 3.7, whose fp32
 # convolution input gradients and bf16 outputs are wrong on our AMD EPYC (AVX512-BF16) machines;
@@ -87,6 +94,34 @@ case $mode in
       cmake --build /tmp/consumer && /tmp/prefix/bin/twins export --out /tmp/consumer/backbone.safetensors \
         --backbone "random:{\"type\": \"resnet18\", \"width\": 8}" && /tmp/consumer/twins_consumer /tmp/consumer/backbone.safetensors'
     ;;
+  kit)
+    suite=${TWINS_CHECK_SUITE:-sid}
+    kit=$(cd "${TWINS_KIT:-$src/../shared/gpu/twins-gpu-kit}" && pwd)
+    [ -f "$kit/lib/cmake/opencv4/OpenCVConfig.cmake" ] ||
+      { echo "check-libtorch2 kit: no OpenCV package under $kit (TWINS_KIT)" >&2; exit 1; }
+    root=$work/kit-$suite
+    scripts/install-packages.sh check-libtorch2 debootstrap
+    if [ ! -x "$root/usr/bin/cmake" ]; then
+      debootstrap --variant=minbase --include=libtorch-dev,cmake,ninja-build,g++,python3-numpy "$suite" "$root" "$mirror"
+    fi
+    # What the kit stands in for must not come from the distribution, or the check proves nothing.
+    for p in libopencv-dev libopencv-core-dev libcli11-dev nlohmann-json3-dev doctest-dev libarchive-dev libgloo-dev; do
+      if chroot "$root" dpkg -s "$p" > /dev/null 2>&1; then
+        echo "check-libtorch2 kit: $p is installed in $root; the kit would not be what the build uses" >&2
+        exit 1
+      fi
+    done
+    mkdir -p "$root/src" "$root/kit" "$root/proc" "$root/dev"
+    mountpoint -q "$root/src" || mount --bind "$src" "$root/src"
+    mountpoint -q "$root/kit" || mount --bind -o ro "$kit" "$root/kit"
+    mountpoint -q "$root/proc" || mount -t proc proc "$root/proc"
+    mountpoint -q "$root/dev" || mount --bind /dev "$root/dev"
+    trap 'umount "$root/dev" "$root/proc" "$root/kit" "$root/src" 2> /dev/null || true' EXIT
+    chroot "$root" bash -c 'cd /src && TWINS_PREFIX=/kit TWINS_BUILD_DIR=/build scripts/setup.sh > /build.log 2>&1 ||
+        { tail -40 /build.log; exit 1; }
+      grep -E "twins collectives" /build.log; /build/cli/twins --version &&
+      ctest --test-dir /build -j "$(nproc)" --timeout 900 --output-on-failure'
+    ;;
   cuda)
     configure_cuda
     # Linking the tests also lists their cases by running the binary, which fails here (the
@@ -154,7 +189,7 @@ PY
     echo "check-libtorch2 headers: LibTorch ${version:-?} headers ($suite), C++${std:-17}, CUDA $("$cuda/bin/nvcc" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')"
     ;;
   *)
-    echo "usage: scripts/check-libtorch2.sh cpu|cuda|headers" >&2
+    echo "usage: scripts/check-libtorch2.sh cpu|cuda|headers|kit" >&2
     exit 2
     ;;
 esac

@@ -15,7 +15,19 @@
 #include <thread>
 #include <vector>
 
+#include "twins/distributed/communicator.h"
+
 namespace twins::test {
+
+/// Whether this twins has Gloo, the CPU collectives that cases with several ranks on the CPU
+/// need; says that the case is skipped when not. A LibTorch without Gloo's headers (a PyTorch
+/// wheel may be one) builds a twins without it, which runs one process per job on the CPU.
+inline bool have_gloo() {
+  for (const auto& b : twins::distributed::collective_backends())
+    if (b == "gloo") return true;
+  MESSAGE("skipped: this twins was built without Gloo (CPU collectives)");
+  return false;
+}
 
 inline std::string reference_path(const std::string& name) {
   return std::string(TWINS_TEST_REFERENCE_DIR) + "/" + name;

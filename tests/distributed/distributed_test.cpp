@@ -261,6 +261,7 @@ TEST_CASE("dist: launcher environments (torchrun, SLURM, OpenMPI)") {
 }
 
 TEST_CASE("dist: collectives over 3 ranks") {
+  if (!twins::test::have_gloo()) return;  // several ranks on the CPU
   auto comms = distributed::Communicator::create_local_group(3);
   std::vector<at::Tensor> sums(3), gathered(3), broadcast(3);
   std::vector<std::vector<int64_t>> numbers(3);
@@ -288,6 +289,7 @@ TEST_CASE("dist: collectives over 3 ranks") {
 }
 
 TEST_CASE("dist: SyncBatchNorm equals BatchNorm over the union batch, forward and backward") {
+  if (!twins::test::have_gloo()) return;  // several ranks on the CPU
   // Each rank's batch size, and whether the batches are images [N, C, 5, 5] or vectors [N, C]:
   // uneven sizes (the counts weigh the ranks' statistics), a rank with one value per channel (it
   // checks the total), a rank with none (its mean, NaN, weighs nothing).
@@ -359,6 +361,7 @@ TEST_CASE("dist: SyncBatchNorm equals BatchNorm over the union batch, forward an
 }
 
 TEST_CASE("dist: gradient buckets cover every parameter exactly once, and finish() averages") {
+  if (!twins::test::have_gloo()) return;  // several ranks on the CPU
   auto net = models::create_backbone(json{{"type", "resnet18"}, {"width", 8}});
   std::vector<at::Tensor> params = net->parameters();
   params[3].set_requires_grad(false);  // frozen: in no bucket
@@ -397,6 +400,7 @@ TEST_CASE("dist: gradient buckets cover every parameter exactly once, and finish
 }
 
 TEST_CASE("dist: gradient accumulation reduces the summed gradients once") {
+  if (!twins::test::have_gloo()) return;  // several ranks on the CPU
   auto comms = distributed::Communicator::create_local_group(2);
   std::vector<at::Tensor> grads(2);
   on_ranks(comms, [&](int r) {
@@ -415,6 +419,7 @@ TEST_CASE("dist: gradient accumulation reduces the summed gradients once") {
 }
 
 TEST_CASE("dist: one data-parallel step equals one process over the union batch") {
+  if (!twins::test::have_gloo()) return;  // several ranks on the CPU
   for (const std::string method : {"vicreg", "barlow_twins", "byol"}) {
     CAPTURE(method);
     const json config = small_recipe(method);
@@ -432,6 +437,7 @@ TEST_CASE("dist: one data-parallel step equals one process over the union batch"
 }
 
 TEST_CASE("dist: Barlow Twins' reference_compatible gradients are 1/W of the exact ones") {
+  if (!twins::test::have_gloo()) return;  // several ranks on the CPU
   const int world = 2;
   const train::Recipe exact = train::Recipe::parse(small_recipe("barlow_twins", false));
   const train::Recipe official = train::Recipe::parse(small_recipe("barlow_twins", true));
@@ -459,6 +465,7 @@ TEST_CASE("dist: Barlow Twins' reference_compatible gradients are 1/W of the exa
 }
 
 TEST_CASE("dist: losses without a communicator, or with one rank, are the local losses") {
+  if (!twins::test::have_gloo()) return;  // a Gloo group of one rank
   at::manual_seed(2);
   const at::Tensor za = at::randn({6, 5}, at::kDouble), zb = at::randn({6, 5}, at::kDouble);
   auto comms = distributed::Communicator::create_local_group(1);
@@ -473,6 +480,7 @@ TEST_CASE("dist: losses without a communicator, or with one rank, are the local 
 }
 
 TEST_CASE("dist: train.grad_cache over ranks equals one process over the union batch") {
+  if (!twins::test::have_gloo()) return;  // several ranks on the CPU
   // Per-sample networks (a ViT, heads without BatchNorm), 2 ranks x 2 accumulated batches of 4
   // with the cache against one process over the 16 samples: the batch statistics of VICReg and
   // Barlow Twins span every rank's every batch.
@@ -540,6 +548,7 @@ TEST_CASE("dist: train.grad_cache over ranks equals one process over the union b
 }
 
 TEST_CASE("dist: the online probe's counts in a checkpoint are the job's, and resumed ranks count them once") {
+  if (!twins::test::have_gloo()) return;  // several ranks on the CPU
   const int world = 2;
   at::manual_seed(5);
   std::vector<data::Batch> shares(world);
@@ -585,6 +594,7 @@ TEST_CASE("dist: the online probe's counts in a checkpoint are the job's, and re
 }
 
 TEST_CASE("dist: model.backbone_init read by rank 0 reaches every rank, and its failure stops every rank at once") {
+  if (!twins::test::have_gloo()) return;  // several ranks on the CPU
   const int world = 2;
   json cfg = small_recipe("vicreg");
   const train::Recipe recipe = train::Recipe::parse(cfg);
@@ -628,6 +638,7 @@ TEST_CASE("dist: model.backbone_init read by rank 0 reaches every rank, and its 
 }
 
 TEST_CASE("dist: a failed collective names, from the heartbeats, the ranks that stopped or lag behind") {
+  if (!twins::test::have_gloo()) return;  // several ranks on the CPU
   auto all_reduce_error = [](distributed::Communicator& comm) {
     try {
       at::Tensor t = at::ones({4});
@@ -791,6 +802,7 @@ TEST_CASE("dist: heartbeats are read back as posted, and the watch names a rank 
 }
 
 TEST_CASE("dist: a rank that fails stops the others through the heartbeats, one that finishes does not") {
+  if (!twins::test::have_gloo()) return;  // several ranks on the CPU
   std::mutex mutex;
   std::vector<std::string> reports;
   distributed::CommunicatorOptions o;
@@ -822,6 +834,7 @@ TEST_CASE("dist: a rank that fails stops the others through the heartbeats, one 
 }
 
 TEST_CASE("dist: ranks that fail at once each print their own error, not another's failure") {
+  if (!twins::test::have_gloo()) return;  // several ranks on the CPU
   // Every rank refuses the same bad setting: rank 1 first, rank 0 a moment later, after its
   // heartbeat has read rank 1's failure (within a beat, 1 s) but while it still serves its store
   // (2.5 beats after that read).
@@ -851,6 +864,7 @@ TEST_CASE("dist: ranks that fail at once each print their own error, not another
 }
 
 TEST_CASE("dist: on_rank0 runs the work on rank 0 alone, and its failure reaches every rank") {
+  if (!twins::test::have_gloo()) return;  // several ranks on the CPU
   auto comms = distributed::Communicator::create_local_group(3);
   std::vector<int> ran(3, 0);
   std::vector<std::string> errors(3);
@@ -887,6 +901,7 @@ TEST_CASE("dist: on_rank0 runs the work on rank 0 alone, and its failure reaches
 
 TEST_CASE(
     "dist: on_rank0_long lets rank 0 work past the collectives' timeout, the others waiting, and tells its failure") {
+  if (!twins::test::have_gloo()) return;  // several ranks on the CPU
   // A 2 s timeout and 3 s of work: the others wait in collectives of 0.5 s, which rank 0's
   // keep-alive (called every 20 ms) joins; one collective as long as the work would time out.
   distributed::CommunicatorOptions o;
@@ -946,6 +961,7 @@ int free_port() {
 }  // namespace
 
 TEST_CASE("dist: the rendezvous names the ranks that never came, and stops at once when one failed before it joined") {
+  if (!twins::test::have_gloo()) return;  // several ranks on the CPU
   using Clock = std::chrono::steady_clock;
   distributed::Environment e;
   e.world_size = 3, e.master_addr = "127.0.0.1", e.launcher = "torchrun";
@@ -1025,6 +1041,7 @@ TEST_CASE("dist: the rendezvous names the ranks that never came, and stops at on
 TEST_CASE(
     "dist: under torchrun's agent store every rank is a client, a restarted attempt forms afresh, and rank 0's silence "
     "is seen") {
+  if (!twins::test::have_gloo()) return;  // several ranks on the CPU
   // The agent: a TCP store this test serves on MASTER_PORT, as torchrun's elastic agent does
   // (TORCHELASTIC_USE_AGENT_STORE=True) before it starts the ranks.
   distributed::Environment e;

@@ -225,6 +225,7 @@ TEST_CASE("eval: the augmented linear probe (probe.augment) learns through the f
   CHECK(run.num_classes == 2);
   INFO("top-1 ", run.result.test.top1);
   CHECK(run.result.test.top1 >= 75);
+  if (!twins::test::have_gloo()) return;  // several ranks on the CPU
 
   // On 3 ranks (2 images each per batch of 6; 32 images: the sampler repeats one, and the last
   // batch is short), rank 0 steps the classifier on the gathered batch in one process's order
@@ -440,6 +441,7 @@ TEST_CASE("eval: fine-tuning resumed from its checkpoint gives the uninterrupted
 }
 
 TEST_CASE("eval: features extracted in shares over ranks are gathered on rank 0 in dataset order") {
+  if (!twins::test::have_gloo()) return;  // several ranks on the CPU
   auto network = [] {
     twins::models::ResNetOptions ro = twins::models::resnet_options("resnet18");
     ro.width = 8, ro.cifar_stem = true;
@@ -604,6 +606,7 @@ TEST_CASE("eval: feature extraction for the cache continues from the rows a kill
 }
 
 TEST_CASE("eval: feature extraction over ranks continues each rank's share from its own partial file") {
+  if (!twins::test::have_gloo()) return;  // several ranks on the CPU
   ColourTask task = colour_task("partial_ranks", 12, 1, 37);  // 24 training images: 12 a rank, batches of 8
   const EvalConfig c = EvalConfig::parse(task.config);
   const fs::path out = task.dir / "out";
@@ -792,6 +795,7 @@ TEST_CASE("eval: fine-tuning stopped within an epoch, or checkpointed there, res
 }
 
 TEST_CASE("eval: data-parallel fine-tuning averages the ranks' gradients as one process with the global batch") {
+  if (!twins::test::have_gloo()) return;  // several ranks on the CPU
   ColourTask task = colour_task("data_parallel", 8, 5, 11);
   const fs::path& dir = task.dir;
   nlohmann::json& config = task.config;

@@ -50,6 +50,11 @@ Environment detect_environment();
 /// The first host of a SLURM node list: "gpu[03-05,09],cpu1" -> "gpu03".
 std::string first_slurm_host(const std::string& nodelist);
 
+/// The collective backends this build has, of "gloo" (CPU tensors) and "nccl" (CUDA tensors), in
+/// that order: those the LibTorch it was built against has headers for (a PyTorch wheel may lack
+/// Gloo's; a CPU LibTorch has no NCCL).
+std::vector<std::string> collective_backends();
+
 struct CommunicatorOptions {
   /// "auto" (NCCL when the device is CUDA, Gloo otherwise), "gloo" or "nccl".
   std::string backend = "auto";
