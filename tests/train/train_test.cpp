@@ -9,6 +9,8 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <numeric>
 
 #include "core/compat.h"
 #include "core/tensorboard.h"
@@ -385,17 +387,31 @@ TEST_CASE("train: bf16 on the CPU: convolutions in bf16, the loss in fp32, and e
   }
   // The scope restores the state it found.
   CHECK_FALSE(twins::compat::autocast_enabled(at::kCPU));
+  // Every method trains in bf16 as in fp32: the same first loss (the same weights and batch, up to
+  // bf16's rounding), then losses of the same size. (Whether 16 steps on random images lower the
+  // loss is the fp32 test's question; the answer wavers with LibTorch's bf16 kernels, and for
+  // Barlow Twins with its 0.005-weighted off-diagonal terms in bf16 gradients, in fp32 as well.)
   for (const std::string& method : twins::losses::loss_names()) {
     CAPTURE(method);
-    json cfg = tiny_recipe(method, data.dir);
-    cfg["train"]["epochs"] = 4;
-    cfg["train"]["precision"] = "bf16";
-    const auto result = pretrain(cfg, quiet(data.dir / ("bf16_" + method)));
-    CHECK(result.steps == 16);
-    const std::vector<double> losses = logged_losses(data.dir / ("bf16_" + method));
-    REQUIRE(losses.size() == 16);
-    for (double v : losses) CHECK(std::isfinite(v));
-    CHECK((losses[13] + losses[14] + losses[15]) < (losses[0] + losses[1] + losses[2]));
+    std::map<std::string, std::vector<double>> losses;
+    for (const std::string precision : {"fp32", "bf16"}) {
+      json cfg = tiny_recipe(method, data.dir);
+      cfg["train"]["epochs"] = 4;
+      cfg["train"]["precision"] = precision;
+      const auto result = pretrain(cfg, quiet(data.dir / (precision + "_" + method)));
+      CHECK(result.steps == 16);
+      losses[precision] = logged_losses(data.dir / (precision + "_" + method));
+      REQUIRE(losses[precision].size() == 16);
+      for (double v : losses[precision]) CHECK(std::isfinite(v));
+    }
+    const auto& a = losses["fp32"];
+    const auto& b = losses["bf16"];
+    const double mean_a = std::accumulate(a.begin(), a.end(), 0.0) / 16;
+    const double mean_b = std::accumulate(b.begin(), b.end(), 0.0) / 16;
+    MESSAGE(method, ": first loss fp32 ", a[0], " bf16 ", b[0], ", mean of 16 steps fp32 ", mean_a, " bf16 ", mean_b);
+    // Relative to the loss, or to 1 for the cosine losses (BYOL, SimSiam), which pass through 0.
+    CHECK(std::abs(b[0] - a[0]) < 0.05 * std::max(std::abs(a[0]), 1.0));
+    CHECK(std::abs(mean_b - mean_a) < 0.25 * std::max(std::abs(mean_a), 1.0));
   }
   json cfg = tiny_recipe("vicreg", data.dir);
   cfg["train"]["precision"] = "fp16";
