@@ -25,7 +25,9 @@
 #                                     or Gloo headers), twins built by `TWINS_PREFIX=<kit>
 #                                     scripts/setup.sh` with the other libraries from the kit
 #                                     (TWINS_KIT, default ../shared/gpu/twins-gpu-kit), then the
-#                                     whole ctest: what the GPU run's build and test stages meet
+#                                     whole ctest and the install check (find_package(twins)
+#                                     with the kit on CMAKE_PREFIX_PATH): what the GPU run's build
+#                                     and test stages, and a program using the library there, meet
 # Work folder: TWINS_CHECK_DIR (default /tmp/twins-libtorch2). Notes from the first runs
 # (2026-11-29): the CPU LibTorch 2.6 there is built on the system's oneDNN 3.7, whose fp32
 # convolution input gradients and bf16 outputs are wrong on our AMD EPYC (AVX512-BF16) machines;
@@ -120,7 +122,13 @@ case $mode in
     chroot "$root" bash -c 'cd /src && TWINS_PREFIX=/kit TWINS_BUILD_DIR=/build scripts/setup.sh > /build.log 2>&1 ||
         { tail -40 /build.log; exit 1; }
       grep -E "twins collectives" /build.log; /build/cli/twins --version &&
-      ctest --test-dir /build -j "$(nproc)" --timeout 900 --output-on-failure'
+      ctest --test-dir /build -j "$(nproc)" --timeout 900 --output-on-failure &&
+      rm -rf /tmp/prefix /tmp/consumer && cmake --install /build --prefix /tmp/prefix > /dev/null &&
+      cmake -S /src/tests/consumer -B /tmp/consumer -G Ninja -DCMAKE_PREFIX_PATH="/tmp/prefix;/kit" \
+        -DOpenCV_DIR=/kit/lib/cmake/opencv4 > /dev/null &&
+      cmake --build /tmp/consumer > /dev/null && /tmp/prefix/bin/twins export --out /tmp/consumer/backbone.safetensors \
+        --backbone "random:{\"type\": \"resnet18\", \"width\": 8}" &&
+      /tmp/consumer/twins_consumer /tmp/consumer/backbone.safetensors'
     ;;
   cuda)
     configure_cuda
