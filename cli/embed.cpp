@@ -12,6 +12,7 @@
 #include <string_view>
 
 #include "cli/commands.h"
+#include "twins/config.h"
 #include "twins/data/dataset.h"
 #include "twins/distributed/communicator.h"
 #include "twins/embed.h"
@@ -321,15 +322,10 @@ Command add_embed(CLI::App& app) {
              a->workers = kAutoWorkers;
              return;
            }
-           size_t end = 0;
-           int n = -1;
-           try {
-             n = std::stoi(v, &end);
-           } catch (const std::exception&) {
-           }
-           if (end != v.size() || n < 0 || n > 256)
+           const auto n = config::parse_integer(v);
+           if (!n || *n < 0 || *n > 256)
              throw CLI::ValidationError("--workers", "\"" + v + "\" is not a number of threads in [0, 256] or auto");
-           a->workers = n;
+           a->workers = static_cast<int>(*n);
          },
          "Loader threads decoding images (default auto: every core but one with a GPU, 2 on the CPU)")
       ->type_name("N|auto");

@@ -494,17 +494,11 @@ std::shared_ptr<Dataset> make_csv(const json& spec, const std::string& path) {
     int64_t label = -1;
     if (row.fields.size() == 2 && !row.fields[1].empty()) {
       const std::string& t = row.fields[1];
-      size_t used = 0;
-      long long v = -1;
-      try {
-        v = std::stoll(t, &used);
-      } catch (const std::exception&) {
-        used = 0;
-      }
-      if (used != t.size() || v < 0 || v >= kMaxClasses)
+      const auto v = config::parse_integer(t);
+      if (!v || *v < 0 || *v >= kMaxClasses)
         throw std::runtime_error(where + ": label \"" + shown(t) + "\" is not a non-negative integer below " +
                                  std::to_string(kMaxClasses));
-      label = v;
+      label = *v;
     }
     max_label = std::max(max_label, label);
     files.push_back(fs::path(p).is_absolute() ? p : (fs::path(c.root) / p).string());

@@ -302,16 +302,9 @@ int64_t parse_label(const RawSample& s, const LabelSource& label, const std::str
     size_t start = 0;
     while (start < t.size() && std::isspace(static_cast<unsigned char>(t[start]))) ++start;
     t = t.substr(start);
-    size_t used = 0;
-    long long v = -1;
-    try {
-      v = std::stoll(t, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (t.empty() || used != t.size())
-      throw std::runtime_error(where + ".cls: \"" + t.substr(0, 40) + "\" is not an integer label");
-    return check(v);
+    const auto v = config::parse_integer(t);
+    if (!v) throw std::runtime_error(where + ".cls: \"" + t.substr(0, 40) + "\" is not an integer label");
+    return check(*v);
   }
   if (!s.has_json) return -1;
   const json j = json::parse(s.json_text, nullptr, false);

@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include "models/batch_norm.h"
+#include "twins/config.h"
 
 namespace twins::models {
 namespace nn = torch::nn;
@@ -17,17 +18,11 @@ std::vector<int64_t> parse_mlp_spec(const std::string& spec, const std::string& 
   while (start <= spec.size()) {
     const size_t dash = spec.find('-', start);
     const std::string part = spec.substr(start, dash == std::string::npos ? dash : dash - start);
-    size_t used = 0;
-    long long value = 0;
-    try {
-      value = std::stoll(part, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (part.empty() || used != part.size() || value < 1 || value > 65536)
+    const auto value = config::parse_integer(part);
+    if (!value || *value < 1 || *value > 65536)
       throw std::invalid_argument(path + ": \"" + spec +
                                   "\" is not a list of sizes in [1, 65536] like \"8192-8192-8192\"");
-    dims.push_back(value);
+    dims.push_back(*value);
     if (dims.size() > 16)
       throw std::invalid_argument(path + ": \"" + spec.substr(0, 60) + "...\" has more than 16 layers");
     if (dash == std::string::npos) break;

@@ -5,12 +5,14 @@
 
 #include <cmath>
 #include <filesystem>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <regex>
 #include <set>
 #include <sstream>
 #include <stdexcept>
 
+#include "twins/config.h"
 #include "twins/models/resnet.h"
 
 namespace twins::models {
@@ -161,15 +163,10 @@ BackboneInfo BackboneInfo::from_metadata(const std::map<std::string, std::string
     return std::runtime_error(file + ": metadata " + key + " " + why + ": \"" + m.at(key) + "\"");
   };
   if (const std::string* v = get(metadata_key::image_size)) {
-    size_t used = 0;
-    int size = 0;
-    try {
-      size = std::stoi(*v, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (used == 0 || used != v->size() || size < 1) throw bad(metadata_key::image_size, "is not a positive integer");
-    info.image_size = size;
+    const auto size = config::parse_integer(*v);
+    if (!size || *size < 1 || *size > std::numeric_limits<int>::max())
+      throw bad(metadata_key::image_size, "is not a positive integer");
+    info.image_size = static_cast<int>(*size);
   }
   if (const std::string* v = get(metadata_key::normalize)) {
     const auto n = nlohmann::json::parse(*v, nullptr, /*allow_exceptions=*/false);

@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include <limits>
+#include <optional>
 #include <set>
 #include <string>
 #include <string_view>
@@ -99,6 +100,11 @@ void require(bool ok, const std::string& path, const std::string& message);
 
 /// The candidate closest to `word` by edit distance, or "" if none is close.
 std::string nearest(const std::string& word, const std::vector<std::string>& candidates);
+
+/// The whole of `text` read as a decimal integer (std::stoll's form: leading blanks and a sign
+/// allowed), or nullopt when it is empty, has anything after the number or overflows. Callers
+/// check the range and name the field in their own words.
+std::optional<long long> parse_integer(const std::string& text);
 
 /// Applies "a.b.c=value" to `root` (value parsed as JSON, else taken as a string);
 /// intermediate objects are created. Throws std::invalid_argument on a malformed override.

@@ -83,3 +83,17 @@ TEST_CASE("config: nearest name") {
   CHECK(nearest("sim_coef", {"sim_coeff", "std_coeff", "cov_coeff"}) == "sim_coeff");
   CHECK(nearest("zzzzzz", {"sim_coeff"}).empty());
 }
+
+TEST_CASE("config: a whole text as an integer") {
+  CHECK(parse_integer("42") == 42);
+  CHECK(parse_integer("-3") == -3);
+  CHECK(parse_integer("+7") == 7);    // std::stoll's form, which labels and sizes always accepted
+  CHECK(parse_integer("  8") == 8);
+  CHECK(parse_integer("9223372036854775807") == std::numeric_limits<long long>::max());
+  CHECK_FALSE(parse_integer("").has_value());
+  CHECK_FALSE(parse_integer("5x").has_value());
+  CHECK_FALSE(parse_integer("5 ").has_value());
+  CHECK_FALSE(parse_integer("1.5").has_value());
+  CHECK_FALSE(parse_integer("x5").has_value());
+  CHECK_FALSE(parse_integer("9223372036854775808").has_value());  // overflow, not a wrapped value
+}
