@@ -3,8 +3,10 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <filesystem>
 #include <iomanip>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -16,6 +18,8 @@
 #include "twins/config.h"
 #include "twins/data/dataset.h"
 #include "twins/data/loader.h"
+#include "twins/io.h"
+#include "twins/profiler.h"
 #include "twins/runtime.h"
 #include "twins/train/pretrain.h"
 
@@ -130,13 +134,22 @@ int run_bench_views(const BenchViewsArgs& a) {
 struct BenchStepArgs {
   std::string config, device;
   std::vector<std::string> set;
-  int64_t steps = 10, warmup = 2;
+  int64_t steps = 10, warmup = 2, profile_steps = 1;
+  std::string profile;
+  size_t profile_rows = 25;
   bool json = false;
 };
 
 int run_bench_step(const BenchStepArgs& a) {
   const nlohmann::json cfg = config::load_config(a.config, a.set);
-  const auto r = train::bench_step(cfg, a.steps, a.warmup, a.device);
+  if (!a.profile.empty()) {  // found before the steps run, not after
+    const auto folder = std::filesystem::absolute(a.profile).parent_path();
+    std::error_code ec;
+    if (!std::filesystem::is_directory(folder, ec))
+      throw std::invalid_argument("--profile " + a.profile + ": no folder " + folder.string() + " to write it in");
+  }
+  const auto r = train::bench_step(cfg, a.steps, a.warmup, a.device, a.profile.empty() ? 0 : a.profile_steps);
+  if (r.profile) io::write_file_atomic(a.profile, r.profile->chrome_trace);
   if (r.device == "cpu" && !twins::ensure_correct_cpu_convolutions().empty())  // checked by the Trainer
     std::cerr << "warning: " << twins::ensure_correct_cpu_convolutions() << "\n";
   nlohmann::json out = {{"config", a.config},
@@ -147,12 +160,33 @@ int run_bench_step(const BenchStepArgs& a) {
                         {"images_per_s", r.images_per_second},
                         {"cuda_graph", r.cuda_graph}};
   if (r.peak_memory_gib > 0) out["peak_memory_gib"] = r.peak_memory_gib;  // the key pretrain_torch.py prints
-  if (a.json)
+  if (r.profile) {
+    nlohmann::json ops = nlohmann::json::array();
+    for (size_t i = 0; i < std::min(a.profile_rows, r.profile->ops.size()); ++i) {
+      const auto& op = r.profile->ops[i];
+      ops.push_back({{"name", op.name}, {"calls", op.calls}, {"self_ms", op.self_ms}, {"total_ms", op.total_ms}});
+    }
+    out["profile"] = {{"trace", a.profile},
+                      {"steps", a.profile_steps},
+                      {"span_ms", r.profile->wall_ms},
+                      {"calls", r.profile->calls},
+                      {"cuda_synchronized", r.profile->cuda},
+                      {"ops", std::move(ops)}};
+  }
+  if (a.json) {
     std::cout << out.dump(2) << "\n";
-  else
-    std::cout << std::fixed << std::setprecision(2) << "training step of " << a.config << " on " << r.device << ": "
-              << r.seconds_per_step << " s/step, " << std::setprecision(1) << r.images_per_second << " images/s (batch "
-              << r.batch_size << ", model only, no loader" << (r.cuda_graph ? ", CUDA graph" : "") << ")\n";
+    return 0;
+  }
+  std::cout << std::fixed << std::setprecision(2) << "training step of " << a.config << " on " << r.device << ": "
+            << r.seconds_per_step << " s/step, " << std::setprecision(1) << r.images_per_second << " images/s (batch "
+            << r.batch_size << ", model only, no loader" << (r.cuda_graph ? ", CUDA graph" : "") << ")\n";
+  if (r.profile)
+    std::cout << "\noperators of " << a.profile_steps << " more step(s) under the profiler"
+              << (r.cuda_graph ? " (CUDA graph replays: profile with --set train.cuda_graph=false to see their parts)"
+                               : "")
+              << ":\n"
+              << profiler::format_table(*r.profile, a.profile_rows) << "trace: " << a.profile
+              << " (Perfetto, chrome://tracing)\n";
   return 0;
 }
 
@@ -179,6 +213,15 @@ Command add_bench(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::Range(int64_t{0}, int64_t{1} << 30));
   step->add_option("--device", s->device, "auto, cpu, cuda, cuda:N (default: train.device)");
+  step->add_option("--profile", s->profile,
+                   "After the timed steps, profile more (--profile-steps): the operators with the most self time "
+                   "on stdout, a Chrome trace to this file");
+  step->add_option("--profile-steps", s->profile_steps, "Steps under the profiler")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
+  step->add_option("--profile-rows", s->profile_rows, "Operators listed")
+      ->capture_default_str()
+      ->check(CLI::Range(size_t{1}, size_t{1} << 20));
   step->add_flag("--json", s->json, "Print JSON");
   return [a, views, s, step]() {
     if (views->parsed()) return run_bench_views(*a);

@@ -9,6 +9,8 @@
 #include <optional>
 #include <string>
 
+#include "twins/profiler.h"
+
 namespace twins::train {
 
 struct PretrainOptions {
@@ -67,13 +69,19 @@ struct StepBenchmark {
   std::string device;
   /// The timed steps replayed a CUDA graph (train.cuda_graph).
   bool cuda_graph = false;
+  /// With profile_steps > 0: those steps' operators (run after the timed ones, so that the
+  /// profiler's own cost stays out of the rates above).
+  std::optional<profiler::Profile> profile;
 };
 
 /// Times Trainer::step, the step pretrain() runs (forward of all views, loss, backward, the fp16
 /// scaler, optimizer, momentum target, online probe), on synthetic uint8 batches already on the
 /// device: no loader, so it is the model-only bound that end-to-end images/s is judged against.
-/// `device` empty: train.device.
-StepBenchmark bench_step(const nlohmann::json& config, int64_t steps, int64_t warmup, const std::string& device);
+/// `device` empty: train.device. `profile_steps` > 0: that many more steps under the profiler
+/// (<twins/profiler.h>). A step that replays a CUDA graph (train.cuda_graph) is one operator to
+/// the profiler: profile with train.cuda_graph off to see its parts.
+StepBenchmark bench_step(const nlohmann::json& config, int64_t steps, int64_t warmup, const std::string& device,
+                         int64_t profile_steps = 0);
 
 /// Asks a running pretrain() to finish its step, write a checkpoint and return (interrupted).
 /// Async-signal-safe: SIGINT/SIGTERM handlers call it.
