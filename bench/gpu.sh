@@ -21,7 +21,8 @@
 #   cudatest   the tests/cuda cases only (CUDA against the CPU), first
 #   headline   the VICReg CIFAR-10 step at batch 512 (four columns) and its end-to-end run
 #   test       the rest of ctest, with the GPU hidden (CUDA_VISIBLE_DEVICES=): the CPU suite as CI runs it
-#   bench      the step table (rows the headline measured are not measured again)
+#   bench      the step table (rows the headline measured are not measured again), then the
+#              headline step's operator profile (profile-<recipe>-<batch>.txt and .json)
 #   e2e        `twins pretrain` end to end on CIFAR-10 and 224-px JPEGs
 #   accuracy   a VICReg CIFAR-10 run, then the linear probe and kNN (needs all of CIFAR-10)
 # BUDGET_S (seconds, default unlimited) bounds the whole call: a stage or row that would not fit
@@ -278,6 +279,22 @@ step_row() {  # step_row METHOD RECIPE BATCH
   publish
 }
 
+# --- where the headline step's time goes: `twins bench step --profile` (each operator's time with
+# its kernels: the GPU is synchronized at every operator's end), eager. profile-<recipe>-<batch>.txt
+# (the table) and .json (the Chrome trace for Perfetto), in results.tgz.
+profile_step() {  # profile_step RECIPE BATCH
+  local cfg=configs/$1.json name=profile-$1-$2
+  [ -f "$out/$name.txt" ] && return
+  fits 90 "profile $1 $2" || return
+  limited_to 120 "$twins" bench step --config "$cfg" --set "train.batch_size=$2" --set "train.precision=${precision[0]}" \
+    --set train.channels_last=true --device "$device" --steps 2 --warmup "$warmup" --profile "$out/$name.json" \
+    --profile-steps 2 --profile-rows 30 > "$out/$name.txt.partial" 2>> "$out/step.err"
+  local rc=$?
+  ((rc == 0)) && mv "$out/$name.txt.partial" "$out/$name.txt"
+  log "profile $1 $2: exit $rc ($out/$name.txt)"
+  publish
+}
+
 # --- end to end through `twins pretrain`: real data decoded and augmented by the machine's cores
 # (train.workers "auto", as in the recipes: every core but one), bf16 + channels_last, as a user
 # runs it. Per run: images/s, the data-wait fraction and the last epoch's seconds from
@@ -401,7 +418,9 @@ for stage in $stages; do
         read -r recipe batch <<< "$size"
         for method in "${methods[@]}"; do step_row "$method" "$recipe" "$batch"; done
       done
-      [ -f "$out/step.md" ] && log "step table: $out/step.md" ;;
+      [ -f "$out/step.md" ] && log "step table: $out/step.md"
+      # shellcheck disable=SC2086
+      profile_step $headline_size ;;
     e2e)
       for r in "${e2e_runs[@]}"; do
         read -r data batch limit <<< "$r"
